@@ -1,0 +1,81 @@
+using System.Diagnostics;
+
+namespace Vmsnap.Tests.Interop;
+
+/// <summary>Runs the real QEMU tools. A missing tool fails the test (never skips it): interop is the proof.</summary>
+internal static class Tool
+{
+    internal sealed record Result(int ExitCode, string Stdout, string Stderr);
+
+    /// <summary>Absolute path of a program on PATH, or a failure saying how to install it.</summary>
+    internal static string Find(string program)
+    {
+        foreach (string dir in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':', StringSplitOptions.RemoveEmptyEntries))
+        {
+            string candidate = Path.Combine(dir, program);
+            if (File.Exists(candidate)) return candidate;
+        }
+        throw new InvalidOperationException(
+            $"'{program}' is not installed; interop tests need QEMU: apt-get install -y qemu-utils qemu-system-x86 (README's test command does it)");
+    }
+
+    /// <summary>Runs a program to completion (with a timeout) and returns its exit code and output.</summary>
+    internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)
+    {
+        var psi = new ProcessStartInfo(Find(program))
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            RedirectStandardInput = stdinFile is not null,
+            UseShellExecute = false,
+        };
+        foreach (string a in args) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        if (stdinFile is not null)
+        {
+            using (var f = File.OpenRead(stdinFile)) f.CopyTo(p.StandardInput.BaseStream);
+            p.StandardInput.Close();
+        }
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(timeout ?? TimeSpan.FromMinutes(5)))
+        {
+            p.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{program} {string.Join(' ', args)} did not finish in time");
+        }
+        p.WaitForExit();
+        return new Result(p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>Runs a program and fails with its stderr unless it exits with 0; returns stdout.</summary>
+    internal static string Check(string program, params string[] args)
+    {
+        Result r = Run(program, args);
+        if (r.ExitCode != 0)
+            throw new InvalidOperationException($"{program} {string.Join(' ', args)} exited with {r.ExitCode}: {r.Stderr}{r.Stdout}");
+        return r.Stdout;
+    }
+
+    internal static string QemuImg(params string[] args) => Check("qemu-img", args);
+
+    internal static string QemuIo(params string[] args) => Check("qemu-io", args);
+}
+
+/// <summary>A scratch folder removed with everything in it when disposed.</summary>
+internal sealed class TempDir : IDisposable
+{
+    public TempDir()
+    {
+        Path = System.IO.Path.Combine(System.IO.Path.GetTempPath(), "vmsnap-tests", Guid.NewGuid().ToString("N")[..12]);
+        Directory.CreateDirectory(Path);
+    }
+
+    public string Path { get; }
+
+    public string File(string name) => System.IO.Path.Combine(Path, name);
+
+    public void Dispose()
+    {
+        try { Directory.Delete(Path, recursive: true); } catch (IOException) { }
+    }
+}
