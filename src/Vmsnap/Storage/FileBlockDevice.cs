@@ -22,6 +22,9 @@ public sealed record FileBlockDeviceOptions
 
     /// <summary>Alignment used for direct I/O (default 4096, safe for every disk).</summary>
     public int DirectAlignment { get; init; } = 4096;
+
+    /// <summary>QEMU-compatible image locking to take on open (default: none).</summary>
+    public ImageLockMode Lock { get; init; }
 }
 
 /// <summary>A regular file (or block device node) as an <see cref="IBlockDevice"/>: pread/pwrite, fdatasync, hole punching, optional O_DIRECT.</summary>
@@ -50,9 +53,11 @@ public sealed class FileBlockDevice : IBlockDevice
         try
         {
             if (options.Direct) direct = NativeFile.Open(path, writable, direct: true, create: false);
+            ImageLock.Acquire(handle, path, options.Lock);
         }
         catch
         {
+            direct?.Dispose();
             handle.Dispose();
             throw;
         }

@@ -1,0 +1,43 @@
+using System.Text.RegularExpressions;
+
+namespace Vmsnap.Tests;
+
+/// <summary>The folders of the library are layers; a lower layer never names a higher one.</summary>
+public partial class LayeringTests
+{
+    private static readonly Dictionary<string, string[]> s_forbidden = new()
+    {
+        ["Storage"] = ["Qcow2", "VmState", "Migration", "Snapshots"],
+        ["Qcow2"] = ["VmState", "Migration", "Snapshots"],
+        ["VmState"] = ["Qcow2", "Migration", "Snapshots"],
+        ["Migration"] = ["Qcow2", "Snapshots"],
+        ["Snapshots"] = [],
+    };
+
+    [GeneratedRegex(@"\bVmsnap\.(Storage|Qcow2|VmState|Migration|Snapshots)\b")]
+    private static partial Regex LayerReference();
+
+    internal static string RepositoryRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Vmsnap.slnx"))) dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("repository root (Vmsnap.slnx) not found above " + AppContext.BaseDirectory);
+    }
+
+    [Fact]
+    public void No_layer_references_a_layer_above_it()
+    {
+        string src = Path.Combine(RepositoryRoot(), "src", "Vmsnap");
+        var violations = new List<string>();
+        foreach (var (layer, forbidden) in s_forbidden)
+        {
+            string folder = Path.Combine(src, layer);
+            Assert.True(Directory.Exists(folder), $"layer folder {folder} is missing");
+            foreach (string file in Directory.EnumerateFiles(folder, "*.cs", SearchOption.AllDirectories))
+                foreach (Match m in LayerReference().Matches(File.ReadAllText(file)))
+                    if (forbidden.Contains(m.Groups[1].Value))
+                        violations.Add($"{Path.GetRelativePath(src, file)} names Vmsnap.{m.Groups[1].Value}");
+        }
+        Assert.Empty(violations);
+    }
+}
