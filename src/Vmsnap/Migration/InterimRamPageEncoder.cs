@@ -15,7 +15,7 @@ internal sealed class InterimRamPageEncoder(VmStateWriter writer)
     private string? _block;
     private byte[] _blockId = [];
 
-    /// <summary>Page-data records written.</summary>
+    /// <summary>Pages encoded, zero pages included (as RamPageEncoder counts them).</summary>
     public long Pages { get; private set; }
 
     /// <summary>Zero-page records written.</summary>
@@ -69,8 +69,8 @@ internal sealed class InterimRamPageEncoder(VmStateWriter writer)
             else
             {
                 writer.PutBufferAsync(pages.Slice(i * PageSize, PageSize), i == lastData ? mayFree : null);
-                Pages++;
             }
+            Pages++;
         }
         if (lastData < 0) mayFree?.Dispose();
     }

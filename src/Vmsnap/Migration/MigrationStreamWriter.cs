@@ -87,7 +87,8 @@ internal sealed class MigrationStreamWriter
                 partOpen = true;
                 inPart = 0;
             }, chunkBytes => inPart += chunkBytes);
-            summaries[b] = new RamBlockSummary(block.Id, block.Length, encoder.Pages - pages, encoder.ZeroPages - zeroPages);
+            long zero = encoder.ZeroPages - zeroPages;
+            summaries[b] = new RamBlockSummary(block.Id, block.Length, encoder.Pages - pages - zero, zero);
         }
         if (partOpen)
         {

@@ -121,7 +121,14 @@ internal sealed class QemuVm : IDisposable
     {
         var message = new JsonObject { ["execute"] = command };
         if (arguments is not null) message["arguments"] = JsonSerializer.SerializeToNode(arguments);
-        byte[] bytes = Encoding.UTF8.GetBytes(message.ToJsonString() + "\n");
+        return ExecuteJson(message.ToJsonString());
+    }
+
+    /// <summary>Sends one QMP message given as JSON text (e.g. <c>{"execute": "query-status"}</c>) and returns its "return" value.</summary>
+    public JsonNode? ExecuteJson(string json)
+    {
+        string command = JsonNode.Parse(json)?["execute"]?.GetValue<string>() ?? json;
+        byte[] bytes = Encoding.UTF8.GetBytes(json.ReplaceLineEndings(" ") + "\n");
         try
         {
             _qmpOut!.Write(bytes);
@@ -264,6 +271,30 @@ internal sealed class QemuVm : IDisposable
     {
         if (_process.HasExited) _process.WaitForExit();
         return new QemuException($"{what}\ncommand: {_commandLine}\nQEMU output:\n{Output}");
+    }
+
+    /// <summary>
+    /// Starts a paused guest with <paramref name="args"/>, migrates it into <paramref name="streamPath"/>
+    /// and quits: the way to make a QEMU stream (or a template) whose RAM the test knows.
+    /// </summary>
+    public static void SaveStream(IEnumerable<string> args, string streamPath)
+    {
+        using var vm = Start(args, paused: true);
+        vm.MigrateToFile(streamPath);
+        vm.Quit();
+    }
+
+    /// <summary>
+    /// Starts a guest with <paramref name="args"/> that loads <paramref name="streamPath"/> (<c>-incoming
+    /// "exec:cat FILE"</c>, paused), waits until the load completed and quits; returns the run state reached.
+    /// A stream QEMU refuses fails with QEMU's error text.
+    /// </summary>
+    public static string LoadStream(IEnumerable<string> args, string streamPath)
+    {
+        using var vm = Start([.. args, .. IncomingFrom(streamPath)], paused: true);
+        string state = vm.WaitIncomingCompleted();
+        vm.Quit();
+        return state;
     }
 
     /// <summary>Arguments for a device-less guest whose RAM is <paramref name="ramFile"/> (a shared memory-backend-file).</summary>

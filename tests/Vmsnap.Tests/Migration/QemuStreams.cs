@@ -18,20 +18,12 @@ public sealed class QemuStreams : IDisposable
         NoneRam = _dir.File("none-ram0");
         NoneZeroPages = GuestRam.Create(NoneRam, RamBytes, seed: 11);
         NoneStream = _dir.File("none.mig");
-        using (var vm = QemuVm.Start(QemuVm.MachineNone(NoneRam, RamBytes), paused: true))
-        {
-            vm.MigrateToFile(NoneStream);
-            vm.Quit();
-        }
+        QemuVm.SaveStream(QemuVm.MachineNone(NoneRam, RamBytes), NoneStream);
 
         PcRam = _dir.File("pc-ram0");
         GuestRam.Create(PcRam, RamBytes, seed: 12);
         PcStream = _dir.File("pc.mig");
-        using (var vm = QemuVm.Start(QemuVm.MachinePc(PcRam, RamBytes), paused: true))
-        {
-            vm.MigrateToFile(PcStream);
-            vm.Quit();
-        }
+        QemuVm.SaveStream(QemuVm.MachinePc(PcRam, RamBytes), PcStream);
     }
 
     /// <summary>RAM file of the machine-none guest (unchanged by the migration: the guest never ran).</summary>

@@ -42,7 +42,7 @@ public class RamPageEncodingTests
             .Be64(0x1000 | 0x08 | 0x20).Raw(p3)                // CONTINUE
             .ToArray();
         Assert.Equal(expected, bytes);
-        Assert.Equal(3, pages);
+        Assert.Equal(5, pages); // zero pages included
         Assert.Equal(2, zeroPages);
         Assert.All(owners, o => Assert.Equal(1, o.Disposed));
     }
