@@ -165,7 +165,15 @@ internal sealed class MigrationStreamWriter
                 for (long offset = 0; offset < length;)
                 {
                     int expected = (int)Math.Min(_pool.ChunkBytes, length - offset);
-                    int n = pending!.GetAwaiter().GetResult();
+                    int n;
+                    try
+                    {
+                        n = pending!.GetAwaiter().GetResult();
+                    }
+                    catch (IOException e)
+                    {
+                        throw new MigrationStreamException($"reading RAM file '{path}' for block '{block.Id}' at offset {offset} failed: {e.Message}", -1, e);
+                    }
                     ChunkPool.Chunk chunk = next!;
                     next = null;
                     pending = null;
