@@ -13,7 +13,7 @@ namespace Vmsnap.Migration;
 /// description, which are carried verbatim. Refused with a <see cref="MigrationStreamException"/>:
 /// XBZRLE, compressed, multifd and RDMA RAM records, streams written with migration capabilities that
 /// change the RAM layout (x-ignore-shared, mapped-ram), postcopy/return-path command sections, other
-/// iterative sections, and streams without section footers (machine types before QEMU 2.6).
+/// iterative sections, and streams of old machine types that write no section footers.
 /// A reader's stream runs to the end of its backend.
 /// </remarks>
 public static class MigrationStream
