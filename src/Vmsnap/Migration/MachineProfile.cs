@@ -1,0 +1,223 @@
+using System.Text;
+using Vmsnap.Storage;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Migration;
+
+/// <summary>
+/// What <see cref="MigrationStream.Write"/> needs to make a stream QEMU loads: the machine type, the RAM
+/// blocks with where their bytes come from, and the device state that follows the RAM section.
+/// </summary>
+/// <remarks>
+/// Built from options (<see cref="Create"/>: a machine type and RAM files; no device sections) or from a
+/// template stream (<see cref="FromTemplate(string, IEnumerable{KeyValuePair{string, string}}, string?, CancellationToken)"/>:
+/// its configuration, block list and device state are reused, the blocks given as files replace the
+/// template's pages). Dispose it to delete the scratch files a template needs.
+/// </remarks>
+public sealed class MachineProfile : IDisposable
+{
+    /// <summary>RAM section id used by <see cref="Create"/> (the number QEMU gives it for <c>-machine none</c>).</summary>
+    internal const uint DefaultRamSectionId = 2;
+
+    private readonly string[] _sources;
+    private readonly string? _scratchDirectory;
+
+    private MachineProfile(string? machineType, byte[] configurationSubsections, uint ramSectionId, uint ramInstance,
+        IReadOnlyList<RamBlockInfo> blocks, string[] sources, byte[] deviceState, string? scratchDirectory)
+    {
+        MachineType = machineType;
+        ConfigurationSubsections = configurationSubsections;
+        RamSectionId = ramSectionId;
+        RamInstance = ramInstance;
+        RamBlocks = blocks;
+        _sources = sources;
+        DeviceState = deviceState;
+        _scratchDirectory = scratchDirectory;
+    }
+
+    /// <summary>Machine type written in the configuration section (QEMU checks it equals its own), or null for a template without one.</summary>
+    public string? MachineType { get; }
+
+    /// <summary>RAM blocks in stream order (the MEM_SIZE list).</summary>
+    public IReadOnlyList<RamBlockInfo> RamBlocks { get; }
+
+    /// <summary>The bytes written after the RAM section: device sections, EOF and the VM description.</summary>
+    public ReadOnlyMemory<byte> DeviceState { get; }
+
+    internal byte[] ConfigurationSubsections { get; }
+    internal uint RamSectionId { get; }
+    internal uint RamInstance { get; }
+
+    /// <summary>The file holding block <paramref name="index"/>'s bytes (a RAM file given, or a scratch file cut from the template).</summary>
+    internal string SourceOf(int index) => _sources[index];
+
+    /// <summary>
+    /// A profile from options: machine type <paramref name="machineType"/> and one RAM block per
+    /// (id, file) pair, in that order, each as long as its file. The device state is EOF plus an empty
+    /// VM description, which QEMU accepts for a machine without devices (<c>-machine none</c>).
+    /// </summary>
+    /// <exception cref="MigrationStreamException">A file is missing, empty or not a multiple of 4096 bytes, or an id is bad or repeated.</exception>
+    public static MachineProfile Create(string machineType, IEnumerable<KeyValuePair<string, string>> ramFiles)
+    {
+        ArgumentNullException.ThrowIfNull(ramFiles);
+        CheckMachineType(machineType);
+        var blocks = new List<RamBlockInfo>();
+        var sources = new List<string>();
+        foreach (var (id, path) in ramFiles)
+        {
+            CheckBlockId(id);
+            if (blocks.Any(b => b.Id == id)) throw new MigrationStreamException($"RAM block '{id}' is given more than once");
+            long length = RamFileLength(id, path);
+            if (length == 0 || length % MigrationFormat.PageSize != 0)
+                throw new MigrationStreamException(
+                    $"RAM file '{path}' for block '{id}' is {length} bytes; a RAM block is a positive multiple of 4096 bytes");
+            blocks.Add(new RamBlockInfo(id, length));
+            sources.Add(Path.GetFullPath(path));
+        }
+        if (blocks.Count == 0) throw new MigrationStreamException("no RAM block given; a stream needs at least one (e.g. ram0=FILE)");
+
+        byte[] json = Encoding.UTF8.GetBytes(MigrationFormat.EmptyVmDescription);
+        byte[] tail = new byte[1 + 1 + 4 + json.Length];
+        tail[0] = MigrationFormat.Eof;
+        tail[1] = MigrationFormat.VmDescription;
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(tail.AsSpan(2), (uint)json.Length);
+        json.CopyTo(tail, 6);
+        return new MachineProfile(machineType, [], DefaultRamSectionId, 0, blocks.ToArray(), sources.ToArray(), tail, null);
+    }
+
+    /// <summary>
+    /// A profile from a template stream file (e.g. from QEMU's <c>migrate "exec:cat &gt; FILE"</c>): its machine
+    /// type, block list and device state are kept; each (id, file) pair replaces that block's pages with the
+    /// file, which must be exactly the block's length. The pages of the other blocks are copied from the
+    /// template into sparse scratch files under <paramref name="scratchDirectory"/> (default: the system's
+    /// temporary folder) until the profile is disposed.
+    /// </summary>
+    /// <exception cref="MigrationStreamException">The template is not a stream vmsnap reads, an id is not one of its blocks, or a file's length differs from its block's.</exception>
+    public static MachineProfile FromTemplate(string templatePath, IEnumerable<KeyValuePair<string, string>> ramFiles,
+        string? scratchDirectory = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(templatePath);
+        using var device = FileBlockDevice.Open(templatePath);
+        using var backend = VmStateBackend.ForBlockDevice(device);
+        using var reader = new VmStateReader(backend);
+        return FromTemplate(reader, ramFiles, scratchDirectory, cancellationToken);
+    }
+
+    /// <summary>As <see cref="FromTemplate(string, IEnumerable{KeyValuePair{string, string}}, string?, CancellationToken)"/>, reading the template from <paramref name="template"/> to its end.</summary>
+    public static MachineProfile FromTemplate(VmStateReader template, IEnumerable<KeyValuePair<string, string>> ramFiles,
+        string? scratchDirectory = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(template);
+        ArgumentNullException.ThrowIfNull(ramFiles);
+        var replacements = new List<(string Id, string Path)>();
+        foreach (var (id, path) in ramFiles)
+        {
+            CheckBlockId(id);
+            if (replacements.Any(r => r.Id == id)) throw new MigrationStreamException($"RAM block '{id}' is given more than once");
+            RamFileLength(id, path);
+            replacements.Add((id, Path.GetFullPath(path)));
+        }
+
+        string scratch = Path.Combine(scratchDirectory ?? Path.GetTempPath(), $"vmsnap-template-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(scratch);
+        try
+        {
+            var sink = new TemplateSink(replacements, scratch);
+            MigrationStreamReader parsed;
+            try
+            {
+                parsed = new MigrationStreamReader(template, sink, null, null, cancellationToken);
+                parsed.Read();
+            }
+            finally
+            {
+                sink.Dispose();
+            }
+            var blocks = parsed.Blocks.ToArray();
+            return new MachineProfile(parsed.MachineType, parsed.ConfigurationSubsections, parsed.RamSectionId, parsed.RamInstance,
+                blocks, sink.Sources, parsed.DeviceState, scratch);
+        }
+        catch
+        {
+            DeleteScratch(scratch);
+            throw;
+        }
+    }
+
+    /// <summary>Deletes the scratch files of a template profile.</summary>
+    public void Dispose()
+    {
+        if (_scratchDirectory is not null) DeleteScratch(_scratchDirectory);
+    }
+
+    private static void DeleteScratch(string directory)
+    {
+        try { Directory.Delete(directory, recursive: true); }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+    }
+
+    private static void CheckMachineType(string machineType)
+    {
+        if (string.IsNullOrEmpty(machineType)) throw new MigrationStreamException("the machine type is empty");
+        if (Encoding.UTF8.GetByteCount(machineType) > 256)
+            throw new MigrationStreamException($"machine type '{machineType}' is longer than 256 bytes");
+    }
+
+    private static void CheckBlockId(string id)
+    {
+        if (string.IsNullOrEmpty(id)) throw new MigrationStreamException("a RAM block id is empty");
+        if (Encoding.UTF8.GetByteCount(id) > MigrationFormat.MaxIdLength)
+            throw new MigrationStreamException($"RAM block id '{id}' is longer than {MigrationFormat.MaxIdLength} bytes");
+    }
+
+    private static long RamFileLength(string id, string path)
+    {
+        if (string.IsNullOrEmpty(path)) throw new MigrationStreamException($"RAM block '{id}' has an empty file name");
+        var info = new FileInfo(path);
+        if (!info.Exists) throw new MigrationStreamException($"RAM file '{path}' for block '{id}' does not exist");
+        return info.Length;
+    }
+
+    /// <summary>First pass over a template: checks the replacement files against its block list and cuts the other blocks into scratch files.</summary>
+    private sealed class TemplateSink(List<(string Id, string Path)> replacements, string scratch) : IRamSink, IDisposable
+    {
+        private RamFileSink? _inner;
+
+        public string[] Sources { get; private set; } = [];
+
+        public void BeginBlocks(IReadOnlyList<RamBlockInfo> blocks)
+        {
+            foreach (var (id, path) in replacements)
+            {
+                RamBlockInfo? block = blocks.FirstOrDefault(b => b.Id == id);
+                if (block is null)
+                    throw new MigrationStreamException(
+                        $"RAM block '{id}' (given with file '{path}') is not in the template; its RAM blocks are: " +
+                        string.Join(", ", blocks.Select(b => $"'{b.Id}' ({b.Length} bytes)")));
+                long length = new FileInfo(path).Length;
+                if (length != block.Length)
+                    throw new MigrationStreamException(
+                        $"RAM file '{path}' is {length} bytes but the template's block '{id}' is {block.Length} bytes; the file must have the block's exact length");
+            }
+            Sources = new string[blocks.Count];
+            var cut = new List<KeyValuePair<string, string>>();
+            for (int i = 0; i < blocks.Count; i++)
+            {
+                int r = replacements.FindIndex(x => x.Id == blocks[i].Id);
+                Sources[i] = r >= 0 ? replacements[r].Path : Path.Combine(scratch, $"block{i}.ram");
+                if (r < 0) cut.Add(new(blocks[i].Id, Sources[i]));
+            }
+            _inner = new RamFileSink(cut) { SyncOnComplete = false };
+            _inner.BeginBlocks(blocks);
+        }
+
+        public void WritePages(int block, long offset, ReadOnlySpan<byte> pages) => _inner!.WritePages(block, offset, pages);
+
+        public void WriteZeroPages(int block, long offset, long length) => _inner!.WriteZeroPages(block, offset, length);
+
+        public void Complete() => _inner!.Complete();
+
+        public void Dispose() => _inner?.Dispose();
+    }
+}
