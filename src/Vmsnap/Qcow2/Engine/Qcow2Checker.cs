@@ -20,6 +20,8 @@ internal sealed class Qcow2Checker
     private bool _rebuild;
     private int _corruptions, _leaks, _checkErrors, _corruptionsFixed, _leaksFixed;
     private long _allocated, _fragmented, _compressed, _highest;
+    private ulong[] _activeSeen = [];
+    private readonly HashSet<long> _activeDuplicates = [];
 
     private Qcow2Checker(Qcow2Engine engine)
     {
@@ -31,7 +33,13 @@ internal sealed class Qcow2Checker
     private int ClusterSize => _g.ClusterSize;
 
     /// <summary>Checks, repairs what <paramref name="mode"/> allows, and (after repairs) checks again like qemu-img does.</summary>
-    internal static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode)
+    internal static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode) => Run(engine, mode, out _);
+
+    /// <summary>
+    /// Like <see cref="Run(Qcow2Engine, Qcow2RepairMode)"/>; also returns the host clusters that more
+    /// than one entry of the active L2 tables references (legal once their refcount says so).
+    /// </summary>
+    internal static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode, out IReadOnlySet<long> activeDuplicates)
     {
         var first = new Qcow2Checker(engine);
         first.CheckOnce(mode);
@@ -46,7 +54,10 @@ internal sealed class Qcow2Checker
                 LeaksFixed = result.LeaksFixed,
                 Messages = [.. result.Messages, .. second._messages],
             };
+            activeDuplicates = second._activeDuplicates;
+            return result;
         }
+        activeDuplicates = first._activeDuplicates;
         return result;
     }
 
@@ -73,6 +84,7 @@ internal sealed class Qcow2Checker
         _counts = new ulong[Math.Max(_clusters, 1)];
         CalculateRefcounts(mode);
         (int corruptions, int leaks, int errors) before = (_corruptions, _leaks, _checkErrors);
+        int messagesBefore = _messages.Count;
         CompareRefcounts(Qcow2RepairMode.None);
 
         if (_rebuild && mode == Qcow2RepairMode.All)
@@ -108,6 +120,7 @@ internal sealed class Qcow2Checker
             if (_leaks > 0 || _corruptions > 0)
             {
                 (_corruptions, _leaks, _checkErrors) = before;
+                _messages.RemoveRange(messagesBefore, _messages.Count - messagesBefore);   // reported again below, as repaired
                 CompareRefcounts(mode);
             }
         }
@@ -272,6 +285,7 @@ internal sealed class Qcow2Checker
                         _allocated++;
                         if (nextContiguous != 0 && offset != nextContiguous) _fragmented++;
                         nextContiguous = offset + ClusterSize;
+                        NoteActiveReference(offset);
                     }
                     Inc(offset, ClusterSize);
                     break;
@@ -282,6 +296,21 @@ internal sealed class Qcow2Checker
                     break;
             }
         }
+    }
+
+    /// <summary>Remembers host clusters the active tables reference more than once.</summary>
+    private void NoteActiveReference(long offset)
+    {
+        if (offset < 0 || (offset & (ClusterSize - 1)) != 0) return;
+        long c = offset >> _g.ClusterBits;
+        if (c >= (long)_activeSeen.Length * 64)
+        {
+            if (c >= (long)int.MaxValue * 32) return;
+            Array.Resize(ref _activeSeen, (int)Math.Max(c / 64 + 1, _activeSeen.Length * 2L));
+        }
+        ulong bit = 1UL << (int)(c & 63);
+        if ((_activeSeen[c >> 6] & bit) != 0) _activeDuplicates.Add(c);
+        else _activeSeen[c >> 6] |= bit;
     }
 
     /// <summary>Clusters used by persistent bitmaps (only when the bitmaps autoclear bit says the extension is valid, as QEMU does).</summary>
@@ -337,12 +366,12 @@ internal sealed class Qcow2Checker
                 _rebuild = true;
                 continue;
             }
-            if (cluster >= _clusters)
+            if (cluster >= _clusters || offset < 0)
             {
                 _corruptions++;
                 bool fix = mode == Qcow2RepairMode.All;
                 _messages.Add($"{(fix ? "Repairing" : "ERROR")} refcount block {i} is outside image");
-                if (fix)
+                if (fix && offset > 0 && offset < long.MaxValue / 2)
                 {
                     try
                     {

@@ -79,7 +79,16 @@ internal sealed partial class Qcow2Engine
             source.CopyTo(table.Data, 0);
         }
         ActiveL1.Set(l1Index, L1Entry.Make(fresh, copied: true));
-        if (old != 0) Refcounts.Free(old, Geometry.ClusterSize);   // reference dropped in memory first
+        if (old != 0)
+        {
+            Refcounts.Free(old, Geometry.ClusterSize);   // reference dropped in memory first
+            // Another active L1 entry may share the old table (after check repaired such sharing): the last one owns it now.
+            if (Refcounts.Get(old >> Geometry.ClusterBits) == 1)
+            {
+                for (long i = 0; i < ActiveL1.Size; i++)
+                    if (L1Entry.L2Offset(ActiveL1[i]) == old && !L1Entry.IsCopied(ActiveL1[i])) ActiveL1.Set(i, ActiveL1[i] | L1Entry.Copied);
+            }
+        }
         return table;
     }
 

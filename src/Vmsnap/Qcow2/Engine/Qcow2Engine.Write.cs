@@ -21,6 +21,11 @@ internal sealed partial class Qcow2Engine
     private readonly List<InFlight> _inFlight = [];
     private bool _verified;
 
+    // Host clusters that several entries of the active L2 tables share (legal only with a matching
+    // refcount, e.g. after check repaired such sharing), with the guest offsets that map to them:
+    // when a copy-on-write leaves one reference, that entry gets its COPIED flag back.
+    private Dictionary<long, List<long>> _activeShared = [];
+
     private InFlight Enter(long offset, long length, bool write)
     {
         long first = offset >> Geometry.ClusterBits, last = (offset + length - 1) >> Geometry.ClusterBits;
@@ -282,7 +287,7 @@ internal sealed partial class Qcow2Engine
         }
         // Old references are gone (in memory); their refcounts drop after that reaches the disk.
         foreach (ClusterPlan p in plans)
-            if (p.NewCluster) DropStorage(p.Old, p.OldKind);
+            if (p.NewCluster) DropStorage(p.Old, p.OldKind, p.Guest);
     }
 
     /// <summary>The active L2 table for a guest offset, which planning already made exclusive.</summary>
@@ -294,13 +299,20 @@ internal sealed partial class Qcow2Engine
         return L2Cache.Get(L1Entry.L2Offset(entry));
     }
 
-    /// <summary>Lowers the refcount of the host storage an old L2 entry referenced.</summary>
-    private void DropStorage(L2Entry old, ClusterKind kind)
+    /// <summary>Lowers the refcount of the host storage an old L2 entry (of guest cluster <paramref name="guest"/>) referenced.</summary>
+    private void DropStorage(L2Entry old, ClusterKind kind, long guest)
     {
         switch (kind)
         {
             case ClusterKind.Normal or ClusterKind.ZeroAllocated:
                 Refcounts.Free(old.HostOffset, Geometry.ClusterSize);
+                long cluster = old.HostOffset >> Geometry.ClusterBits;
+                if (_activeShared.TryGetValue(cluster, out List<long>? guests))
+                {
+                    guests.Remove(guest);
+                    if (guests.Count == 1 && Refcounts.Get(cluster) == 1) RestoreCopied(guests[0], old.HostOffset);
+                    if (guests.Count <= 1) _activeShared.Remove(cluster);
+                }
                 break;
             case ClusterKind.Compressed:
                 (long offset, int length) = old.CompressedRange(Geometry);
@@ -340,7 +352,7 @@ internal sealed partial class Qcow2Engine
             InFlight registration = Enter(first, last - first, write: true);
             try
             {
-                var dropped = new List<(L2Entry, ClusterKind)>();
+                var dropped = new List<(L2Entry, ClusterKind, long)>();
                 // With a backing file, "zero" must hide its data: zero flags (or zero subclusters).
                 bool zero = !discard || Backing is not null;
                 for (long pos = first; pos < last; pos += cs)
@@ -361,9 +373,9 @@ internal sealed partial class Qcow2Engine
                         continue;   // nothing stored, reads as zeroes
                     L2Entry.Write(table.Data, index, Geometry.ExtendedL2, replacement);
                     L2Cache.MarkDirty(table);
-                    dropped.Add((e, kind));
+                    dropped.Add((e, kind, pos));
                 }
-                foreach ((L2Entry e, ClusterKind kind) in dropped) DropStorage(e, kind);
+                foreach ((L2Entry e, ClusterKind kind, long guest) in dropped) DropStorage(e, kind, guest);
             }
             finally
             {
@@ -397,13 +409,14 @@ internal sealed partial class Qcow2Engine
             throw Corrupt("bitmaps extension", null,
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
         FlushAll();
-        Qcow2CheckResult check = Qcow2Checker.Run(this, Qcow2RepairMode.None);
+        Qcow2CheckResult check = Qcow2Checker.Run(this, Qcow2RepairMode.None, out IReadOnlySet<long> shared);
         if (check.Corruptions > 0 || check.CheckErrors > 0)
         {
             string first = check.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? check.Messages.FirstOrDefault() ?? "";
             throw Corrupt("image", null,
                 $"check finds {check.Corruptions} corruption(s) and {check.CheckErrors} error(s) (first: {first}); a write could damage data, so vmsnap refuses it: run 'vmsnap check --repair all' first");
         }
+        _activeShared = FindActiveSharing(shared);
         ulong autoclear = Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps;
         if (autoclear != Header.AutoclearFeatures && Header.Version >= 3)
         {
@@ -413,6 +426,39 @@ internal sealed partial class Qcow2Engine
             Device.Flush();
         }
         _verified = true;
+    }
+
+    /// <summary>The guest offsets that map to each of the given host clusters through the active tables.</summary>
+    private Dictionary<long, List<long>> FindActiveSharing(IReadOnlySet<long> clusters)
+    {
+        var map = new Dictionary<long, List<long>>();
+        if (clusters.Count == 0) return map;
+        for (long i = 0; i < ActiveL1.Size; i++)
+        {
+            MetadataCache.Table? table = GetL2Table(ActiveL1, i);
+            if (table is null) continue;
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                long cluster = e.HostOffset >> Geometry.ClusterBits;
+                if (!clusters.Contains(cluster)) continue;
+                if (!map.TryGetValue(cluster, out List<long>? guests)) map[cluster] = guests = [];
+                guests.Add((i * Geometry.L2Entries + j) * Geometry.ClusterSize);
+            }
+        }
+        return map;
+    }
+
+    /// <summary>Sets COPIED on the active L2 entry of <paramref name="guest"/> if it still maps to <paramref name="host"/>.</summary>
+    private void RestoreCopied(long guest, long host)
+    {
+        MetadataCache.Table table = GetWritableL2(Geometry.L1Index(guest));
+        int index = Geometry.L2Index(guest);
+        L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+        if (e.HostOffset != host || e.IsCopied || e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) return;
+        L2Entry.Write(table.Data, index, Geometry.ExtendedL2, e with { Word = e.Word | L2Entry.Copied });
+        L2Cache.MarkDirty(table);
     }
 
     /// <summary>Repairs refcounts of an image left dirty (lazy refcounts) before anything is written.</summary>

@@ -61,6 +61,8 @@ internal sealed class RefcountManager
         long offset = (long)(e & RefcountTableEntry.OffsetMask);
         if ((offset & (_g.ClusterSize - 1)) != 0)
             throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
+        if (offset < 0 || (offset != 0 && offset < _g.ClusterSize))
+            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
         return offset;
     }
 
