@@ -25,6 +25,15 @@ public sealed class Qcow2Image : IDisposable
     public static Qcow2Image Create(string path, long virtualSize, Qcow2CreateOptions? options = null)
     {
         options ??= new Qcow2CreateOptions();
+        // Refuse bad options and a missing backing file before an existing file is replaced.
+        Qcow2Engine.BuildHeader(virtualSize, options);
+        if (options.BackingFile is { } backing)
+        {
+            string resolved = System.IO.Path.IsPathRooted(backing)
+                ? backing
+                : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? ".", backing);
+            if (!File.Exists(resolved)) throw new VmsnapException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
+        }
         var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists });
         var image = new Qcow2Image(Qcow2Engine.Create(device, path, virtualSize, options, ownsDevice: true));
         if (options.BackingFile is null) return image;
@@ -69,30 +78,38 @@ public sealed class Qcow2Image : IDisposable
     {
         get
         {
-            Engine.ThrowIfDisposed();
-            Qcow2Header h = Engine.Header;
-            return new Qcow2ImageInfo
+            lock (Engine.SyncRoot)
             {
-                Path = Engine.Path,
-                Version = h.Version,
-                VirtualSize = (long)h.Size,
-                ClusterSize = h.ClusterSize,
-                RefcountBits = h.RefcountBits,
-                LazyRefcounts = h.HasLazyRefcounts,
-                ExtendedL2 = h.HasExtendedL2,
-                Corrupt = h.IsCorrupt,
-                Dirty = h.IsDirty,
-                CompressionType = (Qcow2CompressionType)h.CompressionType,
-                BackingFile = h.BackingFile,
-                BackingFormat = h.BackingFormat,
-                L1Size = (int)h.L1Size,
-                SnapshotCount = (int)h.SnapshotCount,
-                FileSize = Engine.Device.Length,
-                IncompatibleFeatures = h.IncompatibleFeatures,
-                CompatibleFeatures = h.CompatibleFeatures,
-                AutoclearFeatures = h.AutoclearFeatures,
-            };
+                Engine.ThrowIfDisposed();
+                return Describe(Engine);
+            }
         }
+    }
+
+    private static Qcow2ImageInfo Describe(Qcow2Engine engine)
+    {
+        Qcow2Header h = engine.Header;
+        return new Qcow2ImageInfo
+        {
+            Path = engine.Path,
+            Version = h.Version,
+            VirtualSize = (long)h.Size,
+            ClusterSize = h.ClusterSize,
+            RefcountBits = h.RefcountBits,
+            LazyRefcounts = h.HasLazyRefcounts,
+            ExtendedL2 = h.HasExtendedL2,
+            Corrupt = h.IsCorrupt,
+            Dirty = h.IsDirty,
+            CompressionType = (Qcow2CompressionType)h.CompressionType,
+            BackingFile = h.BackingFile,
+            BackingFormat = h.BackingFormat,
+            L1Size = (int)h.L1Size,
+            SnapshotCount = (int)h.SnapshotCount,
+            FileSize = engine.Device.Length,
+            IncompatibleFeatures = h.IncompatibleFeatures,
+            CompatibleFeatures = h.CompatibleFeatures,
+            AutoclearFeatures = h.AutoclearFeatures,
+        };
     }
 
     /// <summary>Reads <paramref name="buffer"/>.Length bytes of the virtual disk at <paramref name="offset"/> (any alignment).</summary>

@@ -62,6 +62,16 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--backing", "base.raw"), 1, "--backing-format");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64Q"), 1, "size");
         Assert.Equal(2, Vmsnap("create", dir.File("x.qcow2"), "64M", "--compat", "2.0").ExitCode);   // usage error
+        Assert.False(File.Exists(dir.File("x.qcow2")));
+        AssertOneLineError(Vmsnap("create", dir.File("y.qcow2"), "64M", "--backing", "nope.qcow2", "--backing-format", "qcow2"), 1, "nope.qcow2", "does not exist");
+        Assert.False(File.Exists(dir.File("y.qcow2")));
+
+        // A refused create leaves an existing file alone.
+        string keep = dir.File("keep.qcow2");
+        Qemu.Create(keep, 1 << 20);
+        string hash = Qemu.Hash(keep);
+        AssertOneLineError(Vmsnap("create", keep, "1000"), 1);
+        Assert.Equal(hash, Qemu.Hash(keep));
     }
 
     [Fact]

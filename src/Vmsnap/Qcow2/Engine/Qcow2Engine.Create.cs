@@ -59,7 +59,8 @@ internal sealed partial class Qcow2Engine
         }
     }
 
-    private static Qcow2Header BuildHeader(long virtualSize, Qcow2CreateOptions o)
+    /// <summary>Validates creation options (before any file is touched) and builds the new image's header.</summary>
+    internal static Qcow2Header BuildHeader(long virtualSize, Qcow2CreateOptions o)
     {
         int cs = o.ClusterSize;
         if (cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) != 0)
