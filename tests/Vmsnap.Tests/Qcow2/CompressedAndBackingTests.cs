@@ -147,6 +147,37 @@ public class CompressedAndBackingTests
     }
 
     [Fact]
+    public void A_moved_backing_file_can_be_named_at_open_and_a_missing_one_is_a_clear_error()
+    {
+        using var dir = new TempDir();
+        string base_ = dir.File("base.qcow2"), overlay = dir.File("overlay.qcow2");
+        Qemu.Create(base_, 8 << 20);
+        Qemu.Io(base_, "write -P 0x5e 0 1M");
+        Qemu.Create(overlay, 8 << 20, "", "base.qcow2", "qcow2");
+        Directory.CreateDirectory(dir.File("elsewhere"));
+        string moved = dir.File("elsewhere/base.qcow2");
+        File.Move(base_, moved);
+
+        var e = Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(overlay, new Qcow2OpenOptions { ReadOnly = true }));
+        Assert.Contains("backing file 'base.qcow2' cannot be opened", e.Message);
+
+        byte[] b = new byte[4];
+        using (var img = Qcow2Image.Open(overlay, new Qcow2OpenOptions { ReadOnly = true, BackingFileOverride = moved }))
+        {
+            img.Read(b, 100);
+            Assert.Equal(new byte[] { 0x5e, 0x5e, 0x5e, 0x5e }, b);
+        }
+        string hash = Qemu.Hash(overlay);
+        using (var img = Qcow2Image.Open(overlay, new Qcow2OpenOptions { OpenBackingFile = false }))
+        {
+            img.Read(b, 100);
+            Assert.Equal(new byte[4], b);   // without its backing file the overlay holds nothing there
+            Assert.Throws<VmsnapException>(() => img.Write(b, 100));
+        }
+        Assert.Equal(hash, Qemu.Hash(overlay));
+    }
+
+    [Fact]
     public void Refcount_table_grows_and_moves_when_the_file_outgrows_it()
     {
         using var dir = new TempDir();

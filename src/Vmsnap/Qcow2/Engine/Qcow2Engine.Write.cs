@@ -369,8 +369,8 @@ internal sealed partial class Qcow2Engine
                         : Header.Version >= 3 ? new L2Entry(L2Entry.ZeroFlag, 0)
                         : new L2Entry(0, 0);
                     if (e == replacement) continue;
-                    if (Backing is null && kind is ClusterKind.ZeroPlain || Backing is null && kind == ClusterKind.Unallocated && e.AllocatedMask == 0)
-                        continue;   // nothing stored, reads as zeroes
+                    bool nothingStored = kind is ClusterKind.ZeroPlain || (kind == ClusterKind.Unallocated && e.AllocatedMask == 0);
+                    if (Backing is null && nothingStored) continue;   // reads as zeroes already
                     L2Entry.Write(table.Data, index, Geometry.ExtendedL2, replacement);
                     L2Cache.MarkDirty(table);
                     dropped.Add((e, kind, pos));

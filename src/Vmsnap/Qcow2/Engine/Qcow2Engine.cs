@@ -206,16 +206,8 @@ internal sealed partial class Qcow2Engine : IDisposable
     /// <summary>Makes every completed write durable: refcounts, then L2 tables, then the L1 table, with device flushes between.</summary>
     internal void FlushAll()
     {
-        if (Order.RefcountsDependOnMapping)
-        {
-            FlushMappingSide();
-            FlushRefcountSide();
-        }
-        else
-        {
-            FlushRefcountSide();
-            FlushMappingSide();
-        }
+        FlushRefcountSide();   // writes the mapping side first when pending decrements wait on it
+        FlushMappingSide();
     }
 
     internal void Flush()
