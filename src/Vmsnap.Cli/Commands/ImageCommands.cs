@@ -1,11 +1,282 @@
 using System.CommandLine;
+using System.Globalization;
+using Vmsnap.Qcow2;
 
 namespace Vmsnap.Cli.Commands;
 
+/// <summary>
+/// Image commands: create, info, check, read, write. Exit codes: 0 success; 1 failure (one line on
+/// stderr); 2 usage error. <c>check</c> follows qemu-img check: 0 clean, 1 the check could not be
+/// completed, 2 corruptions found, 3 only leaked clusters found.
+/// </summary>
 internal static class ImageCommands
 {
+    internal const int CheckCorrupt = 2, CheckLeaks = 3;
+    private const int ChunkSize = 4 << 20;
+
     internal static IEnumerable<Command> Build()
     {
-        yield break;
+        yield return CreateCommand();
+        yield return InfoCommand();
+        yield return CheckCommand();
+        yield return ReadCommand();
+        yield return WriteCommand();
     }
+
+    private static Command CreateCommand()
+    {
+        var image = new Argument<string>("IMAGE") { Description = "Image file to create (replaced if it exists)" };
+        var size = new Argument<string>("SIZE") { Description = "Virtual disk size: bytes or with a k, M, G, T suffix (a multiple of 512)" };
+        var clusterSize = new Option<string?>("--cluster-size") { Description = "Cluster size in bytes (512 to 2M, power of two; default 64k)" };
+        var refcountBits = new Option<int?>("--refcount-bits") { Description = "Refcount width: 1, 2, 4, 8, 16, 32 or 64 (default 16)" };
+        var compat = new Option<string?>("--compat") { Description = "Format version: 1.1 (default, version 3) or 0.10 (version 2)" };
+        compat.AcceptOnlyFromAmong("0.10", "1.1");
+        var lazy = new Option<bool>("--lazy-refcounts") { Description = "Set the lazy_refcounts feature" };
+        var extendedL2 = new Option<bool>("--extended-l2") { Description = "Use extended L2 entries (32 subclusters per cluster; clusters of 16k or more)" };
+        var compression = new Option<string?>("--compression-type") { Description = "Compression type for compressed clusters: zlib (default) or zstd" };
+        compression.AcceptOnlyFromAmong("zlib", "zstd");
+        var backing = new Option<string?>("--backing") { Description = "Backing file (stored as given; relative names are resolved against the image's folder)" };
+        var backingFormat = new Option<string?>("--backing-format") { Description = "Backing file format: raw or qcow2" };
+        backingFormat.AcceptOnlyFromAmong("raw", "qcow2");
+        var json = Cli.JsonOption();
+        var command = new Command("create", "Create a qcow2 image (defaults as qemu-img create -f qcow2)")
+        {
+            image, size, clusterSize, refcountBits, compat, lazy, extendedL2, compression, backing, backingFormat, json,
+        };
+        command.SetHandler((parse, ct) =>
+        {
+            string? backingFile = parse.GetValue(backing);
+            string? format = parse.GetValue(backingFormat);
+            if (format is not null && backingFile is null) throw new ArgumentException("--backing-format needs --backing");
+            if (backingFile is not null && format is null) throw new ArgumentException("--backing needs --backing-format raw|qcow2");
+            var options = new Qcow2CreateOptions
+            {
+                ClusterSize = parse.GetValue(clusterSize) is { } cs ? checked((int)Cli.ParseSize(cs)) : 64 * 1024,
+                RefcountBits = parse.GetValue(refcountBits) ?? 16,
+                Version = parse.GetValue(compat) == "0.10" ? 2 : 3,
+                LazyRefcounts = parse.GetValue(lazy),
+                ExtendedL2 = parse.GetValue(extendedL2),
+                CompressionType = parse.GetValue(compression) == "zstd" ? Qcow2CompressionType.Zstd : Qcow2CompressionType.Zlib,
+                BackingFile = backingFile,
+                BackingFormat = format,
+            };
+            string path = parse.GetValue(image)!;
+            long bytes = Cli.ParseSize(parse.GetValue(size)!);
+            Qcow2ImageInfo info;
+            using (Qcow2Image created = Qcow2Image.Create(path, bytes, options)) info = created.Info;
+            if (parse.GetValue(json))
+            {
+                Cli.WriteJson(InfoJson.From(info));
+            }
+            else
+            {
+                string backingText = backingFile is null ? "" : $" backing_file={backingFile} backing_fmt={format}";
+                Console.Out.WriteLine(
+                    $"Formatting '{path}', fmt=qcow2 cluster_size={info.ClusterSize} extended_l2={OnOff(info.ExtendedL2)} " +
+                    $"compression_type={CompressionName(info.CompressionType)} size={info.VirtualSize}{backingText} " +
+                    $"lazy_refcounts={OnOff(info.LazyRefcounts)} refcount_bits={info.RefcountBits} compat={info.Compat}");
+            }
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static Command InfoCommand()
+    {
+        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var json = Cli.JsonOption();
+        var command = new Command("info", "Show an image's settings (like qemu-img info)") { image, json };
+        command.SetHandler((parse, ct) =>
+        {
+            // Inspection only: no locks, and the backing chain need not be there.
+            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, new Qcow2OpenOptions { ForceShare = true, OpenBackingFile = false });
+            Qcow2ImageInfo info = img.Info;
+            if (parse.GetValue(json))
+            {
+                Cli.WriteJson(InfoJson.From(info));
+                return Cli.ExitOk;
+            }
+            var o = Console.Out;
+            o.WriteLine($"image: {info.Path}");
+            o.WriteLine("file format: qcow2");
+            o.WriteLine($"virtual size: {Cli.FormatSize(info.VirtualSize)} ({info.VirtualSize} bytes)");
+            o.WriteLine($"file size: {Cli.FormatSize(info.FileSize)} ({info.FileSize} bytes)");
+            o.WriteLine($"cluster_size: {info.ClusterSize}");
+            if (info.BackingFile is not null) o.WriteLine($"backing file: {info.BackingFile}");
+            if (info.BackingFormat is not null) o.WriteLine($"backing file format: {info.BackingFormat}");
+            if (info.SnapshotCount > 0) o.WriteLine($"snapshots: {info.SnapshotCount}");
+            o.WriteLine("Format specific information:");
+            o.WriteLine($"    compat: {info.Compat}");
+            o.WriteLine($"    compression type: {CompressionName(info.CompressionType)}");
+            o.WriteLine($"    lazy refcounts: {TrueFalse(info.LazyRefcounts)}");
+            o.WriteLine($"    refcount bits: {info.RefcountBits}");
+            o.WriteLine($"    corrupt: {TrueFalse(info.Corrupt)}");
+            o.WriteLine($"    extended l2: {TrueFalse(info.ExtendedL2)}");
+            if (info.Dirty) o.WriteLine("    dirty: true");
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static Command CheckCommand()
+    {
+        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var repair = new Option<string?>("--repair") { Description = "Repair: leaks (free leaked clusters) or all (also wrong refcounts and COPIED flags)" };
+        repair.AcceptOnlyFromAmong("leaks", "all");
+        var json = Cli.JsonOption();
+        var command = new Command("check", "Check an image's consistency like qemu-img check (exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only)")
+        {
+            image, repair, json,
+        };
+        command.SetHandler((parse, ct) =>
+        {
+            Qcow2RepairMode mode = parse.GetValue(repair) switch { "leaks" => Qcow2RepairMode.Leaks, "all" => Qcow2RepairMode.All, _ => Qcow2RepairMode.None };
+            string path = parse.GetValue(image)!;
+            var options = mode == Qcow2RepairMode.None
+                ? new Qcow2OpenOptions { ReadOnly = true, OpenBackingFile = false }
+                : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true };
+            Qcow2CheckResult r;
+            using (Qcow2Image img = Qcow2Image.Open(path, options)) r = img.Check(mode);
+            if (parse.GetValue(json)) Cli.WriteJson(CheckJson.From(path, r));
+            else PrintCheck(r);
+            return r.CheckErrors > 0 ? Cli.ExitFailure : r.Corruptions > 0 ? CheckCorrupt : r.Leaks > 0 ? CheckLeaks : Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static void PrintCheck(Qcow2CheckResult r)
+    {
+        var o = Console.Out;
+        foreach (string m in r.Messages) o.WriteLine(m);
+        if (r.CorruptionsFixed + r.LeaksFixed > 0)
+        {
+            o.WriteLine("The following inconsistencies were found and repaired:");
+            o.WriteLine();
+            o.WriteLine($"    {r.LeaksFixed} leaked clusters");
+            o.WriteLine($"    {r.CorruptionsFixed} corruptions");
+            o.WriteLine();
+            o.WriteLine("Double checking the fixed image now...");
+        }
+        if (r.IsClean) o.WriteLine("No errors were found on the image.");
+        if (r.Corruptions > 0)
+        {
+            o.WriteLine();
+            o.WriteLine($"{r.Corruptions} errors were found on the image.");
+            o.WriteLine("Data may be corrupted, or further writes to the image may corrupt it.");
+        }
+        if (r.Leaks > 0)
+        {
+            o.WriteLine();
+            o.WriteLine($"{r.Leaks} leaked clusters were found on the image.");
+            o.WriteLine("This means waste of disk space, but no harm to data.");
+        }
+        if (r.CheckErrors > 0)
+        {
+            o.WriteLine();
+            o.WriteLine($"{r.CheckErrors} internal errors have occurred during the check.");
+        }
+        if (r.TotalClusters != 0 && r.AllocatedClusters != 0)
+        {
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"{r.AllocatedClusters}/{r.TotalClusters} = {r.AllocatedClusters * 100.0 / r.TotalClusters:0.00}% allocated, " +
+                $"{r.FragmentedClusters * 100.0 / r.AllocatedClusters:0.00}% fragmented, {r.CompressedClusters * 100.0 / r.AllocatedClusters:0.00}% compressed clusters"));
+        }
+        if (r.ImageEndOffset != 0) o.WriteLine($"Image end offset: {r.ImageEndOffset}");
+    }
+
+    private static Command ReadCommand()
+    {
+        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var offset = new Argument<string>("OFFSET") { Description = "Guest offset in bytes (k, M, G suffixes allowed)" };
+        var length = new Argument<string>("LENGTH") { Description = "Number of bytes to read" };
+        var to = new Option<string>("--to") { Description = "File to write the bytes to (replaced)", Required = true };
+        var json = Cli.JsonOption();
+        var command = new Command("read", "Read guest bytes of an image into a file") { image, offset, length, to, json };
+        command.SetHandler((parse, ct) =>
+        {
+            long start = Cli.ParseSize(parse.GetValue(offset)!);
+            long count = Cli.ParseSize(parse.GetValue(length)!);
+            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, new Qcow2OpenOptions { ReadOnly = true });
+            if (start > img.VirtualSize - count)
+                throw new ArgumentException($"range of {count} bytes at offset {start} lies beyond the virtual disk ({img.VirtualSize} bytes)");
+            string target = parse.GetValue(to)!;
+            using (var file = new FileStream(target, FileMode.Create, FileAccess.Write))
+            {
+                byte[] buffer = new byte[(int)Math.Min(ChunkSize, Math.Max(count, 1))];
+                for (long done = 0; done < count;)
+                {
+                    ct.ThrowIfCancellationRequested();
+                    int n = (int)Math.Min(buffer.Length, count - done);
+                    img.Read(buffer.AsSpan(0, n), start + done);
+                    file.Write(buffer, 0, n);
+                    done += n;
+                }
+            }
+            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, target));
+            else Console.Out.WriteLine($"read {count}/{count} bytes at offset {start}");
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static Command WriteCommand()
+    {
+        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var offset = new Argument<string>("OFFSET") { Description = "Guest offset in bytes (k, M, G suffixes allowed)" };
+        var from = new Option<string>("--from") { Description = "File whose bytes are written", Required = true };
+        var json = Cli.JsonOption();
+        var command = new Command("write", "Write a file's bytes into an image at a guest offset") { image, offset, from, json };
+        command.SetHandler((parse, ct) =>
+        {
+            long start = Cli.ParseSize(parse.GetValue(offset)!);
+            string source = parse.GetValue(from)!;
+            using var file = new FileStream(source, FileMode.Open, FileAccess.Read);
+            long count = file.Length;
+            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!);
+            if (start > img.VirtualSize - count)
+                throw new ArgumentException($"{count} bytes at offset {start} would go beyond the virtual disk ({img.VirtualSize} bytes)");
+            byte[] buffer = new byte[(int)Math.Min(ChunkSize, Math.Max(count, 1))];
+            for (long done = 0; done < count;)
+            {
+                ct.ThrowIfCancellationRequested();
+                int n = file.ReadAtLeast(buffer.AsSpan(0, (int)Math.Min(buffer.Length, count - done)), 1, throwOnEndOfStream: true);
+                img.Write(buffer.AsSpan(0, n), start + done);
+                done += n;
+            }
+            img.Flush();
+            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, source));
+            else Console.Out.WriteLine($"wrote {count}/{count} bytes at offset {start}");
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static string OnOff(bool value) => value ? "on" : "off";
+    private static string TrueFalse(bool value) => value ? "true" : "false";
+    internal static string CompressionName(Qcow2CompressionType type) => type == Qcow2CompressionType.Zstd ? "zstd" : "zlib";
+
+    /// <summary>JSON of <c>info</c> and <c>create --json</c>.</summary>
+    internal sealed record InfoJson(
+        string Filename, string Format, long VirtualSize, long FileSize, int ClusterSize, int Version, string Compat,
+        int RefcountBits, bool LazyRefcounts, bool ExtendedL2, string CompressionType, bool Corrupt, bool Dirty,
+        string? BackingFile, string? BackingFormat, int L1Size, int SnapshotCount)
+    {
+        internal static InfoJson From(Qcow2ImageInfo i) => new(
+            i.Path, "qcow2", i.VirtualSize, i.FileSize, i.ClusterSize, i.Version, i.Compat, i.RefcountBits, i.LazyRefcounts,
+            i.ExtendedL2, CompressionName(i.CompressionType), i.Corrupt, i.Dirty, i.BackingFile, i.BackingFormat, i.L1Size, i.SnapshotCount);
+    }
+
+    /// <summary>JSON of <c>check --json</c> (qemu-img check's fields, in snake_case).</summary>
+    internal sealed record CheckJson(
+        string Filename, string Format, int CheckErrors, int Corruptions, int Leaks, int CorruptionsFixed, int LeaksFixed,
+        long TotalClusters, long AllocatedClusters, long FragmentedClusters, long CompressedClusters, long ImageEndOffset,
+        IReadOnlyList<string> Messages)
+    {
+        internal static CheckJson From(string path, Qcow2CheckResult r) => new(
+            path, "qcow2", r.CheckErrors, r.Corruptions, r.Leaks, r.CorruptionsFixed, r.LeaksFixed, r.TotalClusters,
+            r.AllocatedClusters, r.FragmentedClusters, r.CompressedClusters, r.ImageEndOffset, r.Messages);
+    }
+
+    /// <summary>JSON of <c>read --json</c> and <c>write --json</c>.</summary>
+    internal sealed record TransferJson(string Image, long Offset, long Bytes, string File);
 }

@@ -1,0 +1,184 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>Cluster mapping: L1 → L2 → host cluster, allocation and copy-on-write of L2 tables, L1 growth.</summary>
+internal sealed partial class Qcow2Engine
+{
+    /// <summary>End of what the file holds or vmsnap has allocated: host offsets at or past it are bad references.</summary>
+    private long HostLimit => Refcounts.HighWater << Geometry.ClusterBits;
+
+    /// <summary>The L2 table an L1 entry points to, or null when the entry is empty.</summary>
+    internal MetadataCache.Table? GetL2Table(L1Table l1, long l1Index)
+    {
+        ulong entry = l1[l1Index];
+        long l2 = L1Entry.L2Offset(entry);
+        if (l2 == 0) return null;
+        ValidateL2Offset(l1, l1Index, l2);
+        return L2Cache.Get(l2);
+    }
+
+    private void ValidateL2Offset(L1Table l1, long l1Index, long l2)
+    {
+        string where = l1.IsActive ? $"L1 table entry {l1Index}" : $"snapshot L1 table entry {l1Index}";
+        if ((l2 & (Geometry.ClusterSize - 1)) != 0)
+            throw Corrupt(where, l1.Offset + l1Index * 8, $"points to unaligned L2 table offset 0x{l2:x}");
+        if (l2 >= HostLimit)
+            throw Corrupt(where, l1.Offset + l1Index * 8, $"points to an L2 table at 0x{l2:x}, beyond the end of the file (0x{HostLimit:x})");
+    }
+
+    /// <summary>Checks a data cluster reference read from an L2 table before it is used.</summary>
+    private void ValidateEntry(L2Entry e, ClusterKind kind, long l2Offset, int index)
+    {
+        long at = l2Offset + (long)index * Geometry.L2EntrySize;
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                long host = e.HostOffset;
+                if ((host & (Geometry.ClusterSize - 1)) != 0)
+                    throw Corrupt($"L2 table entry {index}", at, $"points to unaligned host offset 0x{host:x}");
+                if (host >= HostLimit)
+                    throw Corrupt($"L2 table entry {index}", at, $"points to host offset 0x{host:x}, beyond the end of the file (0x{HostLimit:x})");
+                if (Geometry.ExtendedL2 && (e.AllocatedMask & e.ZeroMask) != 0)
+                    throw Corrupt($"L2 table entry {index}", at, $"subcluster bitmap 0x{e.Bitmap:x16} marks subclusters both allocated and zero");
+                break;
+            case ClusterKind.Compressed:
+                (long offset, _) = e.CompressedRange(Geometry);
+                if (offset >= HostLimit)
+                    throw Corrupt($"L2 table entry {index}", at, $"compressed data at 0x{offset:x} lies beyond the end of the file (0x{HostLimit:x})");
+                if (Geometry.ExtendedL2 && e.Bitmap != 0)
+                    throw Corrupt($"L2 table entry {index}", at, "compressed cluster with a non-zero subcluster bitmap");
+                break;
+            case ClusterKind.Unallocated when Geometry.ExtendedL2 && e.AllocatedMask != 0:
+                throw Corrupt($"L2 table entry {index}", at, "unallocated cluster with allocated subclusters");
+        }
+    }
+
+    /// <summary>
+    /// The active L2 table for <paramref name="l1Index"/>, made exclusively owned: allocated when
+    /// missing, copied when shared with a snapshot (refcount above 1). Grows the L1 table if needed.
+    /// </summary>
+    internal MetadataCache.Table GetWritableL2(long l1Index)
+    {
+        if (l1Index >= ActiveL1.Size) GrowL1(l1Index + 1, exact: false);
+        ulong entry = ActiveL1[l1Index];
+        long old = L1Entry.L2Offset(entry);
+        if (old != 0)
+        {
+            ValidateL2Offset(ActiveL1, l1Index, old);
+            if (L1Entry.IsCopied(entry)) return L2Cache.Get(old);
+        }
+        long fresh = Refcounts.Allocate(1);
+        MetadataCache.Table table;
+        if (old == 0)
+        {
+            table = L2Cache.GetEmpty(fresh);
+        }
+        else
+        {
+            byte[] source = L2Cache.Get(old).Data;
+            table = L2Cache.GetEmpty(fresh);
+            source.CopyTo(table.Data, 0);
+        }
+        ActiveL1.Set(l1Index, L1Entry.Make(fresh, copied: true));
+        if (old != 0)
+        {
+            Refcounts.Free(old, Geometry.ClusterSize);   // reference dropped in memory first
+            // Another active L1 entry may share the old table (after check repaired such sharing): the last one owns it now.
+            if (Refcounts.Get(old >> Geometry.ClusterBits) == 1)
+            {
+                for (long i = 0; i < ActiveL1.Size; i++)
+                    if (L1Entry.L2Offset(ActiveL1[i]) == old && !L1Entry.IsCopied(ActiveL1[i])) ActiveL1.Set(i, ActiveL1[i] | L1Entry.Copied);
+            }
+        }
+        return table;
+    }
+
+    /// <summary>
+    /// Replaces the active L1 table by a bigger one in new clusters: everything it references is made
+    /// durable first, the header's l1_size and l1_table_offset switch in one write, the old table is
+    /// freed last. Without <paramref name="exact"/> the size grows by half again until it suffices.
+    /// </summary>
+    internal void GrowL1(long minEntries, bool exact)
+    {
+        long size = ActiveL1.Size;
+        if (minEntries <= size) return;
+        long newSize = minEntries;
+        if (!exact)
+        {
+            newSize = Math.Max(size, 1);
+            while (newSize < minEntries) newSize = (newSize * 3 + 1) / 2;
+        }
+        long maxEntries = ClusterGeometry.MaxL1Bytes / 8;
+        if (newSize > maxEntries) newSize = Math.Max(minEntries, maxEntries);
+        if (newSize > maxEntries)
+            throw Corrupt("L1 table", ActiveL1.Offset, $"would need {minEntries} entries, more than the {maxEntries} qcow2 allows (guest offset too large)");
+
+        long bytes = newSize * 8;
+        long newOffset = Refcounts.Allocate(Geometry.ClustersFor(bytes));
+        FlushAll();
+        var entries = new ulong[newSize];
+        ActiveL1.Entries.CopyTo(entries, 0);
+        byte[] raw = new byte[bytes];
+        L1Entry.Encode(entries, raw);
+        Device.Write(raw, newOffset);
+        Device.Flush();
+
+        long oldOffset = ActiveL1.Offset;
+        Header.L1Size = (uint)newSize;
+        Header.L1TableOffset = (ulong)newOffset;
+        WriteHeaderBytes(Qcow2Header.L1SizeOffset, Header.EncodeL1Fields());
+        Device.Flush();
+        ActiveL1.Replace(newOffset, entries);
+        if (size > 0) Refcounts.Free(oldOffset, size * 8);
+    }
+
+    /// <summary>Reads an L1 table (a snapshot's) into memory, validated against the file.</summary>
+    internal L1Table ReadL1Table(long offset, uint entries, string what)
+    {
+        if ((long)entries * 8 > ClusterGeometry.MaxL1Bytes)
+            throw Corrupt(what, offset, $"{entries} entries is more than the {ClusterGeometry.MaxL1Bytes / 8} qcow2 allows");
+        if (entries > 0)
+        {
+            if ((offset & (Geometry.ClusterSize - 1)) != 0)
+                throw Corrupt(what, offset, "offset is not aligned to a cluster");
+            if (offset < Geometry.ClusterSize || offset >= HostLimit)
+                throw Corrupt(what, offset, $"lies outside the file (0x{HostLimit:x} bytes) or in the header cluster");
+        }
+        return new L1Table(offset, ReadL1(Device, offset, (int)entries), isActive: false);
+    }
+
+    /// <summary>
+    /// Sets COPIED in the active L1 and L2 entries exactly where the refcount is 1 (after snapshot
+    /// apply or delete). Call under <see cref="SyncRoot"/>.
+    /// </summary>
+    internal void RecomputeCopiedFlags()
+    {
+        for (long i = 0; i < ActiveL1.Size; i++)
+        {
+            ulong entry = ActiveL1[i];
+            long l2 = L1Entry.L2Offset(entry);
+            if (l2 == 0) continue;
+            bool copied = Refcounts.Get(l2 >> Geometry.ClusterBits) == 1;
+            if (copied != L1Entry.IsCopied(entry)) ActiveL1.Set(i, copied ? entry | L1Entry.Copied : entry & ~L1Entry.Copied);
+            MetadataCache.Table? table = GetL2Table(ActiveL1, i);
+            if (table is null) continue;
+            bool dirty = false;
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                bool want = Refcounts.Get(e.HostOffset >> Geometry.ClusterBits) == 1;
+                if (want == e.IsCopied) continue;
+                L2Entry.Write(table.Data, j, Geometry.ExtendedL2, e with { Word = want ? e.Word | L2Entry.Copied : e.Word & ~L2Entry.Copied });
+                dirty = true;
+            }
+            if (dirty) L2Cache.MarkDirty(table);
+        }
+    }
+
+    /// <summary>Replaces the in-memory snapshot list after the snapshot table was rewritten on disk.</summary>
+    internal void SetSnapshots(List<SnapshotEntry> snapshots, long tableBytes)
+    {
+        Snapshots = snapshots;
+        SnapshotTableBytes = tableBytes;
+    }
+}

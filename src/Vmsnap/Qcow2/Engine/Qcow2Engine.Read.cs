@@ -1,0 +1,183 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>Guest reads: map the range under the lock, then read outside it.</summary>
+internal sealed partial class Qcow2Engine
+{
+    internal enum ExtentKind { Zero, Data, Backing, Compressed }
+
+    /// <summary>A run of guest bytes with one source. For compressed runs, Host is the offset inside the cluster.</summary>
+    internal record struct Extent(ExtentKind Kind, long Guest, long Length, long Host, ulong CompressedWord);
+
+    private readonly object _decompressLock = new();
+    private ulong _lastCompressedWord;
+    private byte[]? _lastDecompressed;
+
+    /// <summary>
+    /// Reads guest bytes through <paramref name="l1"/> (the active L1 table when null) at any offset:
+    /// past the virtual disk too (the VM-state area). Unmapped bytes come from the backing file or are zero.
+    /// </summary>
+    internal void ReadGuest(Span<byte> buffer, long offset, L1Table? l1 = null)
+    {
+        if (buffer.IsEmpty) return;
+        if (offset < 0 || offset > ClusterGeometry.MaxGuestOffset - buffer.Length)
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, "guest offset out of range");
+        var extents = new List<Extent>(4);
+        InFlight? registration = null;
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            l1 ??= ActiveL1;
+            if (l1.IsActive) registration = Enter(offset, buffer.Length, write: false);
+            try
+            {
+                MapRange(l1, offset, buffer.Length, extents);
+                TrimCaches();
+            }
+            catch
+            {
+                if (registration is not null) Leave(registration);
+                throw;
+            }
+        }
+        try
+        {
+            foreach (Extent x in extents)
+                ReadExtent(x, buffer.Slice((int)(x.Guest - offset), (int)x.Length));
+        }
+        finally
+        {
+            if (registration is not null) lock (_lock) Leave(registration);
+        }
+    }
+
+    /// <summary><see cref="ReadGuest"/> on an I/O thread (several can be in flight).</summary>
+    internal ValueTask ReadGuestAsync(Memory<byte> buffer, long offset, L1Table? l1 = null) =>
+        Storage.BlockingIo.Run(() => ReadGuest(buffer.Span, offset, l1));
+
+    /// <summary><see cref="WriteGuest"/> on an I/O thread (several can be in flight on disjoint ranges).</summary>
+    internal ValueTask WriteGuestAsync(ReadOnlyMemory<byte> data, long offset) =>
+        Storage.BlockingIo.Run(() => WriteGuest(data.Span, offset));
+
+    private void ReadExtent(Extent x, Span<byte> destination)
+    {
+        switch (x.Kind)
+        {
+            case ExtentKind.Zero:
+                destination.Clear();
+                break;
+            case ExtentKind.Backing:
+                if (Backing is null) destination.Clear();
+                else Backing.ReadAt(destination, x.Guest);
+                break;
+            case ExtentKind.Data:
+                int n = Device.Read(destination, x.Host);
+                if (n < destination.Length) destination[n..].Clear();   // the file's last cluster may be short
+                break;
+            case ExtentKind.Compressed:
+                Decompress(x.CompressedWord).AsSpan((int)x.Host, destination.Length).CopyTo(destination);
+                break;
+        }
+    }
+
+    /// <summary>Describes [offset, offset + length) through <paramref name="l1"/> as extents (adjacent ones merged).</summary>
+    internal void MapRange(L1Table l1, long offset, long length, List<Extent> extents)
+    {
+        long pos = offset, end = offset + length;
+        while (pos < end)
+        {
+            long l1Index = Geometry.L1Index(pos);
+            long tableEnd = Math.Min(end, (l1Index + 1) * Geometry.BytesPerL2);
+            MetadataCache.Table? table = GetL2Table(l1, l1Index);
+            if (table is null)
+            {
+                AddExtent(extents, new Extent(ExtentKind.Backing, pos, tableEnd - pos, 0, 0));
+                pos = tableEnd;
+                continue;
+            }
+            while (pos < tableEnd)
+            {
+                int inCluster = (int)Geometry.OffsetInCluster(pos);
+                int n = (int)Math.Min(tableEnd - pos, Geometry.ClusterSize - inCluster);
+                int index = Geometry.L2Index(pos);
+                L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+                ClusterKind kind = e.Kind(Geometry.ExtendedL2);
+                ValidateEntry(e, kind, table.Offset, index);
+                MapCluster(e, kind, pos, inCluster, n, extents);
+                pos += n;
+            }
+        }
+    }
+
+    private void MapCluster(L2Entry e, ClusterKind kind, long guest, int inCluster, int length, List<Extent> extents)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Compressed:
+                extents.Add(new Extent(ExtentKind.Compressed, guest, length, inCluster, e.Word));
+                return;
+            case ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated:
+                AddExtent(extents, new Extent(ExtentKind.Zero, guest, length, 0, 0));
+                return;
+            case ClusterKind.Unallocated when !Geometry.ExtendedL2:
+                AddExtent(extents, new Extent(ExtentKind.Backing, guest, length, 0, 0));
+                return;
+            case ClusterKind.Normal when !Geometry.ExtendedL2:
+                AddExtent(extents, new Extent(ExtentKind.Data, guest, length, e.HostOffset + inCluster, 0));
+                return;
+        }
+        // Extended L2: each subcluster is allocated (data), zero, or unallocated (backing).
+        int sc = Geometry.SubclusterSize;
+        int pos = inCluster, end = inCluster + length;
+        while (pos < end)
+        {
+            int s = pos / sc;
+            int n = Math.Min(end, (s + 1) * sc) - pos;
+            uint bit = 1u << s;
+            long g = guest + (pos - inCluster);
+            if ((e.AllocatedMask & bit) != 0) AddExtent(extents, new Extent(ExtentKind.Data, g, n, e.HostOffset + pos, 0));
+            else if ((e.ZeroMask & bit) != 0) AddExtent(extents, new Extent(ExtentKind.Zero, g, n, 0, 0));
+            else AddExtent(extents, new Extent(ExtentKind.Backing, g, n, 0, 0));
+            pos += n;
+        }
+    }
+
+    private static void AddExtent(List<Extent> extents, Extent x)
+    {
+        if (extents.Count > 0)
+        {
+            Extent last = extents[^1];
+            if (last.Kind == x.Kind && x.Kind != ExtentKind.Compressed && last.Guest + last.Length == x.Guest
+                && (x.Kind != ExtentKind.Data || last.Host + last.Length == x.Host))
+            {
+                extents[^1] = last with { Length = last.Length + x.Length };
+                return;
+            }
+        }
+        extents.Add(x);
+    }
+
+    /// <summary>The decompressed content of a compressed cluster (the last one is kept for sequential small reads).</summary>
+    internal byte[] Decompress(ulong word)
+    {
+        lock (_decompressLock)
+        {
+            if (_lastDecompressed is not null && _lastCompressedWord == word) return _lastDecompressed;
+        }
+        var e = new L2Entry(word, 0);
+        (long offset, int length) = e.CompressedRange(Geometry);
+        byte[] input = new byte[length];
+        int n = Device.Read(input, offset);
+        if (n <= 0)
+            throw Corrupt("compressed cluster", offset, "lies beyond the end of the file");
+        byte[] output = new byte[Geometry.ClusterSize];
+        var type = (Qcow2CompressionType)Header.CompressionType;
+        if (!ClusterDecompressor.TryDecompress(type, input.AsSpan(0, n), output, out string? problem))
+            throw Corrupt("compressed cluster", offset, $"cannot be decompressed ({type.ToString().ToLowerInvariant()}): {problem}");
+        lock (_decompressLock)
+        {
+            _lastCompressedWord = word;
+            _lastDecompressed = output;
+        }
+        return output;
+    }
+}

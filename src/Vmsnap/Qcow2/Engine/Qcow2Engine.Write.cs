@@ -1,0 +1,485 @@
+using Vmsnap.Storage;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// Guest writes in three steps: plan under the metadata lock (L2 tables made exclusive, new
+/// clusters allocated), write data outside the lock (copy-on-write merges included), then link the
+/// new clusters into the L2 tables and drop old references under the lock. Overlapping requests
+/// wait for each other; disjoint ones run their data I/O in parallel.
+/// </summary>
+internal sealed partial class Qcow2Engine
+{
+    /// <summary>A guest cluster range some request is working on.</summary>
+    private sealed class InFlight(long first, long last, bool write)
+    {
+        internal long First { get; } = first;
+        internal long Last { get; } = last;
+        internal bool Write { get; } = write;
+    }
+
+    private readonly List<InFlight> _inFlight = [];
+    private bool _verified;
+
+    // Host clusters that several entries of the active L2 tables share (legal only with a matching
+    // refcount, e.g. after check repaired such sharing), with the guest offsets that map to them:
+    // when a copy-on-write leaves one reference, that entry gets its COPIED flag back.
+    private Dictionary<long, List<long>> _activeShared = [];
+
+    private InFlight Enter(long offset, long length, bool write)
+    {
+        long first = offset >> Geometry.ClusterBits, last = (offset + length - 1) >> Geometry.ClusterBits;
+        while (_inFlight.Exists(o => o.First <= last && first <= o.Last && (write || o.Write)))
+        {
+            Monitor.Wait(_lock);
+            ThrowIfDisposed();
+        }
+        var r = new InFlight(first, last, write);
+        _inFlight.Add(r);
+        return r;
+    }
+
+    private void Leave(InFlight r)
+    {
+        _inFlight.Remove(r);
+        Monitor.PulseAll(_lock);
+    }
+
+    /// <summary>Runs <paramref name="action"/> under the lock once no request is in flight (snapshot operations).</summary>
+    internal T RunExclusive<T>(Func<T> action)
+    {
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            while (_inFlight.Count > 0) Monitor.Wait(_lock);
+            try
+            {
+                return action();
+            }
+            finally
+            {
+                TrimCaches();
+            }
+        }
+    }
+
+    /// <summary>What one guest cluster of a write needs.</summary>
+    private sealed class ClusterPlan
+    {
+        internal long Guest;            // guest offset of the cluster
+        internal int WriteStart;        // the caller's bytes cover [WriteStart, WriteEnd) of the cluster
+        internal int WriteEnd;
+        internal int DataOffset;        // where WriteStart is in the caller's buffer
+        internal L2Entry Old;
+        internal ClusterKind OldKind;
+        internal uint OldAllocated, OldZero;   // per subcluster (one "subcluster" without extended L2)
+        internal bool NewCluster;       // data goes to a freshly allocated host cluster
+        internal long Host;             // host cluster written
+        internal int RegionStart;       // part of the host cluster written
+        internal int RegionEnd;
+        internal uint NewAllocated, NewZero;
+        internal bool Link;             // the L2 entry changes
+
+        internal bool Direct => RegionStart == WriteStart && RegionEnd == WriteEnd;
+    }
+
+    /// <summary>
+    /// Writes guest bytes at any offset through the active L1 table (past the virtual disk too: the
+    /// VM-state area), allocating and copying on write as needed.
+    /// </summary>
+    internal void WriteGuest(ReadOnlySpan<byte> data, long offset)
+    {
+        if (data.IsEmpty) return;
+        if (offset < 0 || offset > ClusterGeometry.MaxGuestOffset - data.Length)
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, "guest offset out of range");
+        List<ClusterPlan> plans;
+        InFlight registration;
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            EnsureWritable();
+            registration = Enter(offset, data.Length, write: true);
+            try
+            {
+                plans = PlanWrite(offset, data.Length);
+            }
+            catch
+            {
+                Leave(registration);
+                TrimCaches();
+                throw;
+            }
+        }
+        try
+        {
+            WriteData(plans, data);
+        }
+        catch
+        {
+            lock (_lock)
+            {
+                foreach (ClusterPlan p in plans)
+                    if (p.NewCluster) Refcounts.Free(p.Host, Geometry.ClusterSize);
+                Leave(registration);
+                TrimCaches();
+            }
+            throw;
+        }
+        lock (_lock)
+        {
+            try
+            {
+                LinkClusters(plans);
+            }
+            finally
+            {
+                Leave(registration);
+                TrimCaches();
+            }
+        }
+    }
+
+    private List<ClusterPlan> PlanWrite(long offset, int length)
+    {
+        var plans = new List<ClusterPlan>();
+        int cs = Geometry.ClusterSize, sc = Geometry.SubclusterSize;
+        uint all = Geometry.ExtendedL2 ? uint.MaxValue : 1u;
+        long pos = offset, end = offset + length;
+        while (pos < end)
+        {
+            long l1Index = Geometry.L1Index(pos);
+            MetadataCache.Table table = GetWritableL2(l1Index);
+            int index = Geometry.L2Index(pos);
+            L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+            ClusterKind kind = e.Kind(Geometry.ExtendedL2);
+            ValidateEntry(e, kind, table.Offset, index);
+            int ws = (int)Geometry.OffsetInCluster(pos);
+            int we = (int)Math.Min(cs, ws + (end - pos));
+            var p = new ClusterPlan
+            {
+                Guest = pos - ws, WriteStart = ws, WriteEnd = we, DataOffset = (int)(pos - offset),
+                Old = e, OldKind = kind,
+            };
+            (p.OldAllocated, p.OldZero) = kind switch
+            {
+                ClusterKind.Normal => Geometry.ExtendedL2 ? (e.AllocatedMask, e.ZeroMask) : (1u, 0u),
+                ClusterKind.Compressed => (all, 0u),
+                ClusterKind.ZeroPlain or ClusterKind.ZeroAllocated => (0u, 1u),
+                _ => (0u, Geometry.ExtendedL2 ? e.ZeroMask : 0u),
+            };
+            // In place only into a host cluster this L2 entry owns alone (COPIED means refcount 1).
+            bool inPlace = kind is ClusterKind.Normal or ClusterKind.ZeroAllocated && e.IsCopied;
+            p.NewCluster = !inPlace;
+            p.Host = inPlace ? e.HostOffset : 0;
+
+            int s0 = ws / sc, s1 = (we - 1) / sc;
+            uint touched = (s1 - s0 + 1 == 32 ? uint.MaxValue : ((1u << (s1 - s0 + 1)) - 1)) << s0;
+            uint valid = inPlace ? p.OldAllocated : 0;   // subclusters whose bytes in the target are already right
+            p.RegionStart = ws % sc != 0 && (valid & (1u << s0)) == 0 ? s0 * sc : ws;
+            p.RegionEnd = we % sc != 0 && (valid & (1u << s1)) == 0 ? Math.Min(cs, (s1 + 1) * sc) : we;
+            if (p.NewCluster && (p.OldAllocated & ~touched) != 0)
+            {
+                // Copy-on-write keeps every other allocated subcluster: write the whole cluster.
+                p.RegionStart = 0;
+                p.RegionEnd = cs;
+            }
+            p.NewAllocated = p.OldAllocated | touched;
+            p.NewZero = p.OldZero & ~touched;
+            if (!Geometry.ExtendedL2)
+            {
+                p.NewAllocated = 1;
+                p.NewZero = 0;
+            }
+            p.Link = p.NewCluster || kind == ClusterKind.ZeroAllocated
+                || (Geometry.ExtendedL2 && (p.NewAllocated != p.OldAllocated || p.NewZero != p.OldZero));
+            plans.Add(p);
+            pos = p.Guest + we;
+        }
+        // New host clusters for consecutive clusters come from one contiguous run.
+        for (int i = 0; i < plans.Count;)
+        {
+            if (!plans[i].NewCluster) { i++; continue; }
+            int j = i;
+            while (j < plans.Count && plans[j].NewCluster) j++;
+            long host = Refcounts.Allocate(j - i);
+            for (int k = i; k < j; k++) plans[k].Host = host + (long)(k - i) * cs;
+            i = j;
+        }
+        return plans;
+    }
+
+    private void WriteData(List<ClusterPlan> plans, ReadOnlySpan<byte> data)
+    {
+        long runHost = -1, runLength = 0;
+        int runData = 0;
+        foreach (ClusterPlan p in plans)
+        {
+            if (p.Direct)
+            {
+                long host = p.Host + p.WriteStart;
+                if (runLength > 0 && runHost + runLength == host && runData + runLength == p.DataOffset)
+                {
+                    runLength += p.WriteEnd - p.WriteStart;
+                    continue;
+                }
+                if (runLength > 0) Device.Write(data.Slice(runData, (int)runLength), runHost);
+                runHost = host;
+                runData = p.DataOffset;
+                runLength = p.WriteEnd - p.WriteStart;
+                continue;
+            }
+            byte[] buffer = new byte[p.RegionEnd - p.RegionStart];
+            FillOld(p, buffer, p.RegionStart);
+            data.Slice(p.DataOffset, p.WriteEnd - p.WriteStart).CopyTo(buffer.AsSpan(p.WriteStart - p.RegionStart));
+            Device.Write(buffer, p.Host + p.RegionStart);
+        }
+        if (runLength > 0) Device.Write(data.Slice(runData, (int)runLength), runHost);
+    }
+
+    /// <summary>Fills <paramref name="buffer"/> (cluster bytes from <paramref name="from"/>) with what the guest reads there now.</summary>
+    private void FillOld(ClusterPlan p, Span<byte> buffer, int from)
+    {
+        if (p.OldKind == ClusterKind.Compressed)
+        {
+            Decompress(p.Old.Word).AsSpan(from, buffer.Length).CopyTo(buffer);
+            return;
+        }
+        int sc = Geometry.SubclusterSize;
+        int pos = from, end = from + buffer.Length;
+        while (pos < end)
+        {
+            int s = pos / sc;
+            uint bit = 1u << s;
+            // Extend over following subclusters of the same kind to read in one go.
+            int runEnd = Math.Min(end, (s + 1) * sc);
+            while (runEnd < end && SameSource(p, bit, 1u << (runEnd / sc))) runEnd = Math.Min(end, runEnd + sc);
+            Span<byte> part = buffer.Slice(pos - from, runEnd - pos);
+            if ((p.OldAllocated & bit) != 0)
+            {
+                int n = Device.Read(part, p.Old.HostOffset + pos);
+                if (n < part.Length) part[n..].Clear();
+            }
+            else if ((p.OldZero & bit) != 0 || Backing is null)
+            {
+                part.Clear();
+            }
+            else
+            {
+                Backing.ReadAt(part, p.Guest + pos);
+            }
+            pos = runEnd;
+        }
+    }
+
+    private static bool SameSource(ClusterPlan p, uint a, uint b) =>
+        ((p.OldAllocated & a) != 0) == ((p.OldAllocated & b) != 0) && ((p.OldZero & a) != 0) == ((p.OldZero & b) != 0);
+
+    private void LinkClusters(List<ClusterPlan> plans)
+    {
+        foreach (ClusterPlan p in plans)
+        {
+            if (!p.Link) continue;
+            MetadataCache.Table table = ExclusiveL2(p.Guest);
+            ulong word = (ulong)p.Host | L2Entry.Copied;
+            ulong bitmap = Geometry.ExtendedL2 ? ((ulong)p.NewZero << 32) | p.NewAllocated : 0;
+            L2Entry.Write(table.Data, Geometry.L2Index(p.Guest), Geometry.ExtendedL2, new L2Entry(word, bitmap));
+            L2Cache.MarkDirty(table);
+        }
+        // Old references are gone (in memory); their refcounts drop after that reaches the disk.
+        foreach (ClusterPlan p in plans)
+            if (p.NewCluster) DropStorage(p.Old, p.OldKind, p.Guest);
+    }
+
+    /// <summary>The active L2 table for a guest offset, which planning already made exclusive.</summary>
+    private MetadataCache.Table ExclusiveL2(long guest)
+    {
+        long l1Index = Geometry.L1Index(guest);
+        ulong entry = ActiveL1[l1Index];
+        if (!L1Entry.IsCopied(entry)) return GetWritableL2(l1Index);
+        return L2Cache.Get(L1Entry.L2Offset(entry));
+    }
+
+    /// <summary>Lowers the refcount of the host storage an old L2 entry (of guest cluster <paramref name="guest"/>) referenced.</summary>
+    private void DropStorage(L2Entry old, ClusterKind kind, long guest)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                Refcounts.Free(old.HostOffset, Geometry.ClusterSize);
+                long cluster = old.HostOffset >> Geometry.ClusterBits;
+                if (_activeShared.TryGetValue(cluster, out List<long>? guests))
+                {
+                    guests.Remove(guest);
+                    if (guests.Count == 1 && Refcounts.Get(cluster) == 1) RestoreCopied(guests[0], old.HostOffset);
+                    if (guests.Count <= 1) _activeShared.Remove(cluster);
+                }
+                break;
+            case ClusterKind.Compressed:
+                (long offset, int length) = old.CompressedRange(Geometry);
+                Refcounts.Free(offset, length);
+                break;
+        }
+    }
+
+    /// <summary>
+    /// Makes whole guest clusters read as zeroes (<paramref name="discard"/> false) or drops their data
+    /// (<paramref name="discard"/> true: they read from the backing file, or zero without one).
+    /// Partial clusters: zeroes are written as data; discard leaves them alone.
+    /// </summary>
+    internal void ZeroOrDiscard(long offset, long length, bool discard)
+    {
+        if (length <= 0) return;
+        int cs = Geometry.ClusterSize;
+        long first = (offset + cs - 1) & ~(long)(cs - 1);
+        long end = offset + length;
+        long last = end & ~(long)(cs - 1);
+        bool v2WithBacking = Header.Version < 3 && Backing is not null;
+        if (!discard && (first >= last || v2WithBacking))
+        {
+            WriteZeroBytes(offset, length);
+            return;
+        }
+        if (!discard)
+        {
+            if (offset < first) WriteZeroBytes(offset, first - offset);
+            if (last < end) WriteZeroBytes(last, end - last);
+        }
+        if (first >= last || (discard && v2WithBacking)) return;   // v2 cannot mark clusters zero over a backing file
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            EnsureWritable();
+            InFlight registration = Enter(first, last - first, write: true);
+            try
+            {
+                var dropped = new List<(L2Entry, ClusterKind, long)>();
+                // With a backing file, "zero" must hide its data: zero flags (or zero subclusters).
+                bool zero = !discard || Backing is not null;
+                for (long pos = first; pos < last; pos += cs)
+                {
+                    long l1Index = Geometry.L1Index(pos);
+                    if (Backing is null && L1Entry.L2Offset(ActiveL1[l1Index]) == 0) continue;   // reads as zeroes already
+                    MetadataCache.Table table = GetWritableL2(l1Index);
+                    int index = Geometry.L2Index(pos);
+                    L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+                    ClusterKind kind = e.Kind(Geometry.ExtendedL2);
+                    ValidateEntry(e, kind, table.Offset, index);
+                    L2Entry replacement = !zero ? new L2Entry(0, 0)
+                        : Geometry.ExtendedL2 ? new L2Entry(0, L2Entry.AllZeroes)
+                        : Header.Version >= 3 ? new L2Entry(L2Entry.ZeroFlag, 0)
+                        : new L2Entry(0, 0);
+                    if (e == replacement) continue;
+                    bool nothingStored = kind is ClusterKind.ZeroPlain || (kind == ClusterKind.Unallocated && e.AllocatedMask == 0);
+                    if (Backing is null && nothingStored) continue;   // reads as zeroes already
+                    L2Entry.Write(table.Data, index, Geometry.ExtendedL2, replacement);
+                    L2Cache.MarkDirty(table);
+                    dropped.Add((e, kind, pos));
+                }
+                foreach ((L2Entry e, ClusterKind kind, long guest) in dropped) DropStorage(e, kind, guest);
+            }
+            finally
+            {
+                Leave(registration);
+                TrimCaches();
+            }
+        }
+    }
+
+    private void WriteZeroBytes(long offset, long length)
+    {
+        byte[] zeros = new byte[(int)Math.Min(length, 1 << 20)];
+        for (long pos = offset; pos < offset + length; pos += zeros.Length)
+            WriteGuest(zeros.AsSpan(0, (int)Math.Min(zeros.Length, offset + length - pos)), pos);
+    }
+
+    /// <summary>
+    /// Everything a first write needs: a writable, uncorrupted image whose metadata check finds no
+    /// corruption (so COPIED flags and refcounts can be trusted), unknown autoclear bits cleared.
+    /// </summary>
+    private void EnsureWritable()
+    {
+        if (ReadOnly) throw new VmsnapException($"'{Path}' is open read-only");
+        if (_verified) return;
+        if (Header.IsCorrupt)
+            throw Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
+                "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
+        if (Header.BackingFile is not null && Backing is null)
+            throw new VmsnapException($"'{Path}' has a backing file that was not opened; writes are refused");
+        if (Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0)
+            throw Corrupt("bitmaps extension", null,
+                "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
+        FlushAll();
+        Qcow2CheckResult check = Qcow2Checker.Run(this, Qcow2RepairMode.None, out IReadOnlySet<long> shared);
+        if (check.Corruptions > 0 || check.CheckErrors > 0)
+        {
+            string first = check.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? check.Messages.FirstOrDefault() ?? "";
+            throw Corrupt("image", null,
+                $"check finds {check.Corruptions} corruption(s) and {check.CheckErrors} error(s) (first: {first}); a write could damage data, so vmsnap refuses it: run 'vmsnap check --repair all' first");
+        }
+        _activeShared = FindActiveSharing(shared);
+        ulong autoclear = Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps;
+        if (autoclear != Header.AutoclearFeatures && Header.Version >= 3)
+        {
+            // Bits for features vmsnap does not maintain must go before the first change.
+            Header.AutoclearFeatures = autoclear;
+            WriteHeaderBytes(Qcow2Header.AutoclearFeaturesOffset, Qcow2Header.EncodeUInt64(autoclear));
+            Device.Flush();
+        }
+        _verified = true;
+    }
+
+    /// <summary>The guest offsets that map to each of the given host clusters through the active tables.</summary>
+    private Dictionary<long, List<long>> FindActiveSharing(IReadOnlySet<long> clusters)
+    {
+        var map = new Dictionary<long, List<long>>();
+        if (clusters.Count == 0) return map;
+        for (long i = 0; i < ActiveL1.Size; i++)
+        {
+            MetadataCache.Table? table = GetL2Table(ActiveL1, i);
+            if (table is null) continue;
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                long cluster = e.HostOffset >> Geometry.ClusterBits;
+                if (!clusters.Contains(cluster)) continue;
+                if (!map.TryGetValue(cluster, out List<long>? guests)) map[cluster] = guests = [];
+                guests.Add((i * Geometry.L2Entries + j) * Geometry.ClusterSize);
+            }
+        }
+        return map;
+    }
+
+    /// <summary>Sets COPIED on the active L2 entry of <paramref name="guest"/> if it still maps to <paramref name="host"/>.</summary>
+    private void RestoreCopied(long guest, long host)
+    {
+        MetadataCache.Table table = GetWritableL2(Geometry.L1Index(guest));
+        int index = Geometry.L2Index(guest);
+        L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+        if (e.HostOffset != host || e.IsCopied || e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) return;
+        L2Entry.Write(table.Data, index, Geometry.ExtendedL2, e with { Word = e.Word | L2Entry.Copied });
+        L2Cache.MarkDirty(table);
+    }
+
+    /// <summary>Repairs refcounts of an image left dirty (lazy refcounts) before anything is written.</summary>
+    private void RepairDirty()
+    {
+        lock (_lock)
+        {
+            Qcow2Checker.Run(this, Qcow2RepairMode.All);
+        }
+    }
+
+    /// <summary>Checks (and optionally repairs) the image; waits for requests in flight.</summary>
+    internal Qcow2CheckResult Check(Qcow2RepairMode mode)
+    {
+        if (mode != Qcow2RepairMode.None && ReadOnly)
+            throw new VmsnapException($"'{Path}' is open read-only; open it writable to repair it");
+        return RunExclusive(() =>
+        {
+            Qcow2CheckResult result = Qcow2Checker.Run(this, mode);
+            if (mode != Qcow2RepairMode.None) _verified = false;
+            return result;
+        });
+    }
+}

@@ -1,0 +1,268 @@
+using Vmsnap.Storage;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// The qcow2 image engine behind <see cref="Qcow2Image"/>: owns the device, the header, the caches
+/// and the metadata lock, and ties mapping, refcounts, write ordering and check together.
+/// Metadata is only touched under <see cref="SyncRoot"/>; data I/O runs outside it.
+/// </summary>
+internal sealed partial class Qcow2Engine : IDisposable
+{
+    internal const int MaxBackingDepth = 16;
+
+    private readonly object _lock = new();
+    private readonly bool _ownsDevice;
+    private bool _disposed;
+
+    private Qcow2Engine(IBlockDevice device, string path, Qcow2Header header, Qcow2OpenOptions options, bool ownsDevice)
+    {
+        Device = device;
+        Path = path;
+        Header = header;
+        Options = options;
+        _ownsDevice = ownsDevice;
+        ReadOnly = options.ReadOnly || options.ForceShare || device.IsReadOnly;
+        Geometry = new ClusterGeometry(header.ClusterBits, header.HasExtendedL2, header.RefcountOrder);
+        Order = new WriteOrder { FlushRefcountSide = FlushRefcountSide, FlushMappingSide = FlushMappingSide };
+        Refcounts = new RefcountManager(device, Geometry, header, Order, RefcountManager.ReadTable(device, header), path);
+        int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
+        L2Cache = new MetadataCache(device, Geometry.ClusterSize, l2Capacity, "L2 table");
+        L2Cache.BeforeWriteBack = () => { if (Order.MappingDependsOnRefcounts) FlushRefcountSide(); };
+        Refcounts.Blocks.BeforeWriteBack = () => { if (Order.RefcountsDependOnMapping) FlushMappingSide(); };
+        ActiveL1 = new L1Table((long)header.L1TableOffset, ReadL1(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true);
+    }
+
+    internal IBlockDevice Device { get; }
+    internal string Path { get; }
+    internal Qcow2Header Header { get; }
+    internal Qcow2OpenOptions Options { get; }
+    internal ClusterGeometry Geometry { get; }
+    internal WriteOrder Order { get; }
+    internal RefcountManager Refcounts { get; }
+    internal MetadataCache L2Cache { get; }
+    internal L1Table ActiveL1 { get; }
+    internal bool ReadOnly { get; }
+    internal List<SnapshotEntry> Snapshots { get; private set; } = [];
+    internal long SnapshotTableBytes { get; private set; }
+    internal BackingStore? Backing { get; private set; }
+
+    /// <summary>The metadata lock. Internal callers building on the engine (snapshots) take it too.</summary>
+    internal object SyncRoot => _lock;
+
+    internal long VirtualSize => (long)Header.Size;
+
+    /// <summary>Guest offset where the VM-state area starts: right after the L1 entries the disk needs.</summary>
+    internal long VmStateOffset => Geometry.L1EntriesFor(VirtualSize) * Geometry.BytesPerL2;
+
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, Path);
+
+    private static ulong[] ReadL1(IBlockDevice device, long offset, int entries)
+    {
+        if (entries == 0) return [];
+        byte[] raw = new byte[entries * 8L];
+        int n = device.Read(raw, offset);
+        if (n < raw.Length) raw.AsSpan(n).Clear();
+        return L1Entry.Decode(raw);
+    }
+
+    /// <summary>Opens an image on <paramref name="device"/>; validates everything reachable from the header.</summary>
+    internal static Qcow2Engine Open(IBlockDevice device, string path, Qcow2OpenOptions options, bool ownsDevice, int depth = 0)
+    {
+        Qcow2Engine? engine = null;
+        try
+        {
+            Qcow2Header header = Qcow2Header.Read(device);
+            Validate(header, device.Length);
+            engine = new Qcow2Engine(device, path, header, options, ownsDevice);
+            engine.Snapshots = SnapshotTable.Read(device, header, device.Length, out long tableBytes);
+            engine.SnapshotTableBytes = tableBytes;
+            if (options.OpenBackingFile && header.BackingFile is not null)
+                engine.Backing = BackingStore.Open(engine, options, depth);
+            if (!engine.ReadOnly && header.IsDirty && !options.SkipDirtyRepair && !header.IsCorrupt)
+                engine.RepairDirty();
+            return engine;
+        }
+        catch (Qcow2FormatException e)
+        {
+            DisposeAfterFailedOpen(engine, device, ownsDevice);
+            throw e.WithImage(path);
+        }
+        catch
+        {
+            DisposeAfterFailedOpen(engine, device, ownsDevice);
+            throw;
+        }
+    }
+
+    private static void DisposeAfterFailedOpen(Qcow2Engine? engine, IBlockDevice device, bool ownsDevice)
+    {
+        if (engine is not null)
+        {
+            engine._disposed = true;
+            engine.Backing?.Dispose();
+        }
+        if (ownsDevice) device.Dispose();
+    }
+
+    /// <summary>Checks the header against the file: what QEMU refuses to open, vmsnap refuses too, with the reason.</summary>
+    private static void Validate(Qcow2Header h, long fileLength)
+    {
+        if (h.CryptMethod != 0)
+            throw new Qcow2FormatException("header", 32, $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
+        ulong unsupported = h.IncompatibleFeatures & ~Qcow2Header.IncompatibleSupported;
+        if (unsupported != 0)
+        {
+            var names = new List<string>();
+            for (int bit = 0; bit < 64; bit++)
+                if ((unsupported & (1UL << bit)) != 0) names.Add(h.DescribeFeature(FeatureKind.Incompatible, bit));
+            throw new Qcow2FormatException("header", Qcow2Header.IncompatibleFeaturesOffset,
+                $"uses incompatible feature{(names.Count > 1 ? "s" : "")} vmsnap does not support: {string.Join(", ", names)}");
+        }
+        bool compressionBit = (h.IncompatibleFeatures & Qcow2Header.IncompatibleCompressionType) != 0;
+        if (h.CompressionType > 1)
+            throw new Qcow2FormatException("header", 104, $"unknown compression type {h.CompressionType}");
+        if (compressionBit != (h.CompressionType != 0))
+            throw new Qcow2FormatException("header", 104, compressionBit
+                ? "the compression type feature bit is set but the compression type is deflate"
+                : $"compression type {h.CompressionType} is set without the compression type feature bit");
+        int clusterSize = h.ClusterSize;
+        if (h.HasExtendedL2 && h.ClusterBits < 14)
+            throw new Qcow2FormatException("header", 20, $"extended L2 entries need clusters of at least 16 KiB (subclusters of 512 bytes); cluster size is {clusterSize}");
+        if (h.Size > (ulong)long.MaxValue / 2)
+            throw new Qcow2FormatException("header", 24, $"virtual size {h.Size} is too large");
+
+        var g = new ClusterGeometry(h.ClusterBits, h.HasExtendedL2, h.RefcountOrder);
+        long needed = g.L1EntriesFor((long)h.Size);
+        if ((long)h.L1Size * 8 > ClusterGeometry.MaxL1Bytes)
+            throw new Qcow2FormatException("header", Qcow2Header.L1SizeOffset, $"l1_size {h.L1Size} is too large (the L1 table may have at most {ClusterGeometry.MaxL1Bytes / 8} entries)");
+        if (h.L1Size < needed)
+            throw new Qcow2FormatException("header", Qcow2Header.L1SizeOffset, $"l1_size {h.L1Size} is too small for the virtual size {h.Size} (needs {needed} entries)");
+        if (h.L1Size > 0)
+            CheckTable("L1 table", h.L1TableOffset, (long)h.L1Size * 8, clusterSize, fileLength);
+
+        if (h.RefcountTableClusters == 0)
+            throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, "the image has no refcount table (refcount_table_clusters is 0)");
+        if ((long)h.RefcountTableClusters * clusterSize > ClusterGeometry.MaxRefcountTableBytes)
+            throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, $"refcount table of {h.RefcountTableClusters} clusters is too large (at most {ClusterGeometry.MaxRefcountTableBytes} bytes)");
+        CheckTable("refcount table", h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize, clusterSize, fileLength);
+        if (h.L1Size > 0 && Overlaps((long)h.L1TableOffset, (long)h.L1Size * 8, (long)h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize))
+            throw new Qcow2FormatException("refcount table", (long)h.RefcountTableOffset, $"overlaps the L1 table at 0x{h.L1TableOffset:x}");
+    }
+
+    private static void CheckTable(string name, ulong offset, long bytes, int clusterSize, long fileLength)
+    {
+        if (offset > long.MaxValue / 2)
+            throw new Qcow2FormatException(name, null, $"offset 0x{offset:x} is beyond any file");
+        long o = (long)offset;
+        if ((o & (clusterSize - 1)) != 0)
+            throw new Qcow2FormatException(name, o, $"offset is not aligned to a cluster ({clusterSize} bytes)");
+        if (o < clusterSize)
+            throw new Qcow2FormatException(name, o, "overlaps the header cluster");
+        // The last cluster of an image may be partly missing (QEMU writes an L1 table only as long as it is).
+        if (o >= fileLength || o + bytes - fileLength >= clusterSize)
+            throw new Qcow2FormatException(name, o, $"{bytes} bytes extend beyond the end of the file ({fileLength} bytes)");
+    }
+
+    private static bool Overlaps(long a, long aLength, long b, long bLength) => a < b + bLength && b < a + aLength;
+
+    internal void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
+
+    // ---- durability ---------------------------------------------------------------------------
+
+    /// <summary>Writes dirty refcount blocks and table entries (after the mapping side when decrements wait on it), then flushes.</summary>
+    private void FlushRefcountSide()
+    {
+        if (Order.RefcountsDependOnMapping) FlushMappingSide();
+        if (Refcounts.WriteDirty()) Device.Flush();
+        Order.MappingDependsOnRefcounts = false;
+    }
+
+    /// <summary>Writes dirty L2 tables, then (after a flush) the dirty part of the active L1 table, then flushes.</summary>
+    private void FlushMappingSide()
+    {
+        if (Order.MappingDependsOnRefcounts) FlushRefcountSide();
+        bool wrote = L2Cache.WriteDirty();
+        if (ActiveL1.IsDirty)
+        {
+            if (wrote) Device.Flush();
+            WriteL1Entries();
+            wrote = true;
+        }
+        if (wrote) Device.Flush();
+        Order.RefcountsDependOnMapping = false;
+        Refcounts.ReleaseFreed();
+    }
+
+    private void WriteL1Entries()
+    {
+        (int first, int count) = ActiveL1.TakeDirtyRange();
+        if (count == 0) return;
+        byte[] bytes = new byte[count * 8];
+        L1Entry.Encode(ActiveL1.Entries.AsSpan(first, count), bytes);
+        Device.Write(bytes, ActiveL1.Offset + first * 8L);
+    }
+
+    /// <summary>Makes every completed write durable: refcounts, then L2 tables, then the L1 table, with device flushes between.</summary>
+    internal void FlushAll()
+    {
+        FlushRefcountSide();   // writes the mapping side first when pending decrements wait on it
+        FlushMappingSide();
+    }
+
+    internal void Flush()
+    {
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            if (ReadOnly) return;
+            FlushAll();
+            Device.Flush();
+        }
+    }
+
+    /// <summary>Evicts cached tables beyond their capacity (between operations, under the lock).</summary>
+    private void TrimCaches()
+    {
+        L2Cache.Trim();
+        Refcounts.Blocks.Trim();
+    }
+
+    /// <summary>Writes header bytes in place (one small write), e.g. the L1 or refcount table fields.</summary>
+    internal void WriteHeaderBytes(int offset, byte[] bytes) => Device.Write(bytes, offset);
+
+    /// <summary>
+    /// Rewrites the whole header cluster from <see cref="Header"/>: fields, extensions (unknown
+    /// ones as they were), backing file name.
+    /// </summary>
+    internal void RewriteHeader()
+    {
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            EnsureWritable();
+            FlushAll();
+            byte[] cluster = Header.EncodeCluster();
+            Device.Write(cluster, 0);
+            Device.Flush();
+        }
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            if (_disposed) return;
+            try
+            {
+                if (!ReadOnly) FlushAll();
+            }
+            finally
+            {
+                _disposed = true;
+                Backing?.Dispose();
+                if (_ownsDevice) Device.Dispose();
+            }
+        }
+    }
+}

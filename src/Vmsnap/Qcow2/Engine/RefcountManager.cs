@@ -1,0 +1,335 @@
+using Vmsnap.Storage;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// Reference counts: the refcount table (kept in memory), refcount blocks (cached), cluster
+/// allocation, freeing, and growing the refcount table when the file outgrows it. Not thread-safe:
+/// the engine calls it under its metadata lock.
+/// </summary>
+internal sealed class RefcountManager
+{
+    private readonly IBlockDevice _device;
+    private readonly ClusterGeometry _g;
+    private readonly Qcow2Header _header;
+    private readonly WriteOrder _order;
+    private readonly MetadataCache _blocks;
+    private readonly HashSet<long> _freedSinceFlush = [];
+    private ulong[] _table;
+    private long _tableDirtyFirst = long.MaxValue, _tableDirtyLast = -1;
+    private long _freeHint;
+    private long _lowestFreed = long.MaxValue;
+
+    internal RefcountManager(IBlockDevice device, ClusterGeometry geometry, Qcow2Header header, WriteOrder order, ulong[] table, string imageName)
+    {
+        _device = device;
+        _g = geometry;
+        _header = header;
+        _order = order;
+        _table = table;
+        ImageName = imageName;
+        _blocks = new MetadataCache(device, geometry.ClusterSize, (int)Math.Clamp((4L << 20) / geometry.ClusterSize, 16, 4096), "refcount block");
+        HighWater = geometry.ClustersFor(device.Length);
+    }
+
+    internal string ImageName { get; }
+    internal MetadataCache Blocks => _blocks;
+    internal long TableOffset => (long)_header.RefcountTableOffset;
+    internal int TableClusters => (int)_header.RefcountTableClusters;
+    internal ReadOnlySpan<ulong> Table => _table;
+    internal bool HasDirty => _blocks.HasDirty || _tableDirtyLast >= 0;
+
+    /// <summary>One past the highest cluster index allocated or present in the file.</summary>
+    internal long HighWater { get; private set; }
+
+    /// <summary>Reads the refcount table the header points to.</summary>
+    internal static ulong[] ReadTable(IBlockDevice device, Qcow2Header header)
+    {
+        long bytes = (long)header.RefcountTableClusters * header.ClusterSize;
+        byte[] raw = new byte[bytes];
+        int n = device.Read(raw, (long)header.RefcountTableOffset);
+        if (n < raw.Length) raw.AsSpan(n).Clear();
+        return L1Entry.Decode(raw);
+    }
+
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, ImageName);
+
+    private long BlockOffset(long tableIndex)
+    {
+        if (tableIndex >= _table.Length) return 0;
+        ulong e = _table[tableIndex];
+        long offset = (long)(e & RefcountTableEntry.OffsetMask);
+        if ((offset & (_g.ClusterSize - 1)) != 0)
+            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
+        if (offset < 0 || (offset != 0 && offset < _g.ClusterSize))
+            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
+        return offset;
+    }
+
+    /// <summary>The refcount of one cluster (0 where no refcount block exists).</summary>
+    internal ulong Get(long cluster)
+    {
+        long offset = BlockOffset(cluster >> _g.RefcountBlockBits);
+        if (offset == 0) return 0;
+        return RefcountBlock.Get(_blocks.Get(offset).Data, cluster & (_g.RefcountBlockEntries - 1), _g.RefcountOrder);
+    }
+
+    /// <summary>Adds <paramref name="delta"/> to the refcount of each cluster touched by [offset, offset + length).</summary>
+    internal void Update(long offset, long length, long delta)
+    {
+        if (length <= 0 || delta == 0) return;
+        long first = offset >> _g.ClusterBits, last = (offset + length - 1) >> _g.ClusterBits;
+        if (delta > 0)
+        {
+            EnsureBlocks(first, last - first + 1);
+            _order.BeforeIncrement();
+        }
+        else
+        {
+            _order.BeforeDecrement();
+        }
+        for (long c = first; c <= last; c++) Add(c, delta);
+    }
+
+    private void Add(long cluster, long delta)
+    {
+        long blockOffset = BlockOffset(cluster >> _g.RefcountBlockBits);
+        if (blockOffset == 0)
+            throw Corrupt("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
+        MetadataCache.Table block = _blocks.Get(blockOffset);
+        long index = cluster & (_g.RefcountBlockEntries - 1);
+        ulong old = RefcountBlock.Get(block.Data, index, _g.RefcountOrder);
+        ulong value;
+        if (delta < 0)
+        {
+            if (old < (ulong)-delta)
+                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
+            value = old - (ulong)-delta;
+        }
+        else
+        {
+            if (_g.RefcountMax - old < (ulong)delta)
+                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} would exceed {_g.RefcountMax}, the largest {_g.RefcountBits}-bit refcount");
+            value = old + (ulong)delta;
+        }
+        RefcountBlock.Set(block.Data, index, _g.RefcountOrder, value);
+        _blocks.MarkDirty(block);
+        if (value == 0)
+        {
+            _freedSinceFlush.Add(cluster);
+            _lowestFreed = Math.Min(_lowestFreed, cluster);
+        }
+        if (cluster >= HighWater && value > 0) HighWater = cluster + 1;
+    }
+
+    /// <summary>Lowers the refcount of every cluster touched by the range (freeing those that reach 0).</summary>
+    internal void Free(long offset, long length) => Update(offset, length, -1);
+
+    /// <summary>Allocates <paramref name="count"/> contiguous clusters (refcount 1 each); returns the host offset of the first.</summary>
+    internal long Allocate(long count)
+    {
+        if (count <= 0) throw new ArgumentOutOfRangeException(nameof(count));
+        while (true)
+        {
+            long start = FindFreeRun(count);
+            if (EnsureBlocks(start, count)) continue;   // new refcount metadata took clusters: search again
+            _order.BeforeIncrement();
+            for (long c = start; c < start + count; c++) Add(c, 1);
+            if (start <= _freeHint) _freeHint = start + count;
+            return start << _g.ClusterBits;
+        }
+    }
+
+    private bool IsFree(long cluster) => Get(cluster) == 0 && !_freedSinceFlush.Contains(cluster);
+
+    private long FindFreeRun(long count)
+    {
+        long run = 0, runStart = _freeHint;
+        for (long c = _freeHint; ; c++)
+        {
+            // Past everything ever allocated and past the refcount table's reach all clusters are free.
+            if (c >= HighWater && c >= ((long)_table.Length << _g.RefcountBlockBits) && !_freedSinceFlush.Contains(c))
+            {
+                if (run == 0) runStart = c;
+                return runStart;
+            }
+            if (c != 0 && IsFree(c))
+            {
+                if (run == 0) runStart = c;
+                if (++run == count) return runStart;
+            }
+            else
+            {
+                run = 0;
+                if (c == _freeHint) _freeHint = c + 1;
+            }
+        }
+    }
+
+    /// <summary>Makes sure refcount blocks exist for clusters [first, first + count); true when it had to allocate any.</summary>
+    private bool EnsureBlocks(long first, long count)
+    {
+        bool changed = false;
+        long firstIndex = first >> _g.RefcountBlockBits, lastIndex = (first + count - 1) >> _g.RefcountBlockBits;
+        if (lastIndex >= _table.Length)
+        {
+            GrowTable(lastIndex);
+            changed = true;
+        }
+        for (long i = firstIndex; i <= lastIndex; i++)
+        {
+            if (BlockOffset(i) != 0) continue;
+            AllocateBlock(i);
+            changed = true;
+        }
+        return changed;
+    }
+
+    /// <summary>
+    /// Allocates the refcount block for table index <paramref name="index"/> in the first free
+    /// cluster. When that cluster lies in the block's own range the block describes itself;
+    /// otherwise its refcount goes into the block of its own range (allocated first if missing).
+    /// </summary>
+    private void AllocateBlock(long index)
+    {
+        while (true)
+        {
+            long c = FindFreeRun(1);
+            long ci = c >> _g.RefcountBlockBits;
+            if (ci >= _table.Length)
+            {
+                GrowTable(ci);
+                if (BlockOffset(index) != 0) return;   // the new area may already hold it
+                continue;
+            }
+            if (ci != index && BlockOffset(ci) == 0)
+            {
+                AllocateBlock(ci);   // c lies in ci's own range: that block describes itself
+                continue;
+            }
+            _order.BeforeIncrement();
+            if (ci != index) Add(c, 1);
+            MetadataCache.Table block = _blocks.GetEmpty(c << _g.ClusterBits);
+            if (ci == index) RefcountBlock.Set(block.Data, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder, 1);
+            _table[index] = (ulong)(c << _g.ClusterBits);
+            _tableDirtyFirst = Math.Min(_tableDirtyFirst, index);
+            _tableDirtyLast = Math.Max(_tableDirtyLast, index);
+            if (c >= HighWater) HighWater = c + 1;
+            if (c == _freeHint) _freeHint = c + 1;
+            return;
+        }
+    }
+
+    /// <summary>
+    /// Moves the refcount table to a bigger one at the end of the file, with new refcount blocks
+    /// that describe the new area itself; the header switches to it in one write; the old table's
+    /// clusters are freed afterwards.
+    /// </summary>
+    private void GrowTable(long neededIndex)
+    {
+        _order.FlushRefcountSide();
+        long oldEntries = _table.Length;
+        long entriesPerCluster = _g.ClusterSize / 8;
+        long areaStart = Math.Max(Math.Max(HighWater, _g.ClustersFor(_device.Length)), oldEntries << _g.RefcountBlockBits);
+        long newEntries = RoundUp(Math.Max(neededIndex + 1, oldEntries * 2), entriesPerCluster);
+        long tableClusters, blocks, firstIndex;
+        while (true)
+        {
+            tableClusters = _g.ClustersFor(newEntries * 8);
+            blocks = 0;
+            firstIndex = areaStart >> _g.RefcountBlockBits;
+            while (true)
+            {
+                long end = areaStart + blocks + tableClusters;
+                long need = ((end - 1) >> _g.RefcountBlockBits) - firstIndex + 1;
+                if (need == blocks) break;
+                blocks = need;
+            }
+            long lastIndex = firstIndex + blocks - 1;
+            if (lastIndex < newEntries) break;
+            newEntries = RoundUp(lastIndex + 1, entriesPerCluster);
+        }
+        if (newEntries * 8 > ClusterGeometry.MaxRefcountTableBytes)
+            throw Corrupt("refcount table", TableOffset, $"would need {newEntries * 8} bytes, more than QEMU's limit of {ClusterGeometry.MaxRefcountTableBytes}");
+
+        var newTable = new ulong[newEntries];
+        _table.CopyTo(newTable, 0);
+        long areaEnd = areaStart + blocks + tableClusters;
+        var blockData = new byte[blocks][];
+        for (long k = 0; k < blocks; k++)
+        {
+            long index = firstIndex + k;
+            byte[] data = new byte[_g.ClusterSize];
+            long rangeStart = index << _g.RefcountBlockBits;
+            for (long c = Math.Max(rangeStart, areaStart); c < Math.Min(areaEnd, rangeStart + _g.RefcountBlockEntries); c++)
+                RefcountBlock.Set(data, c - rangeStart, _g.RefcountOrder, 1);
+            blockData[k] = data;
+            newTable[index] = (ulong)((areaStart + k) << _g.ClusterBits);
+        }
+        for (long k = 0; k < blocks; k++) _device.Write(blockData[k], (areaStart + k) << _g.ClusterBits);
+        byte[] tableBytes = new byte[tableClusters * _g.ClusterSize];
+        L1Entry.Encode(newTable, tableBytes);
+        long newTableOffset = (areaStart + blocks) << _g.ClusterBits;
+        _device.Write(tableBytes, newTableOffset);
+        _device.Flush();
+
+        long oldOffset = TableOffset;
+        long oldClusters = TableClusters;
+        _header.RefcountTableOffset = (ulong)newTableOffset;
+        _header.RefcountTableClusters = (uint)tableClusters;
+        _device.Write(_header.EncodeRefcountTableFields(), Qcow2Header.RefcountTableFieldsOffset);
+        _device.Flush();
+        _table = newTable;
+        for (long k = 0; k < blocks; k++) _blocks.PutClean((areaStart + k) << _g.ClusterBits, blockData[k]);
+        HighWater = Math.Max(HighWater, areaEnd);
+        Free(oldOffset, oldClusters << _g.ClusterBits);
+    }
+
+    private static long RoundUp(long value, long multiple) => (value + multiple - 1) / multiple * multiple;
+
+    /// <summary>Writes dirty refcount blocks, then (after a device flush) dirty refcount table entries.</summary>
+    internal bool WriteDirty()
+    {
+        bool wrote = _blocks.WriteDirty();
+        if (_tableDirtyLast >= 0)
+        {
+            if (wrote) _device.Flush();
+            // Whole 512-byte sectors of the table, like QEMU.
+            long first = _tableDirtyFirst & ~63L, last = Math.Min(_tableDirtyLast | 63L, _table.Length - 1);
+            byte[] bytes = new byte[(last - first + 1) * 8];
+            L1Entry.Encode(_table.AsSpan((int)first, (int)(last - first + 1)), bytes);
+            _device.Write(bytes, TableOffset + first * 8);
+            _tableDirtyFirst = long.MaxValue;
+            _tableDirtyLast = -1;
+            wrote = true;
+        }
+        return wrote;
+    }
+
+    /// <summary>Clusters freed earlier may be reused once the references to them are gone on disk.</summary>
+    internal void ReleaseFreed()
+    {
+        _freedSinceFlush.Clear();
+        if (_lowestFreed < _freeHint) _freeHint = _lowestFreed;
+        _lowestFreed = long.MaxValue;
+    }
+
+    /// <summary>Replaces the in-memory state after the refcount structure was rebuilt on disk.</summary>
+    internal void Reload(ulong[] table)
+    {
+        _blocks.Clear();
+        _table = table;
+        _tableDirtyFirst = long.MaxValue;
+        _tableDirtyLast = -1;
+        _freedSinceFlush.Clear();
+        _freeHint = 0;
+        _lowestFreed = long.MaxValue;
+        HighWater = Math.Max(HighWater, _g.ClustersFor(_device.Length));
+    }
+
+    /// <summary>Records that clusters up to <paramref name="endCluster"/> exist (e.g. after the file grew).</summary>
+    internal void NoteHighWater(long endCluster)
+    {
+        if (endCluster > HighWater) HighWater = endCluster;
+    }
+}

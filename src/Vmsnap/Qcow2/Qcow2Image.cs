@@ -1,0 +1,166 @@
+using Vmsnap.Storage;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// A qcow2 image file, read and written exactly as QEMU does: versions 2 and 3, cluster sizes
+/// from 512 bytes to 2 MiB, every refcount width, extended L2 entries, zero and compressed
+/// clusters, backing files. Safe for concurrent calls; writes are crash-safe (a crash can leak
+/// clusters, never corrupt data that was flushed).
+/// </summary>
+public sealed class Qcow2Image : IDisposable
+{
+    private Qcow2Image(Qcow2Engine engine) => Engine = engine;
+
+    /// <summary>The engine, for internal layers built on top (snapshots, VM state).</summary>
+    internal Qcow2Engine Engine { get; }
+
+    /// <summary>
+    /// Creates a new image at <paramref name="path"/> (replacing an existing file unless
+    /// <see cref="Qcow2CreateOptions.FailIfExists"/>) and returns it open for reading and writing.
+    /// </summary>
+    /// <param name="path">File to create.</param>
+    /// <param name="virtualSize">Size of the virtual disk in bytes (a multiple of 512).</param>
+    /// <param name="options">Cluster size, refcount width, version, features, backing file; defaults as qemu-img.</param>
+    public static Qcow2Image Create(string path, long virtualSize, Qcow2CreateOptions? options = null)
+    {
+        options ??= new Qcow2CreateOptions();
+        // Refuse bad options and a missing backing file before an existing file is replaced.
+        Qcow2Engine.BuildHeader(virtualSize, options);
+        if (options.BackingFile is { } backing)
+        {
+            string resolved = System.IO.Path.IsPathRooted(backing)
+                ? backing
+                : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? ".", backing);
+            if (!File.Exists(resolved)) throw new VmsnapException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
+        }
+        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists });
+        var image = new Qcow2Image(Qcow2Engine.Create(device, path, virtualSize, options, ownsDevice: true));
+        if (options.BackingFile is null) return image;
+        // Reopen so that the backing chain is opened (and validated) like any other open.
+        image.Dispose();
+        return Open(path);
+    }
+
+    /// <summary>Opens an existing image.</summary>
+    /// <param name="path">The image file.</param>
+    /// <param name="options">Read-only, O_DIRECT, backing file handling; default: read and write, backing chain opened.</param>
+    public static Qcow2Image Open(string path, Qcow2OpenOptions? options = null)
+    {
+        options ??= new Qcow2OpenOptions();
+        bool readOnly = options.ReadOnly || options.ForceShare;
+        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Writable = !readOnly, Direct = options.Direct });
+        return new Qcow2Image(Qcow2Engine.Open(device, path, options, ownsDevice: true));
+    }
+
+    /// <summary>Opens an image on any block device (tests, in-memory images).</summary>
+    internal static Qcow2Image Open(IBlockDevice device, string name, Qcow2OpenOptions? options = null) =>
+        new(Qcow2Engine.Open(device, name, options ?? new Qcow2OpenOptions(), ownsDevice: false));
+
+    /// <summary>Creates an image on any block device (tests, in-memory images).</summary>
+    internal static Qcow2Image Create(IBlockDevice device, string name, long virtualSize, Qcow2CreateOptions? options = null) =>
+        new(Qcow2Engine.Create(device, name, virtualSize, options ?? new Qcow2CreateOptions(), ownsDevice: false));
+
+    /// <summary>Path of the image file.</summary>
+    public string Path => Engine.Path;
+
+    /// <summary>Size of the virtual disk in bytes.</summary>
+    public long VirtualSize => Engine.VirtualSize;
+
+    /// <summary>Cluster size in bytes.</summary>
+    public int ClusterSize => Engine.Geometry.ClusterSize;
+
+    /// <summary>True when the image was opened read-only.</summary>
+    public bool IsReadOnly => Engine.ReadOnly;
+
+    /// <summary>The image's settings as stored in its header, and its file size.</summary>
+    public Qcow2ImageInfo Info
+    {
+        get
+        {
+            lock (Engine.SyncRoot)
+            {
+                Engine.ThrowIfDisposed();
+                return Describe(Engine);
+            }
+        }
+    }
+
+    private static Qcow2ImageInfo Describe(Qcow2Engine engine)
+    {
+        Qcow2Header h = engine.Header;
+        return new Qcow2ImageInfo
+        {
+            Path = engine.Path,
+            Version = h.Version,
+            VirtualSize = (long)h.Size,
+            ClusterSize = h.ClusterSize,
+            RefcountBits = h.RefcountBits,
+            LazyRefcounts = h.HasLazyRefcounts,
+            ExtendedL2 = h.HasExtendedL2,
+            Corrupt = h.IsCorrupt,
+            Dirty = h.IsDirty,
+            CompressionType = (Qcow2CompressionType)h.CompressionType,
+            BackingFile = h.BackingFile,
+            BackingFormat = h.BackingFormat,
+            L1Size = (int)h.L1Size,
+            SnapshotCount = (int)h.SnapshotCount,
+            FileSize = engine.Device.Length,
+            IncompatibleFeatures = h.IncompatibleFeatures,
+            CompatibleFeatures = h.CompatibleFeatures,
+            AutoclearFeatures = h.AutoclearFeatures,
+        };
+    }
+
+    /// <summary>Reads <paramref name="buffer"/>.Length bytes of the virtual disk at <paramref name="offset"/> (any alignment).</summary>
+    public void Read(Span<byte> buffer, long offset)
+    {
+        CheckRange(offset, buffer.Length);
+        Engine.ReadGuest(buffer, offset);
+    }
+
+    /// <summary>Writes <paramref name="buffer"/> to the virtual disk at <paramref name="offset"/> (any alignment).</summary>
+    public void Write(ReadOnlySpan<byte> buffer, long offset)
+    {
+        CheckRange(offset, buffer.Length);
+        Engine.WriteGuest(buffer, offset);
+    }
+
+    /// <summary>Makes a range read as zeroes: whole clusters become zero clusters (their storage is freed), partial ones get zero bytes.</summary>
+    public void WriteZeroes(long offset, long length)
+    {
+        CheckRange(offset, length);
+        Engine.ZeroOrDiscard(offset, length, discard: false);
+    }
+
+    /// <summary>
+    /// Frees the storage of the whole clusters in a range. They read as zeroes afterwards (with a
+    /// backing file in a version 2 image, where that cannot be expressed, nothing is discarded).
+    /// </summary>
+    public void Discard(long offset, long length)
+    {
+        CheckRange(offset, length);
+        Engine.ZeroOrDiscard(offset, length, discard: true);
+    }
+
+    /// <summary>Makes all completed writes durable (metadata in crash-safe order, then a device flush).</summary>
+    public void Flush() => Engine.Flush();
+
+    /// <summary>
+    /// Checks the image like <c>qemu-img check</c> and repairs what <paramref name="repair"/> allows
+    /// (which needs the image open for writing). After repairs it checks again and reports that
+    /// result together with the numbers repaired, as qemu-img does.
+    /// </summary>
+    public Qcow2CheckResult Check(Qcow2RepairMode repair = Qcow2RepairMode.None) => Engine.Check(repair);
+
+    /// <summary>Flushes and closes the image (and its backing chain).</summary>
+    public void Dispose() => Engine.Dispose();
+
+    private void CheckRange(long offset, long length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        if (offset > Engine.VirtualSize - length)
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, $"range of {length} bytes at offset {offset} lies beyond the virtual disk ({Engine.VirtualSize} bytes)");
+    }
+}

@@ -1,0 +1,105 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>What an image is: its header's settings and a few derived figures (like <c>qemu-img info</c>).</summary>
+public sealed record Qcow2ImageInfo
+{
+    /// <summary>Path of the image file.</summary>
+    public required string Path { get; init; }
+
+    /// <summary>Format version: 2 or 3.</summary>
+    public required int Version { get; init; }
+
+    /// <summary>QEMU's name for the version: "0.10" for 2, "1.1" for 3.</summary>
+    public string Compat => Version >= 3 ? "1.1" : "0.10";
+
+    /// <summary>Size of the virtual disk in bytes.</summary>
+    public required long VirtualSize { get; init; }
+
+    /// <summary>Cluster size in bytes.</summary>
+    public required int ClusterSize { get; init; }
+
+    /// <summary>Width of a refcount in bits.</summary>
+    public required int RefcountBits { get; init; }
+
+    /// <summary>The lazy_refcounts compatible feature is set.</summary>
+    public required bool LazyRefcounts { get; init; }
+
+    /// <summary>L2 entries are extended (32 subclusters per cluster).</summary>
+    public required bool ExtendedL2 { get; init; }
+
+    /// <summary>The corrupt bit is set: the image may only be read.</summary>
+    public required bool Corrupt { get; init; }
+
+    /// <summary>The dirty bit is set: refcounts may be stale until repaired.</summary>
+    public required bool Dirty { get; init; }
+
+    /// <summary>Compression type for compressed clusters.</summary>
+    public required Qcow2CompressionType CompressionType { get; init; }
+
+    /// <summary>Backing file name as stored in the header, or null.</summary>
+    public string? BackingFile { get; init; }
+
+    /// <summary>Backing file format from the header extension, or null.</summary>
+    public string? BackingFormat { get; init; }
+
+    /// <summary>Entries in the active L1 table.</summary>
+    public required int L1Size { get; init; }
+
+    /// <summary>Number of internal snapshots.</summary>
+    public required int SnapshotCount { get; init; }
+
+    /// <summary>Length of the image file in bytes.</summary>
+    public required long FileSize { get; init; }
+
+    /// <summary>Incompatible feature bits as stored.</summary>
+    public required ulong IncompatibleFeatures { get; init; }
+
+    /// <summary>Compatible feature bits as stored.</summary>
+    public required ulong CompatibleFeatures { get; init; }
+
+    /// <summary>Autoclear feature bits as stored.</summary>
+    public required ulong AutoclearFeatures { get; init; }
+}
+
+/// <summary>
+/// Result of <see cref="Qcow2Image.Check"/>, counted the way <c>qemu-img check</c> counts: the same
+/// image gives the same numbers.
+/// </summary>
+public sealed record Qcow2CheckResult
+{
+    /// <summary>Errors that mean data may be corrupt or later writes may corrupt it (refcounts too low, bad entries, COPIED flags...).</summary>
+    public int Corruptions { get; init; }
+
+    /// <summary>Clusters whose refcount is higher than their references (wasted space, no harm to data).</summary>
+    public int Leaks { get; init; }
+
+    /// <summary>Problems that stopped the check itself (I/O errors, a repair that could not be done).</summary>
+    public int CheckErrors { get; init; }
+
+    /// <summary>Corruptions repaired.</summary>
+    public int CorruptionsFixed { get; init; }
+
+    /// <summary>Leaks repaired.</summary>
+    public int LeaksFixed { get; init; }
+
+    /// <summary>Clusters of the virtual disk.</summary>
+    public long TotalClusters { get; init; }
+
+    /// <summary>Guest clusters the active L1 table maps to host clusters (compressed included).</summary>
+    public long AllocatedClusters { get; init; }
+
+    /// <summary>Allocated clusters not directly after the previous one in the file.</summary>
+    public long FragmentedClusters { get; init; }
+
+    /// <summary>Compressed clusters.</summary>
+    public long CompressedClusters { get; init; }
+
+    /// <summary>End of the last used cluster in the file.</summary>
+    public long ImageEndOffset { get; init; }
+
+    /// <summary>One line per finding, in qemu-img's words ("Leaked cluster 5 refcount=1 reference=0").</summary>
+    public IReadOnlyList<string> Messages { get; init; } = [];
+
+    /// <summary>No corruptions, leaks or check errors remain.</summary>
+    public bool IsClean => Corruptions == 0 && Leaks == 0 && CheckErrors == 0;
+}
