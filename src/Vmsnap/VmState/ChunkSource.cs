@@ -13,8 +13,8 @@ internal abstract class ChunkSource : IDisposable
 
     public abstract void Dispose();
 
-    protected static Exception ReadFailed(Exception e, long position) =>
-        e is VmsnapException ? e : new VmStateException($"reading the VM state at stream offset {position} failed: {e.Message}", e);
+    protected static VmStateException ReadFailed(Exception e, long position) =>
+        new($"reading the VM state at stream offset {position} failed: {e.Message}", e);
 }
 
 /// <summary>Reads a channel sequentially into one buffer.</summary>
