@@ -24,6 +24,7 @@ internal static class VmStateBench
         {
             if (!args[i].StartsWith("--", StringComparison.Ordinal)) return Usage($"unexpected '{args[i]}'");
             string key = args[i][2..];
+            if (key == "help") return Usage("options");
             if (key is "direct" or "read" or "header" or "prealloc") o[key] = "1";
             else if (i + 1 < args.Length) o[key] = args[++i];
             else return Usage($"--{key} needs a value");

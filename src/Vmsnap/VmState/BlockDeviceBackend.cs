@@ -9,6 +9,9 @@ namespace Vmsnap.VmState;
 /// </summary>
 internal sealed class BlockDeviceBackend : VmStateBackend
 {
+    // Larger gathers (huge caller buffers) are written segment by segment instead of copied.
+    private const int MaxBounce = 4 << 20;
+
     private readonly IBlockDevice _device;
     private readonly long _base;
     private readonly long _length;
@@ -34,9 +37,13 @@ internal sealed class BlockDeviceBackend : VmStateBackend
         long total = 0;
         foreach (ReadOnlyMemory<byte> s in segments) total += s.Length;
         CheckWindow(position, total);
-        if (segments.Length == 1)
+        if (segments.Length == 1 || total > MaxBounce)
         {
-            _device.Write(segments[0].Span, _base + position);
+            foreach (ReadOnlyMemory<byte> s in segments)
+            {
+                _device.Write(s.Span, _base + position);
+                position += s.Length;
+            }
             return;
         }
         // One request per flush, like QEMU's vectored VM-state write: gather into a bounce buffer.
