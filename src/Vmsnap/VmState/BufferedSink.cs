@@ -31,9 +31,6 @@ internal sealed class BufferedSink : WriteSink
         _onCompleted = (task, state) => Completed(task, (Pending)state!);
     }
 
-    /// <summary>Aligned buffers allocated (at most K).</summary>
-    internal int BuffersAllocated { get { lock (_lock) return _all.Count; } }
-
     internal override long Tell => _base + _fill;
 
     internal override void Put(ReadOnlySpan<byte> data)

@@ -60,15 +60,11 @@ internal sealed class StreamBackend : VmStateBackend
     {
         if (position != _readPosition)
             throw new VmStateException($"a channel can only be read sequentially: read at stream offset {position}, expected {_readPosition}");
-        int total = 0;
-        while (total < buffer.Length)
-        {
-            int n = _stream.Read(buffer[total..]);
-            if (n == 0) break;
-            total += n;
-        }
-        _readPosition += total;
-        return total;
+        // One read: return what the channel has now, so a reader is not held up waiting for a
+        // full buffer (the sender may be waiting on us).
+        int n = buffer.IsEmpty ? 0 : _stream.Read(buffer);
+        _readPosition += n;
+        return n;
     }
 
     public override void Flush() => _stream.Flush();

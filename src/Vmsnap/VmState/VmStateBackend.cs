@@ -40,7 +40,10 @@ public abstract class VmStateBackend : IDisposable
         return ValueTask.CompletedTask;
     }
 
-    /// <summary>Reads up to <paramref name="buffer"/>.Length bytes at <paramref name="position"/>; fewer only at the end, 0 at the end.</summary>
+    /// <summary>
+    /// Reads up to <paramref name="buffer"/>.Length bytes at <paramref name="position"/>; 0 only at
+    /// the end. Positional backends return fewer only at the end; channels return what they have.
+    /// </summary>
     public abstract int Read(Span<byte> buffer, long position);
 
     /// <summary>Asynchronous <see cref="Read"/> (read-ahead on positional backends).</summary>

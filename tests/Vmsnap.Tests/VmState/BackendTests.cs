@@ -123,6 +123,31 @@ public sealed class BackendTests
         await CarryOverSockets(client, listener.Accept());
     }
 
+    [Fact]
+    public async Task A_channel_reader_gets_what_has_arrived_without_waiting_for_a_full_buffer()
+    {
+        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        listener.Listen(1);
+        var sending = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        sending.Connect(listener.LocalEndPoint!);
+        using var sendBackend = VmStateBackend.ForSocket(sending);
+        using var writer = new VmStateWriter(sendBackend);
+        using var receiveBackend = VmStateBackend.ForSocket(listener.Accept());
+        using var reader = new VmStateReader(receiveBackend, 1 << 20);
+
+        writer.PutBe64(0x0123456789abcdef);
+        writer.Flush();
+        // The sender keeps the connection open: the 8 bytes must come through on their own.
+        ulong first = await Task.Run(reader.GetBe64).WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.Equal(0x0123456789abcdefUL, first);
+        writer.PutBe32(42);
+        writer.Close();
+        sending.Shutdown(SocketShutdown.Send);
+        Assert.Equal(42u, reader.GetBe32());
+        Assert.Equal(0, reader.Peek(new byte[1]));
+    }
+
     private static async Task CarryOverSockets(Socket sending, Socket receiving)
     {
         byte[] expected = WriterScript.Reference(Script());
