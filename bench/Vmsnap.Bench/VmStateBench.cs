@@ -32,7 +32,7 @@ internal static class VmStateBench
         if (o.ContainsKey("header"))
         {
             Console.WriteLine(string.Join('\t', "target", "data", "mode", "K", "B", "direct", "seconds", "cpu_s", "ram_MiB/s", "stream_MiB/s",
-                "writes", "hwm_MiB", "base_MiB", "pool_MiB", "read_MiB/s", "runs_stream_MiB/s"));
+                "writes", "hwm_MiB", "growth_MiB", "base_MiB", "pool_MiB", "read_MiB/s", "runs_stream_MiB/s"));
             return 0;
         }
         if (!o.TryGetValue("dir", out string? dir)) return Usage("--dir is required");
@@ -64,7 +64,8 @@ internal static class VmStateBench
             mode == "gather" ? "-" : count.ToString(CultureInfo.InvariantCulture),
             mode == "gather" ? "32K" : FormatSize(size), (direct ? "yes" : "no") + (prealloc ? "+falloc" : ""),
             F(median.Seconds), F(median.CpuSeconds), F(total / 1048576.0 / median.Seconds), F(median.StreamBytes / 1048576.0 / median.Seconds),
-            median.Writes.ToString(CultureInfo.InvariantCulture), F(hwm / 1048576.0), F(median.Baseline / 1048576.0), F(pool / 1048576.0),
+            median.Writes.ToString(CultureInfo.InvariantCulture), F(hwm / 1048576.0),
+            F(results.Max(r => r.Peak - r.Baseline) / 1048576.0), F(results.Min(r => r.Baseline) / 1048576.0), F(pool / 1048576.0),
             median.ReadRate < 0 ? "-" : F(median.ReadRate / 1048576.0),
             string.Join(' ', results.Select(r => F(r.StreamBytes / 1048576.0 / r.Seconds)))));
         return 0;
