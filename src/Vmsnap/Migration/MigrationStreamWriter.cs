@@ -64,7 +64,7 @@ internal sealed class MigrationStreamWriter
         int records = 1;
         StartRamSection(id, profile.RamInstance, profile.RamBlocks);
 
-        var encoder = new InterimRamPageEncoder(_out);
+        var encoder = new RamPageEncoder(_out);
         var summaries = new RamBlockSummary[profile.RamBlocks.Count];
         long inPart = 0;
         bool partOpen = false;
@@ -141,7 +141,7 @@ internal sealed class MigrationStreamWriter
         _out.PutBe32(id);
     }
 
-    private void WriteBlock(RamBlockInfo block, string path, InterimRamPageEncoder encoder, Action<int> beforeChunk, Action<int> afterChunk)
+    private void WriteBlock(RamBlockInfo block, string path, RamPageEncoder encoder, Action<int> beforeChunk, Action<int> afterChunk)
     {
         SafeFileHandle file;
         try

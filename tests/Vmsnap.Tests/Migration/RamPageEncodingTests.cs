@@ -23,7 +23,7 @@ public class RamPageEncodingTests
 
         var (bytes, _) = WriteBytes(w =>
         {
-            var encoder = new InterimRamPageEncoder(w);
+            var encoder = new RamPageEncoder(w);
             encoder.EncodePages("ram0", 0, (byte[])[.. p1, .. zero], owners[0]);
             encoder.ResetBlock();
             encoder.EncodePages("ram0", 0x2000, zero, owners[1]);
@@ -56,7 +56,7 @@ public class RamPageEncodingTests
             page[position] = 0x80;
             var (bytes, _) = WriteBytes(w =>
             {
-                new InterimRamPageEncoder(w).EncodePages("r", 0, page);
+                new RamPageEncoder(w).EncodePages("r", 0, page);
                 return 0;
             });
             Assert.Equal(new StreamBuilder().Be64(0x08).Id("r").Raw(page).ToArray(), bytes);
@@ -68,7 +68,7 @@ public class RamPageEncodingTests
     {
         WriteBytes(w =>
         {
-            var encoder = new InterimRamPageEncoder(w);
+            var encoder = new RamPageEncoder(w);
             Assert.Throws<ArgumentException>(() => encoder.EncodePages("r", 0, new byte[4095]));
             Assert.ThrowsAny<ArgumentException>(() => encoder.EncodePages("r", 100, new byte[4096]));
             return 0;
