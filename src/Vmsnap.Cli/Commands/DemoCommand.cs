@@ -34,11 +34,15 @@ internal static class DemoCommand
             bool asJson = parse.GetValue(json);
             long ram = Cli.ParseSize(parse.GetValue(ramSize)!);
             if (ram <= 0 || ram % (1 << 20) != 0) throw new ArgumentException("--ram-size must be a positive whole number of MiB");
-            string dir = Path.Combine(parse.GetValue(folder) ?? Path.GetTempPath(), "vmsnap-demo-" + Guid.NewGuid().ToString("N")[..8]);
+            string id = "vmsnap-demo-" + Guid.NewGuid().ToString("N")[..8];
+            string dir = Path.Combine(parse.GetValue(folder) ?? Path.GetTempPath(), id);
+            // Guest RAM is memory: keep the RAM files in /dev/shm when it has room, the image on disk.
+            string ramDir = RamFolder(id, ram) ?? dir;
             Directory.CreateDirectory(dir);
+            Directory.CreateDirectory(ramDir);
             try
             {
-                DemoResult result = Run(dir, ram, asJson ? null : Console.Out, ct);
+                DemoResult result = Run(dir, ramDir, ram, asJson ? null : Console.Out, ct);
                 if (asJson) Cli.WriteJson(result);
                 if (!result.Verified) Console.Error.WriteLine("vmsnap: demo failed: RAM loaded back differs from the RAM saved");
                 else if (!result.CheckClean) Console.Error.WriteLine("vmsnap: demo failed: the image check found problems");
@@ -46,8 +50,12 @@ internal static class DemoCommand
             }
             finally
             {
-                if (parse.GetValue(keep)) Console.Error.WriteLine($"vmsnap: kept {dir}");
-                else Directory.Delete(dir, recursive: true);
+                if (parse.GetValue(keep)) Console.Error.WriteLine($"vmsnap: kept {dir}{(ramDir != dir ? " and " + ramDir : "")}");
+                else
+                {
+                    Directory.Delete(dir, recursive: true);
+                    if (ramDir != dir) Directory.Delete(ramDir, recursive: true);
+                }
             }
         });
         return command;
@@ -59,10 +67,23 @@ internal static class DemoCommand
     internal sealed record DemoResult(string Image, long RamBytes, long ZeroPages, IReadOnlyList<DemoRun> Runs, double BufferedSpeedup,
         bool Verified, bool CheckClean, int Corruptions, int Leaks);
 
-    internal static DemoResult Run(string dir, long ramBytes, TextWriter? log, CancellationToken ct)
+    /// <summary>A folder in /dev/shm for the RAM files if it can hold three guests' worth, else null.</summary>
+    private static string? RamFolder(string id, long ramBytes)
     {
-        string image = Path.Combine(dir, "demo.qcow2"), ramFile = Path.Combine(dir, "guest-ram.bin");
-        log?.WriteLine($"vmsnap demo in {dir}");
+        const string shm = "/dev/shm";
+        try
+        {
+            if (Directory.Exists(shm) && new DriveInfo(shm).AvailableFreeSpace > 3 * ramBytes + (256L << 20))
+                return Path.Combine(shm, id);
+        }
+        catch (IOException) { }
+        return null;
+    }
+
+    internal static DemoResult Run(string dir, string ramDir, long ramBytes, TextWriter? log, CancellationToken ct)
+    {
+        string image = Path.Combine(dir, "demo.qcow2"), ramFile = Path.Combine(ramDir, "guest-ram.bin");
+        log?.WriteLine($"vmsnap demo: image in {dir}, guest RAM files in {ramDir}");
         long zeroPages = MakeGuestRam(ramFile, ramBytes, seed: 2026);
         UInt128 expected = Hash(ramFile);
         log?.WriteLine($"  guest RAM: {Cli.FormatSize(ramBytes)} ({zeroPages} of {ramBytes / PageSize} pages zero, the rest random or text-like)");
@@ -86,7 +107,7 @@ internal static class DemoCommand
             using (var progress = ProgressLine.Start($"saving ({name})", ramBytes, log is null))
                 saved = VmSnapshots.Save(image, name, profile, new VmSnapshotOptions { Mode = mode }, progress, ct);
 
-            string loadedFile = Path.Combine(dir, $"loaded-{name}.bin");
+            string loadedFile = Path.Combine(ramDir, $"loaded-{name}.bin");
             VmSnapshotResult loaded;
             using (var progress = ProgressLine.Start($"loading ({name})", 0, log is null))
                 loaded = VmSnapshots.Load(image, name, [new("ram0", loadedFile)], null, progress, ct);
@@ -118,6 +139,7 @@ internal static class DemoCommand
     private static long MakeGuestRam(string path, long bytes, int seed)
     {
         var random = new Random(seed);
+        byte[] text = MakeText(random, 1 << 20);
         const int chunkPages = 256;
         byte[] chunk = new byte[chunkPages * PageSize];
         long zero = 0;
@@ -135,7 +157,7 @@ internal static class DemoCommand
                 if (kind < 3) { zero++; continue; }
                 any = true;
                 if (kind < 7) { random.NextBytes(page); page[0] |= 1; }
-                else FillText(page, random);
+                else text.AsSpan(random.Next(text.Length - PageSize), PageSize).CopyTo(page);
             }
             if (any)
             {
@@ -146,17 +168,20 @@ internal static class DemoCommand
         return zero;
     }
 
-    private static void FillText(Span<byte> page, Random random)
+    /// <summary>Text-like bytes: words of common letters separated by runs of spaces (pages are cut from it).</summary>
+    private static byte[] MakeText(Random random, int length)
     {
         ReadOnlySpan<byte> letters = "etaoinshrdlucmfwypvbgkjqxz"u8;
+        byte[] text = new byte[length];
         int i = 0;
-        while (i < page.Length)
+        while (i < length)
         {
             int word = random.Next(1, 12);
-            for (int k = 0; k < word && i < page.Length; k++) page[i++] = letters[random.Next(letters.Length)];
+            for (int k = 0; k < word && i < length; k++) text[i++] = letters[random.Next(letters.Length)];
             int spaces = random.Next(3) == 0 ? random.Next(1, 40) : 1;
-            for (int k = 0; k < spaces && i < page.Length; k++) page[i++] = (byte)' ';
+            for (int k = 0; k < spaces && i < length; k++) text[i++] = (byte)' ';
         }
+        return text;
     }
 
     private static UInt128 Hash(string path)

@@ -30,6 +30,11 @@ public static class VmSnapshots
             writer => MigrationStream.Write(writer, profile, ramBytesDone, cancellationToken));
     }
 
+    /// <summary>As Save, with the VM-state area's backend wrapped (fault injection in tests).</summary>
+    internal static VmSnapshotResult SaveThrough(string imagePath, string name, MachineProfile profile, VmSnapshotOptions options,
+        Func<VmStateBackend, VmStateBackend> wrapBackend, CancellationToken cancellationToken = default) =>
+        WriteSnapshot(imagePath, name, options, writer => MigrationStream.Write(writer, profile, null, cancellationToken), wrapBackend);
+
     /// <summary>
     /// Makes a snapshot from a migration stream (e.g. written by QEMU's <c>migrate "exec:cat &gt; FILE"</c>), copied
     /// byte for byte into the VM-state area while it is checked.
@@ -156,7 +161,7 @@ public static class VmSnapshots
     /// create the snapshot; on any failure free what was written so the image is as it was.
     /// </summary>
     private static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
-        Func<VmStateWriter, MigrationStreamInfo> produce)
+        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
     {
         if (string.IsNullOrEmpty(name)) throw new VmsnapException("a snapshot needs a name (--name TAG)");
         if (options.ForceShare) throw new VmsnapException("--force-share is only for reading; a save writes the image");
@@ -172,7 +177,8 @@ public static class VmSnapshots
             MigrationStreamInfo info;
             long size;
             VmStateWriteMode mode;
-            using (var backend = VmStateBackend.ForBlockDevice(area))
+            using (var areaBackend = VmStateBackend.ForBlockDevice(area))
+            using (var backend = wrapBackend?.Invoke(areaBackend) ?? areaBackend)
             using (var writer = new VmStateWriter(backend, options.WriterOptions()))
             {
                 mode = writer.Mode;
