@@ -304,6 +304,7 @@ internal sealed partial class Qcow2Engine
         Refcounts.NoteHighWater(gen.End);
         if (newSnapshots is not null) SetSnapshots(newSnapshots, newTable.Bytes);
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
+        TrimFreeTail();
         Device.Flush();
     }
 
