@@ -350,7 +350,8 @@ internal sealed partial class Qcow2Engine
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
             throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         PrepareGeneration();
-        if (VmStateWriter is { } writer)
+        bool withVmState = options.VmStateSize > 0;
+        if (withVmState && VmStateWriter is { } writer)
         {
             writer.Capture(name);   // its clusters become the snapshot's
             VmStateWriter = null;
@@ -364,7 +365,6 @@ internal sealed partial class Qcow2Engine
         {
             Id = NewSnapshotId(),
             Name = name,
-            L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset,
             L1Size = (uint)ActiveL1.Size,
             DateSeconds = (uint)unixSeconds,
             DateNanoseconds = (uint)((date.UtcTicks % TimeSpan.TicksPerSecond) / 10 * 1000),   // microseconds, as QEMU keeps them
@@ -375,13 +375,29 @@ internal sealed partial class Qcow2Engine
             Icount = options.Icount,
         };
 
-        // The snapshot keeps the current active L1 table (the VM-state area included: it becomes
-        // the snapshot's alone); the active disk continues in a new L1 table sharing the L2 tables.
+        // The snapshot shares the disk's L2 tables; every new path through them is counted, and the
+        // active disk continues in a new L1 table whose COPIED flags fit the new counts.
         var gen = new MetadataGeneration(this);
         long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
-        var active = new ulong[ActiveL1.Size];
-        for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
         CountL1Paths(gen, ActiveL1, 0, diskEntries, +1);
+        var active = new ulong[ActiveL1.Size];
+        if (withVmState)
+        {
+            // The snapshot keeps the current L1 table as it is, VM-state area included (now its
+            // own); the active disk stops mapping that area, so the next save writes fresh clusters.
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset;
+            for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
+        }
+        else
+        {
+            // A disk-only snapshot gets a copy of the disk's entries; whatever the active table maps
+            // past the disk (a save in progress) stays the active table's alone.
+            var snapshotL1 = new ulong[ActiveL1.Size];
+            for (long i = 0; i < diskEntries; i++) snapshotL1[i] = ActiveL1[i] & ~L1Entry.Copied;
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : WriteNewL1(gen, snapshotL1);
+            ActiveL1.Entries.CopyTo(active, 0);
+            if (ActiveL1.Size > 0) gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        }
         FixActiveFlags(gen, ActiveL1, active);
         long activeOffset = WriteNewL1(gen, active);
         var list = new List<SnapshotEntry>(Snapshots) { entry };

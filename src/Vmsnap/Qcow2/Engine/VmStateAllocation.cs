@@ -101,7 +101,13 @@ internal sealed class VmStateAllocation
 
     private long MapNew(long guest)
     {
-        if (_reservedNext == _reservedEnd) Reserve();
+        if (_reservedNext == _reservedEnd)
+        {
+            // Tables first: L1 growth and the L2 tables this run will need land before it, not after
+            // (where they would keep the file from being trimmed when the run's tail is given back).
+            PrepareTables(guest, _nextReservation);
+            Reserve();
+        }
         long host = _reservedNext++;
         if ((host + 1) << _g.ClusterBits > _preallocatedEnd) Preallocate(host);
         int at = ~FindRun(guest);
@@ -111,6 +117,12 @@ internal sealed class VmStateAllocation
             _map.Insert(at, new Run(guest, host, 1));
         Link(guest, host);
         return host;
+    }
+
+    private void PrepareTables(long guest, long count)
+    {
+        long first = Start + (guest << _g.ClusterBits), last = Start + ((guest + count) << _g.ClusterBits) - 1;
+        for (long index = _g.L1Index(first); index <= _g.L1Index(last); index++) _e.GetWritableL2(index);
     }
 
     /// <summary>Reserves the next contiguous run of host clusters (each run twice the last, up to a limit).</summary>
