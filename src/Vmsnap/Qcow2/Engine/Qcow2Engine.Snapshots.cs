@@ -77,11 +77,21 @@ internal sealed partial class Qcow2Engine
             throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table at 0x{o:x} ({bytes} bytes) extends beyond the end of the file ({fileLength} bytes)");
     }
 
+    /// <summary>A snapshot's L1 table, checked: within the file, every L2 table offset aligned and inside the file.</summary>
     private L1Table ReadSnapshotL1(SnapshotEntry s)
     {
         int index = Snapshots.IndexOf(s);
         CheckSnapshotL1(s, index, Device.Length);
-        return ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        L1Table l1 = ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        for (long i = 0; i < l1.Size; i++)
+        {
+            ulong entry = l1[i];
+            if (entry == 0) continue;
+            if ((entry & L1Entry.ReservedMask) != 0)
+                throw Corrupt($"{Describe(s)} L1 table entry {i}", l1.Offset + i * 8, $"has reserved bits set (0x{entry:x16})");
+            ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
+        }
+        return l1;
     }
 
     private SnapshotEntry Lookup(string idOrName)
@@ -412,8 +422,8 @@ internal sealed partial class Qcow2Engine
         SnapshotEntry sn = Lookup(idOrName);
         if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
             throw new VmsnapException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
-        L1Table l1 = ReadSnapshotL1(sn);
 
         var gen = new MetadataGeneration(this);
         CountL1Paths(gen, l1, 0, l1.Size, -1);
@@ -443,8 +453,8 @@ internal sealed partial class Qcow2Engine
         long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
         if (diskSize != VirtualSize)
             throw new VmsnapException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
-        L1Table l1 = ReadSnapshotL1(sn);
 
         // The new active table: the snapshot's disk entries (its VM-state area stays its own).
         var gen = new MetadataGeneration(this);
