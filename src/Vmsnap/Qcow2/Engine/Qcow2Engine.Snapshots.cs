@@ -10,7 +10,6 @@ namespace Vmsnap.Qcow2;
 internal sealed partial class Qcow2Engine
 {
     internal const int MaxSnapshotNameBytes = 255;   // what QEMU keeps of a name (QEMUSnapshotInfo.name)
-    internal const int MaxSnapshotIdBytes = 127;     // QEMUSnapshotInfo.id_str
 
     // Set when a header switch failed in a way that leaves the on-disk state unknown.
     private string? _switchFailure;
@@ -314,8 +313,9 @@ internal sealed partial class Qcow2Engine
         Refcounts.NoteHighWater(gen.End);
         if (newSnapshots is not null) SetSnapshots(newSnapshots, newTable.Bytes);
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
-        TrimFreeTail();
         Device.Flush();
+        // Only now: until the switch is durable the old generation may still use the clusters at the end.
+        TrimFreeTail();
     }
 
     /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>

@@ -47,9 +47,6 @@ internal sealed class VmStateAllocation
     /// <summary>Set once a snapshot took the area over: its clusters are the snapshot's now.</summary>
     internal string? CapturedBy { get; private set; }
 
-    /// <summary>Host clusters mapped so far.</summary>
-    internal long MappedClusters => _map.Sum(r => r.Count);
-
     /// <summary>
     /// Maps [offset, offset + length) of the area to host ranges, allocating and linking the
     /// clusters not mapped yet. Call under the engine's lock.
