@@ -55,11 +55,14 @@ internal sealed partial class Qcow2Engine
         }
     }
 
+    // The methods below wait for the area's writes in flight under the lock: their completions do
+    // not need it, and no new write can be mapped meanwhile.
+
     internal void FlushVmState(VmStateAllocation writer)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             ThrowIfDisposed();
             if (writer.CapturedBy is not null || !ReferenceEquals(VmStateWriter, writer)) return;
             writer.ZeroUnwritten();
@@ -72,9 +75,9 @@ internal sealed partial class Qcow2Engine
 
     internal void DiscardVmState(VmStateAllocation writer, long offset, long length)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             ThrowIfDisposed();
             if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
             writer.Discard(offset, length);
@@ -87,9 +90,9 @@ internal sealed partial class Qcow2Engine
 
     internal void CloseVmStateWriter(VmStateAllocation writer)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             if (!ReferenceEquals(VmStateWriter, writer)) return;
             VmStateWriter = null;
             if (_disposed || writer.CapturedBy is not null) return;
