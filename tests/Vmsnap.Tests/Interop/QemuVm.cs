@@ -106,9 +106,12 @@ internal sealed class QemuVm : IDisposable
                     ReadMessage(); // the greeting
                     return;
                 }
-                catch (SocketException)
+                catch (Exception e) when (e is SocketException or IOException)
                 {
+                    // QEMU may exit (e.g. a refused -incoming stream) while we connect: the loop then reports its exit.
                     s.Dispose();
+                    _socket = null;
+                    Thread.Sleep(50);
                 }
             }
             if (clock.Elapsed > timeout) throw Failure("QEMU's QMP socket did not come up in time");
@@ -144,6 +147,7 @@ internal sealed class QemuVm : IDisposable
         }
         catch (IOException e)
         {
+            _process.WaitForExit(5000); // let QEMU finish saying why it went away
             throw Failure($"QMP {command}: connection lost ({e.Message})");
         }
     }
