@@ -311,7 +311,16 @@ internal sealed partial class Qcow2Engine
         Refcounts.Reload(gen.NewTable);
         foreach ((long offset, byte[] data) in gen.NewBlocks) Refcounts.Blocks.PutClean(offset, data);
         Refcounts.NoteHighWater(gen.End);
-        if (newSnapshots is not null) SetSnapshots(newSnapshots, newTable.Bytes);
+        if (newSnapshots is not null)
+        {
+            SetSnapshots(newSnapshots, newTable.Bytes);
+            long at = newTable.Offset;
+            foreach (SnapshotEntry e in newSnapshots)
+            {
+                e.FileOffset = at;   // where error messages find the entry now
+                at += e.EncodedLength;
+            }
+        }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
         Device.Flush();
         // Only now: until the switch is durable the old generation may still use the clusters at the end.
@@ -359,18 +368,15 @@ internal sealed partial class Qcow2Engine
         if (same >= 0) throw new VmsnapException($"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
             throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
-        PrepareGeneration();
-        bool withVmState = options.VmStateSize > 0;
-        if (withVmState && VmStateWriter is { } writer)
-        {
-            writer.Capture(name);   // its clusters become the snapshot's
-            VmStateWriter = null;
-        }
-
         DateTimeOffset date = options.Date ?? DateTimeOffset.UtcNow;
         long unixSeconds = date.ToUnixTimeSeconds();
         if (unixSeconds is < 0 or > uint.MaxValue)
             throw new ArgumentOutOfRangeException(nameof(options), date, "the date must lie between 1970 and 2106 (qcow2 keeps 32-bit seconds)");
+        PrepareGeneration();
+        bool withVmState = options.VmStateSize > 0;
+        VmStateAllocation? captured = withVmState ? VmStateWriter : null;
+        captured?.Quiesce();   // its data complete and zero-filled before the snapshot can point to it
+
         var entry = new SnapshotEntry
         {
             Id = NewSnapshotId(),
@@ -413,6 +419,11 @@ internal sealed partial class Qcow2Engine
         var list = new List<SnapshotEntry>(Snapshots) { entry };
         (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
         Switch(gen, active, activeOffset, list, table);
+        if (captured is not null)
+        {
+            captured.MarkCaptured(name);   // its clusters are the snapshot's now
+            VmStateWriter = null;
+        }
         return entry;
     });
 

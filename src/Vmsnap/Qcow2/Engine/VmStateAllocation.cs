@@ -287,14 +287,16 @@ internal sealed class VmStateAllocation
         foreach ((long s, long e) in keep) _written.Add(s, e);
     }
 
-    /// <summary>A snapshot took the area over: zero what was never written, give back the reservation, refuse further writes.</summary>
-    internal void Capture(string snapshot)
+    /// <summary>Before a snapshot takes the area over: writes in flight done, what was never written zeroed, the reservation given back.</summary>
+    internal void Quiesce()
     {
         WaitIdle();
         ZeroUnwritten();
         ReleaseReservation();
-        CapturedBy = snapshot;
     }
+
+    /// <summary>A snapshot took the area over: further writes are refused.</summary>
+    internal void MarkCaptured(string snapshot) => CapturedBy = snapshot;
 
     // ---- writes in flight ---------------------------------------------------------------------
 
