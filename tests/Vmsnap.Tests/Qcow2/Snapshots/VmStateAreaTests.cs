@@ -269,4 +269,25 @@ public class VmStateAreaTests
         }
         Qemu.AssertClean(image);
     }
+
+    [Fact]
+    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer()
+    {
+        using var dir = new TempDir();
+        string image = dir.File("f.qcow2");
+        Qemu.Create(image, 16 << 20);
+        var device = new CountingDevice(FileBlockDevice.Open(image, new FileBlockDeviceOptions { Writable = true }));
+        byte[] data = Random(1 << 20, 11);
+        using (var img = Qcow2Image.Open(device, image))
+        {
+            using Qcow2VmStateArea area = Save(img, data);
+            device.FailAt = device.Writes;   // the create's first write
+            Assert.Throws<Vmsnap.Storage.StorageException>(() => img.CreateSnapshot("s", new Qcow2SnapshotCreateOptions { VmStateSize = data.Length }));
+            Assert.Empty(img.Snapshots);
+            area.Write(data.AsSpan(0, 10), data.Length);   // still the writer's: the save can go on...
+            area.Discard(0, area.Length);                   // ...or be given up without a trace
+        }
+        device.Dispose();
+        Qemu.AssertClean(image);
+    }
 }
