@@ -12,7 +12,7 @@ namespace Vmsnap.Qcow2;
 /// <remarks>Mapping methods run under the engine's lock; the in-flight count has its own.</remarks>
 internal sealed class VmStateAllocation
 {
-    private const long FirstReservationBytes = 32L << 20;
+    private const long FirstReservationBytes = 8L << 20;
     private const long MaxReservationBytes = 512L << 20;
     private const long PreallocateAheadBytes = 64L << 20;
 

@@ -290,4 +290,18 @@ public class VmStateAreaTests
         device.Dispose();
         Qemu.AssertClean(image);
     }
+
+    [Fact]
+    public void Closing_the_image_with_the_area_still_open_leaks_nothing()
+    {
+        using var dir = new TempDir();
+        string image = dir.File("c.qcow2");
+        Qemu.Create(image, 16 << 20);
+        var img = Qcow2Image.Open(image);
+        Qcow2VmStateArea area = img.OpenVmStateForWriting();
+        area.Write(Random(100_000, 12), 0);   // a reservation of several MiB, little of it used
+        img.Dispose();
+        area.Dispose();
+        Qemu.AssertClean(image);
+    }
 }
