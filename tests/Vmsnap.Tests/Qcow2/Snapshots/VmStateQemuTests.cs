@@ -91,6 +91,8 @@ public class VmStateQemuTests
             Assert.Equal(before.VmStateSize, MigrationStream.Inspect(reader).TotalBytes);
         }
         Assert.Equal(Tool.QemuImg("snapshot", "-l", image), ours);
+        Tool.Result cli = Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "snapshot", "list", image]);
+        Assert.Equal(Tool.QemuImg("snapshot", "-l", image), cli.Stdout);
 
         // What QEMU streams for the same state: -loadvm, then migrate to a file.
         string theirs = dir.File("theirs.mig");
