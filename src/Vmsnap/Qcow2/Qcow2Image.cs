@@ -8,7 +8,7 @@ namespace Vmsnap.Qcow2;
 /// clusters, backing files. Safe for concurrent calls; writes are crash-safe (a crash can leak
 /// clusters, never corrupt data that was flushed).
 /// </summary>
-public sealed class Qcow2Image : IDisposable
+public sealed partial class Qcow2Image : IDisposable
 {
     private Qcow2Image(Qcow2Engine engine) => Engine = engine;
 
@@ -34,7 +34,7 @@ public sealed class Qcow2Image : IDisposable
                 : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? ".", backing);
             if (!File.Exists(resolved)) throw new VmsnapException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
         }
-        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists });
+        var device = OpenLocked(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists, Lock = ImageLockMode.Write });
         var image = new Qcow2Image(Qcow2Engine.Create(device, path, virtualSize, options, ownsDevice: true));
         if (options.BackingFile is null) return image;
         // Reopen so that the backing chain is opened (and validated) like any other open.
@@ -42,15 +42,42 @@ public sealed class Qcow2Image : IDisposable
         return Open(path);
     }
 
-    /// <summary>Opens an existing image.</summary>
+    /// <summary>
+    /// Opens an existing image, locked the way QEMU locks its images: writable opens refuse an image
+    /// another process (a running QEMU) uses and keep others from writing it while open; read-only
+    /// opens refuse an image someone writes; <see cref="Qcow2OpenOptions.ForceShare"/> reads it anyway.
+    /// </summary>
     /// <param name="path">The image file.</param>
     /// <param name="options">Read-only, O_DIRECT, backing file handling; default: read and write, backing chain opened.</param>
+    /// <exception cref="ImageLockedException">Another process holds the image in a conflicting way (a running QEMU, say).</exception>
     public static Qcow2Image Open(string path, Qcow2OpenOptions? options = null)
     {
         options ??= new Qcow2OpenOptions();
         bool readOnly = options.ReadOnly || options.ForceShare;
-        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Writable = !readOnly, Direct = options.Direct });
+        ImageLockMode lockMode = options.ForceShare ? ImageLockMode.ForceShare : readOnly ? ImageLockMode.Read : ImageLockMode.Write;
+        var device = OpenLocked(path, new FileBlockDeviceOptions { Writable = !readOnly, Direct = options.Direct, Lock = lockMode });
         return new Qcow2Image(Qcow2Engine.Open(device, path, options, ownsDevice: true));
+    }
+
+    /// <summary>
+    /// Opens an image file with its lock, trying again for a moment when the lock is held: a lock
+    /// this process dropped can outlive its descriptor while another thread starts a child process
+    /// (the child holds a copy of the descriptor until it runs its program). A real holder, such as
+    /// a running QEMU, still gets the error.
+    /// </summary>
+    internal static FileBlockDevice OpenLocked(string path, FileBlockDeviceOptions options)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return FileBlockDevice.Open(path, options);
+            }
+            catch (ImageLockedException) when (attempt < 10)
+            {
+                Thread.Sleep(20);
+            }
+        }
     }
 
     /// <summary>Opens an image on any block device (tests, in-memory images).</summary>

@@ -63,8 +63,9 @@ public sealed record Qcow2OpenOptions
     public string? BackingFileOverride { get; init; }
 
     /// <summary>
-    /// Inspect an image another process may hold open (like qemu-img's --force-share): implies
-    /// read-only and takes no image locks.
+    /// Inspect an image another process may be writing (like qemu-img's --force-share): implies
+    /// read-only and takes only a shared read lock that tolerates writers, so it works while a QEMU
+    /// runs the image (what it reads may then be inconsistent).
     /// </summary>
     public bool ForceShare { get; init; }
 

@@ -38,7 +38,8 @@ internal abstract class BackingStore : IDisposable
         FileBlockDevice device;
         try
         {
-            device = FileBlockDevice.Open(path);
+            // Backing files are only read: like QEMU, keep writers away unless forced to share.
+            device = Qcow2Image.OpenLocked(path, new FileBlockDeviceOptions { Lock = options.ForceShare ? ImageLockMode.ForceShare : ImageLockMode.Read });
         }
         catch (StorageException e)
         {

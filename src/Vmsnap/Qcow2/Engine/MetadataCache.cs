@@ -59,6 +59,9 @@ internal sealed class MetadataCache
         return t;
     }
 
+    /// <summary>The cached table at <paramref name="offset"/>, or null; never reads (walks over every table use it).</summary>
+    internal Table? Peek(long offset) => _tables.GetValueOrDefault(offset);
+
     /// <summary>A table for a freshly allocated cluster: zeroed, not read, marked dirty.</summary>
     internal Table GetEmpty(long offset)
     {

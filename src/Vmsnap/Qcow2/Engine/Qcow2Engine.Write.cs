@@ -399,6 +399,7 @@ internal sealed partial class Qcow2Engine
     private void EnsureWritable()
     {
         if (ReadOnly) throw new VmsnapException($"'{Path}' is open read-only");
+        ThrowIfSwitchFailed();
         if (_verified) return;
         if (Header.IsCorrupt)
             throw Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,

@@ -39,6 +39,9 @@ internal sealed class RefcountManager
     internal ReadOnlySpan<ulong> Table => _table;
     internal bool HasDirty => _blocks.HasDirty || _tableDirtyLast >= 0;
 
+    /// <summary>No cluster below this one is free (where allocation starts looking).</summary>
+    internal long FreeHint => _freeHint;
+
     /// <summary>One past the highest cluster index allocated or present in the file.</summary>
     internal long HighWater { get; private set; }
 

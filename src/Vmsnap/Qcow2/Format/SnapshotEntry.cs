@@ -35,8 +35,11 @@ internal sealed partial class SnapshotEntry
     /// <summary>Extra data past the fields vmsnap knows, kept byte for byte.</summary>
     internal byte[] UnknownExtraData { get; set; } = [];
 
+    /// <summary>Where the entry was read from in the file (for error messages); -1 for a new entry.</summary>
+    internal long FileOffset { get; set; } = -1;
+
     /// <summary>Size of the VM state in bytes.</summary>
-    internal long VmStateSize => VmStateSizeLarge is ulong large ? (long)large : VmStateSize32;
+    internal long VmStateSize => VmStateSizeLarge is ulong large ? (long)Math.Min(large, long.MaxValue) : VmStateSize32;
 
     /// <summary>The time the snapshot was taken.</summary>
     internal DateTimeOffset Date => DateTimeOffset.FromUnixTimeSeconds(DateSeconds).AddTicks(DateNanoseconds / 100);

@@ -30,7 +30,9 @@ internal static class SnapshotTable
             byte[] whole = new byte[SnapshotEntry.FixedSize + variable];
             fixedPart.CopyTo(whole, 0);
             ReadExactly(device, whole.AsSpan(SnapshotEntry.FixedSize), pos + SnapshotEntry.FixedSize, fileLength, i);
-            entries.Add(SnapshotEntry.Read(whole, pos, i, out int padded));
+            SnapshotEntry entry = SnapshotEntry.Read(whole, pos, i, out int padded);
+            entry.FileOffset = pos;
+            entries.Add(entry);
             pos += padded;
             if (pos - start > MaxTableBytes)
                 throw new Qcow2FormatException("snapshot table", start, $"larger than {MaxTableBytes} bytes");

@@ -1,0 +1,539 @@
+using System.Text;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// Internal snapshots: create, delete, apply, and dropping the active VM-state area. Each builds a
+/// <see cref="MetadataGeneration"/> (refcounts counted per path as QEMU counts them, COPIED flags
+/// of the active tables exact for the new counts) and switches to it with one header write.
+/// </summary>
+internal sealed partial class Qcow2Engine
+{
+    internal const int MaxSnapshotNameBytes = 255;   // what QEMU keeps of a name (QEMUSnapshotInfo.name)
+
+    // Set when a header switch failed in a way that leaves the on-disk state unknown.
+    private string? _switchFailure;
+
+    // Open VM-state readers, by the L1 table offset of the snapshot they read.
+    private readonly Dictionary<long, int> _vmStateReaders = [];
+
+    /// <summary>The VM-state area open for writing, if any.</summary>
+    internal VmStateAllocation? VmStateWriter { get; set; }
+
+    /// <summary>Guest offset of the VM-state area of a disk of <paramref name="diskSize"/> bytes.</summary>
+    internal long VmStateOffsetFor(long diskSize) => Geometry.L1EntriesFor(diskSize) * Geometry.BytesPerL2;
+
+    private void ThrowIfSwitchFailed()
+    {
+        if (_switchFailure is not null)
+            throw new VmsnapException($"'{Path}': {_switchFailure}; reopen the image before changing it");
+    }
+
+    // ---- lookup and validation ----------------------------------------------------------------
+
+    /// <summary>Index of the snapshot with this ID, else the first with this name (QEMU's order), else -1.</summary>
+    internal int FindSnapshotIndex(string idOrName)
+    {
+        int byId = Snapshots.FindIndex(s => s.Id == idOrName);
+        return byId >= 0 ? byId : Snapshots.FindIndex(s => s.Name == idOrName);
+    }
+
+    private static string Describe(SnapshotEntry s) => $"snapshot {s.Id} ('{s.Name}')";
+
+    private string SnapshotEntryName(int index) => $"snapshot table entry {index}";
+
+    /// <summary>
+    /// Refuses a snapshot table vmsnap must not change or look things up in: duplicate IDs, L1
+    /// tables that are unaligned, too large or outside the file.
+    /// </summary>
+    internal void ValidateSnapshotTable()
+    {
+        var ids = new Dictionary<string, int>(StringComparer.Ordinal);
+        long fileLength = Device.Length;
+        for (int i = 0; i < Snapshots.Count; i++)
+        {
+            SnapshotEntry s = Snapshots[i];
+            long? at = s.FileOffset >= 0 ? s.FileOffset : null;
+            if (!ids.TryAdd(s.Id, i))
+                throw Corrupt(SnapshotEntryName(i), at, $"has ID '{s.Id}', the same as entry {ids[s.Id]}; snapshot IDs must be unique");
+            CheckSnapshotL1(s, i, fileLength);
+        }
+    }
+
+    private void CheckSnapshotL1(SnapshotEntry s, int index, long fileLength)
+    {
+        long? at = s.FileOffset >= 0 ? s.FileOffset : null;
+        if ((long)s.L1Size * 8 > ClusterGeometry.MaxL1Bytes)
+            throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table of {s.L1Size} entries is larger than the {ClusterGeometry.MaxL1Bytes / 8} qcow2 allows");
+        if (s.L1Size == 0) return;
+        long o = s.L1TableOffset;
+        if (o < 0 || (o & (Geometry.ClusterSize - 1)) != 0)
+            throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table offset 0x{(ulong)o:x} is not aligned to a cluster");
+        if (o < Geometry.ClusterSize)
+            throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table offset 0x{o:x} lies in the header cluster");
+        long bytes = s.L1Size * 8L;
+        if (o >= fileLength || o + bytes - fileLength >= Geometry.ClusterSize)
+            throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table at 0x{o:x} ({bytes} bytes) extends beyond the end of the file ({fileLength} bytes)");
+    }
+
+    /// <summary>A snapshot's L1 table, checked: within the file, every L2 table offset aligned and inside the file.</summary>
+    private L1Table ReadSnapshotL1(SnapshotEntry s)
+    {
+        int index = Snapshots.IndexOf(s);
+        CheckSnapshotL1(s, index, Device.Length);
+        L1Table l1 = ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        for (long i = 0; i < l1.Size; i++)
+        {
+            ulong entry = l1[i];
+            if (entry == 0) continue;
+            if ((entry & L1Entry.ReservedMask) != 0)
+                throw Corrupt($"{Describe(s)} L1 table entry {i}", l1.Offset + i * 8, $"has reserved bits set (0x{entry:x16})");
+            ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
+        }
+        return l1;
+    }
+
+    private SnapshotEntry Lookup(string idOrName)
+    {
+        ArgumentNullException.ThrowIfNull(idOrName);
+        ValidateSnapshotTable();
+        int index = FindSnapshotIndex(idOrName);
+        if (index < 0) throw new Qcow2SnapshotNotFoundException(idOrName, Path);
+        return Snapshots[index];
+    }
+
+    /// <summary>The new snapshot ID as QEMU picks it: the highest ID read as a number (like strtoul) plus one.</summary>
+    internal string NewSnapshotId()
+    {
+        ulong max = 0;
+        foreach (SnapshotEntry s in Snapshots) max = Math.Max(max, ParseIdLikeStrtoul(s.Id));
+        return unchecked(max + 1).ToString(System.Globalization.CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>C's strtoul(text, NULL, 10): leading blanks, an optional sign, digits; saturates; a minus negates.</summary>
+    internal static ulong ParseIdLikeStrtoul(string text)
+    {
+        int i = 0;
+        while (i < text.Length && text[i] is ' ' or '\t' or '\n' or '\v' or '\f' or '\r') i++;
+        bool negative = false;
+        if (i < text.Length && text[i] is '+' or '-') negative = text[i++] == '-';
+        ulong value = 0;
+        bool overflow = false;
+        for (; i < text.Length && text[i] is >= '0' and <= '9'; i++)
+        {
+            ulong digit = (ulong)(text[i] - '0');
+            if (value > (ulong.MaxValue - digit) / 10) overflow = true;
+            else value = value * 10 + digit;
+        }
+        if (overflow) return ulong.MaxValue;
+        return negative ? unchecked(0 - value) : value;
+    }
+
+    private static void CheckSnapshotName(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        if (name.Length == 0) throw new ArgumentException("a snapshot needs a name");
+        int bytes = Encoding.UTF8.GetByteCount(name);
+        if (bytes > MaxSnapshotNameBytes)
+            throw new ArgumentException($"snapshot name of {bytes} bytes is too long: QEMU keeps at most {MaxSnapshotNameBytes}");
+        if (name.Contains('\0')) throw new ArgumentException("a snapshot name cannot contain a NUL character");
+    }
+
+    // ---- walking tables -----------------------------------------------------------------------
+
+    /// <summary>An L2 table's bytes for a walk: the cached copy when there is one, else read without caching. Never modify.</summary>
+    private byte[] ReadL2ForWalk(L1Table l1, long l1Index, long l2)
+    {
+        ValidateL2Offset(l1, l1Index, l2);
+        MetadataCache.Table? cached = L2Cache.Peek(l2);
+        if (cached is not null) return cached.Data;
+        byte[] data = new byte[Geometry.ClusterSize];
+        int n = Device.Read(data, l2);
+        if (n < data.Length) data.AsSpan(n).Clear();
+        return data;
+    }
+
+    /// <summary>Adds <paramref name="delta"/> to every host cluster an L2 table references (one path through it).</summary>
+    private void CountL2Path(MetadataGeneration gen, byte[] table, long l2Offset, long delta)
+    {
+        bool extended = Geometry.ExtendedL2;
+        for (int j = 0; j < Geometry.L2Entries; j++)
+        {
+            L2Entry e = L2Entry.Read(table, j, extended);
+            ClusterKind kind = e.Kind(extended);
+            ValidateEntry(e, kind, l2Offset, j);
+            switch (kind)
+            {
+                case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                    gen.Add(e.HostOffset >> Geometry.ClusterBits, delta);
+                    break;
+                case ClusterKind.Compressed:
+                    (long offset, int length) = e.CompressedRange(Geometry);
+                    gen.AddRange(offset, length, delta);
+                    break;
+            }
+        }
+    }
+
+    /// <summary>Adds <paramref name="delta"/> for every path of <paramref name="l1"/>'s entries [first, end): the L2 tables and what they reference.</summary>
+    private void CountL1Paths(MetadataGeneration gen, L1Table l1, long first, long end, long delta)
+    {
+        for (long i = first; i < Math.Min(end, l1.Size); i++)
+        {
+            long l2 = L1Entry.L2Offset(l1[i]);
+            if (l2 == 0) continue;
+            byte[] table = ReadL2ForWalk(l1, i, l2);
+            CountL2Path(gen, table, l2, delta);
+            gen.Add(l2 >> Geometry.ClusterBits, delta);
+        }
+    }
+
+    /// <summary>
+    /// Makes the COPIED flags of the new active tables exact for the new generation's refcounts:
+    /// an L2 table whose data entries' flags are wrong is copied to a fresh cluster with the right
+    /// flags (the active tables of the current generation are never rewritten), or rewritten in
+    /// place when <paramref name="mayRewriteInPlace"/> says the current generation does not use it
+    /// as active; then every L1 entry's flag is set from its table's refcount.
+    /// </summary>
+    private void FixActiveFlags(MetadataGeneration gen, L1Table source, ulong[] active, Func<long, bool>? mayRewriteInPlace = null)
+    {
+        bool extended = Geometry.ExtendedL2;
+        var copies = new List<(long Index, long Old, byte[] Data)>();
+        var rewritten = new HashSet<long>();
+        for (long i = 0; i < active.Length; i++)
+        {
+            long l2 = L1Entry.L2Offset(active[i]);
+            if (l2 == 0 || rewritten.Contains(l2)) continue;
+            byte[] table = ReadL2ForWalk(source, i, l2);
+            byte[]? corrected = null;
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table, j, extended);
+                if (e.Kind(extended) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                bool want = gen.Get(e.HostOffset >> Geometry.ClusterBits) == 1;
+                if (want == e.IsCopied) continue;
+                corrected ??= (byte[])table.Clone();
+                L2Entry.Write(corrected, j, extended, e with { Word = want ? e.Word | L2Entry.Copied : e.Word & ~L2Entry.Copied });
+            }
+            if (corrected is null) continue;
+            if (mayRewriteInPlace?.Invoke(l2) == true)
+            {
+                gen.Write(l2, corrected);
+                rewritten.Add(l2);
+            }
+            else
+            {
+                copies.Add((i, l2, corrected));
+            }
+        }
+        foreach ((long index, long old, byte[] data) in copies)
+        {
+            long fresh = gen.Allocate(1);
+            gen.Write(fresh, data);
+            gen.Add(old >> Geometry.ClusterBits, -1);
+            active[index] = (ulong)fresh;
+        }
+        for (long i = 0; i < active.Length; i++)
+        {
+            long l2 = L1Entry.L2Offset(active[i]);
+            if (l2 != 0) active[i] = L1Entry.Make(l2, copied: gen.Get(l2 >> Geometry.ClusterBits) == 1);
+        }
+    }
+
+    private byte[] EncodeL1Padded(ulong[] entries)
+    {
+        byte[] bytes = new byte[Geometry.ClustersFor(entries.Length * 8L) << Geometry.ClusterBits];
+        L1Entry.Encode(entries, bytes);
+        return bytes;
+    }
+
+    private long WriteNewL1(MetadataGeneration gen, ulong[] entries)
+    {
+        if (entries.Length == 0) return (long)Header.L1TableOffset;
+        long offset = gen.Allocate(Geometry.ClustersFor(entries.Length * 8L));
+        gen.Write(offset, EncodeL1Padded(entries));
+        return offset;
+    }
+
+    /// <summary>Writes the snapshot table for <paramref name="list"/> into fresh clusters (nothing when empty) and frees the current one.</summary>
+    private (long Offset, long Bytes) WriteNewSnapshotTable(MetadataGeneration gen, List<SnapshotEntry> list)
+    {
+        if (Header.SnapshotCount > 0 && SnapshotTableBytes > 0)
+            gen.AddRange((long)Header.SnapshotsOffset, SnapshotTableBytes, -1);
+        if (list.Count == 0) return (0, 0);
+        byte[] bytes = SnapshotTable.Encode(list);
+        long clusters = Geometry.ClustersFor(bytes.Length);
+        long offset = gen.Allocate(clusters);
+        byte[] padded = new byte[clusters << Geometry.ClusterBits];
+        bytes.CopyTo(padded, 0);
+        gen.Write(offset, padded);
+        return (offset, bytes.Length);
+    }
+
+    // ---- the switch ---------------------------------------------------------------------------
+
+    /// <summary>
+    /// Writes the generation, then switches the header (L1, refcount table and snapshot table
+    /// fields) in one write and adopts the new state in memory.
+    /// </summary>
+    private void Switch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable)
+    {
+        Qcow2Header h = Header.Clone();
+        if (newActive is not null)
+        {
+            h.L1Size = (uint)newActive.Length;
+            h.L1TableOffset = (ulong)newActiveOffset;
+        }
+        if (newSnapshots is not null)
+        {
+            h.SnapshotCount = (uint)newSnapshots.Count;
+            h.SnapshotsOffset = (ulong)newTable.Offset;
+        }
+        gen.Commit(h);
+        byte[] before = MetadataGeneration.SwitchBytes(Header);
+        byte[] after = MetadataGeneration.SwitchBytes(h);
+        try
+        {
+            Device.Write(after, MetadataGeneration.SwitchOffset);
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            if (!SwitchLanded(before, after, e)) throw;
+        }
+
+        Header.L1Size = h.L1Size;
+        Header.L1TableOffset = h.L1TableOffset;
+        Header.RefcountTableOffset = h.RefcountTableOffset;
+        Header.RefcountTableClusters = h.RefcountTableClusters;
+        Header.SnapshotCount = h.SnapshotCount;
+        Header.SnapshotsOffset = h.SnapshotsOffset;
+        if (newActive is not null) ActiveL1.Replace(newActiveOffset, newActive);
+        Refcounts.Reload(gen.NewTable);
+        foreach ((long offset, byte[] data) in gen.NewBlocks) Refcounts.Blocks.PutClean(offset, data);
+        Refcounts.NoteHighWater(gen.End);
+        if (newSnapshots is not null)
+        {
+            SetSnapshots(newSnapshots, newTable.Bytes);
+            long at = newTable.Offset;
+            foreach (SnapshotEntry e in newSnapshots)
+            {
+                e.FileOffset = at;   // where error messages find the entry now
+                at += e.EncodedLength;
+            }
+        }
+        L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
+        Device.Flush();
+        // Only now: until the switch is durable the old generation may still use the clusters at the end.
+        TrimFreeTail();
+    }
+
+    /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>
+    private bool SwitchLanded(byte[] before, byte[] after, Exception error)
+    {
+        byte[] now = new byte[before.Length];
+        try
+        {
+            if (Device.Read(now, MetadataGeneration.SwitchOffset) != now.Length) throw new VmsnapException("short read");
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            _switchFailure = $"the header switch failed ({error.Message}) and the header cannot be read back ({e.Message})";
+            return false;
+        }
+        if (now.AsSpan().SequenceEqual(after)) return true;
+        if (!now.AsSpan().SequenceEqual(before))
+            _switchFailure = $"the header switch failed halfway ({error.Message})";
+        return false;
+    }
+
+    /// <summary>What every snapshot operation needs first: a writable, verified image, no VM-state reservation, metadata on disk.</summary>
+    private void PrepareGeneration()
+    {
+        ThrowIfSwitchFailed();
+        EnsureWritable();
+        VmStateWriter?.ReleaseReservation();
+        FlushAll();
+    }
+
+    // ---- operations ---------------------------------------------------------------------------
+
+    /// <summary>Creates a snapshot of the active disk (and of the VM state written so far, up to <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>).</summary>
+    internal SnapshotEntry CreateSnapshot(string name, Qcow2SnapshotCreateOptions options) => RunExclusive(() =>
+    {
+        CheckSnapshotName(name);
+        ArgumentOutOfRangeException.ThrowIfNegative(options.VmStateSize, "options.VmStateSize");
+        ArgumentOutOfRangeException.ThrowIfNegative(options.VmClock, "options.VmClock");
+        ValidateSnapshotTable();
+        int same = Snapshots.FindIndex(s => s.Name == name);
+        if (same >= 0) throw new VmsnapException($"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
+        if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+        DateTimeOffset date = options.Date ?? DateTimeOffset.UtcNow;
+        long unixSeconds = date.ToUnixTimeSeconds();
+        if (unixSeconds is < 0 or > uint.MaxValue)
+            throw new ArgumentOutOfRangeException(nameof(options), date, "the date must lie between 1970 and 2106 (qcow2 keeps 32-bit seconds)");
+        PrepareGeneration();
+        bool withVmState = options.VmStateSize > 0;
+        VmStateAllocation? captured = withVmState ? VmStateWriter : null;
+        captured?.Quiesce();   // its data complete and zero-filled before the snapshot can point to it
+
+        var entry = new SnapshotEntry
+        {
+            Id = NewSnapshotId(),
+            Name = name,
+            L1Size = (uint)ActiveL1.Size,
+            DateSeconds = (uint)unixSeconds,
+            DateNanoseconds = (uint)((date.UtcTicks % TimeSpan.TicksPerSecond) / 10 * 1000),   // microseconds, as QEMU keeps them
+            VmClockNanoseconds = (ulong)options.VmClock,
+            VmStateSize32 = options.VmStateSize <= uint.MaxValue ? (uint)options.VmStateSize : 0,
+            VmStateSizeLarge = (ulong)options.VmStateSize,
+            DiskSize = (ulong)VirtualSize,
+            Icount = options.Icount,
+        };
+
+        // The snapshot shares the disk's L2 tables; every new path through them is counted, and the
+        // active disk continues in a new L1 table whose COPIED flags fit the new counts.
+        var gen = new MetadataGeneration(this);
+        long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
+        CountL1Paths(gen, ActiveL1, 0, diskEntries, +1);
+        var active = new ulong[ActiveL1.Size];
+        if (withVmState)
+        {
+            // The snapshot keeps the current L1 table as it is, VM-state area included (now its
+            // own); the active disk stops mapping that area, so the next save writes fresh clusters.
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset;
+            for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
+        }
+        else
+        {
+            // A disk-only snapshot gets a copy of the disk's entries; whatever the active table maps
+            // past the disk (a save in progress) stays the active table's alone.
+            var snapshotL1 = new ulong[ActiveL1.Size];
+            for (long i = 0; i < diskEntries; i++) snapshotL1[i] = ActiveL1[i] & ~L1Entry.Copied;
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : WriteNewL1(gen, snapshotL1);
+            ActiveL1.Entries.CopyTo(active, 0);
+            if (ActiveL1.Size > 0) gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        }
+        FixActiveFlags(gen, ActiveL1, active);
+        long activeOffset = WriteNewL1(gen, active);
+        var list = new List<SnapshotEntry>(Snapshots) { entry };
+        (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
+        Switch(gen, active, activeOffset, list, table);
+        if (captured is not null)
+        {
+            captured.MarkCaptured(name);   // its clusters are the snapshot's now
+            VmStateWriter = null;
+        }
+        return entry;
+    });
+
+    /// <summary>Deletes a snapshot: the table without it, then everything only it used is free (its VM state included).</summary>
+    internal SnapshotEntry DeleteSnapshot(string idOrName) => RunExclusive(() =>
+    {
+        SnapshotEntry sn = Lookup(idOrName);
+        if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
+            throw new VmsnapException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
+        PrepareGeneration();
+
+        var gen = new MetadataGeneration(this);
+        CountL1Paths(gen, l1, 0, l1.Size, -1);
+        if (sn.L1Size > 0) gen.AddRange(sn.L1TableOffset, sn.L1Size * 8L, -1);
+        var active = (ulong[])ActiveL1.Entries.Clone();
+        FixActiveFlags(gen, ActiveL1, active);
+        bool activeChanged = !active.AsSpan().SequenceEqual(ActiveL1.Entries);
+        long activeOffset = ActiveL1.Offset;
+        if (activeChanged)
+        {
+            gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+            activeOffset = WriteNewL1(gen, active);
+        }
+        var list = new List<SnapshotEntry>(Snapshots);
+        list.Remove(sn);
+        (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
+        Switch(gen, activeChanged ? active : null, activeOffset, list, table);
+        return sn;
+    });
+
+    /// <summary>Makes a snapshot's disk the active disk (like <c>qemu-img snapshot -a</c>); the snapshot stays.</summary>
+    internal SnapshotEntry ApplySnapshot(string idOrName) => RunExclusive(() =>
+    {
+        SnapshotEntry sn = Lookup(idOrName);
+        if (VmStateWriter is not null)
+            throw new VmsnapException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
+        long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
+        if (diskSize != VirtualSize)
+            throw new VmsnapException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
+        PrepareGeneration();
+
+        // The new active table: the snapshot's disk entries (its VM-state area stays its own).
+        var gen = new MetadataGeneration(this);
+        long diskEntries = Geometry.L1EntriesFor(VirtualSize);
+        var active = new ulong[Math.Max(ActiveL1.Size, diskEntries)];
+        for (long i = 0; i < Math.Min(diskEntries, l1.Size); i++) active[i] = l1[i] & ~L1Entry.Copied;
+        // Only the final counts reach the disk, so the old active paths go first: a narrow refcount
+        // (2 bits, say) that holds the final count must not overflow on the way.
+        CountL1Paths(gen, ActiveL1, 0, ActiveL1.Size, -1);
+        gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        CountL1Paths(gen, l1, 0, diskEntries, +1);
+        var current = new HashSet<long>();
+        for (long i = 0; i < ActiveL1.Size; i++)
+            if (L1Entry.L2Offset(ActiveL1[i]) is long t and not 0) current.Add(t);
+        // The snapshot's own tables are not active yet: their COPIED flags may be corrected in place.
+        FixActiveFlags(gen, l1, active, l2 => !current.Contains(l2));
+        long activeOffset = WriteNewL1(gen, active);
+        Switch(gen, active, activeOffset, null, default);
+        _activeShared = FindActiveSharing(FindActiveDuplicates());
+        return sn;
+    });
+
+    /// <summary>Host clusters more than one active L2 entry references (rare: only after check repaired such sharing).</summary>
+    private HashSet<long> FindActiveDuplicates()
+    {
+        var seen = new HashSet<long>();
+        var duplicates = new HashSet<long>();
+        for (long i = 0; i < ActiveL1.Size; i++)
+        {
+            long l2 = L1Entry.L2Offset(ActiveL1[i]);
+            if (l2 == 0) continue;
+            byte[] table = ReadL2ForWalk(ActiveL1, i, l2);
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table, j, Geometry.ExtendedL2);
+                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                long c = e.HostOffset >> Geometry.ClusterBits;
+                if (!seen.Add(c)) duplicates.Add(c);
+            }
+        }
+        return duplicates;
+    }
+
+    /// <summary>
+    /// Drops whatever the active L1 table maps past the disk (the VM-state area of an earlier save,
+    /// or one a QEMU snapshot apply copied in), so a new save writes fresh clusters. Call under the lock.
+    /// </summary>
+    internal void DropActiveVmState()
+    {
+        long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
+        bool any = false;
+        for (long i = diskEntries; i < ActiveL1.Size && !any; i++) any = ActiveL1[i] != 0;
+        if (!any) return;
+        PrepareGeneration();
+        var gen = new MetadataGeneration(this);
+        CountL1Paths(gen, ActiveL1, diskEntries, ActiveL1.Size, -1);
+        var active = (ulong[])ActiveL1.Entries.Clone();
+        Array.Clear(active, (int)diskEntries, active.Length - (int)diskEntries);
+        FixActiveFlags(gen, ActiveL1, active);
+        gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        long activeOffset = WriteNewL1(gen, active);
+        Switch(gen, active, activeOffset, null, default);
+    }
+
+    internal void RegisterVmStateReader(long l1Offset, int delta)
+    {
+        int n = _vmStateReaders.GetValueOrDefault(l1Offset) + delta;
+        if (n <= 0) _vmStateReaders.Remove(l1Offset);
+        else _vmStateReaders[l1Offset] = n;
+    }
+}

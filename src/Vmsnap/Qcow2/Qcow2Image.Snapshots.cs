@@ -1,0 +1,106 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>Internal snapshots and the VM-state area.</summary>
+public sealed partial class Qcow2Image
+{
+    /// <summary>The image's snapshots in table order (what <c>qemu-img snapshot -l</c> lists).</summary>
+    public IReadOnlyList<Qcow2Snapshot> Snapshots
+    {
+        get
+        {
+            lock (Engine.SyncRoot)
+            {
+                Engine.ThrowIfDisposed();
+                return Engine.Snapshots.Select(ToPublic).ToArray();
+            }
+        }
+    }
+
+    /// <summary>The snapshot with this ID, else the first one with this name (QEMU's lookup order), else null.</summary>
+    /// <exception cref="Qcow2FormatException">The snapshot table has duplicate IDs (a lookup would be ambiguous) or an unusable entry.</exception>
+    public Qcow2Snapshot? FindSnapshot(string idOrName)
+    {
+        ArgumentNullException.ThrowIfNull(idOrName);
+        lock (Engine.SyncRoot)
+        {
+            Engine.ThrowIfDisposed();
+            Engine.ValidateSnapshotTable();
+            int index = Engine.FindSnapshotIndex(idOrName);
+            return index < 0 ? null : ToPublic(Engine.Snapshots[index]);
+        }
+    }
+
+    /// <summary>
+    /// Creates a snapshot of the active disk, named <paramref name="name"/> (unique in the image),
+    /// with the next free ID (the highest numeric ID + 1). With <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>
+    /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateForWriting"/>
+    /// (which then refuses further writes), and the active disk no longer maps that area, so the next
+    /// save writes fresh clusters. Crash-safe: the image switches to the new metadata in one header write.
+    /// </summary>
+    /// <exception cref="ArgumentException">The name is empty, too long (QEMU keeps 255 bytes) or the options are out of range.</exception>
+    /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>
+    public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
+    {
+        SnapshotEntry entry = Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions());
+        return ToPublic(entry);
+    }
+
+    /// <summary>
+    /// Deletes the snapshot with this ID or name: the table without it, and every cluster only it
+    /// used (its L1 and L2 tables, data, VM state) freed. Crash-safe like <see cref="CreateSnapshot"/>.
+    /// </summary>
+    /// <returns>The snapshot deleted.</returns>
+    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Engine.DeleteSnapshot(idOrName));
+
+    /// <summary>
+    /// Reverts the active disk to the snapshot with this ID or name (like <c>qemu-img snapshot -a</c>);
+    /// the snapshot stays. Crash-safe like <see cref="CreateSnapshot"/>.
+    /// </summary>
+    /// <returns>The snapshot applied.</returns>
+    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
+    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Engine.ApplySnapshot(idOrName));
+
+    /// <summary>
+    /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's
+    /// VM-state offset, mapped through the active L1 table. Whatever the active table mapped there
+    /// before (an unfinished save) is dropped first. Write the stream, <see cref="Qcow2VmStateArea.Flush"/>,
+    /// then <see cref="CreateSnapshot"/> with its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all.
+    /// </summary>
+    public Qcow2VmStateArea OpenVmStateForWriting() => Engine.OpenVmStateForWriting();
+
+    /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
+    /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
+    /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
+    public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot)
+    {
+        ArgumentNullException.ThrowIfNull(snapshot);
+        SnapshotEntry entry;
+        lock (Engine.SyncRoot)
+        {
+            Engine.ThrowIfDisposed();
+            entry = Engine.Snapshots.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
+                ?? throw new Qcow2SnapshotNotFoundException(snapshot.Id, Path);
+        }
+        return Engine.OpenVmStateForReading(entry, ToPublic(entry));
+    }
+
+    /// <summary>Opens the VM state of the snapshot with this ID or name for reading.</summary>
+    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    public Qcow2VmStateArea OpenVmStateForReading(string idOrName) =>
+        OpenVmStateForReading(FindSnapshot(idOrName) ?? throw new Qcow2SnapshotNotFoundException(idOrName, Path));
+
+    private Qcow2Snapshot ToPublic(SnapshotEntry s) => new()
+    {
+        Id = s.Id,
+        Name = s.Name,
+        VmStateSize = s.VmStateSize,
+        Date = s.Date,
+        VmClock = unchecked((long)s.VmClockNanoseconds),
+        DiskSize = s.DiskSize is ulong d ? (long)Math.Min(d, long.MaxValue) : Engine.VirtualSize,
+        Icount = s.Icount ?? -1,
+        L1TableOffset = s.L1TableOffset,
+        L1Size = (int)Math.Min(s.L1Size, int.MaxValue),
+    };
+}

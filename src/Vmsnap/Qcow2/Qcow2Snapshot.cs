@@ -1,0 +1,75 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// An internal snapshot of a qcow2 image as its snapshot table records it (what <c>qemu-img
+/// snapshot -l</c> lists): ID and name, when it was taken, the guest clock, how much VM state it
+/// holds, and where its L1 table is.
+/// </summary>
+public sealed record Qcow2Snapshot
+{
+    /// <summary>The snapshot's ID: a decimal number as text when QEMU or vmsnap picked it ("1", "2", ...).</summary>
+    public required string Id { get; init; }
+
+    /// <summary>The snapshot's name (QEMU's TAG column).</summary>
+    public required string Name { get; init; }
+
+    /// <summary>Bytes of VM state (a migration stream) stored with the snapshot; 0 for a disk-only snapshot.</summary>
+    public long VmStateSize { get; init; }
+
+    /// <summary>When the snapshot was taken (UTC; the table keeps seconds and nanoseconds).</summary>
+    public DateTimeOffset Date { get; init; }
+
+    /// <summary>The guest's virtual clock when the snapshot was taken, in nanoseconds.</summary>
+    public long VmClock { get; init; }
+
+    /// <summary>Size of the virtual disk when the snapshot was taken, in bytes.</summary>
+    public long DiskSize { get; init; }
+
+    /// <summary>Instruction count of record/replay when the snapshot was taken; -1 when icount was not in use.</summary>
+    public long Icount { get; init; } = -1;
+
+    /// <summary>File offset of the snapshot's L1 table.</summary>
+    public long L1TableOffset { get; init; }
+
+    /// <summary>Entries in the snapshot's L1 table.</summary>
+    public int L1Size { get; init; }
+}
+
+/// <summary>What to record in a new snapshot besides its name. The defaults are those of <c>qemu-img snapshot -c</c>, except <see cref="Icount"/>.</summary>
+public sealed record Qcow2SnapshotCreateOptions
+{
+    /// <summary>
+    /// Bytes of VM state the snapshot keeps: what was written through
+    /// <see cref="Qcow2Image.OpenVmStateForWriting"/> from offset 0. 0 (the default) makes a disk-only snapshot.
+    /// </summary>
+    public long VmStateSize { get; init; }
+
+    /// <summary>The guest's virtual clock in nanoseconds (default 0).</summary>
+    public long VmClock { get; init; }
+
+    /// <summary>When the snapshot was taken (default: now). Kept with microsecond precision, as QEMU does.</summary>
+    public DateTimeOffset? Date { get; init; }
+
+    /// <summary>Record/replay instruction count; -1 (the default) means icount was not in use, as QEMU's savevm records it.</summary>
+    public long Icount { get; init; } = -1;
+}
+
+/// <summary>No snapshot of the image has the ID or name asked for.</summary>
+public sealed class Qcow2SnapshotNotFoundException : VmsnapException
+{
+    /// <summary>Creates the error.</summary>
+    /// <param name="idOrName">The ID or name that was looked up.</param>
+    /// <param name="image">The image's path.</param>
+    public Qcow2SnapshotNotFoundException(string idOrName, string image)
+        : base($"'{image}' has no snapshot with ID or name '{idOrName}'")
+    {
+        IdOrName = idOrName;
+        Image = image;
+    }
+
+    /// <summary>The ID or name that was looked up.</summary>
+    public string IdOrName { get; }
+
+    /// <summary>The image's path.</summary>
+    public string Image { get; }
+}

@@ -1,0 +1,202 @@
+using Vmsnap.Storage;
+
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// The VM-state area of a qcow2 image as a block device: offset 0 is the first byte of the VM
+/// state, which qcow2 keeps in the image's guest address space right after the virtual disk.
+/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it maps through the active L1
+/// table and is what a save writes the migration stream into before
+/// <see cref="Qcow2Image.CreateSnapshot"/> takes it over; opened for reading
+/// (<see cref="Qcow2Image.OpenVmStateForReading(Qcow2Snapshot)"/>) it maps through a snapshot's L1
+/// table and is exactly the snapshot's VM-state size long.
+/// </summary>
+/// <remarks>
+/// Writing: positional, several writes may be in flight on disjoint ranges. Host clusters are
+/// allocated in large contiguous runs and linked in memory, the metadata written in batches; data
+/// goes straight to the image file (with O_DIRECT when the image was opened with
+/// <see cref="Qcow2OpenOptions.Direct"/> and the request is aligned). <see cref="Flush"/> makes data
+/// and metadata durable and zeroes what was mapped but never written; <see cref="Discard"/> of the
+/// whole area frees everything (a failed save leaves nothing behind).
+/// Reading: large aligned reads go to the file as large (direct) reads; unallocated ranges read as zero.
+/// </remarks>
+public sealed class Qcow2VmStateArea : IBlockDevice
+{
+    private readonly Qcow2Engine _engine;
+    private readonly VmStateAllocation? _writer;
+    private readonly L1Table? _snapshotL1;
+    private readonly long _start;
+    private readonly long _readLength;
+    private bool _disposed;
+
+    private Qcow2VmStateArea(Qcow2Engine engine, VmStateAllocation? writer, L1Table? snapshotL1, long start, long readLength, Qcow2Snapshot? snapshot)
+    {
+        _engine = engine;
+        _writer = writer;
+        _snapshotL1 = snapshotL1;
+        _start = start;
+        _readLength = readLength;
+        Snapshot = snapshot;
+    }
+
+    internal static Qcow2VmStateArea ForWriting(Qcow2Engine engine, VmStateAllocation writer) =>
+        new(engine, writer, null, writer.Start, 0, null);
+
+    internal static Qcow2VmStateArea ForReading(Qcow2Engine engine, L1Table l1, long start, Qcow2Snapshot snapshot) =>
+        new(engine, null, l1, start, snapshot.VmStateSize, snapshot);
+
+    /// <summary>The snapshot whose VM state this reads, or null for the area open for writing.</summary>
+    public Qcow2Snapshot? Snapshot { get; }
+
+    /// <summary>Guest offset of the area's first byte in the image (after the virtual disk).</summary>
+    public long GuestOffset => _start;
+
+    /// <summary>Reading: the snapshot's VM-state size. Writing: one past the highest byte written so far (or the length set).</summary>
+    public long Length
+    {
+        get
+        {
+            if (_writer is null) return _readLength;
+            lock (_engine.SyncRoot) return _writer.Length;
+        }
+    }
+
+    /// <inheritdoc/>
+    public bool IsReadOnly => _writer is null;
+
+    /// <inheritdoc/>
+    public int Alignment => _engine.Device.Alignment;
+
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
+
+    private VmStateAllocation Writer()
+    {
+        ThrowIfDisposed();
+        if (_writer is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.Path}' is open for reading only");
+        if (_writer.CapturedBy is { } snapshot)
+            throw new VmsnapException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
+        return _writer;
+    }
+
+    /// <inheritdoc/>
+    public int Read(Span<byte> buffer, long offset)
+    {
+        ThrowIfDisposed();
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        long length = Length;
+        if (offset >= length) return 0;
+        int n = (int)Math.Min(buffer.Length, length - offset);
+        _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+        return n;
+    }
+
+    /// <inheritdoc/>
+    public ValueTask<int> ReadAsync(Memory<byte> buffer, long offset, CancellationToken cancellationToken = default)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        return BlockingIo.Run(() => Read(buffer.Span, offset));
+    }
+
+    /// <inheritdoc/>
+    public void Write(ReadOnlySpan<byte> buffer, long offset)
+    {
+        if (buffer.IsEmpty) return;
+        VmStateAllocation writer = Writer();
+        List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        try
+        {
+            foreach ((long host, int at, int n) in segments) _engine.Device.Write(buffer.Slice(at, n), host);
+        }
+        finally
+        {
+            writer.EndWrite();
+        }
+    }
+
+    /// <inheritdoc/>
+    public async ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, long offset, CancellationToken cancellationToken = default)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        if (buffer.IsEmpty) return;
+        VmStateAllocation writer = Writer();
+        List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        try
+        {
+            if (segments.Count == 1)
+            {
+                await _engine.Device.WriteAsync(buffer, segments[0].Host, cancellationToken).ConfigureAwait(false);
+                return;
+            }
+            var writes = new Task[segments.Count];
+            for (int i = 0; i < segments.Count; i++)
+                writes[i] = _engine.Device.WriteAsync(buffer.Slice(segments[i].DataOffset, segments[i].Length), segments[i].Host, cancellationToken).AsTask();
+            await Task.WhenAll(writes).ConfigureAwait(false);
+        }
+        finally
+        {
+            writer.EndWrite();
+        }
+    }
+
+    private List<(long Host, int DataOffset, int Length)> Map(VmStateAllocation writer, long offset, int length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        if (offset > ClusterGeometry.MaxGuestOffset - _start - length)
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, "VM-state offset out of range");
+        lock (_engine.SyncRoot)
+        {
+            _engine.ThrowIfDisposed();
+            if (writer.CapturedBy is not null) Writer();   // throws
+            List<(long Host, int DataOffset, int Length)> segments = _engine.MapVmState(writer, offset, length);
+            writer.BeginWrite();   // under the lock: a snapshot operation waits for it
+            return segments;
+        }
+    }
+
+    /// <summary>Makes every completed write durable: zeroes never-written parts of mapped clusters, returns unused reserved clusters, writes metadata in crash-safe order, flushes the file. A no-op for reading.</summary>
+    public void Flush()
+    {
+        ThrowIfDisposed();
+        if (_writer is null || _writer.CapturedBy is not null) return;
+        _engine.FlushVmState(_writer);
+    }
+
+    /// <summary>
+    /// Writing only: a length below the current one discards what lies past it (whole clusters);
+    /// a larger one extends the area (the new part reads as zero).
+    /// </summary>
+    public void SetLength(long length)
+    {
+        VmStateAllocation writer = Writer();
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        long current = Length;
+        if (length < current) Discard(length, current - length);
+        lock (_engine.SyncRoot) writer.Length = length;
+    }
+
+    /// <summary>
+    /// Writing only: frees the clusters wholly inside the range (a range reaching the end of what was
+    /// written frees the last cluster too) and makes that durable. <c>Discard(0, Length)</c> frees
+    /// everything the area allocated: the failure path of a save. Waits for writes in flight.
+    /// </summary>
+    public void Discard(long offset, long length)
+    {
+        VmStateAllocation writer = Writer();
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        if (length == 0) return;
+        _engine.DiscardVmState(writer, offset, length);
+    }
+
+    /// <summary>
+    /// Closes the area. Writing: returns unused reserved clusters; what was written stays mapped in
+    /// the active L1 table (a later open for writing drops it), unless a snapshot took it over.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        if (_writer is not null) _engine.CloseVmStateWriter(_writer);
+        else _engine.CloseVmStateReader(_snapshotL1!.Offset);
+    }
+}
