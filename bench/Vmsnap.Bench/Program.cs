@@ -2,5 +2,6 @@
 using Vmsnap.Bench;
 
 if (args.Length > 0 && args[0] == "vmstate") return VmStateBench.Run(args[1..]);
-Console.Error.WriteLine("usage: Vmsnap.Bench vmstate --dir DIR --mode gather|buffered [options]  (see bench/README.md)");
+if (args.Length > 0 && args[0] == "vmstate-area") return VmStateAreaBench.Run(args[1..]);
+Console.Error.WriteLine("usage: Vmsnap.Bench vmstate|vmstate-area --dir DIR [options]  (see bench/README.md)");
 return 2;

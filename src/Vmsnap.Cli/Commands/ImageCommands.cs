@@ -84,12 +84,15 @@ internal static class ImageCommands
     private static Command InfoCommand()
     {
         var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var forceShare = SnapshotCommands.ForceShareOption();
         var json = Cli.JsonOption();
-        var command = new Command("info", "Show an image's settings (like qemu-img info)") { image, json };
+        var command = new Command("info", "Show an image's settings (like qemu-img info)") { image, forceShare, json };
         command.SetHandler((parse, ct) =>
         {
-            // Inspection only: no locks, and the backing chain need not be there.
-            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, new Qcow2OpenOptions { ForceShare = true, OpenBackingFile = false });
+            // Inspection only: the backing chain need not be there. Like qemu-img, refused while
+            // another process writes the image unless --force-share.
+            var options = new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false };
+            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, options);
             Qcow2ImageInfo info = img.Info;
             if (parse.GetValue(json))
             {
@@ -123,17 +126,20 @@ internal static class ImageCommands
         var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
         var repair = new Option<string?>("--repair") { Description = "Repair: leaks (free leaked clusters) or all (also wrong refcounts and COPIED flags)" };
         repair.AcceptOnlyFromAmong("leaks", "all");
+        var forceShare = SnapshotCommands.ForceShareOption();
         var json = Cli.JsonOption();
         var command = new Command("check", "Check an image's consistency like qemu-img check (exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only)")
         {
-            image, repair, json,
+            image, repair, forceShare, json,
         };
         command.SetHandler((parse, ct) =>
         {
             Qcow2RepairMode mode = parse.GetValue(repair) switch { "leaks" => Qcow2RepairMode.Leaks, "all" => Qcow2RepairMode.All, _ => Qcow2RepairMode.None };
             string path = parse.GetValue(image)!;
+            bool shared = parse.GetValue(forceShare);
+            if (shared && mode != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
             var options = mode == Qcow2RepairMode.None
-                ? new Qcow2OpenOptions { ReadOnly = true, OpenBackingFile = false }
+                ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = shared, OpenBackingFile = false }
                 : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true };
             Qcow2CheckResult r;
             using (Qcow2Image img = Qcow2Image.Open(path, options)) r = img.Check(mode);
@@ -190,13 +196,14 @@ internal static class ImageCommands
         var offset = new Argument<string>("OFFSET") { Description = "Guest offset in bytes (k, M, G suffixes allowed)" };
         var length = new Argument<string>("LENGTH") { Description = "Number of bytes to read" };
         var to = new Option<string>("--to") { Description = "File to write the bytes to (replaced)", Required = true };
+        var forceShare = SnapshotCommands.ForceShareOption();
         var json = Cli.JsonOption();
-        var command = new Command("read", "Read guest bytes of an image into a file") { image, offset, length, to, json };
+        var command = new Command("read", "Read guest bytes of an image into a file") { image, offset, length, to, forceShare, json };
         command.SetHandler((parse, ct) =>
         {
             long start = Cli.ParseSize(parse.GetValue(offset)!);
             long count = Cli.ParseSize(parse.GetValue(length)!);
-            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, new Qcow2OpenOptions { ReadOnly = true });
+            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare) });
             if (start > img.VirtualSize - count)
                 throw new ArgumentException($"range of {count} bytes at offset {start} lies beyond the virtual disk ({img.VirtualSize} bytes)");
             string target = parse.GetValue(to)!;

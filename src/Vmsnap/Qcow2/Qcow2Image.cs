@@ -34,7 +34,7 @@ public sealed partial class Qcow2Image : IDisposable
                 : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? ".", backing);
             if (!File.Exists(resolved)) throw new VmsnapException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
         }
-        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists, Lock = ImageLockMode.Write });
+        var device = OpenLocked(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists, Lock = ImageLockMode.Write });
         var image = new Qcow2Image(Qcow2Engine.Create(device, path, virtualSize, options, ownsDevice: true));
         if (options.BackingFile is null) return image;
         // Reopen so that the backing chain is opened (and validated) like any other open.
@@ -55,8 +55,29 @@ public sealed partial class Qcow2Image : IDisposable
         options ??= new Qcow2OpenOptions();
         bool readOnly = options.ReadOnly || options.ForceShare;
         ImageLockMode lockMode = options.ForceShare ? ImageLockMode.ForceShare : readOnly ? ImageLockMode.Read : ImageLockMode.Write;
-        var device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Writable = !readOnly, Direct = options.Direct, Lock = lockMode });
+        var device = OpenLocked(path, new FileBlockDeviceOptions { Writable = !readOnly, Direct = options.Direct, Lock = lockMode });
         return new Qcow2Image(Qcow2Engine.Open(device, path, options, ownsDevice: true));
+    }
+
+    /// <summary>
+    /// Opens an image file with its lock, trying again for a moment when the lock is held: a lock
+    /// this process dropped can outlive its descriptor while another thread starts a child process
+    /// (the child holds a copy of the descriptor until it runs its program). A real holder, such as
+    /// a running QEMU, still gets the error.
+    /// </summary>
+    internal static FileBlockDevice OpenLocked(string path, FileBlockDeviceOptions options)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return FileBlockDevice.Open(path, options);
+            }
+            catch (ImageLockedException) when (attempt < 10)
+            {
+                Thread.Sleep(20);
+            }
+        }
     }
 
     /// <summary>Opens an image on any block device (tests, in-memory images).</summary>

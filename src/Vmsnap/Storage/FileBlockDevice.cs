@@ -172,6 +172,17 @@ public sealed class FileBlockDevice : IBlockDevice
             Write(zeros.AsSpan(0, (int)Math.Min(zeros.Length, end - pos)), pos);
     }
 
+    /// <summary>
+    /// Allocates disk blocks for a range, growing the file if needed (fallocate): later O_DIRECT
+    /// writes there run in parallel where writes that extend a file or fill holes are serialized
+    /// (ext4). False when the file system cannot preallocate; nothing changes then.
+    /// </summary>
+    internal bool Preallocate(long offset, long length)
+    {
+        ThrowIfReadOnly();
+        return length > 0 && NativeFile.Allocate(_handle, offset, length, Path);
+    }
+
     private void ThrowIfReadOnly()
     {
         if (IsReadOnly) throw new StorageException($"'{Path}' is open read-only");

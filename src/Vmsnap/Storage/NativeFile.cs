@@ -70,6 +70,15 @@ internal static partial class NativeFile
         throw Error("fallocate(PUNCH_HOLE)", path, errno);
     }
 
+    /// <summary>Allocates blocks for a range (growing the file if it ends before); false when the file system cannot.</summary>
+    internal static bool Allocate(SafeFileHandle handle, long offset, long length, string path)
+    {
+        if (fallocate(Fd(handle), 0, offset, length) == 0) return true;
+        int errno = Marshal.GetLastPInvokeError();
+        if (errno is EOPNOTSUPP or EINVAL) return false;
+        throw Error("fallocate", path, errno);
+    }
+
     internal enum LockKind : short { Read = 0, Write = 1, Unlock = 2 }
 
     private const int F_OFD_GETLK = 36, F_OFD_SETLK = 37;

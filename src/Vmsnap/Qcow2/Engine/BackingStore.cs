@@ -39,7 +39,7 @@ internal abstract class BackingStore : IDisposable
         try
         {
             // Backing files are only read: like QEMU, keep writers away unless forced to share.
-            device = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Lock = options.ForceShare ? ImageLockMode.ForceShare : ImageLockMode.Read });
+            device = Qcow2Image.OpenLocked(path, new FileBlockDeviceOptions { Lock = options.ForceShare ? ImageLockMode.ForceShare : ImageLockMode.Read });
         }
         catch (StorageException e)
         {

@@ -53,12 +53,6 @@ internal sealed class MetadataGeneration
     /// <summary>The refcount table the new generation uses (valid after <see cref="Commit"/>).</summary>
     internal ulong[] NewTable { get; private set; } = [];
 
-    /// <summary>Offset of the new refcount table (valid after <see cref="Commit"/>).</summary>
-    internal long NewTableOffset { get; private set; }
-
-    /// <summary>Clusters of the new refcount table (valid after <see cref="Commit"/>).</summary>
-    internal int NewTableClusters { get; private set; }
-
     /// <summary>The new refcount blocks by offset, as written (valid after <see cref="Commit"/>).</summary>
     internal IEnumerable<(long Offset, byte[] Data)> NewBlocks =>
         _blocks.Select(b => ((long)(_table[b.Key] & RefcountTableEntry.OffsetMask), b.Value));
@@ -241,8 +235,6 @@ internal sealed class MetadataGeneration
         header.RefcountTableOffset = (ulong)tableOffset;
         header.RefcountTableClusters = (uint)tableClusters;
         NewTable = table;
-        NewTableOffset = tableOffset;
-        NewTableClusters = (int)tableClusters;
     }
 
     /// <summary>Gives every changed refcount block that still lives where the current generation has it a fresh cluster.</summary>

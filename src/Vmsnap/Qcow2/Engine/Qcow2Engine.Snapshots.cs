@@ -10,7 +10,6 @@ namespace Vmsnap.Qcow2;
 internal sealed partial class Qcow2Engine
 {
     internal const int MaxSnapshotNameBytes = 255;   // what QEMU keeps of a name (QEMUSnapshotInfo.name)
-    internal const int MaxSnapshotIdBytes = 127;     // QEMUSnapshotInfo.id_str
 
     // Set when a header switch failed in a way that leaves the on-disk state unknown.
     private string? _switchFailure;
@@ -77,11 +76,21 @@ internal sealed partial class Qcow2Engine
             throw Corrupt(SnapshotEntryName(index), at, $"{Describe(s)}: L1 table at 0x{o:x} ({bytes} bytes) extends beyond the end of the file ({fileLength} bytes)");
     }
 
+    /// <summary>A snapshot's L1 table, checked: within the file, every L2 table offset aligned and inside the file.</summary>
     private L1Table ReadSnapshotL1(SnapshotEntry s)
     {
         int index = Snapshots.IndexOf(s);
         CheckSnapshotL1(s, index, Device.Length);
-        return ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        L1Table l1 = ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        for (long i = 0; i < l1.Size; i++)
+        {
+            ulong entry = l1[i];
+            if (entry == 0) continue;
+            if ((entry & L1Entry.ReservedMask) != 0)
+                throw Corrupt($"{Describe(s)} L1 table entry {i}", l1.Offset + i * 8, $"has reserved bits set (0x{entry:x16})");
+            ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
+        }
+        return l1;
     }
 
     private SnapshotEntry Lookup(string idOrName)
@@ -302,9 +311,20 @@ internal sealed partial class Qcow2Engine
         Refcounts.Reload(gen.NewTable);
         foreach ((long offset, byte[] data) in gen.NewBlocks) Refcounts.Blocks.PutClean(offset, data);
         Refcounts.NoteHighWater(gen.End);
-        if (newSnapshots is not null) SetSnapshots(newSnapshots, newTable.Bytes);
+        if (newSnapshots is not null)
+        {
+            SetSnapshots(newSnapshots, newTable.Bytes);
+            long at = newTable.Offset;
+            foreach (SnapshotEntry e in newSnapshots)
+            {
+                e.FileOffset = at;   // where error messages find the entry now
+                at += e.EncodedLength;
+            }
+        }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
         Device.Flush();
+        // Only now: until the switch is durable the old generation may still use the clusters at the end.
+        TrimFreeTail();
     }
 
     /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>
@@ -348,22 +368,19 @@ internal sealed partial class Qcow2Engine
         if (same >= 0) throw new VmsnapException($"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
             throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
-        PrepareGeneration();
-        if (VmStateWriter is { } writer)
-        {
-            writer.Capture(name);   // its clusters become the snapshot's
-            VmStateWriter = null;
-        }
-
         DateTimeOffset date = options.Date ?? DateTimeOffset.UtcNow;
         long unixSeconds = date.ToUnixTimeSeconds();
         if (unixSeconds is < 0 or > uint.MaxValue)
             throw new ArgumentOutOfRangeException(nameof(options), date, "the date must lie between 1970 and 2106 (qcow2 keeps 32-bit seconds)");
+        PrepareGeneration();
+        bool withVmState = options.VmStateSize > 0;
+        VmStateAllocation? captured = withVmState ? VmStateWriter : null;
+        captured?.Quiesce();   // its data complete and zero-filled before the snapshot can point to it
+
         var entry = new SnapshotEntry
         {
             Id = NewSnapshotId(),
             Name = name,
-            L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset,
             L1Size = (uint)ActiveL1.Size,
             DateSeconds = (uint)unixSeconds,
             DateNanoseconds = (uint)((date.UtcTicks % TimeSpan.TicksPerSecond) / 10 * 1000),   // microseconds, as QEMU keeps them
@@ -374,18 +391,39 @@ internal sealed partial class Qcow2Engine
             Icount = options.Icount,
         };
 
-        // The snapshot keeps the current active L1 table (the VM-state area included: it becomes
-        // the snapshot's alone); the active disk continues in a new L1 table sharing the L2 tables.
+        // The snapshot shares the disk's L2 tables; every new path through them is counted, and the
+        // active disk continues in a new L1 table whose COPIED flags fit the new counts.
         var gen = new MetadataGeneration(this);
         long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
-        var active = new ulong[ActiveL1.Size];
-        for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
         CountL1Paths(gen, ActiveL1, 0, diskEntries, +1);
+        var active = new ulong[ActiveL1.Size];
+        if (withVmState)
+        {
+            // The snapshot keeps the current L1 table as it is, VM-state area included (now its
+            // own); the active disk stops mapping that area, so the next save writes fresh clusters.
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset;
+            for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
+        }
+        else
+        {
+            // A disk-only snapshot gets a copy of the disk's entries; whatever the active table maps
+            // past the disk (a save in progress) stays the active table's alone.
+            var snapshotL1 = new ulong[ActiveL1.Size];
+            for (long i = 0; i < diskEntries; i++) snapshotL1[i] = ActiveL1[i] & ~L1Entry.Copied;
+            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : WriteNewL1(gen, snapshotL1);
+            ActiveL1.Entries.CopyTo(active, 0);
+            if (ActiveL1.Size > 0) gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        }
         FixActiveFlags(gen, ActiveL1, active);
         long activeOffset = WriteNewL1(gen, active);
         var list = new List<SnapshotEntry>(Snapshots) { entry };
         (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
         Switch(gen, active, activeOffset, list, table);
+        if (captured is not null)
+        {
+            captured.MarkCaptured(name);   // its clusters are the snapshot's now
+            VmStateWriter = null;
+        }
         return entry;
     });
 
@@ -395,8 +433,8 @@ internal sealed partial class Qcow2Engine
         SnapshotEntry sn = Lookup(idOrName);
         if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
             throw new VmsnapException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
-        L1Table l1 = ReadSnapshotL1(sn);
 
         var gen = new MetadataGeneration(this);
         CountL1Paths(gen, l1, 0, l1.Size, -1);
@@ -426,8 +464,8 @@ internal sealed partial class Qcow2Engine
         long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
         if (diskSize != VirtualSize)
             throw new VmsnapException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
+        L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
-        L1Table l1 = ReadSnapshotL1(sn);
 
         // The new active table: the snapshot's disk entries (its VM-state area stays its own).
         var gen = new MetadataGeneration(this);

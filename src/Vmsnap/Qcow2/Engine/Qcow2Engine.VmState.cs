@@ -55,29 +55,34 @@ internal sealed partial class Qcow2Engine
         }
     }
 
+    // The methods below wait for the area's writes in flight under the lock: their completions do
+    // not need it, and no new write can be mapped meanwhile.
+
     internal void FlushVmState(VmStateAllocation writer)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             ThrowIfDisposed();
             if (writer.CapturedBy is not null || !ReferenceEquals(VmStateWriter, writer)) return;
             writer.ZeroUnwritten();
             writer.ReleaseReservation();
             FlushAll();
+            TrimFreeTail();
             Device.Flush();
         }
     }
 
     internal void DiscardVmState(VmStateAllocation writer, long offset, long length)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             ThrowIfDisposed();
             if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
             writer.Discard(offset, length);
             FlushAll();
+            TrimFreeTail();
             Device.Flush();
             TrimCaches();
         }
@@ -85,13 +90,37 @@ internal sealed partial class Qcow2Engine
 
     internal void CloseVmStateWriter(VmStateAllocation writer)
     {
-        writer.WaitIdle();
         lock (_lock)
         {
+            writer.WaitIdle();
             if (!ReferenceEquals(VmStateWriter, writer)) return;
             VmStateWriter = null;
-            if (!_disposed && writer.CapturedBy is null) writer.ReleaseReservation();
+            if (_disposed || writer.CapturedBy is not null) return;
+            writer.ReleaseReservation();
+            try
+            {
+                FlushAll();
+                TrimFreeTail();
+            }
+            catch (VmsnapException)
+            {
+                // Closing must not throw: the image's own flush reports a failing device.
+            }
         }
+    }
+
+    /// <summary>
+    /// Shortens the file to the end of the last cluster in use when the clusters after it are free
+    /// (a VM-state reservation given back, preallocated but unused). Call under the lock with the
+    /// metadata flushed.
+    /// </summary>
+    internal void TrimFreeTail()
+    {
+        if (ReadOnly) return;
+        long clusters = Geometry.ClustersFor(Device.Length);
+        long end = clusters;
+        while (end > 1 && Refcounts.Get(end - 1) == 0) end--;
+        if (end < clusters) Device.SetLength(end << Geometry.ClusterBits);
     }
 
     /// <summary>Lowers the refcount of what an active L2 entry referenced before it was replaced.</summary>

@@ -255,7 +255,14 @@ internal sealed partial class Qcow2Engine : IDisposable
             if (_disposed) return;
             try
             {
-                if (!ReadOnly) FlushAll();
+                if (!ReadOnly)
+                {
+                    // A VM-state area left open must not leave its unused reservation counted on disk.
+                    VmStateWriter?.WaitIdle();
+                    VmStateWriter?.ReleaseReservation();
+                    VmStateWriter = null;
+                    FlushAll();
+                }
             }
             finally
             {

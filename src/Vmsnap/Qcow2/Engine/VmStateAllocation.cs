@@ -12,8 +12,9 @@ namespace Vmsnap.Qcow2;
 /// <remarks>Mapping methods run under the engine's lock; the in-flight count has its own.</remarks>
 internal sealed class VmStateAllocation
 {
-    private const long FirstReservationBytes = 32L << 20;
+    private const long FirstReservationBytes = 8L << 20;
     private const long MaxReservationBytes = 512L << 20;
+    private const long PreallocateAheadBytes = 64L << 20;
 
     private readonly Qcow2Engine _e;
     private readonly ClusterGeometry _g;
@@ -22,6 +23,8 @@ internal sealed class VmStateAllocation
     private readonly object _flight = new();
     private long _reservedNext, _reservedEnd;                   // host clusters [next, end) reserved, not yet mapped
     private long _nextReservation;
+    private long _preallocatedEnd;                              // file offset up to which reserved clusters past the old end have blocks
+    private bool _preallocateUnsupported;
     private int _inFlight;
 
     /// <summary>A run of guest clusters mapped to contiguous host clusters.</summary>
@@ -43,9 +46,6 @@ internal sealed class VmStateAllocation
 
     /// <summary>Set once a snapshot took the area over: its clusters are the snapshot's now.</summary>
     internal string? CapturedBy { get; private set; }
-
-    /// <summary>Host clusters mapped so far.</summary>
-    internal long MappedClusters => _map.Sum(r => r.Count);
 
     /// <summary>
     /// Maps [offset, offset + length) of the area to host ranges, allocating and linking the
@@ -98,8 +98,15 @@ internal sealed class VmStateAllocation
 
     private long MapNew(long guest)
     {
-        if (_reservedNext == _reservedEnd) Reserve();
+        if (_reservedNext == _reservedEnd)
+        {
+            // Tables first: L1 growth and the L2 tables this run will need land before it, not after
+            // (where they would keep the file from being trimmed when the run's tail is given back).
+            PrepareTables(guest, _nextReservation);
+            Reserve();
+        }
         long host = _reservedNext++;
+        if ((host + 1) << _g.ClusterBits > _preallocatedEnd) Preallocate(host);
         int at = ~FindRun(guest);
         if (at > 0 && _map[at - 1].Guest + _map[at - 1].Count == guest && _map[at - 1].Host + _map[at - 1].Count == host)
             _map[at - 1] = _map[at - 1] with { Count = _map[at - 1].Count + 1 };
@@ -109,6 +116,12 @@ internal sealed class VmStateAllocation
         return host;
     }
 
+    private void PrepareTables(long guest, long count)
+    {
+        long first = Start + (guest << _g.ClusterBits), last = Start + ((guest + count) << _g.ClusterBits) - 1;
+        for (long index = _g.L1Index(first); index <= _g.L1Index(last); index++) _e.GetWritableL2(index);
+    }
+
     /// <summary>Reserves the next contiguous run of host clusters (each run twice the last, up to a limit).</summary>
     private void Reserve()
     {
@@ -116,7 +129,25 @@ internal sealed class VmStateAllocation
         long first = _e.Refcounts.Allocate(count) >> _g.ClusterBits;
         _reservedNext = first;
         _reservedEnd = first + count;
+        _preallocatedEnd = first << _g.ClusterBits;
         _nextReservation = Math.Min(count * 2, Math.Max(1, MaxReservationBytes >> _g.ClusterBits));
+    }
+
+    /// <summary>
+    /// Gives the reserved clusters from <paramref name="host"/> on (up to a limit) disk blocks when
+    /// they lie past the end of the file: O_DIRECT writes that extend a file are serialized by ext4,
+    /// writes into allocated blocks run in parallel (as fio's preallocated file does).
+    /// </summary>
+    private void Preallocate(long host)
+    {
+        long start = host << _g.ClusterBits;
+        long to = Math.Min(_reservedEnd << _g.ClusterBits, Math.Max(start + PreallocateAheadBytes, (host + 1) << _g.ClusterBits));
+        _preallocatedEnd = to;
+        if (_preallocateUnsupported || _e.Device is not Storage.FileBlockDevice file) return;
+        long length = file.Length;
+        if (to <= length) return;
+        long from = Math.Max(length, start);
+        if (!file.Preallocate(from, to - from)) _preallocateUnsupported = true;
     }
 
     /// <summary>Points the active L2 entry of an area cluster at its host cluster (in memory; written back in batches).</summary>
@@ -256,14 +287,16 @@ internal sealed class VmStateAllocation
         foreach ((long s, long e) in keep) _written.Add(s, e);
     }
 
-    /// <summary>A snapshot took the area over: zero what was never written, give back the reservation, refuse further writes.</summary>
-    internal void Capture(string snapshot)
+    /// <summary>Before a snapshot takes the area over: writes in flight done, what was never written zeroed, the reservation given back.</summary>
+    internal void Quiesce()
     {
         WaitIdle();
         ZeroUnwritten();
         ReleaseReservation();
-        CapturedBy = snapshot;
     }
+
+    /// <summary>A snapshot took the area over: further writes are refused.</summary>
+    internal void MarkCaptured(string snapshot) => CapturedBy = snapshot;
 
     // ---- writes in flight ---------------------------------------------------------------------
 

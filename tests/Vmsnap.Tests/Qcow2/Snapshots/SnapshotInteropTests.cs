@@ -82,4 +82,63 @@ public class SnapshotInteropTests
         Qemu.AssertClean(image);
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk at the end");
     }
+
+    [Fact]
+    public void Snapshots_of_an_overlay_and_of_compressed_clusters_agree_with_qemu()
+    {
+        using var dir = new TempDir();
+        string raw = dir.File("source.raw");
+        byte[] source = new byte[4 << 20];
+        for (int i = 0; i < source.Length; i += 4096) source.AsSpan(i, 2048).Fill((byte)(i >> 12));   // compressible
+        File.WriteAllBytes(raw, source);
+        string compressed = dir.File("c.qcow2");
+        Tool.QemuImg("convert", "-c", "-O", "qcow2", raw, compressed);
+        string overlay = dir.File("o.qcow2");
+        Qemu.Create(overlay, 4 << 20, backing: "c.qcow2");
+        Tool.QemuImg("snapshot", "-c", "q", compressed);
+
+        foreach (string image in new[] { compressed, overlay })
+        {
+            byte[] before = SnapshotKit.QemuActiveContent(image, dir);
+            using (var img = Qcow2Image.Open(image))
+            {
+                img.CreateSnapshot("v");
+                img.Write(Pattern(70_000, 9), 100_000);   // copy-on-write of compressed or backing data
+            }
+            Qemu.AssertClean(image);
+            SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuSnapshotContent(image, "v", dir), $"{Path.GetFileName(image)}: snapshot v");
+            using (var img = Qcow2Image.Open(image)) img.ApplySnapshot("v");
+            SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after apply");
+            using (var img = Qcow2Image.Open(image)) img.DeleteSnapshot("v");
+            Qemu.AssertClean(image);
+            SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after delete");
+        }
+        using (var img = Qcow2Image.Open(compressed)) img.DeleteSnapshot("q");
+        Qemu.AssertClean(compressed);
+    }
+
+    [Fact]
+    public void Extra_data_vmsnap_does_not_know_survives_table_rewrites_by_vmsnap_and_qemu()
+    {
+        using var dir = new TempDir();
+        string image = dir.File("x.qcow2");
+        Qemu.Create(image, 4 << 20);
+        Tool.QemuImg("snapshot", "-c", "a", image);
+        byte[] unknown = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+        using (var img = Qcow2Image.Open(image))
+        {
+            img.Engine.Snapshots[0].UnknownExtraData = unknown;   // as if a newer QEMU had written it
+            img.CreateSnapshot("b");                              // vmsnap rewrites the table
+        }
+        Qemu.AssertClean(image);
+        Tool.QemuImg("snapshot", "-c", "c", image);              // QEMU rewrites it too
+        Tool.QemuImg("snapshot", "-d", "b", image);
+        using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
+        {
+            Assert.Equal(["a", "c"], img.Snapshots.Select(s => s.Name));
+            Assert.Equal(unknown, img.Engine.Snapshots[0].UnknownExtraData);
+            Assert.Equal(4 << 20, img.Snapshots[0].DiskSize);
+        }
+        Qemu.AssertClean(image);
+    }
 }

@@ -14,9 +14,9 @@ internal sealed record QemuSnapshotInfo(string Id, string Name, long VmStateSize
 internal static class SnapshotKit
 {
     /// <summary>
-    /// Parses <c>qemu-img snapshot -l</c> output. Columns are fixed by QEMU's printf widths
-    /// ("%-9s %-16s %8s%20s%13s%11s"), so with IDs under 10 and names under 17 characters the row
-    /// can be cut at fixed positions.
+    /// Parses <c>qemu-img snapshot -l</c> output. QEMU prints "%-9s %-16s %8s%20s%13s%11s", so with
+    /// IDs under 10 and names under 17 bytes those two are cut at fixed positions; the rest is
+    /// matched by shape, since a clock or icount wider than its column runs into its neighbour.
     /// </summary>
     internal static List<SnapshotRow> ParseList(string output)
     {
@@ -26,13 +26,14 @@ internal static class SnapshotKit
         if (lines.Length == 0 || lines[0].Length == 0) return rows;
         Assert.Equal("Snapshot list:", lines[i++]);
         Assert.StartsWith("ID        TAG", lines[i++]);
+        var shape = new System.Text.RegularExpressions.Regex(@"^\s*(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+:-?\d\d:-?\d\d\.-?\d\d\d)\s*(-?\d*)$");
         for (; i < lines.Length; i++)
         {
             string l = lines[i];
             if (l.Length == 0) continue;
-            Assert.True(l.Length == 9 + 1 + 16 + 1 + 8 + 20 + 13 + 11, $"row of unexpected width: '{l}'");
-            rows.Add(new SnapshotRow(
-                l[..9].TrimEnd(), l[10..26].TrimEnd(), l[27..35].Trim(), l[35..55].Trim(), l[55..68].Trim(), l[68..79].Trim()));
+            System.Text.RegularExpressions.Match m = shape.Match(l[27..]);
+            Assert.True(m.Success, $"row not in qemu-img's shape: '{l}'");
+            rows.Add(new SnapshotRow(l[..9].TrimEnd(), l[10..26].TrimEnd(), m.Groups[1].Value, m.Groups[2].Value, m.Groups[3].Value, m.Groups[4].Value));
         }
         return rows;
     }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The qcow2 VM-state area (issue 3) against fio's 1 MiB qd8 O_DIRECT write limit, interleaved
+# round by round on the same disk: each round runs fio once, then each configuration once: a
+# fresh qcow2 image, TOTAL bytes written through OpenVmStateForWriting by the buffered VM-state
+# writer (K x 1 MiB, O_DIRECT), timed to the end of the area's Flush (data and metadata durable).
+# "reuse" rows write into the clusters a first save left free (snapshot made and deleted).
+# Usage: bench/vmstate-area-vs-fio.sh   (env: ROUNDS=4 TOTAL=2G DISK_DIR=bench/.scratch CONFIGS="64K:8 64K:8:reuse 2M:8 4K:8")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-4}
+TOTAL=${TOTAL:-2G}
+DISK_DIR=${DISK_DIR:-$PWD/bench/.scratch}
+CONFIGS=${CONFIGS:-"64K:8 64K:8:reuse 2M:8 4K:8"}
+mkdir -p "$DISK_DIR"
+dotnet build bench/Vmsnap.Bench -c Release -nologo -v q -clp:ErrorsOnly >/dev/null
+BENCH="dotnet bench/Vmsnap.Bench/bin/Release/net10.0/Vmsnap.Bench.dll vmstate-area"
+out=$(mktemp)
+trap 'rm -f "$out" "$DISK_DIR/.fio.$$"' EXIT
+echo "# vmstate-area vs fio $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), TOTAL=$TOTAL"
+$BENCH --header | sed 's/^/# /'
+for round in $(seq "$ROUNDS"); do
+  fio_mib=$(fio --name=t --filename="$DISK_DIR/.fio.$$" --size="$TOTAL" --bs=1M --rw=write --direct=1 \
+    --ioengine=libaio --iodepth=8 --end_fsync=1 --output-format=terse 2>/dev/null | awk -F';' '{print $48/1024}')
+  rm -f "$DISK_DIR/.fio.$$"
+  echo "fio $round $fio_mib" >> "$out"
+  for c in $CONFIGS; do
+    IFS=: read -r cluster k reuse <<< "$c"
+    extra=(); [ "${reuse:-}" = reuse ] && extra=(--reuse)
+    line=$($BENCH --dir "$DISK_DIR" --total "$TOTAL" --direct --cluster "$cluster" --count "$k" --size 1M "${extra[@]}")
+    echo "# $line"
+    echo "cfg $round $c $(echo "$line" | cut -f7)" >> "$out"
+  done
+  echo "# round $round: fio $fio_mib MiB/s"
+done
+awk '
+  $1 == "fio" { fio[$2] = $3 }
+  $1 == "cfg" { n[$3]++; v[$3] = v[$3] " " int($4); r[$3, n[$3]] = 100 * $4 / fio[$2]; order[$3] = 1 }
+  END {
+    printf "%-16s %-36s %s\n", "config", "write MiB/s per round", "% of same-round fio (median)"
+    for (c in order) {
+      m = n[c]; for (i = 1; i <= m; i++) a[i] = r[c, i]
+      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      med = (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+      s = ""; for (i = 1; i <= m; i++) s = s sprintf(" %.0f", r[c, i])
+      printf "%-16s %-36s %s  (%.0f)\n", c, v[c], s, med
+    }
+  }' "$out"
