@@ -23,7 +23,9 @@ internal static class Cli
         ParseResult parsed = root.Parse(args);
         if (parsed.Errors.Count > 0 && parsed.Action is not System.CommandLine.Help.HelpAction)
         {
-            Console.Error.WriteLine($"vmsnap: {parsed.Errors[0].Message}");
+            // One line: the parser's messages may list choices on several lines.
+            string message = string.Join(' ', parsed.Errors[0].Message.Split((char[])['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(p => p.Trim()));
+            Console.Error.WriteLine($"vmsnap: {message}");
             return ExitUsage;
         }
         return parsed.Invoke();

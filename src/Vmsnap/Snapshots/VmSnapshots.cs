@@ -1,0 +1,260 @@
+using System.Diagnostics;
+using Vmsnap.Migration;
+using Vmsnap.Qcow2;
+using Vmsnap.Storage;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Snapshots;
+
+/// <summary>
+/// Saves and loads virtual machines as qcow2 internal snapshots in QEMU's own formats: the VM state
+/// (a migration stream) goes through the VM-state file into the image's VM-state area, then a snapshot
+/// captures it with the disk, exactly as QEMU's <c>savevm</c> leaves it, so <c>-loadvm TAG</c> restores it.
+/// </summary>
+/// <remarks>
+/// Saving is atomic: a failure (I/O error, bad input, cancellation) frees what was written, leaves no new
+/// snapshot entry and no leaked clusters, and never touches the older snapshots.
+/// </remarks>
+public static class VmSnapshots
+{
+    /// <summary>Reads of the VM state use buffers this large (several in flight).</summary>
+    private const int ReadBufferSize = 4 << 20;
+
+    /// <summary>Saves a machine (RAM from files, device state from a template or none) as a new snapshot <paramref name="name"/>.</summary>
+    /// <exception cref="VmsnapException">The name is taken, the image is in use or damaged, the input is wrong, or the write failed; nothing was changed.</exception>
+    public static VmSnapshotResult Save(string imagePath, string name, MachineProfile profile, VmSnapshotOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(profile);
+        return WriteSnapshot(imagePath, name, options ?? new(),
+            writer => MigrationStream.Write(writer, profile, ramBytesDone, cancellationToken));
+    }
+
+    /// <summary>As Save, with the VM-state area's backend wrapped (fault injection in tests).</summary>
+    internal static VmSnapshotResult SaveThrough(string imagePath, string name, MachineProfile profile, VmSnapshotOptions options,
+        Func<VmStateBackend, VmStateBackend> wrapBackend, CancellationToken cancellationToken = default) =>
+        WriteSnapshot(imagePath, name, options, writer => MigrationStream.Write(writer, profile, null, cancellationToken), wrapBackend);
+
+    /// <summary>
+    /// Makes a snapshot from a migration stream (e.g. written by QEMU's <c>migrate "exec:cat &gt; FILE"</c>), copied
+    /// byte for byte into the VM-state area while it is checked.
+    /// </summary>
+    /// <param name="source">The stream: a file's path.</param>
+    /// <param name="imagePath">The image that receives the snapshot.</param>
+    /// <param name="name">The new snapshot's name.</param>
+    /// <param name="options">Writer and I/O options.</param>
+    /// <param name="ramBytesDone">Receives the bytes of RAM copied so far.</param>
+    /// <param name="cancellationToken">Stops the copy; nothing is left behind.</param>
+    public static VmSnapshotResult Import(string source, string imagePath, string name, VmSnapshotOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        using var file = FileBlockDevice.Open(source);
+        using var backend = VmStateBackend.ForBlockDevice(file);
+        return Import(backend, imagePath, name, options, ramBytesDone, cancellationToken);
+    }
+
+    /// <summary>As <see cref="Import(string, string, string, VmSnapshotOptions?, IProgress{long}?, CancellationToken)"/>, reading the stream from a pipe or other stream (e.g. stdin).</summary>
+    public static VmSnapshotResult Import(Stream source, string imagePath, string name, VmSnapshotOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        using var backend = VmStateBackend.ForStream(source, leaveOpen: true);
+        return Import(backend, imagePath, name, options, ramBytesDone, cancellationToken);
+    }
+
+    private static VmSnapshotResult Import(VmStateBackend source, string imagePath, string name, VmSnapshotOptions? options,
+        IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
+    {
+        using var reader = new VmStateReader(source, ReadBufferSize);
+        return WriteSnapshot(imagePath, name, options ?? new(),
+            writer => MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken));
+    }
+
+    /// <summary>
+    /// Loads snapshot <paramref name="snapshot"/>'s RAM into files, one per RAM block (ID to path); files are
+    /// created if missing and left sparse where pages are zero. Block names and lengths are checked.
+    /// </summary>
+    /// <exception cref="VmsnapException">No such snapshot, it has no VM state, the stream is damaged, or a block does not match.</exception>
+    public static VmSnapshotResult Load(string imagePath, string snapshot, IEnumerable<KeyValuePair<string, string>> ramFiles,
+        VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(ramFiles);
+        return ReadSnapshot(imagePath, snapshot, options ?? new(), reader =>
+        {
+            using var sink = new RamFileSink(ramFiles);
+            return (MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
+        });
+    }
+
+    /// <summary>
+    /// Writes snapshot <paramref name="snapshot"/>'s VM state to a file as a migration stream QEMU accepts with
+    /// <c>-incoming "exec:cat FILE"</c>. The file appears only when complete.
+    /// </summary>
+    public static VmSnapshotResult Export(string imagePath, string snapshot, string destination, VmSnapshotOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        options ??= new();
+        string full = Path.GetFullPath(destination);
+        string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Environment.ProcessId}.tmp");
+        try
+        {
+            VmSnapshotResult result;
+            using (var file = OpenOutputFile(temp, options.Direct))
+            {
+                result = ReadSnapshot(imagePath, snapshot, options, reader =>
+                {
+                    using var backend = VmStateBackend.ForBlockDevice(file);
+                    using var writer = new VmStateWriter(backend, options.WriterOptions());
+                    var info = MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken);
+                    writer.Close();
+                    return (info, writer.Mode);
+                });
+                file.Flush();
+            }
+            File.Move(temp, full, overwrite: true);
+            return result;
+        }
+        finally
+        {
+            File.Delete(temp);
+        }
+    }
+
+    /// <summary>As <see cref="Export(string, string, string, VmSnapshotOptions?, IProgress{long}?, CancellationToken)"/>, writing to a pipe or other stream (e.g. stdout).</summary>
+    public static VmSnapshotResult Export(string imagePath, string snapshot, Stream destination, VmSnapshotOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        options ??= new();
+        return ReadSnapshot(imagePath, snapshot, options, reader =>
+        {
+            using var backend = VmStateBackend.ForStream(destination, leaveOpen: true);
+            using var writer = new VmStateWriter(backend, options.WriterOptions());
+            var info = MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken);
+            writer.Close();
+            destination.Flush();
+            return (info, writer.Mode);
+        });
+    }
+
+    /// <summary>Says what snapshot <paramref name="snapshot"/>'s VM state holds: machine, sections, RAM blocks, devices.</summary>
+    public static VmSnapshotResult Inspect(string imagePath, string snapshot, VmSnapshotOptions? options = null, CancellationToken cancellationToken = default) =>
+        ReadSnapshot(imagePath, snapshot, options ?? new(), reader => (MigrationStream.Inspect(reader, cancellationToken), (VmStateWriteMode?)null));
+
+    /// <summary>Says what a migration stream file holds.</summary>
+    public static MigrationStreamInfo InspectStream(string path, CancellationToken cancellationToken = default)
+    {
+        using var file = FileBlockDevice.Open(path);
+        using var backend = VmStateBackend.ForBlockDevice(file);
+        using var reader = new VmStateReader(backend, ReadBufferSize);
+        return MigrationStream.Inspect(reader, cancellationToken);
+    }
+
+    /// <summary>Says what a migration stream read from a pipe or other stream holds.</summary>
+    public static MigrationStreamInfo InspectStream(Stream source, CancellationToken cancellationToken = default)
+    {
+        using var backend = VmStateBackend.ForStream(source, leaveOpen: true);
+        using var reader = new VmStateReader(backend, ReadBufferSize);
+        return MigrationStream.Inspect(reader, cancellationToken);
+    }
+
+    /// <summary>
+    /// The save path shared by save and import: stream into the active VM-state area, make it durable, then
+    /// create the snapshot; on any failure free what was written so the image is as it was.
+    /// </summary>
+    private static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
+        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
+    {
+        if (string.IsNullOrEmpty(name)) throw new VmsnapException("a snapshot needs a name (--name TAG)");
+        if (options.ForceShare) throw new VmsnapException("--force-share is only for reading; a save writes the image");
+        var clock = Stopwatch.StartNew();
+        using Qcow2Image image = OpenImage(imagePath, writable: true, options);
+        if (image.FindSnapshot(name) is { } existing)
+            throw new VmsnapException($"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name");
+
+        using var area = image.OpenVmStateForWriting();
+        bool committed = false;
+        try
+        {
+            MigrationStreamInfo info;
+            long size;
+            VmStateWriteMode mode;
+            using (var areaBackend = VmStateBackend.ForBlockDevice(area))
+            using (var backend = wrapBackend?.Invoke(areaBackend) ?? areaBackend)
+            using (var writer = new VmStateWriter(backend, options.WriterOptions()))
+            {
+                mode = writer.Mode;
+                info = produce(writer);
+                writer.Close();
+                size = writer.BytesTransferred;
+            }
+            area.Flush();
+            var snapshot = image.CreateSnapshot(name, new Qcow2SnapshotCreateOptions { VmStateSize = size });
+            committed = true;
+            return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), size, info.RamBytes,
+                clock.Elapsed.TotalSeconds, mode, info);
+        }
+        finally
+        {
+            if (!committed) FreeVmState(area, image);
+        }
+    }
+
+    private static void FreeVmState(IBlockDevice area, Qcow2Image image)
+    {
+        try
+        {
+            area.Discard(0, area.Length);
+            image.Flush();
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            // The failure that brought us here is the one to report; what could not be freed is at worst a leak.
+        }
+    }
+
+    private static VmSnapshotResult ReadSnapshot(string imagePath, string snapshotName, VmSnapshotOptions options,
+        Func<VmStateReader, (MigrationStreamInfo Info, VmStateWriteMode? Mode)> consume)
+    {
+        var clock = Stopwatch.StartNew();
+        using Qcow2Image image = OpenImage(imagePath, writable: false, options);
+        var snapshot = image.FindSnapshot(snapshotName)
+            ?? throw new VmsnapException($"'{imagePath}' has no snapshot with ID or name '{snapshotName}'");
+        if (snapshot.VmStateSize == 0)
+            throw new VmsnapException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
+        using var area = image.OpenVmStateForReading(snapshot);
+        using var backend = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize);
+        using var reader = new VmStateReader(backend, ReadBufferSize);
+        var (info, mode) = consume(reader);
+        return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), snapshot.VmStateSize, info.RamBytes,
+            clock.Elapsed.TotalSeconds, mode, info);
+    }
+
+    /// <summary>Opens the image with O_DIRECT when asked and the file system allows it, else through the page cache.</summary>
+    private static Qcow2Image OpenImage(string path, bool writable, VmSnapshotOptions options)
+    {
+        var open = new Qcow2OpenOptions { ReadOnly = !writable, Direct = options.Direct, ForceShare = options.ForceShare };
+        if (!options.Direct) return Qcow2Image.Open(path, open);
+        try
+        {
+            return Qcow2Image.Open(path, open);
+        }
+        catch (StorageException e) when (e.ErrorCode == 22 /* EINVAL: no O_DIRECT here (tmpfs) */)
+        {
+            return Qcow2Image.Open(path, open with { Direct = false });
+        }
+    }
+
+    private static FileBlockDevice OpenOutputFile(string path, bool direct)
+    {
+        var create = new FileBlockDeviceOptions { Create = true, Exclusive = true, Direct = direct };
+        if (!direct) return FileBlockDevice.Open(path, create);
+        try
+        {
+            return FileBlockDevice.Open(path, create);
+        }
+        catch (StorageException e) when (e.ErrorCode == 22)
+        {
+            File.Delete(path);
+            return FileBlockDevice.Open(path, create with { Direct = false });
+        }
+    }
+}

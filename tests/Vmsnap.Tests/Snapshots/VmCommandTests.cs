@@ -1,0 +1,128 @@
+using System.Text.Json;
+using Vmsnap.Tests.Interop;
+using Vmsnap.Tests.Migration;
+using static Vmsnap.Tests.Snapshots.VmKit;
+
+namespace Vmsnap.Tests.Snapshots;
+
+/// <summary>save, load, import, export, inspect as the real tool: refusals are one line, exit non-zero, and leave files as they were.</summary>
+public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
+{
+    private static string Hash(string path) => GuestRam.Hash(path);
+
+    [Fact]
+    public void Save_refuses_wrong_arguments_without_touching_the_image()
+    {
+        using var dir = new TempDir();
+        string ram = dir.File("ram0");
+        GuestRam.Create(ram, RamBytes, seed: 41);
+        string image = QemuImage(dir);
+        VmsnapJson("save", image, "--name", "a", "--machine", "none", "--ram", $"ram0={ram}", "--json");
+        string before = Hash(image);
+
+        VmsnapFails(["save", image, "--name", "a", "--machine", "none", "--ram", $"ram0={ram}"], "already has a snapshot named 'a'");
+        VmsnapFails(["save", image, "--name", "b", "--ram", $"ram0={ram}"], "--machine", "--template");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--template", qemu.PcStream, "--ram", $"ram0={ram}"], "either");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", ram], "ID=FILE");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={dir.File("missing")}"], "missing");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--ram", $"ram0={ram}"], "twice");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--mode", "fast"], "fast");
+        VmsnapFails(["save", dir.File("nope.qcow2"), "--name", "b", "--machine", "none", "--ram", $"ram0={ram}"], "nope.qcow2");
+
+        // A template's block must be replaced by a file of exactly its length.
+        string shortRam = dir.File("short");
+        GuestRam.Create(shortRam, RamBytes / 2, seed: 42);
+        VmsnapFails(["save", image, "--name", "b", "--template", qemu.PcStream, "--ram", $"ram0={shortRam}"], "ram0");
+        VmsnapFails(["save", image, "--name", "b", "--template", qemu.PcStream, "--ram", $"nosuchblock={ram}"], "nosuchblock");
+
+        Assert.Equal(before, Hash(image));
+        Assert.Equal(["a"], QemuSnapshots(image).Keys);
+    }
+
+    [Fact]
+    public void Load_refuses_what_it_cannot_do_and_creates_no_file()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
+        Tool.QemuImg("snapshot", "-c", "diskonly", image);
+        string before = Hash(image);
+        string target = dir.File("out");
+
+        VmsnapFails(["load", image, "nosuch", "--ram", $"ram0={target}"], "nosuch");
+        VmsnapFails(["load", image, "diskonly", "--ram", $"ram0={target}"], "no VM state");
+        VmsnapFails(["load", image, "vm", "--ram", $"other={target}"], "other");
+        VmsnapFails(["load", image, "vm"], "--ram");
+        Assert.False(File.Exists(target));
+        Assert.DoesNotContain(Directory.GetFiles(dir.Path), f => f.Contains("out"));
+        Assert.Equal(before, Hash(image));
+
+        // By ID works as well as by name.
+        string id = QemuSnapshots(image)["vm"].Id;
+        VmsnapJson("load", image, id, "--ram", $"ram0={target}", "--json");
+        Assert.Equal(Hash(qemu.NoneRam), Hash(target));
+    }
+
+    [Fact]
+    public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        VmsnapJson("import", qemu.NoneStream, image, "--name", "good", "--json");
+        byte[] stream = File.ReadAllBytes(qemu.NoneStream);
+        string truncated = dir.File("truncated.mig");
+        File.WriteAllBytes(truncated, stream.AsSpan(0, stream.Length / 2).ToArray());
+        VmsnapFails(["import", truncated, image, "--name", "bad"], "offset");
+        string garbage = dir.File("garbage.mig");
+        File.WriteAllBytes(garbage, new byte[4096]);
+        VmsnapFails(["import", garbage, image, "--name", "bad"], "offset 0");
+        Assert.Equal(["good"], QemuSnapshots(image).Keys);
+        Qcow2.Qemu.AssertClean(image);
+    }
+
+    [Fact]
+    public void Export_and_inspect_refuse_what_they_cannot_do()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
+        VmsnapFails(["export", image, "nosuch", "-o", dir.File("x.mig")], "nosuch");
+        Assert.False(File.Exists(dir.File("x.mig")));
+        VmsnapFails(["inspect", image], "qcow2 image", "TAG");
+        VmsnapFails(["inspect", dir.File("missing.mig")], "missing.mig");
+
+        // Inspect of the image's snapshot and of the stream itself agree.
+        JsonElement a = VmsnapJson("inspect", image, "vm", "--json").GetProperty("stream");
+        JsonElement b = VmsnapJson("inspect", qemu.NoneStream, "--json").GetProperty("stream");
+        Assert.Equal(b.GetProperty("total_bytes").GetInt64(), a.GetProperty("total_bytes").GetInt64());
+        Assert.Equal(b.GetProperty("ram_blocks").ToString(), a.GetProperty("ram_blocks").ToString());
+        Assert.Equal(qemu.NoneZeroPages, a.GetProperty("ram_blocks")[0].GetProperty("zero_pages").GetInt64());
+
+        Tool.Result text = VmKit.Vmsnap("inspect", image, "vm");
+        Assert.Equal(0, text.ExitCode);
+        Assert.Contains("machine: none", text.Stdout);
+        Assert.Contains("ram0", text.Stdout);
+    }
+
+    [Fact]
+    public void With_QEMU_holding_the_image_save_import_and_load_without_force_share_fail_and_change_nothing()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
+        string before = Hash(image);
+        string holderRam = dir.File("holder-ram");
+        GuestRam.Create(holderRam, RamBytes, seed: 43);
+        using (var vm = QemuVm.Start([.. QemuVm.MachineNone(holderRam, RamBytes), .. Drive(image)], paused: true))
+        {
+            VmsnapFails(["save", image, "--name", "x", "--machine", "none", "--ram", $"ram0={qemu.NoneRam}"], "in use");
+            VmsnapFails(["import", qemu.NoneStream, image, "--name", "x"], "in use");
+            VmsnapFails(["load", image, "vm", "--ram", $"ram0={dir.File("out")}"], "in use");
+            // Read-only with --force-share is fine while QEMU has it.
+            VmsnapJson("load", image, "vm", "--ram", $"ram0={dir.File("out")}", "--force-share", "--json");
+            Assert.Equal(Hash(qemu.NoneRam), Hash(dir.File("out")));
+            vm.Quit();
+        }
+        Assert.Equal(before, Hash(image));
+    }
+}
