@@ -28,16 +28,4 @@ for round in $(seq "$ROUNDS"); do
   done
   echo "# round $round: fio $fio_mib MiB/s, load $(cut -d' ' -f1 /proc/loadavg)"
 done
-awk '
-  $1 == "fio" { fio[$2] = $3 }
-  $1 == "cfg" { n[$3]++; v[$3] = v[$3] " " int($4); r[$3, n[$3]] = 100 * $4 / fio[$2]; order[$3] = 1 }
-  END {
-    printf "%-14s %-44s %s\n", "config", "stream MiB/s per round", "% of same-round fio (median)"
-    for (c in order) {
-      m = n[c]; for (i = 1; i <= m; i++) a[i] = r[c, i]
-      for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-      med = (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
-      s = ""; for (i = 1; i <= m; i++) s = s sprintf(" %.0f", r[c, i])
-      printf "%-14s %-44s %s  (%.0f)\n", c, v[c], s, med
-    }
-  }' "$out"
+awk -v label="stream MiB/s" -f bench/fio_ratio.awk "$out"

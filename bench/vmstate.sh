@@ -14,7 +14,7 @@ TOTAL=${TOTAL:-2G}
 DISK_DIR=${DISK_DIR:-$PWD/bench/.scratch}
 SHM_DIR=${SHM_DIR:-/dev/shm/vmsnap-bench}
 LIMIT=${DISK_LIMIT:-}
-for c in "$LIMIT" ../shared/tools/disk_limit.sh ../../shared/tools/disk_limit.sh /work/shared/tools/disk_limit.sh; do
+for c in "$LIMIT" bench/disk_limit.sh; do
   if [ -n "$c" ] && [ -x "$c" ]; then LIMIT=$c; break; fi
 done
 mkdir -p "$DISK_DIR" "$SHM_DIR"

@@ -47,16 +47,10 @@ internal sealed class BlockDeviceBackend : VmStateBackend
             return;
         }
         // One request per flush, like QEMU's vectored VM-state write: gather into a bounce buffer.
-        byte[] scratch = ArrayPool<byte>.Shared.Rent((int)total);
+        byte[] scratch = RentGathered(segments, (int)total);
         try
         {
-            int at = 0;
-            foreach (ReadOnlyMemory<byte> s in segments)
-            {
-                s.Span.CopyTo(scratch.AsSpan(at));
-                at += s.Length;
-            }
-            _device.Write(scratch.AsSpan(0, at), _base + position);
+            _device.Write(scratch.AsSpan(0, (int)total), _base + position);
         }
         finally
         {

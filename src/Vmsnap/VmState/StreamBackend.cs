@@ -33,16 +33,10 @@ internal sealed class StreamBackend : VmStateBackend
         foreach (ReadOnlyMemory<byte> s in segments) total += s.Length;
         if (segments.Length > 1 && total <= MaxGather)
         {
-            byte[] scratch = ArrayPool<byte>.Shared.Rent((int)total);
+            byte[] scratch = RentGathered(segments, (int)total);
             try
             {
-                int at = 0;
-                foreach (ReadOnlyMemory<byte> s in segments)
-                {
-                    s.Span.CopyTo(scratch.AsSpan(at));
-                    at += s.Length;
-                }
-                _stream.Write(scratch, 0, at);
+                _stream.Write(scratch, 0, (int)total);
             }
             finally
             {

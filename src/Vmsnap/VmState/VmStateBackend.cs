@@ -93,4 +93,17 @@ public abstract class VmStateBackend : IDisposable
 
     /// <summary>Releases what the backend holds.</summary>
     protected virtual void Dispose(bool disposing) { }
+
+    /// <summary>Copies the segments, in order, into a buffer rented from the shared pool (the caller returns it): one request instead of many.</summary>
+    private protected static byte[] RentGathered(ReadOnlySpan<ReadOnlyMemory<byte>> segments, int total)
+    {
+        byte[] scratch = System.Buffers.ArrayPool<byte>.Shared.Rent(total);
+        int at = 0;
+        foreach (ReadOnlyMemory<byte> s in segments)
+        {
+            s.Span.CopyTo(scratch.AsSpan(at));
+            at += s.Length;
+        }
+        return scratch;
+    }
 }
