@@ -237,7 +237,7 @@ public static class VmSnapshots
         {
             return Qcow2Image.Open(path, open);
         }
-        catch (StorageException e) when (e.ErrorCode == 22 /* EINVAL: no O_DIRECT here (tmpfs) */)
+        catch (StorageException e) when (e.ErrorCode == NativeFile.EINVAL) // no O_DIRECT on this file system (tmpfs)
         {
             return Qcow2Image.Open(path, open with { Direct = false });
         }
@@ -251,7 +251,7 @@ public static class VmSnapshots
         {
             return FileBlockDevice.Open(path, create);
         }
-        catch (StorageException e) when (e.ErrorCode == 22)
+        catch (StorageException e) when (e.ErrorCode == NativeFile.EINVAL)
         {
             File.Delete(path);
             return FileBlockDevice.Open(path, create with { Direct = false });

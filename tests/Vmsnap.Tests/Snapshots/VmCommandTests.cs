@@ -125,4 +125,33 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         }
         Assert.Equal(before, Hash(image));
     }
+
+    [Fact]
+    public void Save_and_load_fall_back_from_O_DIRECT_where_the_file_system_has_none()
+    {
+        // tmpfs refuses O_DIRECT; save, load and export must still work there, through the page cache.
+        Assert.True(Directory.Exists("/dev/shm"), "this test needs /dev/shm (tmpfs)");
+        string dir = Path.Combine("/dev/shm", "vmsnap-test-" + Guid.NewGuid().ToString("N")[..8]);
+        Directory.CreateDirectory(dir);
+        try
+        {
+            string image = Path.Combine(dir, "vm.qcow2");
+            VmsnapJson("create", image, "1G", "--json");
+            VmsnapJson("save", image, "--name", "s", "--machine", "none", "--ram", $"ram0={qemu.NoneRam}", "--json");
+            string loaded = Path.Combine(dir, "loaded");
+            VmsnapJson("load", image, "s", "--ram", $"ram0={loaded}", "--json");
+            Assert.Equal(Hash(qemu.NoneRam), Hash(loaded));
+            string exported = Path.Combine(dir, "s.mig");
+            VmsnapJson("export", image, "s", "-o", exported, "--json");
+            Qcow2.Qemu.AssertClean(image);
+            string target = dir + "/target";
+            using (var f = File.Create(target)) f.SetLength(QemuStreams.RamBytes);
+            QemuVm.LoadStream(QemuVm.MachineNone(target, QemuStreams.RamBytes), exported);
+            Assert.Equal(Hash(qemu.NoneRam), Hash(target));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }
