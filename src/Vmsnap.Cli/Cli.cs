@@ -75,10 +75,17 @@ internal static class Cli
         }
         if (!decimal.TryParse(s, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out decimal number) || number < 0)
             throw new FormatException($"invalid size '{text}'");
-        decimal bytes = number * multiplier;
-        if (bytes > long.MaxValue || bytes != decimal.Truncate(bytes))
+        if (number > long.MaxValue / multiplier || number * multiplier != decimal.Truncate(number * multiplier))
             throw new FormatException($"invalid size '{text}': not a whole number of bytes within range");
-        return (long)bytes;
+        return (long)(number * multiplier);
+    }
+
+    /// <summary><see cref="ParseSize"/> for sizes that must fit in 32 bits (cluster and buffer sizes).</summary>
+    internal static int ParseInt32Size(string text)
+    {
+        long bytes = ParseSize(text);
+        if (bytes > int.MaxValue) throw new FormatException($"invalid size '{text}': at most {int.MaxValue} bytes");
+        return (int)bytes;
     }
 
     /// <summary>Formats a byte count the way qemu-img does (e.g. "64 MiB").</summary>

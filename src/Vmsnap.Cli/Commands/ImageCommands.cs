@@ -51,7 +51,7 @@ internal static class ImageCommands
             if (backingFile is not null && format is null) throw new ArgumentException("--backing needs --backing-format raw|qcow2");
             var options = new Qcow2CreateOptions
             {
-                ClusterSize = parse.GetValue(clusterSize) is { } cs ? checked((int)Cli.ParseSize(cs)) : 64 * 1024,
+                ClusterSize = parse.GetValue(clusterSize) is { } cs ? Cli.ParseInt32Size(cs) : 64 * 1024,
                 RefcountBits = parse.GetValue(refcountBits) ?? 16,
                 Version = parse.GetValue(compat) == "0.10" ? 2 : 3,
                 LazyRefcounts = parse.GetValue(lazy),

@@ -66,7 +66,7 @@ internal static class VmCommands
         {
             Mode = p.GetValue(Mode) switch { "gather" => VmStateWriteMode.Gather, "buffered" => VmStateWriteMode.Buffered, _ => null },
             BufferCount = p.GetValue(Buffers),
-            BufferSize = p.GetValue(BufferSize) is { } s ? checked((int)Cli.ParseSize(s)) : null,
+            BufferSize = p.GetValue(BufferSize) is { } s ? Cli.ParseInt32Size(s) : null,
             Direct = !p.GetValue(NoDirect),
         };
     }

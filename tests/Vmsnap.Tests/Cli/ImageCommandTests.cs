@@ -61,6 +61,8 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--extended-l2", "--cluster-size", "4k"), 1, "16384");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--backing", "base.raw"), 1, "--backing-format");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64Q"), 1, "size");
+        AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--cluster-size", "4G"), 1, "'4G'", "at most");
+        AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "79228162514264337593543950335T"), 1, "within range");
         Assert.Equal(2, Vmsnap("create", dir.File("x.qcow2"), "64M", "--compat", "2.0").ExitCode);   // usage error
         Assert.False(File.Exists(dir.File("x.qcow2")));
         AssertOneLineError(Vmsnap("create", dir.File("y.qcow2"), "64M", "--backing", "nope.qcow2", "--backing-format", "qcow2"), 1, "nope.qcow2", "does not exist");

@@ -27,6 +27,7 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={dir.File("missing")}"], "missing");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--ram", $"ram0={ram}"], "twice");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--mode", "fast"], "fast");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--buffer-size", "4G"], "4G", "at most");
         VmsnapFails(["save", dir.File("nope.qcow2"), "--name", "b", "--machine", "none", "--ram", $"ram0={ram}"], "nope.qcow2");
 
         // A template's block must be replaced by a file of exactly its length.
