@@ -67,9 +67,6 @@ public sealed class FileBlockDevice : IBlockDevice
     /// <summary>The file's path.</summary>
     public string Path { get; }
 
-    /// <summary>The cached descriptor (for byte-range locks).</summary>
-    internal SafeFileHandle Handle => _handle;
-
     /// <inheritdoc/>
     public long Length => RandomAccess.GetLength(_handle);
 
