@@ -153,6 +153,11 @@ public sealed class FileBlockDevice : IBlockDevice
         {
             throw new StorageException($"resizing '{Path}' to {length} bytes failed: {e.Message}", e.HResult & 0xffff, e);
         }
+        catch (ArgumentOutOfRangeException e) when (length >= 0)
+        {
+            // .NET reports EFBIG (a length past what the file system allows) this way.
+            throw new StorageException($"resizing '{Path}' to {length} bytes failed: the file system does not allow a file that large", NativeFile.EFBIG, e);
+        }
     }
 
     /// <inheritdoc/>
