@@ -94,7 +94,8 @@ public static class VmSnapshots
     {
         options ??= new();
         string full = Path.GetFullPath(destination);
-        string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Environment.ProcessId}.tmp");
+        // A name no other export can have: a process ID repeats (across containers, after a crash that left the file).
+        string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Guid.NewGuid():N}.tmp");
         try
         {
             VmSnapshotResult result;
