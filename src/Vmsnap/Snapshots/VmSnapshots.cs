@@ -169,7 +169,9 @@ public static class VmSnapshots
         var clock = Stopwatch.StartNew();
         using Qcow2Image image = OpenImage(imagePath, writable: true, options);
         if (image.FindSnapshot(name) is { } existing)
-            throw new VmsnapException($"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name");
+            throw new VmsnapException(existing.Name == name
+                ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"
+                : $"'{imagePath}' already has a snapshot with ID '{name}' (named '{existing.Name}'); a name equal to another snapshot's ID would make lookups ambiguous: choose another name");
 
         using var area = image.OpenVmStateForWriting();
         bool committed = false;

@@ -22,6 +22,7 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         string before = Hash(image);
 
         VmsnapFails(["save", image, "--name", "a", "--machine", "none", "--ram", $"ram0={ram}"], "already has a snapshot named 'a'");
+        VmsnapFails(["save", image, "--name", "1", "--machine", "none", "--ram", $"ram0={ram}"], "with ID '1'", "named 'a'");
         VmsnapFails(["save", image, "--name", "b", "--ram", $"ram0={ram}"], "--machine", "--template");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--template", qemu.PcStream, "--ram", $"ram0={ram}"], "either");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", ram], "ID=FILE");
