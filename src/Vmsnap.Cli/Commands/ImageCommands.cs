@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using Vmsnap.Qcow2;
+using Vmsnap.Storage;
 
 namespace Vmsnap.Cli.Commands;
 
@@ -209,7 +210,7 @@ internal static class ImageCommands
             string target = parse.GetValue(to)!;
             // Into a temporary file renamed over the target once complete: a failed read leaves the target as it was.
             string full = Path.GetFullPath(target);
-            string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Guid.NewGuid():N}.tmp");
+            string temp = ScratchFile.Beside(full);
             try
             {
                 using (var file = new FileStream(temp, FileMode.CreateNew, FileAccess.Write))

@@ -234,7 +234,7 @@ internal static class VmCommands
     {
         Span<byte> magic = stackalloc byte[4];
         using var f = File.OpenRead(path);
-        return f.Read(magic) == 4 && magic.SequenceEqual((ReadOnlySpan<byte>)[0x51, 0x46, 0x49, 0xfb]); // "QFI\xfb"
+        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Vmsnap.Qcow2.Qcow2Header.Magic;
     }
 
     private static string Summary(VmSnapshotResult r, string verb) =>

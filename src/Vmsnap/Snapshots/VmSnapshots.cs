@@ -95,7 +95,7 @@ public static class VmSnapshots
         options ??= new();
         string full = Path.GetFullPath(destination);
         // A name no other export can have: a process ID repeats (across containers, after a crash that left the file).
-        string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Guid.NewGuid():N}.tmp");
+        string temp = ScratchFile.Beside(full);
         try
         {
             VmSnapshotResult result;
