@@ -28,28 +28,40 @@ internal static class Cli
             Console.Error.WriteLine($"vmsnap: {message}");
             return ExitUsage;
         }
-        return parsed.Invoke();
+        return parsed.Invoke(new InvocationConfiguration { ProcessTerminationTimeout = TerminationGrace });
     }
+
+    /// <summary>
+    /// How long a command may take to clean up after Ctrl-C or SIGTERM before the process ends anyway:
+    /// long enough for a cancelled save to free what it wrote and flush (a cut cleanup is crash-safe,
+    /// but may leak clusters).
+    /// </summary>
+    internal static readonly TimeSpan TerminationGrace = TimeSpan.FromSeconds(60);
 
     /// <summary>The --json option every command takes.</summary>
     internal static Option<bool> JsonOption() => new("--json") { Description = "Print the result as JSON on stdout" };
 
-    /// <summary>Sets a command's action, turning vmsnap's errors into one line on stderr and a non-zero exit code.</summary>
+    /// <summary>
+    /// Sets a command's action, turning vmsnap's errors into one line on stderr and a non-zero exit code.
+    /// The action runs on its own task: System.CommandLine installs its Ctrl-C/SIGTERM handler (which
+    /// cancels the token and waits <see cref="TerminationGrace"/>) only once the action has returned
+    /// its task, so an action that ran to completion inside the call could not be cancelled at all.
+    /// </summary>
     internal static void SetHandler(this Command command, Func<ParseResult, CancellationToken, int> action)
     {
-        command.SetAction((parseResult, cancellationToken) =>
+        command.SetAction((parseResult, cancellationToken) => Task.Run(() =>
         {
             try
             {
-                return Task.FromResult(action(parseResult, cancellationToken));
+                return action(parseResult, cancellationToken);
             }
             catch (Exception e) when (e is VmsnapException or IOException or UnauthorizedAccessException or OperationCanceledException or ArgumentException or FormatException)
             {
                 string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ");
                 Console.Error.WriteLine($"vmsnap: {message}");
-                return Task.FromResult(ExitFailure);
+                return ExitFailure;
             }
-        });
+        }, CancellationToken.None));
     }
 
     internal static void WriteJson<T>(T value) => Console.Out.WriteLine(JsonSerializer.Serialize(value, Json));
@@ -75,10 +87,17 @@ internal static class Cli
         }
         if (!decimal.TryParse(s, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out decimal number) || number < 0)
             throw new FormatException($"invalid size '{text}'");
-        decimal bytes = number * multiplier;
-        if (bytes > long.MaxValue || bytes != decimal.Truncate(bytes))
+        if (number > long.MaxValue / multiplier || number * multiplier != decimal.Truncate(number * multiplier))
             throw new FormatException($"invalid size '{text}': not a whole number of bytes within range");
-        return (long)bytes;
+        return (long)(number * multiplier);
+    }
+
+    /// <summary><see cref="ParseSize"/> for sizes that must fit in 32 bits (cluster and buffer sizes).</summary>
+    internal static int ParseInt32Size(string text)
+    {
+        long bytes = ParseSize(text);
+        if (bytes > int.MaxValue) throw new FormatException($"invalid size '{text}': at most {int.MaxValue} bytes");
+        return (int)bytes;
     }
 
     /// <summary>Formats a byte count the way qemu-img does (e.g. "64 MiB").</summary>

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using Vmsnap.Qcow2;
+using Vmsnap.Storage;
 
 namespace Vmsnap.Cli.Commands;
 
@@ -51,7 +52,7 @@ internal static class ImageCommands
             if (backingFile is not null && format is null) throw new ArgumentException("--backing needs --backing-format raw|qcow2");
             var options = new Qcow2CreateOptions
             {
-                ClusterSize = parse.GetValue(clusterSize) is { } cs ? checked((int)Cli.ParseSize(cs)) : 64 * 1024,
+                ClusterSize = parse.GetValue(clusterSize) is { } cs ? Cli.ParseInt32Size(cs) : 64 * 1024,
                 RefcountBits = parse.GetValue(refcountBits) ?? 16,
                 Version = parse.GetValue(compat) == "0.10" ? 2 : 3,
                 LazyRefcounts = parse.GetValue(lazy),
@@ -207,17 +208,28 @@ internal static class ImageCommands
             if (start > img.VirtualSize - count)
                 throw new ArgumentException($"range of {count} bytes at offset {start} lies beyond the virtual disk ({img.VirtualSize} bytes)");
             string target = parse.GetValue(to)!;
-            using (var file = new FileStream(target, FileMode.Create, FileAccess.Write))
+            // Into a temporary file renamed over the target once complete: a failed read leaves the target as it was.
+            string full = Path.GetFullPath(target);
+            string temp = ScratchFile.Beside(full);
+            try
             {
-                byte[] buffer = new byte[(int)Math.Min(ChunkSize, Math.Max(count, 1))];
-                for (long done = 0; done < count;)
+                using (var file = new FileStream(temp, FileMode.CreateNew, FileAccess.Write))
                 {
-                    ct.ThrowIfCancellationRequested();
-                    int n = (int)Math.Min(buffer.Length, count - done);
-                    img.Read(buffer.AsSpan(0, n), start + done);
-                    file.Write(buffer, 0, n);
-                    done += n;
+                    byte[] buffer = new byte[(int)Math.Min(ChunkSize, Math.Max(count, 1))];
+                    for (long done = 0; done < count;)
+                    {
+                        ct.ThrowIfCancellationRequested();
+                        int n = (int)Math.Min(buffer.Length, count - done);
+                        img.Read(buffer.AsSpan(0, n), start + done);
+                        file.Write(buffer, 0, n);
+                        done += n;
+                    }
                 }
+                File.Move(temp, full, overwrite: true);
+            }
+            finally
+            {
+                File.Delete(temp);
             }
             if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, target));
             else Console.Out.WriteLine($"read {count}/{count} bytes at offset {start}");

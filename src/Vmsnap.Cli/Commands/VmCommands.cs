@@ -66,7 +66,7 @@ internal static class VmCommands
         {
             Mode = p.GetValue(Mode) switch { "gather" => VmStateWriteMode.Gather, "buffered" => VmStateWriteMode.Buffered, _ => null },
             BufferCount = p.GetValue(Buffers),
-            BufferSize = p.GetValue(BufferSize) is { } s ? checked((int)Cli.ParseSize(s)) : null,
+            BufferSize = p.GetValue(BufferSize) is { } s ? Cli.ParseInt32Size(s) : null,
             Direct = !p.GetValue(NoDirect),
         };
     }
@@ -108,7 +108,7 @@ internal static class VmCommands
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         var ram = RamOption("Where to write a RAM block: ID=FILE (repeatable; created if missing, sparse where pages are zero)");
         ram.Required = true;
-        var forceShare = ForceShareOption();
+        var forceShare = SnapshotCommands.ForceShareOption();
         var noDirect = new Option<bool>("--no-direct") { Description = "Go through the page cache instead of O_DIRECT" };
         var json = Cli.JsonOption();
         var command = new Command("load", "Load a snapshot's RAM into files") { image, tag, ram, forceShare, noDirect, json };
@@ -130,7 +130,7 @@ internal static class VmCommands
         var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         var output = new Option<string>("--output", "-o") { Description = "The migration stream to write ('-' for stdout)", Required = true };
-        var forceShare = ForceShareOption();
+        var forceShare = SnapshotCommands.ForceShareOption();
         var writer = WriterOptionSet.Create();
         var json = Cli.JsonOption();
         var command = new Command("export", "Write a snapshot's VM state as a migration stream (QEMU: -incoming \"exec:cat STREAM\")") { image, tag, output, forceShare, json };
@@ -198,7 +198,7 @@ internal static class VmCommands
     {
         var target = new Argument<string>("STREAM|IMAGE") { Description = "A migration stream ('-' for stdin), or a qcow2 image followed by a snapshot TAG" };
         var tag = new Argument<string?>("TAG") { Description = "The snapshot's ID or name (when the first argument is an image)", Arity = ArgumentArity.ZeroOrOne };
-        var forceShare = ForceShareOption();
+        var forceShare = SnapshotCommands.ForceShareOption();
         var json = Cli.JsonOption();
         var command = new Command("inspect", "Show what a VM state holds: machine, sections, RAM blocks, devices") { target, tag, forceShare, json };
         command.SetHandler((p, ct) =>
@@ -230,16 +230,11 @@ internal static class VmCommands
         return command;
     }
 
-    private static Option<bool> ForceShareOption() => new("--force-share", "-U")
-    {
-        Description = "Open the image without locking out a running QEMU (read-only)",
-    };
-
     private static bool IsQcow2(string path)
     {
         Span<byte> magic = stackalloc byte[4];
         using var f = File.OpenRead(path);
-        return f.Read(magic) == 4 && magic.SequenceEqual((ReadOnlySpan<byte>)[0x51, 0x46, 0x49, 0xfb]); // "QFI\xfb"
+        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Vmsnap.Qcow2.Qcow2Header.Magic;
     }
 
     private static string Summary(VmSnapshotResult r, string verb) =>

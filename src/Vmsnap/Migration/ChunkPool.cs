@@ -10,19 +10,14 @@ internal sealed class ChunkPool(int chunkBytes, int keep = 4)
 {
     private readonly Stack<Chunk> _free = new();
     private readonly object _lock = new();
-    private int _outstanding;
 
     public int ChunkBytes => chunkBytes;
-
-    /// <summary>Chunks rented and not yet given back.</summary>
-    public int Outstanding { get { lock (_lock) return _outstanding; } }
 
     public Chunk Rent()
     {
         Chunk? chunk = null;
         lock (_lock)
         {
-            _outstanding++;
             if (_free.Count > 0) chunk = _free.Pop();
         }
         chunk ??= new Chunk(this, GC.AllocateUninitializedArray<byte>(chunkBytes));
@@ -34,7 +29,6 @@ internal sealed class ChunkPool(int chunkBytes, int keep = 4)
     {
         lock (_lock)
         {
-            _outstanding--;
             if (_free.Count < keep) _free.Push(chunk);
         }
     }

@@ -98,11 +98,20 @@ public sealed record MigrationDeviceInfo(
     string Name, uint Instance, uint Version, IReadOnlyList<MigrationDeviceField> Fields, IReadOnlyList<string> Subsections)
 {
     /// <summary>Bytes of the top-level fields (subsections not included).</summary>
-    public long FieldBytes => Fields.Sum(f => f.Bytes);
+    public long FieldBytes => MigrationDeviceField.Total(Fields);
 }
 
 /// <summary>A field of a device section as the VM description gives it.</summary>
 /// <param name="Name">Field name (<c>env.regs</c>, <c>cmos_data</c>).</param>
 /// <param name="Type">QEMU's type name (<c>uint32</c>, <c>buffer</c>, <c>struct</c>).</param>
 /// <param name="Bytes">Bytes the field takes in the stream (all array elements).</param>
-public sealed record MigrationDeviceField(string Name, string Type, long Bytes);
+public sealed record MigrationDeviceField(string Name, string Type, long Bytes)
+{
+    /// <summary>The fields' bytes added up, held at the limits of a long (a damaged description may give any sizes).</summary>
+    internal static long Total(IEnumerable<MigrationDeviceField> fields)
+    {
+        Int128 sum = 0;
+        foreach (MigrationDeviceField f in fields) sum += f.Bytes;
+        return (long)Int128.Clamp(sum, long.MinValue, long.MaxValue);
+    }
+}

@@ -72,8 +72,7 @@ public sealed class RamFileSink : IRamSink, IDisposable
         {
             foreach (var (index, id, path) in prepared)
             {
-                string temp = System.IO.Path.Combine(System.IO.Path.GetDirectoryName(path)!,
-                    $".{System.IO.Path.GetFileName(path)}.vmsnap-{Guid.NewGuid():N}.tmp");
+                string temp = ScratchFile.Beside(path);
                 var device = FileBlockDevice.Open(temp, new FileBlockDeviceOptions { Create = true, Exclusive = true });
                 targets[index] = new Target(id, path, temp, device, blocks[index].Length);
                 device.SetLength(blocks[index].Length);

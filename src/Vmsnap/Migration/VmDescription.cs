@@ -9,25 +9,22 @@ namespace Vmsnap.Migration;
 /// </summary>
 internal sealed class VmDescription
 {
-    private VmDescription(int pageSize, IReadOnlyList<DeviceLayout> devices)
-    {
-        PageSize = pageSize;
-        Devices = devices;
-    }
-
-    public int PageSize { get; }
+    private VmDescription(IReadOnlyList<DeviceLayout> devices) => Devices = devices;
 
     public IReadOnlyList<DeviceLayout> Devices { get; }
 
     /// <summary>A device's (or subsection's) state layout: its fields and the subsections written after them.</summary>
     internal sealed record Layout(string Name, uint Version, IReadOnlyList<MigrationDeviceField> Fields, IReadOnlyList<Layout> Subsections)
     {
-        public long FieldBytes => Fields.Sum(f => f.Bytes);
+        public long FieldBytes => MigrationDeviceField.Total(Fields);
     }
 
     internal sealed record DeviceLayout(string Name, uint Instance, Layout State);
 
-    /// <summary>Parses the JSON; a document that is not JSON or not an object with a device list is refused.</summary>
+    /// <summary>
+    /// Parses the JSON; a document that is not JSON, not an object with a device list, or whose devices,
+    /// fields or subsections are not objects is refused. Values of the wrong type count as missing.
+    /// </summary>
     public static VmDescription Parse(ReadOnlySpan<byte> json, long offset)
     {
         try
@@ -36,7 +33,6 @@ internal sealed class VmDescription
             JsonElement root = doc.RootElement;
             if (root.ValueKind != JsonValueKind.Object)
                 throw new MigrationStreamException("the VM description is not a JSON object", offset);
-            int pageSize = root.TryGetProperty("page_size", out var ps) && ps.TryGetInt32(out int p) ? p : MigrationFormat.PageSize;
             var devices = new List<DeviceLayout>();
             if (root.TryGetProperty("devices", out var list))
             {
@@ -44,12 +40,13 @@ internal sealed class VmDescription
                     throw new MigrationStreamException("the VM description's \"devices\" is not a list", offset);
                 foreach (JsonElement d in list.EnumerateArray())
                 {
+                    RequireObject(d, $"device {devices.Count}", offset);
                     string name = String(d, "name") ?? "?";
                     uint instance = UInt(d, "instance_id");
-                    devices.Add(new DeviceLayout(name, instance, ParseLayout(d, String(d, "vmsd_name") ?? name)));
+                    devices.Add(new DeviceLayout(name, instance, ParseLayout(d, String(d, "vmsd_name") ?? name, offset)));
                 }
             }
-            return new VmDescription(pageSize, devices);
+            return new VmDescription(devices);
         }
         catch (JsonException e)
         {
@@ -57,33 +54,45 @@ internal sealed class VmDescription
         }
     }
 
-    private static Layout ParseLayout(JsonElement e, string name)
+    private static Layout ParseLayout(JsonElement e, string name, long offset)
     {
         var fields = new List<MigrationDeviceField>();
         if (e.TryGetProperty("fields", out var fs) && fs.ValueKind == JsonValueKind.Array)
         {
             foreach (JsonElement f in fs.EnumerateArray())
             {
-                long size = Long(f, "size");
-                long count = f.TryGetProperty("array_len", out var n) && n.TryGetInt64(out long len) ? len : 1;
-                fields.Add(new MigrationDeviceField(String(f, "name") ?? "?", String(f, "type") ?? "?", size * count));
+                RequireObject(f, $"field {fields.Count} of '{name}'", offset);
+                Int128 bytes = (Int128)Long(f, "size", 0) * Long(f, "array_len", 1);
+                fields.Add(new MigrationDeviceField(String(f, "name") ?? "?", String(f, "type") ?? "?",
+                    (long)Int128.Clamp(bytes, long.MinValue, long.MaxValue)));
             }
         }
         var subsections = new List<Layout>();
         if (e.TryGetProperty("subsections", out var ss) && ss.ValueKind == JsonValueKind.Array)
+        {
             foreach (JsonElement s in ss.EnumerateArray())
-                subsections.Add(ParseLayout(s, String(s, "vmsd_name") ?? "?"));
+            {
+                RequireObject(s, $"subsection {subsections.Count} of '{name}'", offset);
+                subsections.Add(ParseLayout(s, String(s, "vmsd_name") ?? "?", offset));
+            }
+        }
         return new Layout(name, UInt(e, "version"), fields, subsections);
     }
 
-    private static string? String(JsonElement e, string key) =>
-        e.ValueKind == JsonValueKind.Object && e.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
+    private static void RequireObject(JsonElement e, string what, long offset)
+    {
+        if (e.ValueKind != JsonValueKind.Object)
+            throw new MigrationStreamException($"the VM description's {what} is not a JSON object", offset);
+    }
 
-    private static long Long(JsonElement e, string key) =>
-        e.ValueKind == JsonValueKind.Object && e.TryGetProperty(key, out var v) && v.TryGetInt64(out long x) ? x : 0;
+    private static string? String(JsonElement e, string key) =>
+        e.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
+
+    private static long Long(JsonElement e, string key, long missing) =>
+        e.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.Number && v.TryGetInt64(out long x) ? x : missing;
 
     private static uint UInt(JsonElement e, string key) =>
-        e.ValueKind == JsonValueKind.Object && e.TryGetProperty(key, out var v) && v.TryGetUInt32(out uint x) ? x : 0;
+        e.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.Number && v.TryGetUInt32(out uint x) ? x : 0;
 
     /// <summary>The public view of the devices.</summary>
     public IReadOnlyList<MigrationDeviceInfo> ToDeviceInfos() =>

@@ -94,7 +94,8 @@ public static class VmSnapshots
     {
         options ??= new();
         string full = Path.GetFullPath(destination);
-        string temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Environment.ProcessId}.tmp");
+        // A name no other export can have: a process ID repeats (across containers, after a crash that left the file).
+        string temp = ScratchFile.Beside(full);
         try
         {
             VmSnapshotResult result;
@@ -168,7 +169,9 @@ public static class VmSnapshots
         var clock = Stopwatch.StartNew();
         using Qcow2Image image = OpenImage(imagePath, writable: true, options);
         if (image.FindSnapshot(name) is { } existing)
-            throw new VmsnapException($"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name");
+            throw new VmsnapException(existing.Name == name
+                ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"
+                : $"'{imagePath}' already has a snapshot with ID '{name}' (named '{existing.Name}'); a name equal to another snapshot's ID would make lookups ambiguous: choose another name");
 
         using var area = image.OpenVmStateForWriting();
         bool committed = false;

@@ -7,7 +7,7 @@ namespace Vmsnap.Storage;
 /// Native memory aligned for direct I/O (O_DIRECT needs the memory address aligned too), owned by
 /// exactly one holder and freed on <see cref="Dispose()"/>.
 /// </summary>
-public sealed unsafe class AlignedBuffer : MemoryManager<byte>
+internal sealed unsafe class AlignedBuffer : MemoryManager<byte>
 {
     private static long s_live;
     private byte* _pointer;

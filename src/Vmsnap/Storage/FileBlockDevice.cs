@@ -67,9 +67,6 @@ public sealed class FileBlockDevice : IBlockDevice
     /// <summary>The file's path.</summary>
     public string Path { get; }
 
-    /// <summary>The cached descriptor (for byte-range locks).</summary>
-    internal SafeFileHandle Handle => _handle;
-
     /// <inheritdoc/>
     public long Length => RandomAccess.GetLength(_handle);
 
@@ -155,6 +152,11 @@ public sealed class FileBlockDevice : IBlockDevice
         catch (IOException e)
         {
             throw new StorageException($"resizing '{Path}' to {length} bytes failed: {e.Message}", e.HResult & 0xffff, e);
+        }
+        catch (ArgumentOutOfRangeException e) when (length >= 0)
+        {
+            // .NET reports EFBIG (a length past what the file system allows) this way.
+            throw new StorageException($"resizing '{Path}' to {length} bytes failed: the file system does not allow a file that large", NativeFile.EFBIG, e);
         }
     }
 

@@ -50,7 +50,7 @@ public sealed class MemoryBlockDevice : IBlockDevice
         lock (_lock)
         {
             long end = offset + buffer.Length;
-            if (end > int.MaxValue) throw new StorageException($"memory device cannot hold {end} bytes", NativeFile.ENOSPC);
+            if (end > Array.MaxLength) throw new StorageException($"memory device cannot hold {end} bytes", NativeFile.ENOSPC);
             Grow(end);
             buffer.CopyTo(_data.AsSpan((int)offset));
             if (end > _length) _length = end;
@@ -60,7 +60,7 @@ public sealed class MemoryBlockDevice : IBlockDevice
     private void Grow(long end)
     {
         if (end <= _data.Length) return;
-        long size = Math.Max(end, Math.Min((long)_data.Length * 2, int.MaxValue));
+        long size = Math.Max(end, Math.Min((long)_data.Length * 2, Array.MaxLength));
         Array.Resize(ref _data, (int)size);
     }
 
@@ -82,6 +82,8 @@ public sealed class MemoryBlockDevice : IBlockDevice
     public void SetLength(long length)
     {
         if (IsReadOnly) throw new StorageException("memory device is read-only");
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        if (length > Array.MaxLength) throw new StorageException($"memory device cannot hold {length} bytes", NativeFile.EFBIG);
         lock (_lock)
         {
             Grow(length);

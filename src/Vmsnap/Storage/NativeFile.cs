@@ -12,7 +12,7 @@ internal static partial class NativeFile
     private static int O_DIRECT => RuntimeInformation.ProcessArchitecture is Architecture.Arm64 or Architecture.Arm ? 0x10000 : 0x4000;
 
     private const int FALLOC_FL_KEEP_SIZE = 1, FALLOC_FL_PUNCH_HOLE = 2;
-    internal const int EINTR = 4, EAGAIN = 11, EACCES = 13, EINVAL = 22, ENOSPC = 28, EOPNOTSUPP = 95;
+    internal const int EINTR = 4, EAGAIN = 11, EACCES = 13, EINVAL = 22, EFBIG = 27, ENOSPC = 28, EOPNOTSUPP = 95;
 
     [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int open(string path, int flags, int mode);

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Qcow2;
 
@@ -61,6 +62,8 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--extended-l2", "--cluster-size", "4k"), 1, "16384");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--backing", "base.raw"), 1, "--backing-format");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64Q"), 1, "size");
+        AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--cluster-size", "4G"), 1, "'4G'", "at most");
+        AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "79228162514264337593543950335T"), 1, "within range");
         Assert.Equal(2, Vmsnap("create", dir.File("x.qcow2"), "64M", "--compat", "2.0").ExitCode);   // usage error
         Assert.False(File.Exists(dir.File("x.qcow2")));
         AssertOneLineError(Vmsnap("create", dir.File("y.qcow2"), "64M", "--backing", "nope.qcow2", "--backing-format", "qcow2"), 1, "nope.qcow2", "does not exist");
@@ -175,6 +178,13 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("write", image, "64M", "--from", dir.File("in.bin")), 1, "beyond the virtual disk");
         AssertOneLineError(Vmsnap("write", image, "0", "--from", dir.File("missing.bin")), 1);
         Assert.Equal(2, Vmsnap("read", image, "0", "1").ExitCode);   // --to is required
+
+        // A read that fails halfway (a damaged L2 entry) leaves an existing target as it was, and no scratch file.
+        long l2 = (long)(Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset) & L1Entry.OffsetMask);
+        Qemu.WriteBE64(image, l2 + 8 * 100, L2Entry.Copied | (1UL << 40));   // guest cluster 100 (400 KiB)
+        AssertOneLineError(Vmsnap("read", image, "0", "1M", "--to", dir.File("out.bin")), 1, "beyond the end of the file");
+        Assert.Equal(data, File.ReadAllBytes(dir.File("out.bin")));
+        Assert.Equal(["in.bin", "out.bin", "rw.qcow2", "zero.bin"], Directory.GetFiles(dir.Path).Select(Path.GetFileName).Where(n => !n!.EndsWith(".raw")).Order());
     }
 
     [Fact]

@@ -147,6 +147,29 @@ public class MigrationStreamErrorTests
         Refused(valid[..tailAt], tailAt, "ends right after the RAM section");
     }
 
+    private static byte[] WithDescription(string json) =>
+        UpToPart().End(2).EndOfRecords().Footer(2).Tail(json).ToArray();
+
+    [Fact]
+    public void A_vm_description_of_the_wrong_shape_is_refused_or_read_never_a_crash()
+    {
+        int descriptionAt = UpToPart().End(2).EndOfRecords().Footer(2).Length + 6;
+        Refused(WithDescription("{\"devices\": [1]}"), descriptionAt, "device 0 is not a JSON object");
+        Refused(WithDescription("{\"devices\": [{\"name\": \"timer\", \"fields\": [\"x\"]}]}"), descriptionAt, "field 0 of 'timer' is not a JSON object");
+        Refused(WithDescription("{\"devices\": [{\"name\": \"timer\", \"subsections\": [null]}]}"), descriptionAt, "subsection 0 of 'timer' is not a JSON object");
+
+        // Values of the wrong type count as missing; sizes that overflow stay at the largest value.
+        MigrationStreamInfo info = ReadBytes(WithDescription(
+            "{\"page_size\": \"4k\", \"devices\": [{\"name\": \"timer\", \"instance_id\": \"0\", \"version_id\": 2, \"fields\": [" +
+            "{\"name\": \"a\", \"size\": \"8\"}, {\"name\": \"b\", \"size\": 8, \"array_len\": \"x\"}, " +
+            "{\"name\": \"c\", \"size\": 9223372036854775807, \"array_len\": 4}, {\"name\": \"d\", \"size\": 9223372036854775807}]}]}"),
+            r => MigrationStream.Inspect(r));
+        MigrationDeviceInfo timer = Assert.Single(info.Devices);
+        Assert.Equal(0u, timer.Instance);
+        Assert.Equal([0, 8, long.MaxValue, long.MaxValue], timer.Fields.Select(f => f.Bytes));
+        Assert.Equal(long.MaxValue, timer.FieldBytes);
+    }
+
     [Fact]
     public void Truncation_at_any_byte_is_refused_with_an_offset_no_later_than_the_cut()
     {

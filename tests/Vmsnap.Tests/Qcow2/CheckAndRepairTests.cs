@@ -77,6 +77,7 @@ public class CheckAndRepairTests
     {
         "leaked-free-cluster", "data-refcount-too-high", "data-refcount-zero", "shared-refcount-too-low",
         "l2-refcount-too-high", "two-entries-one-cluster", "entry-past-end-of-file", "copied-flag-missing",
+        "refcount-block-past-file-system-limit", "refcount-block-past-countable-clusters",
     };
 
     private static string Damage(TempDir dir, string damage, string options = "")
@@ -110,6 +111,14 @@ public class CheckAndRepairTests
                 break;
             case "entry-past-end-of-file":
                 Qemu.WriteBE64(image, L2EntryOffset(image, 1 << 20), L2Entry.Copied | (1UL << 40));
+                break;
+            // A repair grows the file to reach the block, as QEMU's does; here the file system (ext4: 16 TiB)
+            // or the in-memory counts refuse, and the refcount structure is rebuilt instead.
+            case "refcount-block-past-file-system-limit":
+                Qemu.WriteBE64(image, (long)Qemu.Header(image).RefcountTableOffset + 8, 1UL << 45);
+                break;
+            case "refcount-block-past-countable-clusters":
+                Qemu.WriteBE64(image, (long)Qemu.Header(image).RefcountTableOffset + 8, 1UL << 50);
                 break;
             case "copied-flag-missing":
                 long at = L2EntryOffset(image, cs);

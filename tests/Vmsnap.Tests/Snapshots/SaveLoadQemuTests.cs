@@ -196,6 +196,21 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Qcow2.Qemu.AssertClean(image);
     }
 
+    [Fact]
+    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
+        // What an export killed in this same process ID (a container's, say) left behind.
+        string stale = dir.File($".out.mig.vmsnap-{Environment.ProcessId}.tmp");
+        File.WriteAllText(stale, "left over");
+        string output = dir.File("out.mig");
+        VmSnapshots.Export(image, "vm", output);
+        Assert.Equal(File.ReadAllBytes(qemu.NoneStream), File.ReadAllBytes(output));
+        Assert.Equal([Path.GetFileName(stale), "out.mig", "vm.qcow2"], Directory.GetFiles(dir.Path).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+    }
+
     private sealed class SynchronousProgress(Action<long> report) : IProgress<long>
     {
         public void Report(long value) => report(value);

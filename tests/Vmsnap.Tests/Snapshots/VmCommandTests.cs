@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Text.Json;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
@@ -21,12 +22,14 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         string before = Hash(image);
 
         VmsnapFails(["save", image, "--name", "a", "--machine", "none", "--ram", $"ram0={ram}"], "already has a snapshot named 'a'");
+        VmsnapFails(["save", image, "--name", "1", "--machine", "none", "--ram", $"ram0={ram}"], "with ID '1'", "named 'a'");
         VmsnapFails(["save", image, "--name", "b", "--ram", $"ram0={ram}"], "--machine", "--template");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--template", qemu.PcStream, "--ram", $"ram0={ram}"], "either");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", ram], "ID=FILE");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={dir.File("missing")}"], "missing");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--ram", $"ram0={ram}"], "twice");
         VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--mode", "fast"], "fast");
+        VmsnapFails(["save", image, "--name", "b", "--machine", "none", "--ram", $"ram0={ram}", "--buffer-size", "4G"], "4G", "at most");
         VmsnapFails(["save", dir.File("nope.qcow2"), "--name", "b", "--machine", "none", "--ram", $"ram0={ram}"], "nope.qcow2");
 
         // A template's block must be replaced by a file of exactly its length.
@@ -77,6 +80,60 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         File.WriteAllBytes(garbage, new byte[4096]);
         VmsnapFails(["import", garbage, image, "--name", "bad"], "offset 0");
         Assert.Equal(["good"], QemuSnapshots(image).Keys);
+        Qcow2.Qemu.AssertClean(image);
+    }
+
+    [Fact]
+    public async Task An_import_stopped_by_a_termination_signal_frees_what_it_wrote_and_says_so()
+    {
+        using var dir = new TempDir();
+        string image = QemuImage(dir);
+        string ram = dir.File("ram0");
+        GuestRam.Create(ram, 128 << 20, seed: 44);
+        string stream = dir.File("s.mig");
+        using (var profile = Vmsnap.Migration.MachineProfile.Create("none", [new("ram0", ram)]))
+            StreamFiles.WriteFile(stream, w => Vmsnap.Migration.MigrationStream.Write(w, profile));
+        byte[] bytes = File.ReadAllBytes(stream);
+        long imageBefore = new FileInfo(image).Length;
+
+        // The stream comes through a pipe the test feeds: a quarter, the signal once vmsnap writes, then the rest.
+        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
+        {
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        };
+        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" }) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stderr = p.StandardError.ReadToEndAsync();
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        Stream input = p.StandardInput.BaseStream;
+        input.Write(bytes, 0, bytes.Length / 4);
+        input.Flush();
+        var clock = Stopwatch.StartNew();
+        while (new FileInfo(image).Length < imageBefore + (16 << 20) && !p.HasExited && clock.Elapsed < TimeSpan.FromSeconds(60)) Thread.Sleep(20);
+        if (p.HasExited) Assert.Fail($"vmsnap import ended early: {await stderr}");
+        Tool.Check("kill", "-TERM", p.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        try
+        {
+            for (int at = bytes.Length / 4; at < bytes.Length; at += 1 << 20)
+            {
+                input.Write(bytes, at, Math.Min(1 << 20, bytes.Length - at));
+                Thread.Sleep(5);
+            }
+            input.Close();
+        }
+        catch (IOException)
+        {
+            // vmsnap stopped reading: the pipe is closed.
+        }
+        Assert.True(p.WaitForExit(TimeSpan.FromSeconds(60)), "vmsnap import did not stop");
+        p.WaitForExit();
+        string errors = await stderr, output = await stdout;
+        Assert.True(p.ExitCode == 1, $"exit code {p.ExitCode}: {errors}{output}");
+        Assert.Equal("vmsnap: cancelled", errors.Trim());
+        Assert.Empty(QemuSnapshots(image));
         Qcow2.Qemu.AssertClean(image);
     }
 

@@ -65,4 +65,23 @@ public class FileBlockDeviceTests
         var e = Assert.Throws<StorageException>(() => FileBlockDevice.Open("/nonexistent/x.qcow2"));
         Assert.Contains("/nonexistent/x.qcow2", e.Message);
     }
+
+    [Fact]
+    public void A_length_the_device_cannot_have_is_a_storage_error_that_changes_nothing()
+    {
+        using var dir = new TempDir();
+        string path = dir.File("big");
+        using (var file = FileBlockDevice.Open(path, new FileBlockDeviceOptions { Create = true }))
+        {
+            file.Write(new byte[4096], 0);
+            var e = Assert.Throws<StorageException>(() => file.SetLength(1L << 62));   // past any file system's limit
+            Assert.Equal(27, e.ErrorCode);   // EFBIG
+            Assert.Contains(path, e.Message);
+            Assert.Equal(4096, file.Length);
+        }
+        var memory = new MemoryBlockDevice(new byte[100]);
+        Assert.Throws<StorageException>(() => memory.SetLength(3L << 30));
+        Assert.Throws<StorageException>(() => memory.Write(new byte[1], Array.MaxLength));
+        Assert.Equal(100, memory.Length);
+    }
 }

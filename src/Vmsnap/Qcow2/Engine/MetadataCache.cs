@@ -23,6 +23,7 @@ internal sealed class MetadataCache
     private readonly int _clusterSize;
     private long _clock;
     private int _dirtyCount;
+    private bool _evictedUnflushed;   // Trim wrote dirty tables back since the last WriteDirty
 
     internal MetadataCache(IBlockDevice device, int clusterSize, int capacity, string what)
     {
@@ -106,10 +107,16 @@ internal sealed class MetadataCache
         _dirtyCount = 0;
     }
 
-    /// <summary>Writes every dirty table (in offset order); the caller flushes the device.</summary>
+    /// <summary>
+    /// Writes every dirty table (in offset order). True when tables were written since the last call,
+    /// by this one or by an eviction (<see cref="Trim"/>): the caller flushes the device before
+    /// anything that depends on them.
+    /// </summary>
     internal bool WriteDirty()
     {
-        if (_dirtyCount == 0) return false;
+        bool evicted = _evictedUnflushed;
+        _evictedUnflushed = false;
+        if (_dirtyCount == 0) return evicted;
         BeforeWriteBack?.Invoke();
         var dirty = new List<Table>(_dirtyCount);
         foreach (Table t in _tables.Values) if (t.Dirty) dirty.Add(t);
@@ -131,6 +138,7 @@ internal sealed class MetadataCache
             BeforeWriteBack?.Invoke();
             victims.Sort((a, b) => a.Offset.CompareTo(b.Offset));
             foreach (Table t in victims) if (t.Dirty) WriteBack(t);
+            _evictedUnflushed = true;
         }
         foreach (Table t in victims) _tables.Remove(t.Offset);
     }

@@ -81,7 +81,7 @@ internal sealed class Qcow2Checker
         if (!_e.ReadOnly) _e.FlushAll();
         _fileLength = _e.Device.Length;
         _clusters = _g.ClustersFor(_fileLength);
-        _counts = new ulong[Math.Max(_clusters, 1)];
+        _counts = NewCounts(_clusters);
         CalculateRefcounts(mode);
         (int corruptions, int leaks, int errors) before = (_corruptions, _leaks, _checkErrors);
         int messagesBefore = _messages.Count;
@@ -97,7 +97,7 @@ internal sealed class Qcow2Checker
             _rebuild = false;
             _fileLength = _e.Device.Length;
             _clusters = _g.ClustersFor(_fileLength);
-            _counts = new ulong[Math.Max(_clusters, 1)];
+            _counts = NewCounts(_clusters);
             _allocated = _fragmented = _compressed = 0;
             CalculateRefcounts(Qcow2RepairMode.None);
             (int c, int l, int ce) saved = (_corruptions, _leaks, _checkErrors);
@@ -157,11 +157,39 @@ internal sealed class Qcow2Checker
         }
     }
 
+    private ulong[] NewCounts(long clusters)
+    {
+        if (clusters > Array.MaxLength) throw TooManyClusters(clusters);
+        try
+        {
+            return new ulong[Math.Max(clusters, 1)];
+        }
+        catch (OutOfMemoryException)
+        {
+            throw TooManyClusters(clusters);
+        }
+    }
+
     private void Grow(long clusters)
     {
-        if (clusters > _counts.Length) Array.Resize(ref _counts, (int)Math.Max(clusters, _counts.Length * 2L));
+        if (clusters > _counts.Length)
+        {
+            if (clusters > Array.MaxLength) throw TooManyClusters(clusters);
+            try
+            {
+                Array.Resize(ref _counts, (int)Math.Min(Math.Max(clusters, _counts.Length * 2L), Array.MaxLength));
+            }
+            catch (OutOfMemoryException)
+            {
+                throw TooManyClusters(clusters);
+            }
+        }
         _clusters = clusters;
     }
+
+    /// <summary>The in-memory refcounts (one array) cannot describe that many clusters.</summary>
+    private Qcow2FormatException TooManyClusters(long clusters) =>
+        new("image", null, $"checking it needs a reference count for each of {clusters} clusters, more than vmsnap can hold in memory", _e.Path);
 
     private ulong Count(long cluster) => cluster < _clusters ? _counts[cluster] : 0;
 
@@ -375,6 +403,8 @@ internal sealed class Qcow2Checker
                 {
                     try
                     {
+                        // Refuse before the file grows when the counts could not follow it.
+                        if (_g.ClustersFor(offset + ClusterSize) > Array.MaxLength) throw TooManyClusters(_g.ClustersFor(offset + ClusterSize));
                         _e.Device.SetLength(offset + ClusterSize);
                         _fileLength = _e.Device.Length;
                         Grow(Math.Max(_clusters, _g.ClustersFor(_fileLength)));

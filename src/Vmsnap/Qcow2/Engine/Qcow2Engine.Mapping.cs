@@ -146,35 +146,6 @@ internal sealed partial class Qcow2Engine
         return new L1Table(offset, ReadL1(Device, offset, (int)entries), isActive: false);
     }
 
-    /// <summary>
-    /// Sets COPIED in the active L1 and L2 entries exactly where the refcount is 1 (after snapshot
-    /// apply or delete). Call under <see cref="SyncRoot"/>.
-    /// </summary>
-    internal void RecomputeCopiedFlags()
-    {
-        for (long i = 0; i < ActiveL1.Size; i++)
-        {
-            ulong entry = ActiveL1[i];
-            long l2 = L1Entry.L2Offset(entry);
-            if (l2 == 0) continue;
-            bool copied = Refcounts.Get(l2 >> Geometry.ClusterBits) == 1;
-            if (copied != L1Entry.IsCopied(entry)) ActiveL1.Set(i, copied ? entry | L1Entry.Copied : entry & ~L1Entry.Copied);
-            MetadataCache.Table? table = GetL2Table(ActiveL1, i);
-            if (table is null) continue;
-            bool dirty = false;
-            for (int j = 0; j < Geometry.L2Entries; j++)
-            {
-                L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
-                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
-                bool want = Refcounts.Get(e.HostOffset >> Geometry.ClusterBits) == 1;
-                if (want == e.IsCopied) continue;
-                L2Entry.Write(table.Data, j, Geometry.ExtendedL2, e with { Word = want ? e.Word | L2Entry.Copied : e.Word & ~L2Entry.Copied });
-                dirty = true;
-            }
-            if (dirty) L2Cache.MarkDirty(table);
-        }
-    }
-
     /// <summary>Replaces the in-memory snapshot list after the snapshot table was rewritten on disk.</summary>
     internal void SetSnapshots(List<SnapshotEntry> snapshots, long tableBytes)
     {

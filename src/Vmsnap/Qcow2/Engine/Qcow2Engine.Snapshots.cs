@@ -274,9 +274,12 @@ internal sealed partial class Qcow2Engine
 
     /// <summary>
     /// Writes the generation, then switches the header (L1, refcount table and snapshot table
-    /// fields) in one write and adopts the new state in memory.
+    /// fields) in one write and adopts the new state in memory, <paramref name="adopted"/> included:
+    /// it runs as soon as the switch landed, so a failure of the flush after it still leaves the
+    /// engine describing the image as it now is.
     /// </summary>
-    private void Switch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable)
+    private void Switch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable,
+        Action? adopted = null)
     {
         Qcow2Header h = Header.Clone();
         if (newActive is not null)
@@ -322,6 +325,7 @@ internal sealed partial class Qcow2Engine
             }
         }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
+        adopted?.Invoke();
         Device.Flush();
         // Only now: until the switch is durable the old generation may still use the clusters at the end.
         TrimFreeTail();
@@ -418,12 +422,12 @@ internal sealed partial class Qcow2Engine
         long activeOffset = WriteNewL1(gen, active);
         var list = new List<SnapshotEntry>(Snapshots) { entry };
         (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
-        Switch(gen, active, activeOffset, list, table);
-        if (captured is not null)
+        Switch(gen, active, activeOffset, list, table, () =>
         {
+            if (captured is null) return;
             captured.MarkCaptured(name);   // its clusters are the snapshot's now
             VmStateWriter = null;
-        }
+        });
         return entry;
     });
 
@@ -483,8 +487,7 @@ internal sealed partial class Qcow2Engine
         // The snapshot's own tables are not active yet: their COPIED flags may be corrected in place.
         FixActiveFlags(gen, l1, active, l2 => !current.Contains(l2));
         long activeOffset = WriteNewL1(gen, active);
-        Switch(gen, active, activeOffset, null, default);
-        _activeShared = FindActiveSharing(FindActiveDuplicates());
+        Switch(gen, active, activeOffset, null, default, () => _activeShared = FindActiveSharing(FindActiveDuplicates()));
         return sn;
     });
 

@@ -51,13 +51,8 @@ internal sealed class ClusterGeometry
     internal long L1Index(long guestOffset) => guestOffset >> (ClusterBits + L2Bits);
     internal int L2Index(long guestOffset) => (int)((guestOffset >> ClusterBits) & (L2Entries - 1));
     internal long OffsetInCluster(long offset) => offset & (ClusterSize - 1);
-    internal long ClusterStart(long offset) => offset & ~(long)(ClusterSize - 1);
-    internal long ClusterIndex(long offset) => offset >> ClusterBits;
     internal long ClustersFor(long bytes) => (bytes + ClusterSize - 1) >> ClusterBits;
 
     /// <summary>L1 entries needed to map <paramref name="size"/> guest bytes (QEMU's size_to_l1).</summary>
     internal long L1EntriesFor(long size) => (size + BytesPerL2 - 1) / BytesPerL2;
-
-    /// <summary>Refcount table entries needed to cover clusters [0, <paramref name="clusterCount"/>).</summary>
-    internal long RefcountTableEntriesFor(long clusterCount) => (clusterCount + RefcountBlockEntries - 1) >> RefcountBlockBits;
 }

@@ -5,7 +5,8 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// <summary>
 /// Wraps a block device, counts its writes and can make them fail: the write numbered
 /// <see cref="FailAt"/> (0-based, counting Write, WriteAsync, SetLength and Discard), and with
-/// <see cref="FailAfter"/> every later write and flush too (a disk that died).
+/// <see cref="FailAfter"/> every later write and flush too (a disk that died); or only the flush
+/// numbered <see cref="FailFlushAt"/> (0-based), once.
 /// </summary>
 internal sealed class CountingDevice(IBlockDevice inner) : IBlockDevice
 {
@@ -28,6 +29,8 @@ internal sealed class CountingDevice(IBlockDevice inner) : IBlockDevice
     public int FailAt { get; set; } = int.MaxValue;
 
     public bool FailAfter { get; set; }
+
+    public int FailFlushAt { get; set; } = int.MaxValue;
 
     /// <summary>True once a failure was injected.</summary>
     public bool Failed => _failed;
@@ -87,7 +90,11 @@ internal sealed class CountingDevice(IBlockDevice inner) : IBlockDevice
     public void Flush()
     {
         if (FailAfter && _failed) throw new StorageException("injected failure of a flush after a failed write", 5);
-        Interlocked.Increment(ref Flushes);
+        if (Interlocked.Increment(ref Flushes) - 1 == FailFlushAt)
+        {
+            _failed = true;
+            throw new StorageException($"injected failure of flush {FailFlushAt}", 5);
+        }
         inner.Flush();
     }
 
