@@ -1,15 +1,17 @@
 using System.Diagnostics;
+using Vmsnap.Migration;
 
 namespace Vmsnap.Cli;
 
 /// <summary>
 /// A one-line progress display on stderr for long operations, drawn only when stderr is a terminal
-/// (never into logs or pipes) and at most ten times a second.
+/// (never into logs or pipes) and at most ten times a second. The total is given at the start (save)
+/// or by the stream once its block list is read (load, export, import).
 /// </summary>
-internal sealed class ProgressLine : IProgress<long>, IDisposable
+internal sealed class ProgressLine : IRamProgress, IDisposable
 {
     private readonly string _label;
-    private readonly long _total;
+    private long _total;
     private readonly Stopwatch _clock = Stopwatch.StartNew();
     private readonly bool _enabled;
     private long _lastDraw = -1;
@@ -37,12 +39,14 @@ internal sealed class ProgressLine : IProgress<long>, IDisposable
         Draw(now);
     }
 
+    public void ReportTotal(long ramBytes) => _total = ramBytes;
+
     private void Draw(long nowMs)
     {
         double mib = _done / (double)(1 << 20);
         double rate = nowMs > 0 ? mib / (nowMs / 1000.0) : 0;
         string amount = _total > 0
-            ? $"{Cli.FormatSize(_done)} / {Cli.FormatSize(_total)} ({100.0 * _done / _total:0}%)"
+            ? $"{Cli.FormatSize(_done)} / {Cli.FormatSize(_total)} ({100.0 * Math.Min(_done, _total) / _total:0}%)"
             : Cli.FormatSize(_done);
         Console.Error.Write($"\r{_label}: {amount}, {rate:0} MiB/s\u001b[K");
         _drawn = true;

@@ -50,7 +50,7 @@ public static class MigrationStream
     /// </summary>
     /// <param name="source">The stream, read to the end of its backend.</param>
     /// <param name="sink">Receives the RAM, e.g. a <see cref="RamFileSink"/>.</param>
-    /// <param name="ramBytesDone">Receives the bytes of RAM records (pages and zero pages) read so far.</param>
+    /// <param name="ramBytesDone">Receives the bytes of RAM records (pages and zero pages) read so far; an <see cref="IRamProgress"/> also gets the stream's total RAM once its block list is read.</param>
     /// <param name="cancellationToken">Stops between records.</param>
     /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read; the message gives the offset.</exception>
     public static MigrationStreamInfo Read(VmStateReader source, IRamSink sink,
@@ -77,7 +77,7 @@ public static class MigrationStream
     /// </summary>
     /// <param name="source">The stream, read to the end of its backend.</param>
     /// <param name="destination">Receives every byte unchanged.</param>
-    /// <param name="ramBytesDone">Receives the bytes of RAM records copied so far.</param>
+    /// <param name="ramBytesDone">Receives the bytes of RAM records copied so far; an <see cref="IRamProgress"/> also gets the stream's total RAM once its block list is read.</param>
     /// <param name="cancellationToken">Stops between records.</param>
     /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read.</exception>
     /// <exception cref="VmStateException">The destination failed.</exception>

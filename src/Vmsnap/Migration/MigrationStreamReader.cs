@@ -351,6 +351,7 @@ internal sealed class MigrationStreamReader
         _haveBlockList = true;
         if (_blocks.Count == 0) throw new MigrationStreamException("the RAM block list is empty (MEM_SIZE of 0)", at);
         _sink?.BeginBlocks(_blocks.ToArray());
+        (_progress as IRamProgress)?.ReportTotal((long)total);
     }
 
     /// <summary>The block a page record is for: the previous one (CONTINUE) or the one its id string names.</summary>

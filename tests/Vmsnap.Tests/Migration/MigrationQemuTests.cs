@@ -140,12 +140,21 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         using var dir = new TempDir();
         string copy = dir.File("copy.mig");
         var progress = new List<long>();
+        long? totalWhenFirstReported = null;
+        var receiver = new SyncRamProgress(done =>
+        {
+            progress.Add(done);
+            totalWhenFirstReported ??= -1;
+        }, total => totalWhenFirstReported ??= total);
         MigrationStreamInfo info = ReadFile(qemu.PcStream,
-            r => WriteFile(copy, w => MigrationStream.Copy(r, w, new SyncProgress(progress.Add))));
+            r => WriteFile(copy, w => MigrationStream.Copy(r, w, receiver)));
 
         Assert.True(File.ReadAllBytes(qemu.PcStream).AsSpan().SequenceEqual(File.ReadAllBytes(copy)));
         Assert.Equal(new FileInfo(copy).Length, info.TotalBytes);
         Assert.Equal(info.RamBytes, progress[^1]);
+        // The total (MEM_SIZE) arrives before the first bytes, and it is the RAM the -machine pc guest has.
+        Assert.Equal(info.RamBytes, totalWhenFirstReported);
+        Assert.True(totalWhenFirstReported > QemuStreams.RamBytes);
 
         string loaded = dir.File("loaded-ram0");
         QemuVm.LoadStream(QemuVm.MachinePc(loaded, QemuStreams.RamBytes), copy);
@@ -278,4 +287,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
 internal sealed class SyncProgress(Action<long> report) : IProgress<long>
 {
     public void Report(long value) => report(value);
+}
+
+/// <summary>As <see cref="SyncProgress"/>, also told the stream's total RAM.</summary>
+internal sealed class SyncRamProgress(Action<long> report, Action<long> total) : IRamProgress
+{
+    public void Report(long value) => report(value);
+
+    public void ReportTotal(long ramBytes) => total(ramBytes);
 }
