@@ -1,6 +1,8 @@
 using System.CommandLine;
+using Microsoft.Win32.SafeHandles;
 using Vmsnap.Migration;
 using Vmsnap.Snapshots;
+using Vmsnap.Storage;
 using Vmsnap.VmState;
 
 namespace Vmsnap.Cli.Commands;
@@ -180,7 +182,7 @@ internal static class VmCommands
             {
                 if (source == "-")
                 {
-                    using Stream stdin = Console.OpenStandardInput();
+                    using Stream stdin = StandardInput(ct);
                     result = VmSnapshots.Import(stdin, p.GetValue(image)!, p.GetValue(name)!, writer.Read(p), progress, ct);
                 }
                 else
@@ -215,7 +217,7 @@ internal static class VmCommands
             }
             else if (path == "-")
             {
-                using Stream stdin = Console.OpenStandardInput();
+                using Stream stdin = StandardInput(ct);
                 info = VmSnapshots.InspectStream(stdin, ct);
             }
             else
@@ -286,4 +288,11 @@ internal static class VmCommands
             o.WriteLine($"  {d.Name} (instance {d.Instance}, version {d.Version}): {d.Fields.Count} fields, {d.FieldBytes} bytes");
         if (info.DeviceStateProblem is not null) o.WriteLine($"note: {info.DeviceStateProblem}");
     }
+
+    /// <summary>
+    /// Standard input for '-'. Not Console.OpenStandardInput: its reads block past Ctrl-C while a
+    /// stalled writer sends nothing, so the cleanup a cancel needs would never run.
+    /// </summary>
+    private static Stream StandardInput(CancellationToken ct) =>
+        new CancellableInputStream(new SafeFileHandle(0, ownsHandle: false), "standard input", ct);
 }

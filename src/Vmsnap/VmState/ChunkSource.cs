@@ -33,7 +33,7 @@ internal sealed class SequentialSource(VmStateBackend backend, int size) : Chunk
         {
             n = backend.Read(_buffer, _position);
         }
-        catch (Exception e)
+        catch (Exception e) when (e is not OperationCanceledException) // a cancel stays a cancel
         {
             throw ReadFailed(e, _position);
         }
@@ -104,6 +104,7 @@ internal sealed class ReadAheadSource : ChunkSource
         catch (Exception e)
         {
             _ended = true;
+            if (e is OperationCanceledException) throw; // a cancel stays a cancel
             throw ReadFailed(e, _positions[slot]);
         }
         finally
