@@ -132,7 +132,7 @@ internal static partial class NativeFile
         if (rc >= 0) return rc > 0;
         int errno = Marshal.GetLastPInvokeError();
         if (errno == EINTR) return false;
-        throw new StorageException($"poll on {what} failed: {Marshal.GetPInvokeErrorMessage(errno)}", errno);
+        throw Error("poll", what, errno);
     }
 
     /// <summary>One read(2) of a descriptor: the bytes read, 0 at end of file, -1 when it would block (a non-blocking descriptor) or was interrupted.</summary>
@@ -143,7 +143,7 @@ internal static partial class NativeFile
         if (n >= 0) return (int)n;
         int errno = Marshal.GetLastPInvokeError();
         if (errno is EINTR or EAGAIN) return -1;
-        throw new StorageException($"read of {what} failed: {Marshal.GetPInvokeErrorMessage(errno)}", errno);
+        throw Error("read", what, errno);
     }
 
     private static int Fd(SafeFileHandle handle) => (int)handle.DangerousGetHandle();
