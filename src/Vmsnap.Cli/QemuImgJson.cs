@@ -8,19 +8,11 @@ namespace Vmsnap.Cli;
 /// The JSON of <c>info</c>, <c>check</c> and <c>snapshot list</c> in qemu-img's shape (QEMU 7.2
 /// <c>qemu-img info --output=json</c> and <c>qemu-img check --output=json</c>): the same key names,
 /// nesting, value types, and the same rules for when a key is left out, so that a script can switch
-/// tools. vmsnap's own fields come after qemu-img's, in the same kebab-case style; <see cref="OwnKeys"/>
-/// lists them.
+/// tools. vmsnap's own fields come after qemu-img's, in the same kebab-case style (marked "vmsnap's
+/// own" below; the README lists them).
 /// </summary>
 internal static class QemuImgJson
 {
-    /// <summary>Keys vmsnap adds to qemu-img's, by object: a test checks that nothing else differs from qemu-img.</summary>
-    internal static readonly IReadOnlyDictionary<string, string[]> OwnKeys = new Dictionary<string, string[]>
-    {
-        ["info"] = ["file-length", "l1-size"],
-        ["snapshot"] = ["date", "disk-size", "l1-table-offset", "l1-size"],
-        ["check"] = ["messages"],
-    };
-
     /// <summary>qemu-img's ImageInfo for a qcow2 image.</summary>
     internal sealed class ImageInfo
     {
