@@ -42,4 +42,35 @@ public sealed class FuzzRegressionTests
         byte[] good = StreamWithDescription(Encoding.UTF8.GetBytes("{\"page_size\": 4096, \"devices\": [{\"name\": \"é\", \"instance_id\": 0}]}"));
         Assert.Equal("é", Assert.Single(ReadBytes(good, r => MigrationStream.Inspect(r)).Devices).Name);
     }
+
+    [Fact]
+    public void Check_of_an_l2_entry_far_past_the_end_of_the_file_reports_it_without_unbounded_memory()
+    {
+        // Found by the qcow2 target: the checker's bitmap of clusters the active tables reference grew to the
+        // cluster an L2 entry names, however far past the end of the file (the finding's 0x140000000000 asked for
+        // 5 GiB; the 1 TiB offset here for 256 MiB).
+        using var dir = new TempDir();
+        string image = dir.File("far.qcow2");
+        Qemu.Create(image, 64 << 10, "cluster_size=512");
+        Qemu.Io(image, "write -P 0xa5 0 512");
+        ulong l1Entry = Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset);
+        long l2 = (long)(l1Entry & 0x00fffffffffffe00UL);
+        Qemu.WriteBE64(image, l2, 0x8000_0100_0000_0000UL);   // COPIED, host offset 1 TiB
+        (var qemu, int exit) = Qemu.Check(image);
+        Assert.Equal(2, exit);
+        Assert.True(Qemu.Field(qemu, "corruptions") > 0, qemu.ToString());
+
+        byte[] bytes = File.ReadAllBytes(image);
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        Qcow2CheckResult result;
+        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (Qcow2Image img = Qcow2Image.Open(device, "far.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
+            result = img.Check();
+        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        Assert.True(result.Corruptions > 0);
+        Assert.Contains(result.Messages, m => m.Contains("exceeding the end of the file") && m.Contains("10000000000"));
+        Assert.InRange(allocated, 0, 64L << 20);
+        _ = FuzzTargets.Run("qcow2", bytes, dir.Path);   // accepted or refused, never a crash
+    }
 }
