@@ -73,4 +73,35 @@ public sealed class FuzzRegressionTests
         Assert.InRange(allocated, 0, 64L << 20);
         _ = FuzzTargets.Run("qcow2", bytes, dir.Path);   // accepted or refused, never a crash
     }
+
+    [Fact]
+    public void A_snapshot_whose_disk_size_overflows_the_vm_state_offset_is_a_format_error()
+    {
+        // Found by the qcow2 target: a snapshot's extra data named a disk size of 0xff00000002000000 (negative as
+        // a long); the VM-state offset computed from it went negative, and reading the VM state threw
+        // ArgumentOutOfRangeException.
+        using var dir = new TempDir();
+        string image = dir.File("disk-size.qcow2");
+        Qemu.Create(image, 64 << 10, "cluster_size=512");
+        Tool.QemuImg("snapshot", "-c", "s", image);
+        // Entry: l1 offset (8), l1 size (4), id/name sizes (2+2), date (4+4), vm clock (8), vm_state_size (4),
+        // extra size (4); extra data: 64-bit vm_state_size, disk size, icount.
+        long entry = (long)Qemu.Header(image).SnapshotsOffset;
+        Assert.True(Qemu.ReadBE64(image, entry + 36) >> 32 >= 16, "QEMU writes 24 bytes of extra data");
+        Qemu.WriteBE32(image, entry + 32, 4096);
+        Qemu.WriteBE64(image, entry + 40, 4096);
+        Qemu.WriteBE64(image, entry + 48, 0xff00_0000_0200_0000UL);
+        Assert.Contains("\"name\": \"s\"", Tool.QemuImg("info", "--output=json", image));   // QEMU still reads the table
+
+        byte[] bytes = File.ReadAllBytes(image);
+        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (Qcow2Image img = Qcow2Image.Open(device, "disk-size.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
+        {
+            Qcow2Snapshot snapshot = Assert.Single(img.Snapshots);
+            Assert.Equal(4096, snapshot.VmStateSize);
+            var e = Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateForReading(snapshot));
+            Assert.Contains($"disk size {0xff00_0000_0200_0000UL}", e.Message);
+        }
+        Assert.IsType<Qcow2FormatException>(FuzzTargets.Run("qcow2", bytes, dir.Path));
+    }
 }
