@@ -103,6 +103,50 @@ make_seeds() {
   touch "$s/.done"
 }
 
+# Tokens the mutator splices in (afl-fuzz -x): magics, names and markers the parsers compare against.
+make_dictionary() { # target -> file
+  local d="$work/$1.dict"
+  case $1 in
+    qcow2) cat > "$d" <<'DICT'
+magic="QFI\xfb"
+version2="\x00\x00\x00\x02"
+version3="\x00\x00\x00\x03"
+ext_backing_format="\xe2\x79\x2a\xca"
+ext_feature_table="\x68\x03\xf8\x57"
+ext_bitmaps="\x23\x85\x28\x75"
+ext_crypto="\x05\x37\xbe\x77"
+ext_data_file="\x44\x41\x54\x41"
+copied="\x80\x00\x00\x00"
+compressed="\x40\x00\x00\x00"
+qcow2="qcow2"
+QEVM="QEVM"
+DICT
+    ;;
+    stream) cat > "$d" <<'DICT'
+magic="QEVM\x00\x00\x00\x03"
+ram="\x03ram"
+ram0="\x04ram0"
+none="\x00\x00\x00\x04none"
+page_bits="\x1econfiguration/target-page-bits"
+capabilities="\x1aconfiguration/capabilities"
+uuid="\x12configuration/uuid"
+timer="\x05timer"
+globalstate="\x0bglobalstate"
+footer="\x7e"
+eos="\x00\x00\x00\x00\x00\x00\x00\x10"
+vmdesc="\x00\x06"
+page_size="\"page_size\": 4096"
+devices="\"devices\": ["
+fields="\"fields\": ["
+subsections="\"subsections\": ["
+vmsd_name="\"vmsd_name\""
+instance_id="\"instance_id\""
+DICT
+    ;;
+  esac
+  echo "$d"
+}
+
 build() { # target -> bin dir with an instrumented Vmsnap.Core.dll
   local bin="$work/bin-$1" tool
   tool=$(sharpfuzz_tool)
@@ -129,6 +173,7 @@ case "${1:-}" in
     target=$1; seconds=${2:-1200}
     need_packages; make_seeds
     bin=$(build "$target")
+    dict=$(make_dictionary "$target")
     out="$work/out/$target"; rm -rf "$out"; mkdir -p "$out"
     scratch=/dev/shm; [ -w "$scratch" ] || scratch=$work
     echo "fuzzing $target for $seconds s: seeds $work/seeds/$target, findings $out" >&2
@@ -136,7 +181,7 @@ case "${1:-}" in
     AFL_SKIP_BIN_CHECK=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
     DOTNET_GCHeapHardLimit=0x40000000 VMSNAP_FUZZ_SCRATCH="$scratch" \
       nice -n "${FUZZ_NICE:-19}" afl-fuzz -i "$work/seeds/$target" -o "$out" -t "${FUZZ_TIMEOUT_MS:-5000}" -m none \
-        -V "$seconds" -- dotnet "$bin/Vmsnap.Fuzz.dll" "$target" > "$out/afl.log" 2>&1 || {
+        -x "$dict" -V "$seconds" -- dotnet "$bin/Vmsnap.Fuzz.dll" "$target" > "$out/afl.log" 2>&1 || {
           echo "afl-fuzz failed; the end of $out/afl.log:" >&2; tail -20 "$out/afl.log" >&2; exit 1; }
     echo "$target: $(stats "$out")"
     ls "$out/default/crashes" "$out/default/hangs" 2>/dev/null | grep -v README || true ;;
