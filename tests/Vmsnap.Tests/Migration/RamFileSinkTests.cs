@@ -51,6 +51,50 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
     }
 
     [Fact]
+    public void Pages_not_carried_are_zeroed_across_1_gib_bookkeeping_chunks_of_a_large_block()
+    {
+        // A 3 GiB block (a sparse existing file) with one page carried in the second GiB: the other pages,
+        // in chunks the stream touches and in chunks it never touches, must read back as zero.
+        const long length = 3L << 30, gib = 1L << 30;
+        var random = new Random(6);
+        byte[] page = StreamBuilder.RandomPage(random);
+        byte[] stream = new StreamBuilder()
+            .Header().Configuration("none")
+            .Start(2).BlockList(("a", length)).EndOfRecords().Footer(2)
+            .Part(2).PageRecord(gib + 4096, page, "a").EndOfRecords().Footer(2)
+            .End(2).EndOfRecords().Footer(2)
+            .Tail()
+            .ToArray();
+        using var dir = new TempDir();
+        string target = dir.File("big");
+        long[] marked = [0, gib - 4096, gib, 2 * gib - 4096, 2 * gib, length - 4096];
+        using (var f = new FileStream(target, FileMode.Create, FileAccess.Write))
+        {
+            f.SetLength(length);
+            foreach (long at in marked)
+            {
+                f.Position = at;
+                f.Write(StreamBuilder.PageOf(0xff));
+            }
+        }
+        using (var sink = new RamFileSink(Ram(("a", target))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+
+        Assert.Equal(length, new FileInfo(target).Length);
+        using var back = File.OpenRead(target);
+        byte[] read = new byte[4096];
+        foreach (long at in marked)
+        {
+            back.Position = at;
+            back.ReadExactly(read);
+            Assert.True(read.All(b => b == 0), $"page at {at} was not zeroed");
+        }
+        back.Position = gib + 4096;
+        back.ReadExactly(read);
+        Assert.Equal(page, read);
+    }
+
+    [Fact]
     public void Replace_existing_loads_into_a_new_file_and_a_failed_stream_leaves_the_old_one_as_it_was()
     {
         using var dir = new TempDir();
