@@ -16,8 +16,11 @@ namespace Vmsnap.Migration;
 /// </remarks>
 public sealed class MachineProfile : IDisposable
 {
-    /// <summary>RAM section id used by <see cref="Create"/> (the number QEMU gives it for <c>-machine none</c>).</summary>
-    internal const uint DefaultRamSectionId = 2;
+    /// <summary>RAM section id used by <see cref="Create"/>: the number QEMU 10.0 gives it for <c>-machine none</c> (QEMU 7.2: <see cref="Qemu72RamSectionId"/>).</summary>
+    internal const uint DefaultRamSectionId = 1;
+
+    /// <summary>QEMU 7.2's RAM section id for <c>-machine none</c>.</summary>
+    internal const uint Qemu72RamSectionId = 2;
 
     private readonly string[] _sources;
     private readonly string? _scratchDirectory;
@@ -103,7 +106,9 @@ public sealed class MachineProfile : IDisposable
         System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(tail.AsSpan(2), (uint)json.Length);
         json.CopyTo(tail, 6);
         bool switchover = MachineVersion(machineType) is { } v && v >= new Version(10, 0) && (qemuVersion is null || qemuVersion >= new Version(10, 0));
-        return new MachineProfile(machineType, [], DefaultRamSectionId, 0, blocks.ToArray(), sources.ToArray(), tail, null, null, switchover);
+        // Section ids are the stream's own (QEMU matches sections by name); numbered as the QEMU it is for numbers them.
+        uint ramId = qemuVersion is null || qemuVersion >= new Version(10, 0) ? DefaultRamSectionId : Qemu72RamSectionId;
+        return new MachineProfile(machineType, [], ramId, 0, blocks.ToArray(), sources.ToArray(), tail, null, null, switchover);
     }
 
     /// <summary>The QEMU version of a versioned machine type (<c>pc-i440fx-10.0</c>, <c>pc-q35-7.2</c>), or null (<c>none</c>, <c>microvm</c>).</summary>

@@ -487,7 +487,10 @@ internal sealed class MigrationStreamReader
         while (true)
         {
             long at = _in.Position;
-            ulong header = PeekBe64();
+            // A rewrite decides from the header whether to copy the record, so it looks before it reads;
+            // reading, inspecting and byte-for-byte copies just read.
+            bool rewriting = Rewriting;
+            ulong header = rewriting ? PeekBe64() : Be64("a RAM record header");
             ulong flags = header & MigrationFormat.RamFlagMask;
             ulong address = header & ~MigrationFormat.RamFlagMask;
             ulong unsupported = flags & ~known;
@@ -509,8 +512,11 @@ internal sealed class MigrationStreamReader
             // A rewrite into mapped-ram places pages itself; MEM_SIZE is written anew by every rewrite.
             bool forward = _forward;
             bool memSize = flags == MigrationFormat.RamMemSize;
-            if ((memSize && Rewriting) || (pageRecord && _format == MigrationStreamFormat.MappedRam && _tee is not null)) _forward = false;
-            Be64("a RAM record header");
+            if (rewriting)
+            {
+                if (memSize || (pageRecord && _format == MigrationStreamFormat.MappedRam)) _forward = false;
+                Be64("a RAM record header");
+            }
             switch (flags & ~MigrationFormat.RamContinue)
             {
                 case MigrationFormat.RamMemSize when memSize:
