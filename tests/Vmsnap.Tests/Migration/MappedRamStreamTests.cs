@@ -306,6 +306,46 @@ public class MappedRamStreamTests
     private static int IndexOf(byte[] haystack, byte[] needle) => haystack.AsSpan().IndexOf(needle);
 
     [Fact]
+    public void A_QEMU_7_2_shaped_description_gets_the_configuration_object_a_mapped_ram_file_needs_and_loses_it_again()
+    {
+        // QEMU 7.2 writes no configuration object; a mapped-ram file is for QEMU 9.0+, whose description has one,
+        // listing the capabilities subsection. The device list stays byte for byte.
+        Block[] blocks = Blocks(7);
+        string devices = "\"devices\": [{\"name\": \"timer\", \"instance_id\": 0, \"vmsd_name\": \"timer\", \"version\": 2, \"fields\": [{\"name\": \"cpu_ticks_offset\", \"type\": \"int64\", \"size\": 8}]}]";
+        byte[] plain = new StreamBuilder().Header().Configuration("pc-i440fx-7.2")
+            .Start(2).BlockList(blocks.Select(x => (x.Id, x.Length)).ToArray()).EndOfRecords().Footer(2)
+            .Part(2).PageRecord(0, StreamBuilder.PageOf(9), "ram0").EndOfRecords().Footer(2)
+            .End(2).EndOfRecords().Footer(2)
+            .Full(3, "timer", 0, 2).Be64(1).Footer(3)
+            .Tail("{\"page_size\": 4096, " + devices + "}")
+            .ToArray();
+        var (mapped, _) = WriteBytes(w => ReadBytes(plain, r => MigrationStream.Copy(r, w, MigrationStreamFormat.MappedRam)));
+        string json = Description(mapped);
+        Assert.Equal("{\"configuration\": {\"vmsd_name\": \"configuration\", \"version\": 1, \"fields\": [{\"name\": \"len\", \"type\": \"uint32\", \"size\": 4}, " +
+            "{\"name\": \"name\", \"type\": \"buffer\", \"size\": 13}], \"subsections\": [{\"vmsd_name\": \"configuration/capabilities\", \"version\": 1, " +
+            "\"fields\": [{\"name\": \"caps_count\", \"type\": \"uint32\", \"size\": 4}, {\"name\": \"capabilities\", \"type\": \"capability\", \"size\": 11}]}]}, " +
+            "\"page_size\": 4096, " + devices + "}", json);
+        System.Text.Json.JsonDocument.Parse(json).Dispose();
+        MigrationStreamInfo info = ReadBytes(mapped, r => MigrationStream.Inspect(r));
+        Assert.True(info.IsMappedRam && info.DescriptionHasConfiguration);
+        Assert.Null(info.DeviceStateProblem);
+
+        // Back to plain: the capabilities subsection goes, the configuration object (now QEMU 8.2's shape) stays.
+        var (again, _) = WriteBytes(w => ReadBytes(mapped, r => MigrationStream.Copy(r, w)));
+        Assert.DoesNotContain("capabilities", Description(again));
+        Assert.StartsWith("{\"configuration\": {", Description(again));
+        Assert.EndsWith("\"size\": 13}]}, \"page_size\": 4096, " + devices + "}", Description(again));
+    }
+
+    private static string Description(byte[] stream)
+    {
+        for (int p = stream.Length - 5; p > 0; p--)
+            if (stream[p] == 6 && stream[p - 1] == 0 && BinaryPrimitives.ReadUInt32BigEndian(stream.AsSpan(p + 1)) == stream.Length - p - 5)
+                return System.Text.Encoding.UTF8.GetString(stream, p + 5, stream.Length - p - 5);
+        throw new InvalidOperationException("no VM description");
+    }
+
+    [Fact]
     public void A_snapshot_sized_plain_area_needs_its_size()
     {
         byte[] plain = PlainStream(Blocks(6));

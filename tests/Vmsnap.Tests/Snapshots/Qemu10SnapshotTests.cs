@@ -47,6 +47,18 @@ public sealed class Qemu10SnapshotTests
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.Machine(machine, target, RamBytes), image, "imported");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
+
+        // The command line reads the file too: inspect names the capability, load gives the RAM.
+        Tool.Result inspect = VmKit.Vmsnap("inspect", file);
+        Assert.True(inspect.ExitCode == 0, inspect.Stderr);
+        Assert.Contains("capabilities: mapped-ram", inspect.Stdout);
+        string loaded = dir.File("loaded");
+        Tool.Result load = VmKit.Vmsnap("load", file, "--ram", $"ram0={loaded}");
+        Assert.True(load.ExitCode == 0, load.Stderr);
+        Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
+        Tool.Result stdin = Tool.Run("sh", ["-c", $"cat {file} | dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")} inspect -"]);
+        Assert.NotEqual(0, stdin.ExitCode);
+        Assert.Contains("placed by file offset", stdin.Stderr);
     }
 
     [Theory]
