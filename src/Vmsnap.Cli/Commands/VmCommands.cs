@@ -81,9 +81,13 @@ internal static class VmCommands
         var machine = new Option<string?>("--machine") { Description = "Machine type of the guest (e.g. none); RAM blocks come from --ram" };
         var template = new Option<string?>("--template") { Description = "A migration stream whose machine, RAM blocks and device state are reused; --ram replaces blocks" };
         var ram = RamOption("A RAM block and the file holding it: ID=FILE (repeatable)");
+        var qemuVersion = new Option<string?>("--qemu-version")
+        {
+            Description = "With --machine: the QEMU the stream is for, e.g. 7.2 (default: current QEMU, 8.2 or later); it sets the VM description's shape",
+        };
         var writer = WriterOptionSet.Create();
         var json = Cli.JsonOption();
-        var command = new Command("save", "Save a VM (RAM from files) as a qcow2 internal snapshot QEMU can -loadvm") { image, name, machine, template, ram, json };
+        var command = new Command("save", "Save a VM (RAM from files) as a qcow2 internal snapshot QEMU can -loadvm") { image, name, machine, template, ram, qemuVersion, json };
         writer.AddTo(command);
         command.SetHandler((p, ct) =>
         {
@@ -91,9 +95,15 @@ internal static class VmCommands
             if ((machineType is null) == (templatePath is null)) throw new ArgumentException("give either --machine TYPE or --template STREAM");
             var ramFiles = ParseRam(p.GetValue(ram));
             if (machineType is not null && ramFiles.Count == 0) throw new ArgumentException("--machine needs at least one --ram ID=FILE");
+            Version? target = null;
+            if (p.GetValue(qemuVersion) is { } v)
+            {
+                if (machineType is null) throw new ArgumentException("--qemu-version goes with --machine (a template's stream already is what its QEMU wrote)");
+                if (!Version.TryParse(v, out target) || target.Major < 1) throw new ArgumentException($"--qemu-version takes a QEMU version such as 7.2 or 10.0, not '{v}'");
+            }
             string imagePath = p.GetValue(image)!;
             using MachineProfile profile = machineType is not null
-                ? MachineProfile.Create(machineType, ramFiles)
+                ? MachineProfile.Create(machineType, ramFiles, target)
                 : MachineProfile.FromTemplate(templatePath!, ramFiles, Path.GetDirectoryName(Path.GetFullPath(imagePath)), ct);
             bool asJson = p.GetValue(json);
             VmSnapshotResult result;
@@ -107,21 +117,34 @@ internal static class VmCommands
 
     private static Command LoadCommand()
     {
-        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
-        var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
+        var image = new Argument<string>("IMAGE|STREAM") { Description = "The qcow2 image, or a migration stream file (plain or QEMU's mapped-ram file: format)" };
+        var tag = new Argument<string?>("TAG") { Description = "The snapshot's ID or name (when the first argument is an image)", Arity = ArgumentArity.ZeroOrOne };
         var ram = RamOption("Where to write a RAM block: ID=FILE (repeatable; created if missing, sparse where pages are zero)");
         ram.Required = true;
         var forceShare = SnapshotCommands.ForceShareOption();
         var noDirect = new Option<bool>("--no-direct") { Description = "Go through the page cache instead of O_DIRECT" };
         var json = Cli.JsonOption();
-        var command = new Command("load", "Load a snapshot's RAM into files") { image, tag, ram, forceShare, noDirect, json };
+        var command = new Command("load", "Load a snapshot's (or a stream file's) RAM into files") { image, tag, ram, forceShare, noDirect, json };
         command.SetHandler((p, ct) =>
         {
             bool asJson = p.GetValue(json);
+            string path = p.GetValue(image)!;
+            string? snapshot = p.GetValue(tag);
+            var ramFiles = ParseRam(p.GetValue(ram));
+            if (snapshot is null)
+            {
+                if (IsQcow2(path)) throw new ArgumentException($"'{path}' is a qcow2 image: say which snapshot to load (vmsnap load IMAGE TAG --ram ...)");
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                MigrationStreamInfo info;
+                using (var progress = ProgressLine.Start("loading", 0, asJson))
+                    info = VmSnapshots.LoadStream(path, ramFiles, progress, ct);
+                ReportStream(path, info, clock.Elapsed.TotalSeconds, asJson);
+                return Cli.ExitOk;
+            }
             var options = new VmSnapshotOptions { Direct = !p.GetValue(noDirect), ForceShare = p.GetValue(forceShare) };
             VmSnapshotResult result;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
-                result = VmSnapshots.Load(p.GetValue(image)!, p.GetValue(tag)!, ParseRam(p.GetValue(ram)), options, progress, ct);
+                result = VmSnapshots.Load(path, snapshot, ramFiles, options, progress, ct);
             Report(result, "loaded", asJson);
             return Cli.ExitOk;
         });
@@ -134,10 +157,14 @@ internal static class VmCommands
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         // Not --output: that is the output format on every command, as in qemu-img.
         var output = new Option<string>("--to", "-o") { Description = "The migration stream to write ('-' for stdout)", Required = true };
+        var mappedRam = new Option<bool>("--mapped-ram")
+        {
+            Description = "Write a mapped-ram file for QEMU >= 9.0: migrate-set-capabilities mapped-ram (and multifd, direct-io if wanted), then migrate-incoming file:FILE",
+        };
         var forceShare = SnapshotCommands.ForceShareOption();
         var writer = WriterOptionSet.Create();
         var json = Cli.JsonOption();
-        var command = new Command("export", "Write a snapshot's VM state as a migration stream (QEMU: -incoming \"exec:cat STREAM\")") { image, tag, output, forceShare, json };
+        var command = new Command("export", "Write a snapshot's VM state as a migration stream (QEMU: -incoming \"exec:cat STREAM\")") { image, tag, output, mappedRam, forceShare, json };
         writer.AddTo(command);
         command.SetHandler((p, ct) =>
         {
@@ -145,7 +172,8 @@ internal static class VmCommands
             bool toStdout = destination == "-";
             bool asJson = p.GetValue(json);
             if (toStdout && asJson) throw new ArgumentException("--json cannot share stdout with '-o -'");
-            var options = writer.Read(p) with { ForceShare = p.GetValue(forceShare) };
+            if (toStdout && p.GetValue(mappedRam)) throw new ArgumentException("--mapped-ram writes a file laid out by offset: give -o FILE, not '-'");
+            var options = writer.Read(p) with { ForceShare = p.GetValue(forceShare), MappedRam = p.GetValue(mappedRam) };
             VmSnapshotResult result;
             using (var progress = ProgressLine.Start("exporting", 0, asJson))
             {
@@ -271,16 +299,41 @@ internal static class VmCommands
     /// <summary>The source of <c>inspect IMAGE TAG</c>.</summary>
     internal sealed record InspectedSnapshotJson(string Filename, VmSnapshotId Snapshot);
 
+    private static void ReportStream(string path, MigrationStreamInfo info, double seconds, bool asJson)
+    {
+        if (!asJson)
+        {
+            Console.Out.WriteLine($"loaded {path}: {Cli.FormatSize(info.RamBytes)} RAM from {Cli.FormatSize(info.TotalBytes)} of stream in {seconds:0.000} s" +
+                (info.IsMappedRam ? " (mapped-ram)" : ""));
+            return;
+        }
+        Cli.WriteJson(new Dictionary<string, object?>
+        {
+            ["operation"] = "loaded",
+            ["stream"] = path,
+            ["stream-size"] = info.TotalBytes,
+            ["ram-size"] = info.RamBytes,
+            ["seconds"] = seconds,
+            ["pages"] = info.Pages,
+            ["zero-pages"] = info.ZeroPages,
+            ["machine"] = info.MachineType,
+            ["capabilities"] = info.Capabilities,
+            ["ram-blocks"] = info.RamBlocks,
+        });
+    }
+
     private static void PrintInspection(MigrationStreamInfo info)
     {
         var o = Console.Out;
         o.WriteLine($"machine: {info.MachineType ?? "(none given)"}");
+        o.WriteLine($"capabilities: {(info.Capabilities.Count == 0 ? "(none)" : string.Join(", ", info.Capabilities))}");
         o.WriteLine($"stream size: {Cli.FormatSize(info.TotalBytes)} ({info.TotalBytes} bytes), device state {Cli.FormatSize(info.DeviceStateBytes)}");
         o.WriteLine();
         o.WriteLine("RAM blocks:");
         o.WriteLine($"  {"ID",-28} {"LENGTH",12} {"PAGES",10} {"ZERO PAGES",10}");
         foreach (var b in info.RamBlocks)
-            o.WriteLine($"  {b.Id,-28} {Cli.FormatSize(b.Length),12} {b.Pages,10} {b.ZeroPages,10}");
+            o.WriteLine($"  {b.Id,-28} {Cli.FormatSize(b.Length),12} {b.Pages,10} {b.ZeroPages,10}" +
+                (b.PagesOffset is long at ? $"  pages at {at}, bitmap at {b.BitmapOffset}" : ""));
         o.WriteLine();
         o.WriteLine("Sections:");
         o.WriteLine($"  {"ID",4} {"KIND",-14} {"NAME",-28} {"INSTANCE",8} {"VERSION",7} {"RECORDS",7} {"BYTES",12}");

@@ -53,6 +53,34 @@ internal sealed class DeviceStateTail
         return new DeviceStateTail(description, sections, problem);
     }
 
+    /// <summary>
+    /// The tail with its VM description replaced by <paramref name="edit"/>'s result (the device sections and EOF
+    /// unchanged): what a rewrite into another RAM layout writes.
+    /// </summary>
+    public static byte[] WithDescription(byte[] tail, long offset, Func<byte[], byte[]> edit)
+    {
+        int eof = FindVmDescription(tail);
+        if (eof < 0) throw new MigrationStreamException("the stream does not end with EOF (0x00) followed by the VM description (0x06)", offset + tail.Length);
+        byte[] json = edit(tail[(eof + 6)..]);
+        byte[] result = new byte[eof + 6 + json.Length];
+        tail.AsSpan(0, eof + 2).CopyTo(result);
+        BinaryPrimitives.WriteUInt32BigEndian(result.AsSpan(eof + 2), (uint)json.Length);
+        json.CopyTo(result, eof + 6);
+        return result;
+    }
+
+    /// <summary>
+    /// Checks an early-setup section (found by its footer, as it carries no length) against the VM description:
+    /// null when its fields take exactly the bytes found, else why not.
+    /// </summary>
+    public static string? CheckEarlySection(byte[] section, long offset, VmDescription description, string name)
+    {
+        var found = new List<MigrationSectionInfo>();
+        string? problem = Walk(section, offset, description, found);
+        if (problem is not null) return $"early-setup section '{name}': {problem}";
+        return found.Count == 1 ? null : $"early-setup section '{name}' at offset {offset} does not match the VM description";
+    }
+
     /// <summary>Index of the EOF byte that precedes the VM description, or -1 when the tail does not end with one.</summary>
     private static int FindVmDescription(ReadOnlySpan<byte> tail)
     {

@@ -16,15 +16,21 @@ namespace Vmsnap.Migration;
 /// </remarks>
 public sealed class MachineProfile : IDisposable
 {
-    /// <summary>RAM section id used by <see cref="Create"/> (the number QEMU gives it for <c>-machine none</c>).</summary>
-    internal const uint DefaultRamSectionId = 2;
+    /// <summary>RAM section id used by <see cref="Create"/>: the number QEMU 10.0 gives it for <c>-machine none</c> (QEMU 7.2: <see cref="Qemu72RamSectionId"/>).</summary>
+    internal const uint DefaultRamSectionId = 1;
+
+    /// <summary>QEMU 7.2's RAM section id for <c>-machine none</c>.</summary>
+    internal const uint Qemu72RamSectionId = 2;
 
     private readonly string[] _sources;
     private readonly string? _scratchDirectory;
 
     private MachineProfile(string? machineType, byte[] configurationSubsections, uint ramSectionId, uint ramInstance,
-        IReadOnlyList<RamBlockInfo> blocks, string[] sources, byte[] deviceState, string? scratchDirectory)
+        IReadOnlyList<RamBlockInfo> blocks, string[] sources, byte[] deviceState, string? scratchDirectory,
+        IReadOnlyList<byte[]>? earlySections = null, bool switchoverStart = false)
     {
+        EarlySections = earlySections ?? [];
+        SwitchoverStart = switchoverStart;
         MachineType = machineType;
         ConfigurationSubsections = configurationSubsections;
         RamSectionId = ramSectionId;
@@ -45,6 +51,13 @@ public sealed class MachineProfile : IDisposable
     public ReadOnlyMemory<byte> DeviceState { get; }
 
     internal byte[] ConfigurationSubsections { get; }
+
+    /// <summary>Early-setup device sections (virtio-mem) written right after the RAM section's start, verbatim.</summary>
+    internal IReadOnlyList<byte[]> EarlySections { get; }
+
+    /// <summary>Write the SWITCHOVER_START command before the RAM section's end (as QEMU 10.0+ does for machine types 10.0+).</summary>
+    internal bool SwitchoverStart { get; }
+
     internal uint RamSectionId { get; }
     internal uint RamInstance { get; }
 
@@ -56,8 +69,18 @@ public sealed class MachineProfile : IDisposable
     /// (id, file) pair, in that order, each as long as its file. The device state is EOF plus an empty
     /// VM description, which QEMU accepts for a machine without devices (<c>-machine none</c>).
     /// </summary>
+    /// <remarks>
+    /// The stream is what the QEMU it is for writes: the VM description has QEMU 8.2's shape (a configuration
+    /// object first) unless <paramref name="qemuVersion"/> is older; a versioned machine type of 10.0 or later
+    /// (<c>pc-i440fx-10.0</c>) gets QEMU 10's SWITCHOVER_START command. <c>none</c> and older machine types get
+    /// none: QEMU before 10.0 refuses the command and QEMU 10 loads streams without it, so such a stream loads
+    /// in QEMU 7.2 and 10.0 alike.
+    /// </remarks>
+    /// <param name="machineType">The machine type QEMU checks against its own (<c>none</c>, <c>pc-i440fx-7.2</c>).</param>
+    /// <param name="ramFiles">RAM block ids and their files.</param>
+    /// <param name="qemuVersion">The QEMU the stream is for (null: current, 8.2 or later).</param>
     /// <exception cref="MigrationStreamException">A file is missing, empty or not a multiple of 4096 bytes, or an id is bad or repeated.</exception>
-    public static MachineProfile Create(string machineType, IEnumerable<KeyValuePair<string, string>> ramFiles)
+    public static MachineProfile Create(string machineType, IEnumerable<KeyValuePair<string, string>> ramFiles, Version? qemuVersion = null)
     {
         ArgumentNullException.ThrowIfNull(ramFiles);
         CheckMachineType(machineType);
@@ -76,18 +99,29 @@ public sealed class MachineProfile : IDisposable
         }
         if (blocks.Count == 0) throw new MigrationStreamException("no RAM block given; a stream needs at least one (e.g. ram0=FILE)");
 
-        byte[] json = Encoding.UTF8.GetBytes(MigrationFormat.EmptyVmDescription);
+        byte[] json = VmDescription.Empty(machineType, configurationObject: qemuVersion is null || qemuVersion >= new Version(8, 2));
         byte[] tail = new byte[1 + 1 + 4 + json.Length];
         tail[0] = MigrationFormat.Eof;
         tail[1] = MigrationFormat.VmDescription;
         System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(tail.AsSpan(2), (uint)json.Length);
         json.CopyTo(tail, 6);
-        return new MachineProfile(machineType, [], DefaultRamSectionId, 0, blocks.ToArray(), sources.ToArray(), tail, null);
+        bool switchover = MachineVersion(machineType) is { } v && v >= new Version(10, 0) && (qemuVersion is null || qemuVersion >= new Version(10, 0));
+        // Section ids are the stream's own (QEMU matches sections by name); numbered as the QEMU it is for numbers them.
+        uint ramId = qemuVersion is null || qemuVersion >= new Version(10, 0) ? DefaultRamSectionId : Qemu72RamSectionId;
+        return new MachineProfile(machineType, [], ramId, 0, blocks.ToArray(), sources.ToArray(), tail, null, null, switchover);
+    }
+
+    /// <summary>The QEMU version of a versioned machine type (<c>pc-i440fx-10.0</c>, <c>pc-q35-7.2</c>), or null (<c>none</c>, <c>microvm</c>).</summary>
+    internal static Version? MachineVersion(string machineType)
+    {
+        int dash = machineType.LastIndexOf('-');
+        return dash > 0 && Version.TryParse(machineType[(dash + 1)..], out Version? v) && v.Build < 0 ? v : null;
     }
 
     /// <summary>
-    /// A profile from a template stream file (e.g. from QEMU's <c>migrate "exec:cat &gt; FILE"</c>): its machine
-    /// type, block list and device state are kept; each (id, file) pair replaces that block's pages with the
+    /// A profile from a template stream file (e.g. from QEMU's <c>migrate "exec:cat &gt; FILE"</c>, or a mapped-ram
+    /// <c>migrate file:</c>): its machine type, block list, early-setup sections, SWITCHOVER_START command and device
+    /// state are kept (a plain stream is written either way); each (id, file) pair replaces that block's pages with the
     /// file, which must be exactly the block's length. The pages of the other blocks are copied from the
     /// template into sparse scratch files under <paramref name="scratchDirectory"/> (default: the system's
     /// temporary folder) until the profile is disposed.
@@ -135,7 +169,7 @@ public sealed class MachineProfile : IDisposable
             }
             var blocks = parsed.Blocks.ToArray();
             return new MachineProfile(parsed.MachineType, parsed.ConfigurationSubsections, parsed.RamSectionId, parsed.RamInstance,
-                blocks, sink.Sources, parsed.DeviceState, scratch);
+                blocks, sink.Sources, parsed.DeviceState, scratch, parsed.EarlySections, parsed.SwitchoverStart);
         }
         catch
         {

@@ -24,8 +24,24 @@ internal static class MigrationFormat
     public const byte Command = 0x08;
     public const byte SectionFooter = 0x7e;
 
-    /// <summary>The one command a precopy stream may carry harmlessly (newer QEMU; no payload).</summary>
+    /// <summary>
+    /// The one command a precopy stream carries (QEMU 10.0+, machine types 10.0+ and <c>none</c>, no payload): the
+    /// switchover begins. Measured on QEMU 10.0.2: <c>migrate</c> and savevm both write it, after the last RAM part and
+    /// before the RAM section's end; QEMU 7.2 refuses a stream with it ("MIG_CMD 0xb unknown"), QEMU 10.0 loads a
+    /// stream without it.
+    /// </summary>
     public const ushort CommandSwitchoverStart = 0x0b;
+
+    /// <summary>The capability that lays RAM out by file offset (QEMU 9.0+, <c>migrate file:</c>).</summary>
+    public const string CapabilityMappedRam = "mapped-ram";
+
+    /// <summary>The capability that leaves shared RAM blocks out of the stream (their entries carry a guest address instead).</summary>
+    public const string CapabilityIgnoreShared = "x-ignore-shared";
+
+    /// <summary>Configuration subsections QEMU writes, in the order it writes them.</summary>
+    public const string SubsectionTargetPageBits = "configuration/target-page-bits";
+    public const string SubsectionCapabilities = "configuration/capabilities";
+    public const string SubsectionUuid = "configuration/uuid";
 
     /// <summary>Id string, version and instance of the RAM section.</summary>
     public const string RamSectionName = "ram";
@@ -65,6 +81,23 @@ internal static class MigrationFormat
         RamCompressPage => "COMPRESS_PAGE (0x100)",
         RamMultifdFlush => "MULTIFD_FLUSH (0x200)",
         _ => $"unknown flag 0x{flag:x}",
+    };
+
+    /// <summary>QEMU's name of a migration command (a COMMAND record), for messages.</summary>
+    public static string DescribeCommand(ushort command) => command switch
+    {
+        1 => "OPEN_RETURN_PATH (1)",
+        2 => "PING (2)",
+        3 => "POSTCOPY_ADVISE (3)",
+        4 => "POSTCOPY_LISTEN (4)",
+        5 => "POSTCOPY_RUN (5)",
+        6 => "POSTCOPY_RAM_DISCARD (6)",
+        7 => "PACKAGED (7)",
+        8 => "ENABLE_COLO (8)",
+        9 => "POSTCOPY_RESUME (9)",
+        10 => "RECV_BITMAP (10)",
+        CommandSwitchoverStart => "SWITCHOVER_START (11)",
+        _ => $"unknown command {command}",
     };
 
     /// <summary>Name of a section type byte, for messages.</summary>

@@ -8,13 +8,17 @@ namespace Vmsnap.Migration;
 /// inspect one, or copy one verbatim while checking it.
 /// </summary>
 /// <remarks>
-/// Supported: header, configuration (machine type), the RAM section version 4 (MEM_SIZE block list,
-/// PAGE, ZERO, CONTINUE, EOS; 4 KiB pages) with section footers, then device sections, EOF and the VM
-/// description, which are carried verbatim. Refused with a <see cref="MigrationStreamException"/>:
-/// XBZRLE, compressed, multifd and RDMA RAM records, streams written with migration capabilities that
-/// change the RAM layout (x-ignore-shared, mapped-ram), postcopy/return-path command sections, other
-/// iterative sections, and streams of old machine types that write no section footers.
-/// A reader's stream runs to the end of its backend.
+/// Supported: header, configuration (machine type, capabilities), the RAM section version 4 (MEM_SIZE
+/// block list, PAGE, ZERO, CONTINUE, EOS; 4 KiB pages) with section footers, early-setup device sections
+/// before RAM's parts (QEMU 8.0+, virtio-mem) and the SWITCHOVER_START command (QEMU 10.0+), both carried
+/// verbatim, then device sections, EOF and the VM description (either shape: QEMU 8.2+ opens it with a
+/// configuration object). Mapped-ram files (capability <c>mapped-ram</c>, QEMU 9.0+ <c>migrate file:</c>
+/// with or without multifd, QEMU 10.2 savevm) are read from positional backends and can be rewritten as
+/// plain streams, and any stream can be written as a mapped-ram file. Refused with a
+/// <see cref="MigrationStreamException"/>: XBZRLE, compressed and RDMA RAM records, the main channel of a
+/// multifd migration (MULTIFD_FLUSH; its pages are on other channels), capability x-ignore-shared and
+/// unknown capabilities (by name), postcopy/COLO/return-path commands, other iterative sections, and
+/// streams of old machine types that write no section footers. A reader's stream runs to the end of its backend.
 /// </remarks>
 public static class MigrationStream
 {
@@ -82,10 +86,32 @@ public static class MigrationStream
     /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read.</exception>
     /// <exception cref="VmStateException">The destination failed.</exception>
     public static MigrationStreamInfo Copy(VmStateReader source, VmStateWriter destination,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
+        Copy(source, destination, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken);
+
+    /// <summary>
+    /// Copies a stream into <paramref name="format"/>'s RAM layout while parsing it: <see cref="MigrationStreamFormat.Plain"/>
+    /// copies a plain stream byte for byte and rewrites a mapped-ram one as the plain stream QEMU's savevm would have
+    /// written (same records otherwise, the capability gone from the configuration and the VM description);
+    /// <see cref="MigrationStreamFormat.MappedRam"/> writes a mapped-ram file for QEMU 9.0+'s <c>migrate-incoming file:</c>
+    /// (the destination must be positional: a file). Flushes the writer but does not close it.
+    /// </summary>
+    /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read, or a mapped-ram copy goes to a channel.</exception>
+    /// <exception cref="VmStateException">The destination failed.</exception>
+    public static MigrationStreamInfo Copy(VmStateReader source, VmStateWriter destination, MigrationStreamFormat format,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(destination);
-        return new MigrationStreamReader(source, null, destination, ramBytesDone, cancellationToken).Read();
+        return new MigrationStreamReader(source, null, destination, ramBytesDone, cancellationToken, format).Read();
     }
+
+    /// <summary>
+    /// As <see cref="Read"/>, <see cref="Inspect"/> and <see cref="Copy(VmStateReader, VmStateWriter, MigrationStreamFormat, IProgress{long}?, CancellationToken)"/>
+    /// for a stream whose backend may reach past it (a snapshot's VM-state area): <paramref name="length"/> is what the
+    /// stream's writer counted (the snapshot's VM-state size), which for a mapped-ram stream is less than its extent.
+    /// </summary>
+    internal static MigrationStreamInfo Parse(VmStateReader source, long length, IRamSink? sink = null, VmStateWriter? destination = null,
+        MigrationStreamFormat format = MigrationStreamFormat.Plain, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
+        new MigrationStreamReader(source, sink, destination, ramBytesDone, cancellationToken, format, length).Read();
 }

@@ -11,8 +11,12 @@ public sealed class MigrationStreamInfo
         IReadOnlyList<MigrationDeviceInfo> devices,
         long totalBytes,
         long deviceStateBytes,
-        string? deviceStateProblem)
+        string? deviceStateProblem,
+        IReadOnlyList<string>? capabilities = null,
+        bool descriptionHasConfiguration = false)
     {
+        Capabilities = capabilities ?? [];
+        DescriptionHasConfiguration = descriptionHasConfiguration;
         MachineType = machineType;
         Sections = sections;
         RamBlocks = ramBlocks;
@@ -25,8 +29,23 @@ public sealed class MigrationStreamInfo
     /// <summary>Machine type from the configuration section (e.g. <c>pc-i440fx-7.2</c>, <c>none</c>), or null when the stream has none.</summary>
     public string? MachineType { get; }
 
-    /// <summary>Sections in stream order: configuration, RAM (with its part count), then device sections when they could be walked.</summary>
+    /// <summary>
+    /// Sections in stream order: configuration, RAM (one entry at its start, with its record count), early-setup
+    /// device sections and commands where they came, then device sections when they could be walked.
+    /// </summary>
     public IReadOnlyList<MigrationSectionInfo> Sections { get; }
+
+    /// <summary>
+    /// Migration capabilities the configuration section lists (QEMU lists only those that change the stream's
+    /// layout: <c>mapped-ram</c>, <c>x-ignore-shared</c>); empty for a plain stream.
+    /// </summary>
+    public IReadOnlyList<string> Capabilities { get; }
+
+    /// <summary>True when the RAM is laid out by file offset (capability <c>mapped-ram</c>: QEMU's <c>migrate file:</c>, QEMU 10.2 savevm).</summary>
+    public bool IsMappedRam => Capabilities.Contains(MigrationFormat.CapabilityMappedRam);
+
+    /// <summary>True when the VM description has QEMU 8.2's shape (a <c>configuration</c> object first).</summary>
+    public bool DescriptionHasConfiguration { get; }
 
     /// <summary>RAM blocks in the stream's block-list order, with page and zero-page record counts.</summary>
     public IReadOnlyList<RamBlockSummary> RamBlocks { get; }
@@ -67,6 +86,12 @@ public enum MigrationSectionKind
 
     /// <summary>A device's full section.</summary>
     Device,
+
+    /// <summary>A device's full section saved before RAM's pages (QEMU 8.0+ <c>early_setup</c>, e.g. virtio-mem), carried verbatim.</summary>
+    EarlySetup,
+
+    /// <summary>A command record (QEMU 10.0's SWITCHOVER_START before the final device state); <see cref="MigrationSectionInfo.Id"/> is the command number.</summary>
+    Command,
 }
 
 /// <summary>One section of a stream. An iterative section (RAM) is one entry whose <see cref="Count"/> is the number of its start/part/end records.</summary>
@@ -85,8 +110,10 @@ public sealed record MigrationSectionInfo(
 /// <param name="Id">The block's id string.</param>
 /// <param name="Length">The block's length in bytes.</param>
 /// <param name="Pages">Number of PAGE records (4096 bytes of data each) for this block.</param>
-/// <param name="ZeroPages">Number of ZERO records for this block.</param>
-public sealed record RamBlockSummary(string Id, long Length, long Pages, long ZeroPages);
+/// <param name="ZeroPages">Number of ZERO records for this block (in a mapped-ram stream: pages whose bit is clear).</param>
+/// <param name="BitmapOffset">Mapped-ram: where the block's bitmap lies (from the stream's start); null in a plain stream.</param>
+/// <param name="PagesOffset">Mapped-ram: where the block's first page lies (from the stream's start); null in a plain stream.</param>
+public sealed record RamBlockSummary(string Id, long Length, long Pages, long ZeroPages, long? BitmapOffset = null, long? PagesOffset = null);
 
 /// <summary>A device of the VM description: the layout QEMU wrote for one device section.</summary>
 /// <param name="Name">Section id string.</param>

@@ -63,6 +63,9 @@ internal sealed class MigrationStreamWriter
         long ramAt = _out.Tell();
         int records = 1;
         StartRamSection(id, profile.RamInstance, profile.RamBlocks);
+        long earlyAt = _out.Tell();
+        foreach (byte[] early in profile.EarlySections) _out.PutBuffer(early);
+        sections.AddRange(EarlySections(profile.EarlySections, earlyAt));
 
         var encoder = new RamPageEncoder(_out);
         var summaries = new RamBlockSummary[profile.RamBlocks.Count];
@@ -95,12 +98,19 @@ internal sealed class MigrationStreamWriter
             EndRecords(id);
             records++;
         }
+        if (profile.SwitchoverStart)
+        {
+            sections.Add(new MigrationSectionInfo(MigrationSectionKind.Command, MigrationFormat.CommandSwitchoverStart, "SWITCHOVER_START", 0, 0, _out.Tell(), 1, 5));
+            _out.PutByte(MigrationFormat.Command);
+            _out.PutBe16(MigrationFormat.CommandSwitchoverStart);
+            _out.PutBe16(0);
+        }
         _out.PutByte(MigrationFormat.SectionEnd);
         _out.PutBe32(id);
         EndRecords(id);
         records++;
         sections.Add(new MigrationSectionInfo(MigrationSectionKind.Ram, id, MigrationFormat.RamSectionName, profile.RamInstance,
-            MigrationFormat.RamSectionVersion, ramAt, records, _out.Tell() - ramAt));
+            MigrationFormat.RamSectionVersion, ramAt, records, _out.Tell() - ramAt - profile.EarlySections.Sum(e => e.Length) - (profile.SwitchoverStart ? 5 : 0)));
 
         long tailAt = _out.Tell();
         DeviceStateTail tail = DeviceStateTail.Analyze(profile.DeviceState.Span, tailAt);
@@ -111,8 +121,23 @@ internal sealed class MigrationStreamWriter
         _out.Flush();
         ThrowIfFailed();
         ReportProgress(force: true);
-        return new MigrationStreamInfo(profile.MachineType, sections, summaries, tail.Description.ToDeviceInfos(),
-            _out.Tell() - start, profile.DeviceState.Length, tail.Problem);
+        return new MigrationStreamInfo(profile.MachineType, sections.OrderBy(s => s.Offset).ToArray(), summaries, tail.Description.ToDeviceInfos(),
+            _out.Tell() - start, profile.DeviceState.Length, tail.Problem, [], tail.Description.HasConfiguration);
+    }
+
+    /// <summary>The early-setup sections of a profile, written one after another from <paramref name="offset"/>, as section entries.</summary>
+    private static IEnumerable<MigrationSectionInfo> EarlySections(IReadOnlyList<byte[]> sections, long offset)
+    {
+        foreach (byte[] bytes in sections)
+        {
+            uint id = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(1));
+            int nameLength = bytes[5];
+            string name = Encoding.UTF8.GetString(bytes, 6, nameLength);
+            uint instance = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(6 + nameLength));
+            uint version = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(10 + nameLength));
+            yield return new MigrationSectionInfo(MigrationSectionKind.EarlySetup, id, name, instance, version, offset, 1, bytes.Length);
+            offset += bytes.Length;
+        }
     }
 
     private void StartRamSection(uint id, uint instance, IReadOnlyList<RamBlockInfo> blocks)

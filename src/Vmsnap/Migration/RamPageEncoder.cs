@@ -77,6 +77,22 @@ internal sealed class RamPageEncoder
         else mayFree.Dispose();
     }
 
+    /// <summary>Encodes <paramref name="count"/> zero pages of block <paramref name="blockId"/> from <paramref name="blockOffset"/> as ZERO records.</summary>
+    internal void EncodeZeroPages(string blockId, long blockOffset, long count)
+    {
+        ArgumentNullException.ThrowIfNull(blockId);
+        if (blockOffset < 0 || blockOffset % PageSize != 0)
+            throw new ArgumentOutOfRangeException(nameof(blockOffset), blockOffset, $"a page offset must be a non-negative multiple of {PageSize}");
+        if (blockId != _block) SetBlock(blockId);
+        for (long i = 0; i < count; i++, blockOffset += PageSize)
+        {
+            PutHeader((ulong)blockOffset | FlagZero);
+            _writer.PutByte(0);
+            ZeroPages++;
+            Pages++;
+        }
+    }
+
     /// <summary>The next page repeats its block id string (QEMU does so at the start of every RAM section part).</summary>
     internal void ResetBlock() => _continue = false;
 

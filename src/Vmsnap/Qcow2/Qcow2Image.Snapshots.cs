@@ -73,7 +73,14 @@ public sealed partial class Qcow2Image
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
     /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
     /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
-    public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot)
+    public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot) => OpenVmStateForReading(snapshot, wholeArea: false);
+
+    /// <summary>
+    /// Opens a snapshot's VM-state area for reading, with <paramref name="wholeArea"/> as far as qcow2 can map
+    /// rather than <see cref="Qcow2Snapshot.VmStateSize"/> bytes: QEMU 10.2's savevm with mapped-ram lays the VM
+    /// state out by offset, and its recorded size (the bytes it wrote) is less than how far the layout reaches.
+    /// </summary>
+    internal Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot, bool wholeArea)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
         SnapshotEntry entry;
@@ -83,7 +90,7 @@ public sealed partial class Qcow2Image
             entry = Engine.Snapshots.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
                 ?? throw new Qcow2SnapshotNotFoundException(snapshot.Id, Path);
         }
-        return Engine.OpenVmStateForReading(entry, ToPublic(entry));
+        return Engine.OpenVmStateForReading(entry, ToPublic(entry), wholeArea);
     }
 
     /// <summary>Opens the VM state of the snapshot with this ID or name for reading.</summary>

@@ -42,8 +42,8 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     internal static Qcow2VmStateArea ForWriting(Qcow2Engine engine, VmStateAllocation writer) =>
         new(engine, writer, null, writer.Start, 0, null);
 
-    internal static Qcow2VmStateArea ForReading(Qcow2Engine engine, L1Table l1, long start, Qcow2Snapshot snapshot) =>
-        new(engine, null, l1, start, snapshot.VmStateSize, snapshot);
+    internal static Qcow2VmStateArea ForReading(Qcow2Engine engine, L1Table l1, long start, Qcow2Snapshot snapshot, long? readLength = null) =>
+        new(engine, null, l1, start, readLength ?? snapshot.VmStateSize, snapshot);
 
     /// <summary>The snapshot whose VM state this reads, or null for the area open for writing.</summary>
     public Qcow2Snapshot? Snapshot { get; }
@@ -51,7 +51,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     /// <summary>Guest offset of the area's first byte in the image (after the virtual disk).</summary>
     public long GuestOffset => _start;
 
-    /// <summary>Reading: the snapshot's VM-state size. Writing: one past the highest byte written so far (or the length set).</summary>
+    /// <summary>Reading: the snapshot's VM-state size (or the whole area, when opened so). Writing: one past the highest byte written so far (or the length set).</summary>
     public long Length
     {
         get

@@ -20,6 +20,13 @@ public sealed record VmSnapshotOptions
     /// <summary>Open the image without locks that conflict with a running QEMU (read-only operations only).</summary>
     public bool ForceShare { get; init; }
 
+    /// <summary>
+    /// Export: write a mapped-ram file (QEMU 9.0+ restores it with capability <c>mapped-ram</c> on and
+    /// <c>migrate-incoming file:PATH</c>, with multifd and direct-io if wanted) instead of a plain stream.
+    /// Needs a file, not a pipe.
+    /// </summary>
+    public bool MappedRam { get; init; }
+
     internal VmStateWriterOptions WriterOptions()
     {
         var o = new VmStateWriterOptions { Mode = Mode };

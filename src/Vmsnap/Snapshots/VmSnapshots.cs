@@ -37,7 +37,9 @@ public static class VmSnapshots
 
     /// <summary>
     /// Makes a snapshot from a migration stream (e.g. written by QEMU's <c>migrate "exec:cat &gt; FILE"</c>), copied
-    /// byte for byte into the VM-state area while it is checked.
+    /// byte for byte into the VM-state area while it is checked. A mapped-ram file (QEMU's <c>migrate file:</c> with
+    /// capability mapped-ram) is stored as the plain stream QEMU's savevm would have written, so QEMU 7.2 to 10.1
+    /// <c>-loadvm</c> takes it when they have the machine type.
     /// </summary>
     /// <param name="source">The stream: a file's path.</param>
     /// <param name="imagePath">The image that receives the snapshot.</param>
@@ -78,16 +80,34 @@ public static class VmSnapshots
         VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(ramFiles);
-        return ReadSnapshot(imagePath, snapshot, options ?? new(), reader =>
+        return ReadSnapshot(imagePath, snapshot, options ?? new(), (reader, length) =>
         {
             using var sink = new RamFileSink(ramFiles);
-            return (MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
+            return (MigrationStream.Parse(reader, length, sink, null, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
         });
     }
 
     /// <summary>
+    /// Loads the RAM of a migration stream file (plain, or QEMU's mapped-ram <c>file:</c> format) into files, one per
+    /// RAM block, as <see cref="Load"/> does for a snapshot.
+    /// </summary>
+    /// <exception cref="VmsnapException">The stream is damaged or not one vmsnap reads, or a block does not match.</exception>
+    public static MigrationStreamInfo LoadStream(string source, IEnumerable<KeyValuePair<string, string>> ramFiles,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(ramFiles);
+        using var file = FileBlockDevice.Open(source);
+        using var backend = VmStateBackend.ForBlockDevice(file);
+        using var reader = new VmStateReader(backend, ReadBufferSize);
+        using var sink = new RamFileSink(ramFiles);
+        return MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken);
+    }
+
+    /// <summary>
     /// Writes snapshot <paramref name="snapshot"/>'s VM state to a file as a migration stream QEMU accepts with
-    /// <c>-incoming "exec:cat FILE"</c>. The file appears only when complete.
+    /// <c>-incoming "exec:cat FILE"</c>, or with <see cref="VmSnapshotOptions.MappedRam"/> as a mapped-ram file for
+    /// <c>migrate-incoming file:FILE</c> (page data at 1 MiB-aligned offsets, written with O_DIRECT where the file
+    /// system allows). The file appears only when complete.
     /// </summary>
     public static VmSnapshotResult Export(string imagePath, string snapshot, string destination, VmSnapshotOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
@@ -101,11 +121,11 @@ public static class VmSnapshots
             VmSnapshotResult result;
             using (var file = OpenOutputFile(temp, options.Direct))
             {
-                result = ReadSnapshot(imagePath, snapshot, options, reader =>
+                result = ReadSnapshot(imagePath, snapshot, options, (reader, length) =>
                 {
                     using var backend = VmStateBackend.ForBlockDevice(file);
                     using var writer = new VmStateWriter(backend, options.WriterOptions());
-                    var info = MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken);
+                    var info = MigrationStream.Parse(reader, length, null, writer, Format(options), ramBytesDone, cancellationToken);
                     writer.Close();
                     return (info, writer.Mode);
                 });
@@ -125,11 +145,12 @@ public static class VmSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         options ??= new();
-        return ReadSnapshot(imagePath, snapshot, options, reader =>
+        if (options.MappedRam) throw new VmsnapException("a mapped-ram file is laid out by offset: export it to a file, not a pipe");
+        return ReadSnapshot(imagePath, snapshot, options, (reader, length) =>
         {
             using var backend = VmStateBackend.ForStream(destination, leaveOpen: true);
             using var writer = new VmStateWriter(backend, options.WriterOptions());
-            var info = MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken);
+            var info = MigrationStream.Parse(reader, length, null, writer, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken);
             writer.Close();
             destination.Flush();
             return (info, writer.Mode);
@@ -138,7 +159,11 @@ public static class VmSnapshots
 
     /// <summary>Says what snapshot <paramref name="snapshot"/>'s VM state holds: machine, sections, RAM blocks, devices.</summary>
     public static VmSnapshotResult Inspect(string imagePath, string snapshot, VmSnapshotOptions? options = null, CancellationToken cancellationToken = default) =>
-        ReadSnapshot(imagePath, snapshot, options ?? new(), reader => (MigrationStream.Inspect(reader, cancellationToken), (VmStateWriteMode?)null));
+        ReadSnapshot(imagePath, snapshot, options ?? new(), (reader, length) =>
+            (MigrationStream.Parse(reader, length, cancellationToken: cancellationToken), (VmStateWriteMode?)null));
+
+    private static MigrationStreamFormat Format(VmSnapshotOptions options) =>
+        options.MappedRam ? MigrationStreamFormat.MappedRam : MigrationStreamFormat.Plain;
 
     /// <summary>Says what a migration stream file holds.</summary>
     public static MigrationStreamInfo InspectStream(string path, CancellationToken cancellationToken = default)
@@ -214,8 +239,12 @@ public static class VmSnapshots
         }
     }
 
+    /// <summary>
+    /// The read path shared by load, export and inspect. The reader sees the snapshot's whole VM-state area and is
+    /// told the recorded size: a plain stream ends there, a mapped-ram one (QEMU 10.2 savevm) reaches further.
+    /// </summary>
     private static VmSnapshotResult ReadSnapshot(string imagePath, string snapshotName, VmSnapshotOptions options,
-        Func<VmStateReader, (MigrationStreamInfo Info, VmStateWriteMode? Mode)> consume)
+        Func<VmStateReader, long, (MigrationStreamInfo Info, VmStateWriteMode? Mode)> consume)
     {
         var clock = Stopwatch.StartNew();
         using Qcow2Image image = OpenImage(imagePath, writable: false, options);
@@ -223,10 +252,10 @@ public static class VmSnapshots
             ?? throw new VmsnapException($"'{imagePath}' has no snapshot with ID or name '{snapshotName}'");
         if (snapshot.VmStateSize == 0)
             throw new VmsnapException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
-        using var area = image.OpenVmStateForReading(snapshot);
-        using var backend = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize);
+        using var area = image.OpenVmStateForReading(snapshot, wholeArea: true);
+        using var backend = VmStateBackend.ForBlockDevice(area);
         using var reader = new VmStateReader(backend, ReadBufferSize);
-        var (info, mode) = consume(reader);
+        var (info, mode) = consume(reader, snapshot.VmStateSize);
         return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), snapshot.VmStateSize, info.RamBytes,
             clock.Elapsed.TotalSeconds, mode, info);
     }

@@ -11,6 +11,18 @@ internal abstract class ChunkSource : IDisposable
     /// <summary>The next chunk (never empty), or false at the end of the stream.</summary>
     internal abstract bool TryNext(out ReadOnlyMemory<byte> chunk);
 
+    /// <summary>True when <see cref="Restart"/> works: reads may start anywhere (positional backends).</summary>
+    internal virtual bool CanRestart => false;
+
+    /// <summary>Bytes a source reads ahead: skipping fewer than these costs less than restarting.</summary>
+    internal virtual long ReadAheadBytes => 0;
+
+    /// <summary>
+    /// Drops what was read ahead and continues at an aligned position at or before <paramref name="position"/>;
+    /// returns that position (the caller skips the bytes up to <paramref name="position"/>).
+    /// </summary>
+    internal virtual long Restart(long position) => throw new NotSupportedException("this source reads in order only");
+
     public abstract void Dispose();
 
     protected static VmStateException ReadFailed(Exception e, long position) =>
@@ -59,6 +71,7 @@ internal sealed class ReadAheadSource : ChunkSource
 {
     private readonly VmStateBackend _backend;
     private readonly int _size;
+    private readonly int _alignment;
     private readonly AlignedBuffer[] _buffers;
     private readonly Task<int>?[] _reads;
     private readonly long[] _positions;
@@ -72,6 +85,7 @@ internal sealed class ReadAheadSource : ChunkSource
     {
         _backend = backend;
         int alignment = Math.Max(4096, backend.Alignment);
+        _alignment = alignment;
         _size = (size + alignment - 1) / alignment * alignment;
         _buffers = new AlignedBuffer[depth];
         _reads = new Task<int>?[depth];
@@ -123,6 +137,22 @@ internal sealed class ReadAheadSource : ChunkSource
         return true;
     }
 
+    internal override bool CanRestart => true;
+
+    internal override long ReadAheadBytes => (long)_size * _buffers.Length;
+
+    internal override long Restart(long position)
+    {
+        WaitForReads();
+        long start = position / _alignment * _alignment;
+        _nextRead = start;
+        _next = 0;
+        _given = -1;
+        _ended = false;
+        for (int i = 0; i < _buffers.Length; i++) Issue(i);
+        return start;
+    }
+
     private void Issue(int slot)
     {
         if (_nextRead >= _end) return;
@@ -141,14 +171,19 @@ internal sealed class ReadAheadSource : ChunkSource
 
     public override void Dispose()
     {
-        // A read in flight still writes into its buffer: wait before freeing the memory.
+        WaitForReads();
+        foreach (AlignedBuffer b in _buffers) b.Dispose();
+    }
+
+    /// <summary>A read in flight still writes into its buffer: waits for every one before the buffers are reused or freed.</summary>
+    private void WaitForReads()
+    {
         foreach (Task<int>? read in _reads)
         {
             if (read is null) continue;
             try { read.GetAwaiter().GetResult(); }
-            catch (Exception) { /* the reader is going away; the data is not wanted */ }
+            catch (Exception) { /* the data is not wanted any more */ }
         }
         Array.Clear(_reads);
-        foreach (AlignedBuffer b in _buffers) b.Dispose();
     }
 }

@@ -24,6 +24,9 @@ internal sealed class GatherSink : WriteSink
     private int _segmentCount;
     private long _segmentBytes;    // bytes in _segments
     private long _position;        // stream offset of the next flush
+    private byte[]? _placed;       // bytes put with PutAt, written at _placedBase
+    private int _placedFill;
+    private long _placedBase;
 
     internal GatherSink(VmStateBackend backend, long rateLimit) : base(backend, rateLimit) { }
 
@@ -93,15 +96,81 @@ internal sealed class GatherSink : WriteSink
         Reset();
     }
 
-    internal override void Drain() => Flush();
+    internal override void Seek(long position)
+    {
+        Flush();
+        if (Error is null) _position = position;
+    }
+
+    internal override void PutAt(long position, ReadOnlySpan<byte> data, bool zeroGap)
+    {
+        if (Error is not null || data.IsEmpty) return;
+        _placed ??= GC.AllocateUninitializedArray<byte>(PlacedBufferSize);
+        long end = _placedBase + _placedFill;
+        if (_placedFill > 0 && position != end)
+        {
+            if (zeroGap && position > end && position < _placedBase + PlacedBufferSize)
+            {
+                int gap = (int)(position - end);
+                _placed.AsSpan(_placedFill, gap).Clear();
+                _placedFill += gap;
+            }
+            else
+            {
+                FlushPlaced();
+            }
+        }
+        if (_placedFill == 0) _placedBase = position;
+        while (!data.IsEmpty && Error is null)
+        {
+            int n = Math.Min(data.Length, PlacedBufferSize - _placedFill);
+            data[..n].CopyTo(_placed.AsSpan(_placedFill));
+            _placedFill += n;
+            data = data[n..];
+            if (_placedFill == PlacedBufferSize) FlushPlaced();
+        }
+    }
+
+    /// <summary>Size of the staging buffer of <see cref="PutAt"/>: one request per region of up to this many bytes.</summary>
+    internal const int PlacedBufferSize = 1 << 20;
+
+    private void FlushPlaced()
+    {
+        if (_placedFill == 0) return;
+        int length = _placedFill;
+        long position = _placedBase;
+        _placedFill = 0;
+        _placedBase += length;
+        if (Error is not null) return;
+        Pace(length);
+        try
+        {
+            Backend.WriteVectored([_placed.AsMemory(0, length)], position);
+            AddTransferred(length);
+        }
+        catch (Exception e)
+        {
+            SetError(e, position);
+        }
+    }
+
+    internal override void Drain()
+    {
+        FlushPlaced();
+        Flush();
+    }
 
     internal override Task DrainAsync()
     {
-        Flush();
+        Drain();
         return Task.CompletedTask;
     }
 
-    internal override void Abandon() => Reset();
+    internal override void Abandon()
+    {
+        _placedFill = 0;
+        Reset();
+    }
 
     private void Reset()
     {

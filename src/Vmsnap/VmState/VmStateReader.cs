@@ -124,6 +124,33 @@ public sealed class VmStateReader : IDisposable
         }
     }
 
+    /// <summary>True when <see cref="Seek"/> may go backwards or far ahead cheaply (positional backends).</summary>
+    internal bool CanSeek => _source.CanRestart;
+
+    /// <summary>
+    /// Continues reading at stream offset <paramref name="position"/> (a file laid out by offset, such as
+    /// QEMU's mapped-ram). Short hops forward read through; others drop the read-ahead and restart there.
+    /// </summary>
+    /// <exception cref="VmStateException">A channel cannot go back, or the stream ended first.</exception>
+    internal void Seek(long position)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
+        long ahead = position - _position;
+        if (ahead == 0) return;
+        if (ahead > 0 && (!_source.CanRestart || ahead <= (_chunk.Length - _offset) + _pending.Length + _source.ReadAheadBytes / 2))
+        {
+            Skip(ahead);
+            return;
+        }
+        if (!_source.CanRestart)
+            throw new VmStateException($"a channel is read in order only: cannot go back from stream offset {_position} to {position}");
+        _chunk = _pending = default;
+        _offset = 0;
+        _position = _source.Restart(position);
+        Skip(position - _position);
+    }
+
     /// <inheritdoc/>
     public void Dispose()
     {

@@ -115,8 +115,42 @@ public sealed class VmStateWriter : IDisposable
         _sink.ReleaseWhenWritten(owner);
     }
 
-    /// <summary>Bytes accepted so far: the backend position plus what is still buffered.</summary>
+    /// <summary>Bytes accepted so far: the backend position plus what is still buffered (the stream's position, after a <see cref="Seek"/>).</summary>
     public long Tell() => _sink.Tell;
+
+    /// <summary>True when the backend takes writes at any position (<see cref="Seek"/>, <see cref="PutAt"/>): block devices, not channels.</summary>
+    internal bool CanSeek => _backend.IsPositional;
+
+    /// <summary>
+    /// Continues the stream at <paramref name="position"/>, leaving what lies between untouched (a file
+    /// laid out by offset, such as QEMU's mapped-ram). In buffered mode the current buffer is handed off
+    /// first; the next one starts at <paramref name="position"/>.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The backend is a channel.</exception>
+    internal void Seek(long position)
+    {
+        ThrowIfClosed();
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
+        if (!CanSeek) throw new InvalidOperationException("a channel (pipe, socket) is written in order only; seeking needs a file or block device");
+        _sink.Seek(position);
+    }
+
+    /// <summary>
+    /// Copies <paramref name="data"/> to <paramref name="position"/> of the backend, beside the stream's own
+    /// position: regions of pages placed by offset. Calls at adjacent positions are gathered into large
+    /// requests (aligned buffers in buffered mode, so a region that starts aligned goes out with O_DIRECT);
+    /// with <paramref name="zeroGap"/> a short gap since the previous call, which the caller says holds
+    /// nothing, is written as zeroes instead of splitting the request. A write overlapping one still in
+    /// flight waits for it, so the last bytes put at a position are the ones that stay.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The backend is a channel.</exception>
+    internal void PutAt(long position, ReadOnlySpan<byte> data, bool zeroGap = false)
+    {
+        ThrowIfClosed();
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
+        if (!CanSeek) throw new InvalidOperationException("a channel (pipe, socket) is written in order only; placed writes need a file or block device");
+        _sink.PutAt(position, data, zeroGap);
+    }
 
     /// <summary>Hands buffered bytes to the backend in one vectored write (gather mode); a no-op in buffered mode.</summary>
     public void Flush()

@@ -48,6 +48,17 @@ internal abstract class WriteSink
     /// <summary>Hands what is buffered to the backend (gather mode).</summary>
     internal abstract void Flush();
 
+    /// <summary>Continues the stream at <paramref name="position"/> (positional backends): later puts go there.</summary>
+    internal abstract void Seek(long position);
+
+    /// <summary>
+    /// Copies <paramref name="data"/> to <paramref name="position"/>, apart from the stream's own position
+    /// (page regions placed by offset). Consecutive calls at adjacent positions are written as one region;
+    /// with <paramref name="zeroGap"/> a short gap since the previous call's end, which the caller says
+    /// holds nothing, is written as zeroes instead of breaking the region.
+    /// </summary>
+    internal abstract void PutAt(long position, ReadOnlySpan<byte> data, bool zeroGap);
+
     /// <summary>Writes what is left and waits for every write to complete.</summary>
     internal abstract void Drain();
 

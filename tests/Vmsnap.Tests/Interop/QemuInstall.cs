@@ -16,6 +16,21 @@ internal sealed partial class QemuInstall
     /// <summary>The versions every interop test runs against, as theory data.</summary>
     public static TheoryData<string> Versions => ["7.2", "10.0"];
 
+    /// <summary>The versions that have mapped-ram (QEMU 9.0+) and current machine types, as theory data.</summary>
+    public static TheoryData<string> MappedRamVersions => ["10.0"];
+
+    /// <summary>
+    /// Every version with each of <paramref name="values"/>, as theory data:
+    /// <c>[MemberData(nameof(QemuInstall.VersionsAnd), "a", "b", MemberType = typeof(QemuInstall))] void T(string version, string x)</c>.
+    /// </summary>
+    public static IEnumerable<object[]> VersionsAnd(object a, object b) => Cross(a, b);
+
+    /// <inheritdoc cref="VersionsAnd(object, object)"/>
+    public static IEnumerable<object[]> VersionsAnd(object a, object b, object c) => Cross(a, b, c);
+
+    private static IEnumerable<object[]> Cross(params object[] values) =>
+        from v in new[] { "7.2", "10.0" } from x in values select new[] { v, x };
+
     public static readonly QemuInstall Qemu72 = new("7.2", binDir: null);
     public static readonly QemuInstall Qemu100 = new("10.0", binDir: FindQemu10());
 
@@ -68,6 +83,16 @@ internal sealed partial class QemuInstall
 
     /// <summary>Machine type of the Q35 PC of this version.</summary>
     public string Q35Machine => $"pc-q35-{Version}";
+
+    /// <summary>True from QEMU <paramref name="major"/>.<paramref name="minor"/> on.</summary>
+    public bool AtLeast(int major, int minor) => System.Version.Parse(Version) >= new System.Version(major, minor);
+
+    /// <summary>
+    /// True when this version's streams of <paramref name="machine"/> carry SWITCHOVER_START: QEMU 10.0+ writes it (migrate
+    /// and savevm alike, measured on 10.0.2) for machine types 10.0+ and <c>none</c>, not for older machine types.
+    /// </summary>
+    public bool WritesSwitchoverStart(string machine) =>
+        AtLeast(10, 0) && (machine == "none" || machine.EndsWith("-" + Version, StringComparison.Ordinal) || machine is "pc" or "q35");
 
     public override string ToString() => $"QEMU {Version}";
 

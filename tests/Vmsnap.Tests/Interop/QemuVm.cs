@@ -309,13 +309,54 @@ internal sealed class QemuVm : IDisposable
         "-machine", "memory-backend=ram0",
     ];
 
-    /// <summary>Arguments for a PC (i440fx) guest whose main RAM block <c>ram0</c> is <paramref name="ramFile"/>; start it paused so no guest code runs.</summary>
-    public static string[] MachinePc(string ramFile, long ramBytes) =>
+    /// <summary>
+    /// Arguments for a PC (i440fx) guest whose main RAM block <c>ram0</c> is <paramref name="ramFile"/>; start it paused so no
+    /// guest code runs. The machine type is the current one of the QEMU in use (<c>pc-i440fx-7.2</c>, <c>pc-i440fx-10.0</c>)
+    /// unless <paramref name="machine"/> names another (e.g. <c>pc-q35-10.0</c>).
+    /// </summary>
+    public static string[] MachinePc(string ramFile, long ramBytes, string? machine = null) =>
     [
-        "-machine", "pc", "-m", $"{ramBytes >> 20}M",
+        "-machine", machine ?? QemuInstall.Current.PcMachine, "-m", $"{ramBytes >> 20}M",
         "-object", $"memory-backend-file,id=ram0,size={ramBytes},mem-path={ramFile},share=on",
         "-machine", "memory-backend=ram0",
     ];
+
+    /// <summary>Arguments for a guest of <paramref name="machine"/> (<c>none</c>, a PC type) whose RAM block <c>ram0</c> is <paramref name="ramFile"/>.</summary>
+    public static string[] Machine(string machine, string ramFile, long ramBytes) =>
+        machine == "none" ? MachineNone(ramFile, ramBytes) : MachinePc(ramFile, ramBytes, machine);
+
+    /// <summary>
+    /// Migrates into <paramref name="path"/> with QEMU's own <c>file:</c> URI (8.2+; QEMU writes the file itself), with
+    /// migration capabilities <paramref name="capabilities"/> on (e.g. mapped-ram, multifd) and parameters set
+    /// (e.g. direct-io); returns QEMU's <c>query-migrate</c> RAM figures.
+    /// </summary>
+    public JsonNode? MigrateToFileUri(string path, string[] capabilities, Dictionary<string, object>? parameters = null, TimeSpan? timeout = null)
+    {
+        if (capabilities.Length > 0)
+            Execute("migrate-set-capabilities", new Dictionary<string, object>
+            {
+                ["capabilities"] = capabilities.Select(c => new Dictionary<string, object> { ["capability"] = c, ["state"] = true }).ToArray(),
+            });
+        if (parameters is not null) Execute("migrate-set-parameters", parameters);
+        Migrate($"file:{path}", timeout);
+        return Execute("query-migrate")?["ram"];
+    }
+
+    /// <summary>
+    /// Loads <paramref name="path"/> into a QEMU started with <c>-incoming defer</c>: capabilities and parameters set, then
+    /// <c>migrate-incoming file:PATH</c>; waits until it completed and returns the run state reached.
+    /// </summary>
+    public string IncomingFromFileUri(string path, string[] capabilities, Dictionary<string, object>? parameters = null, TimeSpan? timeout = null)
+    {
+        if (capabilities.Length > 0)
+            Execute("migrate-set-capabilities", new Dictionary<string, object>
+            {
+                ["capabilities"] = capabilities.Select(c => new Dictionary<string, object> { ["capability"] = c, ["state"] = true }).ToArray(),
+            });
+        if (parameters is not null) Execute("migrate-set-parameters", parameters);
+        Execute("migrate-incoming", new Dictionary<string, string> { ["uri"] = $"file:{path}" });
+        return WaitIncomingCompleted(timeout);
+    }
 
     /// <summary>The <c>-incoming</c> arguments that load a stream from a file.</summary>
     public static string[] IncomingFrom(string streamFile) => ["-incoming", $"exec:cat {streamFile}"];

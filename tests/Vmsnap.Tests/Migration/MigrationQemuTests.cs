@@ -5,15 +5,18 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 
 namespace Vmsnap.Tests.Migration;
 
-/// <summary>Migration streams against real QEMU 7.2, both directions (64 MiB guests).</summary>
-public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
+/// <summary>Migration streams against real QEMU 7.2 and 10.0, both directions (64 MiB guests).</summary>
+public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static readonly string[] PcBlocks =
         ["ram0", "/rom@etc/acpi/tables", "pc.bios", "pc.rom", "/rom@etc/table-loader", "/rom@etc/acpi/rsdp"];
 
-    [Fact]
-    public void Qemu_machine_none_stream_reads_back_the_guest_ram()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Qemu_machine_none_stream_reads_back_the_guest_ram(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string output = dir.File("ram0.out");
         MigrationStreamInfo info = ReadInto(qemu.NoneStream, ("ram0", output));
@@ -26,9 +29,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Equal(new FileInfo(qemu.NoneStream).Length, info.TotalBytes);
     }
 
-    [Fact]
-    public void Inspect_of_a_qemu_machine_none_stream_lists_machine_blocks_counts_and_devices()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Inspect_of_a_qemu_machine_none_stream_lists_machine_blocks_counts_and_devices(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         MigrationStreamInfo info = Inspect(qemu.NoneStream);
 
         Assert.Equal("none", info.MachineType);
@@ -44,29 +50,46 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         // QEMU's machine none still writes the timer and global-state sections and describes them.
         Assert.Equal(["timer", "globalstate"], info.Devices.Select(d => d.Name));
         Assert.Null(info.DeviceStateProblem);
-        Assert.Equal(["configuration", "ram", "timer", "globalstate"], info.Sections.Select(s => s.Name));
+        // QEMU 10 sends SWITCHOVER_START for machine none (a current machine type) before the RAM section's end.
+        string[] sections = QemuInstall.Current.WritesSwitchoverStart("none")
+            ? ["configuration", "ram", "SWITCHOVER_START", "timer", "globalstate"]
+            : ["configuration", "ram", "timer", "globalstate"];
+        Assert.Equal(sections, info.Sections.Select(s => s.Name));
+        // QEMU 8.2+ opens the VM description with a configuration object.
+        Assert.Equal(QemuInstall.Current.AtLeast(8, 2), info.DescriptionHasConfiguration);
+        Assert.Empty(info.Capabilities);
         MigrationSectionInfo ram = info.Sections[1];
         Assert.True(ram.Count >= 2, "start, parts and end");
         Assert.Equal(info.TotalBytes, info.Sections.Sum(s => s.Bytes) + 8 /* header */ + 1 /* EOF */ + VmDescriptionBytes(qemu.NoneStream));
     }
 
-    [Fact]
-    public void Our_machine_none_stream_begins_byte_for_byte_as_qemus()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Our_machine_none_stream_begins_byte_for_byte_as_qemus(string version)
     {
-        // Same machine and RAM size: header, configuration and the RAM section's start (block list,
-        // section id, footer) are what QEMU writes, and the first part opens the same way.
-        using var profile = MachineProfile.Create("none", Ram(("ram0", qemu.NoneRam)));
-        var (ours, _) = WriteBytes(w => MigrationStream.Write(w, profile));
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
+        // Same machine and RAM size, written for this QEMU: header, configuration and the RAM section's start
+        // (block list, section id, footer) are what QEMU writes, and the first part opens the same way; the VM
+        // description has this QEMU's shape.
+        using var profile = MachineProfile.Create("none", Ram(("ram0", qemu.NoneRam)), Version.Parse(version));
+        var (ours, written) = WriteBytes(w => MigrationStream.Write(w, profile));
         byte[] theirs = File.ReadAllBytes(qemu.NoneStream);
         int firstPage = StartFooterOffset(theirs) + 5 + 5;
         Assert.Equal(theirs[..(firstPage + 8 + 5)], ours[..(firstPage + 8 + 5)]);
+        Assert.Equal(Inspect(qemu.NoneStream).DescriptionHasConfiguration, written.DescriptionHasConfiguration);
+        // QEMU's own description of the configuration section, word for word.
+        string theirDescription = System.Text.Encoding.UTF8.GetString(theirs[^(int)VmDescriptionBytes(qemu.NoneStream)..][5..]);
+        string ourDescription = System.Text.Encoding.UTF8.GetString(ours[^(int)VmDescriptionBytes2(ours)..][5..]);
+        Assert.StartsWith(ourDescription[..ourDescription.IndexOf("\"devices\"", StringComparison.Ordinal)], theirDescription);
     }
 
     [Theory]
-    [InlineData(MigrationStreamWriter.DefaultPartBytes, MigrationStreamWriter.DefaultChunkBytes)]
-    [InlineData(1 << 20, 256 << 10)]
-    public void Stream_written_for_machine_none_loads_in_qemu_with_the_same_ram(long partBytes, int chunkBytes)
+    [MemberData(nameof(QemuInstall.VersionsAnd), MigrationStreamWriter.DefaultPartBytes, 1L << 20, MemberType = typeof(QemuInstall))]
+    public void Stream_written_for_machine_none_loads_in_qemu_with_the_same_ram(string version, long partBytes)
     {
+        using var _ = QemuInstall.Use(version);
+        int chunkBytes = partBytes == MigrationStreamWriter.DefaultPartBytes ? MigrationStreamWriter.DefaultChunkBytes : 256 << 10;
         using var dir = new TempDir();
         string source = dir.File("source-ram0");
         GuestRam.Create(source, QemuStreams.RamBytes, seed: 21);
@@ -86,12 +109,16 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Equal(GuestRam.Hash(source), GuestRam.Hash(loaded));
     }
 
-    [Fact]
-    public void Template_from_a_pc_guest_lists_its_six_blocks_and_its_devices()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Template_from_a_pc_guest_lists_its_six_blocks_and_its_devices(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         MigrationStreamInfo info = Inspect(qemu.PcStream);
 
-        Assert.StartsWith("pc-i440fx-", info.MachineType);
+        Assert.Equal(qemu.PcMachine, info.MachineType);
+        Assert.Equal(QemuInstall.Current.WritesSwitchoverStart(qemu.PcMachine), info.Sections.Any(s => s.Kind == MigrationSectionKind.Command));
         Assert.Equal(PcBlocks, info.RamBlocks.Select(b => b.Id));
         Assert.Equal(QemuStreams.RamBytes, info.RamBlocks[0].Length);
         Assert.All(info.RamBlocks, b => Assert.Equal(b.Length / 4096, b.Pages + b.ZeroPages));
@@ -107,9 +134,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.InRange(info.DeviceStateBytes, 50_000, 300_000);
     }
 
-    [Fact]
-    public void Template_write_with_new_ram0_loads_in_qemu_pc_with_the_new_ram()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Template_write_with_new_ram0_loads_in_qemu_pc_with_the_new_ram(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string newRam = dir.File("new-ram0");
         GuestRam.Create(newRam, QemuStreams.RamBytes, seed: 31);
@@ -134,9 +164,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Equal(GuestRam.Hash(newRam), GuestRam.Hash(loaded));
     }
 
-    [Fact]
-    public void Copy_of_a_qemu_stream_is_byte_identical_and_qemu_loads_it()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Copy_of_a_qemu_stream_is_byte_identical_and_qemu_loads_it(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string copy = dir.File("copy.mig");
         var progress = new List<long>();
@@ -161,9 +194,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Equal(GuestRam.Hash(qemu.PcRam), GuestRam.Hash(loaded));
     }
 
-    [Fact]
-    public void Qemu_refuses_what_we_refuse_a_stream_without_the_ram_section_footer()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Qemu_refuses_what_we_refuse_a_stream_without_the_ram_section_footer(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         // The footer rule is QEMU's: drop the RAM start's footer and both sides refuse.
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         int footer = StartFooterOffset(bytes);
@@ -179,9 +215,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Contains("footer", q.Message, StringComparison.OrdinalIgnoreCase);
     }
 
-    [Fact]
-    public void Corrupt_qemu_streams_are_refused_with_the_offset()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Corrupt_qemu_streams_are_refused_with_the_offset(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         MigrationStreamException Refuse(byte[] b) => Assert.Throws<MigrationStreamException>(() => ReadBytes(b, r => MigrationStream.Inspect(r)));
 
@@ -205,16 +244,19 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         magic[0] = (byte)'X';
         Assert.Contains("not a QEMU migration stream", Refuse(magic).Message);
 
-        byte[] version = (byte[])bytes.Clone();
-        version[7] = 2;
-        var v = Refuse(version);
+        byte[] wrongVersion = (byte[])bytes.Clone();
+        wrongVersion[7] = 2;
+        var v = Refuse(wrongVersion);
         Assert.Equal(4, v.Offset);
         Assert.Contains("version 2", v.Message);
     }
 
-    [Fact]
-    public void Blocks_and_files_that_do_not_match_are_refused_and_leave_files_untouched()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Blocks_and_files_that_do_not_match_are_refused_and_leave_files_untouched(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         // A block the stream does not have.
         string other = dir.File("ram1");
@@ -239,9 +281,12 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         Assert.Equal([Path.GetFileName(wrong)], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName)); // no scratch left
     }
 
-    [Fact]
-    public void A_stream_that_fails_midway_leaves_the_ram_file_as_it_was()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_stream_that_fails_midway_leaves_the_ram_file_as_it_was(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string target = dir.File("ram0");
         File.WriteAllBytes(target, []);   // empty: written as a new file (an existing full-size one is written in place)
@@ -266,9 +311,10 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
         return stream.AsSpan().IndexOf(eosFooter) + 8;
     }
 
-    private static long VmDescriptionBytes(string stream)
+    private static long VmDescriptionBytes(string stream) => VmDescriptionBytes2(File.ReadAllBytes(stream));
+
+    private static long VmDescriptionBytes2(byte[] b)
     {
-        byte[] b = File.ReadAllBytes(stream);
         for (int p = b.Length - 5; p > 0; p--)
             if (b[p] == 6 && b[p - 1] == 0 && BinaryPrimitives.ReadUInt32BigEndian(b.AsSpan(p + 1)) == b.Length - p - 5)
                 return b.Length - p;

@@ -73,7 +73,7 @@ public class MigrationStreamErrorTests
     [Theory]
     [InlineData(0x40ul, "XBZRLE (0x40)")]
     [InlineData(0x100ul, "COMPRESS_PAGE (0x100)")]
-    [InlineData(0x200ul, "MULTIFD_FLUSH (0x200)")]
+    [InlineData(0x200ul, "MULTIFD_FLUSH (0x200): the stream is the main channel of a multifd migration")]
     [InlineData(0x80ul, "RDMA hook (0x80)")]
     [InlineData(0x01ul, "FULL (0x01, obsolete)")]
     [InlineData(0x400ul, "unknown flag 0x400")]
@@ -104,8 +104,15 @@ public class MigrationStreamErrorTests
     {
         Refused(UpToPart().Part(5).ToArray(), PartAt, "section id 5", "RAM section is id 2");
         Refused(UpToPart().U8(0x00).ToArray(), PartAt, "EOF (0x00) before the RAM section's end");
-        Refused(UpToPart().Full(3, "timer", 0, 2).ToArray(), PartAt, "device section 'timer' (id 3) before the RAM section's end");
-        Refused(UpToPart().U8(0x08).Be16(3).Be16(16).Raw(new byte[16]).ToArray(), PartAt, "command section (command 3, 16 bytes)");
+        // A device section after a part: only early-setup sections come before RAM's end, and before its first part.
+        byte[] afterPart = UpToPart().Part(2).EndOfRecords().Footer(2).Full(3, "timer", 0, 2).ToArray();
+        Refused(afterPart, PartAt + 18, "device section 'timer' (id 3) between the RAM section's parts");
+        Refused(new StreamBuilder().Header().Full(3, "timer", 0, 2).ToArray(), ConfigurationAt, "device section 'timer' (id 3) before the configuration section");
+        // Before the first part it is an early-setup section, which needs its footer.
+        Refused(UpToPart().Full(3, "timer", 0, 2).Raw(new byte[40]).ToArray(), PartAt, "early-setup section 'timer' (id 3): no footer");
+        Refused(UpToPart().U8(0x08).Be16(3).Be16(16).Raw(new byte[16]).ToArray(), PartAt, "command POSTCOPY_ADVISE (3) with 16 bytes");
+        Refused(UpToPart().U8(0x08).Be16(11).Be16(4).Raw(new byte[4]).ToArray(), PartAt, "command SWITCHOVER_START (11) with 4 bytes");
+        Refused(new StreamBuilder().Header().Configuration("none").U8(0x08).Be16(11).Be16(0).ToArray(), StartAt, "SWITCHOVER_START (11) before the RAM section's start");
         Refused(UpToPart().Start(4, "block", 0, 1).ToArray(), PartAt, "iterative section 'block'");
         Refused(UpToPart().Start(4).ToArray(), PartAt, "second RAM section");
         Refused(UpToPart().Configuration("pc").ToArray(), PartAt, "configuration section");
@@ -129,7 +136,12 @@ public class MigrationStreamErrorTests
     {
         StreamBuilder Config() => new StreamBuilder().Header().Configuration("none");
         Refused(Config().U8(0x05).Id("configuration/capabilities").Be32(1).Be32(1).Id("x-ignore-shared").ToArray(),
-            StartAt, "capabilities 'x-ignore-shared'");
+            StartAt, "capability 'x-ignore-shared'", "shared memory backends");
+        // Known with one unknown: refused by the unknown one's name.
+        Refused(Config().U8(0x05).Id("configuration/capabilities").Be32(1).Be32(2).Id("mapped-ram").Id("zero-copy-future").ToArray(),
+            StartAt, "capability 'zero-copy-future', which vmsnap does not know");
+        Refused(Config().U8(0x05).Id("configuration/capabilities").Be32(1).Be32(2).Id("mapped-ram").Id("mapped-ram").ToArray(),
+            StartAt, "lists a capability twice");
         Refused(Config().U8(0x05).Id("configuration/target-page-bits").Be32(1).Be32(16).ToArray(), StartAt, "2^16");
         Refused(Config().U8(0x05).Id("configuration/foo").Be32(1).ToArray(), StartAt, "unknown configuration subsection 'configuration/foo'");
         Refused(new StreamBuilder().Header().U8(0x07).Be32(300).ToArray(), ConfigurationAt + 1, "300 bytes");

@@ -8,10 +8,22 @@ namespace Vmsnap.Tests.Migration;
 /// <summary>Whole streams written and read against hand-built bytes, and round trips.</summary>
 public class MigrationStreamTests
 {
+    /// <summary>QEMU 7.2's VM description of a machine without device sections.</summary>
     private const string EmptyDescription = "{\"page_size\": 4096, \"devices\": []}";
 
-    [Fact]
-    public void Write_for_machine_none_gives_the_bytes_the_format_prescribes()
+    /// <summary>
+    /// QEMU 8.2+'s: a configuration object first, describing the configuration section (as QEMU 10.0.2 writes it for
+    /// <c>-machine none</c>; the name's size is the machine type's length).
+    /// </summary>
+    internal static string DescriptionWithConfiguration(string machine) =>
+        "{\"configuration\": {\"vmsd_name\": \"configuration\", \"version\": 1, \"fields\": [{\"name\": \"len\", \"type\": \"uint32\", \"size\": 4}, " +
+        $"{{\"name\": \"name\", \"type\": \"buffer\", \"size\": {machine.Length}}}]}}, \"page_size\": 4096, \"devices\": []}}";
+
+    [Theory]
+    [InlineData(null)]
+    [InlineData("10.0")]
+    [InlineData("7.2")]
+    public void Write_for_machine_none_gives_the_bytes_the_format_prescribes(string? qemu)
     {
         using var dir = new TempDir();
         var random = new Random(2);
@@ -19,18 +31,20 @@ public class MigrationStreamTests
         string ram = dir.File("ram0");
         File.WriteAllBytes(ram, [.. p0, .. new byte[4096], .. p2]);
 
-        using var profile = MachineProfile.Create("none", Ram(("ram0", ram)));
+        using var profile = MachineProfile.Create("none", Ram(("ram0", ram)), qemu is null ? null : Version.Parse(qemu));
         var (bytes, info) = WriteBytes(w => MigrationStream.Write(w, profile));
 
+        uint id = qemu == "7.2" ? 2u : 1u;   // as QEMU 7.2 and 10.0 number the RAM section of machine none
         byte[] expected = new StreamBuilder()
             .Header()
             .Configuration("none")
-            .Start(2).BlockList(("ram0", 3 * 4096)).EndOfRecords().Footer(2)
-            .Part(2).PageRecord(0, p0, "ram0").ZeroRecord(0x1000).PageRecord(0x2000, p2).EndOfRecords().Footer(2)
-            .End(2).EndOfRecords().Footer(2)
-            .Tail(EmptyDescription)
+            .Start(id).BlockList(("ram0", 3 * 4096)).EndOfRecords().Footer(id)
+            .Part(id).PageRecord(0, p0, "ram0").ZeroRecord(0x1000).PageRecord(0x2000, p2).EndOfRecords().Footer(id)
+            .End(id).EndOfRecords().Footer(id)
+            .Tail(qemu == "7.2" ? EmptyDescription : DescriptionWithConfiguration("none"))
             .ToArray();
         Assert.Equal(expected, bytes);
+        Assert.Equal(qemu != "7.2", info.DescriptionHasConfiguration);
         Assert.Equal(expected.Length, info.TotalBytes);
         Assert.Equal("none", info.MachineType);
         Assert.Equal([new RamBlockSummary("ram0", 3 * 4096, 2, 1)], info.RamBlocks);
@@ -48,7 +62,7 @@ public class MigrationStreamTests
         File.WriteAllBytes(a, [.. a0, .. a1]);
         File.WriteAllBytes(b, b0);
 
-        using var profile = MachineProfile.Create("pc", Ram(("a", a), ("b", b)));
+        using var profile = MachineProfile.Create("pc", Ram(("a", a), ("b", b)), new Version(7, 2));
         var (bytes, info) = WriteBytes(w => MigrationStream.WriteInParts(w, profile, partBytes: 4096, chunkBytes: 4096));
 
         byte[] expected = new StreamBuilder()

@@ -7,20 +7,22 @@ namespace Vmsnap.Tests.Migration;
 /// <summary>Loading RAM into files that exist already (a QEMU memory-backend-file) and into new ones.</summary>
 public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStreams>
 {
-    [Fact]
-    public void An_existing_file_full_of_other_data_is_loaded_in_place_and_ends_up_as_the_guest_ram_qemu_had()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void An_existing_file_full_of_other_data_is_loaded_in_place_and_ends_up_as_the_guest_ram_qemu_had(string version)
     {
+        VersionStreams q = qemu.For(version);
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0xa5);
-        Assert.True(qemu.NoneZeroPages > 0, "the guest has zero pages, which must overwrite the 0xa5 bytes");
+        Assert.True(q.NoneZeroPages > 0, "the guest has zero pages, which must overwrite the 0xa5 bytes");
 
         // A process that holds the file open (QEMU with share=on) sees the loaded RAM: the file was written, not replaced.
         using var held = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-        ReadInto(qemu.NoneStream, ("ram0", target));
+        ReadInto(q.NoneStream, [("ram0", target)]);
 
-        Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target));
-        Assert.Equal(GuestRam.Hash(qemu.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
+        Assert.Equal(GuestRam.Hash(q.NoneRam), GuestRam.Hash(target));
+        Assert.Equal(GuestRam.Hash(q.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
     }
 
@@ -94,31 +96,35 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         Assert.Equal(page, read);
     }
 
-    [Fact]
-    public void Replace_existing_loads_into_a_new_file_and_a_failed_stream_leaves_the_old_one_as_it_was()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Replace_existing_loads_into_a_new_file_and_a_failed_stream_leaves_the_old_one_as_it_was(string version)
     {
+        VersionStreams q = qemu.For(version);
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0x3c);
         string before = GuestRam.Hash(target);
-        byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
+        byte[] bytes = File.ReadAllBytes(q.NoneStream);
         using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
             Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
         Assert.Equal(before, GuestRam.Hash(target));
 
         using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
             ReadBytes(bytes, r => MigrationStream.Read(r, sink));
-        Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target));
+        Assert.Equal(GuestRam.Hash(q.NoneRam), GuestRam.Hash(target));
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
     }
 
-    [Fact]
-    public void A_failed_stream_leaves_no_scratch_file_beside_an_existing_file_written_in_place()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_failed_stream_leaves_no_scratch_file_beside_an_existing_file_written_in_place(string version)
     {
+        VersionStreams q = qemu.For(version);
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0x3c);
-        byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
+        byte[] bytes = File.ReadAllBytes(q.NoneStream);
         using (var sink = new RamFileSink(Ram(("ram0", target))))
             Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
         Assert.Equal(QemuStreams.RamBytes, new FileInfo(target).Length);

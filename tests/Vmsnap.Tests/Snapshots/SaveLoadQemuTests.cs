@@ -9,33 +9,44 @@ using static Vmsnap.Tests.Snapshots.VmKit;
 namespace Vmsnap.Tests.Snapshots;
 
 /// <summary>
-/// Save and load against real QEMU 7.2, both directions: what QEMU saves, vmsnap loads; what vmsnap saves,
-/// QEMU's -loadvm restores; streams move between migrate/-incoming and snapshots through import/export.
+/// Save and load against real QEMU 7.2 and 10.0, both directions: what QEMU saves, vmsnap loads; what vmsnap
+/// saves, QEMU's -loadvm restores; streams move between migrate/-incoming and snapshots through import/export.
 /// </summary>
-public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
+public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
-    [Fact]
-    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM()
+    /// <summary>Machine kinds: <c>none</c>, and this version's current i440FX and Q35 types (<c>pc-i440fx-10.0</c>, <c>pc-q35-10.0</c>).</summary>
+    internal static string MachineOf(string kind) => kind switch
     {
+        "pc" => QemuInstall.Current.PcMachine,
+        "q35" => QemuInstall.Current.Q35Machine,
+        _ => kind,
+    };
+
+    [Theory]
+    [MemberData(nameof(QemuInstall.VersionsAnd), "none", "pc", "q35", MemberType = typeof(QemuInstall))]
+    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM(string version, string kind)
+    {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 31);
         string image = QemuImage(dir);
-        QemuSavevm(QemuVm.MachineNone(ram, RamBytes), image, "qemu1");
+        QemuSavevm(QemuVm.Machine(MachineOf(kind), ram, RamBytes), image, "qemu1");
 
         string loaded = dir.File("loaded");
         JsonElement r = VmsnapJson("load", image, "qemu1", "--ram", $"ram0={loaded}", "--json");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
+        if (kind != "none") return;   // a PC has more RAM blocks (BIOS, ROMs) than ram0
         Assert.Equal(RamBytes, r.GetProperty("ram-size").GetInt64());
         Assert.Equal(QemuSnapshots(image)["qemu1"].VmStateSize, r.GetProperty("vm-state-size").GetInt64());
         Assert.Equal(GuestRam.CountZeroPages(ram), r.GetProperty("zero-pages").GetInt64());
     }
 
     [Theory]
-    [InlineData("buffered")]
-    [InlineData("gather")]
-    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string mode)
+    [MemberData(nameof(QemuInstall.VersionsAnd), "buffered", "gather", MemberType = typeof(QemuInstall))]
+    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string version, string mode)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 32);
@@ -70,9 +81,12 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target1));
     }
 
-    [Fact]
-    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         JsonElement imported = VmsnapJson("import", qemu.NoneStream, image, "--name", "imported", "--json");
@@ -92,9 +106,11 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target2));
     }
 
-    [Fact]
-    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways(string version)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 34);
@@ -117,9 +133,12 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target2));
     }
 
-    [Fact]
-    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         JsonElement inspected = VmsnapJson("inspect", qemu.PcStream, "--json").GetProperty("stream");
         var blocks = inspected.GetProperty("ram-blocks").EnumerateArray().Select(b => b.GetProperty("id").GetString()).ToList();
@@ -148,10 +167,13 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
     }
 
     [Theory]
-    [InlineData(3, false, 5)]        // EIO, thrown at once, early
-    [InlineData(20, true, 28)]       // ENOSPC, reported by the write's completion, later
-    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(int failAt, bool async, int errno)
+    [InlineData("7.2", 3, false, 5)]        // EIO, thrown at once, early
+    [InlineData("7.2", 20, true, 28)]       // ENOSPC, reported by the write's completion, later
+    [InlineData("10.0", 3, false, 5)]
+    [InlineData("10.0", 20, true, 28)]
+    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(string version, int failAt, bool async, int errno)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 36);
@@ -178,9 +200,11 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         }
     }
 
-    [Fact]
-    public void A_cancelled_save_leaves_no_snapshot_and_no_leak()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_cancelled_save_leaves_no_snapshot_and_no_leak(string version)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 38);
@@ -196,9 +220,12 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Qcow2.Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");

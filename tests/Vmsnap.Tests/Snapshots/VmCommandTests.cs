@@ -7,13 +7,16 @@ using static Vmsnap.Tests.Snapshots.VmKit;
 namespace Vmsnap.Tests.Snapshots;
 
 /// <summary>save, load, import, export, inspect as the real tool: refusals are one line, exit non-zero, and leave files as they were.</summary>
-public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
+public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static string Hash(string path) => GuestRam.Hash(path);
 
-    [Fact]
-    public void Save_refuses_wrong_arguments_without_touching_the_image()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Save_refuses_wrong_arguments_without_touching_the_image(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 41);
@@ -42,9 +45,12 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(["a"], QemuSnapshots(image).Keys);
     }
 
-    [Fact]
-    public void Load_refuses_what_it_cannot_do_and_creates_no_file()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Load_refuses_what_it_cannot_do_and_creates_no_file(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -66,9 +72,12 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(Hash(qemu.NoneRam), Hash(target));
     }
 
-    [Fact]
-    public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "good", "--json");
@@ -84,10 +93,13 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
     }
 
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)] // the writer stalls: vmsnap waits in a read that only the signal ends
-    public async Task An_import_stopped_by_a_termination_signal_frees_what_it_wrote_and_says_so(bool writerGoesOn)
+    [InlineData("7.2", true)]
+    [InlineData("7.2", false)] // the writer stalls: vmsnap waits in a read that only the signal ends
+    [InlineData("10.0", true)]
+    [InlineData("10.0", false)]
+    public async Task An_import_stopped_by_a_termination_signal_frees_what_it_wrote_and_says_so(string version, bool writerGoesOn)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         string ram = dir.File("ram0");
@@ -146,9 +158,12 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Qcow2.Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Export_and_inspect_refuse_what_they_cannot_do()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Export_and_inspect_refuse_what_they_cannot_do(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -170,9 +185,12 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Contains("ram0", text.Stdout);
     }
 
-    [Fact]
-    public void With_QEMU_holding_the_image_save_import_and_load_without_force_share_fail_and_change_nothing()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void With_QEMU_holding_the_image_save_import_and_load_without_force_share_fail_and_change_nothing(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -192,9 +210,12 @@ public class VmCommandTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         Assert.Equal(before, Hash(image));
     }
 
-    [Fact]
-    public void Save_and_load_fall_back_from_O_DIRECT_where_the_file_system_has_none()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Save_and_load_fall_back_from_O_DIRECT_where_the_file_system_has_none(string version)
     {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
         // tmpfs refuses O_DIRECT; save, load and export must still work there, through the page cache.
         Assert.True(Directory.Exists("/dev/shm"), "this test needs /dev/shm (tmpfs)");
         string dir = Path.Combine("/dev/shm", "vmsnap-test-" + Guid.NewGuid().ToString("N")[..8]);

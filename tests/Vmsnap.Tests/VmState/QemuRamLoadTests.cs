@@ -11,7 +11,7 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.VmState;
 
 /// <summary>
-/// Real QEMU is the judge of the RAM page records: a minimal migration stream around pages
+/// Real QEMU (7.2 and 10.0) is the judge of the RAM page records: a minimal migration stream around pages
 /// encoded by <see cref="RamPageEncoder"/> (written by the buffered writer to an O_DIRECT file,
 /// and by the gather writer to a pipe) loads into qemu-system-x86_64 and the guest RAM matches.
 /// </summary>
@@ -93,9 +93,11 @@ public sealed class QemuRamLoadTests
         w.PutBe32(SectionId);
     }
 
-    [Fact]
-    public void QEMU_loads_RAM_pages_written_by_the_buffered_writer_to_an_O_DIRECT_file()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void QEMU_loads_RAM_pages_written_by_the_buffered_writer_to_an_O_DIRECT_file(string version)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         byte[] ram = GuestRam();
         string stream = dir.File("stream.bin");
@@ -110,9 +112,11 @@ public sealed class QemuRamLoadTests
         AssertQemuLoads(dir, $"exec:cat {stream}", ram);
     }
 
-    [Fact]
-    public async Task QEMU_loads_RAM_pages_sent_by_the_gather_writer_through_a_pipe()
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public async Task QEMU_loads_RAM_pages_sent_by_the_gather_writer_through_a_pipe(string version)
     {
+        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         byte[] ram = GuestRam();
         string fifo = dir.File("stream.fifo");

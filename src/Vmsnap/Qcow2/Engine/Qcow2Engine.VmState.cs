@@ -17,7 +17,7 @@ internal sealed partial class Qcow2Engine
     });
 
     /// <summary>Opens a snapshot's VM state for reading.</summary>
-    internal Qcow2VmStateArea OpenVmStateForReading(SnapshotEntry sn, Qcow2Snapshot snapshot)
+    internal Qcow2VmStateArea OpenVmStateForReading(SnapshotEntry sn, Qcow2Snapshot snapshot, bool wholeArea = false)
     {
         lock (_lock)
         {
@@ -34,7 +34,7 @@ internal sealed partial class Qcow2Engine
                 throw Corrupt($"snapshot table entry {Snapshots.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
                     $"{Describe(sn)}: VM-state size {sn.VmStateSize} is beyond what an image can map");
             RegisterVmStateReader(l1.Offset, +1);
-            return Qcow2VmStateArea.ForReading(this, l1, start, snapshot);
+            return Qcow2VmStateArea.ForReading(this, l1, start, snapshot, wholeArea ? ClusterGeometry.MaxGuestOffset - start : null);
         }
     }
 
