@@ -41,7 +41,7 @@ internal sealed class QmpClient : IDisposable
     private readonly StreamReader _in;
     private readonly object _sendLock = new();
     private readonly object _stateLock = new();
-    private readonly Dictionary<string, TaskCompletionSource<JsonObject>> _pending = [];
+    private readonly Dictionary<string, (string Command, TaskCompletionSource<JsonObject> Reply)> _pending = [];
     private readonly List<QmpEvent> _events = [];
     private readonly Thread _reader;
     private long _nextId;
@@ -157,7 +157,7 @@ internal sealed class QmpClient : IDisposable
         lock (_stateLock)
         {
             if (_closedBecause is { } why) throw Closed(command, why);
-            _pending.Add(id, reply);
+            _pending.Add(id, (command, reply));
         }
         try
         {
@@ -169,7 +169,17 @@ internal sealed class QmpClient : IDisposable
             throw new QmpException($"QMP command '{command}' could not be sent to '{Path}': {e.Message} (did QEMU exit?)", null, e);
         }
         TimeSpan limit = timeout ?? DefaultTimeout;
-        if (!reply.Task.Wait(limit))
+        bool answered;
+        try
+        {
+            answered = reply.Task.Wait(limit);
+        }
+        catch (AggregateException e) when (e.InnerException is QmpException closed)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(closed).Throw();
+            throw;
+        }
+        if (!answered)
         {
             Forget(id);
             throw new QmpException($"QEMU did not answer QMP command '{command}' within {limit.TotalSeconds:0} s");
@@ -241,12 +251,12 @@ internal sealed class QmpClient : IDisposable
                     continue;
                 }
                 string? id = message["id"] is JsonValue v && v.TryGetValue(out string? s) ? s : null;
-                TaskCompletionSource<JsonObject>? waiter = null;
+                (string, TaskCompletionSource<JsonObject> Reply) waiter = default;
                 lock (_stateLock)
                 {
-                    if (id is not null && _pending.Remove(id, out waiter)) { }
+                    if (id is not null) _pending.Remove(id, out waiter);
                 }
-                waiter?.TrySetResult(message);
+                waiter.Reply?.TrySetResult(message);
             }
         }
         catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
@@ -256,7 +266,7 @@ internal sealed class QmpClient : IDisposable
         lock (_stateLock)
         {
             _closedBecause ??= why;
-            foreach (var waiter in _pending.Values) waiter.TrySetException(Closed("a command", _closedBecause));
+            foreach ((string command, TaskCompletionSource<JsonObject> reply) in _pending.Values) reply.TrySetException(Closed(command, _closedBecause));
             _pending.Clear();
             Monitor.PulseAll(_stateLock);
         }
@@ -278,7 +288,7 @@ internal sealed class QmpClient : IDisposable
     }
 
     private QmpException Closed(string command, string why) =>
-        new($"QMP command {(command == "a command" ? command : $"'{command}'")} on '{Path}' failed: {why} (did QEMU exit?)");
+        new($"QMP command '{command}' on '{Path}' failed: {why} (did QEMU exit?)");
 
     private static JsonObject? ParseObject(string line)
     {
