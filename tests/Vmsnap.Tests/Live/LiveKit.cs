@@ -74,6 +74,21 @@ internal static class LiveKit
     public static string Listing(string image) =>
         string.Join("\n", Snapshots(image).Select(s => $"{s.Id} {s.Name} {s.VmStateSize} {s.DateSeconds} {s.VmClockNanoseconds}"));
 
+    /// <summary>SHA-256 of a snapshot's VM-state bytes, read through vmsnap's engine (shared: QEMU may hold the image).</summary>
+    public static string VmStateHash(string image, string tag)
+    {
+        using var img = Vmsnap.Qcow2.Qcow2Image.Open(image, new Vmsnap.Qcow2.Qcow2OpenOptions { ForceShare = true });
+        using var area = img.OpenVmStateForReading(tag);
+        using var hash = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        byte[] buffer = new byte[1 << 20];
+        for (long at = 0; at < area.Length; at += buffer.Length)
+        {
+            int n = area.Read(buffer, at);
+            hash.AppendData(buffer, 0, n);
+        }
+        return Convert.ToHexString(hash.GetHashAndReset());
+    }
+
     /// <summary>qemu-img check of a (released) image: no errors, no leaks.</summary>
     public static void AssertClean(string image)
     {
