@@ -45,10 +45,6 @@ internal sealed class LiveSave : LiveSession
     /// <summary>A drive's image as it was before the save: its snapshot table, to see it unchanged at the end.</summary>
     private sealed record ImageBefore(LiveDisk Disk, long VirtualSize, string Snapshots);
 
-    private static readonly bool s_trace = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TRACE") == "1";
-    private readonly Stopwatch _traceClock = Stopwatch.StartNew();
-    private void Trace(string what) { if (s_trace) Console.Error.WriteLine($"[{_traceClock.Elapsed.TotalMilliseconds,8:0.0} ms] {what}"); }
-
     internal LiveSaveResult Run()
     {
         var clock = Stopwatch.StartNew();
@@ -104,7 +100,6 @@ internal sealed class LiveSave : LiveSession
         double? qemuDowntime = null;
         try
         {
-            Trace("planned");
             settings = MigrationSettings.Apply(Qmp, _options.Live);
             region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
@@ -113,14 +108,11 @@ internal sealed class LiveSave : LiveSession
             }
             (info, vmStateBytes, qemuDowntime) = Transfer(region, vmDisk, plan);
             completed = true;
-            Trace("transferred");
             region.Finish(vmStateBytes, vmInfo.ClusterSize);
             // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
             if (!_options.Live && wasRunning) GlobalState.MarkRunning(info, (offset, buffer) => region.Read(buffer, offset), region.Patch);
-            Trace("finished");
             commit = CommitSnapshots(disks, vmDisk, before, region, plan, info, vmStateBytes, stopMark);
             committed = true;
-            Trace("committed");
         }
         catch (Exception e)
         {
@@ -137,7 +129,6 @@ internal sealed class LiveSave : LiveSession
         string? resumeProblem = null;
         long resumeMark = Qmp.EventMark;
         if (!Qmp.IsClosed) resumeProblem = Resume(wasRunning, failure is not null && !completed);
-        Trace("resumed");
         string? restoreProblem = Qmp.IsClosed ? null : settings?.Restore();
 
         if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
@@ -192,11 +183,8 @@ internal sealed class LiveSave : LiveSession
             using var reader = new VmStateReader(backend, ReadBufferSize);
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth };
             using var writer = new VmStateWriter(region, writerOptions);
-            Trace("migrating");
             info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
-            Trace("copied");
             writer.Close();
-            Trace("closed");
             bytes = writer.BytesTransferred;
         }
         catch
@@ -313,7 +301,6 @@ internal sealed class LiveSave : LiveSession
         try
         {
             foreach (LiveDisk disk in disks) images.Add((disk, OpenWritable(disk, "after the migration completed")));
-            Trace("opened");
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)
@@ -334,10 +321,8 @@ internal sealed class LiveSave : LiveSession
             long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
 
-            Trace("checked");
             vmImage.LinkVmStateRegion(plan.Offset, vmStateBytes, reserve);
             linked = true;
-            Trace("linked");
             var results = new List<LiveDiskSnapshot>();
             foreach ((LiveDisk disk, Qcow2Image image) in images.OrderBy(i => i.Disk == vmDisk ? 0 : 1))
             {
@@ -351,7 +336,6 @@ internal sealed class LiveSave : LiveSession
                 });
                 if (withState) linked = false;   // the snapshot owns the area now
                 created.Add((image, s.Id));
-                Trace("created " + disk.Label);
                 results.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, s.Id, withState));
             }
             done = true;

@@ -28,14 +28,15 @@ public class LinkedVmStateTests
     private static string Hash(string path) => Convert.ToHexString(SHA256.HashData(File.ReadAllBytes(path)));
 
     [Theory]
-    [InlineData(65536, 16)]
-    [InlineData(512, 16)]      // small clusters: the region lies beyond the refcount table's reach, which must grow past it
-    [InlineData(2 << 20, 64)]
-    public void A_region_written_past_the_used_end_becomes_a_snapshots_VM_state(int clusterSize, int refcountBits)
+    [InlineData(65536, 16, false)]
+    [InlineData(512, 16, false)]      // small clusters: the region lies beyond the refcount table's reach, which must grow past it
+    [InlineData(2 << 20, 64, false)]
+    [InlineData(65536, 16, true)]     // extended L2 entries
+    public void A_region_written_past_the_used_end_becomes_a_snapshots_VM_state(int clusterSize, int refcountBits, bool extendedL2)
     {
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
-        Tool.QemuImg("create", "-q", "-f", "qcow2", "-o", $"cluster_size={clusterSize},refcount_bits={refcountBits}", image, "64M");
+        Tool.QemuImg("create", "-q", "-f", "qcow2", "-o", $"cluster_size={clusterSize},refcount_bits={refcountBits},extended_l2={(extendedL2 ? "on" : "off")}", image, "64M");
         Tool.QemuIo("-c", "write -P 0x11 0 3M", image);
         Tool.QemuImg("snapshot", "-c", "older", image);
         Tool.QemuIo("-c", "write -P 0x22 1M 1M", image);
