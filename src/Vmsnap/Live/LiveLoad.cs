@@ -133,7 +133,8 @@ internal sealed class LiveLoad : LiveSession
         try
         {
             using var backend = VmStateBackend.ForSocket(socket, ownsSocket: false);
-            using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Gather, SyncOnClose = false });
+            // Buffered mode on the socket: one write per MiB instead of one per 32 KiB (gather mode's buffer).
+            using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
             MigrationStreamInfo info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
             writer.Close();
             socket.Shutdown(SocketShutdown.Send);

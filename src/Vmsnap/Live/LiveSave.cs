@@ -179,7 +179,7 @@ internal sealed class LiveSave : LiveSession
         long bytes;
         try
         {
-            using var backend = VmStateBackend.ForSocket(socket, ownsSocket: false);
+            using var backend = new ChannelBackend(socket);
             using var reader = new VmStateReader(backend, ReadBufferSize);
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth };
             using var writer = new VmStateWriter(region, writerOptions);
