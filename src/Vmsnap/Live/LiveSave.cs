@@ -181,7 +181,8 @@ internal sealed class LiveSave : LiveSession
         {
             using var backend = new ChannelBackend(socket);
             using var reader = new VmStateReader(backend, ReadBufferSize);
-            var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth };
+            // No sync of its own: linking the region flushes the file before any table points there.
+            var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var writer = new VmStateWriter(region, writerOptions);
             info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
             writer.Close();
@@ -321,25 +322,51 @@ internal sealed class LiveSave : LiveSession
             long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
 
-            vmImage.LinkVmStateRegion(plan.Offset, vmStateBytes, reserve);
-            linked = true;
-            var results = new List<LiveDiskSnapshot>();
-            foreach ((LiveDisk disk, Qcow2Image image) in images.OrderBy(i => i.Disk == vmDisk ? 0 : 1))
+            // The drives are independent files: each takes its snapshot at the same time as the others (the
+            // guest is stopped meanwhile). The VM-state drive links the region first.
+            var snapshots = new Qcow2Snapshot?[images.Count];
+            var failures = new Exception?[images.Count];
+            Parallel.For(0, images.Count, new ParallelOptions { MaxDegreeOfParallelism = Math.Min(images.Count, 4) }, i =>
             {
+                (LiveDisk disk, Qcow2Image image) = images[i];
                 bool withState = disk == vmDisk;
-                Qcow2Snapshot s = image.CreateSnapshot(Tag, new Qcow2SnapshotCreateOptions
+                try
                 {
-                    VmStateSize = withState ? vmStateBytes : 0,
-                    VmClock = vmClock,
-                    Date = date,
-                    Icount = -1,
-                });
-                if (withState) linked = false;   // the snapshot owns the area now
-                created.Add((image, s.Id));
-                results.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, s.Id, withState));
+                    if (withState)
+                    {
+                        image.LinkVmStateRegion(plan.Offset, vmStateBytes, reserve);
+                        linked = true;
+                    }
+                    snapshots[i] = image.CreateSnapshot(Tag, new Qcow2SnapshotCreateOptions
+                    {
+                        VmStateSize = withState ? vmStateBytes : 0,
+                        VmClock = vmClock,
+                        Date = date,
+                        Icount = -1,
+                    });
+                    if (withState) linked = false;   // the snapshot owns the area now
+                }
+                catch (Exception e) when (e is VmsnapException or IOException or ArgumentException)
+                {
+                    failures[i] = e;
+                }
+            });
+            var results = new List<LiveDiskSnapshot>();
+            for (int i = 0; i < images.Count; i++)
+            {
+                if (snapshots[i] is { } s)
+                {
+                    created.Add((images[i].Image, s.Id));
+                    results.Add(new LiveDiskSnapshot(images[i].Disk.Label, images[i].Disk.ImagePath!, s.Id, images[i].Disk == vmDisk));
+                }
+            }
+            if (failures.FirstOrDefault(f => f is not null) is { } first)
+            {
+                int at = Array.IndexOf(failures, first);
+                throw new VmsnapException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}; nothing was saved", first);
             }
             done = true;
-            return new Commit(results.OrderBy(r => disks.FindIndex(d => d.Label == r.Drive)).ToArray(), vmClock, date);
+            return new Commit(results, vmClock, date);
         }
         finally
         {

@@ -135,19 +135,18 @@ internal sealed class VmStateRegion : VmStateBackend
         }
     }
 
-    /// <summary>Rewrites stream bytes already written (a field of the device state), durably.</summary>
-    internal void Patch(long position, byte[] bytes)
-    {
-        _file.Write(bytes, Offset + position);
-        _file.Flush();
-    }
+    /// <summary>Rewrites stream bytes already written (a field of the device state); made durable with the rest when the region is linked.</summary>
+    internal void Patch(long position, byte[] bytes) => _file.Write(bytes, Offset + position);
 
-    /// <summary>Sets the file's length to cover the whole last cluster of the VM state (preallocated space past it is given back).</summary>
+    /// <summary>
+    /// Sets the file's length to cover the whole last cluster of the VM state (preallocated space past
+    /// it is given back). Not synced here: linking the region flushes the file (refcounts first) before
+    /// any table points at it.
+    /// </summary>
     internal void Finish(long vmStateBytes, int clusterSize)
     {
         long end = Offset + (vmStateBytes + clusterSize - 1) / clusterSize * clusterSize;
         _file.SetLength(end);
-        _file.Flush();
     }
 
     /// <summary>Cuts the file back to <paramref name="length"/> bytes (the region was never linked and QEMU's writes are known to be far below that).</summary>
