@@ -1,7 +1,7 @@
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// A VM-state area written outside the engine, then linked in: a live save (Vmsnap.Live) streams the
+/// A VM-state area written outside the engine, then linked in: a live save (the Live layer) streams the
 /// VM state into a region of the image FILE while a running QEMU still owns the image, past anything
 /// QEMU can allocate before it releases the image; once QEMU has released it, these methods check
 /// that the region is still unused and make it the active VM-state area, so that a snapshot created
