@@ -68,9 +68,17 @@ internal sealed class LiveLoad : LiveSession
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((LiveDisk disk, Qcow2Snapshot s) in snapshots)
         {
-            using Qcow2Image image = OpenWritable(disk, "");
-            Qcow2Snapshot applied = image.ApplySnapshot(s.Id);
-            reverted.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, applied.Id, disk == vmDisk));
+            try
+            {
+                using Qcow2Image image = OpenWritable(disk, "");
+                Qcow2Snapshot applied = image.ApplySnapshot(s.Id);
+                reverted.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, applied.Id, disk == vmDisk));
+            }
+            catch (Exception e) when (e is VmsnapException or IOException)
+            {
+                string done = reverted.Count == 0 ? "no drive was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
+                throw new VmsnapException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
+            }
         }
 
         (MigrationStreamInfo info, long bytes) = Feed(vmDisk, snapshots.First(x => x.Disk == vmDisk).Snapshot);

@@ -102,7 +102,7 @@ public sealed record LiveDiskSnapshot(string Drive, string Image, string Snapsho
 /// <param name="Disks">The drives that got the snapshot.</param>
 /// <param name="VmStateBytes">Bytes of VM state written.</param>
 /// <param name="RamBytes">Guest RAM in bytes.</param>
-/// <param name="Seconds">Wall time of the save, from connecting to QEMU to the guest running again.</param>
+/// <param name="Seconds">Wall time of the save, from its first QMP command to the guest running again.</param>
 /// <param name="DowntimeSeconds">Seconds the guest's vCPUs were stopped (QEMU's STOP to RESUME events), null when the guest was not running.</param>
 /// <param name="QemuDowntimeSeconds">QEMU's own downtime figure for the migration (its part of the stop).</param>
 /// <param name="VmClockNanoseconds">The guest clock recorded in the snapshot.</param>
@@ -122,7 +122,7 @@ public sealed record LiveSaveResult(string Tag, bool Live, IReadOnlyList<LiveDis
 /// <param name="Disks">The drives reverted to the snapshot.</param>
 /// <param name="VmStateBytes">Bytes of VM state sent to QEMU.</param>
 /// <param name="RamBytes">Guest RAM in bytes.</param>
-/// <param name="Seconds">Wall time, from connecting to QEMU to QEMU having loaded the state.</param>
+/// <param name="Seconds">Wall time, from the first QMP command to QEMU having loaded the state.</param>
 /// <param name="RunState">QEMU's run state afterwards (<c>running</c>, or <c>paused</c> with <c>-S</c>).</param>
 /// <param name="Stream">What the VM state held.</param>
 public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, long RamBytes, double Seconds,
