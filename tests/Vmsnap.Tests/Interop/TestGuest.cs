@@ -253,10 +253,18 @@ internal sealed partial class TestGuest : IDisposable
         }
         string script = InitScript.Replace("MODULES", string.Join(' ', s_modules)).Replace("FILLMIB", FillMiB.ToString()).ReplaceLineEndings("\n") + "\n";
         cpio.AddFile("init", Encoding.ASCII.GetBytes(script), 0x1ed);
-        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-tests", "guest-" + Guid.NewGuid().ToString("N")[..8]);
+        // Named by its content: every test process (and run) with the same busybox, modules and script shares one file.
+        byte[] archive = cpio.ToArray();
+        string name = Convert.ToHexString(SHA256.HashData(archive))[..16].ToLowerInvariant();
+        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-tests", "guest-initramfs");
         Directory.CreateDirectory(folder);
-        string file = Path.Combine(folder, "initramfs.cpio");
-        File.WriteAllBytes(file, cpio.ToArray());
+        string file = Path.Combine(folder, name + ".cpio");
+        if (!File.Exists(file) || new FileInfo(file).Length != archive.Length)
+        {
+            string part = file + "." + Guid.NewGuid().ToString("N")[..8];
+            File.WriteAllBytes(part, archive);
+            File.Move(part, file, overwrite: true);
+        }
         return file;
     }
 
