@@ -6,6 +6,16 @@ public sealed partial class Qcow2Image
     /// <summary>One past the highest cluster the image's refcounts say is in use, in bytes.</summary>
     internal long UsedEnd() => Engine.UsedEnd();
 
+    /// <summary>True when the image keeps persistent dirty bitmaps (which the engine does not maintain, so it refuses to write such an image).</summary>
+    internal bool HasPersistentBitmaps
+    {
+        get
+        {
+            lock (Engine.SyncRoot)
+                return Engine.Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Engine.Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0;
+        }
+    }
+
     /// <summary>Runs of free clusters below <paramref name="end"/> at least <paramref name="minLength"/> bytes long (file offset, length).</summary>
     internal List<(long Offset, long Length)> FreeRuns(long end, long minLength) => Engine.FreeRuns(end, minLength);
 

@@ -138,17 +138,23 @@ internal sealed partial class Qcow2Engine
             long start = VmStateOffset;
             bool extended = Geometry.ExtendedL2;
             ulong bitmap = extended ? L2Entry.AllAllocated : 0;
-            for (long i = 0; i < count; i++)
+            int tables = 0;
+            while (linked < count)
             {
-                long guest = start + (i << Geometry.ClusterBits);
+                // One L2 table at a time: the entries of a run of clusters it maps.
+                long guest = start + (linked << Geometry.ClusterBits);
                 MetadataCache.Table table = GetWritableL2(Geometry.L1Index(guest));
                 int index = Geometry.L2Index(guest);
-                if (L2Entry.Read(table.Data, index, extended).Word != 0)
-                    throw Corrupt("L2 table", table.Offset, $"still maps VM-state guest offset 0x{guest:x} after the old VM-state area was dropped");
-                L2Entry.Write(table.Data, index, extended, new L2Entry((ulong)((first + i) << Geometry.ClusterBits) | L2Entry.Copied, bitmap));
-                L2Cache.MarkDirty(table);
-                linked = i + 1;
-                if ((i & 4095) == 4095) TrimCaches();
+                int n = (int)Math.Min(count - linked, Geometry.L2Entries - index);
+                for (int k = 0; k < n; k++)
+                {
+                    if (L2Entry.Read(table.Data, index + k, extended).Word != 0)
+                        throw Corrupt("L2 table", table.Offset, $"still maps VM-state guest offset 0x{start + (linked << Geometry.ClusterBits):x} after the old VM-state area was dropped");
+                    L2Entry.Write(table.Data, index + k, extended, new L2Entry((ulong)((first + linked) << Geometry.ClusterBits) | L2Entry.Copied, bitmap));
+                    L2Cache.MarkDirty(table);
+                    linked++;
+                }
+                if ((++tables & 1023) == 0) TrimCaches();
             }
             FlushAll();
             return true;
