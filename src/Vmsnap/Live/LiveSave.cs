@@ -75,6 +75,11 @@ internal sealed class LiveSave : LiveSession
                 throw new VmsnapException(taken.Name == Tag
                     ? $"drive '{disk.Label}' ({disk.ImagePath}) already has a snapshot named '{Tag}' (ID {taken.Id}); delete it first or choose another name; nothing was saved"
                     : $"drive '{disk.Label}' ({disk.ImagePath}) has a snapshot with ID '{Tag}' (named '{taken.Name}'); a name equal to another snapshot's ID would make lookups ambiguous; nothing was saved");
+            // The engine refuses to write images with persistent dirty bitmaps (it would not keep them right), and
+            // QEMU stores its bitmaps into the image when it releases it: refuse now rather than after the migration.
+            if (image.HasPersistentBitmaps || disk.DirtyBitmaps.Any(b => b.Persistent))
+                throw new VmsnapException($"drive '{disk.Label}' ({disk.ImagePath}) has persistent dirty bitmaps, which vmsnap does not keep up to date; " +
+                    "remove them (block-dirty-bitmap-remove) or use QEMU's savevm; nothing was saved");
             before.Add(new ImageBefore(disk, image.VirtualSize, DescribeSnapshots(image)));
             if (disk == vmDisk)
             {
@@ -301,7 +306,17 @@ internal sealed class LiveSave : LiveSession
         bool linked = false, done = false;
         try
         {
-            foreach (LiveDisk disk in disks) images.Add((disk, OpenWritable(disk, "after the migration completed")));
+            // Opened side by side: each open reads the image's tables, and the guest is stopped meanwhile.
+            var opened = new Qcow2Image?[disks.Count];
+            var openFailures = new Exception?[disks.Count];
+            Parallel.For(0, disks.Count, i =>
+            {
+                try { opened[i] = OpenWritable(disks[i], "after the migration completed"); }
+                catch (Exception e) when (e is VmsnapException or IOException) { openFailures[i] = e; }
+            });
+            for (int i = 0; i < disks.Count; i++)
+                if (opened[i] is { } image) images.Add((disks[i], image));
+            if (openFailures.FirstOrDefault(f => f is not null) is { } openFailure) throw openFailure;
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)

@@ -38,11 +38,16 @@ internal sealed class VmStateRegion : VmStateBackend
     internal const long WatchGuard = 32L << 20;
     private const long PreallocateAhead = 64L << 20;
 
+    /// <summary>Every this many bytes a background fdatasync starts, so that the sync the link needs while the guest is stopped has little left to do.</summary>
+    private const long SyncBehind = 128L << 20;
+
     private readonly FileBlockDevice _file;
     private readonly object _lock = new();
     private long _preallocatedEnd;
     private bool _preallocateUnsupported;
     private long _highest;
+    private long _nextSync = SyncBehind;
+    private Task? _sync;
 
     private VmStateRegion(FileBlockDevice file, RegionPlan plan)
     {
@@ -127,6 +132,13 @@ internal sealed class VmStateRegion : VmStateBackend
         lock (_lock)
         {
             _highest = Math.Max(_highest, position + length);
+            if (_highest >= _nextSync && (_sync is null || _sync.IsCompleted))
+            {
+                // Writes before this point have been handed out; most are done. A failed background
+                // sync is reported by the next one, or by the flush of the link.
+                _nextSync = _highest + SyncBehind;
+                _sync = Task.Run(() => { try { _file.Flush(); } catch (StorageException) { } });
+            }
             if (_preallocateUnsupported || end <= _preallocatedEnd) return;
             long from = _preallocatedEnd;
             long to = Math.Max(end, from + PreallocateAhead);
@@ -145,8 +157,16 @@ internal sealed class VmStateRegion : VmStateBackend
     /// </summary>
     internal void Finish(long vmStateBytes, int clusterSize)
     {
+        WaitForSync();
         long end = Offset + (vmStateBytes + clusterSize - 1) / clusterSize * clusterSize;
         _file.SetLength(end);
+    }
+
+    private void WaitForSync()
+    {
+        Task? sync;
+        lock (_lock) sync = _sync;
+        sync?.Wait();
     }
 
     /// <summary>Cuts the file back to <paramref name="length"/> bytes (the region was never linked and QEMU's writes are known to be far below that).</summary>
@@ -157,7 +177,9 @@ internal sealed class VmStateRegion : VmStateBackend
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _file.Dispose();
+        if (!disposing) return;
+        WaitForSync();
+        _file.Dispose();
     }
 }
 
