@@ -7,5 +7,6 @@ var root = Cli.Root(
     ImageCommands.Build(),
     SnapshotCommands.Build(),
     VmCommands.Build(),
+    LiveCommands.Build(),
     [DemoCommand.Build()]);
 return Cli.Invoke(root, args);

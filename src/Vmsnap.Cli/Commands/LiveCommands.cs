@@ -1,0 +1,146 @@
+using System.CommandLine;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Vmsnap.Live;
+
+namespace Vmsnap.Cli.Commands;
+
+/// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
+internal static class LiveCommands
+{
+    // The live commands' JSON uses qemu-img's kebab-case keys.
+    private static readonly JsonSerializerOptions s_json = new()
+    {
+        WriteIndented = true,
+        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
+        DefaultIgnoreCondition = JsonIgnoreCondition.Never,
+        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.KebabCaseLower) },
+    };
+
+    internal static IEnumerable<Command> Build()
+    {
+        yield return SaveVmCommand();
+        yield return LoadVmCommand();
+    }
+
+    private static Option<string> QmpOption() => new("--qmp")
+    {
+        Description = "QEMU's QMP Unix socket (QEMU: -qmp unix:PATH,server=on,wait=off; one client at a time)",
+        Required = true,
+    };
+
+    private static Command SaveVmCommand()
+    {
+        var qmp = QmpOption();
+        var tag = new Argument<string>("TAG") { Description = "Name of the snapshot every writable qcow2 drive gets" };
+        var live = new Option<bool>("--live") { Description = "Keep the guest running while its RAM is saved; it stops only for the final switchover" };
+        var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive that keeps the VM state (drive name, node name or device id); default: the first writable qcow2 drive" };
+        var maxBandwidth = new Option<string?>("--max-bandwidth") { Description = "Limit how fast the VM state is written, in bytes per second (e.g. 200M); default: no limit" };
+        var noDirect = new Option<bool>("--no-direct") { Description = "Write the VM state through the page cache instead of O_DIRECT" };
+        var json = Cli.JsonOption();
+        var command = new Command("savevm", "Save a running QEMU's VM as an internal snapshot of its qcow2 drives (QEMU's savevm, at disk speed)")
+        {
+            qmp, tag, live, vmStateDisk, maxBandwidth, noDirect, json,
+        };
+        command.SetHandler((p, ct) =>
+        {
+            bool asJson = p.GetValue(json);
+            var options = new LiveSaveOptions
+            {
+                Live = p.GetValue(live),
+                VmStateDisk = p.GetValue(vmStateDisk),
+                MaxBandwidth = p.GetValue(maxBandwidth) is { } b ? Cli.ParseSize(b) : 0,
+                Direct = !p.GetValue(noDirect),
+            };
+            LiveSaveResult r;
+            using (var progress = ProgressLine.Start("saving", 0, asJson))
+                r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct));
+            if (asJson)
+            {
+                WriteJson(new
+                {
+                    Operation = "savevm",
+                    r.Tag,
+                    r.Live,
+                    Seconds = Math.Round(r.Seconds, 6),
+                    DowntimeSeconds = r.DowntimeSeconds is double d ? Math.Round(d, 6) : (double?)null,
+                    QemuDowntimeSeconds = r.QemuDowntimeSeconds,
+                    Bytes = r.VmStateBytes,
+                    RamBytes = r.RamBytes,
+                    MibPerSecond = Math.Round(r.MiBPerSecond, 1),
+                    VmClockNsec = r.VmClockNanoseconds,
+                    Date = r.Date.ToUnixTimeMilliseconds() / 1000.0,
+                    RunState = r.RunState,
+                    Disks = r.Disks.Select(Disk),
+                    Machine = r.Stream.MachineType,
+                });
+            }
+            else
+            {
+                string down = r.DowntimeSeconds is double d ? $", guest stopped {d:0.000} s" : "";
+                Console.Out.WriteLine($"saved snapshot '{r.Tag}'{(r.Live ? " (live)" : "")} on {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                    $"{Cli.FormatSize(r.VmStateBytes)} of VM state ({Cli.FormatSize(r.RamBytes)} RAM) in {r.Seconds:0.000} s, {r.MiBPerSecond:0} MiB/s{down}; guest {r.RunState}");
+            }
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static Command LoadVmCommand()
+    {
+        var qmp = QmpOption();
+        var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
+        var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive whose snapshot holds the VM state; default: the first writable qcow2 drive" };
+        var json = Cli.JsonOption();
+        var command = new Command("loadvm", "Load a snapshot into a QEMU started with -incoming defer: revert its qcow2 drives, feed it the VM state")
+        {
+            qmp, tag, vmStateDisk, json,
+        };
+        command.SetHandler((p, ct) =>
+        {
+            bool asJson = p.GetValue(json);
+            LiveLoadResult r;
+            using (var progress = ProgressLine.Start("loading", 0, asJson))
+                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk) }, progress, ct));
+            if (asJson)
+            {
+                WriteJson(new
+                {
+                    Operation = "loadvm",
+                    r.Tag,
+                    Seconds = Math.Round(r.Seconds, 6),
+                    Bytes = r.VmStateBytes,
+                    RamBytes = r.RamBytes,
+                    MibPerSecond = Math.Round(r.MiBPerSecond, 1),
+                    RunState = r.RunState,
+                    Disks = r.Disks.Select(Disk),
+                    Machine = r.Stream.MachineType,
+                });
+            }
+            else
+            {
+                Console.Out.WriteLine($"loaded snapshot '{r.Tag}' from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                    $"{Cli.FormatSize(r.VmStateBytes)} of VM state in {r.Seconds:0.000} s, {r.MiBPerSecond:0} MiB/s; guest {r.RunState}");
+            }
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    private static object Disk(LiveDiskSnapshot d) => new { d.Drive, d.Image, SnapshotId = d.SnapshotId, d.VmState };
+
+    /// <summary>A cancelled live operation says what it did about it (the command's own handler would print only "cancelled").</summary>
+    private static T Run<T>(Func<T> operation)
+    {
+        try
+        {
+            return operation();
+        }
+        catch (OperationCanceledException e) when (e.Message.StartsWith("cancelled", StringComparison.Ordinal))
+        {
+            throw new VmsnapException(e.Message, e);
+        }
+    }
+
+    private static void WriteJson<T>(T value) => Console.Out.WriteLine(JsonSerializer.Serialize(value, s_json));
+}

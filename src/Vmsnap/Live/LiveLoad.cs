@@ -1,0 +1,199 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json.Nodes;
+using Vmsnap.Migration;
+using Vmsnap.Qcow2;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Live;
+
+/// <summary>
+/// One live load (QEMU's loadvm, for a QEMU started with <c>-incoming defer</c>): such a QEMU keeps
+/// its images inactive and unlocked until an incoming migration completes, then re-reads them. So
+/// vmsnap checks the snapshot on every drive, reverts each drive to it, and feeds the snapshot's VM
+/// state (read through the image's VM-state area) into <c>migrate-incoming</c> over a socket pair it
+/// owns; QEMU then starts the guest, or leaves it paused when started with <c>-S</c>.
+/// </summary>
+internal sealed class LiveLoad : LiveSession
+{
+    private const int ReadBufferSize = 4 << 20;
+
+    private readonly LiveLoadOptions _options;
+    private readonly IProgress<long>? _progress;
+
+    internal LiveLoad(QmpClient qmp, string tag, LiveLoadOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
+        : base(qmp, tag, cancellationToken)
+    {
+        _options = options;
+        _progress = progress;
+    }
+
+    internal LiveLoadResult Run()
+    {
+        var clock = Stopwatch.StartNew();
+        string state = RunState();
+        if (state != "inmigrate")
+            throw new VmsnapException(
+                $"QEMU is not waiting for an incoming migration (its run state is '{state}'): start it with -incoming defer " +
+                "(add -S to keep the guest paused after the load), then run vmsnap loadvm; nothing was loaded");
+        (string migration, _, _) = MigrationStatus();
+        if (migration != "none")
+            throw new VmsnapException($"QEMU's incoming migration has already begun (status '{migration}'): start QEMU with -incoming defer for vmsnap loadvm; nothing was loaded");
+
+        (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "loaded");
+        string? machine = CurrentMachine();
+
+        // Everything is checked on every drive before any drive is reverted.
+        var snapshots = new List<(LiveDisk Disk, Qcow2Snapshot Snapshot)>();
+        foreach (LiveDisk disk in disks)
+        {
+            using Qcow2Image image = OpenWritable(disk, "(a QEMU started with -incoming defer does not hold it)");
+            Qcow2Snapshot s = image.FindSnapshot(Tag)
+                ?? throw new VmsnapException($"Snapshot '{Tag}' does not exist in drive '{disk.Label}' ({disk.ImagePath}); nothing was loaded");
+            if (s.DiskSize != image.VirtualSize)
+                throw new VmsnapException($"snapshot '{Tag}' of drive '{disk.Label}' was taken of a disk of {s.DiskSize} bytes; the disk now has {image.VirtualSize}; nothing was loaded");
+            if (disk == vmDisk)
+            {
+                if (s.VmStateSize == 0)
+                    throw new VmsnapException($"snapshot '{Tag}' of drive '{disk.Label}' is a disk-only snapshot (no VM state); revert to it offline with qemu-img snapshot -a; nothing was loaded");
+                string? saved = SavedMachine(image, s);
+                if (machine is not null && saved is not null && saved != machine)
+                    throw new VmsnapException($"snapshot '{Tag}' was saved from machine type '{saved}' and this QEMU runs '{machine}'; QEMU would refuse it; nothing was loaded");
+            }
+            snapshots.Add((disk, s));
+        }
+
+        var reverted = new List<LiveDiskSnapshot>();
+        foreach ((LiveDisk disk, Qcow2Snapshot s) in snapshots)
+        {
+            try
+            {
+                using Qcow2Image image = OpenWritable(disk, "");
+                Qcow2Snapshot applied = image.ApplySnapshot(s.Id);
+                reverted.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, applied.Id, disk == vmDisk));
+            }
+            catch (Exception e) when (e is VmsnapException or IOException)
+            {
+                string done = reverted.Count == 0 ? "no drive was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
+                throw new VmsnapException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
+            }
+        }
+
+        (MigrationStreamInfo info, long bytes) = Feed(vmDisk, snapshots.First(x => x.Disk == vmDisk).Snapshot);
+        string after = WaitLoaded();
+        return new LiveLoadResult(Tag, reverted, bytes, info.RamBytes, clock.Elapsed.TotalSeconds, after, info);
+    }
+
+    /// <summary>The machine type QEMU runs (QOM's <c>/machine</c> type without its "-machine" suffix), or null.</summary>
+    private string? CurrentMachine()
+    {
+        try
+        {
+            string? type = QemuBlockDevices.Str(Qmp.Execute("qom-get", new JsonObject { ["path"] = "/machine", ["property"] = "type" }));
+            return type?.EndsWith("-machine", StringComparison.Ordinal) == true ? type[..^"-machine".Length] : type;
+        }
+        catch (QmpException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>The machine type in the snapshot's configuration section (right after the stream header), or null.</summary>
+    private static string? SavedMachine(Qcow2Image image, Qcow2Snapshot snapshot)
+    {
+        using Qcow2VmStateArea area = image.OpenVmStateForReading(snapshot);
+        byte[] head = new byte[8 + 1 + 4 + 256];
+        int n = area.Read(head, 0);
+        if (n < 13 || BinaryPrimitives.ReadUInt32BigEndian(head) != 0x5145564d || head[8] != 0x07) return null;
+        int length = (int)BinaryPrimitives.ReadUInt32BigEndian(head.AsSpan(9));
+        return length <= n - 13 ? Encoding.UTF8.GetString(head, 13, length) : null;
+    }
+
+    private static Qcow2Image OpenSharedDirect(LiveDisk disk)
+    {
+        try
+        {
+            return Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions { ForceShare = true, Direct = true });
+        }
+        catch (Vmsnap.Storage.StorageException e) when (e.ErrorCode == Vmsnap.Storage.NativeFile.EINVAL)   // tmpfs: no O_DIRECT
+        {
+            return OpenShared(disk);
+        }
+    }
+
+    /// <summary>Streams the snapshot's VM state into QEMU's incoming migration; returns what it held and its length.</summary>
+    private (MigrationStreamInfo Info, long Bytes) Feed(LiveDisk vmDisk, Qcow2Snapshot snapshot)
+    {
+        // Shared: QEMU takes its images back (write locks) as soon as the stream is in, possibly before this
+        // closes. O_DIRECT where the file system allows it: large aligned reads, several in flight.
+        using Qcow2Image image = OpenSharedDirect(vmDisk);
+        Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new VmsnapException($"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
+        using Qcow2VmStateArea area = image.OpenVmStateForReading(current);
+        using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
+        using var reader = new VmStateReader(source, ReadBufferSize);
+
+        (Socket socket, string uri, string fdName) = OpenChannel();
+        using var _ = socket;
+        try
+        {
+            Qmp.Execute("migrate-incoming", new JsonObject { ["uri"] = uri });
+        }
+        catch (QmpException e)
+        {
+            CloseFd(fdName);
+            throw new VmsnapException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
+                "the drives were reverted to the snapshot", e);
+        }
+        using var registration = Cancellation.Register(() =>
+        {
+            try { socket.Shutdown(SocketShutdown.Both); }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
+        });
+        try
+        {
+            using var backend = VmStateBackend.ForSocket(socket, ownsSocket: false);
+            // Buffered mode on the socket: one write per MiB instead of one per 32 KiB (gather mode's buffer).
+            using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
+            MigrationStreamInfo info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
+            writer.Close();
+            socket.Shutdown(SocketShutdown.Send);
+            return (info, writer.BytesTransferred);
+        }
+        catch (Exception e) when (e is VmsnapException or IOException or SocketException)
+        {
+            Cancellation.ThrowIfCancellationRequested();
+            if (Qmp.IsClosed)
+                throw new VmsnapException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot", e);
+            throw new VmsnapException($"sending the VM state to QEMU failed: {e.Message}; the drives were reverted to the snapshot", e);
+        }
+    }
+
+    /// <summary>Waits until QEMU has loaded the state and left "inmigrate"; returns its run state.</summary>
+    private string WaitLoaded()
+    {
+        string state = "inmigrate";
+        string status = "active";
+        string? error = null;
+        bool done = WaitUntil(() =>
+        {
+            if (Qmp.IsClosed) return true;
+            try
+            {
+                state = RunState();
+                (status, error, _) = MigrationStatus();
+            }
+            catch (QmpException) when (Qmp.IsClosed)
+            {
+                return true;
+            }
+            return status is "failed" or "cancelled" || (state != "inmigrate" && status is "completed" or "none");
+        }, _options.LoadTimeout);
+        if (Qmp.IsClosed) throw new VmsnapException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot");
+        if (!done) throw new VmsnapException($"QEMU did not finish loading the VM state within {_options.LoadTimeout.TotalSeconds:0} s (status '{status}')");
+        if (status is "failed" or "cancelled")
+            throw new VmsnapException($"QEMU's incoming migration {status}: {error ?? "QEMU gave no reason (see its log)"}; the drives were reverted to the snapshot");
+        return state;
+    }
+}

@@ -1,0 +1,508 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text.Json.Nodes;
+using Vmsnap.Migration;
+using Vmsnap.Qcow2;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Live;
+
+/// <summary>
+/// One live save (QEMU's savevm for a running QEMU). The order of things:
+/// <list type="number">
+/// <item>Refuse up front what QEMU's savevm refuses (a writable drive that cannot take a snapshot, no
+/// writable qcow2 drive, a taken name) and what vmsnap cannot do; read each image's snapshot table
+/// (shared, read-only) to compare it with later.</item>
+/// <item>Plan the VM-state region of the drive that keeps the VM state (<see cref="VmStateRegion"/>),
+/// unthrottle QEMU's migration (<see cref="MigrationSettings"/>), stop the guest unless live.</item>
+/// <item>Migrate into a socket pair vmsnap owns; copy the stream, checked record by record, through
+/// the buffered writer into the region, while a watch polls QEMU's highest write to the image.</item>
+/// <item>Once the migration completed QEMU has released its images: open them for writing (QEMU's
+/// locking says whether it really did), check the region, link it as the VM-state area and create
+/// the snapshot on every drive; any failure removes what was created.</item>
+/// <item>Close the images, resume the guest if it ran, restore the migration settings.</item>
+/// </list>
+/// </summary>
+internal sealed class LiveSave : LiveSession
+{
+    private const int ReadBufferSize = 1 << 20;
+    private static readonly TimeSpan WatchInterval = TimeSpan.FromMilliseconds(100);
+
+    private readonly LiveSaveOptions _options;
+    private readonly IProgress<long>? _progress;
+
+    // What went wrong while the stream was copied, as the watch saw it.
+    private volatile string? _watchFailure;
+    private volatile bool _regionThreatened;
+
+    internal LiveSave(QmpClient qmp, string tag, LiveSaveOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
+        : base(qmp, tag, cancellationToken)
+    {
+        _options = options;
+        _progress = progress;
+    }
+
+    /// <summary>A drive's image as it was before the save: its snapshot table, to see it unchanged at the end.</summary>
+    private sealed record ImageBefore(LiveDisk Disk, long VirtualSize, string Snapshots);
+
+    internal LiveSaveResult Run()
+    {
+        var clock = Stopwatch.StartNew();
+        string state = RunState();
+        if (state is "inmigrate" or "postmigrate" or "finish-migrate" or "colo" or "save-vm" or "restore-vm")
+            throw new VmsnapException(state switch
+            {
+                "inmigrate" => "QEMU is waiting for an incoming migration (started with -incoming): there is no guest to save yet; nothing was saved",
+                "postmigrate" => "QEMU finished a migration and has released its images (run state postmigrate): 'cont' it first; nothing was saved",
+                _ => $"QEMU is in run state '{state}', in which it cannot save; nothing was saved",
+            });
+        if (state is "shutdown" or "internal-error" or "guest-panicked" or "io-error")
+            throw new VmsnapException($"the guest is in run state '{state}'; nothing was saved");
+        bool wasRunning = state == "running";
+        (string migration, _, _) = MigrationStatus();
+        if (migration is "setup" or "active" or "pre-switchover" or "device" or "cancelling" or "wait-unplug" or "postcopy-active" or "postcopy-paused")
+            throw new VmsnapException($"QEMU is already migrating (status '{migration}'); nothing was saved");
+
+        (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "saved");
+        var before = new List<ImageBefore>();
+        Qcow2ImageInfo vmInfo = null!;
+        long usedEnd = 0, reach = 0;
+        List<(long, long)> freeRuns = [];
+        foreach (LiveDisk disk in disks)
+        {
+            using Qcow2Image image = OpenShared(disk);
+            if (image.FindSnapshot(Tag) is { } taken)
+                throw new VmsnapException(taken.Name == Tag
+                    ? $"drive '{disk.Label}' ({disk.ImagePath}) already has a snapshot named '{Tag}' (ID {taken.Id}); delete it first or choose another name; nothing was saved"
+                    : $"drive '{disk.Label}' ({disk.ImagePath}) has a snapshot with ID '{Tag}' (named '{taken.Name}'); a name equal to another snapshot's ID would make lookups ambiguous; nothing was saved");
+            // The engine refuses to write images with persistent dirty bitmaps (it would not keep them right), and
+            // QEMU stores its bitmaps into the image when it releases it: refuse now rather than after the migration.
+            if (image.HasPersistentBitmaps || disk.DirtyBitmaps.Any(b => b.Persistent))
+                throw new VmsnapException($"drive '{disk.Label}' ({disk.ImagePath}) has persistent dirty bitmaps, which vmsnap does not keep up to date; " +
+                    "remove them (block-dirty-bitmap-remove) or use QEMU's savevm; nothing was saved");
+            before.Add(new ImageBefore(disk, image.VirtualSize, DescribeSnapshots(image)));
+            if (disk == vmDisk)
+            {
+                vmInfo = image.Info;
+                usedEnd = image.UsedEnd();
+                reach = image.RefcountReach;
+                freeRuns = image.FreeRuns(usedEnd, RegionPlan.RunMinimum);
+            }
+        }
+        long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
+        RegionPlan plan = RegionPlan.For(vmInfo, usedEnd, reach, highest, vmDisk.DirtyBitmaps, freeRuns);
+        long fileLengthBefore = new FileInfo(vmDisk.ImagePath!).Length;
+
+        long stopMark = Qmp.EventMark;
+        MigrationSettings? settings = null;
+        VmStateRegion? region = null;
+        bool completed = false, committed = false;
+        string? cleanupNote = null;
+        Exception? failure = null;
+        Commit? commit = null;
+        MigrationStreamInfo? info = null;
+        long vmStateBytes = 0;
+        double? qemuDowntime = null;
+        try
+        {
+            settings = MigrationSettings.Apply(Qmp, _options.Live);
+            region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
+            if (!_options.Live && wasRunning)
+            {
+                Qmp.Execute("stop");
+            }
+            (info, vmStateBytes, qemuDowntime) = Transfer(region, vmDisk, plan);
+            completed = true;
+            region.Finish(vmStateBytes, vmInfo.ClusterSize);
+            // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
+            if (!_options.Live && wasRunning) GlobalState.MarkRunning(info, (offset, buffer) => region.Read(buffer, offset), region.Patch);
+            commit = CommitSnapshots(disks, vmDisk, before, region, plan, info, vmStateBytes, stopMark);
+            committed = true;
+        }
+        catch (Exception e)
+        {
+            failure = e;
+        }
+        finally
+        {
+            if (!committed && region is not null)
+                cleanupNote = GiveBack(region, vmDisk, plan, fileLengthBefore, completed);
+            region?.Dispose();
+        }
+
+        // The guest back in the run state it had, the settings as they were.
+        string? resumeProblem = null;
+        long resumeMark = Qmp.EventMark;
+        if (!Qmp.IsClosed) resumeProblem = Resume(wasRunning, failure is not null && !completed);
+        string? restoreProblem = Qmp.IsClosed ? null : settings?.Restore();
+
+        if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
+        if (resumeProblem is not null)
+            throw new VmsnapException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem}");
+
+        double? downtime = null;
+        if (wasRunning)
+        {
+            QmpEvent? stop = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP");
+            QmpEvent? resume = Qmp.WaitForEvent("RESUME", resumeMark, TimeSpan.FromSeconds(5));
+            if (stop is not null && resume is not null) downtime = (resume.Timestamp - stop.Timestamp).TotalSeconds;
+        }
+        string after = Qmp.IsClosed ? "unknown" : RunState();
+        var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
+            downtime, qemuDowntime, commit.VmClock, commit.Date, after, info);
+        if (restoreProblem is not null)
+            throw new VmsnapException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
+        return result;
+    }
+
+    private static string DescribeSnapshots(Qcow2Image image) =>
+        string.Join("\n", image.Snapshots.Select(s => $"{s.Id}\t{s.Name}\t{s.L1TableOffset}\t{s.VmStateSize}\t{s.Date.UtcTicks}"));
+
+    /// <summary>
+    /// Migrates into the region: returns what the stream held, its length and QEMU's downtime figure,
+    /// once QEMU says the migration completed (its images are then released).
+    /// </summary>
+    private (MigrationStreamInfo Info, long Bytes, double? QemuDowntime) Transfer(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan)
+    {
+        (Socket socket, string uri, string fdName) = OpenChannel();
+        using var _ = socket;
+        socket.ReceiveTimeout = (int)Math.Min(_options.StallTimeout.TotalMilliseconds, int.MaxValue);
+        try
+        {
+            Qmp.Execute("migrate", new JsonObject { ["uri"] = uri });
+        }
+        catch (QmpException e)
+        {
+            CloseFd(fdName);
+            throw new VmsnapException($"QEMU refused to start the migration: {e.Message}", e);
+        }
+
+        using var watchStop = new CancellationTokenSource();
+        var watch = new Thread(() => Watch(socket, vmDisk, plan, watchStop.Token)) { IsBackground = true, Name = "vmsnap save watch" };
+        watch.Start();
+        MigrationStreamInfo info;
+        long bytes;
+        try
+        {
+            using var backend = new ChannelBackend(socket);
+            using var reader = new VmStateReader(backend, ReadBufferSize);
+            // No sync of its own: linking the region flushes the file before any table points there.
+            var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
+            using var writer = new VmStateWriter(region, writerOptions);
+            info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
+            writer.Close();
+            bytes = writer.BytesTransferred;
+        }
+        catch
+        {
+            watchStop.Cancel();
+            watch.Join();
+            StopMigration();
+            throw;
+        }
+        watchStop.Cancel();
+        watch.Join();
+        if (_watchFailure is { } why) { StopMigration(); throw new VmsnapException(why); }
+
+        // QEMU sends its last byte a moment before it reports completion.
+        string status = "active";
+        string? error = null;
+        JsonObject last = [];
+        if (!WaitUntil(() =>
+            {
+                if (Qmp.IsClosed) return true;
+                (status, error, last) = MigrationStatus();
+                return status is "completed" or "failed" or "cancelled";
+            }, TimeSpan.FromSeconds(60)))
+        {
+            StopMigration();
+            throw new VmsnapException($"QEMU sent the whole VM state but did not complete the migration (status '{status}')");
+        }
+        if (Qmp.IsClosed) throw new VmsnapException(QemuGone("at the end of the migration"));
+        if (status != "completed") throw new VmsnapException($"QEMU's migration {status}: {error ?? "QEMU gave no reason (see its log)"}");
+        double? downtime = last["downtime"] is JsonValue d && d.TryGetValue(out long ms) ? ms / 1000.0 : null;
+        return (info, bytes, downtime);
+    }
+
+    /// <summary>
+    /// Runs beside the copy: stops the save (by closing the channel, which ends the copy) when vmsnap is
+    /// cancelled, when QEMU goes away, or when QEMU's writes come near the region.
+    /// </summary>
+    private void Watch(Socket socket, LiveDisk vmDisk, RegionPlan plan, CancellationToken stop)
+    {
+        while (!stop.WaitHandle.WaitOne(WatchInterval))
+        {
+            if (Cancellation.IsCancellationRequested || Qmp.IsClosed)
+            {
+                Shut(socket);
+                return;
+            }
+            try
+            {
+                long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
+                if (highest > plan.Offset - plan.Guard)
+                {
+                    _regionThreatened = true;
+                    _watchFailure = $"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', within {plan.Guard >> 20} MiB of the VM state vmsnap " +
+                        $"was writing at offset {plan.Offset} (QEMU's image grew by more than vmsnap's bound of {plan.Bound >> 20} MiB during the save); " +
+                        "the save was stopped and nothing was saved";
+                    Shut(socket);
+                    return;
+                }
+            }
+            catch (QmpException) when (Qmp.IsClosed)
+            {
+                Shut(socket);
+                return;
+            }
+            catch (QmpException e)
+            {
+                _watchFailure = $"watching QEMU's writes failed: {e.Message}; the save was stopped and nothing was saved";
+                Shut(socket);
+                return;
+            }
+        }
+    }
+
+    private static void Shut(Socket socket)
+    {
+        try
+        {
+            socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+        }
+    }
+
+    /// <summary>Cancels a migration still in progress and waits until QEMU has given up on it (its images active again).</summary>
+    private void StopMigration()
+    {
+        if (Qmp.IsClosed) return;
+        try
+        {
+            (string status, _, _) = MigrationStatus();
+            if (status is "completed" or "failed" or "cancelled" or "none") return;
+            Qmp.Execute("migrate_cancel");
+            WaitUntil(() => Qmp.IsClosed || MigrationStatus().Status is "completed" or "failed" or "cancelled", TimeSpan.FromSeconds(30));
+        }
+        catch (QmpException)
+        {
+            // QEMU went away, or refused: the caller reports the failure that brought us here.
+        }
+    }
+
+    private sealed record Commit(IReadOnlyList<LiveDiskSnapshot> Disks, long VmClock, DateTimeOffset Date);
+
+    /// <summary>
+    /// With QEMU's images released: checks the region and the images, links the region and creates
+    /// the snapshot on every drive; on failure removes every snapshot it created (and the link).
+    /// </summary>
+    private Commit CommitSnapshots(List<LiveDisk> disks, LiveDisk vmDisk, List<ImageBefore> before, VmStateRegion region,
+        RegionPlan plan, MigrationStreamInfo info, long vmStateBytes, long stopMark)
+    {
+        var images = new List<(LiveDisk Disk, Qcow2Image Image)>();
+        var created = new List<(Qcow2Image Image, string Id)>();
+        bool linked = false, done = false;
+        try
+        {
+            // Opened side by side: each open reads the image's tables, and the guest is stopped meanwhile.
+            var opened = new Qcow2Image?[disks.Count];
+            var openFailures = new Exception?[disks.Count];
+            Parallel.For(0, disks.Count, i =>
+            {
+                try { opened[i] = OpenWritable(disks[i], "after the migration completed"); }
+                catch (Exception e) when (e is VmsnapException or IOException) { openFailures[i] = e; }
+            });
+            for (int i = 0; i < disks.Count; i++)
+                if (opened[i] is { } image) images.Add((disks[i], image));
+            if (openFailures.FirstOrDefault(f => f is not null) is { } openFailure) throw openFailure;
+
+            long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
+            if (highest > plan.Offset)
+                throw new VmsnapException($"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', past the start of the VM state vmsnap wrote at offset {plan.Offset}; nothing was saved");
+            foreach ((LiveDisk disk, Qcow2Image image) in images)
+            {
+                ImageBefore was = before.First(b => b.Disk == disk);
+                if (image.VirtualSize != was.VirtualSize)
+                    throw new VmsnapException($"drive '{disk.Label}' was resized during the save ({was.VirtualSize} to {image.VirtualSize} bytes); nothing was saved");
+                if (DescribeSnapshots(image) != was.Snapshots)
+                    throw new VmsnapException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save; nothing was saved");
+            }
+            Qcow2Image vmImage = images.First(i => i.Disk == vmDisk).Image;
+            long reserve = RegionPlan.ReserveBelow(vmStateBytes, vmImage.ClusterSize, vmImage.Info.RefcountBits);
+            if (vmImage.CheckVmStateRegion(plan.Offset, vmStateBytes, reserve) is { } problem)
+                throw new VmsnapException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
+
+            long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
+            DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
+
+            // The drives are independent files: each takes its snapshot at the same time as the others (the
+            // guest is stopped meanwhile). The VM-state drive links the region first.
+            var snapshots = new Qcow2Snapshot?[images.Count];
+            var failures = new Exception?[images.Count];
+            Parallel.For(0, images.Count, new ParallelOptions { MaxDegreeOfParallelism = Math.Min(images.Count, 4) }, i =>
+            {
+                (LiveDisk disk, Qcow2Image image) = images[i];
+                bool withState = disk == vmDisk;
+                try
+                {
+                    if (withState)
+                    {
+                        image.LinkVmStateRegion(plan.Offset, vmStateBytes, reserve);
+                        linked = true;
+                    }
+                    snapshots[i] = image.CreateSnapshot(Tag, new Qcow2SnapshotCreateOptions
+                    {
+                        VmStateSize = withState ? vmStateBytes : 0,
+                        VmClock = vmClock,
+                        Date = date,
+                        Icount = -1,
+                    });
+                    if (withState) linked = false;   // the snapshot owns the area now
+                }
+                catch (Exception e) when (e is VmsnapException or IOException or ArgumentException)
+                {
+                    failures[i] = e;
+                }
+            });
+            var results = new List<LiveDiskSnapshot>();
+            for (int i = 0; i < images.Count; i++)
+            {
+                if (snapshots[i] is { } s)
+                {
+                    created.Add((images[i].Image, s.Id));
+                    results.Add(new LiveDiskSnapshot(images[i].Disk.Label, images[i].Disk.ImagePath!, s.Id, images[i].Disk == vmDisk));
+                }
+            }
+            if (failures.FirstOrDefault(f => f is not null) is { } first)
+            {
+                int at = Array.IndexOf(failures, first);
+                throw new VmsnapException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}; nothing was saved", first);
+            }
+            done = true;
+            return new Commit(results, vmClock, date);
+        }
+        finally
+        {
+            if (!done)
+            {
+                foreach ((Qcow2Image image, string id) in created)
+                {
+                    try { image.DeleteSnapshot(id); }
+                    catch (VmsnapException) { }
+                    catch (IOException) { }
+                }
+                foreach ((LiveDisk disk, Qcow2Image image) in images)
+                {
+                    try
+                    {
+                        if (disk == vmDisk && linked) image.DropLinkedVmState();
+                        else if (disk == vmDisk) image.TrimUnusedTail();
+                    }
+                    catch (VmsnapException) { }
+                    catch (IOException) { }
+                }
+            }
+            foreach ((_, Qcow2Image image) in images)
+            {
+                try { image.Dispose(); }
+                catch (VmsnapException) { }
+                catch (IOException) { }
+            }
+        }
+    }
+
+    /// <summary>
+    /// After a failure: gives the region's space back where that is safe, and says what was done.
+    /// With QEMU's images released (or QEMU gone) the engine trims the file to its last used cluster;
+    /// with QEMU active again the file is cut back to just past QEMU's highest write plus the guard.
+    /// </summary>
+    private string? GiveBack(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan, long fileLengthBefore, bool migrationCompleted)
+    {
+        if (region.FileLength <= fileLengthBefore && region.Written == 0) return null;
+        try
+        {
+            bool qemuActive = !Qmp.IsClosed && !migrationCompleted && MigrationStatus().Status is not "completed";
+            if (!qemuActive)
+            {
+                // QEMU released the image or is gone: the engine knows exactly what is used.
+                using Qcow2Image image = OpenWritable(vmDisk, "to give back the space of the unsaved VM state");
+                image.TrimUnusedTail();
+                return null;
+            }
+            if (_regionThreatened) return $"the {region.Written} bytes written at offset {plan.Offset} of '{vmDisk.ImagePath}' were left in place (QEMU's writes reached near them)";
+            long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
+            long keep = Math.Max(fileLengthBefore, (highest + plan.Guard + (1L << 20) - 1) & ~((1L << 20) - 1));
+            if (keep < plan.Offset && region.FileLength > keep) region.GiveBack(keep);
+            return null;
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            return $"the space of the unsaved VM state (from offset {plan.Offset} of '{vmDisk.ImagePath}') could not be given back ({e.Message}); qemu-img check sees no problem, only a longer file";
+        }
+    }
+
+    /// <summary>Puts the guest back in the run state it had; returns why it could not, or null.</summary>
+    private string? Resume(bool wasRunning, bool migrationFailed)
+    {
+        try
+        {
+            // After a failed migration QEMU restarts a guest it stopped itself; wait for it to settle.
+            if (migrationFailed) WaitUntil(() => Qmp.IsClosed || MigrationStatus().Status is not ("setup" or "active" or "cancelling" or "device" or "pre-switchover"), TimeSpan.FromSeconds(30));
+            if (Qmp.IsClosed) return null;
+            string state = RunState();
+            if (wasRunning)
+            {
+                if (state != "running") Qmp.Execute("cont");
+                return null;
+            }
+            // A paused guest stays paused; QEMU 10.0 and later can take its images back without running it.
+            if (state == "postmigrate" && Qmp.IsAtLeast(10, 0)) Qmp.Execute("blockdev-set-active", new JsonObject { ["active"] = true });
+            return null;
+        }
+        catch (QmpException e)
+        {
+            return e.Message;
+        }
+    }
+
+    /// <summary>The error to report for a failed save: what happened first, with what the cleanup could not do.</summary>
+    private Exception Explain(Exception failure, string? resumeProblem, string? restoreProblem, string? cleanupNote)
+    {
+        string message;
+        Exception? inner = failure;
+        if (Cancellation.IsCancellationRequested && failure is OperationCanceledException or MigrationStreamException or VmStateException or IOException)
+        {
+            message = "cancelled; nothing was saved";
+        }
+        else if (_watchFailure is { } watch)
+        {
+            message = watch;
+        }
+        else if (Qmp.IsClosed)
+        {
+            message = QemuGone("during the save") + $"; nothing was saved ({failure.Message})";
+        }
+        else if (failure is MigrationStreamException or IOException && MigrationStatus() is { Status: "failed" or "cancelled" } m)
+        {
+            message = m.Status == "failed"
+                ? $"QEMU's migration failed: {m.Error ?? "QEMU gave no reason (see its log)"}; nothing was saved"
+                : "QEMU's migration was cancelled (migrate_cancel from another QMP client?); nothing was saved";
+        }
+        else if (failure is IOException { InnerException: SocketException { SocketErrorCode: SocketError.TimedOut } })
+        {
+            message = $"QEMU sent no migration data for {_options.StallTimeout.TotalSeconds:0} s; nothing was saved";
+        }
+        else
+        {
+            message = failure.Message.EndsWith("nothing was saved", StringComparison.Ordinal) ? failure.Message : failure.Message + "; nothing was saved";
+        }
+        if (cleanupNote is not null) message += "; " + cleanupNote;
+        if (resumeProblem is not null) message += $"; the guest could not be resumed: {resumeProblem}";
+        if (restoreProblem is not null) message += "; " + restoreProblem;
+        return failure is OperationCanceledException && message.StartsWith("cancelled", StringComparison.Ordinal)
+            ? new OperationCanceledException(message, inner)
+            : new VmsnapException(message, inner);
+    }
+}

@@ -1,0 +1,120 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using Vmsnap.Qcow2;
+using Vmsnap.Storage;
+
+namespace Vmsnap.Live;
+
+/// <summary>What a live save and a live load share: QEMU's run state and migration status, the drives, opening images, the migration channel.</summary>
+internal abstract class LiveSession(QmpClient qmp, string tag, CancellationToken cancellationToken)
+{
+    protected QmpClient Qmp { get; } = qmp;
+    protected string Tag { get; } = tag;
+    protected CancellationToken Cancellation { get; } = cancellationToken;
+
+    /// <summary>QEMU's run state (<c>running</c>, <c>paused</c>, <c>prelaunch</c>, <c>inmigrate</c>, <c>postmigrate</c>, ...).</summary>
+    protected string RunState() => QemuBlockDevices.Str(Qmp.Execute("query-status")?["status"]) ?? "unknown";
+
+    /// <summary>The migration's status (<c>none</c> when there has been none) and QEMU's error text, with the whole answer.</summary>
+    protected (string Status, string? Error, JsonObject Info) MigrationStatus()
+    {
+        var info = Qmp.Execute("query-migrate") as JsonObject ?? [];
+        return (QemuBlockDevices.Str(info["status"]) ?? "none", QemuBlockDevices.Str(info["error-desc"]), info);
+    }
+
+    /// <summary>The drives that take part, refusing what QEMU's savevm and loadvm refuse; and the one keeping the VM state.</summary>
+    protected (List<LiveDisk> Disks, LiveDisk VmStateDisk) SelectDisks(string? vmStateDisk, string operation)
+    {
+        IReadOnlyList<LiveDisk> all = QemuBlockDevices.Query(Qmp);
+        if (all.FirstOrDefault(d => d.Kind == LiveDiskKind.Unsupported) is { } bad)
+            throw new VmsnapException($"{bad.Problem}; nothing was {operation}");
+        var disks = all.Where(d => d.Kind == LiveDiskKind.Qcow2).ToList();
+        if (disks.Count == 0)
+            throw new VmsnapException($"QEMU has no writable qcow2 drive ({all.Count} drive(s): read-only and empty ones are skipped, as by QEMU's savevm); nothing was {operation}");
+        LiveDisk chosen = disks[0];
+        if (vmStateDisk is not null)
+        {
+            chosen = disks.FirstOrDefault(d => d.IsNamed(vmStateDisk))
+                ?? throw new VmsnapException(all.Any(d => d.IsNamed(vmStateDisk))
+                    ? $"drive '{vmStateDisk}' is read-only or empty: it cannot keep the VM state; nothing was {operation}"
+                    : $"QEMU has no drive '{vmStateDisk}' (drives: {string.Join(", ", all.Select(d => d.Label))}); nothing was {operation}");
+        }
+        var dupes = disks.GroupBy(d => d.ImagePath).FirstOrDefault(g => g.Count() > 1);
+        if (dupes is not null)
+            throw new VmsnapException($"image '{dupes.Key}' is attached to several drives ({string.Join(", ", dupes.Select(d => d.Label))}); nothing was {operation}");
+        return (disks, chosen);
+    }
+
+    /// <summary>Opens an image vmsnap may write (QEMU released it): with QEMU-compatible locking, so an image someone still holds is refused.</summary>
+    protected static Qcow2Image OpenWritable(LiveDisk disk, string whileDoing)
+    {
+        try
+        {
+            return Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions());
+        }
+        catch (ImageLockedException e)
+        {
+            throw new VmsnapException($"drive '{disk.Label}': {e.Message}; QEMU (or another process) still holds the image {whileDoing}", e);
+        }
+    }
+
+    /// <summary>Opens an image for reading while QEMU may hold it (shared lock, like qemu-img -U).</summary>
+    protected static Qcow2Image OpenShared(LiveDisk disk) => Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions { ForceShare = true });
+
+    /// <summary>
+    /// Creates the migration channel: a socket pair whose other end QEMU receives (QMP getfd) under a
+    /// fresh name; returns our end and the URI (<c>fd:NAME</c>) for migrate or migrate-incoming.
+    /// </summary>
+    protected (System.Net.Sockets.Socket Socket, string Uri, string FdName) OpenChannel()
+    {
+        (System.Net.Sockets.Socket ours, int theirs) = UnixSocket.Pair(ChannelBufferBytes);
+        string name = "vmsnap-" + Guid.NewGuid().ToString("N")[..12];
+        try
+        {
+            Qmp.Execute("getfd", new JsonObject { ["fdname"] = name }, fd: theirs);
+        }
+        catch
+        {
+            ours.Dispose();
+            throw;
+        }
+        finally
+        {
+            UnixSocket.Close(theirs);   // QEMU has its own copy now
+        }
+        ours.ReceiveBufferSize = ChannelBufferBytes;
+        ours.SendBufferSize = ChannelBufferBytes;
+        return (ours, "fd:" + name, name);
+    }
+
+    /// <summary>Socket buffers of the migration channel: large, so QEMU's and vmsnap's threads rarely wait on each other.</summary>
+    protected const int ChannelBufferBytes = 4 << 20;
+
+    /// <summary>Drops the named fd QEMU may still hold (after a migration that did not start); ignores a QEMU that no longer has it.</summary>
+    protected void CloseFd(string name)
+    {
+        try
+        {
+            Qmp.Execute("closefd", new JsonObject { ["fdname"] = name });
+        }
+        catch (QmpException)
+        {
+        }
+    }
+
+    /// <summary>Waits until <paramref name="done"/> holds, polling every 20 ms; false on timeout.</summary>
+    protected static bool WaitUntil(Func<bool> done, TimeSpan timeout)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!done())
+        {
+            if (clock.Elapsed > timeout) return false;
+            Thread.Sleep(20);
+        }
+        return true;
+    }
+
+    /// <summary>An error text that names QEMU's exit when the QMP connection is gone.</summary>
+    protected string QemuGone(string during) =>
+        $"QEMU exited (its QMP connection on '{Qmp.Path}' closed) {during}";
+}

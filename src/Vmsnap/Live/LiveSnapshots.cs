@@ -1,0 +1,133 @@
+using Vmsnap.Migration;
+
+namespace Vmsnap.Live;
+
+/// <summary>
+/// QEMU's savevm and loadvm for a running QEMU process, driven over its QMP socket: the VM state
+/// comes out of (or goes into) QEMU through a migration channel vmsnap owns, and goes to disk once,
+/// through the buffered writer, into the image that keeps it, while QEMU still holds that image.
+/// </summary>
+/// <remarks>
+/// A save snapshots every writable qcow2 drive with the same tag, like QEMU's savevm, and refuses up
+/// front (nothing changed) a writable drive that cannot take a snapshot and a tag already taken. A
+/// failure (QEMU's migration failing or cancelled, a disk full or failing, an image QEMU did not
+/// release, cancellation, QEMU exiting) leaves no snapshot, no leaked clusters and the older
+/// snapshots as they were, and puts the guest back in the run state it had. See docs/live.md.
+/// </remarks>
+public static class LiveSnapshots
+{
+    /// <summary>
+    /// Saves the VM of the QEMU whose QMP socket is <paramref name="qmpSocket"/> as snapshot
+    /// <paramref name="tag"/> of all its writable qcow2 drives (what QEMU's HMP <c>savevm TAG</c> does).
+    /// </summary>
+    /// <param name="qmpSocket">The QMP Unix socket (QEMU's <c>-qmp unix:PATH,server=on,wait=off</c>; one client at a time).</param>
+    /// <param name="tag">The snapshot's name.</param>
+    /// <param name="options">Live or stopped, which drive keeps the VM state, I/O settings.</param>
+    /// <param name="ramBytesDone">Receives the bytes of RAM saved so far; an <see cref="IRamProgress"/> also gets the guest's RAM size.</param>
+    /// <param name="cancellationToken">Stops the save; nothing is left behind and the guest runs again.</param>
+    /// <exception cref="VmsnapException">The save was refused or failed; the message says why, and nothing was saved.</exception>
+    public static LiveSaveResult SaveVm(string qmpSocket, string tag, LiveSaveOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
+        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("a snapshot needs a name (TAG)");
+        options ??= new LiveSaveOptions();
+        using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
+        return new LiveSave(qmp, tag, options, ramBytesDone, cancellationToken).Run();
+    }
+
+    /// <summary>
+    /// Restores snapshot <paramref name="tag"/> into the QEMU whose QMP socket is <paramref name="qmpSocket"/>,
+    /// which must have been started with <c>-incoming defer</c>: every qcow2 drive is reverted to the
+    /// snapshot, then the VM state is fed to QEMU's <c>migrate-incoming</c>. The guest then runs, or stays
+    /// paused when QEMU was started with <c>-S</c>.
+    /// </summary>
+    /// <exception cref="VmsnapException">QEMU is not waiting for an incoming migration, a drive lacks the snapshot, or the load failed.</exception>
+    public static LiveLoadResult LoadVm(string qmpSocket, string tag, LiveLoadOptions? options = null,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
+        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("say which snapshot to load (TAG)");
+        options ??= new LiveLoadOptions();
+        using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
+        return new LiveLoad(qmp, tag, options, ramBytesDone, cancellationToken).Run();
+    }
+}
+
+/// <summary>How <see cref="LiveSnapshots.SaveVm"/> saves.</summary>
+public sealed record LiveSaveOptions
+{
+    /// <summary>Keep the guest running while its RAM is sent (pre-copy); it stops only for the final switchover. Default: stopped for the whole save, as QEMU's savevm does.</summary>
+    public bool Live { get; init; }
+
+    /// <summary>The drive that keeps the VM state (drive name, node name or device id); null: the first writable qcow2 drive, as QEMU picks it.</summary>
+    public string? VmStateDisk { get; init; }
+
+    /// <summary>Write the VM state with O_DIRECT where the file system allows it (default true).</summary>
+    public bool Direct { get; init; } = true;
+
+    /// <summary>Limit on how fast the VM state is written, in bytes per second; 0 (the default) for none.</summary>
+    public long MaxBandwidth { get; init; }
+
+    /// <summary>How long a QMP command may take.</summary>
+    public TimeSpan CommandTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long the migration may send nothing before the save fails.</summary>
+    public TimeSpan StallTimeout { get; init; } = TimeSpan.FromSeconds(60);
+}
+
+/// <summary>How <see cref="LiveSnapshots.LoadVm"/> loads.</summary>
+public sealed record LiveLoadOptions
+{
+    /// <summary>The drive whose snapshot holds the VM state; null: the first writable qcow2 drive, as QEMU's loadvm picks it.</summary>
+    public string? VmStateDisk { get; init; }
+
+    /// <summary>How long a QMP command may take.</summary>
+    public TimeSpan CommandTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long QEMU may take to finish loading once the whole VM state was sent.</summary>
+    public TimeSpan LoadTimeout { get; init; } = TimeSpan.FromSeconds(120);
+}
+
+/// <summary>A drive's part of a live save or load.</summary>
+/// <param name="Drive">The drive's name (or device id, or node name).</param>
+/// <param name="Image">Its image file.</param>
+/// <param name="SnapshotId">The ID of the snapshot TAG in that image.</param>
+/// <param name="VmState">True for the drive that keeps (or gave) the VM state.</param>
+public sealed record LiveDiskSnapshot(string Drive, string Image, string SnapshotId, bool VmState);
+
+/// <summary>What a live save did.</summary>
+/// <param name="Tag">The snapshot's name.</param>
+/// <param name="Live">True when the guest ran while its RAM was sent.</param>
+/// <param name="Disks">The drives that got the snapshot.</param>
+/// <param name="VmStateBytes">Bytes of VM state written.</param>
+/// <param name="RamBytes">Guest RAM in bytes.</param>
+/// <param name="Seconds">Wall time of the save, from its first QMP command to the guest running again.</param>
+/// <param name="DowntimeSeconds">Seconds the guest's vCPUs were stopped (QEMU's STOP to RESUME events), null when the guest was not running.</param>
+/// <param name="QemuDowntimeSeconds">QEMU's own downtime figure for the migration (its part of the stop).</param>
+/// <param name="VmClockNanoseconds">The guest clock recorded in the snapshot.</param>
+/// <param name="Date">The date recorded in the snapshot (when the guest stopped).</param>
+/// <param name="RunState">QEMU's run state afterwards.</param>
+/// <param name="Stream">What the VM state holds.</param>
+public sealed record LiveSaveResult(string Tag, bool Live, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, long RamBytes,
+    double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds, long VmClockNanoseconds, DateTimeOffset Date, string RunState,
+    MigrationStreamInfo Stream)
+{
+    /// <summary>VM-state bytes per second of the whole save, in MiB/s.</summary>
+    public double MiBPerSecond => Seconds > 0 ? VmStateBytes / Seconds / (1 << 20) : 0;
+}
+
+/// <summary>What a live load did.</summary>
+/// <param name="Tag">The snapshot's name.</param>
+/// <param name="Disks">The drives reverted to the snapshot.</param>
+/// <param name="VmStateBytes">Bytes of VM state sent to QEMU.</param>
+/// <param name="RamBytes">Guest RAM in bytes.</param>
+/// <param name="Seconds">Wall time, from the first QMP command to QEMU having loaded the state.</param>
+/// <param name="RunState">QEMU's run state afterwards (<c>running</c>, or <c>paused</c> with <c>-S</c>).</param>
+/// <param name="Stream">What the VM state held.</param>
+public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, long RamBytes, double Seconds,
+    string RunState, MigrationStreamInfo Stream)
+{
+    /// <summary>VM-state bytes per second, in MiB/s.</summary>
+    public double MiBPerSecond => Seconds > 0 ? VmStateBytes / Seconds / (1 << 20) : 0;
+}
