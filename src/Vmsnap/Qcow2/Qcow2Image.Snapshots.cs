@@ -41,7 +41,7 @@ public sealed partial class Qcow2Image
     /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>
     public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
     {
-        SnapshotEntry entry = Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions());
+        SnapshotEntry entry = Run(() => Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
         return ToPublic(entry);
     }
 
@@ -51,7 +51,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     /// <returns>The snapshot deleted.</returns>
     /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Engine.DeleteSnapshot(idOrName));
+    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.DeleteSnapshot(idOrName)));
 
     /// <summary>
     /// Reverts the active disk to the snapshot with this ID or name (like <c>qemu-img snapshot -a</c>);
@@ -60,7 +60,7 @@ public sealed partial class Qcow2Image
     /// <returns>The snapshot applied.</returns>
     /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
-    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Engine.ApplySnapshot(idOrName));
+    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
 
     /// <summary>
     /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's
@@ -68,7 +68,7 @@ public sealed partial class Qcow2Image
     /// before (an unfinished save) is dropped first. Write the stream, <see cref="Qcow2VmStateArea.Flush"/>,
     /// then <see cref="CreateSnapshot"/> with its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all.
     /// </summary>
-    public Qcow2VmStateArea OpenVmStateForWriting() => Engine.OpenVmStateForWriting();
+    public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
 
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
     /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>

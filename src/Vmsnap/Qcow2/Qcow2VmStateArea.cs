@@ -86,7 +86,14 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         long length = Length;
         if (offset >= length) return 0;
         int n = (int)Math.Min(buffer.Length, length - offset);
-        _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+        try
+        {
+            _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
         return n;
     }
 
@@ -107,6 +114,10 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         {
             foreach ((long host, int at, int n) in segments) _engine.Device.Write(buffer.Slice(at, n), host);
         }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
         finally
         {
             writer.EndWrite();
@@ -120,21 +131,47 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         if (buffer.IsEmpty) return;
         VmStateAllocation writer = Writer();
         List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        // The write ends (for Flush, Discard and snapshot operations waiting on it) only when every
+        // segment issued has completed, also when issuing a later one throws.
+        var issued = new List<Task>(segments.Count);
         try
         {
-            if (segments.Count == 1)
-            {
-                await _engine.Device.WriteAsync(buffer, segments[0].Host, cancellationToken).ConfigureAwait(false);
-                return;
-            }
-            var writes = new Task[segments.Count];
-            for (int i = 0; i < segments.Count; i++)
-                writes[i] = _engine.Device.WriteAsync(buffer.Slice(segments[i].DataOffset, segments[i].Length), segments[i].Host, cancellationToken).AsTask();
-            await Task.WhenAll(writes).ConfigureAwait(false);
+            foreach ((long host, int at, int n) in segments)
+                issued.Add(_engine.Device.WriteAsync(buffer.Slice(at, n), host, cancellationToken).AsTask());
+        }
+        catch (Exception e)
+        {
+            _engine.NoteFailure(e);
+            await WhenAllQuietly(issued).ConfigureAwait(false);
+            writer.EndWrite();
+            throw;
+        }
+        try
+        {
+            await (issued.Count == 1 ? issued[0] : Task.WhenAll(issued)).ConfigureAwait(false);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
         }
         finally
         {
             writer.EndWrite();
+        }
+    }
+
+    private static async Task WhenAllQuietly(List<Task> tasks)
+    {
+        foreach (Task t in tasks)
+        {
+            try
+            {
+                await t.ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                // The error that stopped the issuing is the one reported.
+            }
         }
     }
 
@@ -147,7 +184,15 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         {
             _engine.ThrowIfDisposed();
             if (writer.CapturedBy is not null) Writer();   // throws
-            List<(long Host, int DataOffset, int Length)> segments = _engine.MapVmState(writer, offset, length);
+            List<(long Host, int DataOffset, int Length)> segments;
+            try
+            {
+                segments = _engine.MapVmState(writer, offset, length);
+            }
+            catch (Exception e) when (_engine.NoteFailure(e))
+            {
+                throw;
+            }
             writer.BeginWrite();   // under the lock: a snapshot operation waits for it
             return segments;
         }
@@ -158,7 +203,14 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     {
         ThrowIfDisposed();
         if (_writer is null || _writer.CapturedBy is not null) return;
-        _engine.FlushVmState(_writer);
+        try
+        {
+            _engine.FlushVmState(_writer);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>
@@ -185,7 +237,14 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         ArgumentOutOfRangeException.ThrowIfNegative(offset);
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         if (length == 0) return;
-        _engine.DiscardVmState(writer, offset, length);
+        try
+        {
+            _engine.DiscardVmState(writer, offset, length);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>

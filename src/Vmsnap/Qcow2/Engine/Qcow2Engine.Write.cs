@@ -19,6 +19,7 @@ internal sealed partial class Qcow2Engine
     }
 
     private readonly List<InFlight> _inFlight = [];
+    private readonly List<long> _abandoned = [];   // host clusters of failed writes, freed at the next flush
     private bool _verified;
 
     // Host clusters that several entries of the active L2 tables share (legal only with a matching
@@ -52,14 +53,9 @@ internal sealed partial class Qcow2Engine
         {
             ThrowIfDisposed();
             while (_inFlight.Count > 0) Monitor.Wait(_lock);
-            try
-            {
-                return action();
-            }
-            finally
-            {
-                TrimCaches();
-            }
+            T result = action();
+            TrimCaches();
+            return result;
         }
     }
 
@@ -106,7 +102,6 @@ internal sealed partial class Qcow2Engine
             catch
             {
                 Leave(registration);
-                TrimCaches();
                 throw;
             }
         }
@@ -116,12 +111,13 @@ internal sealed partial class Qcow2Engine
         }
         catch
         {
+            // No I/O here (the device may be failing): the registration goes, and the clusters
+            // allocated for the write are freed by the next flush.
             lock (_lock)
             {
                 foreach (ClusterPlan p in plans)
-                    if (p.NewCluster) Refcounts.Free(p.Host, Geometry.ClusterSize);
+                    if (p.NewCluster) _abandoned.Add(p.Host);
                 Leave(registration);
-                TrimCaches();
             }
             throw;
         }
@@ -134,8 +130,18 @@ internal sealed partial class Qcow2Engine
             finally
             {
                 Leave(registration);
-                TrimCaches();
             }
+            TrimCaches();
+        }
+    }
+
+    /// <summary>Frees the clusters of writes whose data write failed (their L2 entries were never changed).</summary>
+    private void FreeAbandoned()
+    {
+        while (_abandoned.Count > 0)
+        {
+            Refcounts.Free(_abandoned[^1], Geometry.ClusterSize);
+            _abandoned.RemoveAt(_abandoned.Count - 1);
         }
     }
 
@@ -380,8 +386,8 @@ internal sealed partial class Qcow2Engine
             finally
             {
                 Leave(registration);
-                TrimCaches();
             }
+            TrimCaches();
         }
     }
 

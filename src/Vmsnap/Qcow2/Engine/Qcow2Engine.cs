@@ -168,6 +168,20 @@ internal sealed partial class Qcow2Engine : IDisposable
 
     internal void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
+    // Set once an I/O failure reached a caller: a later failure of Dispose's own flush is then only
+    // a consequence, and must not hide the first error (it would replace it in a using block).
+    private volatile bool _ioFailureReported;
+
+    /// <summary>
+    /// Exception filter for the public entry points (<c>catch (Exception e) when (NoteFailure(e))</c>):
+    /// notes an I/O failure that is about to reach the caller; never catches.
+    /// </summary>
+    internal bool NoteFailure(Exception e)
+    {
+        if (e is Storage.StorageException or IOException) _ioFailureReported = true;
+        return false;
+    }
+
     // ---- durability ---------------------------------------------------------------------------
 
     /// <summary>Writes dirty refcount blocks and table entries (after the mapping side when decrements wait on it), then flushes.</summary>
@@ -206,6 +220,7 @@ internal sealed partial class Qcow2Engine : IDisposable
     /// <summary>Makes every completed write durable: refcounts, then L2 tables, then the L1 table, with device flushes between.</summary>
     internal void FlushAll()
     {
+        FreeAbandoned();
         FlushRefcountSide();   // writes the mapping side first when pending decrements wait on it
         FlushMappingSide();
     }
@@ -263,6 +278,11 @@ internal sealed partial class Qcow2Engine : IDisposable
                     VmStateWriter = null;
                     FlushAll();
                 }
+            }
+            catch (Exception e) when (_ioFailureReported && e is Storage.StorageException or IOException)
+            {
+                // The device already failed an operation and the caller got that error, the first one:
+                // this flush failing too adds nothing (what it could not write is at worst a leak).
             }
             finally
             {
