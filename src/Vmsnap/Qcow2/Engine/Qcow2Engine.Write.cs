@@ -285,6 +285,9 @@ internal sealed partial class Qcow2Engine
         foreach (ClusterPlan p in plans)
         {
             if (!p.Link) continue;
+            // Bytes the guest did not write in this request (old data, zeroes, backing data) must be
+            // durable before the L2 entry that makes them visible.
+            if (!p.Direct) Order.MappingDependsOnData = true;
             MetadataCache.Table table = ExclusiveL2(p.Guest);
             ulong word = (ulong)p.Host | L2Entry.Copied;
             ulong bitmap = Geometry.ExtendedL2 ? ((ulong)p.NewZero << 32) | p.NewAllocated : 0;

@@ -28,7 +28,11 @@ internal sealed partial class Qcow2Engine : IDisposable
         Refcounts = new RefcountManager(device, Geometry, header, Order, RefcountManager.ReadTable(device, header), path);
         int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
         L2Cache = new MetadataCache(device, Geometry.ClusterSize, l2Capacity, "L2 table");
-        L2Cache.BeforeWriteBack = () => { if (Order.MappingDependsOnRefcounts) FlushRefcountSide(); };
+        L2Cache.BeforeWriteBack = () =>
+        {
+            if (Order.MappingDependsOnRefcounts) FlushRefcountSide();
+            if (Order.MappingDependsOnData) FlushData();
+        };
         Refcounts.Blocks.BeforeWriteBack = () => { if (Order.RefcountsDependOnMapping) FlushMappingSide(); };
         ActiveL1 = new L1Table((long)header.L1TableOffset, ReadL1(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true);
     }
@@ -188,8 +192,15 @@ internal sealed partial class Qcow2Engine : IDisposable
     private void FlushRefcountSide()
     {
         if (Order.RefcountsDependOnMapping) FlushMappingSide();
-        if (Refcounts.WriteDirty()) Device.Flush();
+        if (Refcounts.WriteDirty()) FlushData();
         Order.MappingDependsOnRefcounts = false;
+    }
+
+    /// <summary>Flushes the device: data written before (copy-on-write merges included) is durable. Under the lock.</summary>
+    private void FlushData()
+    {
+        Device.Flush();
+        Order.MappingDependsOnData = false;   // set only under the lock, when a write links its clusters
     }
 
     /// <summary>Writes dirty L2 tables, then (after a flush) the dirty part of the active L1 table, then flushes.</summary>
