@@ -281,6 +281,7 @@ internal sealed partial class Qcow2Engine
     private void Switch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable,
         Action? adopted = null)
     {
+        BeforeFirstChange();
         Qcow2Header h = Header.Clone();
         if (newActive is not null)
         {

@@ -45,6 +45,7 @@ internal sealed partial class Qcow2Engine
         ThrowIfSwitchFailed();
         EnsureWritable();
         if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
+        BeforeFirstChange();
         try
         {
             return writer.Map(offset, length);
@@ -118,8 +119,7 @@ internal sealed partial class Qcow2Engine
     {
         if (ReadOnly) return;
         long clusters = Geometry.ClustersFor(Device.Length);
-        long end = clusters;
-        while (end > 1 && Refcounts.Get(end - 1) == 0) end--;
+        long end = Refcounts.EndOfUsed(clusters);
         if (end < clusters) Device.SetLength(end << Geometry.ClusterBits);
     }
 

@@ -26,6 +26,7 @@ internal sealed partial class Qcow2Engine : IDisposable
         Geometry = new ClusterGeometry(header.ClusterBits, header.HasExtendedL2, header.RefcountOrder);
         Order = new WriteOrder { FlushRefcountSide = FlushRefcountSide, FlushMappingSide = FlushMappingSide };
         Refcounts = new RefcountManager(device, Geometry, header, Order, RefcountManager.ReadTable(device, header), path);
+        Refcounts.OnCorruption = e => _corruption ??= e.Message;
         int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
         L2Cache = new MetadataCache(device, Geometry.ClusterSize, l2Capacity, "L2 table");
         L2Cache.BeforeWriteBack = () =>

@@ -57,15 +57,44 @@ internal sealed class RefcountManager
 
     private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, ImageName);
 
+    /// <summary>Called with every corruption found here (the engine then refuses writes).</summary>
+    internal Action<Qcow2FormatException>? OnCorruption { get; set; }
+
+    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem)
+    {
+        Qcow2FormatException e = Corrupt(structure, offset, problem);
+        OnCorruption?.Invoke(e);
+        return e;
+    }
+
+    /// <summary>Reads refcounts of many clusters, looking each refcount block up once per run of clusters it covers.</summary>
+    internal struct Reader(RefcountManager refcounts)
+    {
+        private long _index = -1;
+        private byte[]? _block;
+
+        internal ulong Get(long cluster)
+        {
+            long index = cluster >> refcounts._g.RefcountBlockBits;
+            if (index != _index)
+            {
+                long offset = refcounts.BlockOffset(index);
+                _block = offset == 0 ? null : refcounts._blocks.Get(offset).Data;
+                _index = index;
+            }
+            return _block is null ? 0 : RefcountBlock.Get(_block, cluster & (refcounts._g.RefcountBlockEntries - 1), refcounts._g.RefcountOrder);
+        }
+    }
+
     private long BlockOffset(long tableIndex)
     {
         if (tableIndex >= _table.Length) return 0;
         ulong e = _table[tableIndex];
         long offset = (long)(e & RefcountTableEntry.OffsetMask);
         if ((offset & (_g.ClusterSize - 1)) != 0)
-            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
+            throw CorruptionFound("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
         if (offset < 0 || (offset != 0 && offset < _g.ClusterSize))
-            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
+            throw CorruptionFound("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
         return offset;
     }
 
@@ -75,6 +104,30 @@ internal sealed class RefcountManager
         long offset = BlockOffset(cluster >> _g.RefcountBlockBits);
         if (offset == 0) return 0;
         return RefcountBlock.Get(_blocks.Get(offset).Data, cluster & (_g.RefcountBlockEntries - 1), _g.RefcountOrder);
+    }
+
+    /// <summary>
+    /// One past the last cluster below <paramref name="clusters"/> whose refcount is not 0 (at least
+    /// 1: the header). Ranges without a refcount block are skipped whole, so a huge free tail costs
+    /// little.
+    /// </summary>
+    internal long EndOfUsed(long clusters)
+    {
+        long c = Math.Min(clusters, (long)_table.Length << _g.RefcountBlockBits);
+        while (c > 1)
+        {
+            long index = (c - 1) >> _g.RefcountBlockBits;
+            long blockStart = index << _g.RefcountBlockBits;
+            long offset = BlockOffset(index);
+            if (offset != 0)
+            {
+                byte[] data = _blocks.Get(offset).Data;
+                for (long k = c - 1; k >= Math.Max(blockStart, 1); k--)
+                    if (RefcountBlock.Get(data, k - blockStart, _g.RefcountOrder) != 0) return k + 1;
+            }
+            c = Math.Max(blockStart, 1);
+        }
+        return 1;
     }
 
     /// <summary>Adds <paramref name="delta"/> to the refcount of each cluster touched by [offset, offset + length).</summary>
@@ -98,7 +151,7 @@ internal sealed class RefcountManager
     {
         long blockOffset = BlockOffset(cluster >> _g.RefcountBlockBits);
         if (blockOffset == 0)
-            throw Corrupt("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
+            throw CorruptionFound("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
         MetadataCache.Table block = _blocks.Get(blockOffset);
         long index = cluster & (_g.RefcountBlockEntries - 1);
         ulong old = RefcountBlock.Get(block.Data, index, _g.RefcountOrder);
@@ -106,7 +159,7 @@ internal sealed class RefcountManager
         if (delta < 0)
         {
             if (old < (ulong)-delta)
-                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
+                throw CorruptionFound("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
             value = old - (ulong)-delta;
         }
         else
