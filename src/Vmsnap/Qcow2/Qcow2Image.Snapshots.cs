@@ -64,9 +64,10 @@ public sealed partial class Qcow2Image
 
     /// <summary>
     /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's
-    /// VM-state offset, mapped through the active L1 table. Whatever the active table mapped there
-    /// before (an unfinished save) is dropped first. Write the stream, <see cref="Qcow2VmStateArea.Flush"/>,
-    /// then <see cref="CreateSnapshot"/> with its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all.
+    /// VM-state offset. Nothing the image's metadata reaches changes while it is written; the
+    /// snapshot create takes it over (and drops whatever the active table mapped past the disk).
+    /// Write the stream, <see cref="Qcow2VmStateArea.Flush"/>, then <see cref="CreateSnapshot"/> with
+    /// its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all (or close it): the image is as it was.
     /// </summary>
     public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
 

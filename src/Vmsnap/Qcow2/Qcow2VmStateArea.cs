@@ -5,19 +5,21 @@ namespace Vmsnap.Qcow2;
 /// <summary>
 /// The VM-state area of a qcow2 image as a block device: offset 0 is the first byte of the VM
 /// state, which qcow2 keeps in the image's guest address space right after the virtual disk.
-/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it maps through the active L1
-/// table and is what a save writes the migration stream into before
-/// <see cref="Qcow2Image.CreateSnapshot"/> takes it over; opened for reading
+/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it is what a save writes the
+/// migration stream into before <see cref="Qcow2Image.CreateSnapshot"/> takes it over, kept apart
+/// from the image's metadata until then; opened for reading
 /// (<see cref="Qcow2Image.OpenVmStateForReading(Qcow2Snapshot)"/>) it maps through a snapshot's L1
 /// table and is exactly the snapshot's VM-state size long.
 /// </summary>
 /// <remarks>
-/// Writing: positional, several writes may be in flight on disjoint ranges. Host clusters are
-/// allocated in large contiguous runs and linked in memory, the metadata written in batches; data
-/// goes straight to the image file (with O_DIRECT when the image was opened with
-/// <see cref="Qcow2OpenOptions.Direct"/> and the request is aligned). <see cref="Flush"/> makes data
-/// and metadata durable and zeroes what was mapped but never written; <see cref="Discard"/> of the
-/// whole area frees everything (a failed save leaves nothing behind).
+/// Writing: positional, several writes may be in flight on disjoint ranges. Host clusters come from
+/// large contiguous runs reserved in memory at the free tail of the image; data goes straight to
+/// the image file (with O_DIRECT when the image was opened with <see cref="Qcow2OpenOptions.Direct"/>
+/// and the request is aligned). No metadata is written until the snapshot create, which counts and
+/// links it all in its one header switch: <see cref="Flush"/> makes the data durable and zeroes what
+/// was mapped but never written; <see cref="Discard"/> of the whole area, or closing it without a
+/// snapshot, gives everything back and the file ends where it did (a failed or killed save leaves
+/// the image as it was, at most with bytes past its last cluster in use).
 /// Reading: large aligned reads go to the file as large (direct) reads; unallocated ranges read as zero.
 /// </remarks>
 public sealed class Qcow2VmStateArea : IBlockDevice
@@ -88,7 +90,8 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         int n = (int)Math.Min(buffer.Length, length - offset);
         try
         {
-            _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+            if (_writer is not null) _engine.ReadVmState(_writer, buffer[..n], offset);
+            else _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
         }
         catch (Exception e) when (_engine.NoteFailure(e))
         {
@@ -248,8 +251,8 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     }
 
     /// <summary>
-    /// Closes the area. Writing: returns unused reserved clusters; what was written stays mapped in
-    /// the active L1 table (a later open for writing drops it), unless a snapshot took it over.
+    /// Closes the area. Writing: unless a snapshot took it over, everything written is given back
+    /// (nothing refers to it) and the file is trimmed to its last cluster in use.
     /// </summary>
     public void Dispose()
     {

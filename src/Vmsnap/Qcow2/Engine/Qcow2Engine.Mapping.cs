@@ -84,7 +84,7 @@ internal sealed partial class Qcow2Engine
         _validatedL2.Add(fresh);   // empty, or a copy of a table just validated
         if (old != 0)
         {
-            Refcounts.Free(old, Geometry.ClusterSize);   // reference dropped in memory first
+            FreeOrOwe(old, Geometry.ClusterSize);   // reference dropped in memory first
             // Another active L1 entry may share the old table (after check repaired such sharing): the last one owns it now.
             if (Refcounts.Get(old >> Geometry.ClusterBits) == 1)
             {
@@ -131,7 +131,7 @@ internal sealed partial class Qcow2Engine
         WriteHeaderBytes(Qcow2Header.L1SizeOffset, Header.EncodeL1Fields());
         Device.Flush();
         ActiveL1.Replace(newOffset, entries);
-        if (size > 0) Refcounts.Free(oldOffset, size * 8);
+        if (size > 0) FreeOrOwe(oldOffset, size * 8);
     }
 
     /// <summary>Reads an L1 table (a snapshot's) into memory, validated against the file.</summary>

@@ -19,7 +19,9 @@ internal sealed partial class Qcow2Engine
     }
 
     private readonly List<InFlight> _inFlight = [];
-    private readonly List<long> _abandoned = [];   // host clusters of failed writes, freed at the next flush
+    // Refcount decrements owed for references already dropped in memory (the clusters of a failed
+    // data write, or an old reference whose decrement failed on the device): done at the next flush.
+    private readonly List<(long Offset, long Length)> _owed = [];
 
     // Like QEMU, a clean image is trusted and checked lazily: each active L2 table is validated the
     // first time a write uses it (entries, COPIED flags against refcounts, clusters shared inside it).
@@ -127,7 +129,7 @@ internal sealed partial class Qcow2Engine
             lock (_lock)
             {
                 foreach (ClusterPlan p in plans)
-                    if (p.NewCluster) _abandoned.Add(p.Host);
+                    if (p.NewCluster) _owed.Add((p.Host, Geometry.ClusterSize));
                 Leave(registration);
             }
             throw;
@@ -146,13 +148,60 @@ internal sealed partial class Qcow2Engine
         }
     }
 
-    /// <summary>Frees the clusters of writes whose data write failed (their L2 entries were never changed).</summary>
-    private void FreeAbandoned()
+    /// <summary>Makes the owed refcount decrements (see <see cref="_owed"/>); one that fails stays owed.</summary>
+    private void FreeOwed()
     {
-        while (_abandoned.Count > 0)
+        while (_owed.Count > 0)
         {
-            Refcounts.Free(_abandoned[^1], Geometry.ClusterSize);
-            _abandoned.RemoveAt(_abandoned.Count - 1);
+            (long offset, long length) = _owed[^1];
+            Refcounts.Free(offset, length);
+            _owed.RemoveAt(_owed.Count - 1);
+        }
+    }
+
+    /// <summary>Lowers a refcount for a reference dropped in memory; if the device fails meanwhile, the decrement is owed (not lost) and the error goes on.</summary>
+    private void FreeOrOwe(long offset, long length)
+    {
+        try
+        {
+            Refcounts.Free(offset, length);
+        }
+        catch (Exception e) when (e is Storage.StorageException or IOException)
+        {
+            _owed.Add((offset, length));
+            throw;
+        }
+    }
+
+    /// <summary>The decrement <see cref="DropStorage"/> would make, owed instead (after an earlier one failed).</summary>
+    private void OweStorage(L2Entry old, ClusterKind kind)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                _owed.Add((old.HostOffset, Geometry.ClusterSize));
+                break;
+            case ClusterKind.Compressed:
+                (long offset, int length) = old.CompressedRange(Geometry);
+                _owed.Add((offset, length));
+                break;
+        }
+    }
+
+    /// <summary>Drops the storage of several replaced entries; if one fails on the device, the rest are owed.</summary>
+    private void DropAll(List<(L2Entry Old, ClusterKind Kind, long Guest)> dropped)
+    {
+        for (int k = 0; k < dropped.Count; k++)
+        {
+            try
+            {
+                DropStorage(dropped[k].Old, dropped[k].Kind, dropped[k].Guest);
+            }
+            catch (Exception e) when (e is Storage.StorageException or IOException)
+            {
+                for (int m = k + 1; m < dropped.Count; m++) OweStorage(dropped[m].Old, dropped[m].Kind);
+                throw;
+            }
         }
     }
 
@@ -306,8 +355,7 @@ internal sealed partial class Qcow2Engine
             L2Cache.MarkDirty(table);
         }
         // Old references are gone (in memory); their refcounts drop after that reaches the disk.
-        foreach (ClusterPlan p in plans)
-            if (p.NewCluster) DropStorage(p.Old, p.OldKind, p.Guest);
+        DropAll(plans.Where(p => p.NewCluster).Select(p => (p.Old, p.OldKind, p.Guest)).ToList());
     }
 
     /// <summary>The active L2 table for a guest offset, which planning already made exclusive.</summary>
@@ -325,7 +373,7 @@ internal sealed partial class Qcow2Engine
         switch (kind)
         {
             case ClusterKind.Normal or ClusterKind.ZeroAllocated:
-                Refcounts.Free(old.HostOffset, Geometry.ClusterSize);
+                FreeOrOwe(old.HostOffset, Geometry.ClusterSize);
                 long cluster = old.HostOffset >> Geometry.ClusterBits;
                 if (_activeShared.TryGetValue(cluster, out List<long>? guests))
                 {
@@ -336,7 +384,7 @@ internal sealed partial class Qcow2Engine
                 break;
             case ClusterKind.Compressed:
                 (long offset, int length) = old.CompressedRange(Geometry);
-                Refcounts.Free(offset, length);
+                FreeOrOwe(offset, length);
                 break;
         }
     }
@@ -374,7 +422,7 @@ internal sealed partial class Qcow2Engine
             {
                 ValidateForWrite(first, last - first);
                 BeforeFirstChange();
-                var dropped = new List<(L2Entry, ClusterKind, long)>();
+                var dropped = new List<(L2Entry Old, ClusterKind Kind, long Guest)>();
                 // With a backing file, "zero" must hide its data: zero flags (or zero subclusters).
                 bool zero = !discard || Backing is not null;
                 for (long pos = first; pos < last; pos += cs)
@@ -397,7 +445,7 @@ internal sealed partial class Qcow2Engine
                     L2Cache.MarkDirty(table);
                     dropped.Add((e, kind, pos));
                 }
-                foreach ((L2Entry e, ClusterKind kind, long guest) in dropped) DropStorage(e, kind, guest);
+                DropAll(dropped);
             }
             finally
             {

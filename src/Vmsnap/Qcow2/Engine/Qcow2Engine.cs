@@ -232,7 +232,7 @@ internal sealed partial class Qcow2Engine : IDisposable
     /// <summary>Makes every completed write durable: refcounts, then L2 tables, then the L1 table, with device flushes between.</summary>
     internal void FlushAll()
     {
-        FreeAbandoned();
+        FreeOwed();
         FlushRefcountSide();   // writes the mapping side first when pending decrements wait on it
         FlushMappingSide();
     }
@@ -284,11 +284,13 @@ internal sealed partial class Qcow2Engine : IDisposable
             {
                 if (!ReadOnly)
                 {
-                    // A VM-state area left open must not leave its unused reservation counted on disk.
-                    VmStateWriter?.WaitIdle();
-                    VmStateWriter?.ReleaseReservation();
+                    // A VM-state area left open is given up: nothing refers to it, the file ends where it did.
+                    VmStateAllocation? writer = VmStateWriter;
+                    writer?.WaitIdle();
+                    writer?.ReleaseReservation();
                     VmStateWriter = null;
                     FlushAll();
+                    if (writer is not null && writer.CapturedBy is null) TrimFreeTail();
                 }
             }
             catch (Exception e) when (_ioFailureReported && e is Storage.StorageException or IOException)

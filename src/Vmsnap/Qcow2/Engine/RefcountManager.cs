@@ -196,7 +196,50 @@ internal sealed class RefcountManager
         }
     }
 
-    private bool IsFree(long cluster) => Get(cluster) == 0 && !_freedSinceFlush.Contains(cluster);
+    private bool IsFree(long cluster) => Get(cluster) == 0 && !_freedSinceFlush.Contains(cluster) && !IsReserved(cluster);
+
+    // Runs of clusters [start, end) held in memory only, for the VM-state area being written: their
+    // refcounts stay 0 on disk until a snapshot takes them over, so a save that fails or is killed
+    // leaves nothing counted. Allocation skips them.
+    private readonly SortedList<long, long> _reserved = [];
+
+    /// <summary>True when the cluster lies in a reserved run.</summary>
+    internal bool IsReserved(long cluster) => ReservedRunEnd(cluster) > cluster;
+
+    /// <summary>The end of the reserved run holding <paramref name="cluster"/>, or <paramref name="cluster"/> itself when none does.</summary>
+    internal long ReservedRunEnd(long cluster)
+    {
+        if (_reserved.Count == 0) return cluster;
+        IList<long> starts = _reserved.Keys;
+        int lo = 0, hi = starts.Count - 1;
+        while (lo <= hi)
+        {
+            int mid = (lo + hi) >> 1;
+            if (starts[mid] <= cluster) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        return hi >= 0 && cluster < _reserved.Values[hi] ? _reserved.Values[hi] : cluster;
+    }
+
+    /// <summary>One past the last reserved cluster (0 without reservations).</summary>
+    internal long ReservedEnd => _reserved.Count == 0 ? 0 : _reserved.Values[^1];
+
+    /// <summary>
+    /// Reserves <paramref name="count"/> contiguous clusters at the free tail of the image: past every
+    /// cluster in use (or freed but maybe still referenced on disk) and every earlier reservation.
+    /// Only memory changes. Returns the first cluster.
+    /// </summary>
+    internal long ReserveTail(long count)
+    {
+        long start = Math.Max(EndOfUsed(HighWater), ReservedEnd);
+        foreach (long c in _freedSinceFlush) start = Math.Max(start, c + 1);
+        _reserved.Add(start, start + count);
+        if (start + count > HighWater) HighWater = start + count;
+        return start;
+    }
+
+    /// <summary>Gives reserved runs back (nothing on disk changes).</summary>
+    internal void ReleaseReserved() => _reserved.Clear();
 
     private long FindFreeRun(long count)
     {
@@ -208,6 +251,13 @@ internal sealed class RefcountManager
             {
                 if (run == 0) runStart = c;
                 return runStart;
+            }
+            long skip = ReservedRunEnd(c);
+            if (skip > c)
+            {
+                run = 0;
+                c = skip - 1;   // the loop's c++ lands on the run's end
+                continue;
             }
             if (c != 0 && IsFree(c))
             {
