@@ -35,7 +35,10 @@ public sealed partial class Qcow2Image
     /// with the next free ID (the highest numeric ID + 1). With <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>
     /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateForWriting"/>
     /// (which then refuses further writes), and the active disk no longer maps that area, so the next
-    /// save writes fresh clusters. Crash-safe: the image switches to the new metadata in one header write.
+    /// save writes fresh clusters. The snapshot shares the active L2 tables; their COPIED flags are
+    /// cleared in place. Crash-safe: the image switches to the new metadata in one header write (two
+    /// when L2 tables need their flags cleared: the first moves the active disk to copies of them
+    /// while they are rewritten), every state in between a whole, consistent image.
     /// </summary>
     /// <exception cref="ArgumentException">The name is empty, too long (QEMU keeps 255 bytes) or the options are out of range.</exception>
     /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>

@@ -193,6 +193,14 @@ public static class VmSnapshots
     private static VmSnapshotResult WriteSnapshot(Qcow2Image image, string imagePath, string name, VmSnapshotOptions options,
         Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend, Stopwatch clock)
     {
+        try
+        {
+            Qcow2Engine.CheckSnapshotName(name);   // before the stream is written, not after
+        }
+        catch (ArgumentException e)
+        {
+            throw new VmsnapException($"'{imagePath}': {e.Message}");
+        }
         if (image.FindSnapshot(name) is { } existing)
             throw new VmsnapException(existing.Name == name
                 ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"

@@ -190,8 +190,8 @@ public sealed class RefusalTests : IDisposable
         string stream = _dir.File("s.mig");
         using (var profile = MachineProfile.Create("none", [new("ram0", ram)]))
         {
-            // A name QEMU cannot keep is refused (by the snapshot create, after the stream).
-            Assert.ThrowsAny<ArgumentException>(() => VmSnapshots.Save(image, new string('n', 300), profile));
+            // A name QEMU cannot keep is refused (before the stream is written).
+            Assert.Contains("255", Assert.ThrowsAny<VmsnapException>(() => VmSnapshots.Save(image, new string('n', 300), profile)).Message);
             Assert.Equal(hash, Qemu.Hash(image));
             StreamFiles.WriteFile(stream, w => MigrationStream.Write(w, profile));
         }

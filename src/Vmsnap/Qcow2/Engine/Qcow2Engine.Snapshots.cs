@@ -129,7 +129,8 @@ internal sealed partial class Qcow2Engine
         return negative ? unchecked(0 - value) : value;
     }
 
-    private static void CheckSnapshotName(string name)
+    /// <summary>Refuses a snapshot name QEMU cannot keep (empty, longer than 255 bytes, a NUL).</summary>
+    internal static void CheckSnapshotName(string name)
     {
         ArgumentNullException.ThrowIfNull(name);
         if (name.Length == 0) throw new ArgumentException("a snapshot needs a name");

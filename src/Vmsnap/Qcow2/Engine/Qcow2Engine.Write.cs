@@ -648,6 +648,9 @@ internal sealed partial class Qcow2Engine
             throw new VmsnapException($"'{Path}' is open read-only; open it writable to repair it");
         return RunExclusive(() =>
         {
+            // A repair may rebuild refcounts in free clusters, and the area's reservation is free on disk.
+            if (mode != Qcow2RepairMode.None && VmStateWriter is not null)
+                throw new VmsnapException($"'{Path}': close the VM-state area open for writing before repairing the image");
             Qcow2CheckResult result = Qcow2Checker.Run(this, mode);
             // A repair may have rewritten tables and flags: validate again as they are used.
             _validatedL2.Clear();
