@@ -11,9 +11,13 @@
 # Every operation is a fresh process timed by /usr/bin/time: wall seconds and peak RSS (VmHWM);
 # `vmsnap_startup` (vmsnap --version) is the .NET start-up all vmsnap rows include. The snapshot
 # made is deleted again (untimed, with vmsnap) so every round starts from the same kind of image.
-# Then the growth phase: per tool, GROWTH consecutive creates, each after writing DIRTY as above,
-# without deleting in between: the file's growth per snapshot in a steady state (the freed old
-# metadata of one create is reused by the next), then those snapshots are deleted.
+# Then the growth phase: per tool, GROWTH consecutive rounds of the same DIRTY writes and one
+# create, without deleting in between; `*_growth` is the file's growth over a whole round (writes
+# and create: holes one create frees are filled by the next round's data, so the create alone
+# would tell little). The data written is the same for every tool: the differences between the
+# rows are what the snapshots cost. `*_used` is the change of the host clusters in use (refcount
+# above 0) across the create alone: the space a snapshot really takes, holes or not. Then those
+# snapshots are deleted.
 # BASELINE (a vmsnap.dll of another build, e.g. main) adds its rows for comparison.
 # Prints every run, then the medians and vmsnap/QEMU ratios.
 # Usage: bench/snapshot-scale.sh   (env: ROUNDS=5 GROWTH=6 DISK_DIR=bench/.scratch SIZE=1T SNAPSHOTS=64
@@ -93,12 +97,16 @@ growth_tools=(vmsnap qemu)
 [ -n "${BASELINE:-}" ] && growth_tools+=(baseline)
 for tool in "${growth_tools[@]}"; do
   for i in $(seq "$GROWTH"); do
+    start=$(stat -c %s "$IMG")
     dirty "$((1000 + i))"
+    used_before=$("${BENCH[@]}" used --image "$IMG")
     case $tool in
-      vmsnap) run vmsnap_growth "${VMSNAP[@]}" snapshot create "$IMG" "grow$i" ;;
-      qemu) run qemu_img_growth qemu-img snapshot -c "grow$i" "$IMG" ;;
-      baseline) run baseline_growth dotnet "$BASELINE" snapshot create "$IMG" "grow$i" ;;
+      vmsnap) label=vmsnap_growth; run vmsnap_create_seq "${VMSNAP[@]}" snapshot create "$IMG" "grow$i" ;;
+      qemu) label=qemu_img_growth; run qemu_img_create_seq qemu-img snapshot -c "grow$i" "$IMG" ;;
+      baseline) label=baseline_growth; run baseline_create_seq dotnet "$BASELINE" snapshot create "$IMG" "grow$i" ;;
     esac
+    echo "$label - - $(($(stat -c %s "$IMG") - start))" | tee -a "$out" | sed 's/^/# /'
+    echo "${label%_growth}_used - - $(($("${BENCH[@]}" used --image "$IMG") - used_before))" | tee -a "$out" | sed 's/^/# /'
   done
   for i in $(seq "$GROWTH"); do cleanup "grow$i"; done
 done
@@ -112,17 +120,25 @@ awk '
     return c % 2 ? v[(c + 1) / 2] : (v[c / 2] + v[c / 2 + 1]) / 2
   }
   END {
-    printf "%-16s %5s %10s %12s %14s\n", "operation", "runs", "seconds", "peak_MiB", "growth_KiB"
-    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save qemu_savevm vmsnap_growth qemu_img_growth baseline_growth", order, " ")
+    printf "%-20s %5s %10s %12s %14s\n", "operation", "runs", "seconds", "peak_MiB", "growth_KiB"
+    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save qemu_savevm vmsnap_create_seq qemu_img_create_seq baseline_create_seq", order, " ")
     for (o = 1; o <= c; o++) {
       k = order[o]; if (!(k in n)) continue
       sec[k] = med(s, k, n[k]); mib[k] = med(m, k, n[k]) / 1024; kib[k] = med(g, k, n[k]) / 1024
-      printf "%-16s %5d %10.3f %12.1f %14.1f\n", k, n[k], sec[k], mib[k], kib[k]
+      printf "%-20s %5d %10.3f %12.1f %14.1f\n", k, n[k], sec[k], mib[k], kib[k]
+    }
+    c = split("vmsnap_growth qemu_img_growth baseline_growth vmsnap_used qemu_img_used baseline_used", order, " ")
+    for (o = 1; o <= c; o++) {
+      k = order[o]; if (!(k in n)) continue
+      kib[k] = med(g, k, n[k]) / 1024
+      printf "%-20s %5d %10s %12s %14.1f   (%s)\n", k, n[k], "-", "-", kib[k], k ~ /_used$/ ? "clusters in use added by one create" : "file growth per round: the writes and one snapshot"
     }
     if (("vmsnap_create" in n) && ("qemu_img_create" in n))
       printf "create: vmsnap/qemu-img time %.2f, peak memory %.2f\n", sec["vmsnap_create"] / sec["qemu_img_create"], mib["vmsnap_create"] / mib["qemu_img_create"]
     if (("vmsnap_growth" in n) && ("qemu_img_growth" in n))
-      printf "growth per snapshot (steady state): vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", kib["vmsnap_growth"], kib["qemu_img_growth"], ("baseline_growth" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_growth"]) : ""
+      printf "file growth per round of %s writes and a snapshot: vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", dirty, kib["vmsnap_growth"], kib["qemu_img_growth"], ("baseline_growth" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_growth"]) : ""
+    if (("vmsnap_used" in n) && ("qemu_img_used" in n))
+      printf "space one snapshot takes (clusters in use): vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", kib["vmsnap_used"], kib["qemu_img_used"], ("baseline_used" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_used"]) : ""
     if (("vmsnap_save" in n) && ("qemu_savevm" in n))
       printf "save: vmsnap/QEMU savevm time %.2f, peak memory %.2f\n", sec["vmsnap_save"] / sec["qemu_savevm"], mib["vmsnap_save"] / mib["qemu_savevm"]
-  }' "$out"
+  }' dirty="$DIRTY" "$out"

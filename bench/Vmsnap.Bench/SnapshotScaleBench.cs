@@ -14,12 +14,13 @@ namespace Vmsnap.Bench;
 /// gets data and each round leaves only its own tables to copy on the next write.
 /// <c>dirty</c>: writes --bytes (64 MiB) the same way into --tables random ranges, so the next
 /// snapshot create finds that many active L2 tables with COPIED entries to fix.
+/// <c>used</c>: prints the bytes of host clusters in use (refcount above 0).
 /// </summary>
 internal static class SnapshotScaleBench
 {
     internal static int Run(string[] args)
     {
-        if (args.Length == 0 || args[0] is not ("build" or "dirty")) return Usage("build or dirty");
+        if (args.Length == 0 || args[0] is not ("build" or "dirty" or "used")) return Usage("build, dirty or used");
         var o = new Dictionary<string, string>();
         for (int i = 1; i < args.Length; i++)
         {
@@ -29,6 +30,11 @@ internal static class SnapshotScaleBench
         if (!o.TryGetValue("image", out string? image)) return Usage("--image is required");
         int tables = int.Parse(o.GetValueOrDefault("tables", "256"), CultureInfo.InvariantCulture);
         int seed = int.Parse(o.GetValueOrDefault("seed", "1"), CultureInfo.InvariantCulture);
+        if (args[0] == "used")
+        {
+            Console.WriteLine(UsedBytes(image).ToString(CultureInfo.InvariantCulture));
+            return 0;
+        }
         var clock = Stopwatch.StartNew();
         if (args[0] == "build")
         {
@@ -78,6 +84,20 @@ internal static class SnapshotScaleBench
         img.Flush();
     }
 
+    /// <summary>Bytes of the host clusters in use (refcount above 0): what the image holds, whatever holes its file has.</summary>
+    private static long UsedBytes(string image)
+    {
+        using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true, ForceShare = true });
+        Qcow2Engine e = img.Engine;
+        long clusters = e.Geometry.ClustersFor(e.Device.Length), used = 0;
+        lock (e.SyncRoot)
+        {
+            var reader = new RefcountManager.Reader(e.Refcounts);
+            for (long c = 0; c < clusters; c++) if (reader.Get(c) > 0) used++;
+        }
+        return used * e.Geometry.ClusterSize;
+    }
+
     private static long ParseSize(string s)
     {
         long m = char.ToUpperInvariant(s[^1]) switch { 'K' => 1L << 10, 'M' => 1L << 20, 'G' => 1L << 30, 'T' => 1L << 40, _ => 1 };
@@ -89,6 +109,7 @@ internal static class SnapshotScaleBench
         Console.Error.WriteLine($"snapshot-scale: {problem}");
         Console.Error.WriteLine("usage: Vmsnap.Bench snapshot-scale build --image PATH [--size 1T] [--snapshots 64] [--written 8G] [--tables 256] [--seed 1]");
         Console.Error.WriteLine("       Vmsnap.Bench snapshot-scale dirty --image PATH [--bytes 64M] [--tables 256] [--seed 1]");
+        Console.Error.WriteLine("       Vmsnap.Bench snapshot-scale used --image PATH   (bytes of host clusters in use)");
         return 2;
     }
 }
