@@ -35,13 +35,16 @@ public sealed partial class Qcow2Image
     /// with the next free ID (the highest numeric ID + 1). With <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>
     /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateForWriting"/>
     /// (which then refuses further writes), and the active disk no longer maps that area, so the next
-    /// save writes fresh clusters. Crash-safe: the image switches to the new metadata in one header write.
+    /// save writes fresh clusters. The snapshot shares the active L2 tables; their COPIED flags are
+    /// cleared in place. Crash-safe: the image switches to the new metadata in one header write (two
+    /// when L2 tables need their flags cleared: the first moves the active disk to copies of them
+    /// while they are rewritten), every state in between a whole, consistent image.
     /// </summary>
     /// <exception cref="ArgumentException">The name is empty, too long (QEMU keeps 255 bytes) or the options are out of range.</exception>
     /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>
     public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
     {
-        SnapshotEntry entry = Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions());
+        SnapshotEntry entry = Run(() => Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
         return ToPublic(entry);
     }
 
@@ -51,7 +54,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     /// <returns>The snapshot deleted.</returns>
     /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Engine.DeleteSnapshot(idOrName));
+    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.DeleteSnapshot(idOrName)));
 
     /// <summary>
     /// Reverts the active disk to the snapshot with this ID or name (like <c>qemu-img snapshot -a</c>);
@@ -60,15 +63,16 @@ public sealed partial class Qcow2Image
     /// <returns>The snapshot applied.</returns>
     /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
-    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Engine.ApplySnapshot(idOrName));
+    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
 
     /// <summary>
     /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's
-    /// VM-state offset, mapped through the active L1 table. Whatever the active table mapped there
-    /// before (an unfinished save) is dropped first. Write the stream, <see cref="Qcow2VmStateArea.Flush"/>,
-    /// then <see cref="CreateSnapshot"/> with its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all.
+    /// VM-state offset. Nothing the image's metadata reaches changes while it is written; the
+    /// snapshot create takes it over (and drops whatever the active table mapped past the disk).
+    /// Write the stream, <see cref="Qcow2VmStateArea.Flush"/>, then <see cref="CreateSnapshot"/> with
+    /// its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all (or close it): the image is as it was.
     /// </summary>
-    public Qcow2VmStateArea OpenVmStateForWriting() => Engine.OpenVmStateForWriting();
+    public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
 
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
     /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>

@@ -162,21 +162,35 @@ public sealed partial class Qcow2Image : IDisposable
     public void Read(Span<byte> buffer, long offset)
     {
         CheckRange(offset, buffer.Length);
-        Engine.ReadGuest(buffer, offset);
+        try
+        {
+            Engine.ReadGuest(buffer, offset);
+        }
+        catch (Exception e) when (Engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>Writes <paramref name="buffer"/> to the virtual disk at <paramref name="offset"/> (any alignment).</summary>
     public void Write(ReadOnlySpan<byte> buffer, long offset)
     {
         CheckRange(offset, buffer.Length);
-        Engine.WriteGuest(buffer, offset);
+        try
+        {
+            Engine.WriteGuest(buffer, offset);
+        }
+        catch (Exception e) when (Engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>Makes a range read as zeroes: whole clusters become zero clusters (their storage is freed), partial ones get zero bytes.</summary>
     public void WriteZeroes(long offset, long length)
     {
         CheckRange(offset, length);
-        Engine.ZeroOrDiscard(offset, length, discard: false);
+        Run(() => Engine.ZeroOrDiscard(offset, length, discard: false));
     }
 
     /// <summary>
@@ -186,21 +200,47 @@ public sealed partial class Qcow2Image : IDisposable
     public void Discard(long offset, long length)
     {
         CheckRange(offset, length);
-        Engine.ZeroOrDiscard(offset, length, discard: true);
+        Run(() => Engine.ZeroOrDiscard(offset, length, discard: true));
     }
 
     /// <summary>Makes all completed writes durable (metadata in crash-safe order, then a device flush).</summary>
-    public void Flush() => Engine.Flush();
+    public void Flush() => Run(Engine.Flush);
 
     /// <summary>
     /// Checks the image like <c>qemu-img check</c> and repairs what <paramref name="repair"/> allows
     /// (which needs the image open for writing). After repairs it checks again and reports that
     /// result together with the numbers repaired, as qemu-img does.
     /// </summary>
-    public Qcow2CheckResult Check(Qcow2RepairMode repair = Qcow2RepairMode.None) => Engine.Check(repair);
+    public Qcow2CheckResult Check(Qcow2RepairMode repair = Qcow2RepairMode.None) => Run(() => Engine.Check(repair));
 
     /// <summary>Flushes and closes the image (and its backing chain).</summary>
     public void Dispose() => Engine.Dispose();
+
+    /// <summary>Runs an engine call, noting an I/O failure that reaches the caller (see <see cref="Qcow2Engine.NoteFailure"/>).</summary>
+    internal void Run(Action action)
+    {
+        try
+        {
+            action();
+        }
+        catch (Exception e) when (Engine.NoteFailure(e))
+        {
+            throw;
+        }
+    }
+
+    /// <inheritdoc cref="Run(Action)"/>
+    internal T Run<T>(Func<T> action)
+    {
+        try
+        {
+            return action();
+        }
+        catch (Exception e) when (Engine.NoteFailure(e))
+        {
+            throw;
+        }
+    }
 
     private void CheckRange(long offset, long length)
     {

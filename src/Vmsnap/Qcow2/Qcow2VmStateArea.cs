@@ -5,19 +5,21 @@ namespace Vmsnap.Qcow2;
 /// <summary>
 /// The VM-state area of a qcow2 image as a block device: offset 0 is the first byte of the VM
 /// state, which qcow2 keeps in the image's guest address space right after the virtual disk.
-/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it maps through the active L1
-/// table and is what a save writes the migration stream into before
-/// <see cref="Qcow2Image.CreateSnapshot"/> takes it over; opened for reading
+/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it is what a save writes the
+/// migration stream into before <see cref="Qcow2Image.CreateSnapshot"/> takes it over, kept apart
+/// from the image's metadata until then; opened for reading
 /// (<see cref="Qcow2Image.OpenVmStateForReading(Qcow2Snapshot)"/>) it maps through a snapshot's L1
 /// table and is exactly the snapshot's VM-state size long.
 /// </summary>
 /// <remarks>
-/// Writing: positional, several writes may be in flight on disjoint ranges. Host clusters are
-/// allocated in large contiguous runs and linked in memory, the metadata written in batches; data
-/// goes straight to the image file (with O_DIRECT when the image was opened with
-/// <see cref="Qcow2OpenOptions.Direct"/> and the request is aligned). <see cref="Flush"/> makes data
-/// and metadata durable and zeroes what was mapped but never written; <see cref="Discard"/> of the
-/// whole area frees everything (a failed save leaves nothing behind).
+/// Writing: positional, several writes may be in flight on disjoint ranges. Host clusters come from
+/// large contiguous runs reserved in memory at the free tail of the image; data goes straight to
+/// the image file (with O_DIRECT when the image was opened with <see cref="Qcow2OpenOptions.Direct"/>
+/// and the request is aligned). No metadata is written until the snapshot create, which counts and
+/// links it all in its one header switch: <see cref="Flush"/> makes the data durable and zeroes what
+/// was mapped but never written; <see cref="Discard"/> of the whole area, or closing it without a
+/// snapshot, gives everything back and the file ends where it did (a failed or killed save leaves
+/// the image as it was, at most with bytes past its last cluster in use).
 /// Reading: large aligned reads go to the file as large (direct) reads; unallocated ranges read as zero.
 /// </remarks>
 public sealed class Qcow2VmStateArea : IBlockDevice
@@ -86,7 +88,15 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         long length = Length;
         if (offset >= length) return 0;
         int n = (int)Math.Min(buffer.Length, length - offset);
-        _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+        try
+        {
+            if (_writer is not null) _engine.ReadVmState(_writer, buffer[..n], offset);
+            else _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
         return n;
     }
 
@@ -107,6 +117,10 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         {
             foreach ((long host, int at, int n) in segments) _engine.Device.Write(buffer.Slice(at, n), host);
         }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
         finally
         {
             writer.EndWrite();
@@ -120,21 +134,47 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         if (buffer.IsEmpty) return;
         VmStateAllocation writer = Writer();
         List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        // The write ends (for Flush, Discard and snapshot operations waiting on it) only when every
+        // segment issued has completed, also when issuing a later one throws.
+        var issued = new List<Task>(segments.Count);
         try
         {
-            if (segments.Count == 1)
-            {
-                await _engine.Device.WriteAsync(buffer, segments[0].Host, cancellationToken).ConfigureAwait(false);
-                return;
-            }
-            var writes = new Task[segments.Count];
-            for (int i = 0; i < segments.Count; i++)
-                writes[i] = _engine.Device.WriteAsync(buffer.Slice(segments[i].DataOffset, segments[i].Length), segments[i].Host, cancellationToken).AsTask();
-            await Task.WhenAll(writes).ConfigureAwait(false);
+            foreach ((long host, int at, int n) in segments)
+                issued.Add(_engine.Device.WriteAsync(buffer.Slice(at, n), host, cancellationToken).AsTask());
+        }
+        catch (Exception e)
+        {
+            _engine.NoteFailure(e);
+            await WhenAllQuietly(issued).ConfigureAwait(false);
+            writer.EndWrite();
+            throw;
+        }
+        try
+        {
+            await (issued.Count == 1 ? issued[0] : Task.WhenAll(issued)).ConfigureAwait(false);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
         }
         finally
         {
             writer.EndWrite();
+        }
+    }
+
+    private static async Task WhenAllQuietly(List<Task> tasks)
+    {
+        foreach (Task t in tasks)
+        {
+            try
+            {
+                await t.ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                // The error that stopped the issuing is the one reported.
+            }
         }
     }
 
@@ -147,7 +187,15 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         {
             _engine.ThrowIfDisposed();
             if (writer.CapturedBy is not null) Writer();   // throws
-            List<(long Host, int DataOffset, int Length)> segments = _engine.MapVmState(writer, offset, length);
+            List<(long Host, int DataOffset, int Length)> segments;
+            try
+            {
+                segments = _engine.MapVmState(writer, offset, length);
+            }
+            catch (Exception e) when (_engine.NoteFailure(e))
+            {
+                throw;
+            }
             writer.BeginWrite();   // under the lock: a snapshot operation waits for it
             return segments;
         }
@@ -158,7 +206,14 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     {
         ThrowIfDisposed();
         if (_writer is null || _writer.CapturedBy is not null) return;
-        _engine.FlushVmState(_writer);
+        try
+        {
+            _engine.FlushVmState(_writer);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>
@@ -185,12 +240,19 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         ArgumentOutOfRangeException.ThrowIfNegative(offset);
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         if (length == 0) return;
-        _engine.DiscardVmState(writer, offset, length);
+        try
+        {
+            _engine.DiscardVmState(writer, offset, length);
+        }
+        catch (Exception e) when (_engine.NoteFailure(e))
+        {
+            throw;
+        }
     }
 
     /// <summary>
-    /// Closes the area. Writing: returns unused reserved clusters; what was written stays mapped in
-    /// the active L1 table (a later open for writing drops it), unless a snapshot took it over.
+    /// Closes the area. Writing: unless a snapshot took it over, everything written is given back
+    /// (nothing refers to it) and the file is trimmed to its last cluster in use.
     /// </summary>
     public void Dispose()
     {

@@ -192,7 +192,40 @@ public static class VmSnapshots
         if (string.IsNullOrEmpty(name)) throw new VmsnapException("a snapshot needs a name (--name TAG)");
         if (options.ForceShare) throw new VmsnapException("--force-share is only for reading; a save writes the image");
         var clock = Stopwatch.StartNew();
-        using Qcow2Image image = OpenImage(imagePath, writable: true, options);
+        Qcow2Image image = OpenImage(imagePath, writable: true, options);
+        VmSnapshotResult result;
+        try
+        {
+            result = WriteSnapshot(image, imagePath, name, options, produce, wrapBackend, clock);
+        }
+        catch
+        {
+            // Closing flushes; if that fails too, the error that stopped the save is still the one reported.
+            try
+            {
+                image.Dispose();
+            }
+            catch (Exception e) when (e is VmsnapException or IOException)
+            {
+                // A consequence of the first failure, or a new one that must not hide it.
+            }
+            throw;
+        }
+        image.Dispose();
+        return result;
+    }
+
+    private static VmSnapshotResult WriteSnapshot(Qcow2Image image, string imagePath, string name, VmSnapshotOptions options,
+        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend, Stopwatch clock)
+    {
+        try
+        {
+            Qcow2Engine.CheckSnapshotName(name);   // before the stream is written, not after
+        }
+        catch (ArgumentException e)
+        {
+            throw new VmsnapException($"'{imagePath}': {e.Message}");
+        }
         if (image.FindSnapshot(name) is { } existing)
             throw new VmsnapException(existing.Name == name
                 ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"

@@ -109,6 +109,7 @@ public sealed class FileBlockDevice : IBlockDevice
     public void Write(ReadOnlySpan<byte> buffer, long offset)
     {
         ThrowIfReadOnly();
+        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
         try
         {
             RandomAccess.Write(Pick(buffer, offset), buffer, offset);
@@ -131,13 +132,14 @@ public sealed class FileBlockDevice : IBlockDevice
     {
         ThrowIfReadOnly();
         cancellationToken.ThrowIfCancellationRequested();
-        return BlockingIo.Run(() => Write(buffer.Span, offset));
+        return BlockingIo.Run(() => Write(buffer.Span, offset));   // counted by Write (kill-test hook)
     }
 
     /// <inheritdoc/>
     public void Flush()
     {
         if (IsReadOnly) return;
+        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
         NativeFile.DataSync(_handle, Path);
     }
 
@@ -145,6 +147,7 @@ public sealed class FileBlockDevice : IBlockDevice
     public void SetLength(long length)
     {
         ThrowIfReadOnly();
+        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
         try
         {
             RandomAccess.SetLength(_handle, length);
@@ -167,6 +170,7 @@ public sealed class FileBlockDevice : IBlockDevice
         if (length <= 0) return;
         long end = Math.Min(offset + length, Length);
         if (end <= offset) return;
+        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
         if (NativeFile.PunchHole(_handle, offset, end - offset, Path)) return;
         // No hole punching here: zero the range so it still reads back as zeroes.
         byte[] zeros = new byte[(int)Math.Min(end - offset, 1 << 20)];
@@ -182,7 +186,9 @@ public sealed class FileBlockDevice : IBlockDevice
     internal bool Preallocate(long offset, long length)
     {
         ThrowIfReadOnly();
-        return length > 0 && NativeFile.Allocate(_handle, offset, length, Path);
+        if (length <= 0) return false;
+        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        return NativeFile.Allocate(_handle, offset, length, Path);
     }
 
     private void ThrowIfReadOnly()

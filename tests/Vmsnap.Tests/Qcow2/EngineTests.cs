@@ -252,8 +252,14 @@ public class EngineTests
         byte[] initial = File.ReadAllBytes(file);
         var device = new RecordingDevice(initial);
         var random = new Random(seed);
+        // The guest's disk as the test wrote it, kept at each completed flush: what a crash must keep
+        // (data written after the last flush may be old or new).
+        byte[] model = File.ReadAllBytes(Qemu.ToRaw(file, dir));
+        var flushed = new List<(int Barriers, int NextOp, byte[] Model)> { (0, 0, (byte[])model.Clone()) };
+        var touched = new List<(int Op, long Offset, int Length)>();
         using (var img = Qcow2Image.Open(device, "crash"))
         {
+            img.Engine.L2Cache.Capacity = 4;   // evictions write tables back between operations
             Qcow2Engine e = img.Engine;
             for (int i = 0; i < 40; i++)
             {
@@ -263,12 +269,23 @@ public class EngineTests
                 random.NextBytes(data);
                 switch (i % 10)
                 {
-                    case 3: img.WriteZeroes(offset, length); break;
-                    case 6: img.Discard(offset, length); break;
+                    case 3: img.WriteZeroes(offset, length); Array.Clear(model, (int)offset, length); break;
+                    case 6: img.Discard(offset, length); break;   // whole clusters read as zero after it: judged as touched
                     case 8: e.WriteGuest(data, e.VmStateOffset + offset); break;   // grows the L1 table
-                    default: img.Write(data, offset); break;
+                    default: img.Write(data, offset); data.CopyTo(model, offset); break;
                 }
-                if (i % 9 == 0) img.Flush();
+                if (i % 10 != 8) touched.Add((i, offset, length));
+                if (i % 10 == 6)
+                {
+                    byte[] now = new byte[length];
+                    img.Read(now, offset);
+                    now.CopyTo(model, offset);
+                }
+                if (i % 9 == 0)
+                {
+                    img.Flush();
+                    flushed.Add((device.Barriers.Count, i + 1, (byte[])model.Clone()));
+                }
             }
         }
         Assert.True(device.Barriers.Count > 3);
@@ -298,6 +315,7 @@ public class EngineTests
                 Qcow2CheckResult r = img.Check();
                 Assert.True(r.Corruptions == 0 && r.CheckErrors == 0,
                     $"crash after flush {b}, variant {variant}: {string.Join("\n", r.Messages.Take(10))}");
+                AssertFlushedDataSurvives(img, b, variant);
                 checkedStates++;
                 if ((b + variant) % 7 == 0 && qemuChecked < 12)
                 {
@@ -310,5 +328,26 @@ public class EngineTests
             }
         }
         Assert.True(checkedStates > 10);
+
+        // Every byte the last flush completed before the crash covered reads as it was then, unless a later operation touched it.
+        void AssertFlushedDataSurvives(Qcow2Image img, int barriersDone, int variant)
+        {
+            (_, int nextOp, byte[] expected) = flushed.Last(f => f.Barriers <= barriersDone);
+            byte[] actual = new byte[size];
+            img.Read(actual, 0);
+            var later = touched.Where(t => t.Op >= nextOp).Select(t => (Start: t.Offset, End: t.Offset + t.Length)).OrderBy(r => r.Start).ToList();
+            long pos = 0;
+            foreach ((long start, long end) in later.Append((size, size)))
+            {
+                if (start > pos)
+                {
+                    int at = expected.AsSpan((int)pos, (int)(start - pos)).CommonPrefixLength(actual.AsSpan((int)pos, (int)(start - pos)));
+                    long i = pos + at;
+                    if (i < start)
+                        Assert.Fail($"crash after flush {barriersDone}, variant {variant}: guest byte {i} reads 0x{actual[i]:x2}, but 0x{expected[i]:x2} was flushed");
+                }
+                pos = Math.Max(pos, end);
+            }
+        }
     }
 }

@@ -37,10 +37,17 @@ internal sealed class MetadataGeneration
     private readonly Dictionary<long, byte[]> _blocks = [];
     private readonly HashSet<long> _placed = [];
     private readonly List<(long Offset, byte[] Data)> _writes = [];
+    private readonly List<(long Start, long End)> _allocated = [];   // runs this generation allocated (refcount blocks placed included)
+    private readonly Func<long, bool>? _excluded;
     private long _cursor;
     private long _end;   // one past the highest cluster allocated in this generation
+    private byte[]? _tableBytes;
+    private long _tableOffset;
 
-    internal MetadataGeneration(Qcow2Engine engine)
+    /// <summary>A new generation of the engine's current metadata.</summary>
+    /// <param name="engine">The engine (its lock held, caches clean).</param>
+    /// <param name="excluded">Clusters this generation must not allocate (another generation's, built alongside).</param>
+    internal MetadataGeneration(Qcow2Engine engine, Func<long, bool>? excluded = null)
     {
         _e = engine;
         _g = engine.Geometry;
@@ -48,12 +55,30 @@ internal sealed class MetadataGeneration
         _liveTable = _live.Table.ToArray();
         _table = (ulong[])_liveTable.Clone();
         _cursor = Math.Max(1, _live.FreeHint);
+        _excluded = excluded;
     }
 
-    /// <summary>The refcount table the new generation uses (valid after <see cref="Commit"/>).</summary>
+    /// <summary>True when this generation allocated the cluster (for a generation built alongside, which must avoid it).</summary>
+    internal bool AllocatedHere(long cluster)
+    {
+        foreach ((long start, long end) in _allocated)
+            if (cluster >= start && cluster < end) return true;
+        return false;
+    }
+
+    private void NoteAllocated(long start, long count)
+    {
+        if (_allocated.Count > 0 && _allocated[^1].End == start) _allocated[^1] = (_allocated[^1].Start, start + count);
+        else _allocated.Add((start, start + count));
+    }
+
+    /// <summary>Clusters no allocation here may take: reserved in memory (a VM-state area being written) or another generation's.</summary>
+    private bool Unavailable(long cluster) => _live.IsReserved(cluster) || _excluded?.Invoke(cluster) == true;
+
+    /// <summary>The refcount table the new generation uses (valid after <see cref="Prepare"/>).</summary>
     internal ulong[] NewTable { get; private set; } = [];
 
-    /// <summary>The new refcount blocks by offset, as written (valid after <see cref="Commit"/>).</summary>
+    /// <summary>The new refcount blocks by offset, as written (valid after <see cref="Prepare"/>).</summary>
     internal IEnumerable<(long Offset, byte[] Data)> NewBlocks =>
         _blocks.Select(b => ((long)(_table[b.Key] & RefcountTableEntry.OffsetMask), b.Value));
 
@@ -120,15 +145,26 @@ internal sealed class MetadataGeneration
             _blocks.Add(index, block);
             return block;
         }
-        // No block yet: nothing in its range is in use, so it describes itself in its first free cluster.
+        // No block yet: nothing in its range is counted, so it describes itself in its first cluster
+        // free here (not reserved, not another generation's).
         block = new byte[_g.ClusterSize];
         _blocks.Add(index, block);
         long first = Math.Max(index << _g.RefcountBlockBits, 1);
         long c = first;
-        while (RefcountBlock.Get(block, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder) != 0) c++;
+        long rangeEnd = (index + 1) << _g.RefcountBlockBits;
+        while (c < rangeEnd && (RefcountBlock.Get(block, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder) != 0 || Unavailable(c))) c++;
+        _placed.Add(index);
+        if (c == rangeEnd)
+        {
+            // Its whole range is taken (a VM-state area reserved it): the block lives elsewhere,
+            // counted in the block of that range.
+            long elsewhere = Allocate(1);
+            SetTableEntry(index, elsewhere);
+            return block;
+        }
         RefcountBlock.Set(block, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder, 1);
         SetTableEntry(index, c << _g.ClusterBits);
-        _placed.Add(index);
+        NoteAllocated(c, 1);
         _end = Math.Max(_end, c + 1);
         return block;
     }
@@ -139,7 +175,7 @@ internal sealed class MetadataGeneration
         _table[index] = (ulong)offset;
     }
 
-    private bool IsFree(long cluster) => cluster > 0 && _live.Get(cluster) == 0 && Get(cluster) == 0;
+    private bool IsFree(long cluster) => cluster > 0 && !Unavailable(cluster) && _live.Get(cluster) == 0 && Get(cluster) == 0;
 
     /// <summary>
     /// Allocates <paramref name="count"/> contiguous clusters that are free in both generations
@@ -168,6 +204,7 @@ internal sealed class MetadataGeneration
             for (long c = start; c < start + count; c++) Add(c, 1);
             if (start == _cursor) _cursor = start + count;
             _end = Math.Max(_end, start + count);
+            NoteAllocated(start, count);
             return start << _g.ClusterBits;
         }
     }
@@ -178,8 +215,15 @@ internal sealed class MetadataGeneration
         for (long c = _cursor; ; c++)
         {
             // Past every live refcount block and everything allocated here, all clusters are free.
-            if (c >= (long)_liveTable.Length << _g.RefcountBlockBits && c >= _end && c >= _live.HighWater)
+            if (c >= (long)_liveTable.Length << _g.RefcountBlockBits && c >= _end && c >= _live.HighWater && !Unavailable(c))
                 return run == 0 ? c : runStart;
+            long skip = _live.ReservedRunEnd(c);
+            if (skip > c)
+            {
+                run = 0;
+                c = skip - 1;
+                continue;
+            }
             if (IsFree(c))
             {
                 if (run == 0) runStart = c;
@@ -197,14 +241,13 @@ internal sealed class MetadataGeneration
     internal void Write(long offset, byte[] data) => _writes.Add((offset, data));
 
     /// <summary>
-    /// Moves every changed refcount block to a fresh cluster and writes them, the new refcount
-    /// table and the queued tables, then flushes: everything the header switch will point to is
-    /// durable. Sets the refcount table fields of <paramref name="header"/> (a copy of the current
-    /// header that the caller switches to). Nothing the current generation uses is changed.
+    /// Moves every changed refcount block to a fresh cluster and places the new refcount table:
+    /// after this nothing more is allocated or counted, and nothing of the live state is consulted
+    /// again (a generation built alongside may be switched to first). Sets the refcount table fields
+    /// of <paramref name="header"/> (a copy of the header that the caller switches to).
     /// </summary>
-    internal void Commit(Qcow2Header header)
+    internal void Prepare(Qcow2Header header)
     {
-        IBlockDevice device = _e.Device;
         long liveTableClusters = _live.TableClusters;
         AddRange(_live.TableOffset, liveTableClusters << _g.ClusterBits, -1);
         long tableOffset = 0, tableClusters = 0;
@@ -224,17 +267,27 @@ internal sealed class MetadataGeneration
 
         var table = new ulong[tableClusters * entriesPerCluster];
         _table.CopyTo(table, 0);
-        byte[] tableBytes = new byte[tableClusters << _g.ClusterBits];
-        L1Entry.Encode(table, tableBytes);
-
-        foreach ((long offset, byte[] data) in NewBlocks) device.Write(data, offset);
-        device.Write(tableBytes, tableOffset);
-        foreach ((long offset, byte[] data) in _writes) device.Write(data, offset);
-        device.Flush();
-
+        _tableBytes = new byte[tableClusters << _g.ClusterBits];
+        L1Entry.Encode(table, _tableBytes);
+        _tableOffset = tableOffset;
         header.RefcountTableOffset = (ulong)tableOffset;
         header.RefcountTableClusters = (uint)tableClusters;
         NewTable = table;
+    }
+
+    /// <summary>
+    /// Writes the refcount blocks, the refcount table and the queued tables, then flushes:
+    /// everything the header switch will point to is durable. Nothing the live generation uses is
+    /// changed. Call after <see cref="Prepare"/>.
+    /// </summary>
+    internal void WriteOut()
+    {
+        if (_tableBytes is null) throw new InvalidOperationException("the generation was not prepared");
+        IBlockDevice device = _e.Device;
+        foreach ((long offset, byte[] data) in NewBlocks) device.Write(data, offset);
+        device.Write(_tableBytes, _tableOffset);
+        foreach ((long offset, byte[] data) in _writes) device.Write(data, offset);
+        device.Flush();
     }
 
     /// <summary>Gives every changed refcount block that still lives where the current generation has it a fresh cluster.</summary>

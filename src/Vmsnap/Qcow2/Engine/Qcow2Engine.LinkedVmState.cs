@@ -8,12 +8,11 @@ namespace Vmsnap.Qcow2;
 /// next takes it over (see docs/live.md).
 /// </summary>
 /// <remarks>
-/// Why the region's bytes are safe from the engine itself while it links them: their clusters have
-/// refcount 0 until <see cref="LinkVmStateRegion"/> raises them, which it does before anything else
-/// that can allocate. The only allocations before that are refcount blocks for the region's own
-/// range, and the allocator hands out the lowest free cluster, which lies below the region because
-/// <see cref="CheckVmStateRegion"/> required free clusters there; a refcount table that must grow
-/// goes past the end of the file, which is past the region.
+/// Why the region's bytes are safe from the engine itself while it links them: <see cref="LinkVmStateRegion"/>
+/// reserves their clusters in memory, and the allocator skips reserved clusters; the refcount blocks the
+/// snapshot create may need for the region's range come from free clusters below it (which
+/// <see cref="CheckVmStateRegion"/> required) or past the end of the file, and the area's own L2 tables
+/// from a reservation past the region.
 /// </remarks>
 internal sealed partial class Qcow2Engine
 {
@@ -109,12 +108,13 @@ internal sealed partial class Qcow2Engine
 
     /// <summary>
     /// Makes host bytes [<paramref name="offset"/>, + <paramref name="length"/>) of the file, written
-    /// outside the engine, the active VM-state area (guest offsets from <see cref="VmStateOffset"/> on,
-    /// one host cluster per guest cluster, in order). Refuses with <see cref="VmsnapException"/> when
-    /// <see cref="CheckVmStateRegion"/> finds a problem. Crash-safe order: the region's refcounts are
-    /// raised and made durable first, then whatever the active L1 table mapped past the disk is dropped,
-    /// then the L2 entries (and the L1 entries for their tables) are written. On failure what was done
-    /// is undone as far as the device allows (at worst clusters leak).
+    /// outside the engine, the VM-state area open for writing (area cluster N is host cluster
+    /// offset/cluster + N), so that the next snapshot create with VM state takes it over. Refuses with
+    /// <see cref="VmsnapException"/> when <see cref="CheckVmStateRegion"/> finds a problem. Nothing on
+    /// disk changes here: the region's clusters are reserved in memory (no allocation can hand them
+    /// out), and the snapshot create counts them and writes the area's L2 tables (reserved at the free
+    /// tail, past the region) in its one header switch, as it does for an area written through
+    /// <see cref="OpenVmStateForWriting"/>. A crash before that switch leaves the image as it was.
     /// </summary>
     internal void LinkVmStateRegion(long offset, long length, long reserveBelow) => RunExclusive(() =>
     {
@@ -122,73 +122,25 @@ internal sealed partial class Qcow2Engine
         EnsureWritable();
         if (VmStateWriter is not null)
             throw new VmsnapException($"'{Path}' has its VM-state area open for writing");
+        ValidateSnapshotTable();
+        if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         if (RegionProblem(offset, length, reserveBelow) is { } problem)
             throw new VmsnapException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
-        long first = offset >> Geometry.ClusterBits;
-        long count = Geometry.ClustersFor(length);
-        long linked = 0;
-        bool claimed = false;
-        try
-        {
-            // Claimed first: from here on no allocation can hand out a cluster of the region. The
-            // engine's write order puts these refcounts on disk before any L2 entry that points there.
-            Refcounts.Update(offset, count << Geometry.ClusterBits, +1);
-            claimed = true;
-            DropActiveVmState();
-            long start = VmStateOffset;
-            bool extended = Geometry.ExtendedL2;
-            ulong bitmap = extended ? L2Entry.AllAllocated : 0;
-            int tables = 0;
-            while (linked < count)
-            {
-                // One L2 table at a time: the entries of a run of clusters it maps.
-                long guest = start + (linked << Geometry.ClusterBits);
-                MetadataCache.Table table = GetWritableL2(Geometry.L1Index(guest));
-                int index = Geometry.L2Index(guest);
-                int n = (int)Math.Min(count - linked, Geometry.L2Entries - index);
-                for (int k = 0; k < n; k++)
-                {
-                    if (L2Entry.Read(table.Data, index + k, extended).Word != 0)
-                        throw Corrupt("L2 table", table.Offset, $"still maps VM-state guest offset 0x{start + (linked << Geometry.ClusterBits):x} after the old VM-state area was dropped");
-                    L2Entry.Write(table.Data, index + k, extended, new L2Entry((ulong)((first + linked) << Geometry.ClusterBits) | L2Entry.Copied, bitmap));
-                    L2Cache.MarkDirty(table);
-                    linked++;
-                }
-                if ((++tables & 1023) == 0) TrimCaches();
-            }
-            FlushAll();
-            return true;
-        }
-        catch (Exception e) when (claimed && e is VmsnapException or IOException)
-        {
-            UndoLink(first, count, linked);
-            throw;
-        }
+        VmStateWriter = VmStateAllocation.ForRegion(this, offset >> Geometry.ClusterBits, length);
+        return true;
     });
 
-    /// <summary>After a failed link: the clusters linked so far go with the active VM-state mapping, the others are freed.</summary>
-    private void UndoLink(long first, long count, long linked)
-    {
-        try
-        {
-            if (linked < count) Refcounts.Free((first + linked) << Geometry.ClusterBits, (count - linked) << Geometry.ClusterBits);
-            FlushAll();
-            DropActiveVmState();
-            TrimFreeTail();
-            Device.Flush();
-        }
-        catch (Exception e) when (e is VmsnapException or IOException)
-        {
-            // The failure that brought us here is the one to report; what could not be undone is at worst a leak.
-        }
-    }
-
-    /// <summary>Drops what the active L1 table maps past the disk (a linked VM-state area no snapshot took over), then trims the file.</summary>
+    /// <summary>Gives up a linked VM-state area no snapshot took over (its clusters were never counted), then trims the file.</summary>
     internal void DropLinkedVmState() => RunExclusive(() =>
     {
         ThrowIfSwitchFailed();
         EnsureWritable();
-        DropActiveVmState();
+        if (VmStateWriter is { CapturedBy: null } writer)
+        {
+            writer.ReleaseReservation();
+            VmStateWriter = null;
+        }
         FlushAll();
         TrimFreeTail();
         Device.Flush();

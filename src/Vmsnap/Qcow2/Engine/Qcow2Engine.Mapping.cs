@@ -20,9 +20,9 @@ internal sealed partial class Qcow2Engine
     {
         string where = l1.IsActive ? $"L1 table entry {l1Index}" : $"snapshot L1 table entry {l1Index}";
         if ((l2 & (Geometry.ClusterSize - 1)) != 0)
-            throw Corrupt(where, l1.Offset + l1Index * 8, $"points to unaligned L2 table offset 0x{l2:x}");
+            throw CorruptionFound(where, l1.Offset + l1Index * 8, $"points to unaligned L2 table offset 0x{l2:x}");
         if (l2 >= HostLimit)
-            throw Corrupt(where, l1.Offset + l1Index * 8, $"points to an L2 table at 0x{l2:x}, beyond the end of the file (0x{HostLimit:x})");
+            throw CorruptionFound(where, l1.Offset + l1Index * 8, $"points to an L2 table at 0x{l2:x}, beyond the end of the file (0x{HostLimit:x})");
     }
 
     /// <summary>Checks a data cluster reference read from an L2 table before it is used.</summary>
@@ -34,21 +34,21 @@ internal sealed partial class Qcow2Engine
             case ClusterKind.Normal or ClusterKind.ZeroAllocated:
                 long host = e.HostOffset;
                 if ((host & (Geometry.ClusterSize - 1)) != 0)
-                    throw Corrupt($"L2 table entry {index}", at, $"points to unaligned host offset 0x{host:x}");
+                    throw CorruptionFound($"L2 table entry {index}", at, $"points to unaligned host offset 0x{host:x}");
                 if (host >= HostLimit)
-                    throw Corrupt($"L2 table entry {index}", at, $"points to host offset 0x{host:x}, beyond the end of the file (0x{HostLimit:x})");
+                    throw CorruptionFound($"L2 table entry {index}", at, $"points to host offset 0x{host:x}, beyond the end of the file (0x{HostLimit:x})");
                 if (Geometry.ExtendedL2 && (e.AllocatedMask & e.ZeroMask) != 0)
-                    throw Corrupt($"L2 table entry {index}", at, $"subcluster bitmap 0x{e.Bitmap:x16} marks subclusters both allocated and zero");
+                    throw CorruptionFound($"L2 table entry {index}", at, $"subcluster bitmap 0x{e.Bitmap:x16} marks subclusters both allocated and zero");
                 break;
             case ClusterKind.Compressed:
                 (long offset, _) = e.CompressedRange(Geometry);
                 if (offset >= HostLimit)
-                    throw Corrupt($"L2 table entry {index}", at, $"compressed data at 0x{offset:x} lies beyond the end of the file (0x{HostLimit:x})");
+                    throw CorruptionFound($"L2 table entry {index}", at, $"compressed data at 0x{offset:x} lies beyond the end of the file (0x{HostLimit:x})");
                 if (Geometry.ExtendedL2 && e.Bitmap != 0)
-                    throw Corrupt($"L2 table entry {index}", at, "compressed cluster with a non-zero subcluster bitmap");
+                    throw CorruptionFound($"L2 table entry {index}", at, "compressed cluster with a non-zero subcluster bitmap");
                 break;
             case ClusterKind.Unallocated when Geometry.ExtendedL2 && e.AllocatedMask != 0:
-                throw Corrupt($"L2 table entry {index}", at, "unallocated cluster with allocated subclusters");
+                throw CorruptionFound($"L2 table entry {index}", at, "unallocated cluster with allocated subclusters");
         }
     }
 
@@ -64,7 +64,9 @@ internal sealed partial class Qcow2Engine
         if (old != 0)
         {
             ValidateL2Offset(ActiveL1, l1Index, old);
-            if (L1Entry.IsCopied(entry)) return L2Cache.Get(old);
+            MetadataCache.Table current = L2Cache.Get(old);
+            ValidateActiveL2(l1Index, current);   // before it is written or copied
+            if (L1Entry.IsCopied(entry)) return current;
         }
         long fresh = Refcounts.Allocate(1);
         MetadataCache.Table table;
@@ -79,9 +81,10 @@ internal sealed partial class Qcow2Engine
             source.CopyTo(table.Data, 0);
         }
         ActiveL1.Set(l1Index, L1Entry.Make(fresh, copied: true));
+        _validatedL2.Add(fresh);   // empty, or a copy of a table just validated
         if (old != 0)
         {
-            Refcounts.Free(old, Geometry.ClusterSize);   // reference dropped in memory first
+            FreeOrOwe(old, Geometry.ClusterSize);   // reference dropped in memory first
             // Another active L1 entry may share the old table (after check repaired such sharing): the last one owns it now.
             if (Refcounts.Get(old >> Geometry.ClusterBits) == 1)
             {
@@ -128,7 +131,7 @@ internal sealed partial class Qcow2Engine
         WriteHeaderBytes(Qcow2Header.L1SizeOffset, Header.EncodeL1Fields());
         Device.Flush();
         ActiveL1.Replace(newOffset, entries);
-        if (size > 0) Refcounts.Free(oldOffset, size * 8);
+        if (size > 0) FreeOrOwe(oldOffset, size * 8);
     }
 
     /// <summary>Reads an L1 table (a snapshot's) into memory, validated against the file.</summary>

@@ -129,7 +129,8 @@ internal sealed partial class Qcow2Engine
         return negative ? unchecked(0 - value) : value;
     }
 
-    private static void CheckSnapshotName(string name)
+    /// <summary>Refuses a snapshot name QEMU cannot keep (empty, longer than 255 bytes, a NUL).</summary>
+    internal static void CheckSnapshotName(string name)
     {
         ArgumentNullException.ThrowIfNull(name);
         if (name.Length == 0) throw new ArgumentException("a snapshot needs a name");
@@ -281,6 +282,13 @@ internal sealed partial class Qcow2Engine
     private void Switch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable,
         Action? adopted = null)
     {
+        Qcow2Header h = PrepareSwitch(gen, newActive, newActiveOffset, newSnapshots, newTable);
+        CompleteSwitch(gen, h, newActive, newActiveOffset, newSnapshots, newTable, adopted);
+    }
+
+    /// <summary>The header the generation switches to (it is prepared: nothing more is allocated in it).</summary>
+    private Qcow2Header PrepareSwitch(MetadataGeneration gen, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots, (long Offset, long Bytes) newTable)
+    {
         Qcow2Header h = Header.Clone();
         if (newActive is not null)
         {
@@ -292,7 +300,16 @@ internal sealed partial class Qcow2Engine
             h.SnapshotCount = (uint)newSnapshots.Count;
             h.SnapshotsOffset = (ulong)newTable.Offset;
         }
-        gen.Commit(h);
+        gen.Prepare(h);
+        return h;
+    }
+
+    /// <summary>Writes a prepared generation, switches the header to <paramref name="h"/> in one write and adopts it (see <see cref="Switch"/>).</summary>
+    private void CompleteSwitch(MetadataGeneration gen, Qcow2Header h, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots,
+        (long Offset, long Bytes) newTable, Action? adopted = null, bool trim = true)
+    {
+        BeforeFirstChange();
+        gen.WriteOut();
         byte[] before = MetadataGeneration.SwitchBytes(Header);
         byte[] after = MetadataGeneration.SwitchBytes(h);
         try
@@ -325,10 +342,11 @@ internal sealed partial class Qcow2Engine
             }
         }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
+        _validatedL2.Clear();
         adopted?.Invoke();
         Device.Flush();
         // Only now: until the switch is durable the old generation may still use the clusters at the end.
-        TrimFreeTail();
+        if (trim) TrimFreeTail();
     }
 
     /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>
@@ -350,12 +368,11 @@ internal sealed partial class Qcow2Engine
         return false;
     }
 
-    /// <summary>What every snapshot operation needs first: a writable, verified image, no VM-state reservation, metadata on disk.</summary>
+    /// <summary>What every snapshot operation needs first: a writable image, metadata on disk (a VM-state area being written keeps its reservation: generations do not allocate there).</summary>
     private void PrepareGeneration()
     {
         ThrowIfSwitchFailed();
         EnsureWritable();
-        VmStateWriter?.ReleaseReservation();
         FlushAll();
     }
 
@@ -385,51 +402,144 @@ internal sealed partial class Qcow2Engine
         {
             Id = NewSnapshotId(),
             Name = name,
-            L1Size = (uint)ActiveL1.Size,
             DateSeconds = (uint)unixSeconds,
             DateNanoseconds = (uint)((date.UtcTicks % TimeSpan.TicksPerSecond) / 10 * 1000),   // microseconds, as QEMU keeps them
             VmClockNanoseconds = (ulong)options.VmClock,
-            VmStateSize32 = options.VmStateSize <= uint.MaxValue ? (uint)options.VmStateSize : 0,
             VmStateSizeLarge = (ulong)options.VmStateSize,
+            VmStateSize32 = options.VmStateSize <= uint.MaxValue ? (uint)options.VmStateSize : 0,
             DiskSize = (ulong)VirtualSize,
             Icount = options.Icount,
         };
 
-        // The snapshot shares the disk's L2 tables; every new path through them is counted, and the
-        // active disk continues in a new L1 table whose COPIED flags fit the new counts.
+        // The snapshot's L1 table is a copy of the active one: it shares the disk's L2 tables and,
+        // for a disk-only snapshot, the VM-state range too (QEMU's snapshot takes the whole table).
+        // Every new path through a shared table is counted; the active disk continues in a new L1
+        // table whose entries are not COPIED any more.
         var gen = new MetadataGeneration(this);
         long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
-        CountL1Paths(gen, ActiveL1, 0, diskEntries, +1);
-        var active = new ulong[ActiveL1.Size];
+        long sharedEnd = withVmState ? diskEntries : ActiveL1.Size;
+        List<long> changed = CountSharedPaths(gen, sharedEnd);
+        long snapshotSize = Math.Max(ActiveL1.Size, captured?.L1End ?? 0);
+        var snapshotL1 = new ulong[snapshotSize];
+        var active = (ulong[])ActiveL1.Entries.Clone();
+        for (long i = 0; i < sharedEnd; i++) snapshotL1[i] = active[i] = ActiveL1[i] & ~L1Entry.Copied;
         if (withVmState)
         {
-            // The snapshot keeps the current L1 table as it is, VM-state area included (now its
-            // own); the active disk stops mapping that area, so the next save writes fresh clusters.
-            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : ActiveL1.Offset;
-            for (long i = 0; i < diskEntries; i++) active[i] = ActiveL1[i] & ~L1Entry.Copied;
+            if (captured is not null)
+            {
+                // The snapshot takes the area's own new tables; whatever the active table mapped past
+                // the disk (an earlier apply's VM state) goes.
+                CountL1Paths(gen, ActiveL1, diskEntries, ActiveL1.Size, -1);
+                captured.CountInto(gen, snapshotL1);
+            }
+            else
+            {
+                // No area: the VM state is what the active table maps past the disk (written as QEMU's savevm does); it moves to the snapshot.
+                for (long i = diskEntries; i < ActiveL1.Size; i++) snapshotL1[i] = ActiveL1[i] & ~L1Entry.Copied;
+            }
+            Array.Clear(active, (int)diskEntries, active.Length - (int)diskEntries);
         }
-        else
-        {
-            // A disk-only snapshot gets a copy of the disk's entries; whatever the active table maps
-            // past the disk (a save in progress) stays the active table's alone.
-            var snapshotL1 = new ulong[ActiveL1.Size];
-            for (long i = 0; i < diskEntries; i++) snapshotL1[i] = ActiveL1[i] & ~L1Entry.Copied;
-            entry.L1TableOffset = ActiveL1.Size == 0 ? 0 : WriteNewL1(gen, snapshotL1);
-            ActiveL1.Entries.CopyTo(active, 0);
-            if (ActiveL1.Size > 0) gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
-        }
-        FixActiveFlags(gen, ActiveL1, active);
+        entry.L1Size = (uint)snapshotSize;
+        entry.L1TableOffset = snapshotSize == 0 ? 0 : WriteNewL1(gen, snapshotL1);
+        if (ActiveL1.Size > 0) gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
         long activeOffset = WriteNewL1(gen, active);
         var list = new List<SnapshotEntry>(Snapshots) { entry };
         (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
-        Switch(gen, active, activeOffset, list, table, () =>
+        Qcow2Header final = PrepareSwitch(gen, active, activeOffset, list, table);
+
+        // Everything is counted and checked: from here on the image changes.
+        captured?.WriteTables();
+        if (changed.Count > 0) ClearCopiedInPlace(gen, changed);
+        CompleteSwitch(gen, final, active, activeOffset, list, table, () =>
         {
             if (captured is null) return;
             captured.MarkCaptured(name);   // its clusters are the snapshot's now
             VmStateWriter = null;
+            Refcounts.ReleaseReserved();
         });
         return entry;
     });
+
+    /// <summary>
+    /// Counts one more path through each active L2 table of L1 entries [0, <paramref name="end"/>)
+    /// (the table and what it references); returns the L1 indices of the tables holding COPIED data
+    /// entries, which the new generation needs cleared.
+    /// </summary>
+    private List<long> CountSharedPaths(MetadataGeneration gen, long end)
+    {
+        var changed = new List<long>();
+        bool extended = Geometry.ExtendedL2;
+        for (long i = 0; i < end; i++)
+        {
+            long l2 = L1Entry.L2Offset(ActiveL1[i]);
+            if (l2 == 0) continue;
+            byte[] table = ReadL2ForWalk(ActiveL1, i, l2);
+            CountL2Path(gen, table, l2, +1);
+            gen.Add(l2 >> Geometry.ClusterBits, +1);
+            bool anyCopied = false;
+            for (int j = 0; j < Geometry.L2Entries && !anyCopied; j++)
+            {
+                L2Entry e = L2Entry.Read(table, j, extended);
+                anyCopied = e.IsCopied && e.Kind(extended) is ClusterKind.Normal or ClusterKind.ZeroAllocated;
+            }
+            if (!anyCopied) continue;
+            // COPIED entries say the table is this L1 entry's alone.
+            if (!L1Entry.IsCopied(ActiveL1[i]) || Refcounts.Get(l2 >> Geometry.ClusterBits) != 1)
+                throw WriteRefused($"L1 table entry {i}", ActiveL1.Offset + i * 8,
+                    $"points to the L2 table at 0x{l2:x}, which has COPIED entries but is shared (refcount {Refcounts.Get(l2 >> Geometry.ClusterBits)})");
+            changed.Add(i);
+        }
+        return changed;
+    }
+
+    /// <summary>
+    /// Clears the COPIED flags of the active L2 tables at <paramref name="indices"/> in place, so the
+    /// final generation (<paramref name="final"/>, prepared) can share them without copies. A table
+    /// the live generation uses as active cannot change under it, so an intermediate generation
+    /// first moves the active L1 entries to identical copies (a switch of its own, one header write);
+    /// the originals, free in it, are then rewritten, and the final switch points back at them and
+    /// frees the copies. Every state on disk is a whole, consistent generation.
+    /// </summary>
+    private void ClearCopiedInPlace(MetadataGeneration final, List<long> indices)
+    {
+        var detour = new MetadataGeneration(this, final.AllocatedHere);
+        var moved = (ulong[])ActiveL1.Entries.Clone();
+        var tables = new List<(long Original, long Copy)>();
+        foreach (long i in indices)
+        {
+            long original = L1Entry.L2Offset(ActiveL1[i]);
+            long copy = detour.Allocate(1);
+            detour.Add(original >> Geometry.ClusterBits, -1);
+            moved[i] = L1Entry.Make(copy, copied: true);
+            tables.Add((original, copy));
+        }
+        detour.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
+        long movedOffset = WriteNewL1(detour, moved);
+        Qcow2Header h = PrepareSwitch(detour, moved, movedOffset, null, default);
+        foreach ((long original, long copy) in tables) Device.Write(ReadCluster(original), copy);   // free until the switch
+        CompleteSwitch(detour, h, moved, movedOffset, null, default, trim: false);
+
+        bool extended = Geometry.ExtendedL2;
+        foreach ((long original, _) in tables)
+        {
+            byte[] data = ReadCluster(original);   // free now, and unchanged
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(data, j, extended);
+                if (e.IsCopied && e.Kind(extended) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
+                    L2Entry.Write(data, j, extended, e with { Word = e.Word & ~L2Entry.Copied });
+            }
+            Device.Write(data, original);
+        }
+    }
+
+    private byte[] ReadCluster(long offset)
+    {
+        byte[] data = new byte[Geometry.ClusterSize];
+        int n = Device.Read(data, offset);
+        if (n < data.Length) data.AsSpan(n).Clear();
+        return data;
+    }
 
     /// <summary>Deletes a snapshot: the table without it, then everything only it used is free (its VM state included).</summary>
     internal SnapshotEntry DeleteSnapshot(string idOrName) => RunExclusive(() =>
@@ -471,16 +581,16 @@ internal sealed partial class Qcow2Engine
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 
-        // The new active table: the snapshot's disk entries (its VM-state area stays its own).
+        // The new active table is the snapshot's whole L1 table, VM-state range included, as QEMU's
+        // apply makes it (padded with zeroes to the current size when the snapshot's is smaller).
         var gen = new MetadataGeneration(this);
-        long diskEntries = Geometry.L1EntriesFor(VirtualSize);
-        var active = new ulong[Math.Max(ActiveL1.Size, diskEntries)];
-        for (long i = 0; i < Math.Min(diskEntries, l1.Size); i++) active[i] = l1[i] & ~L1Entry.Copied;
+        var active = new ulong[Math.Max(ActiveL1.Size, l1.Size)];
+        for (long i = 0; i < l1.Size; i++) active[i] = l1[i] & ~L1Entry.Copied;
         // Only the final counts reach the disk, so the old active paths go first: a narrow refcount
         // (2 bits, say) that holds the final count must not overflow on the way.
         CountL1Paths(gen, ActiveL1, 0, ActiveL1.Size, -1);
         gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
-        CountL1Paths(gen, l1, 0, diskEntries, +1);
+        CountL1Paths(gen, l1, 0, l1.Size, +1);
         var current = new HashSet<long>();
         for (long i = 0; i < ActiveL1.Size; i++)
             if (L1Entry.L2Offset(ActiveL1[i]) is long t and not 0) current.Add(t);
@@ -510,27 +620,6 @@ internal sealed partial class Qcow2Engine
             }
         }
         return duplicates;
-    }
-
-    /// <summary>
-    /// Drops whatever the active L1 table maps past the disk (the VM-state area of an earlier save,
-    /// or one a QEMU snapshot apply copied in), so a new save writes fresh clusters. Call under the lock.
-    /// </summary>
-    internal void DropActiveVmState()
-    {
-        long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
-        bool any = false;
-        for (long i = diskEntries; i < ActiveL1.Size && !any; i++) any = ActiveL1[i] != 0;
-        if (!any) return;
-        PrepareGeneration();
-        var gen = new MetadataGeneration(this);
-        CountL1Paths(gen, ActiveL1, diskEntries, ActiveL1.Size, -1);
-        var active = (ulong[])ActiveL1.Entries.Clone();
-        Array.Clear(active, (int)diskEntries, active.Length - (int)diskEntries);
-        FixActiveFlags(gen, ActiveL1, active);
-        gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
-        long activeOffset = WriteNewL1(gen, active);
-        Switch(gen, active, activeOffset, null, default);
     }
 
     internal void RegisterVmStateReader(long l1Offset, int delta)

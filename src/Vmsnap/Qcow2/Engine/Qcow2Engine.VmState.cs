@@ -1,16 +1,21 @@
 namespace Vmsnap.Qcow2;
 
-/// <summary>The VM-state area: opening it for writing (active L1) or reading (a snapshot's L1), mapping, flush, discard.</summary>
+/// <summary>The VM-state area: opening it for writing (kept apart until a snapshot takes it) or reading (a snapshot's L1), mapping, flush, discard.</summary>
 internal sealed partial class Qcow2Engine
 {
-    /// <summary>Opens the VM-state area for writing; whatever the active L1 table mapped there before is dropped first.</summary>
+    /// <summary>
+    /// Opens the VM-state area for writing. Nothing on disk changes until a snapshot takes it over:
+    /// refusals that a snapshot create would make anyway come here, before a stream is written.
+    /// </summary>
     internal Qcow2VmStateArea OpenVmStateForWriting() => RunExclusive(() =>
     {
         ThrowIfSwitchFailed();
         EnsureWritable();
         if (VmStateWriter is not null)
             throw new VmsnapException($"'{Path}' already has its VM-state area open for writing");
-        DropActiveVmState();
+        ValidateSnapshotTable();
+        if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         var writer = new VmStateAllocation(this);
         VmStateWriter = writer;
         return Qcow2VmStateArea.ForWriting(this, writer);
@@ -43,25 +48,41 @@ internal sealed partial class Qcow2Engine
         lock (_lock) RegisterVmStateReader(l1Offset, -1);
     }
 
-    /// <summary>Maps a write of the area (allocating and linking clusters); under the lock.</summary>
+    /// <summary>Maps a write of the area (taking reserved clusters); under the lock. No I/O but preallocation.</summary>
     internal List<(long Host, int DataOffset, int Length)> MapVmState(VmStateAllocation writer, long offset, int length)
     {
         ThrowIfSwitchFailed();
         EnsureWritable();
         if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
-        try
+        return writer.Map(offset, length);
+    }
+
+    /// <summary>Reads the area being written: what was mapped from its clusters, the rest as zeroes.</summary>
+    internal void ReadVmState(VmStateAllocation writer, Span<byte> buffer, long offset)
+    {
+        List<(long Host, int DataOffset, int Length)> segments;
+        lock (_lock)
         {
-            return writer.Map(offset, length);
+            ThrowIfDisposed();
+            segments = writer.MapForRead(offset, buffer.Length);
         }
-        finally
+        foreach ((long host, int at, int n) in segments)
         {
-            TrimCaches();
+            Span<byte> part = buffer.Slice(at, n);
+            if (host < 0)
+            {
+                part.Clear();
+                continue;
+            }
+            int got = Device.Read(part, host);
+            if (got < n) part[got..].Clear();
         }
     }
 
     // The methods below wait for the area's writes in flight under the lock: their completions do
     // not need it, and no new write can be mapped meanwhile.
 
+    /// <summary>Makes the area's data durable (what was mapped but never written reads as zero). No metadata is written: none refers to the area yet.</summary>
     internal void FlushVmState(VmStateAllocation writer)
     {
         lock (_lock)
@@ -70,9 +91,6 @@ internal sealed partial class Qcow2Engine
             ThrowIfDisposed();
             if (writer.CapturedBy is not null || !ReferenceEquals(VmStateWriter, writer)) return;
             writer.ZeroUnwritten();
-            writer.ReleaseReservation();
-            FlushAll();
-            TrimFreeTail();
             Device.Flush();
         }
     }
@@ -85,10 +103,7 @@ internal sealed partial class Qcow2Engine
             ThrowIfDisposed();
             if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
             writer.Discard(offset, length);
-            FlushAll();
-            TrimFreeTail();
-            Device.Flush();
-            TrimCaches();
+            if (writer.Length == 0) GiveBackTail();
         }
     }
 
@@ -103,8 +118,7 @@ internal sealed partial class Qcow2Engine
             writer.ReleaseReservation();
             try
             {
-                FlushAll();
-                TrimFreeTail();
+                GiveBackTail();
             }
             catch (VmsnapException)
             {
@@ -113,35 +127,23 @@ internal sealed partial class Qcow2Engine
         }
     }
 
+    /// <summary>After the area's reservation went back: the file ends again after the last cluster in use.</summary>
+    private void GiveBackTail()
+    {
+        FlushAll();
+        TrimFreeTail();
+    }
+
     /// <summary>
     /// Shortens the file to the end of the last cluster in use when the clusters after it are free
-    /// (a VM-state reservation given back, preallocated but unused). Call under the lock with the
-    /// metadata flushed.
+    /// (a VM-state area given up or taken over, preallocated but unused). Call under the lock with
+    /// the metadata flushed.
     /// </summary>
     internal void TrimFreeTail()
     {
         if (ReadOnly) return;
         long clusters = Geometry.ClustersFor(Device.Length);
-        long end = clusters;
-        while (end > 1 && Refcounts.Get(end - 1) == 0) end--;
+        long end = Math.Max(Refcounts.EndOfUsed(clusters), Refcounts.ReservedEnd);
         if (end < clusters) Device.SetLength(end << Geometry.ClusterBits);
-    }
-
-    /// <summary>Lowers the refcount of what an active L2 entry referenced before it was replaced.</summary>
-    internal void DropStorageOf(L2Entry old, long guest) => DropStorage(old, old.Kind(Geometry.ExtendedL2), guest);
-
-    /// <summary>Drops active L2 tables from L1 index <paramref name="first"/> on whose entries are all empty (the VM-state area after a discard).</summary>
-    internal void DropEmptyTablesFrom(long first)
-    {
-        for (long i = first; i < ActiveL1.Size; i++)
-        {
-            long l2 = L1Entry.L2Offset(ActiveL1[i]);
-            if (l2 == 0) continue;
-            MetadataCache.Table table = GetL2Table(ActiveL1, i)!;
-            if (table.Data.AsSpan().IndexOfAnyExcept((byte)0) >= 0) continue;
-            ActiveL1.Set(i, 0);
-            L2Cache.Remove(l2);
-            Refcounts.Free(l2, Geometry.ClusterSize);
-        }
     }
 }

@@ -19,7 +19,18 @@ internal sealed partial class Qcow2Engine
     }
 
     private readonly List<InFlight> _inFlight = [];
-    private bool _verified;
+    // Refcount decrements owed for references already dropped in memory (the clusters of a failed
+    // data write, or an old reference whose decrement failed on the device): done at the next flush.
+    private readonly List<(long Offset, long Length)> _owed = [];
+
+    // Like QEMU, a clean image is trusted and checked lazily: each active L2 table is validated the
+    // first time a write uses it (entries, COPIED flags against refcounts, clusters shared inside it).
+    private readonly HashSet<long> _validatedL2 = [];
+
+    // The first corruption found (by that validation, a read, a walk or a check): writes are refused from then on.
+    private string? _corruption;
+
+    private bool _autoclearDone;
 
     // Host clusters that several entries of the active L2 tables share (legal only with a matching
     // refcount, e.g. after check repaired such sharing), with the guest offsets that map to them:
@@ -52,14 +63,9 @@ internal sealed partial class Qcow2Engine
         {
             ThrowIfDisposed();
             while (_inFlight.Count > 0) Monitor.Wait(_lock);
-            try
-            {
-                return action();
-            }
-            finally
-            {
-                TrimCaches();
-            }
+            T result = action();
+            TrimCaches();
+            return result;
         }
     }
 
@@ -101,12 +107,14 @@ internal sealed partial class Qcow2Engine
             registration = Enter(offset, data.Length, write: true);
             try
             {
+                // Everything the write relies on is checked before anything changes.
+                ValidateForWrite(offset, data.Length);
+                BeforeFirstChange();
                 plans = PlanWrite(offset, data.Length);
             }
             catch
             {
                 Leave(registration);
-                TrimCaches();
                 throw;
             }
         }
@@ -116,12 +124,13 @@ internal sealed partial class Qcow2Engine
         }
         catch
         {
+            // No I/O here (the device may be failing): the registration goes, and the clusters
+            // allocated for the write are freed by the next flush.
             lock (_lock)
             {
                 foreach (ClusterPlan p in plans)
-                    if (p.NewCluster) Refcounts.Free(p.Host, Geometry.ClusterSize);
+                    if (p.NewCluster) _owed.Add((p.Host, Geometry.ClusterSize));
                 Leave(registration);
-                TrimCaches();
             }
             throw;
         }
@@ -134,7 +143,64 @@ internal sealed partial class Qcow2Engine
             finally
             {
                 Leave(registration);
-                TrimCaches();
+            }
+            TrimCaches();
+        }
+    }
+
+    /// <summary>Makes the owed refcount decrements (see <see cref="_owed"/>); one that fails stays owed.</summary>
+    private void FreeOwed()
+    {
+        while (_owed.Count > 0)
+        {
+            (long offset, long length) = _owed[^1];
+            Refcounts.Free(offset, length);
+            _owed.RemoveAt(_owed.Count - 1);
+        }
+    }
+
+    /// <summary>Lowers a refcount for a reference dropped in memory; if the device fails meanwhile, the decrement is owed (not lost) and the error goes on.</summary>
+    private void FreeOrOwe(long offset, long length)
+    {
+        try
+        {
+            Refcounts.Free(offset, length);
+        }
+        catch (Exception e) when (e is Storage.StorageException or IOException)
+        {
+            _owed.Add((offset, length));
+            throw;
+        }
+    }
+
+    /// <summary>The decrement <see cref="DropStorage"/> would make, owed instead (after an earlier one failed).</summary>
+    private void OweStorage(L2Entry old, ClusterKind kind)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                _owed.Add((old.HostOffset, Geometry.ClusterSize));
+                break;
+            case ClusterKind.Compressed:
+                (long offset, int length) = old.CompressedRange(Geometry);
+                _owed.Add((offset, length));
+                break;
+        }
+    }
+
+    /// <summary>Drops the storage of several replaced entries; if one fails on the device, the rest are owed.</summary>
+    private void DropAll(List<(L2Entry Old, ClusterKind Kind, long Guest)> dropped)
+    {
+        for (int k = 0; k < dropped.Count; k++)
+        {
+            try
+            {
+                DropStorage(dropped[k].Old, dropped[k].Kind, dropped[k].Guest);
+            }
+            catch (Exception e) when (e is Storage.StorageException or IOException)
+            {
+                for (int m = k + 1; m < dropped.Count; m++) OweStorage(dropped[m].Old, dropped[m].Kind);
+                throw;
             }
         }
     }
@@ -279,6 +345,9 @@ internal sealed partial class Qcow2Engine
         foreach (ClusterPlan p in plans)
         {
             if (!p.Link) continue;
+            // Bytes the guest did not write in this request (old data, zeroes, backing data) must be
+            // durable before the L2 entry that makes them visible.
+            if (!p.Direct) Order.MappingDependsOnData = true;
             MetadataCache.Table table = ExclusiveL2(p.Guest);
             ulong word = (ulong)p.Host | L2Entry.Copied;
             ulong bitmap = Geometry.ExtendedL2 ? ((ulong)p.NewZero << 32) | p.NewAllocated : 0;
@@ -286,8 +355,7 @@ internal sealed partial class Qcow2Engine
             L2Cache.MarkDirty(table);
         }
         // Old references are gone (in memory); their refcounts drop after that reaches the disk.
-        foreach (ClusterPlan p in plans)
-            if (p.NewCluster) DropStorage(p.Old, p.OldKind, p.Guest);
+        DropAll(plans.Where(p => p.NewCluster).Select(p => (p.Old, p.OldKind, p.Guest)).ToList());
     }
 
     /// <summary>The active L2 table for a guest offset, which planning already made exclusive.</summary>
@@ -305,7 +373,7 @@ internal sealed partial class Qcow2Engine
         switch (kind)
         {
             case ClusterKind.Normal or ClusterKind.ZeroAllocated:
-                Refcounts.Free(old.HostOffset, Geometry.ClusterSize);
+                FreeOrOwe(old.HostOffset, Geometry.ClusterSize);
                 long cluster = old.HostOffset >> Geometry.ClusterBits;
                 if (_activeShared.TryGetValue(cluster, out List<long>? guests))
                 {
@@ -316,7 +384,7 @@ internal sealed partial class Qcow2Engine
                 break;
             case ClusterKind.Compressed:
                 (long offset, int length) = old.CompressedRange(Geometry);
-                Refcounts.Free(offset, length);
+                FreeOrOwe(offset, length);
                 break;
         }
     }
@@ -352,7 +420,9 @@ internal sealed partial class Qcow2Engine
             InFlight registration = Enter(first, last - first, write: true);
             try
             {
-                var dropped = new List<(L2Entry, ClusterKind, long)>();
+                ValidateForWrite(first, last - first);
+                BeforeFirstChange();
+                var dropped = new List<(L2Entry Old, ClusterKind Kind, long Guest)>();
                 // With a backing file, "zero" must hide its data: zero flags (or zero subclusters).
                 bool zero = !discard || Backing is not null;
                 for (long pos = first; pos < last; pos += cs)
@@ -375,13 +445,13 @@ internal sealed partial class Qcow2Engine
                     L2Cache.MarkDirty(table);
                     dropped.Add((e, kind, pos));
                 }
-                foreach ((L2Entry e, ClusterKind kind, long guest) in dropped) DropStorage(e, kind, guest);
+                DropAll(dropped);
             }
             finally
             {
                 Leave(registration);
-                TrimCaches();
             }
+            TrimCaches();
         }
     }
 
@@ -393,14 +463,14 @@ internal sealed partial class Qcow2Engine
     }
 
     /// <summary>
-    /// Everything a first write needs: a writable, uncorrupted image whose metadata check finds no
-    /// corruption (so COPIED flags and refcounts can be trusted), unknown autoclear bits cleared.
+    /// What every change needs: a writable image that is not marked corrupt (in the header, or by a
+    /// corruption found since it was opened), whose backing file is open and which has no persistent
+    /// bitmaps vmsnap would leave stale. Nothing is written here.
     /// </summary>
     private void EnsureWritable()
     {
         if (ReadOnly) throw new VmsnapException($"'{Path}' is open read-only");
         ThrowIfSwitchFailed();
-        if (_verified) return;
         if (Header.IsCorrupt)
             throw Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
                 "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
@@ -409,24 +479,124 @@ internal sealed partial class Qcow2Engine
         if (Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0)
             throw Corrupt("bitmaps extension", null,
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
-        FlushAll();
-        Qcow2CheckResult check = Qcow2Checker.Run(this, Qcow2RepairMode.None, out IReadOnlySet<long> shared);
-        if (check.Corruptions > 0 || check.CheckErrors > 0)
-        {
-            string first = check.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? check.Messages.FirstOrDefault() ?? "";
-            throw Corrupt("image", null,
-                $"check finds {check.Corruptions} corruption(s) and {check.CheckErrors} error(s) (first: {first}); a write could damage data, so vmsnap refuses it: run 'vmsnap check --repair all' first");
-        }
-        _activeShared = FindActiveSharing(shared);
+        if (_corruption is not null)
+            throw Corrupt("image", null, $"{_corruption}; a write could damage data, so vmsnap refuses it: {RepairHint}");
+    }
+
+    private const string RepairHint = "run 'vmsnap check --repair all' first";
+
+    /// <summary>Call once an operation has checked what it needs and is about to change the image: clears the autoclear bits vmsnap does not maintain (as QEMU does before its first write).</summary>
+    internal void BeforeFirstChange()
+    {
+        if (_autoclearDone) return;
         ulong autoclear = Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps;
         if (autoclear != Header.AutoclearFeatures && Header.Version >= 3)
         {
-            // Bits for features vmsnap does not maintain must go before the first change.
             Header.AutoclearFeatures = autoclear;
             WriteHeaderBytes(Qcow2Header.AutoclearFeaturesOffset, Qcow2Header.EncodeUInt64(autoclear));
             Device.Flush();
         }
-        _verified = true;
+        _autoclearDone = true;
+    }
+
+    /// <summary>Records a corruption found (writes are refused from now on) and returns its exception.</summary>
+    internal Qcow2FormatException CorruptionFound(string structure, long? offset, string problem)
+    {
+        Qcow2FormatException e = Corrupt(structure, offset, problem);
+        _corruption ??= e.Message;
+        return e;
+    }
+
+    /// <summary>A corruption a write would make worse: recorded, with what to do about it.</summary>
+    private Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
+        CorruptionFound(structure, offset, $"{problem}; a write could damage data, so vmsnap refuses it: {RepairHint}");
+
+    /// <summary>Validates the active L2 tables a write of guest range [offset, offset + length) will use (each once per open).</summary>
+    private void ValidateForWrite(long offset, long length)
+    {
+        long firstIndex = Geometry.L1Index(offset), lastIndex = Geometry.L1Index(offset + length - 1);
+        for (long i = firstIndex; i <= Math.Min(lastIndex, ActiveL1.Size - 1); i++)
+        {
+            long l2 = L1Entry.L2Offset(ActiveL1[i]);
+            if (l2 == 0 || _validatedL2.Contains(l2)) continue;
+            ValidateL2Offset(ActiveL1, i, l2);
+            ValidateActiveL2(i, L2Cache.Get(l2));
+        }
+    }
+
+    /// <summary>
+    /// What QEMU's check would find wrong in one active L2 table and would make a write damage data:
+    /// bad entries, a COPIED flag (on the table or an entry) whose refcount is not 1, a referenced
+    /// cluster whose refcount is 0, two entries sharing a cluster one of them claims alone. Clusters
+    /// the table's entries share legally (refcount high enough) are noted, to give the last one left
+    /// its COPIED flag back.
+    /// </summary>
+    private void ValidateActiveL2(long l1Index, MetadataCache.Table table)
+    {
+        if (_validatedL2.Contains(table.Offset)) return;
+        long at = ActiveL1.Offset + l1Index * 8;
+        ulong l1Entry = ActiveL1[l1Index];
+        ulong tableRefcount = Refcounts.Get(table.Offset >> Geometry.ClusterBits);
+        if (tableRefcount == 0)
+            throw WriteRefused($"L1 table entry {l1Index}", at, $"points to the L2 table at 0x{table.Offset:x}, whose refcount is 0");
+        if (L1Entry.IsCopied(l1Entry) && tableRefcount != 1)
+            throw WriteRefused($"L1 table entry {l1Index}", at, $"marks the L2 table at 0x{table.Offset:x} COPIED (not shared), but its refcount is {tableRefcount}");
+        bool extended = Geometry.ExtendedL2;
+        int entries = Geometry.L2Entries;
+        long[] hosts = new long[entries];
+        int count = 0;
+        var reader = new RefcountManager.Reader(Refcounts);
+        for (int j = 0; j < entries; j++)
+        {
+            L2Entry e = L2Entry.Read(table.Data, j, extended);
+            ClusterKind kind = e.Kind(extended);
+            ValidateEntry(e, kind, table.Offset, j);
+            long entryAt = table.Offset + (long)j * Geometry.L2EntrySize;
+            switch (kind)
+            {
+                case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                    long cluster = e.HostOffset >> Geometry.ClusterBits;
+                    ulong refcount = reader.Get(cluster);
+                    if (refcount == 0)
+                        throw WriteRefused($"L2 table entry {j}", entryAt, $"points to host cluster 0x{e.HostOffset:x}, whose refcount is 0");
+                    if (e.IsCopied && refcount != 1)
+                        throw WriteRefused($"L2 table entry {j}", entryAt, $"marks host cluster 0x{e.HostOffset:x} COPIED (not shared), but its refcount is {refcount}");
+                    hosts[count++] = (cluster << 1) | (e.IsCopied ? 1L : 0L);
+                    break;
+                case ClusterKind.Compressed:
+                    (long offset, int length) = e.CompressedRange(Geometry);
+                    for (long c = offset >> Geometry.ClusterBits; c <= (offset + length - 1) >> Geometry.ClusterBits; c++)
+                        if (reader.Get(c) == 0)
+                            throw WriteRefused($"L2 table entry {j}", entryAt, $"holds compressed data in host cluster 0x{c << Geometry.ClusterBits:x}, whose refcount is 0");
+                    break;
+            }
+        }
+        Array.Sort(hosts, 0, count);
+        for (int k = 1; k < count; k++)
+        {
+            if (hosts[k] >> 1 != hosts[k - 1] >> 1) continue;
+            long cluster = hosts[k] >> 1;
+            if (((hosts[k] | hosts[k - 1]) & 1) != 0)
+                throw WriteRefused($"L2 table at 0x{table.Offset:x}", table.Offset,
+                    $"two entries point to host cluster 0x{cluster << Geometry.ClusterBits:x}, and one of them marks it COPIED (refcount {Refcounts.Get(cluster)})");
+            NoteSharedInTable(l1Index, table, cluster);
+            while (k + 1 < count && hosts[k + 1] >> 1 == cluster) k++;
+        }
+        _validatedL2.Add(table.Offset);
+    }
+
+    /// <summary>Records the guest offsets whose entries in one active L2 table share a host cluster.</summary>
+    private void NoteSharedInTable(long l1Index, MetadataCache.Table table, long cluster)
+    {
+        if (_activeShared.ContainsKey(cluster)) return;
+        var guests = new List<long>();
+        for (int j = 0; j < Geometry.L2Entries; j++)
+        {
+            L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+            if (e.Kind(Geometry.ExtendedL2) is ClusterKind.Normal or ClusterKind.ZeroAllocated && e.HostOffset >> Geometry.ClusterBits == cluster)
+                guests.Add((l1Index * Geometry.L2Entries + j) * Geometry.ClusterSize);
+        }
+        _activeShared[cluster] = guests;
     }
 
     /// <summary>The guest offsets that map to each of the given host clusters through the active tables.</summary>
@@ -462,7 +632,7 @@ internal sealed partial class Qcow2Engine
         L2Cache.MarkDirty(table);
     }
 
-    /// <summary>Repairs refcounts of an image left dirty (lazy refcounts) before anything is written.</summary>
+    /// <summary>Repairs refcounts of an image left dirty (lazy refcounts) before anything is written, as QEMU does on open.</summary>
     private void RepairDirty()
     {
         lock (_lock)
@@ -471,15 +641,29 @@ internal sealed partial class Qcow2Engine
         }
     }
 
-    /// <summary>Checks (and optionally repairs) the image; waits for requests in flight.</summary>
+    /// <summary>Checks (and optionally repairs) the image; waits for requests in flight. What it finds decides whether writes are refused.</summary>
     internal Qcow2CheckResult Check(Qcow2RepairMode mode)
     {
         if (mode != Qcow2RepairMode.None && ReadOnly)
             throw new VmsnapException($"'{Path}' is open read-only; open it writable to repair it");
         return RunExclusive(() =>
         {
+            // A repair may rebuild refcounts in free clusters, and the area's reservation is free on disk.
+            if (mode != Qcow2RepairMode.None && VmStateWriter is not null)
+                throw new VmsnapException($"'{Path}': close the VM-state area open for writing before repairing the image");
             Qcow2CheckResult result = Qcow2Checker.Run(this, mode);
-            if (mode != Qcow2RepairMode.None) _verified = false;
+            // A repair may have rewritten tables and flags: validate again as they are used.
+            _validatedL2.Clear();
+            _activeShared.Clear();
+            if (result.Corruptions > 0 || result.CheckErrors > 0)
+            {
+                string first = result.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? result.Messages.FirstOrDefault() ?? "";
+                _corruption = $"'{Path}': check finds {result.Corruptions} corruption(s) and {result.CheckErrors} error(s) (first: {first})";
+            }
+            else
+            {
+                _corruption = null;
+            }
             return result;
         });
     }

@@ -26,9 +26,14 @@ internal sealed partial class Qcow2Engine : IDisposable
         Geometry = new ClusterGeometry(header.ClusterBits, header.HasExtendedL2, header.RefcountOrder);
         Order = new WriteOrder { FlushRefcountSide = FlushRefcountSide, FlushMappingSide = FlushMappingSide };
         Refcounts = new RefcountManager(device, Geometry, header, Order, RefcountManager.ReadTable(device, header), path);
+        Refcounts.OnCorruption = e => _corruption ??= e.Message;
         int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
         L2Cache = new MetadataCache(device, Geometry.ClusterSize, l2Capacity, "L2 table");
-        L2Cache.BeforeWriteBack = () => { if (Order.MappingDependsOnRefcounts) FlushRefcountSide(); };
+        L2Cache.BeforeWriteBack = () =>
+        {
+            if (Order.MappingDependsOnRefcounts) FlushRefcountSide();
+            if (Order.MappingDependsOnData) FlushData();
+        };
         Refcounts.Blocks.BeforeWriteBack = () => { if (Order.RefcountsDependOnMapping) FlushMappingSide(); };
         ActiveL1 = new L1Table((long)header.L1TableOffset, ReadL1(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true);
     }
@@ -168,14 +173,35 @@ internal sealed partial class Qcow2Engine : IDisposable
 
     internal void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
+    // Set once an I/O failure reached a caller: a later failure of Dispose's own flush is then only
+    // a consequence, and must not hide the first error (it would replace it in a using block).
+    private volatile bool _ioFailureReported;
+
+    /// <summary>
+    /// Exception filter for the public entry points (<c>catch (Exception e) when (NoteFailure(e))</c>):
+    /// notes an I/O failure that is about to reach the caller; never catches.
+    /// </summary>
+    internal bool NoteFailure(Exception e)
+    {
+        if (e is Storage.StorageException or IOException) _ioFailureReported = true;
+        return false;
+    }
+
     // ---- durability ---------------------------------------------------------------------------
 
     /// <summary>Writes dirty refcount blocks and table entries (after the mapping side when decrements wait on it), then flushes.</summary>
     private void FlushRefcountSide()
     {
         if (Order.RefcountsDependOnMapping) FlushMappingSide();
-        if (Refcounts.WriteDirty()) Device.Flush();
+        if (Refcounts.WriteDirty()) FlushData();
         Order.MappingDependsOnRefcounts = false;
+    }
+
+    /// <summary>Flushes the device: data written before (copy-on-write merges included) is durable. Under the lock.</summary>
+    private void FlushData()
+    {
+        Device.Flush();
+        Order.MappingDependsOnData = false;   // set only under the lock, when a write links its clusters
     }
 
     /// <summary>Writes dirty L2 tables, then (after a flush) the dirty part of the active L1 table, then flushes.</summary>
@@ -206,6 +232,7 @@ internal sealed partial class Qcow2Engine : IDisposable
     /// <summary>Makes every completed write durable: refcounts, then L2 tables, then the L1 table, with device flushes between.</summary>
     internal void FlushAll()
     {
+        FreeOwed();
         FlushRefcountSide();   // writes the mapping side first when pending decrements wait on it
         FlushMappingSide();
     }
@@ -257,12 +284,19 @@ internal sealed partial class Qcow2Engine : IDisposable
             {
                 if (!ReadOnly)
                 {
-                    // A VM-state area left open must not leave its unused reservation counted on disk.
-                    VmStateWriter?.WaitIdle();
-                    VmStateWriter?.ReleaseReservation();
+                    // A VM-state area left open is given up: nothing refers to it, the file ends where it did.
+                    VmStateAllocation? writer = VmStateWriter;
+                    writer?.WaitIdle();
+                    writer?.ReleaseReservation();
                     VmStateWriter = null;
                     FlushAll();
+                    if (writer is not null && writer.CapturedBy is null) TrimFreeTail();
                 }
+            }
+            catch (Exception e) when (_ioFailureReported && e is Storage.StorageException or IOException)
+            {
+                // The device already failed an operation and the caller got that error, the first one:
+                // this flush failing too adds nothing (what it could not write is at worst a leak).
             }
             finally
             {

@@ -57,15 +57,44 @@ internal sealed class RefcountManager
 
     private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, ImageName);
 
+    /// <summary>Called with every corruption found here (the engine then refuses writes).</summary>
+    internal Action<Qcow2FormatException>? OnCorruption { get; set; }
+
+    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem)
+    {
+        Qcow2FormatException e = Corrupt(structure, offset, problem);
+        OnCorruption?.Invoke(e);
+        return e;
+    }
+
+    /// <summary>Reads refcounts of many clusters, looking each refcount block up once per run of clusters it covers.</summary>
+    internal struct Reader(RefcountManager refcounts)
+    {
+        private long _index = -1;
+        private byte[]? _block;
+
+        internal ulong Get(long cluster)
+        {
+            long index = cluster >> refcounts._g.RefcountBlockBits;
+            if (index != _index)
+            {
+                long offset = refcounts.BlockOffset(index);
+                _block = offset == 0 ? null : refcounts._blocks.Get(offset).Data;
+                _index = index;
+            }
+            return _block is null ? 0 : RefcountBlock.Get(_block, cluster & (refcounts._g.RefcountBlockEntries - 1), refcounts._g.RefcountOrder);
+        }
+    }
+
     private long BlockOffset(long tableIndex)
     {
         if (tableIndex >= _table.Length) return 0;
         ulong e = _table[tableIndex];
         long offset = (long)(e & RefcountTableEntry.OffsetMask);
         if ((offset & (_g.ClusterSize - 1)) != 0)
-            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
+            throw CorruptionFound("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
         if (offset < 0 || (offset != 0 && offset < _g.ClusterSize))
-            throw Corrupt("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
+            throw CorruptionFound("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to refcount block offset 0x{(ulong)offset:x}, outside the file");
         return offset;
     }
 
@@ -75,6 +104,30 @@ internal sealed class RefcountManager
         long offset = BlockOffset(cluster >> _g.RefcountBlockBits);
         if (offset == 0) return 0;
         return RefcountBlock.Get(_blocks.Get(offset).Data, cluster & (_g.RefcountBlockEntries - 1), _g.RefcountOrder);
+    }
+
+    /// <summary>
+    /// One past the last cluster below <paramref name="clusters"/> whose refcount is not 0 (at least
+    /// 1: the header). Ranges without a refcount block are skipped whole, so a huge free tail costs
+    /// little.
+    /// </summary>
+    internal long EndOfUsed(long clusters)
+    {
+        long c = Math.Min(clusters, (long)_table.Length << _g.RefcountBlockBits);
+        while (c > 1)
+        {
+            long index = (c - 1) >> _g.RefcountBlockBits;
+            long blockStart = index << _g.RefcountBlockBits;
+            long offset = BlockOffset(index);
+            if (offset != 0)
+            {
+                byte[] data = _blocks.Get(offset).Data;
+                for (long k = c - 1; k >= Math.Max(blockStart, 1); k--)
+                    if (RefcountBlock.Get(data, k - blockStart, _g.RefcountOrder) != 0) return k + 1;
+            }
+            c = Math.Max(blockStart, 1);
+        }
+        return 1;
     }
 
     /// <summary>Adds <paramref name="delta"/> to the refcount of each cluster touched by [offset, offset + length).</summary>
@@ -98,7 +151,7 @@ internal sealed class RefcountManager
     {
         long blockOffset = BlockOffset(cluster >> _g.RefcountBlockBits);
         if (blockOffset == 0)
-            throw Corrupt("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
+            throw CorruptionFound("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
         MetadataCache.Table block = _blocks.Get(blockOffset);
         long index = cluster & (_g.RefcountBlockEntries - 1);
         ulong old = RefcountBlock.Get(block.Data, index, _g.RefcountOrder);
@@ -106,7 +159,7 @@ internal sealed class RefcountManager
         if (delta < 0)
         {
             if (old < (ulong)-delta)
-                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
+                throw CorruptionFound("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
             value = old - (ulong)-delta;
         }
         else
@@ -143,7 +196,62 @@ internal sealed class RefcountManager
         }
     }
 
-    private bool IsFree(long cluster) => Get(cluster) == 0 && !_freedSinceFlush.Contains(cluster);
+    private bool IsFree(long cluster) => Get(cluster) == 0 && !_freedSinceFlush.Contains(cluster) && !IsReserved(cluster);
+
+    // Runs of clusters [start, end) held in memory only, for the VM-state area being written: their
+    // refcounts stay 0 on disk until a snapshot takes them over, so a save that fails or is killed
+    // leaves nothing counted. Allocation skips them.
+    private readonly SortedList<long, long> _reserved = [];
+
+    /// <summary>True when the cluster lies in a reserved run.</summary>
+    internal bool IsReserved(long cluster) => ReservedRunEnd(cluster) > cluster;
+
+    /// <summary>The end of the reserved run holding <paramref name="cluster"/>, or <paramref name="cluster"/> itself when none does.</summary>
+    internal long ReservedRunEnd(long cluster)
+    {
+        if (_reserved.Count == 0) return cluster;
+        IList<long> starts = _reserved.Keys;
+        int lo = 0, hi = starts.Count - 1;
+        while (lo <= hi)
+        {
+            int mid = (lo + hi) >> 1;
+            if (starts[mid] <= cluster) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        return hi >= 0 && cluster < _reserved.Values[hi] ? _reserved.Values[hi] : cluster;
+    }
+
+    /// <summary>One past the last reserved cluster (0 without reservations).</summary>
+    internal long ReservedEnd => _reserved.Count == 0 ? 0 : _reserved.Values[^1];
+
+    /// <summary>
+    /// Reserves <paramref name="count"/> contiguous clusters at the free tail of the image: past every
+    /// cluster in use (or freed but maybe still referenced on disk) and every earlier reservation.
+    /// Only memory changes. Returns the first cluster.
+    /// </summary>
+    internal long ReserveTail(long count)
+    {
+        long start = Math.Max(EndOfUsed(HighWater), ReservedEnd);
+        foreach (long c in _freedSinceFlush) start = Math.Max(start, c + 1);
+        _reserved.Add(start, start + count);
+        if (start + count > HighWater) HighWater = start + count;
+        return start;
+    }
+
+    /// <summary>
+    /// Reserves the clusters [<paramref name="first"/>, + <paramref name="count"/>), whose refcounts the
+    /// caller found 0 (a region written outside the engine): only memory changes.
+    /// </summary>
+    internal void ReserveRange(long first, long count)
+    {
+        if (IsReserved(first) || IsReserved(first + count - 1))
+            throw new InvalidOperationException($"clusters {first}..{first + count - 1} overlap a reservation");
+        _reserved.Add(first, first + count);
+        if (first + count > HighWater) HighWater = first + count;
+    }
+
+    /// <summary>Gives reserved runs back (nothing on disk changes).</summary>
+    internal void ReleaseReserved() => _reserved.Clear();
 
     private long FindFreeRun(long count)
     {
@@ -155,6 +263,13 @@ internal sealed class RefcountManager
             {
                 if (run == 0) runStart = c;
                 return runStart;
+            }
+            long skip = ReservedRunEnd(c);
+            if (skip > c)
+            {
+                run = 0;
+                c = skip - 1;   // the loop's c++ lands on the run's end
+                continue;
             }
             if (c != 0 && IsFree(c))
             {

@@ -1,13 +1,14 @@
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// Cluster allocation for the VM-state area open for writing. Host clusters come from large
-/// contiguous reservations (refcounts raised once per reservation) and are handed to guest
-/// clusters in the order writes arrive, so a sequential stream lands sequentially in the file; each
-/// new guest cluster is linked into the active L2 table in memory at once, and the metadata reaches
-/// the disk in batches (cache write-back, <see cref="Qcow2Engine.FlushAll"/>) in the engine's
-/// crash-safe order. Data is written straight to the host clusters, outside the engine's lock.
-/// The bytes of mapped clusters that were never written are zeroed when the area is flushed.
+/// The VM-state area open for writing, kept apart from the image's metadata until a snapshot takes
+/// it over. Host clusters come from large contiguous runs reserved at the free tail of the image,
+/// in memory only (their refcounts stay 0 on disk), and are handed to area clusters in the order
+/// writes arrive, so a sequential stream lands sequentially in the file. The map from area clusters
+/// to host clusters lives here; the area's L2 tables get clusters of the same runs and are written
+/// only when the snapshot is created, which counts them and the data in its one header switch.
+/// Until then nothing the image's header reaches changes: a save that fails, is cut or is killed
+/// leaves the image as it was, its data past the clusters in use (given back by trimming the file).
 /// </summary>
 /// <remarks>Mapping methods run under the engine's lock; the in-flight count has its own.</remarks>
 internal sealed class VmStateAllocation
@@ -18,16 +19,17 @@ internal sealed class VmStateAllocation
 
     private readonly Qcow2Engine _e;
     private readonly ClusterGeometry _g;
-    private readonly List<Run> _map = [];                      // guest cluster runs (area-relative), sorted
+    private readonly List<Run> _map = [];                      // area cluster runs (area-relative), sorted
     private readonly SortedList<long, long> _written = [];      // written byte ranges (area-relative): start -> end
+    private readonly SortedList<long, long> _tables = [];       // L1 index -> host cluster of the area's L2 table there
     private readonly object _flight = new();
-    private long _reservedNext, _reservedEnd;                   // host clusters [next, end) reserved, not yet mapped
+    private long _reservedNext, _reservedEnd;                   // host clusters [next, end) reserved, not handed out yet
     private long _nextReservation;
     private long _preallocatedEnd;                              // file offset up to which reserved clusters past the old end have blocks
     private bool _preallocateUnsupported;
     private int _inFlight;
 
-    /// <summary>A run of guest clusters mapped to contiguous host clusters.</summary>
+    /// <summary>A run of area clusters mapped to contiguous host clusters.</summary>
     private record struct Run(long Guest, long Host, long Count);
 
     internal VmStateAllocation(Qcow2Engine engine)
@@ -36,6 +38,27 @@ internal sealed class VmStateAllocation
         _g = engine.Geometry;
         Start = engine.VmStateOffset;
         _nextReservation = Math.Max(1, FirstReservationBytes >> _g.ClusterBits);
+    }
+
+    /// <summary>
+    /// An area whose data was written outside the engine into the host clusters from
+    /// <paramref name="firstHost"/> on, <paramref name="length"/> bytes (a live save's region): the
+    /// clusters are reserved in memory, mapped in order, and counted as written; the L2 tables get
+    /// clusters reserved at the free tail, past the region. Call under the engine's lock.
+    /// </summary>
+    internal static VmStateAllocation ForRegion(Qcow2Engine engine, long firstHost, long length)
+    {
+        var area = new VmStateAllocation(engine);
+        ClusterGeometry g = area._g;
+        long count = g.ClustersFor(length);
+        engine.Refcounts.ReserveRange(firstHost, count);
+        area._map.Add(new Run(0, firstHost, count));
+        area.AddWritten(0, length);
+        area.Length = length;
+        long firstL1 = g.L1Index(area.Start), lastL1 = g.L1Index(area.Start + (count << g.ClusterBits) - 1);
+        long tables = engine.Refcounts.ReserveTail(lastL1 - firstL1 + 1);
+        for (long i = firstL1; i <= lastL1; i++) area._tables.Add(i, tables + (i - firstL1));
+        return area;
     }
 
     /// <summary>Guest offset of the area's first byte.</summary>
@@ -47,8 +70,11 @@ internal sealed class VmStateAllocation
     /// <summary>Set once a snapshot took the area over: its clusters are the snapshot's now.</summary>
     internal string? CapturedBy { get; private set; }
 
+    /// <summary>One past the highest L1 index the area's tables need (0 when nothing is mapped).</summary>
+    internal long L1End => _tables.Count == 0 ? 0 : _tables.Keys[^1] + 1;
+
     /// <summary>
-    /// Maps [offset, offset + length) of the area to host ranges, allocating and linking the
+    /// Maps [offset, offset + length) of the area to host ranges, taking host clusters for the area
     /// clusters not mapped yet. Call under the engine's lock.
     /// </summary>
     internal List<(long Host, int DataOffset, int Length)> Map(long offset, int length)
@@ -76,6 +102,29 @@ internal sealed class VmStateAllocation
         return segments;
     }
 
+    /// <summary>Describes [offset, offset + length) of the area for a read: host byte ranges, or -1 where nothing is mapped (zeroes). Under the engine's lock.</summary>
+    internal List<(long Host, int DataOffset, int Length)> MapForRead(long offset, int length)
+    {
+        var segments = new List<(long Host, int DataOffset, int Length)>();
+        int cs = _g.ClusterSize;
+        long pos = offset, end = offset + length;
+        while (pos < end)
+        {
+            long host = HostOf(pos >> _g.ClusterBits);
+            int inCluster = (int)(pos & (cs - 1));
+            int n = (int)Math.Min(end - pos, cs - inCluster);
+            long hostByte = host < 0 ? -1 : (host << _g.ClusterBits) + inCluster;
+            int dataOffset = (int)(pos - offset);
+            (long Host, int DataOffset, int Length) last = segments.Count > 0 ? segments[^1] : default;
+            if (segments.Count > 0 && (hostByte < 0 ? last.Host < 0 : last.Host >= 0 && last.Host + last.Length == hostByte))
+                segments[^1] = last with { Length = last.Length + n };
+            else
+                segments.Add((hostByte, dataOffset, n));
+            pos += n;
+        }
+        return segments;
+    }
+
     private int FindRun(long guest)
     {
         int lo = 0, hi = _map.Count - 1;
@@ -98,35 +147,31 @@ internal sealed class VmStateAllocation
 
     private long MapNew(long guest)
     {
-        if (_reservedNext == _reservedEnd)
-        {
-            // Tables first: L1 growth and the L2 tables this run will need land before it, not after
-            // (where they would keep the file from being trimmed when the run's tail is given back).
-            PrepareTables(guest, _nextReservation);
-            Reserve();
-        }
-        long host = _reservedNext++;
-        if ((host + 1) << _g.ClusterBits > _preallocatedEnd) Preallocate(host);
+        // The L2 table that will map this cluster gets a cluster of the run first (just before its data).
+        long l1Index = _g.L1Index(Start + (guest << _g.ClusterBits));
+        if (!_tables.ContainsKey(l1Index)) _tables.Add(l1Index, TakeCluster());
+        long host = TakeCluster();
         int at = ~FindRun(guest);
         if (at > 0 && _map[at - 1].Guest + _map[at - 1].Count == guest && _map[at - 1].Host + _map[at - 1].Count == host)
             _map[at - 1] = _map[at - 1] with { Count = _map[at - 1].Count + 1 };
         else
             _map.Insert(at, new Run(guest, host, 1));
-        Link(guest, host);
         return host;
     }
 
-    private void PrepareTables(long guest, long count)
+    private long TakeCluster()
     {
-        long first = Start + (guest << _g.ClusterBits), last = Start + ((guest + count) << _g.ClusterBits) - 1;
-        for (long index = _g.L1Index(first); index <= _g.L1Index(last); index++) _e.GetWritableL2(index);
+        if (_reservedNext == _reservedEnd) Reserve();
+        long host = _reservedNext++;
+        if ((host + 1) << _g.ClusterBits > _preallocatedEnd) Preallocate(host);
+        return host;
     }
 
-    /// <summary>Reserves the next contiguous run of host clusters (each run twice the last, up to a limit).</summary>
+    /// <summary>Reserves the next contiguous run of host clusters at the free tail (each run twice the last, up to a limit); memory only.</summary>
     private void Reserve()
     {
         long count = _nextReservation;
-        long first = _e.Refcounts.Allocate(count) >> _g.ClusterBits;
+        long first = _e.Refcounts.ReserveTail(count);
         _reservedNext = first;
         _reservedEnd = first + count;
         _preallocatedEnd = first << _g.ClusterBits;
@@ -150,25 +195,12 @@ internal sealed class VmStateAllocation
         if (!file.Preallocate(from, to - from)) _preallocateUnsupported = true;
     }
 
-    /// <summary>Points the active L2 entry of an area cluster at its host cluster (in memory; written back in batches).</summary>
-    private void Link(long guest, long host)
-    {
-        long guestOffset = Start + (guest << _g.ClusterBits);
-        MetadataCache.Table table = _e.GetWritableL2(_g.L1Index(guestOffset));
-        int index = _g.L2Index(guestOffset);
-        L2Entry old = L2Entry.Read(table.Data, index, _g.ExtendedL2);
-        ulong bitmap = _g.ExtendedL2 ? L2Entry.AllAllocated : 0;
-        L2Entry.Write(table.Data, index, _g.ExtendedL2, new L2Entry((ulong)(host << _g.ClusterBits) | L2Entry.Copied, bitmap));
-        _e.L2Cache.MarkDirty(table);
-        if (old.Word != 0) _e.DropStorageOf(old, guestOffset);
-    }
-
-    /// <summary>Returns the reserved clusters not mapped yet (their refcounts drop back to 0). Call under the engine's lock.</summary>
+    /// <summary>Gives every reserved cluster back, the ones mapped included (nothing was counted on disk). Call under the engine's lock.</summary>
     internal void ReleaseReservation()
     {
-        if (_reservedNext == _reservedEnd) return;
-        _e.Refcounts.Free(_reservedNext << _g.ClusterBits, (_reservedEnd - _reservedNext) << _g.ClusterBits);
+        _e.Refcounts.ReleaseReserved();
         _reservedNext = _reservedEnd = 0;
+        _preallocatedEnd = 0;
     }
 
     private void AddWritten(long start, long end)
@@ -198,8 +230,8 @@ internal sealed class VmStateAllocation
     }
 
     /// <summary>
-    /// Zeroes the bytes of mapped clusters that no write covered (a reused cluster may hold old
-    /// data), so the area reads as written-or-zero. Call under the engine's lock with no write in flight.
+    /// Zeroes the bytes of mapped clusters that no write covered (the free tail may hold old bytes),
+    /// so the area reads as written-or-zero. Call under the engine's lock with no write in flight.
     /// </summary>
     internal void ZeroUnwritten()
     {
@@ -230,15 +262,14 @@ internal sealed class VmStateAllocation
     }
 
     /// <summary>
-    /// Unlinks and frees the mapped clusters that lie wholly inside [offset, offset + length) (a
-    /// range reaching the end of the area takes its last cluster too); when nothing stays mapped,
-    /// the area's L2 tables go as well. Call under the engine's lock with no write in flight.
+    /// Unmaps the area clusters that lie wholly inside [offset, offset + length) (a range reaching
+    /// the end of the area takes its last cluster too); when nothing stays mapped, every reserved
+    /// cluster goes back. Call under the engine's lock with no write in flight.
     /// </summary>
     internal void Discard(long offset, long length)
     {
-        int cs = _g.ClusterSize;
         long end = length >= Length - offset ? long.MaxValue : offset + length;
-        long first = (offset + cs - 1) >> _g.ClusterBits;
+        long first = (offset + _g.ClusterSize - 1) >> _g.ClusterBits;
         long last = end == long.MaxValue ? long.MaxValue : (end >> _g.ClusterBits);   // exclusive
         var kept = new List<Run>();
         foreach (Run r in _map)
@@ -251,7 +282,6 @@ internal sealed class VmStateAllocation
             }
             if (a > r.Guest) kept.Add(r with { Count = a - r.Guest });
             if (b < r.Guest + r.Count) kept.Add(new Run(b, r.Host + (b - r.Guest), r.Guest + r.Count - b));
-            for (long g = a; g < b; g++) Unlink(g, r.Host + (g - r.Guest));
         }
         _map.Clear();
         _map.AddRange(kept);
@@ -260,18 +290,9 @@ internal sealed class VmStateAllocation
         if (end == long.MaxValue) Length = Math.Min(Length, offset);
         if (_map.Count == 0)
         {
+            _tables.Clear();
             ReleaseReservation();
-            _e.DropEmptyTablesFrom(_g.L1Index(Start));
         }
-    }
-
-    private void Unlink(long guest, long host)
-    {
-        long guestOffset = Start + (guest << _g.ClusterBits);
-        MetadataCache.Table table = _e.GetWritableL2(_g.L1Index(guestOffset));
-        L2Entry.Write(table.Data, _g.L2Index(guestOffset), _g.ExtendedL2, new L2Entry(0, 0));
-        _e.L2Cache.MarkDirty(table);
-        _e.Refcounts.Free(host << _g.ClusterBits, _g.ClusterSize);
     }
 
     private void RemoveWritten(long from, long to)
@@ -287,12 +308,52 @@ internal sealed class VmStateAllocation
         foreach ((long s, long e) in keep) _written.Add(s, e);
     }
 
-    /// <summary>Before a snapshot takes the area over: writes in flight done, what was never written zeroed, the reservation given back.</summary>
+    /// <summary>Before a snapshot takes the area over: writes in flight done, what was never written zeroed.</summary>
     internal void Quiesce()
     {
         WaitIdle();
         ZeroUnwritten();
-        ReleaseReservation();
+    }
+
+    /// <summary>
+    /// Counts, in the snapshot's generation, one reference to each of the area's L2 tables and to
+    /// each data cluster they map, and points the snapshot's L1 entries at the tables.
+    /// </summary>
+    internal void CountInto(MetadataGeneration gen, ulong[] snapshotL1)
+    {
+        foreach (KeyValuePair<long, long> t in _tables)
+        {
+            gen.Add(t.Value, +1);
+            snapshotL1[t.Key] = (ulong)(t.Value << _g.ClusterBits);
+        }
+        foreach (Run r in _map) gen.AddRange(r.Host << _g.ClusterBits, r.Count << _g.ClusterBits, +1);
+    }
+
+    /// <summary>Writes the area's L2 tables into their (still uncounted) clusters, one at a time. Call under the engine's lock.</summary>
+    internal void WriteTables()
+    {
+        byte[] table = new byte[_g.ClusterSize];
+        long perTable = _g.L2Entries;
+        int run = 0;
+        foreach (KeyValuePair<long, long> t in _tables)
+        {
+            Array.Clear(table);
+            // Area clusters this table maps: guest offsets [first, first + perTable clusters) of the image.
+            long tableStart = t.Key * _g.BytesPerL2;
+            long firstArea = (tableStart - Start) >> _g.ClusterBits, endArea = firstArea + perTable;
+            while (run < _map.Count && _map[run].Guest + _map[run].Count <= firstArea) run++;
+            for (int k = run; k < _map.Count && _map[k].Guest < endArea; k++)
+            {
+                Run r = _map[k];
+                for (long g = Math.Max(r.Guest, firstArea); g < Math.Min(r.Guest + r.Count, endArea); g++)
+                {
+                    ulong word = (ulong)((r.Host + (g - r.Guest)) << _g.ClusterBits);
+                    ulong bitmap = _g.ExtendedL2 ? L2Entry.AllAllocated : 0;
+                    L2Entry.Write(table, (int)(g - firstArea), _g.ExtendedL2, new L2Entry(word, bitmap));
+                }
+            }
+            _e.Device.Write(table, t.Value << _g.ClusterBits);
+        }
     }
 
     /// <summary>A snapshot took the area over: further writes are refused.</summary>

@@ -16,6 +16,13 @@ internal sealed class WriteOrder
     /// <summary>Pending refcount decrements whose references were dropped only in memory.</summary>
     internal bool RefcountsDependOnMapping { get; set; }
 
+    /// <summary>
+    /// L2 entries in memory point to clusters whose data holds bytes the guest did not write in that
+    /// request (a copy-on-write merge, a zero or backing fill): the data must be flushed before any
+    /// L2 table is written back (QEMU's L2 cache depends on a flush after a COW the same way).
+    /// </summary>
+    internal bool MappingDependsOnData { get; set; }
+
     /// <summary>Writes dirty refcount blocks and table entries and flushes the device.</summary>
     internal Action FlushRefcountSide { get; set; } = () => { };
 

@@ -21,6 +21,9 @@ internal sealed class CrashDevice(byte[] initial) : IBlockDevice
 
     public int CrashAt { get; set; } = int.MaxValue;
 
+    /// <summary>Called at the start of every write, before it counts or is recorded (a test can make other requests run there).</summary>
+    public Action<byte[], long>? BeforeWrite { get; set; }
+
     public bool Crashed { get; private set; }
 
     /// <summary>Operations counted so far.</summary>
@@ -86,6 +89,7 @@ internal sealed class CrashDevice(byte[] initial) : IBlockDevice
 
     public void Write(ReadOnlySpan<byte> buffer, long offset)
     {
+        BeforeWrite?.Invoke(buffer.ToArray(), offset);
         lock (_lock)
         {
             Tick();

@@ -35,6 +35,9 @@ public sealed class SnapshotFailureTests : IDisposable
             area.Flush();
             img.CreateSnapshot("old2", new Qcow2SnapshotCreateOptions { VmStateSize = _old2State.Length });
         }
+        // Written since the last snapshot, in two of the three L2 tables: a create must clear their
+        // COPIED flags (in place, through an intermediate generation), a delete or apply deal with them.
+        Qemu.Io(_template, "write -P 0x41 1M 4k", "write -P 0x42 4M 8k");
         Qemu.AssertClean(_template);
         _active = SnapshotKit.QemuActiveContent(_template, _dir);
         _old1 = SnapshotKit.QemuSnapshotContent(_template, "old1", _dir);
@@ -300,26 +303,20 @@ public sealed class SnapshotFailureTests : IDisposable
                 var error = Assert.Throws<VmStateException>(writer.Close);
                 Assert.Contains("injected failure", error.Message);
                 writer.Dispose();
-                try
-                {
-                    area.Discard(0, area.Length);   // the save's failure path
-                    discarded = true;
-                }
-                catch (VmsnapException) when (diskDies)
-                {
-                }
+                area.Discard(0, area.Length);   // the save's failure path: no metadata to undo
+                discarded = true;
             }
             catch (VmsnapException) when (diskDies)
             {
-                // The dead disk also fails the image's final flush.
+                // The dead disk may fail the trim of the file's tail, or the image's final flush.
             }
             finally
             {
                 device.Dispose();
             }
-            Assert.Equal(!diskDies, discarded);
-            // Discarded: nothing left behind. A disk that died mid-save may leave leaks, never errors.
-            AssertIntactOldOrNew(copy, "none", $"save failing at data write {failingDataWrite}", allowLeaks: diskDies);
+            Assert.True(discarded || diskDies);
+            // Nothing was counted before the snapshot: nothing is left behind, even when the disk died.
+            AssertIntactOldOrNew(copy, "none", $"save failing at data write {failingDataWrite}");
         }
     }
 }
