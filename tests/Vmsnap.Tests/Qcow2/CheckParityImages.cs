@@ -482,6 +482,10 @@ internal static class CheckParityImages
             Qemu.WriteBE64(f, L2EntryOffset(f, 1 << 20), L2Entry.Copied | (ulong)FirstRefblock(f));
         },
 
+        // Persistent bitmaps (qcow2_check_bitmaps_refcounts).
+        ["bitmap-table-entry-unaligned"] = f => DamageBitmapTable(f, entry => entry + 0x200),
+        ["bitmap-table-entry-reserved-bits"] = f => DamageBitmapTable(f, entry => entry | 0x2),
+
         // Header bits.
         ["dirty-with-leak"] = f =>
         {
@@ -514,6 +518,28 @@ internal static class CheckParityImages
             SetRefcount(f, 3, 2);
         },
     };
+
+    /// <summary>An image with a persistent bitmap that has data; the first used entry of its table changed.</summary>
+    private static void DamageBitmapTable(string f, Func<ulong, ulong> change)
+    {
+        Populated(f);
+        Tool.QemuImg("bitmap", "--add", f, "b0");
+        Qemu.Io(f, "write -P 0x71 5M 1M");
+        Qcow2Header h = Header(f);
+        HeaderExtension ext = h.FindExtension(HeaderExtension.Bitmaps)!;
+        BitmapDirectory dir;
+        using (var device = Vmsnap.Storage.FileBlockDevice.Open(f)) dir = BitmapDirectory.Read(device, ext.Data, new FileInfo(f).Length);
+        BitmapDirectory.Entry bm = dir.Entries[0];
+        for (long i = 0; i < bm.TableSize; i++)
+        {
+            long at = bm.TableOffset + i * 8;
+            ulong entry = Qemu.ReadBE64(f, at);
+            if ((entry & BitmapDirectory.TableEntryOffsetMask) == 0) continue;
+            Qemu.WriteBE64(f, at, change(entry));
+            return;
+        }
+        Assert.Fail("the bitmap table has no entry with data");
+    }
 
     /// <summary>iotest 261's "botched v3": a v2 image's table (entries with 0, 50 and 8 bytes of extra data) in a header made v3 by hand.</summary>
     internal static void BotchedV3(string f)

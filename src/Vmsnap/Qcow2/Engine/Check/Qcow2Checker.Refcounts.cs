@@ -346,7 +346,12 @@ internal sealed partial class Qcow2Checker
         else _activeSeen[c >> 6] |= bit;
     }
 
-    /// <summary>Clusters used by persistent bitmaps (only when the bitmaps autoclear bit says the extension is valid, as QEMU does).</summary>
+    /// <summary>
+    /// Clusters used by persistent bitmaps (only when the bitmaps autoclear bit says the extension
+    /// is valid, as QEMU does; qcow2_check_bitmaps_refcounts): a directory that cannot be read
+    /// stops the check; a bad bitmap table entry is a corruption, and stops the check too, because
+    /// QEMU loads the bitmaps when it opens the image and refuses to open it (qemu-img check fails).
+    /// </summary>
     private void CountBitmaps()
     {
         HeaderExtension? ext = H.FindExtension(HeaderExtension.Bitmaps);
@@ -363,18 +368,34 @@ internal sealed partial class Qcow2Checker
         {
             _messages.Add($"ERROR {ex.Message}");
             _res.Corruptions++;
-            return;
+            throw new CheckFailedException($"the bitmap directory cannot be read: {ex.Problem}");
         }
+        const ulong reservedMask = 0xff00_0000_0000_01fe;
+        string? invalid = null;
         foreach (BitmapDirectory.Entry bm in dir.Entries)
         {
             Inc(bm.TableOffset, bm.TableSize * 8L);
-            byte[] table = TryRead(bm.TableOffset, Math.Min(bm.TableSize * 8L, 64L << 20)) ?? [];
+            byte[]? table = TryRead(bm.TableOffset, bm.TableSize * 8L);
+            if (table is null)
+            {
+                _res.Corruptions++;
+                throw new CheckFailedException($"the table of bitmap '{bm.Name}' at 0x{bm.TableOffset:x} cannot be read");
+            }
             for (int i = 0; i + 8 <= table.Length; i += 8)
             {
-                long offset = (long)(BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(i)) & BitmapDirectory.TableEntryOffsetMask);
+                ulong entry = BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(i));
+                long offset = (long)(entry & BitmapDirectory.TableEntryOffsetMask);
+                if ((entry & reservedMask) != 0 || (offset != 0 && ((entry & 1) != 0 || (offset & (ClusterSize - 1)) != 0)))
+                {
+                    _messages.Add($"ERROR bitmap '{bm.Name}' table entry {i / 8} is invalid: 0x{entry:x}");
+                    _res.Corruptions++;
+                    invalid ??= $"bitmap '{bm.Name}': table entry {i / 8} at file offset 0x{bm.TableOffset + i:x} is invalid (0x{entry:x}), so QEMU cannot load the bitmap nor open the image";
+                    continue;
+                }
                 if (offset != 0) Inc(offset, ClusterSize);
             }
         }
+        if (invalid is not null) throw new CheckFailedException(invalid);
     }
 
     /// <summary>
