@@ -161,7 +161,7 @@ def main():
             fresh_image(img["gather"])
             res, wall, rss = vmsnap_json("save", img["gather"], "--name", "bench", "--machine", "none",
                                          "--ram", f"ram0={ram}", "--mode", "gather")
-            r["vmsnap_save_gather"] = (res["seconds"], wall, rss, res["vm_state_bytes"])
+            r["vmsnap_save_gather"] = (res["seconds"], wall, rss, res["vm-state-size"])
             # The disk's speed drifts by tens of percent within minutes: measure fio right before each
             # buffered save and take the median ratio of ROUNDS such pairs.
             rounds = []
@@ -170,8 +170,8 @@ def main():
                 fresh_image(img["buffered"])
                 res, wall, rss = vmsnap_json("save", img["buffered"], "--name", "bench", "--machine", "none",
                                              "--ram", f"ram0={ram}")
-                fio_s = res["vm_state_bytes"] / (before * MiB)
-                rounds.append((res["seconds"] / fio_s, res["seconds"], wall, rss, res["vm_state_bytes"], before))
+                fio_s = res["vm-state-size"] / (before * MiB)
+                rounds.append((res["seconds"] / fio_s, res["seconds"], wall, rss, res["vm-state-size"], before))
             rounds.sort()
             ratio, secs, wall, rss, vm_bytes, _ = rounds[len(rounds) // 2]
             r["vmsnap_save_buffered"] = (secs, wall, rss, vm_bytes)

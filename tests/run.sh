@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
-# Installs what the tests need (real QEMU from Debian's packages) and runs every test.
-# Interop tests fail, never skip, when QEMU is missing: this script is how CI gets it.
+# Installs what the tests need (QEMU 7.2 and 10.0 from Debian's packages, a guest kernel and busybox;
+# see tests/install-deps.sh) and runs every test. Interop tests fail, never skip, when a QEMU or the
+# guest is missing: this script is how CI gets them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need=()
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then echo "tests/run.sh: need root to install ${need[*]}" >&2; exit 1; fi
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
-fi
+while IFS='=' read -r key value; do export "$key=$value"; done < <(tests/install-deps.sh)
 qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
+"$VMSNAP_QEMU10/qemu-system-x86_64" --version | head -1
+echo "guest kernel $(cat "$VMSNAP_GUEST/version")"
 dotnet test Vmsnap.slnx -c Release --logger "console;verbosity=normal" "$@"

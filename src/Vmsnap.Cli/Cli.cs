@@ -1,34 +1,106 @@
 using System.CommandLine;
+using System.CommandLine.Help;
+using System.CommandLine.Invocation;
+using System.CommandLine.Parsing;
+using System.Runtime.CompilerServices;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 
 namespace Vmsnap.Cli;
 
-/// <summary>Shared command-line plumbing: error handling, exit codes, JSON, sizes.</summary>
+/// <summary>Shared command-line plumbing: the root command, error handling, exit codes, signals, JSON, sizes.</summary>
 internal static class Cli
 {
     internal const int ExitOk = 0, ExitFailure = 1, ExitUsage = 2;
 
+    /// <summary>The exit codes every command shares, as <c>--help</c> lists them (a command may add its own, see <see cref="AddExitCodes"/>).</summary>
+    internal static readonly IReadOnlyList<(int Code, string Meaning)> ExitCodes =
+    [
+        (ExitOk, "success"),
+        (ExitFailure, "failure; one line on stderr says why, and every file is left as it was"),
+        (ExitUsage, "usage error: unknown command or option, missing or invalid argument"),
+        (128 + 2, "stopped by SIGINT (Ctrl-C); what the command had written is undone"),
+        (128 + 15, "stopped by SIGTERM; what the command had written is undone"),
+    ];
+
+    /// <summary>qemu-img's own naming: keys like virtual-size, vm-state-size; enum values like buffered.</summary>
     internal static readonly JsonSerializerOptions Json = new()
     {
         WriteIndented = true,
-        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        IndentSize = 4,
+        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
-        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.SnakeCaseLower) },
+        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.KebabCaseLower) },
     };
+
+    /// <summary>
+    /// <c>--output=human|json</c> as qemu-img spells it, on every command (from the root down);
+    /// <c>--output=json</c> is the same as <c>--json</c>.
+    /// </summary>
+    internal static readonly Option<string?> OutputOption = CreateOutputOption();
+
+    private static Option<string?> CreateOutputOption()
+    {
+        var option = new Option<string?>("--output") { Description = "Output format, as qemu-img's: human (default) or json (the same as --json)", Recursive = true };
+        option.AcceptOnlyFromAmong("human", "json");
+        return option;
+    }
+
+    private static readonly ConditionalWeakTable<Command, List<(int Code, string Meaning)>> CommandExitCodes = new();
+
+    /// <summary>The root command with these commands; every command gets <c>--output</c>, and <c>--help</c> lists the exit codes.</summary>
+    internal static RootCommand Root(string description, params IEnumerable<Command>[] commands)
+    {
+        var root = new RootCommand(description);
+        foreach (Command c in commands.SelectMany(c => c)) root.Subcommands.Add(c);
+        root.Options.Add(OutputOption);
+        HelpOption help = root.Options.OfType<HelpOption>().Single();
+        help.Action = new HelpWithExitCodes((SynchronousCommandLineAction)help.Action!);
+        return root;
+    }
+
+    /// <summary>Documents exit codes of this command besides (or instead of) the shared ones in <see cref="ExitCodes"/>.</summary>
+    internal static void AddExitCodes(this Command command, params (int Code, string Meaning)[] codes) =>
+        CommandExitCodes.GetOrCreateValue(command).AddRange(codes);
+
+    /// <summary>The exit codes of a command: its own, then the shared ones it does not redefine.</summary>
+    internal static IReadOnlyList<(int Code, string Meaning)> ExitCodesOf(Command command)
+    {
+        List<(int Code, string Meaning)> own = CommandExitCodes.TryGetValue(command, out var list) ? list : [];
+        return [.. own.Concat(ExitCodes.Where(e => own.All(o => o.Code != e.Code))).OrderBy(e => e.Code)];
+    }
+
+    /// <summary>The help System.CommandLine writes, followed by an "Exit codes:" section.</summary>
+    private sealed class HelpWithExitCodes(SynchronousCommandLineAction help) : SynchronousCommandLineAction
+    {
+        public override int Invoke(ParseResult parseResult)
+        {
+            int result = help.Invoke(parseResult);
+            TextWriter o = parseResult.InvocationConfiguration.Output;
+            o.WriteLine("Exit codes:");
+            foreach (var (code, meaning) in ExitCodesOf(parseResult.CommandResult.Command)) o.WriteLine($"  {code,-4} {meaning}");
+            o.WriteLine();
+            return result;
+        }
+    }
 
     internal static int Invoke(RootCommand root, string[] args)
     {
         ParseResult parsed = root.Parse(args);
-        if (parsed.Errors.Count > 0 && parsed.Action is not System.CommandLine.Help.HelpAction)
+        if (parsed.Errors.Count > 0 && parsed.Action is not HelpAction and not HelpWithExitCodes)
         {
-            // One line: the parser's messages may list choices on several lines.
-            string message = string.Join(' ', parsed.Errors[0].Message.Split((char[])['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(p => p.Trim()));
+            // The most specific message (an unknown word rather than "required command was not
+            // provided"), on one line: the parser's messages may list choices on several lines.
+            ParseError error = parsed.Errors.FirstOrDefault(e => e.Message.StartsWith("Unrecognized", StringComparison.Ordinal)) ?? parsed.Errors[0];
+            string message = string.Join(' ', error.Message.Split((char[])['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(p => p.Trim()));
             Console.Error.WriteLine($"vmsnap: {message}");
             return ExitUsage;
         }
-        return parsed.Invoke(new InvocationConfiguration { ProcessTerminationTimeout = TerminationGrace });
+        // vmsnap handles SIGINT/SIGTERM itself (System.CommandLine's handler exits 1 once the
+        // command has cleaned up; shells expect 128 + the signal's number).
+        using Termination termination = Termination.Install(TerminationGrace);
+        return parsed.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, termination.Token).GetAwaiter().GetResult();
     }
 
     /// <summary>
@@ -38,14 +110,32 @@ internal static class Cli
     /// </summary>
     internal static readonly TimeSpan TerminationGrace = TimeSpan.FromSeconds(60);
 
-    /// <summary>The --json option every command takes.</summary>
-    internal static Option<bool> JsonOption() => new("--json") { Description = "Print the result as JSON on stdout" };
+    /// <summary>
+    /// The --json option every command takes. <c>--output=json</c> (<see cref="OutputOption"/>) sets it
+    /// too; <c>--json --output=human</c> is a usage error.
+    /// </summary>
+    internal static Option<bool> JsonOption()
+    {
+        var option = new Option<bool>("--json")
+        {
+            Description = "Print the result as JSON on stdout (same as --output=json)",
+            DefaultValueFactory = result => OutputFormat(result) == "json",
+        };
+        option.Validators.Add(result =>
+        {
+            if (!result.Implicit && OutputFormat(result) == "human") result.AddError("--json and --output=human contradict each other");
+        });
+        return option;
+    }
+
+    /// <summary>The word given to --output, if any (read from the tokens: a wrong word is the option's own parse error).</summary>
+    private static string? OutputFormat(SymbolResult result) =>
+        result.GetResult(OutputOption) is { Tokens: [{ } token] } ? token.Value : null;
 
     /// <summary>
-    /// Sets a command's action, turning vmsnap's errors into one line on stderr and a non-zero exit code.
-    /// The action runs on its own task: System.CommandLine installs its Ctrl-C/SIGTERM handler (which
-    /// cancels the token and waits <see cref="TerminationGrace"/>) only once the action has returned
-    /// its task, so an action that ran to completion inside the call could not be cancelled at all.
+    /// Sets a command's action, turning vmsnap's errors into one line on stderr and a non-zero exit
+    /// code, and a cancel by SIGINT/SIGTERM into 130/143. The action runs on its own task so that
+    /// the caller's thread stays free (a signal cancels the token; see <see cref="Termination"/>).
     /// </summary>
     internal static void SetHandler(this Command command, Func<ParseResult, CancellationToken, int> action)
     {
@@ -57,6 +147,11 @@ internal static class Cli
             }
             catch (Exception e) when (e is VmsnapException or IOException or UnauthorizedAccessException or OperationCanceledException or ArgumentException or FormatException)
             {
+                if (e is OperationCanceledException && Termination.Current is { SignalExitCode: int code } t)
+                {
+                    Console.Error.WriteLine($"vmsnap: cancelled by {t.SignalName}");
+                    return code;
+                }
                 string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ");
                 Console.Error.WriteLine($"vmsnap: {message}");
                 return ExitFailure;

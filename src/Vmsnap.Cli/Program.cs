@@ -1,10 +1,11 @@
-using System.CommandLine;
 using Vmsnap.Cli;
 using Vmsnap.Cli.Commands;
 
-var root = new RootCommand("vmsnap: save and load virtual-machine state as qcow2 internal snapshots, in QEMU's own formats.");
-foreach (var command in ImageCommands.Build()) root.Subcommands.Add(command);
-foreach (var command in SnapshotCommands.Build()) root.Subcommands.Add(command);
-foreach (var command in VmCommands.Build()) root.Subcommands.Add(command);
-root.Subcommands.Add(DemoCommand.Build());
+// One line per group of commands: each group's Build() yields its commands.
+var root = Cli.Root(
+    "vmsnap: save and load virtual-machine state as qcow2 internal snapshots, in QEMU's own formats.",
+    ImageCommands.Build(),
+    SnapshotCommands.Build(),
+    VmCommands.Build(),
+    [DemoCommand.Build()]);
 return Cli.Invoke(root, args);

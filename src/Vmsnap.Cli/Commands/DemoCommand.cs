@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.IO.Hashing;
+using System.Text.Json.Serialization;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.Snapshots;
@@ -61,11 +62,12 @@ internal static class DemoCommand
         return command;
     }
 
-    internal sealed record DemoRun(string Mode, string Snapshot, long VmStateBytes, double SaveSeconds, double SaveMiBPerSecond,
-        double LoadSeconds, double LoadMiBPerSecond, bool Verified);
+    internal sealed record DemoRun(string Mode, string Snapshot, long VmStateSize, double SaveSeconds,
+        [property: JsonPropertyName("save-mib-per-second")] double SaveMiBPerSecond,
+        double LoadSeconds, [property: JsonPropertyName("load-mib-per-second")] double LoadMiBPerSecond, bool Verified);
 
-    internal sealed record DemoResult(string Image, long RamBytes, long ZeroPages, IReadOnlyList<DemoRun> Runs, double BufferedSpeedup,
-        bool Verified, bool CheckClean, int Corruptions, int Leaks);
+    internal sealed record DemoResult([property: JsonPropertyName("filename")] string Image, long RamSize, long ZeroPages, IReadOnlyList<DemoRun> Runs,
+        double BufferedSpeedup, bool Verified, bool CheckClean, int Corruptions, int Leaks);
 
     /// <summary>A folder in /dev/shm for the RAM files if it can hold three guests' worth, else null.</summary>
     private static string? RamFolder(string id, long ramBytes)

@@ -67,7 +67,7 @@ internal static class ImageCommands
             using (Qcow2Image created = Qcow2Image.Create(path, bytes, options)) info = created.Info;
             if (parse.GetValue(json))
             {
-                Cli.WriteJson(InfoJson.From(info));
+                Cli.WriteJson(QemuImgJson.Info(path, info, []));
             }
             else
             {
@@ -93,11 +93,12 @@ internal static class ImageCommands
             // Inspection only: the backing chain need not be there. Like qemu-img, refused while
             // another process writes the image unless --force-share.
             var options = new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false };
-            using Qcow2Image img = Qcow2Image.Open(parse.GetValue(image)!, options);
+            string path = parse.GetValue(image)!;
+            using Qcow2Image img = Qcow2Image.Open(path, options);
             Qcow2ImageInfo info = img.Info;
             if (parse.GetValue(json))
             {
-                Cli.WriteJson(InfoJson.From(info));
+                Cli.WriteJson(QemuImgJson.Info(path, info, img.Snapshots));
                 return Cli.ExitOk;
             }
             var o = Console.Out;
@@ -125,7 +126,7 @@ internal static class ImageCommands
     private static Command CheckCommand()
     {
         var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
-        var repair = new Option<string?>("--repair") { Description = "Repair: leaks (free leaked clusters) or all (also wrong refcounts and COPIED flags)" };
+        var repair = new Option<string?>("--repair", "-r") { Description = "Repair: leaks (free leaked clusters) or all (also wrong refcounts and COPIED flags)" };
         repair.AcceptOnlyFromAmong("leaks", "all");
         var forceShare = SnapshotCommands.ForceShareOption();
         var json = Cli.JsonOption();
@@ -133,6 +134,11 @@ internal static class ImageCommands
         {
             image, repair, forceShare, json,
         };
+        command.AddExitCodes(
+            (Cli.ExitOk, "no errors found (after a repair: none left)"),
+            (Cli.ExitFailure, "the check could not be completed (or the image could not be opened)"),
+            (CheckCorrupt, "corruptions found (also a usage error, as for every command)"),
+            (CheckLeaks, "leaked clusters found, but no corruptions"));
         command.SetHandler((parse, ct) =>
         {
             Qcow2RepairMode mode = parse.GetValue(repair) switch { "leaks" => Qcow2RepairMode.Leaks, "all" => Qcow2RepairMode.All, _ => Qcow2RepairMode.None };
@@ -144,7 +150,7 @@ internal static class ImageCommands
                 : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };
             Qcow2CheckResult r;
             using (Qcow2Image img = Qcow2Image.Open(path, options)) r = img.Check(mode);
-            if (parse.GetValue(json)) Cli.WriteJson(CheckJson.From(path, r));
+            if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r));
             else PrintCheck(r);
             return r.CheckErrors > 0 ? Cli.ExitFailure : r.Corruptions > 0 ? CheckCorrupt : r.Leaks > 0 ? CheckLeaks : Cli.ExitOk;
         });
@@ -274,28 +280,6 @@ internal static class ImageCommands
     private static string TrueFalse(bool value) => value ? "true" : "false";
     internal static string CompressionName(Qcow2CompressionType type) => type == Qcow2CompressionType.Zstd ? "zstd" : "zlib";
 
-    /// <summary>JSON of <c>info</c> and <c>create --json</c>.</summary>
-    internal sealed record InfoJson(
-        string Filename, string Format, long VirtualSize, long FileSize, int ClusterSize, int Version, string Compat,
-        int RefcountBits, bool LazyRefcounts, bool ExtendedL2, string CompressionType, bool Corrupt, bool Dirty,
-        string? BackingFile, string? BackingFormat, int L1Size, int SnapshotCount)
-    {
-        internal static InfoJson From(Qcow2ImageInfo i) => new(
-            i.Path, "qcow2", i.VirtualSize, i.FileSize, i.ClusterSize, i.Version, i.Compat, i.RefcountBits, i.LazyRefcounts,
-            i.ExtendedL2, CompressionName(i.CompressionType), i.Corrupt, i.Dirty, i.BackingFile, i.BackingFormat, i.L1Size, i.SnapshotCount);
-    }
-
-    /// <summary>JSON of <c>check --json</c> (qemu-img check's fields, in snake_case).</summary>
-    internal sealed record CheckJson(
-        string Filename, string Format, int CheckErrors, int Corruptions, int Leaks, int CorruptionsFixed, int LeaksFixed,
-        long TotalClusters, long AllocatedClusters, long FragmentedClusters, long CompressedClusters, long ImageEndOffset,
-        IReadOnlyList<string> Messages)
-    {
-        internal static CheckJson From(string path, Qcow2CheckResult r) => new(
-            path, "qcow2", r.CheckErrors, r.Corruptions, r.Leaks, r.CorruptionsFixed, r.LeaksFixed, r.TotalClusters,
-            r.AllocatedClusters, r.FragmentedClusters, r.CompressedClusters, r.ImageEndOffset, r.Messages);
-    }
-
     /// <summary>JSON of <c>read --json</c> and <c>write --json</c>.</summary>
-    internal sealed record TransferJson(string Image, long Offset, long Bytes, string File);
+    internal sealed record TransferJson(string Filename, long Offset, long Bytes, string File);
 }

@@ -38,7 +38,7 @@ internal static class SnapshotCommands
             using Qcow2Image img = Qcow2Image.Open(path, new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false });
             IReadOnlyList<Qcow2Snapshot> snapshots = img.Snapshots;
             if (parse.GetValue(json))
-                Cli.WriteJson(new ListJson(img.Path, snapshots.Select(SnapshotJson.From).ToArray()));
+                Cli.WriteJson(new ListJson(path, snapshots.Select(QemuImgJson.Snapshot).ToArray()));
             else
                 Console.Out.Write(FormatList(snapshots));
             return Cli.ExitOk;
@@ -96,7 +96,7 @@ internal static class SnapshotCommands
 
     private static void Report(bool json, string what, string image, Qcow2Snapshot s)
     {
-        if (json) Cli.WriteJson(new ActionJson(image, what, SnapshotJson.From(s)));
+        if (json) Cli.WriteJson(new ActionJson(image, what, QemuImgJson.Snapshot(s)));
         else Console.Out.WriteLine($"{what} snapshot {s.Id} '{s.Name}' of '{image}'");
     }
 
@@ -216,20 +216,12 @@ internal static class SnapshotCommands
         return b.Length <= bytes ? s : Encoding.UTF8.GetString(b, 0, bytes);
     }
 
-    /// <summary>JSON of one snapshot.</summary>
-    internal sealed record SnapshotJson(
-        string Id, string Name, long VmStateSize, string Date, long DateSec, long DateNsec, long VmClockNsec, long? Icount,
-        long DiskSize, long L1TableOffset, int L1Size)
-    {
-        internal static SnapshotJson From(Qcow2Snapshot s) => new(
-            s.Id, s.Name, s.VmStateSize, s.Date.UtcDateTime.ToString("yyyy-MM-dd'T'HH:mm:ss.ffffff'Z'", CultureInfo.InvariantCulture),
-            s.Date.ToUnixTimeSeconds(), s.Date.UtcTicks % TimeSpan.TicksPerSecond * 100, s.VmClock, s.Icount == -1 ? null : s.Icount,
-            s.DiskSize, s.L1TableOffset, s.L1Size);
-    }
-
-    /// <summary>JSON of <c>snapshot list --json</c>.</summary>
-    internal sealed record ListJson(string Image, IReadOnlyList<SnapshotJson> Snapshots);
+    /// <summary>
+    /// JSON of <c>snapshot list --json</c>: qemu-img has none, so the shape of <c>qemu-img info
+    /// --output=json</c>'s filename and snapshots (here present even when empty).
+    /// </summary>
+    internal sealed record ListJson(string Filename, IReadOnlyList<QemuImgJson.SnapshotInfo> Snapshots);
 
     /// <summary>JSON of <c>snapshot create|delete|apply --json</c>.</summary>
-    internal sealed record ActionJson(string Image, string Action, SnapshotJson Snapshot);
+    internal sealed record ActionJson(string Filename, string Action, QemuImgJson.SnapshotInfo Snapshot);
 }

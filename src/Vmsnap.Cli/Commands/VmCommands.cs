@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Text.Json.Serialization;
 using Microsoft.Win32.SafeHandles;
 using Vmsnap.Migration;
 using Vmsnap.Snapshots;
@@ -131,7 +132,8 @@ internal static class VmCommands
     {
         var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
-        var output = new Option<string>("--output", "-o") { Description = "The migration stream to write ('-' for stdout)", Required = true };
+        // Not --output: that is the output format on every command, as in qemu-img.
+        var output = new Option<string>("--to", "-o") { Description = "The migration stream to write ('-' for stdout)", Required = true };
         var forceShare = SnapshotCommands.ForceShareOption();
         var writer = WriterOptionSet.Create();
         var json = Cli.JsonOption();
@@ -213,7 +215,7 @@ internal static class VmCommands
             {
                 var r = VmSnapshots.Inspect(path, snapshot, new VmSnapshotOptions { ForceShare = p.GetValue(forceShare) }, ct);
                 info = r.Stream;
-                where = new { image = path, snapshot = r.Snapshot };
+                where = new InspectedSnapshotJson(path, r.Snapshot);
             }
             else if (path == "-")
             {
@@ -225,7 +227,7 @@ internal static class VmCommands
                 if (IsQcow2(path)) throw new ArgumentException($"'{path}' is a qcow2 image: say which snapshot to inspect (vmsnap inspect IMAGE TAG)");
                 info = VmSnapshots.InspectStream(path, ct);
             }
-            if (p.GetValue(json)) Cli.WriteJson(new { source = where ?? path, stream = info });
+            if (p.GetValue(json)) Cli.WriteJson(new InspectJson(where ?? path, info));
             else PrintInspection(info);
             return Cli.ExitOk;
         });
@@ -250,22 +252,24 @@ internal static class VmCommands
             Console.Out.WriteLine(Summary(r, verb));
             return;
         }
-        Cli.WriteJson(new
-        {
-            operation = verb,
-            image = r.Image,
-            snapshot = r.Snapshot,
-            vm_state_bytes = r.VmStateBytes,
-            ram_bytes = r.RamBytes,
-            seconds = r.Seconds,
-            mib_per_second = r.MiBPerSecond,
-            mode = r.Mode,
-            pages = r.Stream.Pages,
-            zero_pages = r.Stream.ZeroPages,
-            machine = r.Stream.MachineType,
-            ram_blocks = r.Stream.RamBlocks,
-        });
+        Cli.WriteJson(new ResultJson(verb, r.Image, r.Snapshot, r.VmStateBytes, r.RamBytes, r.Seconds, r.MiBPerSecond, r.Mode,
+            r.Stream.Pages, r.Stream.ZeroPages, r.Stream.MachineType, r.Stream.RamBlocks));
     }
+
+    /// <summary>
+    /// JSON of save, load, export and import: the image (filename, as qemu-img names it), the snapshot,
+    /// how much VM state (vm-state-size, as in a snapshot's entry) and RAM moved, how fast.
+    /// </summary>
+    internal sealed record ResultJson(
+        string Operation, string Filename, VmSnapshotId Snapshot, long VmStateSize, long RamSize, double Seconds,
+        [property: JsonPropertyName("mib-per-second")] double MiBPerSecond, VmStateWriteMode? Mode,
+        long Pages, long ZeroPages, string? Machine, IReadOnlyList<RamBlockSummary> RamBlocks);
+
+    /// <summary>JSON of inspect: where the VM state came from (a stream's path, or an image and snapshot) and what it holds.</summary>
+    internal sealed record InspectJson(object Source, MigrationStreamInfo Stream);
+
+    /// <summary>The source of <c>inspect IMAGE TAG</c>.</summary>
+    internal sealed record InspectedSnapshotJson(string Filename, VmSnapshotId Snapshot);
 
     private static void PrintInspection(MigrationStreamInfo info)
     {

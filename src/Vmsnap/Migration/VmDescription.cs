@@ -27,6 +27,9 @@ internal sealed class VmDescription
     /// </summary>
     public static VmDescription Parse(ReadOnlySpan<byte> json, long offset)
     {
+        // The JSON reader checks UTF-8 only when a string is read out (GetString throws InvalidOperationException).
+        if (!System.Text.Unicode.Utf8.IsValid(json))
+            throw new MigrationStreamException("the VM description is not valid JSON: it is not UTF-8 text", offset);
         try
         {
             using var doc = JsonDocument.Parse(json.ToArray(), new JsonDocumentOptions { MaxDepth = 256 });

@@ -97,6 +97,8 @@ public sealed partial class Qcow2Image
         Name = s.Name,
         VmStateSize = s.VmStateSize,
         Date = s.Date,
+        DateSeconds = s.DateSeconds,
+        DateNanoseconds = s.DateNanoseconds,
         VmClock = unchecked((long)s.VmClockNanoseconds),
         DiskSize = s.DiskSize is ulong d ? (long)Math.Min(d, long.MaxValue) : Engine.VirtualSize,
         Icount = s.Icount ?? -1,

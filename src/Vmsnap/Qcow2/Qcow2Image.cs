@@ -136,7 +136,26 @@ public sealed partial class Qcow2Image : IDisposable
             IncompatibleFeatures = h.IncompatibleFeatures,
             CompatibleFeatures = h.CompatibleFeatures,
             AutoclearFeatures = h.AutoclearFeatures,
+            Bitmaps = DescribeBitmaps(engine),
         };
+    }
+
+    private static IReadOnlyList<Qcow2BitmapInfo> DescribeBitmaps(Qcow2Engine engine)
+    {
+        Qcow2Header h = engine.Header;
+        // Without the autoclear bit a program unaware of bitmaps wrote the image: QEMU ignores the extension.
+        if (h.FindExtension(HeaderExtension.Bitmaps) is not { } ext || (h.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) == 0) return [];
+        if (BitmapDirectory.ParseExtension(ext.Data).Count == 0) return [];
+        BitmapDirectory dir = BitmapDirectory.Read(engine.Device, ext.Data, engine.Device.Length);
+        return dir.Entries.Select(e => new Qcow2BitmapInfo
+        {
+            Name = e.Name,
+            Granularity = e.GranularityBits is >= 9 and <= 31
+                ? 1L << e.GranularityBits
+                : throw new Qcow2FormatException($"bitmap '{e.Name}'", dir.DirectoryOffset, $"granularity of 2^{e.GranularityBits} bytes (QEMU allows 2^9 to 2^31)", engine.Path),
+            InUse = (e.Flags & BitmapDirectory.FlagInUse) != 0,
+            Auto = (e.Flags & BitmapDirectory.FlagAuto) != 0,
+        }).ToArray();
     }
 
     /// <summary>Reads <paramref name="buffer"/>.Length bytes of the virtual disk at <paramref name="offset"/> (any alignment).</summary>

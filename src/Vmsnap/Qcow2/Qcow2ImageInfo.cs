@@ -59,6 +59,28 @@ public sealed record Qcow2ImageInfo
 
     /// <summary>Autoclear feature bits as stored.</summary>
     public required ulong AutoclearFeatures { get; init; }
+
+    /// <summary>
+    /// The persistent dirty bitmaps in the bitmaps extension, in directory order; empty when there is
+    /// none or when the extension is not valid (its autoclear bit cleared), as QEMU reads it.
+    /// </summary>
+    public IReadOnlyList<Qcow2BitmapInfo> Bitmaps { get; init; } = [];
+}
+
+/// <summary>A persistent dirty bitmap stored in a qcow2 image (what <c>qemu-img info</c> lists under bitmaps).</summary>
+public sealed record Qcow2BitmapInfo
+{
+    /// <summary>The bitmap's name.</summary>
+    public required string Name { get; init; }
+
+    /// <summary>Bytes of the virtual disk that one bit covers.</summary>
+    public required long Granularity { get; init; }
+
+    /// <summary>The in-use flag: the bitmap was not stored consistently when the image was last closed.</summary>
+    public bool InUse { get; init; }
+
+    /// <summary>The auto flag: QEMU records writes in the bitmap while the image is open.</summary>
+    public bool Auto { get; init; }
 }
 
 /// <summary>

@@ -19,6 +19,12 @@ public sealed record Qcow2Snapshot
     /// <summary>When the snapshot was taken (UTC; the table keeps seconds and nanoseconds).</summary>
     public DateTimeOffset Date { get; init; }
 
+    /// <summary>Seconds since the Unix epoch of <see cref="Date"/>, as the table stores them (date_sec).</summary>
+    public long DateSeconds { get; init; }
+
+    /// <summary>Nanoseconds part of <see cref="Date"/>, as the table stores it (date_nsec; <see cref="Date"/> keeps 100 ns).</summary>
+    public long DateNanoseconds { get; init; }
+
     /// <summary>The guest's virtual clock when the snapshot was taken, in nanoseconds.</summary>
     public long VmClock { get; init; }
 

@@ -28,11 +28,12 @@ public class ImageCommandTests
         Tool.Result r = Vmsnap("create", image, "64M", "--cluster-size", "4k", "--refcount-bits", "8", "--lazy-refcounts", "--json");
         Assert.Equal(0, r.ExitCode);
         JsonElement json = JsonDocument.Parse(r.Stdout).RootElement;
-        Assert.Equal(67108864, json.GetProperty("virtual_size").GetInt64());
-        Assert.Equal(4096, json.GetProperty("cluster_size").GetInt32());
-        Assert.Equal(8, json.GetProperty("refcount_bits").GetInt32());
-        Assert.True(json.GetProperty("lazy_refcounts").GetBoolean());
-        Assert.Equal("1.1", json.GetProperty("compat").GetString());
+        Assert.Equal(67108864, json.GetProperty("virtual-size").GetInt64());
+        Assert.Equal(4096, json.GetProperty("cluster-size").GetInt32());
+        JsonElement ours = json.GetProperty("format-specific").GetProperty("data");
+        Assert.Equal(8, ours.GetProperty("refcount-bits").GetInt32());
+        Assert.True(ours.GetProperty("lazy-refcounts").GetBoolean());
+        Assert.Equal("1.1", ours.GetProperty("compat").GetString());
         JsonElement q = Qemu.Info(image).GetProperty("format-specific").GetProperty("data");
         Assert.Equal(8, q.GetProperty("refcount-bits").GetInt32());
         Assert.True(q.GetProperty("lazy-refcounts").GetBoolean());
@@ -90,18 +91,10 @@ public class ImageCommandTests
         Assert.Contains("compression type: zstd", r.Stdout);
         Assert.Contains("extended l2: true", r.Stdout);
 
+        // The JSON against qemu-img's, key by key, is QemuImgJsonTests' subject; here, the file's length of vmsnap's own.
         JsonElement ours = JsonDocument.Parse(Vmsnap("info", image, "--json").Stdout).RootElement;
-        JsonElement theirs = Qemu.Info(image);
-        Assert.Equal(theirs.GetProperty("virtual-size").GetInt64(), ours.GetProperty("virtual_size").GetInt64());
-        Assert.Equal(theirs.GetProperty("cluster-size").GetInt32(), ours.GetProperty("cluster_size").GetInt32());
-        JsonElement data = theirs.GetProperty("format-specific").GetProperty("data");
-        Assert.Equal(data.GetProperty("compat").GetString(), ours.GetProperty("compat").GetString());
-        Assert.Equal(data.GetProperty("refcount-bits").GetInt32(), ours.GetProperty("refcount_bits").GetInt32());
-        Assert.Equal(data.GetProperty("compression-type").GetString(), ours.GetProperty("compression_type").GetString());
-        Assert.Equal(data.GetProperty("extended-l2").GetBoolean(), ours.GetProperty("extended_l2").GetBoolean());
-        Assert.Equal(data.GetProperty("lazy-refcounts").GetBoolean(), ours.GetProperty("lazy_refcounts").GetBoolean());
-        Assert.Equal(data.GetProperty("corrupt").GetBoolean(), ours.GetProperty("corrupt").GetBoolean());
-        Assert.Equal(new FileInfo(image).Length, ours.GetProperty("file_size").GetInt64());
+        Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), ours.GetProperty("virtual-size").GetInt64());
+        Assert.Equal(new FileInfo(image).Length, ours.GetProperty("file-length").GetInt64());
 
         AssertOneLineError(Vmsnap("info", dir.File("missing.qcow2")), 1, "missing.qcow2");
         File.WriteAllBytes(dir.File("junk.qcow2"), new byte[4096]);
@@ -131,8 +124,8 @@ public class ImageCommandTests
         (JsonElement theirs, int qemuExit) = Qemu.Check(image);
         Assert.Equal(qemuExit, r.ExitCode);
         Assert.Equal(Qemu.Field(theirs, "leaks"), ours.GetProperty("leaks").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "image-end-offset"), ours.GetProperty("image_end_offset").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated_clusters").GetInt64());
+        Assert.Equal(Qemu.Field(theirs, "image-end-offset"), ours.GetProperty("image-end-offset").GetInt64());
+        Assert.Equal(Qemu.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated-clusters").GetInt64());
         Assert.Contains(ours.GetProperty("messages").EnumerateArray(), m => m.GetString()!.StartsWith("Leaked cluster"));
 
         // A refcount too low: a corruption.
@@ -194,7 +187,7 @@ public class ImageCommandTests
         Assert.True(r.ExitCode == 0, r.Stderr);
         JsonElement json = JsonDocument.Parse(r.Stdout).RootElement;
         Assert.True(json.GetProperty("verified").GetBoolean());
-        Assert.True(json.GetProperty("check_clean").GetBoolean());
-        Assert.False(File.Exists(json.GetProperty("image").GetString()));   // the temporary folder is gone
+        Assert.True(json.GetProperty("check-clean").GetBoolean());
+        Assert.False(File.Exists(json.GetProperty("filename").GetString()));   // the temporary folder is gone
     }
 }

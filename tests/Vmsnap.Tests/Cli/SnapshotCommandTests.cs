@@ -73,10 +73,10 @@ public class SnapshotCommandTests
         JsonElement json = JsonDocument.Parse(Vmsnap("snapshot", "list", image, "--json").Stdout).RootElement;
         JsonElement[] list = json.GetProperty("snapshots").EnumerateArray().ToArray();
         Assert.Equal(sizes.Length + 4, list.Length);
-        Assert.Equal(long.MaxValue, list[sizes.Length].GetProperty("vm_state_size").GetInt64());
-        Assert.Equal(789_000_000, list[2].GetProperty("date_nsec").GetInt64());
+        Assert.Equal(long.MaxValue, list[sizes.Length].GetProperty("vm-state-size").GetInt64());
+        Assert.Equal(789_000_000, list[2].GetProperty("date-nsec").GetInt64());
         Assert.False(list[1].TryGetProperty("icount", out _));   // no icount: left out
-        Assert.Equal(16 << 20, list[1].GetProperty("disk_size").GetInt64());
+        Assert.Equal(16 << 20, list[1].GetProperty("disk-size").GetInt64());
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true })) SnapshotKit.AssertSameAsQemuInfo(img.Snapshots, image);
 
         // No snapshots: qemu-img prints nothing, and so does vmsnap.

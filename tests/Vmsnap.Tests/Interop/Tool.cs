@@ -7,22 +7,36 @@ internal static class Tool
 {
     internal sealed record Result(int ExitCode, string Stdout, string Stderr);
 
-    /// <summary>Absolute path of a program on PATH, or a failure saying how to install it.</summary>
+    /// <summary>
+    /// Absolute path of a program: QEMU's programs from the version the test uses (<see cref="QemuInstall.Current"/>),
+    /// others from PATH; a missing one is a failure saying how to install it.
+    /// </summary>
     internal static string Find(string program)
+    {
+        if (QemuInstall.IsQemuProgram(program)) return QemuInstall.Current.Path(program);
+        return FindOnPath(program) ?? throw new InvalidOperationException($"'{program}' is not on PATH");
+    }
+
+    /// <summary>Absolute path of a program on PATH, or null.</summary>
+    internal static string? FindOnPath(string program)
     {
         foreach (string dir in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':', StringSplitOptions.RemoveEmptyEntries))
         {
             string candidate = Path.Combine(dir, program);
             if (File.Exists(candidate)) return candidate;
         }
-        throw new InvalidOperationException(
-            $"'{program}' is not installed; interop tests need QEMU: apt-get install -y qemu-utils qemu-system-x86 (README's test command does it)");
+        return null;
     }
 
     /// <summary>Runs a program to completion (with a timeout) and returns its exit code and output.</summary>
-    internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)
+    internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null) =>
+        RunPath(Find(program), args, timeout, stdinFile);
+
+    /// <summary>Runs the program at <paramref name="path"/> to completion (with a timeout).</summary>
+    internal static Result RunPath(string path, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)
     {
-        var psi = new ProcessStartInfo(Find(program))
+        string program = Path.GetFileName(path);
+        var psi = new ProcessStartInfo(path)
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,

@@ -244,7 +244,7 @@ public sealed class MigrationQemuTests(QemuStreams qemu) : IClassFixture<QemuStr
     {
         using var dir = new TempDir();
         string target = dir.File("ram0");
-        File.WriteAllBytes(target, new byte[QemuStreams.RamBytes]);
+        File.WriteAllBytes(target, []);   // empty: written as a new file (an existing full-size one is written in place)
         string before = GuestRam.Hash(target);
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         using (var sink = new RamFileSink(Ram(("ram0", target))))

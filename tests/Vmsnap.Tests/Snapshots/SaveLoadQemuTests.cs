@@ -26,9 +26,9 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         string loaded = dir.File("loaded");
         JsonElement r = VmsnapJson("load", image, "qemu1", "--ram", $"ram0={loaded}", "--json");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
-        Assert.Equal(RamBytes, r.GetProperty("ram_bytes").GetInt64());
-        Assert.Equal(QemuSnapshots(image)["qemu1"].VmStateSize, r.GetProperty("vm_state_bytes").GetInt64());
-        Assert.Equal(GuestRam.CountZeroPages(ram), r.GetProperty("zero_pages").GetInt64());
+        Assert.Equal(RamBytes, r.GetProperty("ram-size").GetInt64());
+        Assert.Equal(QemuSnapshots(image)["qemu1"].VmStateSize, r.GetProperty("vm-state-size").GetInt64());
+        Assert.Equal(GuestRam.CountZeroPages(ram), r.GetProperty("zero-pages").GetInt64());
     }
 
     [Theory]
@@ -45,7 +45,7 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
 
         JsonElement r = VmsnapJson("save", image, "--name", "ours", "--machine", "none", "--ram", $"ram0={ram}", "--mode", mode, "--json");
         Assert.Equal(mode, r.GetProperty("mode").GetString());
-        long vmState = r.GetProperty("vm_state_bytes").GetInt64();
+        long vmState = r.GetProperty("vm-state-size").GetInt64();
 
         Qcow2.Qemu.AssertClean(image);
         var listed = QemuSnapshots(image);
@@ -76,7 +76,7 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
         using var dir = new TempDir();
         string image = QemuImage(dir);
         JsonElement imported = VmsnapJson("import", qemu.NoneStream, image, "--name", "imported", "--json");
-        Assert.Equal(new FileInfo(qemu.NoneStream).Length, imported.GetProperty("vm_state_bytes").GetInt64());
+        Assert.Equal(new FileInfo(qemu.NoneStream).Length, imported.GetProperty("vm-state-size").GetInt64());
         Qcow2.Qemu.AssertClean(image);
 
         string target = EmptyRam(dir, "target");
@@ -122,14 +122,14 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
     {
         using var dir = new TempDir();
         JsonElement inspected = VmsnapJson("inspect", qemu.PcStream, "--json").GetProperty("stream");
-        var blocks = inspected.GetProperty("ram_blocks").EnumerateArray().Select(b => b.GetProperty("id").GetString()).ToList();
+        var blocks = inspected.GetProperty("ram-blocks").EnumerateArray().Select(b => b.GetProperty("id").GetString()).ToList();
         Assert.Equal(6, blocks.Count);
         Assert.Contains("ram0", blocks);
         Assert.Contains("pc.bios", blocks);
         var devices = inspected.GetProperty("devices").EnumerateArray().Select(d => d.GetProperty("name").GetString()).ToList();
         Assert.Contains("timer", devices);
         Assert.True(devices.Count > 10, $"a PC has many devices, got {devices.Count}");
-        Assert.StartsWith("pc-i440fx", inspected.GetProperty("machine_type").GetString());
+        Assert.StartsWith("pc-i440fx", inspected.GetProperty("machine-type").GetString());
 
         string newRam = dir.File("new-ram0");
         GuestRam.Create(newRam, QemuStreams.RamBytes, seed: 35);
@@ -139,7 +139,7 @@ public class SaveLoadQemuTests(QemuStreams qemu) : IClassFixture<QemuStreams>
 
         // Inspecting the snapshot shows the template's machine and devices.
         JsonElement fromImage = VmsnapJson("inspect", image, "pc1", "--json").GetProperty("stream");
-        Assert.Equal(inspected.GetProperty("machine_type").GetString(), fromImage.GetProperty("machine_type").GetString());
+        Assert.Equal(inspected.GetProperty("machine-type").GetString(), fromImage.GetProperty("machine-type").GetString());
         Assert.Equal(devices, fromImage.GetProperty("devices").EnumerateArray().Select(d => d.GetProperty("name").GetString()).ToList());
 
         string target = EmptyRam(dir, "target", QemuStreams.RamBytes);

@@ -24,8 +24,12 @@ internal sealed partial class Qcow2Engine
             ThrowIfDisposed();
             ValidateSnapshotTable();
             L1Table l1 = ReadSnapshotL1(sn);
-            long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
-            long start = VmStateOffsetFor(diskSize);
+            ulong diskSize = sn.DiskSize ?? (ulong)VirtualSize;
+            // A larger disk size would overflow the VM-state offset (found by fuzzing).
+            if (diskSize > ClusterGeometry.MaxGuestOffset)
+                throw Corrupt($"snapshot table entry {Snapshots.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
+                    $"{Describe(sn)}: disk size {diskSize} is beyond what an image can map");
+            long start = VmStateOffsetFor((long)diskSize);
             if (sn.VmStateSize > ClusterGeometry.MaxGuestOffset - start)
                 throw Corrupt($"snapshot table entry {Snapshots.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
                     $"{Describe(sn)}: VM-state size {sn.VmStateSize} is beyond what an image can map");

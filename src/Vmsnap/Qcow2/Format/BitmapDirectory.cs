@@ -7,7 +7,13 @@ namespace Vmsnap.Qcow2;
 /// <summary>The bitmaps extension and its directory, read only as far as check needs: which clusters they use.</summary>
 internal sealed record BitmapDirectory(uint Count, long DirectoryOffset, long DirectorySize, IReadOnlyList<BitmapDirectory.Entry> Entries)
 {
-    internal sealed record Entry(string Name, long TableOffset, uint TableSize, uint Flags);
+    internal sealed record Entry(string Name, long TableOffset, uint TableSize, uint Flags, int GranularityBits);
+
+    /// <summary>Entry flag: the bitmap was in use (not stored consistently) when the image was closed.</summary>
+    internal const uint FlagInUse = 1u << 0;
+
+    /// <summary>Entry flag: QEMU tracks writes in the bitmap while the image is open.</summary>
+    internal const uint FlagAuto = 1u << 1;
 
     internal const ulong TableEntryOffsetMask = 0x00ff_ffff_ffff_fe00;
     private const int EntryFixedSize = 24;
@@ -35,13 +41,14 @@ internal sealed record BitmapDirectory(uint Count, long DirectoryOffset, long Di
             long tableOffset = (long)BinaryPrimitives.ReadUInt64BigEndian(e);
             uint tableSize = BinaryPrimitives.ReadUInt32BigEndian(e[8..]);
             uint flags = BinaryPrimitives.ReadUInt32BigEndian(e[12..]);
+            int granularityBits = e[17];
             int nameSize = BinaryPrimitives.ReadUInt16BigEndian(e[18..]);
             uint extra = BinaryPrimitives.ReadUInt32BigEndian(e[20..]);
             long length = EntryFixedSize + (long)extra + nameSize;
             if (pos + length > dir.Length)
                 throw new Qcow2FormatException($"bitmap directory entry {i}", offset + pos, "truncated");
             string name = Encoding.UTF8.GetString(e.Slice(EntryFixedSize + (int)extra, nameSize));
-            entries.Add(new Entry(name, tableOffset, tableSize, flags));
+            entries.Add(new Entry(name, tableOffset, tableSize, flags, granularityBits));
             pos += (int)((length + 7) & ~7L);
         }
         return new BitmapDirectory(count, offset, size, entries);

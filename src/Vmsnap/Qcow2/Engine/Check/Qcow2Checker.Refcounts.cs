@@ -334,7 +334,8 @@ internal sealed partial class Qcow2Checker
     /// <summary>Remembers host clusters the active tables reference more than once.</summary>
     private void NoteActiveReference(long offset)
     {
-        if (offset < 0 || (offset & (ClusterSize - 1)) != 0) return;
+        // Past the end of the file: already an error (Inc), and a bitmap that far would be unbounded.
+        if (offset < 0 || (offset & (ClusterSize - 1)) != 0 || offset >= _fileLength) return;
         long c = offset >> _g.ClusterBits;
         if (c >= (long)_activeSeen.Length * 64)
         {

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# vmsnap load from a qcow2 image on the disk against fio's O_DIRECT read of the same image file,
+# interleaved round by round (issue 11). One image is made once: a guest of SIZE random RAM saved by
+# vmsnap save. Each round runs fio (1 MiB reads, queue depth 8, O_DIRECT, the whole image file),
+# then each configuration once:
+#   existing  vmsnap load into an existing RAM file of the block's length (a QEMU memory-backend-file)
+#   new       vmsnap load into a RAM file that does not exist yet
+# A load's rate is the VM state's bytes over vmsnap's own --json seconds (image open to the end).
+# The last load of each configuration is compared with the guest RAM (cmp). Each load's CPU time
+# (user + system, the whole process) is printed too.
+# BASELINE=DIR (a checkout of another commit, e.g. from git archive, built with `dotnet build
+# src/Vmsnap.Cli -c Release`) adds the same configurations run by that build (existing@base,
+# new@base) to every round, for before/after figures in one run.
+# Usage: bench/load-vs-fio.sh   (env: SIZE=1G ROUNDS=5 DISK_DIR=bench/.scratch SHM=/dev/shm/vmsnap-load CONFIGS="existing new" BASELINE=)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+ROUNDS=${ROUNDS:-5}
+DISK_DIR=${DISK_DIR:-$PWD/bench/.scratch}
+SHM=${SHM:-/dev/shm/vmsnap-load}
+CONFIGS=${CONFIGS:-"existing new"}
+BASELINE=${BASELINE:-}
+for t in fio python3; do command -v "$t" >/dev/null || { echo "bench/load-vs-fio.sh: $t is not installed" >&2; exit 1; }; done
+mkdir -p "$DISK_DIR" "$SHM"
+dotnet build src/Vmsnap.Cli -c Release -nologo -v q -clp:ErrorsOnly >/dev/null
+VMSNAP="dotnet src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll"
+runs=$CONFIGS
+if [ -n "$BASELINE" ]; then
+  [ -f "$BASELINE/src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll" ] || { echo "bench/load-vs-fio.sh: build $BASELINE first (dotnet build src/Vmsnap.Cli -c Release)" >&2; exit 1; }
+  for c in $CONFIGS; do runs="$runs $c@base"; done
+fi
+image="$DISK_DIR/load-bench.qcow2"
+out=$(mktemp)
+trap 'rm -rf "$out" "$out.cpu" "$out.cpus" "$SHM" "$image"' EXIT
+# A field of vmsnap's --json output (snake_case or kebab-case keys); $1 is a Python expression on d.
+json() { python3 -c "import json,sys
+def norm(o): return {k.replace('-', '_'): norm(v) for k, v in o.items()} if isinstance(o, dict) else [norm(x) for x in o] if isinstance(o, list) else o
+d = norm(json.load(sys.stdin)); print($1)"; }
+
+head -c "$SIZE" /dev/urandom > "$SHM/guest.ram"
+bytes=$(stat -c %s "$SHM/guest.ram")
+rm -f "$image"
+$VMSNAP create "$image" "$SIZE" >/dev/null
+$VMSNAP save "$image" --name bench --machine none --ram "ram0=$SHM/guest.ram" --json >/dev/null
+vmstate=$($VMSNAP snapshot list "$image" --json | json "d['snapshots'][0]['vm_state_size']")
+
+echo "# load vs fio $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), SIZE=$SIZE, VM state $vmstate bytes, image $image"
+for round in $(seq "$ROUNDS"); do
+  fio_mib=$(fio --name=read --filename="$image" --bs=1M --rw=read --direct=1 --ioengine=libaio --iodepth=8 \
+    --readonly --output-format=terse 2>/dev/null | awk -F';' '{print $7/1024}')
+  echo "fio $round $fio_mib" >> "$out"
+  line="round $round: fio $(printf %.0f "$fio_mib") MiB/s"
+  for c in $runs; do
+    target="$SHM/$c.ram" cli=$VMSNAP
+    [ "${c%@base}" != "$c" ] && cli="dotnet $BASELINE/src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll"
+    case $c in
+      new*) rm -f "$target" ;;
+      existing*) [ -f "$target" ] || head -c "$bytes" /dev/zero > "$target" ;;   # allocated pages of other content, as a used RAM file has
+    esac
+    s=$(/usr/bin/time -o "$out.cpu" -f "%U %S" $cli load "$image" bench --ram "ram0=$target" --json | json "d['seconds']")
+    cpu=$(awk '{print $1 + $2}' "$out.cpu")
+    mib=$(awk -v b="$vmstate" -v s="$s" 'BEGIN {print b / s / 1048576}')
+    echo "cfg $round $c $mib" >> "$out"
+    echo "cpu $c $cpu" >> "$out.cpus"
+    line="$line, $c $(printf %.0f "$mib") MiB/s ($(printf %.2f "$s") s, cpu $cpu s)"
+  done
+  echo "# $line"
+done
+for c in $runs; do
+  cmp -s "$SHM/guest.ram" "$SHM/$c.ram" && echo "# $c: RAM matches the guest's" || { echo "# $c: RAM DIFFERS from the guest's"; exit 1; }
+done
+awk -v label="load MiB/s" -f bench/fio_ratio.awk "$out"
+# CPU time (user + system) of the whole vmsnap process per load, dotnet start included: on a shared
+# machine a load's wall time follows the CPU it gets, so this is the steadier figure.
+awk '{ v[$2] = v[$2] " " $3; n[$2]++; a[$2, n[$2]] = $3 } END {
+  for (c in v) { m = n[c]; for (i = 1; i <= m; i++) x[i] = a[c, i]
+    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
+    printf "%-16s cpu s per load:%s  (median %.2f)\n", c, v[c], (m % 2) ? x[(m + 1) / 2] : (x[m / 2] + x[m / 2 + 1]) / 2 } }' "$out.cpus"

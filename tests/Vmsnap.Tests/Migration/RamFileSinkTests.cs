@@ -1,0 +1,135 @@
+using Vmsnap.Migration;
+using Vmsnap.Tests.Interop;
+using static Vmsnap.Tests.Migration.StreamFiles;
+
+namespace Vmsnap.Tests.Migration;
+
+/// <summary>Loading RAM into files that exist already (a QEMU memory-backend-file) and into new ones.</summary>
+public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStreams>
+{
+    [Fact]
+    public void An_existing_file_full_of_other_data_is_loaded_in_place_and_ends_up_as_the_guest_ram_qemu_had()
+    {
+        using var dir = new TempDir();
+        string target = dir.File("ram0");
+        FillFile(target, QemuStreams.RamBytes, 0xa5);
+        Assert.True(qemu.NoneZeroPages > 0, "the guest has zero pages, which must overwrite the 0xa5 bytes");
+
+        // A process that holds the file open (QEMU with share=on) sees the loaded RAM: the file was written, not replaced.
+        using var held = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        ReadInto(qemu.NoneStream, ("ram0", target));
+
+        Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target));
+        Assert.Equal(GuestRam.Hash(qemu.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
+        Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
+    }
+
+    [Fact]
+    public void Pages_the_stream_does_not_carry_end_up_zero_in_an_existing_file()
+    {
+        // Block a has four pages; the stream carries page 1 (data) and page 2 (zero) only.
+        var random = new Random(5);
+        byte[] p1 = StreamBuilder.RandomPage(random);
+        byte[] stream = new StreamBuilder()
+            .Header().Configuration("none")
+            .Start(2).BlockList(("a", 4 * 4096)).EndOfRecords().Footer(2)
+            .Part(2).PageRecord(0x1000, p1, "a").ZeroRecord(0x2000).EndOfRecords().Footer(2)
+            .End(2).EndOfRecords().Footer(2)
+            .Tail()
+            .ToArray();
+        using var dir = new TempDir();
+        string existing = dir.File("existing"), fresh = dir.File("fresh");
+        FillFile(existing, 4 * 4096, 0xff);
+        using (var sink = new RamFileSink(Ram(("a", existing))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+        using (var sink = new RamFileSink(Ram(("a", fresh))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+
+        byte[] expected = [.. new byte[4096], .. p1, .. new byte[8192]];
+        Assert.Equal(expected, File.ReadAllBytes(existing));
+        Assert.Equal(expected, File.ReadAllBytes(fresh));
+    }
+
+    [Fact]
+    public void Pages_not_carried_are_zeroed_across_1_gib_bookkeeping_chunks_of_a_large_block()
+    {
+        // A 3 GiB block (a sparse existing file) with one page carried in the second GiB: the other pages,
+        // in chunks the stream touches and in chunks it never touches, must read back as zero.
+        const long length = 3L << 30, gib = 1L << 30;
+        var random = new Random(6);
+        byte[] page = StreamBuilder.RandomPage(random);
+        byte[] stream = new StreamBuilder()
+            .Header().Configuration("none")
+            .Start(2).BlockList(("a", length)).EndOfRecords().Footer(2)
+            .Part(2).PageRecord(gib + 4096, page, "a").EndOfRecords().Footer(2)
+            .End(2).EndOfRecords().Footer(2)
+            .Tail()
+            .ToArray();
+        using var dir = new TempDir();
+        string target = dir.File("big");
+        long[] marked = [0, gib - 4096, gib, 2 * gib - 4096, 2 * gib, length - 4096];
+        using (var f = new FileStream(target, FileMode.Create, FileAccess.Write))
+        {
+            f.SetLength(length);
+            foreach (long at in marked)
+            {
+                f.Position = at;
+                f.Write(StreamBuilder.PageOf(0xff));
+            }
+        }
+        using (var sink = new RamFileSink(Ram(("a", target))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+
+        Assert.Equal(length, new FileInfo(target).Length);
+        using var back = File.OpenRead(target);
+        byte[] read = new byte[4096];
+        foreach (long at in marked)
+        {
+            back.Position = at;
+            back.ReadExactly(read);
+            Assert.True(read.All(b => b == 0), $"page at {at} was not zeroed");
+        }
+        back.Position = gib + 4096;
+        back.ReadExactly(read);
+        Assert.Equal(page, read);
+    }
+
+    [Fact]
+    public void Replace_existing_loads_into_a_new_file_and_a_failed_stream_leaves_the_old_one_as_it_was()
+    {
+        using var dir = new TempDir();
+        string target = dir.File("ram0");
+        FillFile(target, QemuStreams.RamBytes, 0x3c);
+        string before = GuestRam.Hash(target);
+        byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
+        using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
+            Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
+        Assert.Equal(before, GuestRam.Hash(target));
+
+        using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
+            ReadBytes(bytes, r => MigrationStream.Read(r, sink));
+        Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target));
+        Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
+    }
+
+    [Fact]
+    public void A_failed_stream_leaves_no_scratch_file_beside_an_existing_file_written_in_place()
+    {
+        using var dir = new TempDir();
+        string target = dir.File("ram0");
+        FillFile(target, QemuStreams.RamBytes, 0x3c);
+        byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
+        using (var sink = new RamFileSink(Ram(("ram0", target))))
+            Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
+        Assert.Equal(QemuStreams.RamBytes, new FileInfo(target).Length);
+        Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
+    }
+
+    private static void FillFile(string path, long length, byte value)
+    {
+        byte[] chunk = new byte[1 << 20];
+        chunk.AsSpan().Fill(value);
+        using var file = new FileStream(path, FileMode.Create, FileAccess.Write);
+        for (long done = 0; done < length; done += chunk.Length) file.Write(chunk, 0, (int)Math.Min(chunk.Length, length - done));
+    }
+}

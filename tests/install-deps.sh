@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Installs what the tests need, from Debian's packages, and prints the environment the tests read:
+#   - QEMU of the distribution (7.2 on Debian 12) system-wide: qemu-utils, qemu-system-x86;
+#   - a second QEMU (10.0, from Debian 12's backports suite) unpacked into tests/.deps/qemu-10.0
+#     without replacing the first: its .debs are fetched with apt-get download and taken apart with
+#     dpkg-deb -x; the libraries it links are installed from the distribution;
+#   - the guest for real-guest tests: the kernel of linux-image-cloud-amd64 (downloaded and unpacked,
+#     not installed) with its virtio modules in tests/.deps/guest, and busybox-static (the tests build
+#     their initramfs from /bin/busybox themselves).
+# The Debian mirror is the one this machine's apt already uses (read from apt at run time).
+# Idempotent: what is already there is kept. Needs root for apt-get.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+deps="$root/tests/.deps"
+mkdir -p "$deps"
+
+as_root() {
+  if [ "$(id -u)" -ne 0 ]; then echo "tests/install-deps.sh: need root to $*" >&2; exit 1; fi
+}
+
+updated=0
+apt_update() {
+  if [ $updated -eq 0 ]; then apt-get update -q >&2; updated=1; fi
+}
+
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  as_root "install ${need[*]}"
+  apt_update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+fi
+
+# The archive this machine's apt uses for the distribution's own suite (e.g. http://MIRROR/debian/).
+codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+mirror_of() {
+  apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(LABEL)' 2>/dev/null \
+    | awk -v c="$codename" '$2 == c && $3 == "Debian" { print $1; exit }'
+}
+
+# Runs apt-get/apt-cache against one extra suite only, with state in a private folder
+# (the system's sources and lists stay as they are).
+extra_apt() {
+  local suite="$1"; shift
+  local dir="$deps/apt-$suite"
+  local tool="$1"; shift
+  "$tool" -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+    -o Dir::State::Lists="$dir/lists" -o Dir::Cache="$dir/cache" -o Debug::NoLocking=1 "$@"
+}
+
+prepare_suite() {
+  local suite="$1" dir="$deps/apt-$1" mirror
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+  if [ ! -s "$dir/sources.list" ]; then
+    [ -z "$(mirror_of)" ] && apt_update
+    mirror="$(mirror_of)"
+    if [ -z "$mirror" ]; then
+      echo "tests/install-deps.sh: cannot find this machine's Debian mirror for '$codename' in apt's configuration" >&2
+      exit 1
+    fi
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $suite main" > "$dir/sources.list"
+  fi
+  extra_apt "$suite" apt-get update -q >&2
+}
+
+q10="$deps/qemu-10.0"
+if [ ! -x "$q10/bin/qemu-system-x86_64" ]; then
+  if [ "$codename" != bookworm ]; then
+    echo "tests/install-deps.sh: the second QEMU comes from Debian 12 (bookworm) backports; this machine runs '$codename'" >&2
+    exit 1
+  fi
+  suite=bookworm-backports
+  prepare_suite "$suite"
+  rm -rf "$q10.tmp" && mkdir -p "$q10.tmp/debs"
+  (cd "$q10.tmp/debs" && extra_apt "$suite" apt-get download -q \
+      qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios >&2 2> >(grep -v unsandboxed >&2))
+  for f in "$q10.tmp"/debs/*.deb; do dpkg-deb -x "$f" "$q10.tmp/root"; done
+  version="$(dpkg-deb -f "$q10.tmp"/debs/qemu-system-x86_*.deb Version)"
+  case "$version" in *:10.0.*) ;; *) echo "tests/install-deps.sh: $suite has qemu $version, not 10.0" >&2; exit 1 ;; esac
+  # The libraries the binaries link, from the distribution itself (version constraints dropped: the
+  # backports build is made against this release).
+  libs="$(for f in "$q10.tmp"/debs/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
+    | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep -v -E '^(qemu|seabios|ipxe)' | grep . | sort -u)"
+  missing=()
+  for l in $libs; do dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || missing+=("$l"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    as_root "install ${missing[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  fi
+  # Wrappers: the unpacked binaries look for firmware and modules in the system's /usr paths, which
+  # belong to the first QEMU; point them at their own.
+  mkdir -p "$q10.tmp/bin"
+  for p in qemu-img qemu-io qemu-nbd; do
+    printf '#!/bin/sh\nr="$(dirname "$(readlink -f "$0")")/../root"\nexec "$r/usr/bin/%s" "$@"\n' "$p" > "$q10.tmp/bin/$p"
+  done
+  printf '#!/bin/sh\nr="$(dirname "$(readlink -f "$0")")/../root"\nQEMU_MODULE_DIR="$r/usr/lib/x86_64-linux-gnu/qemu" exec "$r/usr/bin/qemu-system-x86_64" -L "$r/usr/share/qemu" -L "$r/usr/share/seabios" -L /usr/lib/ipxe/qemu "$@"\n' \
+    > "$q10.tmp/bin/qemu-system-x86_64"
+  chmod +x "$q10.tmp"/bin/*
+  rm -rf "$q10.tmp/debs" "$q10"
+  mv "$q10.tmp" "$q10"
+  "$q10/bin/qemu-system-x86_64" --version | head -1 >&2
+fi
+
+guest="$deps/guest"
+if [ ! -s "$guest/vmlinuz" ]; then
+  rm -rf "$guest.tmp" && mkdir -p "$guest.tmp/debs"
+  apt_update
+  (cd "$guest.tmp/debs" && apt-get download -q linux-image-cloud-amd64 >&2 2> >(grep -v unsandboxed >&2))
+  image="$(dpkg-deb -f "$guest.tmp"/debs/linux-image-cloud-amd64_*.deb Depends | tr ',' '\n' | sed -e 's/(.*//' -e 's/ //g' | grep '^linux-image-' | head -1)"
+  (cd "$guest.tmp/debs" && apt-get download -q "$image" >&2 2> >(grep -v unsandboxed >&2))
+  dpkg-deb -x "$guest.tmp"/debs/"$image"_*.deb "$guest.tmp/x"
+  kver="$(ls "$guest.tmp/x/lib/modules" | head -1)"
+  mkdir -p "$guest.tmp/modules"
+  cp "$guest.tmp"/x/boot/vmlinuz-* "$guest.tmp/vmlinuz"
+  # The virtio drivers the test guests need (the cloud kernel builds them as modules).
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+    f="$(find "$guest.tmp/x/lib/modules/$kver" -name "$m.ko*" | head -1)"
+    [ -n "$f" ] || { echo "tests/install-deps.sh: module $m not in $image" >&2; exit 1; }
+    cp "$f" "$guest.tmp/modules/"
+  done
+  echo "$kver" > "$guest.tmp/version"
+  rm -rf "$guest.tmp/debs" "$guest.tmp/x" "$guest"
+  mv "$guest.tmp" "$guest"
+  echo "guest kernel $kver" >&2
+fi
+
+echo "VMSNAP_QEMU10=$q10/bin"
+echo "VMSNAP_GUEST=$guest"
