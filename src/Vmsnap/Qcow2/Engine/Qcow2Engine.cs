@@ -158,7 +158,8 @@ internal sealed partial class Qcow2Engine : IDisposable
 
     private static void CheckTable(string name, ulong offset, long bytes, int clusterSize, long fileLength, bool forCheck)
     {
-        if (offset > long.MaxValue / 2)
+        // QEMU's qcow2_validate_table limit for the check; tighter otherwise.
+        if (offset > (forCheck ? (ulong)(long.MaxValue - bytes) : long.MaxValue / 2))
             throw new Qcow2FormatException(name, null, $"offset 0x{offset:x} is beyond any file");
         long o = (long)offset;
         if ((o & (clusterSize - 1)) != 0)

@@ -6,7 +6,7 @@ namespace Vmsnap.Qcow2;
 // qcow2_check_refcounts and the functions it calls), and the COPIED flags of the active tables.
 internal sealed partial class Qcow2Checker
 {
-    private ulong[] _counts = [];
+    private ReferenceCounts _counts = new(0);
     private long _clusters;          // entries of the in-memory refcounts (QEMU's nb_clusters): grows past the file end if references do
     private long _fileLength;
     private bool _rebuild;
@@ -24,8 +24,8 @@ internal sealed partial class Qcow2Checker
             _res.CheckErrors++;
             throw new CheckFailedException($"the image file has {clusters} clusters, more than a check can count");
         }
-        _counts = NewCounts(clusters);
-        _clusters = clusters;
+        _counts = new ReferenceCounts(_g.RefcountOrder);
+        Grow(clusters);
         CalculateRefcounts(_mode);
 
         // Without a rebuild, a repair compares again from the figures before this comparison.
@@ -41,7 +41,7 @@ internal sealed partial class Qcow2Checker
             _res.Leaks = 0;
             // The header points to the new structure: count again (the old one is now leaked, and freed below).
             _rebuild = false;
-            Array.Clear(_counts);
+            _counts.Clear();
             _fileLength = _e.Device.Length;
             CalculateRefcounts(Qcow2RepairMode.None);
             Tally saved = _res;
@@ -90,44 +90,22 @@ internal sealed partial class Qcow2Checker
         for (long k = first; k <= last; k++)
         {
             if (k >= _clusters) Grow(k + 1);
-            if (_counts[k] == _g.RefcountMax)
+            ulong count = _counts[k];
+            if (count == _g.RefcountMax)
             {
                 _messages.Add($"ERROR: overflow cluster offset=0x{k << _g.ClusterBits:x}");
                 _messages.Add("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
                 _res.Corruptions++;
                 continue;
             }
-            _counts[k]++;
+            _counts[k] = count + 1;
         }
     }
 
-    private ulong[] NewCounts(long clusters)
-    {
-        try
-        {
-            if (clusters <= Array.MaxLength) return new ulong[Math.Max(clusters, 1)];
-        }
-        catch (OutOfMemoryException)
-        {
-        }
-        throw OutOfCountMemory(clusters);
-    }
-
-    /// <summary>Makes the in-memory refcounts cover <paramref name="clusters"/> entries.</summary>
+    /// <summary>Makes the in-memory refcounts cover <paramref name="clusters"/> entries (QEMU: ENOMEM, a check error, when it cannot).</summary>
     private void Grow(long clusters)
     {
-        if (clusters > _counts.Length)
-        {
-            try
-            {
-                if (clusters > Array.MaxLength) throw OutOfCountMemory(clusters);
-                Array.Resize(ref _counts, (int)Math.Min(Math.Max(clusters, _counts.Length * 2L), Array.MaxLength));
-            }
-            catch (OutOfMemoryException)
-            {
-                throw OutOfCountMemory(clusters);
-            }
-        }
+        if (!_counts.TryReserve(clusters)) throw OutOfCountMemory(clusters);
         _clusters = Math.Max(_clusters, clusters);
     }
 
@@ -376,24 +354,37 @@ internal sealed partial class Qcow2Checker
         foreach (BitmapDirectory.Entry bm in dir.Entries)
         {
             Inc(bm.TableOffset, bm.TableSize * 8L);
-            byte[]? table = TryRead(bm.TableOffset, bm.TableSize * 8L);
-            if (table is null)
+            // QEMU's directory check: a table too large or past the end of the file (it then refuses to open the image).
+            if (bm.TableSize > 0x800_0000 || bm.TableOffset < 0 || bm.TableOffset + bm.TableSize * 8L > _fileLength)
             {
+                _messages.Add($"ERROR bitmap '{bm.Name}': table of {bm.TableSize} entries at 0x{bm.TableOffset:x} does not lie within the file");
                 _res.Corruptions++;
-                throw new CheckFailedException($"the table of bitmap '{bm.Name}' at 0x{bm.TableOffset:x} cannot be read");
+                throw new CheckFailedException($"bitmap '{bm.Name}': table of {bm.TableSize} entries at file offset 0x{bm.TableOffset:x} does not lie within the file, so QEMU cannot open the image");
             }
-            for (int i = 0; i + 8 <= table.Length; i += 8)
+            // In pieces: a table may be large.
+            byte[] chunk = new byte[Math.Min(bm.TableSize * 8L, 1 << 20)];
+            for (long done = 0; done < bm.TableSize * 8L; done += chunk.Length)
             {
-                ulong entry = BinaryPrimitives.ReadUInt64BigEndian(table.AsSpan(i));
-                long offset = (long)(entry & BitmapDirectory.TableEntryOffsetMask);
-                if ((entry & reservedMask) != 0 || (offset != 0 && ((entry & 1) != 0 || (offset & (ClusterSize - 1)) != 0)))
+                Span<byte> part = chunk.AsSpan(0, (int)Math.Min(chunk.Length, bm.TableSize * 8L - done));
+                if (!TryRead(bm.TableOffset + done, part))
                 {
-                    _messages.Add($"ERROR bitmap '{bm.Name}' table entry {i / 8} is invalid: 0x{entry:x}");
                     _res.Corruptions++;
-                    invalid ??= $"bitmap '{bm.Name}': table entry {i / 8} at file offset 0x{bm.TableOffset + i:x} is invalid (0x{entry:x}), so QEMU cannot load the bitmap nor open the image";
-                    continue;
+                    throw new CheckFailedException($"the table of bitmap '{bm.Name}' at 0x{bm.TableOffset:x} cannot be read");
                 }
-                if (offset != 0) Inc(offset, ClusterSize);
+                for (int i = 0; i + 8 <= part.Length; i += 8)
+                {
+                    ulong entry = BinaryPrimitives.ReadUInt64BigEndian(part[i..]);
+                    long offset = (long)(entry & BitmapDirectory.TableEntryOffsetMask);
+                    long index = (done + i) / 8;
+                    if ((entry & reservedMask) != 0 || (offset != 0 && ((entry & 1) != 0 || (offset & (ClusterSize - 1)) != 0)))
+                    {
+                        _messages.Add($"ERROR bitmap '{bm.Name}' table entry {index} is invalid: 0x{entry:x}");
+                        _res.Corruptions++;
+                        invalid ??= $"bitmap '{bm.Name}': table entry {index} at file offset 0x{bm.TableOffset + done + i:x} is invalid (0x{entry:x}), so QEMU cannot load the bitmap nor open the image";
+                        continue;
+                    }
+                    if (offset != 0) Inc(offset, ClusterSize);
+                }
             }
         }
         if (invalid is not null) throw new CheckFailedException(invalid);
@@ -465,7 +456,7 @@ internal sealed partial class Qcow2Checker
         if (impossible) return "Invalid argument";
         long cluster = offset >> _g.ClusterBits;
         // Refused before the file grows when the in-memory counts could not follow it.
-        if (cluster + 1 > Array.MaxLength) return $"checking it would need a reference count for each of {cluster + 1} clusters, more than vmsnap can hold in memory";
+        if (!_counts.TryReserve(cluster + 1)) return $"checking it would need a reference count for each of {cluster + 1} clusters, more than vmsnap can hold in memory";
         try
         {
             _e.Device.SetLength(offset + ClusterSize);
@@ -505,8 +496,11 @@ internal sealed partial class Qcow2Checker
     private void CompareRefcounts(Qcow2RepairMode mode)
     {
         _highest = 0;
+        long blockMask = _g.RefcountBlockEntries - 1;
         for (long i = 0; i < _clusters; i++)
         {
+            // Memory stays bounded by the cache: blocks read for the comparison are evicted as it goes.
+            if ((i & blockMask) == 0 && _e.Refcounts.Blocks.Count > 2 * _e.Refcounts.Blocks.Capacity) _e.Refcounts.Blocks.Trim();
             if (!TryGetRefcount(i, out ulong stored))
             {
                 _messages.Add($"Can't get refcount for cluster {i}: Input/output error");

@@ -106,6 +106,7 @@ internal sealed partial class Qcow2Checker
         }
         finally
         {
+            _counts = new ReferenceCounts(0);   // let it go before a second check counts again
             if (_madeCorrupt) DiscardPendingMetadata();
             else if (_mode != Qcow2RepairMode.None) FinishRepairs();
         }
@@ -141,6 +142,16 @@ internal sealed partial class Qcow2Checker
         {
             H.IncompatibleFeatures &= ~Qcow2Header.IncompatibleDirty;
             _e.WriteHeaderBytes(Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.EncodeUInt64(H.IncompatibleFeatures));
+            _e.Device.Flush();
+        }
+        // A writer clears the autoclear bits of features it does not know (QEMU does on its writable
+        // open). Only those 8 bytes: QEMU 7.2 rewrites its whole header then, and in check mode that
+        // header says "no snapshots", which loses them; vmsnap keeps them.
+        const ulong known = Qcow2Header.AutoclearBitmaps | Qcow2Header.AutoclearRawExternalData;
+        if (H.Version >= 3 && (H.AutoclearFeatures & ~known) != 0)
+        {
+            H.AutoclearFeatures &= known;
+            _e.WriteHeaderBytes(Qcow2Header.AutoclearFeaturesOffset, Qcow2Header.EncodeUInt64(H.AutoclearFeatures));
             _e.Device.Flush();
         }
     }
