@@ -146,8 +146,8 @@ internal static class ImageCommands
             bool shared = parse.GetValue(forceShare);
             if (shared && mode != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
             var options = mode == Qcow2RepairMode.None
-                ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = shared, OpenBackingFile = false }
-                : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true };
+                ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = shared, OpenBackingFile = false, ForCheck = true }
+                : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };
             Qcow2CheckResult r;
             using (Qcow2Image img = Qcow2Image.Open(path, options)) r = img.Check(mode);
             if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r));

@@ -122,6 +122,14 @@ public sealed record Qcow2CheckResult
     /// <summary>One line per finding, in qemu-img's words ("Leaked cluster 5 refcount=1 reference=0").</summary>
     public IReadOnlyList<string> Messages { get; init; } = [];
 
+    /// <summary>
+    /// Why the check could not be completed (qemu-img then says "Check failed" and gives no figures),
+    /// or null when it was: a snapshot table it cannot read, a refcount structure only --repair all
+    /// may rebuild, a repair write that would have hit other metadata. <see cref="CheckErrors"/> is
+    /// then at least 1; the other figures are those found up to that point.
+    /// </summary>
+    public string? Failure { get; init; }
+
     /// <summary>No corruptions, leaks or check errors remain.</summary>
-    public bool IsClean => Corruptions == 0 && Leaks == 0 && CheckErrors == 0;
+    public bool IsClean => Corruptions == 0 && Leaks == 0 && CheckErrors == 0 && Failure is null;
 }

@@ -71,6 +71,14 @@ public sealed record Qcow2OpenOptions
 
     /// <summary>Skip the refcount repair a dirty image (lazy refcounts) gets on a writable open; check uses it.</summary>
     internal bool SkipDirtyRepair { get; init; }
+
+    /// <summary>
+    /// Open for <see cref="Qcow2Image.Check"/> only, the way qemu-img check opens: the snapshot table
+    /// is not read (the check reads it and reports what is wrong with it), and what only the check
+    /// judges (tables past the end of the file, no refcount table) does not refuse the open; no dirty
+    /// repair. Nothing but Check may be called on such an image.
+    /// </summary>
+    internal bool ForCheck { get; init; }
 }
 
 /// <summary>What to repair when checking an image (like <c>qemu-img check -r</c>).</summary>

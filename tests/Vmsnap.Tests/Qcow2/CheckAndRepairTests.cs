@@ -53,11 +53,7 @@ public class CheckAndRepairTests
 
     private static Qcow2CheckResult VmsnapCheck(string image, Qcow2RepairMode mode = Qcow2RepairMode.None)
     {
-        var options = mode == Qcow2RepairMode.None
-            ? new Qcow2OpenOptions { ReadOnly = true }
-            : new Qcow2OpenOptions { SkipDirtyRepair = true };
-        using var img = Qcow2Image.Open(image, options);
-        return img.Check(mode);
+        return CheckParityTests.VmsnapCheck(image, mode);   // opened as vmsnap check opens
     }
 
     private static string Populated(TempDir dir, string name, string options = "", bool snapshot = false)

@@ -562,8 +562,9 @@ internal sealed partial class Qcow2Engine
             gen.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
             activeOffset = WriteNewL1(gen, active);
         }
-        var list = new List<SnapshotEntry>(Snapshots);
-        list.Remove(sn);
+        // The entries left are written the way QEMU writes a snapshot table: each with its complete
+        // extra data, so that a version 3 image loses entries qemu-img check calls incomplete.
+        var list = Snapshots.Where(s => s != sn).Select(s => s.WithCompleteExtraData(VirtualSize)).ToList();
         (long Offset, long Bytes) table = WriteNewSnapshotTable(gen, list);
         Switch(gen, activeChanged ? active : null, activeOffset, list, table);
         return sn;

@@ -78,13 +78,17 @@ internal sealed partial class Qcow2Engine : IDisposable
         try
         {
             Qcow2Header header = Qcow2Header.Read(device);
-            Validate(header, device.Length);
+            Validate(header, device.Length, options.ForCheck);
             engine = new Qcow2Engine(device, path, header, options, ownsDevice);
-            engine.Snapshots = SnapshotTable.Read(device, header, device.Length, out long tableBytes);
-            engine.SnapshotTableBytes = tableBytes;
+            if (!options.ForCheck)
+            {
+                // In check mode the checker reads the table itself, reporting what is wrong with it.
+                engine.Snapshots = SnapshotTable.Read(device, header, device.Length, out long tableBytes);
+                engine.SnapshotTableBytes = tableBytes;
+            }
             if (options.OpenBackingFile && header.BackingFile is not null)
                 engine.Backing = BackingStore.Open(engine, options, depth);
-            if (!engine.ReadOnly && header.IsDirty && !options.SkipDirtyRepair && !header.IsCorrupt)
+            if (!engine.ReadOnly && header.IsDirty && !options.SkipDirtyRepair && !options.ForCheck && !header.IsCorrupt)
                 engine.RepairDirty();
             return engine;
         }
@@ -111,7 +115,7 @@ internal sealed partial class Qcow2Engine : IDisposable
     }
 
     /// <summary>Checks the header against the file: what QEMU refuses to open, vmsnap refuses too, with the reason.</summary>
-    private static void Validate(Qcow2Header h, long fileLength)
+    private static void Validate(Qcow2Header h, long fileLength, bool forCheck = false)
     {
         if (h.CryptMethod != 0)
             throw new Qcow2FormatException("header", 32, $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
@@ -144,24 +148,28 @@ internal sealed partial class Qcow2Engine : IDisposable
         if (h.L1Size < needed)
             throw new Qcow2FormatException("header", Qcow2Header.L1SizeOffset, $"l1_size {h.L1Size} is too small for the virtual size {h.Size} (needs {needed} entries)");
         if (h.L1Size > 0)
-            CheckTable("L1 table", h.L1TableOffset, (long)h.L1Size * 8, clusterSize, fileLength);
+            CheckTable("L1 table", h.L1TableOffset, (long)h.L1Size * 8, clusterSize, fileLength, forCheck);
 
-        if (h.RefcountTableClusters == 0)
+        // qemu-img check opens an image without a refcount table, or with tables past the end of
+        // the file or on top of each other, and reports (or rebuilds) them.
+        if (h.RefcountTableClusters == 0 && !forCheck)
             throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, "the image has no refcount table (refcount_table_clusters is 0)");
         if ((long)h.RefcountTableClusters * clusterSize > ClusterGeometry.MaxRefcountTableBytes)
             throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, $"refcount table of {h.RefcountTableClusters} clusters is too large (at most {ClusterGeometry.MaxRefcountTableBytes} bytes)");
-        CheckTable("refcount table", h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize, clusterSize, fileLength);
-        if (h.L1Size > 0 && Overlaps((long)h.L1TableOffset, (long)h.L1Size * 8, (long)h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize))
+        CheckTable("refcount table", h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize, clusterSize, fileLength, forCheck);
+        if (!forCheck && h.L1Size > 0 && Overlaps((long)h.L1TableOffset, (long)h.L1Size * 8, (long)h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize))
             throw new Qcow2FormatException("refcount table", (long)h.RefcountTableOffset, $"overlaps the L1 table at 0x{h.L1TableOffset:x}");
     }
 
-    private static void CheckTable(string name, ulong offset, long bytes, int clusterSize, long fileLength)
+    private static void CheckTable(string name, ulong offset, long bytes, int clusterSize, long fileLength, bool forCheck)
     {
-        if (offset > long.MaxValue / 2)
+        // QEMU's qcow2_validate_table limit for the check; tighter otherwise.
+        if (offset > (forCheck ? (ulong)(long.MaxValue - bytes) : long.MaxValue / 2))
             throw new Qcow2FormatException(name, null, $"offset 0x{offset:x} is beyond any file");
         long o = (long)offset;
         if ((o & (clusterSize - 1)) != 0)
             throw new Qcow2FormatException(name, o, $"offset is not aligned to a cluster ({clusterSize} bytes)");
+        if (forCheck) return;
         if (o < clusterSize)
             throw new Qcow2FormatException(name, o, "overlaps the header cluster");
         // The last cluster of an image may be partly missing (QEMU writes an L1 table only as long as it is).

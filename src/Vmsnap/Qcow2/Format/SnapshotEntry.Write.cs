@@ -15,6 +15,36 @@ internal sealed partial class SnapshotEntry
     internal int EncodedLength =>
         (FixedSize + ExtraDataLength + Encoding.UTF8.GetByteCount(Id) + Encoding.UTF8.GetByteCount(Name) + 7) & ~7;
 
+    /// <summary>Bytes this entry takes in the table before its padding.</summary>
+    internal int UnpaddedLength =>
+        FixedSize + ExtraDataLength + Encoding.UTF8.GetByteCount(Id) + Encoding.UTF8.GetByteCount(Name);
+
+    /// <summary>
+    /// A copy with the extra data QEMU writes for every entry whenever it writes a snapshot table:
+    /// the 64-bit VM-state size, the disk size (<paramref name="diskSize"/>, the current one, when the
+    /// entry had none) and icount (-1 when none); the 32-bit size derived from the 64-bit one.
+    /// Version 3 images need the first two; QEMU's check reports entries without them.
+    /// </summary>
+    internal SnapshotEntry WithCompleteExtraData(long diskSize)
+    {
+        ulong vmState = VmStateSizeLarge ?? VmStateSize32;
+        return new SnapshotEntry
+        {
+            L1TableOffset = L1TableOffset,
+            L1Size = L1Size,
+            Id = Id,
+            Name = Name,
+            DateSeconds = DateSeconds,
+            DateNanoseconds = DateNanoseconds,
+            VmClockNanoseconds = VmClockNanoseconds,
+            VmStateSize32 = vmState <= uint.MaxValue ? (uint)vmState : 0,
+            VmStateSizeLarge = vmState,
+            DiskSize = DiskSize ?? (ulong)diskSize,
+            Icount = Icount ?? -1,
+            UnknownExtraData = UnknownExtraData,
+        };
+    }
+
     /// <summary>Encodes the entry (with padding) into <paramref name="destination"/>; returns the bytes used.</summary>
     internal int Write(Span<byte> destination)
     {

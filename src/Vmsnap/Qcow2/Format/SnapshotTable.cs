@@ -13,12 +13,15 @@ internal static class SnapshotTable
     {
         var entries = new List<SnapshotEntry>();
         tableBytes = 0;
-        if (header.SnapshotCount == 0) return entries;
-        long start = (long)header.SnapshotsOffset;
         if (header.SnapshotCount > MaxSnapshots)
             throw new Qcow2FormatException("header", Qcow2Header.SnapshotFieldsOffset, $"{header.SnapshotCount} snapshots is more than the {MaxSnapshots} qcow2 allows");
-        if ((start & (header.ClusterSize - 1)) != 0 || header.SnapshotsOffset > long.MaxValue)
-            throw new Qcow2FormatException("snapshot table", start, "offset is not aligned to a cluster");
+        // Like QEMU, the pointer must be valid even when there are no snapshots.
+        if ((header.SnapshotsOffset & (ulong)(header.ClusterSize - 1)) != 0)
+            throw new Qcow2FormatException("header", Qcow2Header.SnapshotFieldsOffset, $"snapshot table offset 0x{header.SnapshotsOffset:x} is not aligned to a cluster");
+        if (header.SnapshotsOffset > (ulong)long.MaxValue - header.SnapshotCount * (ulong)SnapshotEntry.FixedSize)
+            throw new Qcow2FormatException("header", Qcow2Header.SnapshotFieldsOffset, $"snapshot table offset 0x{header.SnapshotsOffset:x} is beyond any file");
+        if (header.SnapshotCount == 0) return entries;
+        long start = (long)header.SnapshotsOffset;
         if (start < header.ClusterSize)
             throw new Qcow2FormatException("snapshot table", start, "overlaps the header cluster");
         long pos = start;
