@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
 using System.Text;
 using Vmsnap.VmState;
 
@@ -71,7 +72,11 @@ internal sealed class MigrationStreamReader
     private long _skippedByLayout;   // bytes of bitmaps, padding and pages the stream jumps over
     private long _placedBytesWritten; // what QEMU counts for them: bitmaps and pages with data
 
-    // Batches of consecutive pages handed to the sink in one call.
+    // Batches of consecutive pages handed to the sink in one call. A batch sink takes them by reference
+    // (it writes them on its own thread), so each batch is a chunk of a pool it gives back when done.
+    private readonly IRamBatchSink? _batchSink;
+    private ChunkPool? _batches;
+    private ChunkPool.Chunk? _batchChunk;
     private byte[]? _batch;
     private int _dataBlock = -1;
     private long _dataStart;
@@ -97,6 +102,7 @@ internal sealed class MigrationStreamReader
     {
         _in = input;
         _sink = sink;
+        _batchSink = sink as IRamBatchSink;
         _tee = tee;
         _format = format;
         _length = length;
@@ -480,6 +486,7 @@ internal sealed class MigrationStreamReader
             throw new MigrationStreamException($"the footer of section '{name}' names section id {footerId}, expected {id}", at);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void ReadRamRecords(long sectionAt, bool start)
     {
         const ulong known = MigrationFormat.RamZero | MigrationFormat.RamMemSize | MigrationFormat.RamPage
@@ -661,7 +668,7 @@ internal sealed class MigrationStreamReader
                     continue;
                 }
                 _in.Seek(_start + pagesOffset + offset);
-                _chunks ??= new ChunkPool(MigrationStreamWriter.DefaultChunkBytes);
+                _chunks ??= new ChunkPool(MigrationStreamWriter.DefaultChunkBytes, keep: 12);
                 for (long done = 0; done < length;)
                 {
                     _cancellation.ThrowIfCancellationRequested();
@@ -671,15 +678,30 @@ internal sealed class MigrationStreamReader
                     try
                     {
                         Bytes(chunk.Buffer.AsSpan(0, n), $"pages of RAM block '{block.Id}'");
-                        _sink?.WritePages(b, offset + done, chunk.Buffer.AsSpan(0, n));
                     }
                     catch
                     {
                         chunk.Dispose();
                         throw;
                     }
-                    if (_output is not null) _output.Pages(b, offset + done, chunk.Buffer.AsMemory(0, n), chunk);
-                    else chunk.Dispose();
+                    if (_output is null && _batchSink is not null)
+                    {
+                        _batchSink.WritePages(b, offset + done, chunk, n);   // the sink gives the chunk back
+                    }
+                    else
+                    {
+                        try
+                        {
+                            _sink?.WritePages(b, offset + done, chunk.Buffer.AsSpan(0, n));
+                        }
+                        catch
+                        {
+                            chunk.Dispose();
+                            throw;
+                        }
+                        if (_output is not null) _output.Pages(b, offset + done, chunk.Buffer.AsMemory(0, n), chunk);
+                        else chunk.Dispose();
+                    }
                     done += n;
                     _ramDone += n;
                     if (_ramDone - _ramReported >= ProgressStep) ReportProgress(force: false);
@@ -692,6 +714,7 @@ internal sealed class MigrationStreamReader
     }
 
     /// <summary>The block a page record is for: the previous one (CONTINUE) or the one its id string names.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private int BlockOf(ulong flags, long at, ulong address)
     {
         if (!_haveBlockList)
@@ -722,6 +745,7 @@ internal sealed class MigrationStreamReader
         return block;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void AddData(int block, long offset)
     {
         _pages[block]++;
@@ -748,12 +772,20 @@ internal sealed class MigrationStreamReader
             _dataBlock = block;
             _dataStart = offset;
         }
+        if (_batchSink is not null && _batchChunk is null)
+        {
+            // Up to the sink's queue plus the batch being written and the one being filled are out at once.
+            _batches ??= new ChunkPool(BatchBytes, keep: 16);
+            _batchChunk = _batches.Rent();
+            _batch = _batchChunk.Buffer;
+        }
         _batch ??= GC.AllocateUninitializedArray<byte>(BatchBytes);
         Bytes(_batch.AsSpan(_dataLength, MigrationFormat.PageSize), "a RAM page");
         _dataLength += MigrationFormat.PageSize;
         Done();
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void AddZero(int block, long offset)
     {
         _zeroPages[block]++;
@@ -817,8 +849,17 @@ internal sealed class MigrationStreamReader
 
     private void FlushData()
     {
-        _sink!.WritePages(_dataBlock, _dataStart, _batch.AsSpan(0, _dataLength));
+        int length = _dataLength;
         _dataLength = 0;
+        if (_batchChunk is { } chunk)
+        {
+            // The sink owns the chunk now (it gives it back to the pool after writing it).
+            _batchChunk = null;
+            _batch = null;
+            _batchSink!.WritePages(_dataBlock, _dataStart, chunk, length);
+            return;
+        }
+        _sink!.WritePages(_dataBlock, _dataStart, _batch.AsSpan(0, length));
     }
 
     private void FlushZero()
@@ -875,6 +916,7 @@ internal sealed class MigrationStreamReader
     // Typed reads: each forwards what it read to the copy target (while forwarding is on), and turns a
     // premature end into an error that says what was being read.
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private byte U8(string what)
     {
         long at = _in.Position;
@@ -911,6 +953,7 @@ internal sealed class MigrationStreamReader
         catch (VmStateException e) { throw Truncated(what, at, e); }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private ulong Be64(string what)
     {
         long at = _in.Position;
@@ -923,6 +966,7 @@ internal sealed class MigrationStreamReader
         catch (VmStateException e) { throw Truncated(what, at, e); }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void Bytes(Span<byte> buffer, string what)
     {
         long at = _in.Position;
