@@ -29,14 +29,3 @@ public interface IRamSink
     /// <summary>The whole stream was read: make the result final.</summary>
     void Complete();
 }
-
-/// <summary>
-/// A sink that takes page batches by reference and writes them on its own thread, so that parsing the
-/// stream and writing the RAM overlap. It disposes each chunk (giving it back to its pool) once its pages
-/// are written; a failed write is thrown by a later call or by <see cref="IRamSink.Complete"/>.
-/// </summary>
-internal interface IRamBatchSink : IRamSink
-{
-    /// <summary>Pages [0, <paramref name="length"/>) of <paramref name="pages"/> for block <paramref name="block"/> from <paramref name="offset"/>; the sink owns the chunk from now on.</summary>
-    void WritePages(int block, long offset, ChunkPool.Chunk pages, int length);
-}

@@ -31,6 +31,9 @@ internal sealed class MigrationStreamReader
     public const int MaxEarlySectionBytes = 1 << 20;
 
     private const int BatchBytes = 1 << 20;
+
+    // The per-page paths below are compiled fully optimized from their first call: a load lasts about a
+    // second per GiB, and tiering would run much of it in unoptimized code while the JIT competes for the CPU.
     private const long ProgressStep = 16 << 20;
 
     private readonly VmStateReader _in;
@@ -72,11 +75,7 @@ internal sealed class MigrationStreamReader
     private long _skippedByLayout;   // bytes of bitmaps, padding and pages the stream jumps over
     private long _placedBytesWritten; // what QEMU counts for them: bitmaps and pages with data
 
-    // Batches of consecutive pages handed to the sink in one call. A batch sink takes them by reference
-    // (it writes them on its own thread), so each batch is a chunk of a pool it gives back when done.
-    private readonly IRamBatchSink? _batchSink;
-    private ChunkPool? _batches;
-    private ChunkPool.Chunk? _batchChunk;
+    // Batches of consecutive pages handed to the sink in one call.
     private byte[]? _batch;
     private int _dataBlock = -1;
     private long _dataStart;
@@ -102,7 +101,6 @@ internal sealed class MigrationStreamReader
     {
         _in = input;
         _sink = sink;
-        _batchSink = sink as IRamBatchSink;
         _tee = tee;
         _format = format;
         _length = length;
@@ -668,7 +666,7 @@ internal sealed class MigrationStreamReader
                     continue;
                 }
                 _in.Seek(_start + pagesOffset + offset);
-                _chunks ??= new ChunkPool(MigrationStreamWriter.DefaultChunkBytes, keep: 12);
+                _chunks ??= new ChunkPool(MigrationStreamWriter.DefaultChunkBytes);
                 for (long done = 0; done < length;)
                 {
                     _cancellation.ThrowIfCancellationRequested();
@@ -678,30 +676,15 @@ internal sealed class MigrationStreamReader
                     try
                     {
                         Bytes(chunk.Buffer.AsSpan(0, n), $"pages of RAM block '{block.Id}'");
+                        _sink?.WritePages(b, offset + done, chunk.Buffer.AsSpan(0, n));
                     }
                     catch
                     {
                         chunk.Dispose();
                         throw;
                     }
-                    if (_output is null && _batchSink is not null)
-                    {
-                        _batchSink.WritePages(b, offset + done, chunk, n);   // the sink gives the chunk back
-                    }
-                    else
-                    {
-                        try
-                        {
-                            _sink?.WritePages(b, offset + done, chunk.Buffer.AsSpan(0, n));
-                        }
-                        catch
-                        {
-                            chunk.Dispose();
-                            throw;
-                        }
-                        if (_output is not null) _output.Pages(b, offset + done, chunk.Buffer.AsMemory(0, n), chunk);
-                        else chunk.Dispose();
-                    }
+                    if (_output is not null) _output.Pages(b, offset + done, chunk.Buffer.AsMemory(0, n), chunk);
+                    else chunk.Dispose();
                     done += n;
                     _ramDone += n;
                     if (_ramDone - _ramReported >= ProgressStep) ReportProgress(force: false);
@@ -771,13 +754,6 @@ internal sealed class MigrationStreamReader
         {
             _dataBlock = block;
             _dataStart = offset;
-        }
-        if (_batchSink is not null && _batchChunk is null)
-        {
-            // Up to the sink's queue plus the batch being written and the one being filled are out at once.
-            _batches ??= new ChunkPool(BatchBytes, keep: 16);
-            _batchChunk = _batches.Rent();
-            _batch = _batchChunk.Buffer;
         }
         _batch ??= GC.AllocateUninitializedArray<byte>(BatchBytes);
         Bytes(_batch.AsSpan(_dataLength, MigrationFormat.PageSize), "a RAM page");
@@ -849,17 +825,8 @@ internal sealed class MigrationStreamReader
 
     private void FlushData()
     {
-        int length = _dataLength;
+        _sink!.WritePages(_dataBlock, _dataStart, _batch.AsSpan(0, _dataLength));
         _dataLength = 0;
-        if (_batchChunk is { } chunk)
-        {
-            // The sink owns the chunk now (it gives it back to the pool after writing it).
-            _batchChunk = null;
-            _batch = null;
-            _batchSink!.WritePages(_dataBlock, _dataStart, chunk, length);
-            return;
-        }
-        _sink!.WritePages(_dataBlock, _dataStart, _batch.AsSpan(0, length));
     }
 
     private void FlushZero()

@@ -1,6 +1,3 @@
-using System.Collections.Concurrent;
-using System.Runtime.CompilerServices;
-using System.Runtime.ExceptionServices;
 using Vmsnap.Storage;
 
 namespace Vmsnap.Migration;
@@ -19,27 +16,13 @@ namespace Vmsnap.Migration;
 /// and a QEMU that has the file open sees the loaded RAM. Zero pages are zeroed (long runs punched out),
 /// and at completion every page the stream did not carry is zeroed too, so the file ends up exactly as a
 /// new one would. A stream that fails halfway leaves such a file partly overwritten.</para>
-/// <para>The files are written on a thread of the sink's own, a few batches behind the caller, so that
-/// parsing the stream and writing the RAM overlap; a failed write is thrown by a later call or by
-/// <see cref="Complete"/>.</para>
 /// </remarks>
-public sealed class RamFileSink : IRamBatchSink, IDisposable
+public sealed class RamFileSink : IRamSink, IDisposable
 {
-    // Batches waiting for the writer thread: the memory held is bounded by this many batches (1 MiB
-    // each from the stream reader) plus the one being written.
-    private const int QueuedBatches = 8;
-    private const int CopyChunkBytes = 1 << 20;
-
     private readonly List<(string Id, string Path)> _requests = new();
     private Target?[] _targets = [];
     private bool _completed;
     private bool _disposed;
-
-    private BlockingCollection<Op>? _queue;
-    private Thread? _writer;
-    private volatile ExceptionDispatchInfo? _error;
-    private volatile bool _abandoned;
-    private ChunkPool? _copies;
 
     /// <summary>Creates a sink for the given block id → file pairs.</summary>
     /// <exception cref="ArgumentException">An id or path is empty or given twice.</exception>
@@ -122,10 +105,6 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
         {
             _targets = targets;
         }
-        if (prepared.Count == 0) return;
-        _queue = new BlockingCollection<Op>(new ConcurrentQueue<Op>(), QueuedBatches);
-        _writer = new Thread(WriteQueued) { IsBackground = true, Name = "vmsnap-ram-write" };
-        _writer.Start();
     }
 
     /// <inheritdoc/>
@@ -134,34 +113,7 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
         Target? t = TargetFor(block);
         if (t is null) return;
         t.CheckRange(offset, pages.Length);
-        // The caller's memory is valid only during the call: the writer thread gets a copy.
-        _copies ??= new ChunkPool(CopyChunkBytes, QueuedBatches);
-        for (int done = 0; done < pages.Length;)
-        {
-            int n = Math.Min(CopyChunkBytes, pages.Length - done);
-            ChunkPool.Chunk chunk = _copies.Rent();
-            pages.Slice(done, n).CopyTo(chunk.Buffer);
-            Enqueue(new Op(t, offset + done, n, chunk));
-            done += n;
-        }
-    }
-
-    /// <inheritdoc/>
-    void IRamBatchSink.WritePages(int block, long offset, ChunkPool.Chunk pages, int length)
-    {
-        Target? t;
-        try
-        {
-            t = TargetFor(block);
-            if (t is not null) t.CheckRange(offset, length);
-        }
-        catch
-        {
-            pages.Dispose();
-            throw;
-        }
-        if (t is null) pages.Dispose();
-        else Enqueue(new Op(t, offset, length, pages));
+        t.WritePages(offset, pages);
     }
 
     /// <inheritdoc/>
@@ -170,7 +122,7 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
         Target? t = TargetFor(block);
         if (t is null) return;
         t.CheckRange(offset, length);
-        Enqueue(new Op(t, offset, length, null));
+        t.WriteZeroPages(offset, length);
     }
 
     /// <inheritdoc/>
@@ -178,8 +130,6 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (_targets.Length == 0 && _requests.Count > 0) throw new InvalidOperationException("no block list was given");
-        StopWriter();
-        _error?.Throw();
         foreach (Target? t in _targets)
         {
             if (t is null) continue;
@@ -201,9 +151,6 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        // The writer skips what is still queued; the files are closed only after it stopped.
-        _abandoned = true;
-        StopWriter();
         foreach (Target? t in _targets)
         {
             if (t is null) continue;
@@ -214,58 +161,6 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
             }
         }
     }
-
-    /// <summary>Hands one write to the writer thread, after the first failed write throws that failure.</summary>
-    private void Enqueue(Op op)
-    {
-        try
-        {
-            _error?.Throw();
-            if (_queue is null || _queue.IsAddingCompleted) throw new InvalidOperationException("the sink's writes are over (completed or failed)");
-            _queue.Add(op);
-        }
-        catch
-        {
-            op.Chunk?.Dispose();
-            throw;
-        }
-        // The writer may have failed while this op waited for room: say so now rather than at the next call.
-        _error?.Throw();
-    }
-
-    /// <summary>Lets the writer thread finish what is queued (skip it, once abandoned) and waits for it.</summary>
-    private void StopWriter()
-    {
-        if (_queue is null) return;
-        _queue.CompleteAdding();
-        _writer?.Join();
-        _writer = null;
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private void WriteQueued()
-    {
-        foreach (Op op in _queue!.GetConsumingEnumerable())
-        {
-            try
-            {
-                if (_error is not null || _abandoned) continue;
-                if (op.Chunk is { } chunk) op.Target.WritePages(op.Offset, chunk.Buffer.AsSpan(0, (int)op.Length));
-                else op.Target.WriteZeroPages(op.Offset, op.Length);
-            }
-            catch (Exception e)
-            {
-                _error ??= ExceptionDispatchInfo.Capture(e);
-            }
-            finally
-            {
-                op.Chunk?.Dispose();
-            }
-        }
-    }
-
-    /// <summary>One queued write: pages (a chunk) or zero pages (no chunk).</summary>
-    private readonly record struct Op(Target Target, long Offset, long Length, ChunkPool.Chunk? Chunk);
 
     private Target? TargetFor(int block)
     {
@@ -390,8 +285,7 @@ public sealed class RamFileSink : IRamBatchSink, IDisposable
                 long i = p & (ChunkPages - 1);
                 int bit = (int)(i & 63);
                 long n = Math.Min(64 - bit, end - p);
-                ulong mask = n == 64 ? ulong.MaxValue : ((1UL << (int)n) - 1) << bit;
-                bits[i >> 6] |= mask;
+                bits[i >> 6] |= n == 64 ? ulong.MaxValue : ((1UL << (int)n) - 1) << bit;
                 p += n;
             }
         }
