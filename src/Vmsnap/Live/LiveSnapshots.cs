@@ -30,7 +30,7 @@ public static class LiveSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
-        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("a snapshot needs a name (TAG)");
+        if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("a snapshot needs a name (TAG)");
         options ??= new LiveSaveOptions();
         using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
         return new LiveSave(qmp, tag, options, ramBytesDone, cancellationToken).Run();
@@ -47,7 +47,7 @@ public static class LiveSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
-        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("say which snapshot to load (TAG)");
+        if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("say which snapshot to load (TAG)");
         options ??= new LiveLoadOptions();
         using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
         return new LiveLoad(qmp, tag, options, ramBytesDone, cancellationToken).Run();

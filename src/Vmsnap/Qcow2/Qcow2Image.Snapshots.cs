@@ -53,7 +53,7 @@ public sealed partial class Qcow2Image
     /// used (its L1 and L2 tables, data, VM state) freed. Crash-safe like <see cref="CreateSnapshot"/>.
     /// </summary>
     /// <returns>The snapshot deleted.</returns>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.DeleteSnapshot(idOrName)));
 
     /// <summary>
@@ -61,7 +61,7 @@ public sealed partial class Qcow2Image
     /// the snapshot stays. Crash-safe like <see cref="CreateSnapshot"/>.
     /// </summary>
     /// <returns>The snapshot applied.</returns>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
     public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
 
@@ -75,7 +75,7 @@ public sealed partial class Qcow2Image
     public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
 
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
-    /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
+    /// <exception cref="SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
     /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
     public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot) => OpenVmStateForReading(snapshot, wholeArea: false);
 
@@ -92,15 +92,15 @@ public sealed partial class Qcow2Image
         {
             Engine.ThrowIfDisposed();
             entry = Engine.Snapshots.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
-                ?? throw new Qcow2SnapshotNotFoundException(snapshot.Id, Path);
+                ?? throw new SnapshotNotFoundException(snapshot.Id, Path);
         }
         return Engine.OpenVmStateForReading(entry, ToPublic(entry), wholeArea);
     }
 
     /// <summary>Opens the VM state of the snapshot with this ID or name for reading.</summary>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     public Qcow2VmStateArea OpenVmStateForReading(string idOrName) =>
-        OpenVmStateForReading(FindSnapshot(idOrName) ?? throw new Qcow2SnapshotNotFoundException(idOrName, Path));
+        OpenVmStateForReading(FindSnapshot(idOrName) ?? throw new SnapshotNotFoundException(idOrName, Path));
 
     private Qcow2Snapshot ToPublic(SnapshotEntry s) => new()
     {

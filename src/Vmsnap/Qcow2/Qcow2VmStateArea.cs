@@ -76,7 +76,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         ThrowIfDisposed();
         if (_writer is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.Path}' is open for reading only");
         if (_writer.CapturedBy is { } snapshot)
-            throw new VmsnapException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
+            throw new OperationRefusedException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
         return _writer;
     }
 

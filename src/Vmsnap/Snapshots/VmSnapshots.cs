@@ -145,7 +145,7 @@ public static class VmSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         options ??= new();
-        if (options.MappedRam) throw new VmsnapException("a mapped-ram file is laid out by offset: export it to a file, not a pipe");
+        if (options.MappedRam) throw new OperationRefusedException("a mapped-ram file is laid out by offset: export it to a file, not a pipe");
         return ReadSnapshot(imagePath, snapshot, options, (reader, length) =>
         {
             using var backend = VmStateBackend.ForStream(destination, leaveOpen: true);
@@ -189,8 +189,8 @@ public static class VmSnapshots
     private static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
         Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
     {
-        if (string.IsNullOrEmpty(name)) throw new VmsnapException("a snapshot needs a name (--name TAG)");
-        if (options.ForceShare) throw new VmsnapException("--force-share is only for reading; a save writes the image");
+        if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (--name TAG)");
+        if (options.ForceShare) throw new OperationRefusedException("--force-share is only for reading; a save writes the image");
         var clock = Stopwatch.StartNew();
         Qcow2Image image = OpenImage(imagePath, writable: true, options);
         VmSnapshotResult result;
@@ -224,10 +224,10 @@ public static class VmSnapshots
         }
         catch (ArgumentException e)
         {
-            throw new VmsnapException($"'{imagePath}': {e.Message}");
+            throw new OperationRefusedException($"'{imagePath}': {e.Message}", e);
         }
         if (image.FindSnapshot(name) is { } existing)
-            throw new VmsnapException(existing.Name == name
+            throw new SnapshotExistsException(name, existing.Id, imagePath, existing.Name == name
                 ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"
                 : $"'{imagePath}' already has a snapshot with ID '{name}' (named '{existing.Name}'); a name equal to another snapshot's ID would make lookups ambiguous: choose another name");
 
@@ -282,9 +282,9 @@ public static class VmSnapshots
         var clock = Stopwatch.StartNew();
         using Qcow2Image image = OpenImage(imagePath, writable: false, options);
         var snapshot = image.FindSnapshot(snapshotName)
-            ?? throw new VmsnapException($"'{imagePath}' has no snapshot with ID or name '{snapshotName}'");
+            ?? throw new SnapshotNotFoundException(snapshotName, imagePath);
         if (snapshot.VmStateSize == 0)
-            throw new VmsnapException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
+            throw new OperationRefusedException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
         using var area = image.OpenVmStateForReading(snapshot, wholeArea: true);
         using var backend = VmStateBackend.ForBlockDevice(area);
         using var reader = new VmStateReader(backend, ReadBufferSize);

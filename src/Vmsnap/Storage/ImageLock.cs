@@ -18,13 +18,6 @@ public enum ImageLockMode
     Write,
 }
 
-/// <summary>The image is in use by another process (a running QEMU, say) in a way that conflicts with what was asked.</summary>
-public sealed class ImageLockedException : VmsnapException
-{
-    /// <summary>Creates the error.</summary>
-    public ImageLockedException(string message) : base(message) { }
-}
-
 /// <summary>
 /// QEMU's image locking (block/file-posix.c), so vmsnap and QEMU see each other: open-file-description
 /// byte-range locks where byte 100+i means "holds permission i" and byte 200+i means "does not let
@@ -75,10 +68,10 @@ internal static class ImageLock
         }
     }
 
-    private static ImageLockedException Conflict(SafeFileHandle handle, string path, string why)
+    private static ImageInUseException Conflict(SafeFileHandle handle, string path, string why)
     {
         NativeFile.TrySetOfdLock(handle, PermBase, 4, NativeFile.LockKind.Unlock);
         NativeFile.TrySetOfdLock(handle, SharedBase, 4, NativeFile.LockKind.Unlock);
-        return new ImageLockedException($"'{path}' is in use: {why} (is a QEMU process using the image?)");
+        return new ImageInUseException($"'{path}' is in use: {why} (is a QEMU process using the image?)");
     }
 }

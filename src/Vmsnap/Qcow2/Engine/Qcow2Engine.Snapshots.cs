@@ -98,7 +98,7 @@ internal sealed partial class Qcow2Engine
         ArgumentNullException.ThrowIfNull(idOrName);
         ValidateSnapshotTable();
         int index = FindSnapshotIndex(idOrName);
-        if (index < 0) throw new Qcow2SnapshotNotFoundException(idOrName, Path);
+        if (index < 0) throw new SnapshotNotFoundException(idOrName, Path);
         return Snapshots[index];
     }
 

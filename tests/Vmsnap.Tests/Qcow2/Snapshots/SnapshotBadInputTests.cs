@@ -185,7 +185,7 @@ public sealed class SnapshotBadInputTests : IDisposable
         Assert.Equal("a", img.FindSnapshot("1")!.Name);
         Assert.Equal("2", img.FindSnapshot("2")!.Id);
         Assert.Null(img.FindSnapshot("b"));
-        var e = Assert.Throws<Qcow2SnapshotNotFoundException>(() => img.DeleteSnapshot("b"));
+        var e = Assert.Throws<SnapshotNotFoundException>(() => img.DeleteSnapshot("b"));
         Assert.Equal("b", e.IdOrName);
         img.DeleteSnapshot("1");                   // ID 1: "a"
         Assert.Equal(["1"], img.Snapshots.Select(s => s.Name));

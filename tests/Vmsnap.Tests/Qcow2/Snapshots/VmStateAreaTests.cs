@@ -243,7 +243,7 @@ public class VmStateAreaTests
             img.ApplySnapshot("plain");   // other snapshots may change meanwhile
         }
         img.DeleteSnapshot("with-state");
-        Assert.Throws<Qcow2SnapshotNotFoundException>(() => img.OpenVmStateForReading("with-state"));
+        Assert.Throws<SnapshotNotFoundException>(() => img.OpenVmStateForReading("with-state"));
     }
 
     [Fact]
