@@ -30,11 +30,6 @@ public static class VmSnapshots
             writer => MigrationStream.Write(writer, profile, ramBytesDone, cancellationToken));
     }
 
-    /// <summary>As Save, with the VM-state area's backend wrapped (fault injection in tests).</summary>
-    internal static VmSnapshotResult SaveThrough(string imagePath, string name, MachineProfile profile, VmSnapshotOptions options,
-        Func<VmStateBackend, VmStateBackend> wrapBackend, CancellationToken cancellationToken = default) =>
-        WriteSnapshot(imagePath, name, options, writer => MigrationStream.Write(writer, profile, null, cancellationToken), wrapBackend);
-
     /// <summary>
     /// Makes a snapshot from a migration stream (e.g. written by QEMU's <c>migrate "exec:cat &gt; FILE"</c>), copied
     /// byte for byte into the VM-state area while it is checked. A mapped-ram file (QEMU's <c>migrate file:</c> with
@@ -185,8 +180,9 @@ public static class VmSnapshots
     /// <summary>
     /// The save path shared by save and import: stream into the active VM-state area, make it durable, then
     /// create the snapshot; on any failure free what was written so the image is as it was.
+    /// <paramref name="wrapBackend"/> wraps the area's backend (the tests' fault injection).
     /// </summary>
-    private static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
+    internal static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
         Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
     {
         if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (--name TAG)");

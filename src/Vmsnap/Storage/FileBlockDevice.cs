@@ -3,7 +3,7 @@ using Microsoft.Win32.SafeHandles;
 namespace Vmsnap.Storage;
 
 /// <summary>How to open a <see cref="FileBlockDevice"/>.</summary>
-public sealed record FileBlockDeviceOptions
+internal sealed record FileBlockDeviceOptions
 {
     /// <summary>Open for reading and writing (default: read-only).</summary>
     public bool Writable { get; init; }
@@ -28,7 +28,7 @@ public sealed record FileBlockDeviceOptions
 }
 
 /// <summary>A regular file (or block device node) as an <see cref="IBlockDevice"/>: pread/pwrite, fdatasync, hole punching, optional O_DIRECT.</summary>
-public sealed class FileBlockDevice : IBlockDevice
+internal sealed class FileBlockDevice : IBlockDevice
 {
     private readonly SafeFileHandle _handle;
     private readonly SafeFileHandle? _direct;

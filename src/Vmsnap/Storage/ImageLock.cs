@@ -3,7 +3,7 @@ using Microsoft.Win32.SafeHandles;
 namespace Vmsnap.Storage;
 
 /// <summary>How a file is locked against other users, the way QEMU locks its images.</summary>
-public enum ImageLockMode
+internal enum ImageLockMode
 {
     /// <summary>No locks taken or checked.</summary>
     None,

@@ -1,7 +1,7 @@
 namespace Vmsnap.Storage;
 
 /// <summary>An in-memory, growable <see cref="IBlockDevice"/> (tests, small scratch images).</summary>
-public sealed class MemoryBlockDevice : IBlockDevice
+internal sealed class MemoryBlockDevice : IBlockDevice
 {
     private readonly object _lock = new();
     private byte[] _data;

@@ -1,7 +1,7 @@
 namespace Vmsnap.VmState;
 
 /// <summary>A VM-state file held in memory (tests, small streams): positional, thread-safe, growable.</summary>
-public sealed class MemoryVmStateBackend : VmStateBackend
+internal sealed class MemoryVmStateBackend : VmStateBackend
 {
     private readonly object _lock = new();
     private byte[] _data;

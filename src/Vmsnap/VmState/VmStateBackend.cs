@@ -82,7 +82,7 @@ public abstract class VmStateBackend : IDisposable
     }
 
     /// <summary>An in-memory backend (tests, small streams), optionally holding <paramref name="initial"/> to read.</summary>
-    public static MemoryVmStateBackend InMemory(ReadOnlySpan<byte> initial = default) => new(initial);
+    internal static MemoryVmStateBackend InMemory(ReadOnlySpan<byte> initial = default) => new(initial);
 
     /// <inheritdoc/>
     public void Dispose()

@@ -96,7 +96,7 @@ public class LinkedVmStateTests
             string? problem = img.CheckVmStateRegion(used - 65536, 1 << 20, 0);
             Assert.NotNull(problem);
             Assert.Contains("refcount", problem);
-            var e = Assert.Throws<VmsnapException>(() => img.LinkVmStateRegion(used - 65536, 1 << 20, 0));
+            var e = Assert.Throws<OperationRefusedException>(() => img.LinkVmStateRegion(used - 65536, 1 << 20, 0));
             Assert.Contains("cannot be linked", e.Message);
             // Room needed below it for refcount blocks reaches into the used clusters.
             Assert.NotNull(img.CheckVmStateRegion(offset, 1 << 20, offset - used + 65536));

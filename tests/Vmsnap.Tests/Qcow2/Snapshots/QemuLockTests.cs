@@ -29,7 +29,7 @@ public class QemuLockTests
         {
             Assert.True(shared.IsReadOnly);
             Assert.Equal("s", Assert.Single(shared.Snapshots).Name);
-            Assert.Throws<VmsnapException>(() => shared.CreateSnapshot("x"));
+            Assert.Throws<OperationRefusedException>(() => shared.CreateSnapshot("x"));
         }
         Assert.Equal(hash, Qemu.Hash(image));
         vm.Quit();

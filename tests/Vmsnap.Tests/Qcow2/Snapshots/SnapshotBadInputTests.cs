@@ -179,7 +179,7 @@ public sealed class SnapshotBadInputTests : IDisposable
         using var img = Qcow2Image.Open(image);
         img.CreateSnapshot("a");
         img.CreateSnapshot("1");   // a name that is also an ID: the ID wins, as in QEMU
-        Assert.Contains("already has a snapshot named 'a'", Assert.Throws<VmsnapException>(() => img.CreateSnapshot("a")).Message);
+        Assert.Contains("already has a snapshot named 'a'", Assert.Throws<SnapshotExistsException>(() => img.CreateSnapshot("a")).Message);
         Assert.Throws<ArgumentException>(() => img.CreateSnapshot(""));
         Assert.Throws<ArgumentException>(() => img.CreateSnapshot(new string('x', 256)));
         Assert.Equal("a", img.FindSnapshot("1")!.Name);

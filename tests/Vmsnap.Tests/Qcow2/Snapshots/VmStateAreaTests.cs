@@ -230,16 +230,16 @@ public class VmStateAreaTests
         using var img = Qcow2Image.Open(image);
         using (Qcow2VmStateArea area = Save(img, Random(100_000, 7)))
         {
-            Assert.Throws<VmsnapException>(() => img.OpenVmStateForWriting());
+            Assert.Throws<OperationRefusedException>(() => img.OpenVmStateForWriting());
             img.CreateSnapshot("plain");
-            Assert.Contains("VM-state area", Assert.Throws<VmsnapException>(() => img.ApplySnapshot("plain")).Message);
+            Assert.Contains("VM-state area", Assert.Throws<OperationRefusedException>(() => img.ApplySnapshot("plain")).Message);
             img.CreateSnapshot("with-state", new Qcow2SnapshotCreateOptions { VmStateSize = 100_000 });
-            Assert.Contains("taken over", Assert.Throws<VmsnapException>(() => area.Write(new byte[10], 0)).Message);
+            Assert.Contains("taken over", Assert.Throws<OperationRefusedException>(() => area.Write(new byte[10], 0)).Message);
         }
         using (Qcow2VmStateArea reading = img.OpenVmStateForReading("with-state"))
         {
             Assert.Throws<StorageException>(() => reading.Write(new byte[10], 0));
-            Assert.Contains("reading", Assert.Throws<VmsnapException>(() => img.DeleteSnapshot("with-state")).Message);
+            Assert.Contains("reading", Assert.Throws<OperationRefusedException>(() => img.DeleteSnapshot("with-state")).Message);
             img.ApplySnapshot("plain");   // other snapshots may change meanwhile
         }
         img.DeleteSnapshot("with-state");

@@ -163,7 +163,7 @@ public class VmStateQemuTests
             Assert.Equal(streamBytes, area.Length);
             area.Flush();
             made = img.CreateSnapshot("vmsnap-state", new Qcow2SnapshotCreateOptions { VmStateSize = streamBytes, VmClock = 2_345_000_000 });
-            Assert.Throws<VmsnapException>(() => area.Write(new byte[4096], 0));   // the snapshot owns it now
+            Assert.Throws<OperationRefusedException>(() => area.Write(new byte[4096], 0));   // the snapshot owns it now
             // The active disk no longer maps the VM-state area: the next save writes fresh clusters.
             Qcow2Engine e = img.Engine;
             for (long i = e.Geometry.L1EntriesFor(e.VirtualSize); i < e.ActiveL1.Size; i++) Assert.Equal(0UL, e.ActiveL1[i]);
