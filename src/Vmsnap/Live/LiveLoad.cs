@@ -103,7 +103,7 @@ internal sealed class LiveLoad : LiveSession
     /// <summary>The machine type in the snapshot's configuration section (right after the stream header), or null.</summary>
     private static string? SavedMachine(Qcow2Image image, Qcow2Snapshot snapshot)
     {
-        using Qcow2VmStateArea area = image.OpenVmStateForReading(snapshot);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(snapshot);
         byte[] head = new byte[8 + 1 + 4 + 256];
         int n = area.Read(head, 0);
         if (n < 13 || BinaryPrimitives.ReadUInt32BigEndian(head) != 0x5145564d || head[8] != 0x07) return null;
@@ -130,7 +130,7 @@ internal sealed class LiveLoad : LiveSession
         // closes. O_DIRECT where the file system allows it: large aligned reads, several in flight.
         using Qcow2Image image = OpenSharedDirect(vmDisk);
         Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
-        using Qcow2VmStateArea area = image.OpenVmStateForReading(current);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
         using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
         using var reader = new VmStateReader(source, ReadBufferSize);
 

@@ -33,7 +33,7 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Creates a snapshot of the active disk, named <paramref name="name"/> (unique in the image),
     /// with the next free ID (the highest numeric ID + 1). With <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>
-    /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateForWriting"/>
+    /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateAreaForWriting"/>
     /// (which then refuses further writes), and the active disk no longer maps that area, so the next
     /// save writes fresh clusters. The snapshot shares the active L2 tables; their COPIED flags are
     /// cleared in place. Crash-safe: the image switches to the new metadata in one header write (two
@@ -72,19 +72,19 @@ public sealed partial class Qcow2Image
     /// Write the stream, <see cref="Qcow2VmStateArea.Flush"/>, then <see cref="CreateSnapshot"/> with
     /// its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all (or close it): the image is as it was.
     /// </summary>
-    public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
+    public Qcow2VmStateArea OpenVmStateAreaForWriting() => Run(Engine.OpenVmStateForWriting);
 
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
     /// <exception cref="SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
     /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
-    public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot) => OpenVmStateForReading(snapshot, wholeArea: false);
+    public Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot) => OpenVmStateAreaForReading(snapshot, wholeArea: false);
 
     /// <summary>
     /// Opens a snapshot's VM-state area for reading, with <paramref name="wholeArea"/> as far as qcow2 can map
     /// rather than <see cref="Qcow2Snapshot.VmStateSize"/> bytes: QEMU 10.2's savevm with mapped-ram lays the VM
     /// state out by offset, and its recorded size (the bytes it wrote) is less than how far the layout reaches.
     /// </summary>
-    internal Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot, bool wholeArea)
+    internal Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot, bool wholeArea)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
         SnapshotEntry entry;
@@ -99,8 +99,8 @@ public sealed partial class Qcow2Image
 
     /// <summary>Opens the VM state of the snapshot with this ID or name for reading.</summary>
     /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    public Qcow2VmStateArea OpenVmStateForReading(string idOrName) =>
-        OpenVmStateForReading(FindSnapshot(idOrName) ?? throw new SnapshotNotFoundException(idOrName, Path));
+    public Qcow2VmStateArea OpenVmStateAreaForReading(string idOrName) =>
+        OpenVmStateAreaForReading(FindSnapshot(idOrName) ?? throw new SnapshotNotFoundException(idOrName, Path));
 
     private Qcow2Snapshot ToPublic(SnapshotEntry s) => new()
     {

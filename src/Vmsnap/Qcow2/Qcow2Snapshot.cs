@@ -46,7 +46,7 @@ public sealed record Qcow2SnapshotCreateOptions
 {
     /// <summary>
     /// Bytes of VM state the snapshot keeps: what was written through
-    /// <see cref="Qcow2Image.OpenVmStateForWriting"/> from offset 0. 0 (the default) makes a disk-only snapshot.
+    /// <see cref="Qcow2Image.OpenVmStateAreaForWriting"/> from offset 0. 0 (the default) makes a disk-only snapshot.
     /// </summary>
     public long VmStateSize { get; init; }
 

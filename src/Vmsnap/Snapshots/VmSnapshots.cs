@@ -227,7 +227,7 @@ public static class VmSnapshots
                 ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"
                 : $"'{imagePath}' already has a snapshot with ID '{name}' (named '{existing.Name}'); a name equal to another snapshot's ID would make lookups ambiguous: choose another name");
 
-        using var area = image.OpenVmStateForWriting();
+        using var area = image.OpenVmStateAreaForWriting();
         bool committed = false;
         try
         {
@@ -281,7 +281,7 @@ public static class VmSnapshots
             ?? throw new SnapshotNotFoundException(snapshotName, imagePath);
         if (snapshot.VmStateSize == 0)
             throw new OperationRefusedException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
-        using var area = image.OpenVmStateForReading(snapshot, wholeArea: true);
+        using var area = image.OpenVmStateAreaForReading(snapshot, wholeArea: true);
         using var backend = VmStateBackend.ForBlockDevice(area);
         using var reader = new VmStateReader(backend, ReadBufferSize);
         var (info, mode) = consume(reader, snapshot.VmStateSize);

@@ -99,7 +99,7 @@ public sealed class FuzzRegressionTests
         {
             Qcow2Snapshot snapshot = Assert.Single(img.Snapshots);
             Assert.Equal(4096, snapshot.VmStateSize);
-            var e = Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateForReading(snapshot));
+            var e = Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateAreaForReading(snapshot));
             Assert.Contains($"disk size {0xff00_0000_0200_0000UL}", e.Message);
         }
         Assert.IsType<Qcow2FormatException>(FuzzTargets.Run("qcow2", bytes, dir.Path));

@@ -66,7 +66,7 @@ internal static class FuzzTargets
         foreach (Qcow2Snapshot snapshot in image.Snapshots.Take(4))
         {
             if (snapshot.VmStateSize == 0) continue;
-            using Qcow2VmStateArea area = image.OpenVmStateForReading(snapshot);
+            using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(snapshot);
             if (snapshot.VmStateSize > WholeVmState)
             {
                 area.Read(buffer, 0);

@@ -30,7 +30,7 @@ public sealed class RefusalTests : IDisposable
         Qemu.Io(image, "write -P 0x13 64k 64k");
         using (var img = Qcow2Image.Open(image))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(Enumerable.Repeat((byte)0x5a, 100_000).ToArray(), 0);
             area.Flush();
             img.CreateSnapshot("state", new Qcow2SnapshotCreateOptions { VmStateSize = 100_000 });
@@ -58,7 +58,7 @@ public sealed class RefusalTests : IDisposable
         ("snapshot create", i => i.CreateSnapshot("new")),
         ("snapshot delete", i => i.DeleteSnapshot("disk")),
         ("snapshot apply", i => i.ApplySnapshot("disk")),
-        ("open the VM-state area for writing", i => i.OpenVmStateForWriting().Dispose()),
+        ("open the VM-state area for writing", i => i.OpenVmStateAreaForWriting().Dispose()),
     ];
 
     [Fact]
@@ -125,20 +125,20 @@ public sealed class RefusalTests : IDisposable
         AssertRefused<SnapshotNotFoundException>(image, "apply of no snapshot", i => i.ApplySnapshot("nosuch"));
         AssertRefused<OperationRefusedException>(image, "delete of a snapshot whose VM state is open", i =>
         {
-            using Qcow2VmStateArea reading = i.OpenVmStateForReading("state");
+            using Qcow2VmStateArea reading = i.OpenVmStateAreaForReading("state");
             i.DeleteSnapshot("state");
         });
         AssertRefused<OperationRefusedException>(image, "apply while the VM-state area is open for writing", i =>
         {
-            using Qcow2VmStateArea writing = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea writing = i.OpenVmStateAreaForWriting();
             writing.Write(new byte[70_000], 0);
             i.ApplySnapshot("disk");
         });
         AssertRefused<OperationRefusedException>(image, "a second VM-state area open for writing", i =>
         {
-            using Qcow2VmStateArea first = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea first = i.OpenVmStateAreaForWriting();
             first.Write(new byte[70_000], 0);
-            i.OpenVmStateForWriting();
+            i.OpenVmStateAreaForWriting();
         });
         AssertRefused<OperationRefusedException>(image, "a snapshot of another disk size", i =>
         {
@@ -158,7 +158,7 @@ public sealed class RefusalTests : IDisposable
         AssertRefused<Qcow2FormatException>(image, "create", i => i.CreateSnapshot("x"));
         AssertRefused<Qcow2FormatException>(image, "a save through the area", i =>
         {
-            using Qcow2VmStateArea area = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = i.OpenVmStateAreaForWriting();
             try
             {
                 area.Write(new byte[3 << 20], 0);

@@ -67,7 +67,7 @@ public sealed class KillFixture : IDisposable
     public static string VmStateHash(string image, string snapshot)
     {
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
-        using Qcow2VmStateArea area = img.OpenVmStateForReading(snapshot);
+        using Qcow2VmStateArea area = img.OpenVmStateAreaForReading(snapshot);
         byte[] state = new byte[area.Length];
         area.Read(state, 0);
         return Convert.ToHexString(SHA256.HashData(state));

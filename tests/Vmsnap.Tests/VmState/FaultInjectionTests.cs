@@ -36,7 +36,7 @@ public sealed class FaultInjectionTests
                 return;
             }
             _image = Qcow2Image.Create(new MemoryBlockDevice(), "fault-injection", 1 << 20, new Qcow2CreateOptions { ClusterSize = 4096 });
-            _area = _image.OpenVmStateForWriting();
+            _area = _image.OpenVmStateAreaForWriting();
             Backend = VmStateBackend.ForBlockDevice(_area);
         }
 

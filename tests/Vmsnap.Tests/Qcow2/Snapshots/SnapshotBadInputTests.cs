@@ -49,7 +49,7 @@ public sealed class SnapshotBadInputTests : IDisposable
             ("delete", i => i.DeleteSnapshot(target)),
             ("apply", i => i.ApplySnapshot(target)),
             ("find", i => i.FindSnapshot(target)),
-            ("read VM state", i => i.OpenVmStateForReading(target).Dispose()),
+            ("read VM state", i => i.OpenVmStateAreaForReading(target).Dispose()),
         };
         foreach ((string what, Action<Qcow2Image> run) in attempts)
         {
