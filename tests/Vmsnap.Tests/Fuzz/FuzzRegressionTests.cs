@@ -63,7 +63,7 @@ public sealed class FuzzRegressionTests
         byte[] bytes = File.ReadAllBytes(image);
         long before = GC.GetAllocatedBytesForCurrentThread();
         Qcow2CheckResult result;
-        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (var device = new MemoryBlockDevice(bytes) { IsReadOnly = true })
         using (Qcow2Image img = Qcow2Image.Open(device, "far.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
             result = img.Check();
         long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
@@ -94,7 +94,7 @@ public sealed class FuzzRegressionTests
         Assert.Contains("\"name\": \"s\"", Tool.QemuImg("info", "--output=json", image));   // QEMU still reads the table
 
         byte[] bytes = File.ReadAllBytes(image);
-        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (var device = new MemoryBlockDevice(bytes) { IsReadOnly = true })
         using (Qcow2Image img = Qcow2Image.Open(device, "disk-size.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
         {
             Qcow2Snapshot snapshot = Assert.Single(img.Snapshots);

@@ -31,7 +31,7 @@ public sealed class FaultInjectionTests
         {
             if (target == Target.Memory)
             {
-                _memory = VmStateBackend.InMemory();
+                _memory = new MemoryVmStateBackend();
                 Backend = _memory;
                 return;
             }
@@ -80,7 +80,7 @@ public sealed class FaultInjectionTests
     /// <summary>How many writes the script makes when nothing fails.</summary>
     private static int CleanWrites(VmStateWriteMode mode)
     {
-        using var backend = new FaultInjectingBackend(VmStateBackend.InMemory());
+        using var backend = new FaultInjectingBackend(new MemoryVmStateBackend());
         using var writer = new VmStateWriter(backend, Options(mode));
         WriterScript.Run(writer, WriterScript.Generate(Seed, maxOps: 60, maxLarge: 20000), checkTell: false);
         writer.Close();

@@ -1,6 +1,8 @@
-namespace Vmsnap.Storage;
+using Vmsnap.Storage;
 
-/// <summary>An in-memory, growable <see cref="IBlockDevice"/> (tests, small scratch images).</summary>
+namespace Vmsnap.Tests;
+
+/// <summary>An in-memory, growable <see cref="IBlockDevice"/> (tests: images built and damaged in memory).</summary>
 internal sealed class MemoryBlockDevice : IBlockDevice
 {
     private readonly object _lock = new();

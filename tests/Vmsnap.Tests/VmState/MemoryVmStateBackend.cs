@@ -1,4 +1,6 @@
-namespace Vmsnap.VmState;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Tests;
 
 /// <summary>A VM-state file held in memory (tests, small streams): positional, thread-safe, growable.</summary>
 internal sealed class MemoryVmStateBackend : VmStateBackend
