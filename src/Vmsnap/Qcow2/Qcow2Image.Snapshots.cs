@@ -41,7 +41,9 @@ public sealed partial class Qcow2Image
     /// while they are rewritten), every state in between a whole, consistent image.
     /// </summary>
     /// <exception cref="ArgumentException">The name is empty, too long (QEMU keeps 255 bytes) or the options are out of range.</exception>
-    /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>
+    /// <exception cref="SnapshotExistsException">The name is taken.</exception>
+    /// <exception cref="OperationRefusedException">The image is read-only or already has the most snapshots qcow2 allows.</exception>
+    /// <exception cref="Qcow2FormatException">The image is corrupt.</exception>
     public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
     {
         SnapshotEntry entry = Run(() => Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
@@ -62,7 +64,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     /// <returns>The snapshot applied.</returns>
     /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
+    /// <exception cref="OperationRefusedException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
     public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
 
     /// <summary>

@@ -21,7 +21,11 @@ public static class VmSnapshots
     private const int ReadBufferSize = 4 << 20;
 
     /// <summary>Saves a machine (RAM from files, device state from a template or none) as a new snapshot <paramref name="name"/>.</summary>
-    /// <exception cref="VmsnapException">The name is taken, the image is in use or damaged, the input is wrong, or the write failed; nothing was changed.</exception>
+    /// <exception cref="SnapshotExistsException">The name is taken (or is another snapshot's ID); nothing was changed.</exception>
+    /// <exception cref="ImageInUseException">A running QEMU (or another process) holds the image; nothing was changed.</exception>
+    /// <exception cref="OperationRefusedException">No name, or the image cannot take a snapshot now; nothing was changed.</exception>
+    /// <exception cref="VmsnapException">The image is damaged (<see cref="Qcow2FormatException"/>), the input is wrong
+    /// (<see cref="MigrationStreamException"/>) or the write failed (<see cref="VmStateException"/>, <see cref="StorageException"/>); nothing was changed.</exception>
     public static VmSnapshotResult Save(string imagePath, string name, MachineProfile profile, VmSnapshotOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
@@ -70,7 +74,9 @@ public static class VmSnapshots
     /// Loads snapshot <paramref name="snapshot"/>'s RAM into files, one per RAM block (ID to path); files are
     /// created if missing and left sparse where pages are zero. Block names and lengths are checked.
     /// </summary>
-    /// <exception cref="VmsnapException">No such snapshot, it has no VM state, the stream is damaged, or a block does not match.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="OperationRefusedException">The snapshot has no VM state (a disk-only snapshot).</exception>
+    /// <exception cref="MigrationStreamException">The stream is damaged, or a RAM block does not match its file.</exception>
     public static VmSnapshotResult Load(string imagePath, string snapshot, IEnumerable<KeyValuePair<string, string>> ramFiles,
         VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
@@ -86,7 +92,7 @@ public static class VmSnapshots
     /// Loads the RAM of a migration stream file (plain, or QEMU's mapped-ram <c>file:</c> format) into files, one per
     /// RAM block, as <see cref="Load"/> does for a snapshot.
     /// </summary>
-    /// <exception cref="VmsnapException">The stream is damaged or not one vmsnap reads, or a block does not match.</exception>
+    /// <exception cref="MigrationStreamException">The stream is damaged or not one vmsnap reads, or a RAM block does not match its file.</exception>
     public static MigrationStreamInfo LoadStream(string source, IEnumerable<KeyValuePair<string, string>> ramFiles,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
