@@ -26,7 +26,7 @@ internal sealed partial class Qcow2Engine
     private void ThrowIfSwitchFailed()
     {
         if (_switchFailure is not null)
-            throw new VmsnapException($"'{Path}': {_switchFailure}; reopen the image before changing it");
+            throw new OperationRefusedException($"'{Path}': {_switchFailure}; reopen the image before changing it");
     }
 
     // ---- lookup and validation ----------------------------------------------------------------
@@ -98,7 +98,7 @@ internal sealed partial class Qcow2Engine
         ArgumentNullException.ThrowIfNull(idOrName);
         ValidateSnapshotTable();
         int index = FindSnapshotIndex(idOrName);
-        if (index < 0) throw new Qcow2SnapshotNotFoundException(idOrName, Path);
+        if (index < 0) throw new SnapshotNotFoundException(idOrName, Path);
         return Snapshots[index];
     }
 
@@ -355,7 +355,7 @@ internal sealed partial class Qcow2Engine
         byte[] now = new byte[before.Length];
         try
         {
-            if (Device.Read(now, MetadataGeneration.SwitchOffset) != now.Length) throw new VmsnapException("short read");
+            if (Device.Read(now, MetadataGeneration.SwitchOffset) != now.Length) throw new Storage.StorageException("short read");
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
@@ -386,9 +386,9 @@ internal sealed partial class Qcow2Engine
         ArgumentOutOfRangeException.ThrowIfNegative(options.VmClock, "options.VmClock");
         ValidateSnapshotTable();
         int same = Snapshots.FindIndex(s => s.Name == name);
-        if (same >= 0) throw new VmsnapException($"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
+        if (same >= 0) throw new SnapshotExistsException(name, Snapshots[same].Id, Path, $"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         DateTimeOffset date = options.Date ?? DateTimeOffset.UtcNow;
         long unixSeconds = date.ToUnixTimeSeconds();
         if (unixSeconds is < 0 or > uint.MaxValue)
@@ -546,7 +546,7 @@ internal sealed partial class Qcow2Engine
     {
         SnapshotEntry sn = Lookup(idOrName);
         if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
-            throw new VmsnapException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
+            throw new OperationRefusedException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 
@@ -575,10 +575,10 @@ internal sealed partial class Qcow2Engine
     {
         SnapshotEntry sn = Lookup(idOrName);
         if (VmStateWriter is not null)
-            throw new VmsnapException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
+            throw new OperationRefusedException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
         long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
         if (diskSize != VirtualSize)
-            throw new VmsnapException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
+            throw new OperationRefusedException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 

@@ -469,13 +469,13 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     private void EnsureWritable()
     {
-        if (ReadOnly) throw new VmsnapException($"'{Path}' is open read-only");
+        if (ReadOnly) throw new OperationRefusedException($"'{Path}' is open read-only");
         ThrowIfSwitchFailed();
         if (Header.IsCorrupt)
             throw Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
                 "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
         if (Header.BackingFile is not null && Backing is null)
-            throw new VmsnapException($"'{Path}' has a backing file that was not opened; writes are refused");
+            throw new OperationRefusedException($"'{Path}' has a backing file that was not opened; writes are refused");
         if (Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0)
             throw Corrupt("bitmaps extension", null,
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
@@ -645,12 +645,12 @@ internal sealed partial class Qcow2Engine
     internal Qcow2CheckResult Check(Qcow2RepairMode mode)
     {
         if (mode != Qcow2RepairMode.None && ReadOnly)
-            throw new VmsnapException($"'{Path}' is open read-only; open it writable to repair it");
+            throw new OperationRefusedException($"'{Path}' is open read-only; open it writable to repair it");
         return RunExclusive(() =>
         {
             // A repair may rebuild refcounts in free clusters, and the area's reservation is free on disk.
             if (mode != Qcow2RepairMode.None && VmStateWriter is not null)
-                throw new VmsnapException($"'{Path}': close the VM-state area open for writing before repairing the image");
+                throw new OperationRefusedException($"'{Path}': close the VM-state area open for writing before repairing the image");
             Qcow2CheckResult result = Qcow2Checker.Run(this, mode);
             // A repair may have rewritten tables and flags: validate again as they are used.
             _validatedL2.Clear();
