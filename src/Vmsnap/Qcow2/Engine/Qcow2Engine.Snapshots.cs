@@ -328,9 +328,7 @@ internal sealed partial class Qcow2Engine
         Header.SnapshotCount = h.SnapshotCount;
         Header.SnapshotsOffset = h.SnapshotsOffset;
         if (newActive is not null) ActiveL1.Replace(newActiveOffset, newActive);
-        Refcounts.Reload(gen.NewTable);
-        foreach ((long offset, byte[] data) in gen.NewBlocks) Refcounts.Blocks.PutClean(offset, data);
-        Refcounts.NoteHighWater(gen.End);
+        Refcounts.Adopt(gen.Refcounts);
         if (newSnapshots is not null)
         {
             SetSnapshots(newSnapshots, newTable.Bytes);
