@@ -275,13 +275,18 @@ public sealed class RamFileSink : IRamSink, IDisposable
         private long _lastIndex = -1;
         private ulong[]? _last;
 
+        /// <summary>Adds pages a 64-page word at a time (a 1 MiB batch is four words, not 256 bit steps).</summary>
         public void Add(long offset, long count)
         {
-            for (long p = offset >> MigrationFormat.PageShift, end = (offset + count) >> MigrationFormat.PageShift; p < end; p++)
+            long p = offset >> MigrationFormat.PageShift, end = (offset + count) >> MigrationFormat.PageShift;
+            while (p < end)
             {
                 ulong[] bits = Chunk(p >> ChunkShift, create: true)!;
                 long i = p & (ChunkPages - 1);
-                bits[i >> 6] |= 1UL << (int)(i & 63);
+                int bit = (int)(i & 63);
+                long n = Math.Min(64 - bit, end - p);
+                bits[i >> 6] |= n == 64 ? ulong.MaxValue : ((1UL << (int)n) - 1) << bit;
+                p += n;
             }
         }
 

@@ -131,6 +131,54 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
     }
 
+    [Fact]
+    public void Later_copies_of_a_page_win_and_zero_records_clear_earlier_data_across_many_queued_batches()
+    {
+        // 24 MiB of pages (more batches than the sink's writer queue holds), then QEMU-style re-sends: a
+        // new copy of every third page and a zero record for every fifth one, in a later part. Loaded
+        // into an existing file full of other bytes and into a new file, both must be the last copies.
+        const int pages = 6144;
+        var random = new Random(11);
+        byte[] expected = new byte[pages * 4096L];
+        var builder = new StreamBuilder()
+            .Header().Configuration("none")
+            .Start(2).BlockList(("a", expected.Length)).EndOfRecords().Footer(2)
+            .Part(2);
+        for (int p = 0; p < pages; p++)
+        {
+            byte[] page = StreamBuilder.RandomPage(random);
+            page.CopyTo(expected, p * 4096L);
+            builder.PageRecord(p * 4096L, page, p == 0 ? "a" : null);
+        }
+        builder.EndOfRecords().Footer(2).Part(2);
+        for (int p = 0; p < pages; p++)
+        {
+            if (p % 5 == 0)
+            {
+                builder.ZeroRecord(p * 4096L, p == 0 ? "a" : null);
+                expected.AsSpan((int)(p * 4096L), 4096).Clear();
+            }
+            else if (p % 3 == 0)
+            {
+                byte[] page = StreamBuilder.RandomPage(random);
+                page.CopyTo(expected, p * 4096L);
+                builder.PageRecord(p * 4096L, page);
+            }
+        }
+        byte[] stream = builder.EndOfRecords().Footer(2).End(2).EndOfRecords().Footer(2).Tail().ToArray();
+
+        using var dir = new TempDir();
+        string existing = dir.File("existing"), fresh = dir.File("fresh");
+        FillFile(existing, expected.Length, 0x77);
+        using (var sink = new RamFileSink(Ram(("a", existing))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+        using (var sink = new RamFileSink(Ram(("a", fresh))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+
+        Assert.True(expected.AsSpan().SequenceEqual(File.ReadAllBytes(existing)), "the existing file differs from the last copies of the pages");
+        Assert.True(expected.AsSpan().SequenceEqual(File.ReadAllBytes(fresh)), "the new file differs from the last copies of the pages");
+    }
+
     private static void FillFile(string path, long length, byte value)
     {
         byte[] chunk = new byte[1 << 20];
