@@ -6,7 +6,8 @@
 # the reference of the ratios -- and, as the config fio-file, over the whole image file (what the first
 # measurement used: the file's holes and unwritten extents past the VM state read as zeros without any
 # disk I/O, so it overstates the disk's rate); then each configuration once:
-#   existing  vmsnap load into an existing RAM file of the block's length (a QEMU memory-backend-file)
+#   existing  vmsnap load --in-place into an existing RAM file of the block's length (a QEMU memory-backend-file)
+#   replace   vmsnap load into an existing RAM file without --in-place: a new file renamed over it at the end
 #   new       vmsnap load into a RAM file that does not exist yet
 # A load's rate is the VM state's bytes over vmsnap's own --json seconds (image open to the end).
 # The last load of each configuration is compared with the guest RAM (cmp). Each load's CPU time
@@ -14,14 +15,14 @@
 # BASELINE=DIR (a checkout of another commit, e.g. from git archive, built with `dotnet build
 # src/Vmsnap.Cli -c Release`) adds the same configurations run by that build (existing@base,
 # new@base) to every round, for before/after figures in one run.
-# Usage: bench/load-vs-fio.sh   (env: SIZE=1G ROUNDS=5 DISK_DIR=bench/.scratch SHM=/dev/shm/vmsnap-load CONFIGS="existing new" BASELINE=)
+# Usage: bench/load-vs-fio.sh   (env: SIZE=1G ROUNDS=5 DISK_DIR=bench/.scratch SHM=/dev/shm/vmsnap-load CONFIGS="existing replace new" BASELINE=)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1G}
 ROUNDS=${ROUNDS:-5}
 DISK_DIR=${DISK_DIR:-$PWD/bench/.scratch}
 SHM=${SHM:-/dev/shm/vmsnap-load}
-CONFIGS=${CONFIGS:-"existing new"}
+CONFIGS=${CONFIGS:-"existing replace new"}
 BASELINE=${BASELINE:-}
 for t in fio python3; do command -v "$t" >/dev/null || { echo "bench/load-vs-fio.sh: $t is not installed" >&2; exit 1; }; done
 mkdir -p "$DISK_DIR" "$SHM"
@@ -88,9 +89,11 @@ for round in $(seq "$ROUNDS"); do
     [ "${c%@base}" != "$c" ] && cli="dotnet $BASELINE/src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll"
     case $c in
       new*) rm -f "$target" ;;
-      existing*) [ -f "$target" ] || head -c "$bytes" /dev/zero > "$target" ;;   # allocated pages of other content, as a used RAM file has
+      existing*|replace*) [ -f "$target" ] || head -c "$bytes" /dev/zero > "$target" ;;   # allocated pages of other content, as a used RAM file has
     esac
-    s=$(/usr/bin/time -o "$out.cpu" -f "%U %S %M" $cli load "$image" bench --ram "ram0=$target" --json | json "d['seconds']")
+    in_place=""
+    [ "$c" = existing ] && in_place=--in-place   # a baseline build from before --in-place wrote existing files in place anyway
+    s=$(/usr/bin/time -o "$out.cpu" -f "%U %S %M" $cli load "$image" bench --ram "ram0=$target" $in_place --json | json "d['seconds']")
     cpu=$(awk '{print $1 + $2}' "$out.cpu")
     rss=$(awk '{print int($3 / 1024)}' "$out.cpu")
     mib=$(awk -v b="$vmstate" -v s="$s" 'BEGIN {print b / s / 1048576}')

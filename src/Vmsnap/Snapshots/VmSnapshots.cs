@@ -83,7 +83,7 @@ public static class VmSnapshots
         ArgumentNullException.ThrowIfNull(ramFiles);
         return ReadSnapshot(imagePath, snapshot, options ?? new(), (reader, length) =>
         {
-            using var sink = new RamFileSink(ramFiles);
+            using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
             return (MigrationStream.Parse(reader, length, sink, null, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
         });
     }
@@ -94,13 +94,13 @@ public static class VmSnapshots
     /// </summary>
     /// <exception cref="MigrationStreamException">The stream is damaged or not one vmsnap reads, or a RAM block does not match its file.</exception>
     public static MigrationStreamInfo LoadStream(string source, IEnumerable<KeyValuePair<string, string>> ramFiles,
-        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+        VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(ramFiles);
         using var file = FileBlockDevice.Open(source);
         using var backend = VmStateBackend.ForBlockDevice(file);
         using var reader = new VmStateReader(backend, ReadBufferSize);
-        using var sink = new RamFileSink(ramFiles);
+        using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
         return MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken);
     }
 
