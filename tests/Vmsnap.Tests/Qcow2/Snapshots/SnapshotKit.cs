@@ -16,8 +16,9 @@ internal static class SnapshotKit
     /// <summary>
     /// Parses <c>qemu-img snapshot -l</c> output. QEMU 7.2 prints "%-9s %-16s %8s%20s%13s%11s" under
     /// "ID        TAG"; QEMU 10.0 (measured) prints the ID in 7 columns under "ID      TAG", and 4-digit clock
-    /// hours. With IDs and names shorter than their columns those two are cut at fixed positions; the rest is
-    /// matched by shape, since a clock or icount wider than its column runs into its neighbour.
+    /// hours, and "--" where there is no icount (7.2: nothing; parsed as ""). With IDs and names shorter
+    /// than their columns those two are cut at fixed positions; the rest is matched by shape, since a
+    /// clock or icount wider than its column runs into its neighbour.
     /// </summary>
     internal static List<SnapshotRow> ParseList(string output)
     {
@@ -30,14 +31,15 @@ internal static class SnapshotKit
         Assert.True(narrowId || lines[i].StartsWith(Qemu72ListHeading, StringComparison.Ordinal), $"not qemu-img's heading: '{lines[i]}'");
         i++;
         int idWidth = narrowId ? 7 : 9;
-        var shape = new System.Text.RegularExpressions.Regex(@"^\s*(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+:-?\d\d:-?\d\d\.-?\d\d\d)\s*(-?\d*)$");
+        var shape = new System.Text.RegularExpressions.Regex(@"^\s*(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+:-?\d\d:-?\d\d\.-?\d\d\d)\s*(-?\d*|--)$");
         for (; i < lines.Length; i++)
         {
             string l = lines[i];
             if (l.Length == 0) continue;
             System.Text.RegularExpressions.Match m = shape.Match(l[(idWidth + 18)..]);
             Assert.True(m.Success, $"row not in qemu-img's shape: '{l}'");
-            rows.Add(new SnapshotRow(l[..idWidth].TrimEnd(), l[(idWidth + 1)..(idWidth + 17)].TrimEnd(), m.Groups[1].Value, m.Groups[2].Value, m.Groups[3].Value, m.Groups[4].Value));
+            rows.Add(new SnapshotRow(l[..idWidth].TrimEnd(), l[(idWidth + 1)..(idWidth + 17)].TrimEnd(), m.Groups[1].Value, m.Groups[2].Value, m.Groups[3].Value,
+                m.Groups[4].Value == "--" ? "" : m.Groups[4].Value));
         }
         return rows;
     }
@@ -69,14 +71,15 @@ internal static class SnapshotKit
             Assert.True(RowValues(theirs[i]) == RowValues(ours[i]), $"row {i - 1}: {QemuInstall.Current} '{theirs[i]}', vmsnap '{ours[i]}'");
     }
 
-    /// <summary>A listed row's values, whatever the layout: ID, tag, VM size, date, clock as numbers, icount.</summary>
+    /// <summary>A listed row's values, whatever the layout: ID, tag, VM size, date, clock as numbers, icount ("" for none).</summary>
     private static string RowValues(string row)
     {
         if (row.Length == 0) return "";
         System.Text.RegularExpressions.Match m = System.Text.RegularExpressions.Regex.Match(row,
-            @"^(\S+)\s+(\S+)\s+(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+):(-?\d+):(-?\d+)\.(-?\d+)\s*(-?\d*)$");
+            @"^(\S+)\s+(\S+)\s+(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+):(-?\d\d):(-?\d\d)\.(-?\d\d\d)\s*(-?\d*|--)$");
         Assert.True(m.Success, $"row not in qemu-img's shape: '{row}'");
-        return string.Join('|', m.Groups.Values.Skip(1).Select((g, k) => k is >= 4 and <= 7 ? long.Parse(g.Value, System.Globalization.CultureInfo.InvariantCulture).ToString(System.Globalization.CultureInfo.InvariantCulture) : g.Value));
+        return string.Join('|', m.Groups.Values.Skip(1).Select((g, k) => k is >= 4 and <= 7 ? long.Parse(g.Value, System.Globalization.CultureInfo.InvariantCulture).ToString(System.Globalization.CultureInfo.InvariantCulture)
+            : g.Value == "--" ? "" : g.Value));
     }
 
     internal static List<SnapshotRow> QemuList(string image) => ParseList(Tool.QemuImg("snapshot", "-l", image));
