@@ -262,11 +262,14 @@ internal static class VmCommands
         return command;
     }
 
+    /// <summary>The first four bytes of every qcow2 image: "QFI" and 0xfb.</summary>
+    private const uint Qcow2Magic = 0x514649fb;
+
     private static bool IsQcow2(string path)
     {
         Span<byte> magic = stackalloc byte[4];
         using var f = File.OpenRead(path);
-        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Vmsnap.Qcow2.Qcow2Header.Magic;
+        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Qcow2Magic;
     }
 
     private static string Summary(VmSnapshotResult r, string verb) =>

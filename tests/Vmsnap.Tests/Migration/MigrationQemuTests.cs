@@ -98,7 +98,7 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         {
             var progress = new List<long>();
             MigrationStreamInfo written = WriteFile(stream,
-                w => MigrationStream.WriteInParts(w, profile, partBytes, chunkBytes, new SyncProgress(progress.Add)));
+                w => TestHooks.WriteInParts(w, profile, partBytes, chunkBytes, new SyncProgress(progress.Add)));
             Assert.Equal(new FileInfo(stream).Length, written.TotalBytes);
             Assert.Equal(QemuStreams.RamBytes, progress[^1]);
             Assert.Equal(GuestRam.CountZeroPages(source), written.ZeroPages);

@@ -33,7 +33,7 @@ public sealed class SnapshotFailureTemplates : IDisposable
         new Random(7).NextBytes(old2State);
         using (var img = Qcow2Image.Open(template))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(old2State, 0);
             area.Flush();
             img.CreateSnapshot("old2", new Qcow2SnapshotCreateOptions { VmStateSize = old2State.Length });
@@ -92,7 +92,7 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
             case "delete": img.DeleteSnapshot(words[1]); break;
             case "apply": img.ApplySnapshot(words[1]); break;
             case "save":
-                using (Qcow2VmStateArea area = img.OpenVmStateForWriting())
+                using (Qcow2VmStateArea area = img.OpenVmStateAreaForWriting())
                 {
                     area.Write(SaveState, 0);
                     area.Flush();
@@ -160,14 +160,14 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
         if (operation == "save" && done)
         {
-            using Qcow2VmStateArea saved = img.OpenVmStateForReading("new");
+            using Qcow2VmStateArea saved = img.OpenVmStateAreaForReading("new");
             byte[] back = new byte[saved.Length];
             saved.Read(back, 0);
             Assert.True(SaveState.AsSpan().SequenceEqual(back), $"{what}: VM state of new");
         }
         if (!tags.Contains("old2")) return;
         SnapshotKit.AssertEqualBytes(_old2, SnapshotKit.QemuSnapshotContent(image, "old2", _dir), $"{what}: old2");
-        using Qcow2VmStateArea area = img.OpenVmStateForReading("old2");
+        using Qcow2VmStateArea area = img.OpenVmStateAreaForReading("old2");
         byte[] state = new byte[area.Length];
         area.Read(state, 0);
         Assert.True(_old2State.AsSpan().SequenceEqual(state), $"{what}: VM state of old2");
@@ -259,7 +259,7 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
         try
         {
             using var img = Qcow2Image.Open(device, copy);
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             try
             {
                 area.Write(SaveState, 0);
@@ -325,7 +325,7 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
             try
             {
                 using var img = Qcow2Image.Open(device, copy);
-                using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+                using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
                 device.FailAt = device.Writes + failingDataWrite;
                 device.FailAfter = diskDies;
                 var writer = new VmStateWriter(VmStateBackend.ForBlockDevice(area), new VmStateWriterOptions { BufferCount = 4, BufferSize = 1 << 20 });
