@@ -25,9 +25,11 @@ public partial class ExitCodeTests
         return ExitCodeLine().Matches(help[at..]).ToDictionary(m => int.Parse(m.Groups[1].Value), m => m.Groups[2].Value);
     }
 
-    [Fact]
-    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with()
+    [Theory]
+    [EachQemu]
+    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         Tool.Result help = Vmsnap("--help");
         Assert.Equal(0, help.ExitCode);
         Dictionary<int, string> codes = Documented(help.Stdout);
@@ -62,9 +64,11 @@ public partial class ExitCodeTests
         Assert.Contains("'nosuch'", Vmsnap("nosuch").Stderr);
     }
 
-    [Fact]
-    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same()
+    [Theory]
+    [EachQemu]
+    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 4 << 20);

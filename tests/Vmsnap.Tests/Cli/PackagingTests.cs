@@ -124,9 +124,13 @@ public class PackagingTests
         Assert.Equal(64 << 20, created.GetProperty("virtual-size").GetInt64());
         Run(dir.Path, runEnv, vmsnap, "snapshot", "create", image, "from-the-tool");
         JsonElement info = JsonDocument.Parse(Run(dir.Path, runEnv, vmsnap, "info", image, "--output=json")).RootElement;
-        Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), info.GetProperty("virtual-size").GetInt64());
-        Assert.Equal("from-the-tool", Qemu.Info(image).GetProperty("snapshots")[0].GetProperty("name").GetString());
-        Qemu.AssertClean(image);
+        // What the installed tool made, as each QEMU sees it (packing once is enough: it does not depend on QEMU).
+        QemuVersionData.OnEachQemu(_ =>
+        {
+            Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), info.GetProperty("virtual-size").GetInt64());
+            Assert.Equal("from-the-tool", Qemu.Info(image).GetProperty("snapshots")[0].GetProperty("name").GetString());
+            Qemu.AssertClean(image);
+        });
 
         // The library package.
         using ZipArchive lib = ZipFile.OpenRead(Path.Combine(artifacts, $"Vmsnap.Core.{version}.nupkg"));

@@ -29,8 +29,22 @@ internal static class Tool
     }
 
     /// <summary>Runs a program to completion (with a timeout) and returns its exit code and output.</summary>
-    internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null) =>
-        RunPath(Find(program), args, timeout, stdinFile);
+    internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)
+    {
+        string path = Find(program);
+        Result r = RunPath(path, args, timeout, stdinFile);
+        // A child that another test's thread is starting holds a copy of every descriptor of this process from
+        // its fork to its exec, so an image this test has just closed can still look locked for that moment (OFD
+        // locks go with the open file, not the process). A lock that lasts (QEMU holding the image, a descriptor
+        // left open) still fails after these retries.
+        bool lockable = program is "qemu-img" or "qemu-io";
+        for (int retry = 0; retry < 5 && lockable && r.ExitCode != 0 && r.Stderr.Contains("Failed to get", StringComparison.Ordinal) && r.Stderr.Contains("lock", StringComparison.Ordinal); retry++)
+        {
+            Thread.Sleep(200);
+            r = RunPath(path, args, timeout, stdinFile);
+        }
+        return r;
+    }
 
     /// <summary>Runs the program at <paramref name="path"/> to completion (with a timeout).</summary>
     internal static Result RunPath(string path, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)

@@ -29,9 +29,11 @@ public class BadInputTests
         return last!;
     }
 
-    [Fact]
-    public void Truncated_headers()
+    [Theory]
+    [EachQemu]
+    public void Truncated_headers(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         byte[] whole = File.ReadAllBytes(image);
@@ -43,9 +45,11 @@ public class BadInputTests
         }
     }
 
-    [Fact]
-    public void Bad_magic()
+    [Theory]
+    [EachQemu]
+    public void Bad_magic(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 0, 0x514649fa);
@@ -54,31 +58,35 @@ public class BadInputTests
     }
 
     [Theory]
-    [InlineData(1u)]
-    [InlineData(4u)]
-    public void Unsupported_versions(uint version)
+    [QemuInlineData(1u)]
+    [QemuInlineData(4u)]
+    public void Unsupported_versions(string version, uint qcow2Version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
-        Qemu.WriteBE32(image, 4, version);
-        AssertRefused(image, $"version {version}");
+        Qemu.WriteBE32(image, 4, qcow2Version);
+        AssertRefused(image, $"version {qcow2Version}");
     }
 
     [Theory]
-    [InlineData(8u)]
-    [InlineData(22u)]
-    [InlineData(63u)]
-    public void Cluster_bits_out_of_range(uint bits)
+    [QemuInlineData(8u)]
+    [QemuInlineData(22u)]
+    [QemuInlineData(63u)]
+    public void Cluster_bits_out_of_range(string version, uint bits)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 20, bits);
         AssertRefused(image, $"cluster_bits {bits}", "out of range");
     }
 
-    [Fact]
-    public void L1_table_beyond_the_end_of_the_file()
+    [Theory]
+    [EachQemu]
+    public void L1_table_beyond_the_end_of_the_file(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 40, 1UL << 40);
@@ -86,18 +94,22 @@ public class BadInputTests
         Assert.Equal(1L << 40, e.FileOffset);
     }
 
-    [Fact]
-    public void L1_size_too_large()
+    [Theory]
+    [EachQemu]
+    public void L1_size_too_large(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 36, 0x1000_0000);
         AssertRefused(image, "l1_size", "too large");
     }
 
-    [Fact]
-    public void L1_size_too_small_for_the_disk()
+    [Theory]
+    [EachQemu]
+    public void L1_size_too_small_for_the_disk(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 24, 1UL << 40);   // 1 TiB disk with a one-entry L1 table
@@ -105,28 +117,33 @@ public class BadInputTests
     }
 
     [Theory]
-    [InlineData(0UL)]
-    [InlineData(512UL)]
-    public void Refcount_table_overlapping_the_header(ulong offset)
+    [QemuInlineData(0UL)]
+    [QemuInlineData(512UL)]
+    public void Refcount_table_overlapping_the_header(string version, ulong offset)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 48, offset);
         AssertRefused(image, "refcount table", offset == 0 ? "header" : "aligned");
     }
 
-    [Fact]
-    public void Refcount_table_beyond_the_end_of_the_file()
+    [Theory]
+    [EachQemu]
+    public void Refcount_table_beyond_the_end_of_the_file(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 48, 1UL << 36);
         AssertRefused(image, "refcount table", "beyond the end of the file");
     }
 
-    [Fact]
-    public void An_L2_entry_pointing_past_the_end_of_the_file()
+    [Theory]
+    [EachQemu]
+    public void An_L2_entry_pointing_past_the_end_of_the_file(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         long l2 = (long)(Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset) & L1Entry.OffsetMask);
@@ -149,9 +166,11 @@ public class BadInputTests
         Assert.Equal(hash, Qemu.Hash(image));
     }
 
-    [Fact]
-    public void Two_L2_entries_sharing_a_cluster_with_refcount_1_are_detected_and_writes_refused()
+    [Theory]
+    [EachQemu]
+    public void Two_L2_entries_sharing_a_cluster_with_refcount_1_are_detected_and_writes_refused(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         // vmsnap's choice: refuse. Writing in place would silently change the other guest cluster
         // too; copying would need a refcount the image does not have. Repair first.
         using var dir = new TempDir();
@@ -190,9 +209,11 @@ public class BadInputTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Unknown_incompatible_features_are_refused_by_name()
+    [Theory]
+    [EachQemu]
+    public void Unknown_incompatible_features_are_refused_by_name(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qcow2Header h = Qemu.Header(image);
@@ -215,9 +236,11 @@ public class BadInputTests
         AssertRefused(image, "'external data file' (bit 2)");
     }
 
-    [Fact]
-    public void A_corrupt_image_is_read_only()
+    [Theory]
+    [EachQemu]
+    public void A_corrupt_image_is_read_only(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 72, Qcow2Header.IncompatibleCorrupt);
@@ -239,18 +262,22 @@ public class BadInputTests
         Assert.False(Qemu.Info(image).GetProperty("format-specific").GetProperty("data").GetProperty("corrupt").GetBoolean());
     }
 
-    [Fact]
-    public void Compression_type_without_its_feature_bit()
+    [Theory]
+    [EachQemu]
+    public void Compression_type_without_its_feature_bit(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteRaw(image, 104, new byte[] { 1 });
         AssertRefused(image, "compression type");
     }
 
-    [Fact]
-    public void Snapshot_table_past_the_end_of_the_file()
+    [Theory]
+    [EachQemu]
+    public void Snapshot_table_past_the_end_of_the_file(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Tool.QemuImg("snapshot", "-c", "s", image);
@@ -258,9 +285,11 @@ public class BadInputTests
         AssertRefused(image, "snapshot table", "beyond the end of the file");
     }
 
-    [Fact]
-    public void Garbage_files_never_crash_or_hang_and_accepted_writes_stay_consistent()
+    [Theory]
+    [EachQemu]
+    public void Garbage_files_never_crash_or_hang_and_accepted_writes_stay_consistent(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         byte[] original = File.ReadAllBytes(image);

@@ -11,8 +11,25 @@ namespace Vmsnap.Tests.Qcow2;
 /// changes no byte; after a repair qemu-img check finds the same in both images, and both files hold
 /// the same bytes in every cluster either of them uses (so the same data, tables and header).
 /// </summary>
-public class CheckParityTests
+public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixture<CheckParityTests.Originals>
 {
+    /// <summary>Each damaged image, made once per QEMU version by that version's qemu-img and qemu-io, shared by the three modes (which check copies).</summary>
+    public sealed class Originals : IDisposable
+    {
+        private readonly TempDir _dir = new();
+        private readonly System.Collections.Concurrent.ConcurrentDictionary<(string Version, string Kind), Lazy<string>> _made = new();
+
+        internal string Get(string version, string kind) => _made.GetOrAdd((version, kind), key => new Lazy<string>(() =>
+        {
+            using var qemuScope = QemuInstall.Use(key.Version);
+            string image = _dir.File($"{key.Kind}-{key.Version}.qcow2");
+            CheckParityImages.Kinds[key.Kind](image);
+            return image;
+        })).Value;
+
+        public void Dispose() => _dir.Dispose();
+    }
+
     private static readonly string[] Fields =
     [
         "check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed", "image-end-offset",
@@ -29,24 +46,24 @@ public class CheckParityTests
     }
 
     [Theory]
-    [MemberData(nameof(Cases))]
-    public void Check_and_repair_match_qemu_img(string kind, string mode)
+    [QemuMemberData(nameof(Cases))]
+    public void Check_and_repair_match_qemu_img(string version, string kind, string mode)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
-        string original = dir.File("original.qcow2");
-        CheckParityImages.Kinds[kind](original);
-        AssertMatchesQemu(dir, original, mode);
+        AssertMatchesQemu(dir, originals.Get(version, kind), mode);
     }
 
     /// <summary>A few damages in other layouts: small clusters and narrow or wide refcounts, version 2, extended L2.</summary>
     [Theory]
-    [InlineData("cluster_size=512,refcount_bits=1")]
-    [InlineData("cluster_size=4k,refcount_bits=64")]
-    [InlineData("cluster_size=2M")]
-    [InlineData("compat=0.10")]
-    [InlineData("extended_l2=on")]
-    public void Damage_in_other_layouts_matches_qemu_img(string options)
+    [QemuInlineData("cluster_size=512,refcount_bits=1")]
+    [QemuInlineData("cluster_size=4k,refcount_bits=64")]
+    [QemuInlineData("cluster_size=2M")]
+    [QemuInlineData("compat=0.10")]
+    [QemuInlineData("extended_l2=on")]
+    public void Damage_in_other_layouts_matches_qemu_img(string version, string options)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         var damages = new Dictionary<string, Action<string>>
         {
@@ -240,9 +257,11 @@ public class CheckParityTests
 
     // ---- single behaviours --------------------------------------------------------------------------
 
-    [Fact]
-    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots()
+    [Theory]
+    [EachQemu]
+    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-offset-unaligned-without-snapshots"](image);
@@ -269,9 +288,11 @@ public class CheckParityTests
     private static Tool.Result Vmsnap(string[] args) =>
         Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
 
-    [Fact]
-    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them()
+    [Theory]
+    [EachQemu]
+    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ours = dir.File("ours.qcow2"), theirs = dir.File("theirs.qcow2");
         CheckParityImages.BotchedV3(ours);
@@ -296,9 +317,11 @@ public class CheckParityTests
             Qemu.AssertSameRaw(Qemu.ToRaw(theirs, dir, name), Qemu.ToRaw(ours, dir, name));
     }
 
-    [Fact]
-    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete()
+    [Theory]
+    [EachQemu]
+    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-entry-incomplete"](image);
@@ -313,9 +336,11 @@ public class CheckParityTests
     /// snapshots. (QEMU 7.2's check -r leaks/all rewrites its whole header there, in check mode
     /// with no snapshot read, and so drops the snapshot table and frees its clusters; vmsnap does not follow.)
     /// </summary>
-    [Fact]
-    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots()
+    [Theory]
+    [EachQemu]
+    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Populated(image);
@@ -365,9 +390,10 @@ public class CheckParityTests
     /// snapshots (ID, name, VM-state size) and the same disk in the active image and in each snapshot.
     /// </summary>
     [Theory]
-    [MemberData(nameof(SnapshotSequences))]
-    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string start, string sequence)
+    [QemuMemberData(nameof(SnapshotSequences))]
+    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string version, string start, string sequence)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string original = dir.File("original.qcow2");
         MakeStart(original, start);

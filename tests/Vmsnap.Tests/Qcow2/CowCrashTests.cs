@@ -74,10 +74,11 @@ public sealed class CowCrashTests : IDisposable
         Qcow2Image.Open(device, name, new Qcow2OpenOptions { BackingFileOverride = backing });
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(bool backing)
+    [QemuInlineData(false)]
+    [QemuInlineData(true)]
+    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(string version, bool backing)
     {
+        using var qemuScope = QemuInstall.Use(version);
         (string image, string? backingFile) = Template(backing);
         byte[] template = File.ReadAllBytes(image);
         byte[] snapshot = backing ? [] : SnapshotKit.QemuSnapshotContent(image, "s", _dir);

@@ -29,9 +29,10 @@ public class QemuWrittenImageTests
     }
 
     [Theory]
-    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Vmsnap_reads_what_qemu_wrote(string name)
+    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Vmsnap_reads_what_qemu_wrote(string version, string name)
     {
+        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("q.qcow2");
@@ -55,9 +56,11 @@ public class QemuWrittenImageTests
         }
     }
 
-    [Fact]
-    public void Check_of_a_clean_qemu_image_matches_qemu_img_check()
+    [Theory]
+    [EachQemu]
+    public void Check_of_a_clean_qemu_image_matches_qemu_img_check(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach (string name in new[] { "v3-64k", "v3-512-rc1", "extl2-16k", "v2-512" })
         {

@@ -61,18 +61,22 @@ public sealed class RefusalTests : IDisposable
         ("open the VM-state area for writing", i => i.OpenVmStateAreaForWriting().Dispose()),
     ];
 
-    [Fact]
-    public void Every_change_to_an_image_marked_corrupt_is_refused_without_a_byte_written()
+    [Theory]
+    [EachQemu]
+    public void Every_change_to_an_image_marked_corrupt_is_refused_without_a_byte_written(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = Image("corrupt.qcow2");
         Qemu.WriteBE64(image, Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.IncompatibleCorrupt);
         foreach ((string what, Action<Qcow2Image> change) in Changes)
             Assert.Contains("corrupt", AssertRefused<Qcow2FormatException>(image, what, change).Message);
     }
 
-    [Fact]
-    public void Every_change_to_an_image_with_persistent_bitmaps_is_refused_without_a_byte_written()
+    [Theory]
+    [EachQemu]
+    public void Every_change_to_an_image_with_persistent_bitmaps_is_refused_without_a_byte_written(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = Image("bitmaps.qcow2");
         Qemu.WriteBE64(image, Qcow2Header.AutoclearFeaturesOffset, 0);
         Tool.QemuImg("bitmap", "--add", image, "b0");
@@ -80,9 +84,11 @@ public sealed class RefusalTests : IDisposable
             Assert.Contains("bitmap", AssertRefused<Qcow2FormatException>(image, what, change).Message);
     }
 
-    [Fact]
-    public void Every_change_to_an_overlay_whose_backing_file_was_not_opened_is_refused_without_a_byte_written()
+    [Theory]
+    [EachQemu]
+    public void Every_change_to_an_overlay_whose_backing_file_was_not_opened_is_refused_without_a_byte_written(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string base_ = _dir.File("base.qcow2");
         Qemu.Create(base_, 8 << 20);
         Qemu.Io(base_, "write -P 0x21 0 1M");
@@ -94,9 +100,11 @@ public sealed class RefusalTests : IDisposable
             Assert.Contains("backing file", AssertRefused<OperationRefusedException>(overlay, what, change, options).Message);
     }
 
-    [Fact]
-    public void Every_change_after_a_corruption_was_found_is_refused_without_a_byte_written()
+    [Theory]
+    [EachQemu]
+    public void Every_change_after_a_corruption_was_found_is_refused_without_a_byte_written(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = Image("found.qcow2");
         long l1 = (long)Qemu.Header(image).L1TableOffset;
         long l2 = (long)(Qemu.ReadBE64(image, l1) & L1Entry.OffsetMask);
@@ -111,9 +119,11 @@ public sealed class RefusalTests : IDisposable
         }
     }
 
-    [Fact]
-    public void Refused_snapshot_requests_write_nothing()
+    [Theory]
+    [EachQemu]
+    public void Refused_snapshot_requests_write_nothing(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = Image("requests.qcow2");
         AssertRefused<ArgumentException>(image, "create without a name", i => i.CreateSnapshot(""));
         AssertRefused<ArgumentException>(image, "create with a name QEMU cannot keep", i => i.CreateSnapshot(new string('x', 256)));
@@ -148,9 +158,11 @@ public sealed class RefusalTests : IDisposable
         });
     }
 
-    [Fact]
-    public void A_snapshot_that_1_bit_refcounts_cannot_hold_is_refused_by_create_and_by_save_without_a_byte_written()
+    [Theory]
+    [EachQemu]
+    public void A_snapshot_that_1_bit_refcounts_cannot_hold_is_refused_by_create_and_by_save_without_a_byte_written(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("rc1.qcow2");
         Qemu.Create(image, 1 << 20, "refcount_bits=1");
         Qemu.Io(image, "write -P 1 0 64k");
@@ -180,9 +192,11 @@ public sealed class RefusalTests : IDisposable
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void A_save_or_import_refused_after_its_stream_leaves_the_image_byte_for_byte_as_it_was()
+    [Theory]
+    [EachQemu]
+    public void A_save_or_import_refused_after_its_stream_leaves_the_image_byte_for_byte_as_it_was(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         string image = Image("save.qcow2");
         string hash = Qemu.Hash(image);
         string ram = _dir.File("ram");

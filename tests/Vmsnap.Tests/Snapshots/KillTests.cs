@@ -10,7 +10,7 @@ using static Vmsnap.Tests.Snapshots.VmKit;
 
 namespace Vmsnap.Tests.Snapshots;
 
-/// <summary>Images, RAM files and a stream shared by the kill tests, made once.</summary>
+/// <summary>Images, RAM files and a stream shared by the kill tests, made once (the images once per QEMU version).</summary>
 public sealed class KillFixture : IDisposable
 {
     public const long Ram = 16 << 20;
@@ -27,41 +27,49 @@ public sealed class KillFixture : IDisposable
         Stream = Dir.File("import.mig");
         using (var profile = MachineProfile.Create("none", [new("ram0", Ram3)]))
             StreamFiles.WriteFile(Stream, w => MigrationStream.Write(w, profile));
+    }
 
+    /// <summary>The images of one QEMU version: the template and its leaky copy, made by that version's qemu-img and qemu-io.</summary>
+    internal sealed record Images(string Template, string Leaky, string Old1State, string Old2State);
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, Lazy<Images>> _byVersion = new();
+
+    internal Images For(string version) => _byVersion.GetOrAdd(version, v => new Lazy<Images>(() => Make(v))).Value;
+
+    private Images Make(string version)
+    {
+        using var qemuScope = QemuInstall.Use(version);
         // A disk with data, a save, a disk-only snapshot by qemu-img, more data, another save.
-        Template = Dir.File("template.qcow2");
-        Qcow2.Qemu.Create(Template, 256 << 20);
-        Qcow2.Qemu.Io(Template, "write -P 0x11 0 2M", "write -P 0x12 100M 1M");
-        using (var profile = MachineProfile.Create("none", [new("ram0", Ram1)])) VmSnapshots.Save(Template, "old1", profile);
-        Tool.QemuImg("snapshot", "-c", "disk1", Template);
-        Qcow2.Qemu.Io(Template, "write -P 0x13 1M 2M");
-        using (var profile = MachineProfile.Create("none", [new("ram0", Ram2)])) VmSnapshots.Save(Template, "old2", profile);
-        Qcow2.Qemu.AssertClean(Template);
-        Old1State = VmStateHash(Template, "old1");
-        Old2State = VmStateHash(Template, "old2");
+        string template = Dir.File($"template-{version}.qcow2");
+        Qcow2.Qemu.Create(template, 256 << 20);
+        Qcow2.Qemu.Io(template, "write -P 0x11 0 2M", "write -P 0x12 100M 1M");
+        using (var profile = MachineProfile.Create("none", [new("ram0", Ram1)])) VmSnapshots.Save(template, "old1", profile);
+        Tool.QemuImg("snapshot", "-c", "disk1", template);
+        Qcow2.Qemu.Io(template, "write -P 0x13 1M 2M");
+        using (var profile = MachineProfile.Create("none", [new("ram0", Ram2)])) VmSnapshots.Save(template, "old2", profile);
+        Qcow2.Qemu.AssertClean(template);
+        string old1State = VmStateHash(template, "old1");
+        string old2State = VmStateHash(template, "old2");
 
         // The same with leaks to repair: three clusters in use get a refcount one too high.
-        Leaky = Dir.File("leaky.qcow2");
-        File.Copy(Template, Leaky);
-        Qcow2Header h = Qcow2.Qemu.Header(Leaky);
-        long block = (long)(Qcow2.Qemu.ReadBE64(Leaky, (long)h.RefcountTableOffset) & ~0x1ffUL);
+        string leaky = Dir.File($"leaky-{version}.qcow2");
+        File.Copy(template, leaky);
+        Qcow2Header h = Qcow2.Qemu.Header(leaky);
+        long block = (long)(Qcow2.Qemu.ReadBE64(leaky, (long)h.RefcountTableOffset) & ~0x1ffUL);
         foreach (long cluster in new[] { (long)h.L1TableOffset >> h.ClusterBits, (long)h.SnapshotsOffset >> h.ClusterBits, 5L })
         {
-            byte[] rc = Qcow2.Qemu.ReadRaw(Leaky, block + cluster * 2, 2);
-            Qcow2.Qemu.WriteRaw(Leaky, block + cluster * 2, [rc[0], (byte)(rc[1] + 1)]);
+            byte[] rc = Qcow2.Qemu.ReadRaw(leaky, block + cluster * 2, 2);
+            Qcow2.Qemu.WriteRaw(leaky, block + cluster * 2, [rc[0], (byte)(rc[1] + 1)]);
         }
-        Assert.Equal(3, Qcow2.Qemu.Field(Qcow2.Qemu.Check(Leaky).Json, "leaks"));
+        Assert.Equal(3, Qcow2.Qemu.Field(Qcow2.Qemu.Check(leaky).Json, "leaks"));
+        return new Images(template, leaky, old1State, old2State);
     }
 
     internal TempDir Dir { get; }
-    public string Template { get; }
-    public string Leaky { get; }
     public string Ram1 { get; }
     public string Ram2 { get; }
     public string Ram3 { get; }
     public string Stream { get; }
-    public string Old1State { get; }
-    public string Old2State { get; }
 
     /// <summary>SHA-256 of a snapshot's VM state as vmsnap reads it.</summary>
     public static string VmStateHash(string image, string snapshot)
@@ -161,10 +169,12 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
     }
 
     [Theory]
-    [MemberData(nameof(Commands))]
-    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string command)
+    [QemuMemberData(nameof(Commands))]
+    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string version, string command)
     {
-        string source = command.StartsWith("check", StringComparison.Ordinal) ? fixture.Leaky : fixture.Template;
+        using var qemuScope = QemuInstall.Use(version);
+        KillFixture.Images images = fixture.For(version);
+        string source = command.StartsWith("check", StringComparison.Ordinal) ? images.Leaky : images.Template;
         long sourceLength = new FileInfo(source).Length;
         int total = CountOperations(command, source);
         Assert.InRange(total, 2, 10_000);
@@ -174,7 +184,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
         long middle = points.ElementAt(points.Count / 2);
         foreach (long k in points)
         {
-            string image = fixture.Dir.File($"kill-{command.Replace(' ', '-')}-{k}.qcow2");
+            string image = fixture.Dir.File($"kill-{version}-{command.Replace(' ', '-')}-{k}.qcow2");
             File.Copy(source, image, overwrite: true);
             Outcome run = RunVmsnap(Arguments(command, image), k);
             string what = $"vmsnap {command} killed before I/O {k} of {total}";
@@ -188,8 +198,8 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             Assert.Contains("old1", tags);
             Assert.Contains("disk1", tags);
             if (command != "snapshot delete") Assert.Contains("old2", tags);
-            Assert.Equal(fixture.Old1State, KillFixture.VmStateHash(image, "old1"));
-            if (tags.Contains("old2")) Assert.Equal(fixture.Old2State, KillFixture.VmStateHash(image, "old2"));
+            Assert.Equal(images.Old1State, KillFixture.VmStateHash(image, "old1"));
+            if (tags.Contains("old2")) Assert.Equal(images.Old2State, KillFixture.VmStateHash(image, "old2"));
             if (k == points.Min || k == middle || k == points.Max)
             {
                 AssertQemuLoads(image, "old1", fixture.Ram1, what);
@@ -206,7 +216,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             Assert.True(length <= allowed, $"{what}: after the next save the file has {length} bytes, more than {allowed}: the killed command's space was not reused");
             (corruptions, _, errors, _, text) = SnapshotKit.Check(image);
             Assert.True(corruptions == 0 && errors == 0, $"{what}, then a save: qemu-img check: {text}");
-            Assert.Equal(fixture.Old1State, KillFixture.VmStateHash(image, next));
+            Assert.Equal(images.Old1State, KillFixture.VmStateHash(image, next));
             File.Delete(image);
         }
         Assert.True(qemuLoads >= 2);

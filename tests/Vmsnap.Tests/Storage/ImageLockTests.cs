@@ -41,9 +41,11 @@ public class ImageLockTests
         p.Dispose();
     }
 
-    [Fact]
-    public void A_running_QEMU_blocks_vmsnap_writes_and_reads_but_not_force_share()
+    [Theory]
+    [EachQemu]
+    public void A_running_QEMU_blocks_vmsnap_writes_and_reads_but_not_force_share(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -62,9 +64,11 @@ public class ImageLockTests
         using (FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write })) { }
     }
 
-    [Fact]
-    public void A_read_only_QEMU_blocks_vmsnap_writes_only()
+    [Theory]
+    [EachQemu]
+    public void A_read_only_QEMU_blocks_vmsnap_writes_only(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -77,9 +81,11 @@ public class ImageLockTests
         finally { Stop(qemu); }
     }
 
-    [Fact]
-    public void While_vmsnap_writes_QEMU_cannot_open_the_image_for_writing()
+    [Theory]
+    [EachQemu]
+    public void While_vmsnap_writes_QEMU_cannot_open_the_image_for_writing(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -96,9 +102,11 @@ public class ImageLockTests
         Assert.Equal(0, Tool.Run("qemu-io", ["-f", "qcow2", "-c", "write 0 4k", image]).ExitCode);
     }
 
-    [Fact]
-    public void While_vmsnap_reads_QEMU_can_read_but_not_write()
+    [Theory]
+    [EachQemu]
+    public void While_vmsnap_reads_QEMU_can_read_but_not_write(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");

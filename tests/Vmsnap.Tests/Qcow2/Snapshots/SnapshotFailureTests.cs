@@ -6,42 +6,67 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>
-/// Write errors injected into every write of a snapshot create, delete and apply, and into a
-/// VM-state save: qemu-img check finds no error, the older snapshots are intact, and the image is
-/// either as before or as after the operation.
+/// The image the failure tests start from, made once per QEMU version by that version's qemu-img and qemu-io
+/// (and vmsnap), with what qemu-img reads from it.
 /// </summary>
-public sealed class SnapshotFailureTests : IDisposable
+public sealed class SnapshotFailureTemplates : IDisposable
 {
     private readonly TempDir _dir = new();
-    private readonly string _template;
-    private readonly byte[] _active, _old1, _old2, _old2State;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, Lazy<Template>> _byVersion = new();
 
-    public SnapshotFailureTests()
+    internal sealed record Template(string Path, byte[] Active, byte[] Old1, byte[] Old2, byte[] Old2State);
+
+    internal Template For(string version) => _byVersion.GetOrAdd(version, v => new Lazy<Template>(() => Make(v))).Value;
+
+    private Template Make(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         // 4 KiB clusters, 2 MiB per L2 table: a 6 MiB disk has three L2 tables.
-        _template = _dir.File("template.qcow2");
-        Qemu.Create(_template, 6 << 20, "cluster_size=4k");
-        Qemu.Io(_template, "write -P 0x11 0 1M", "write -P 0x12 2M 300k", "write -P 0x13 5M 64k");
-        Tool.QemuImg("snapshot", "-c", "old1", _template);
+        string template = _dir.File($"template-{version}.qcow2");
+        Qemu.Create(template, 6 << 20, "cluster_size=4k");
+        Qemu.Io(template, "write -P 0x11 0 1M", "write -P 0x12 2M 300k", "write -P 0x13 5M 64k");
+        Tool.QemuImg("snapshot", "-c", "old1", template);
         // Holes in the middle (discarded clusters only the active disk used), and old2's VM state
         // last in the file: deleting old2 frees the file's tail, which new metadata must not need.
-        Qemu.Io(_template, "write -P 0x21 512k 1M", "write -z 5M 8k", "write -P 0x31 4M 100k", "discard 1M 512k");
-        _old2State = new byte[300_001];
-        new Random(7).NextBytes(_old2State);
-        using (var img = Qcow2Image.Open(_template))
+        Qemu.Io(template, "write -P 0x21 512k 1M", "write -z 5M 8k", "write -P 0x31 4M 100k", "discard 1M 512k");
+        byte[] old2State = new byte[300_001];
+        new Random(7).NextBytes(old2State);
+        using (var img = Qcow2Image.Open(template))
         {
             using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
-            area.Write(_old2State, 0);
+            area.Write(old2State, 0);
             area.Flush();
-            img.CreateSnapshot("old2", new Qcow2SnapshotCreateOptions { VmStateSize = _old2State.Length });
+            img.CreateSnapshot("old2", new Qcow2SnapshotCreateOptions { VmStateSize = old2State.Length });
         }
         // Written since the last snapshot, in two of the three L2 tables: a create must clear their
         // COPIED flags (in place, through an intermediate generation), a delete or apply deal with them.
-        Qemu.Io(_template, "write -P 0x41 1M 4k", "write -P 0x42 4M 8k");
-        Qemu.AssertClean(_template);
-        _active = SnapshotKit.QemuActiveContent(_template, _dir);
-        _old1 = SnapshotKit.QemuSnapshotContent(_template, "old1", _dir);
-        _old2 = SnapshotKit.QemuSnapshotContent(_template, "old2", _dir);
+        Qemu.Io(template, "write -P 0x41 1M 4k", "write -P 0x42 4M 8k");
+        Qemu.AssertClean(template);
+        return new Template(template, SnapshotKit.QemuActiveContent(template, _dir),
+            SnapshotKit.QemuSnapshotContent(template, "old1", _dir), SnapshotKit.QemuSnapshotContent(template, "old2", _dir), old2State);
+    }
+
+    public void Dispose() => _dir.Dispose();
+}
+
+/// <summary>
+/// Write errors injected into every write of a snapshot create, delete and apply, and into a
+/// VM-state save: qemu-img check finds no error, the older snapshots are intact, and the image is
+/// either as before or as after the operation, on each QEMU version.
+/// </summary>
+public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : IClassFixture<SnapshotFailureTemplates>, IDisposable
+{
+    private readonly TempDir _dir = new();
+    private string _template = "";
+    private byte[] _active = [], _old1 = [], _old2 = [], _old2State = [];
+
+    /// <summary>Makes <paramref name="version"/> this test's QEMU and takes that version's template.</summary>
+    private IDisposable UseQemu(string version)
+    {
+        IDisposable scope = QemuInstall.Use(version);
+        SnapshotFailureTemplates.Template t = templates.For(version);
+        (_template, _active, _old1, _old2, _old2State) = (t.Path, t.Active, t.Old1, t.Old2, t.Old2State);
+        return scope;
     }
 
     public void Dispose() => _dir.Dispose();
@@ -149,9 +174,10 @@ public sealed class SnapshotFailureTests : IDisposable
     }
 
     [Theory]
-    [MemberData(nameof(Operations))]
-    public void A_write_error_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string operation)
+    [QemuMemberData(nameof(Operations))]
+    public void A_write_error_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string version, string operation)
     {
+        using var qemuScope = UseQemu(version);
         string copy = _dir.File($"{operation}.qcow2");
         (int total, bool threw) = Attempt(copy, operation, int.MaxValue, false);
         Assert.False(threw);
@@ -171,9 +197,10 @@ public sealed class SnapshotFailureTests : IDisposable
     public static TheoryData<string> CrashCases() => ["create", "delete old1", "delete old2", "apply old1", "apply old2", "save"];
 
     [Theory]
-    [MemberData(nameof(CrashCases))]
-    public void A_crash_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string operation)
+    [QemuMemberData(nameof(CrashCases))]
+    public void A_crash_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string version, string operation)
     {
+        using var qemuScope = UseQemu(version);
         byte[] template = File.ReadAllBytes(_template);
         var dry = new CrashDevice(template);
         using (var img = Qcow2Image.Open(dry, "dry")) Run(img, operation);
@@ -264,9 +291,11 @@ public sealed class SnapshotFailureTests : IDisposable
         return (device.Flushes, threw);
     }
 
-    [Fact]
-    public void A_flush_failing_once_anywhere_in_a_save_then_its_discard_leaves_a_consistent_image()
+    [Theory]
+    [EachQemu]
+    public void A_flush_failing_once_anywhere_in_a_save_then_its_discard_leaves_a_consistent_image(string version)
     {
+        using var qemuScope = UseQemu(version);
         string copy = _dir.File("flaky.qcow2");
         (int total, bool threw) = AttemptSave(_template, copy, int.MaxValue);
         Assert.False(threw);
@@ -280,10 +309,11 @@ public sealed class SnapshotFailureTests : IDisposable
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void A_failed_save_discarded_leaves_no_leak_and_the_snapshots_intact(bool diskDies)
+    [QemuInlineData(false)]
+    [QemuInlineData(true)]
+    public void A_failed_save_discarded_leaves_no_leak_and_the_snapshots_intact(string version, bool diskDies)
     {
+        using var qemuScope = UseQemu(version);
         byte[] stream = new byte[(3 << 20) + 5];
         new Random(8).NextBytes(stream);
         foreach (int failingDataWrite in new[] { 0, 1, 3 })

@@ -14,9 +14,11 @@ internal sealed record QemuSnapshotInfo(string Id, string Name, long VmStateSize
 internal static class SnapshotKit
 {
     /// <summary>
-    /// Parses <c>qemu-img snapshot -l</c> output. QEMU prints "%-9s %-16s %8s%20s%13s%11s", so with
-    /// IDs under 10 and names under 17 bytes those two are cut at fixed positions; the rest is
-    /// matched by shape, since a clock or icount wider than its column runs into its neighbour.
+    /// Parses <c>qemu-img snapshot -l</c> output. QEMU 7.2 prints "%-9s %-16s %8s%20s%13s%11s" under
+    /// "ID        TAG"; QEMU 10.0 (measured) prints the ID in 7 columns under "ID      TAG", and 4-digit clock
+    /// hours, and "--" where there is no icount (7.2: nothing; parsed as ""). With IDs and names shorter
+    /// than their columns those two are cut at fixed positions; the rest is matched by shape, since a
+    /// clock or icount wider than its column runs into its neighbour.
     /// </summary>
     internal static List<SnapshotRow> ParseList(string output)
     {
@@ -25,17 +27,59 @@ internal static class SnapshotKit
         int i = 0;
         if (lines.Length == 0 || lines[0].Length == 0) return rows;
         Assert.Equal("Snapshot list:", lines[i++]);
-        Assert.StartsWith("ID        TAG", lines[i++]);
-        var shape = new System.Text.RegularExpressions.Regex(@"^\s*(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+:-?\d\d:-?\d\d\.-?\d\d\d)\s*(-?\d*)$");
+        bool narrowId = lines[i].StartsWith(Qemu10ListHeading, StringComparison.Ordinal);
+        Assert.True(narrowId || lines[i].StartsWith(Qemu72ListHeading, StringComparison.Ordinal), $"not qemu-img's heading: '{lines[i]}'");
+        i++;
+        int idWidth = narrowId ? 7 : 9;
+        var shape = new System.Text.RegularExpressions.Regex(@"^\s*(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+:-?\d\d:-?\d\d\.-?\d\d\d)\s*(-?\d*|--)$");
         for (; i < lines.Length; i++)
         {
             string l = lines[i];
             if (l.Length == 0) continue;
-            System.Text.RegularExpressions.Match m = shape.Match(l[27..]);
+            System.Text.RegularExpressions.Match m = shape.Match(l[(idWidth + 18)..]);
             Assert.True(m.Success, $"row not in qemu-img's shape: '{l}'");
-            rows.Add(new SnapshotRow(l[..9].TrimEnd(), l[10..26].TrimEnd(), m.Groups[1].Value, m.Groups[2].Value, m.Groups[3].Value, m.Groups[4].Value));
+            rows.Add(new SnapshotRow(l[..idWidth].TrimEnd(), l[(idWidth + 1)..(idWidth + 17)].TrimEnd(), m.Groups[1].Value, m.Groups[2].Value, m.Groups[3].Value,
+                m.Groups[4].Value == "--" ? "" : m.Groups[4].Value));
         }
         return rows;
+    }
+
+    private const string Qemu72ListHeading = "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT";
+    private const string Qemu10ListHeading = "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT";
+
+    /// <summary>A VM clock of <c>hh:mm:ss.mmm</c> as this test's <c>qemu-img snapshot -l</c> prints it (QEMU 10.0: 4-digit hours).</summary>
+    internal static string ListedClock(string clock) => QemuInstall.Current.AtLeast(10, 0) ? "00" + clock : clock;
+
+    /// <summary>
+    /// Asserts vmsnap's <c>snapshot list</c> (which prints QEMU 7.2's table) is what this test's qemu-img prints:
+    /// byte for byte on 7.2; on 10.0, whose table is laid out otherwise, the same rows with the same values.
+    /// </summary>
+    internal static void AssertSameListing(string qemuListing, string vmsnapListing)
+    {
+        if (!QemuInstall.Current.AtLeast(10, 0))
+        {
+            Assert.Equal(qemuListing, vmsnapListing);
+            return;
+        }
+        string[] theirs = qemuListing.Split('\n'), ours = vmsnapListing.Split('\n');
+        Assert.True(theirs.Length == ours.Length, $"{QemuInstall.Current} lists {theirs.Length} lines, vmsnap {ours.Length}:\n{qemuListing}\n{vmsnapListing}");
+        if (theirs.Length < 2) { Assert.Equal(qemuListing, vmsnapListing); return; }
+        Assert.Equal(theirs[0], ours[0]);
+        Assert.Equal(Qemu10ListHeading, theirs[1].TrimEnd());
+        Assert.Equal(Qemu72ListHeading, ours[1].TrimEnd());
+        for (int i = 2; i < theirs.Length; i++)
+            Assert.True(RowValues(theirs[i]) == RowValues(ours[i]), $"row {i - 1}: {QemuInstall.Current} '{theirs[i]}', vmsnap '{ours[i]}'");
+    }
+
+    /// <summary>A listed row's values, whatever the layout: ID, tag, VM size, date, clock as numbers, icount ("" for none).</summary>
+    private static string RowValues(string row)
+    {
+        if (row.Length == 0) return "";
+        System.Text.RegularExpressions.Match m = System.Text.RegularExpressions.Regex.Match(row,
+            @"^(\S+)\s+(\S+)\s+(\S+ \S*B)\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\s*(-?\d+):(-?\d\d):(-?\d\d)\.(-?\d\d\d)\s*(-?\d*|--)$");
+        Assert.True(m.Success, $"row not in qemu-img's shape: '{row}'");
+        return string.Join('|', m.Groups.Values.Skip(1).Select((g, k) => k is >= 4 and <= 7 ? long.Parse(g.Value, System.Globalization.CultureInfo.InvariantCulture).ToString(System.Globalization.CultureInfo.InvariantCulture)
+            : g.Value == "--" ? "" : g.Value));
     }
 
     internal static List<SnapshotRow> QemuList(string image) => ParseList(Tool.QemuImg("snapshot", "-l", image));

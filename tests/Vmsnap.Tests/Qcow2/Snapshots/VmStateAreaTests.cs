@@ -53,13 +53,14 @@ public class VmStateAreaTests
     }
 
     [Theory]
-    [InlineData("v3-64k")]
-    [InlineData("v2-512")]
-    [InlineData("extl2-16k")]
-    [InlineData("v3-2m")]
-    [InlineData("v3-4k-rc2")]
-    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string name)
+    [QemuInlineData("v3-64k")]
+    [QemuInlineData("v2-512")]
+    [QemuInlineData("extl2-16k")]
+    [QemuInlineData("v3-2m")]
+    [QemuInlineData("v3-4k-rc2")]
+    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string version, string name)
     {
+        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
@@ -95,9 +96,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Discarding_a_failed_save_frees_everything_and_trims_the_file()
+    [Theory]
+    [EachQemu]
+    public void Discarding_a_failed_save_frees_everything_and_trims_the_file(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("d.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -117,9 +120,11 @@ public class VmStateAreaTests
         Assert.Equal(["keep"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
-    [Fact]
-    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero()
+    [Theory]
+    [EachQemu]
+    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("z.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -153,9 +158,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Metadata_is_written_in_batches_not_per_write()
+    [Theory]
+    [EachQemu]
+    public void Metadata_is_written_in_batches_not_per_write(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("b.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -190,9 +197,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public async Task Writes_completing_in_any_order_land_where_they_belong()
+    [Theory]
+    [EachQemu]
+    public async Task Writes_completing_in_any_order_land_where_they_belong(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 16 << 20, "cluster_size=4k");
@@ -221,9 +230,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected()
+    [Theory]
+    [EachQemu]
+    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("r.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -246,9 +257,11 @@ public class VmStateAreaTests
         Assert.Throws<SnapshotNotFoundException>(() => img.OpenVmStateAreaForReading("with-state"));
     }
 
-    [Fact]
-    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save()
+    [Theory]
+    [EachQemu]
+    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("l.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -272,9 +285,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer()
+    [Theory]
+    [EachQemu]
+    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("f.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -293,9 +308,11 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Fact]
-    public void Closing_the_image_with_the_area_still_open_leaks_nothing()
+    [Theory]
+    [EachQemu]
+    public void Closing_the_image_with_the_area_still_open_leaks_nothing(string version)
     {
+        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 16 << 20);
