@@ -37,7 +37,7 @@ public class PackagingTests
         };
         foreach (string a in args) psi.ArgumentList.Add(a);
         foreach (var (k, v) in env) psi.Environment[k] = v;
-        using var p = Process.Start(psi)!;
+        using var p = Tool.Start(psi);
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         if (!p.WaitForExit(TimeSpan.FromMinutes(8)))

@@ -38,7 +38,7 @@ public partial class QemuImgJsonTests
             WorkingDirectory = cwd,
         };
         foreach (string a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
+        using var p = Tool.Start(psi);
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         if (!p.WaitForExit(TimeSpan.FromMinutes(2)))

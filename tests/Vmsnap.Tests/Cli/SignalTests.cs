@@ -43,7 +43,7 @@ public class SignalTests
         };
         foreach (string a in new[] { "--default-signal=INT,TERM", Tool.Find("dotnet"), Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" })
             psi.ArgumentList.Add(a);
-        return Process.Start(psi)!;
+        return Tool.Start(psi);
     }
 
     /// <summary>True once the process has the image open: the command is running, its signal handler installed.</summary>

@@ -71,7 +71,7 @@ internal sealed class QemuVm : IDisposable
         process.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (vm._stdout) vm._stdout.AppendLine(e.Data); };
         try
         {
-            process.Start();
+            Tool.Start(process);
             process.BeginErrorReadLine();
             process.BeginOutputReadLine();
             process.StandardInput.Close();

@@ -28,15 +28,33 @@ internal static class Tool
         return null;
     }
 
+    private static readonly object SpawnLock = new();
+
+    /// <summary>
+    /// Starts a child process, one at a time across the test run. From its fork to its exec a child holds a copy of
+    /// every descriptor of this process, and with it the OFD locks of images other tests have open: an image a test
+    /// has just closed would still look locked to the QEMU that test starts next. Process.Start returns once the
+    /// child has exec'd (and dropped those copies), so starting children one at a time closes that window.
+    /// </summary>
+    internal static Process Start(ProcessStartInfo psi)
+    {
+        lock (SpawnLock) return Process.Start(psi) ?? throw new InvalidOperationException($"{psi.FileName} did not start");
+    }
+
+    /// <summary>Starts <paramref name="process"/> as <see cref="Start(ProcessStartInfo)"/> does.</summary>
+    internal static void Start(Process process)
+    {
+        lock (SpawnLock) process.Start();
+    }
+
     /// <summary>Runs a program to completion (with a timeout) and returns its exit code and output.</summary>
     internal static Result Run(string program, IEnumerable<string> args, TimeSpan? timeout = null, string? stdinFile = null)
     {
         string path = Find(program);
         Result r = RunPath(path, args, timeout, stdinFile);
-        // A child that another test's thread is starting holds a copy of every descriptor of this process from
-        // its fork to its exec, so an image this test has just closed can still look locked for that moment (OFD
-        // locks go with the open file, not the process). A lock that lasts (QEMU holding the image, a descriptor
-        // left open) still fails after these retries.
+        // Children start one at a time (see Start), which should leave no moment where a closed image still looks
+        // locked; these retries stay as a second guard for a child started outside Start. A lock that lasts (QEMU
+        // holding the image, a descriptor left open) still fails after them.
         bool lockable = program is "qemu-img" or "qemu-io";
         for (int retry = 0; retry < 5 && lockable && r.ExitCode != 0 && r.Stderr.Contains("Failed to get", StringComparison.Ordinal) && r.Stderr.Contains("lock", StringComparison.Ordinal); retry++)
         {
@@ -58,7 +76,7 @@ internal static class Tool
             UseShellExecute = false,
         };
         foreach (string a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
+        using var p = Start(psi);
         if (stdinFile is not null)
         {
             using (var f = File.OpenRead(stdinFile)) f.CopyTo(p.StandardInput.BaseStream);

@@ -125,7 +125,7 @@ internal sealed class RunningVmsnap : IDisposable
         var running = new RunningVmsnap(p);
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (running._stdout) running._stdout.AppendLine(e.Data); };
         p.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (running._stderr) running._stderr.AppendLine(e.Data); };
-        p.Start();
+        Tool.Start(p);
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
         return running;

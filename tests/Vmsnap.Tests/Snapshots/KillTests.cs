@@ -136,7 +136,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             if (e.Data.StartsWith("vmsnap test hook: paused", StringComparison.Ordinal)) paused.Set();
         };
         p.OutputDataReceived += (_, _) => { };
-        p.Start();
+        Tool.Start(p);
         p.BeginErrorReadLine();
         p.BeginOutputReadLine();
         var exited = Task.Run(() => p.WaitForExit(TimeSpan.FromMinutes(2)));

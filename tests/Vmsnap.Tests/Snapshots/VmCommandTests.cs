@@ -143,7 +143,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
             UseShellExecute = false,
         };
         foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" }) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
+        using var p = Tool.Start(psi);
         var stderr = p.StandardError.ReadToEndAsync();
         var stdout = p.StandardOutput.ReadToEndAsync();
         Stream input = p.StandardInput.BaseStream;

@@ -19,7 +19,7 @@ public class ImageLockTests
         foreach (string a in new[] { "-machine", "none", "-nodefaults", "-display", "none", "-S", "-monitor", "stdio",
                      "-drive", $"file={image},if=none,id=d0,format=qcow2{(readOnly ? ",readonly=on" : "")}" })
             psi.ArgumentList.Add(a);
-        var p = Process.Start(psi)!;
+        var p = Tool.Start(psi);
         // The monitor prompt appears once the drive is open (and locked).
         var sw = Stopwatch.StartNew();
         var buf = new char[256];

@@ -155,7 +155,7 @@ public sealed class QemuRamLoadTests
             "-machine", "memory-backend=ram0", "-nodefaults", "-display", "none",
             "-qmp", $"unix:{qmp},server=on,wait=off", "-incoming", incoming,
         }) psi.ArgumentList.Add(a);
-        using var qemu = Process.Start(psi)!;
+        using var qemu = Tool.Start(psi);
         var stderr = qemu.StandardError.ReadToEndAsync();
         try
         {
