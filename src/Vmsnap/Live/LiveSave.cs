@@ -113,11 +113,14 @@ internal sealed class LiveSave : LiveSession
             }
             (info, vmStateBytes, qemuDowntime) = Transfer(region, vmDisk, plan);
             completed = true;
+            LiveTrace.Mark("migration completed");
             region.Finish(vmStateBytes, vmInfo.ClusterSize);
+            LiveTrace.Mark("region finished");
             // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
             if (!_options.Live && wasRunning) GlobalState.MarkRunning(info, (offset, buffer) => region.Read(buffer, offset), region.Patch);
             commit = CommitSnapshots(disks, vmDisk, before, region, plan, info, vmStateBytes, stopMark);
             committed = true;
+            LiveTrace.Mark("snapshots committed");
         }
         catch (Exception e)
         {
@@ -134,6 +137,7 @@ internal sealed class LiveSave : LiveSession
         string? resumeProblem = null;
         long resumeMark = Qmp.EventMark;
         if (!Qmp.IsClosed) resumeProblem = Resume(wasRunning, failure is not null && !completed);
+        LiveTrace.Mark("resumed");
         string? restoreProblem = Qmp.IsClosed ? null : settings?.Restore();
 
         if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
@@ -146,6 +150,7 @@ internal sealed class LiveSave : LiveSession
             QmpEvent? stop = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP");
             QmpEvent? resume = Qmp.WaitForEvent("RESUME", resumeMark, TimeSpan.FromSeconds(5));
             if (stop is not null && resume is not null) downtime = (resume.Timestamp - stop.Timestamp).TotalSeconds;
+            if (LiveTrace.On) LiveTrace.Mark($"QEMU's STOP at {stop?.Timestamp:HH:mm:ss.fff}, RESUME at {resume?.Timestamp:HH:mm:ss.fff}, its own downtime {qemuDowntime} s");
         }
         string after = Qmp.IsClosed ? "unknown" : RunState();
         var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
@@ -190,7 +195,9 @@ internal sealed class LiveSave : LiveSession
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var writer = new VmStateWriter(region, writerOptions);
             info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
+            LiveTrace.Mark("stream end");
             writer.Close();
+            LiveTrace.Mark("writer closed");
             bytes = writer.BytesTransferred;
         }
         catch
@@ -317,6 +324,7 @@ internal sealed class LiveSave : LiveSession
             for (int i = 0; i < disks.Count; i++)
                 if (opened[i] is { } image) images.Add((disks[i], image));
             if (openFailures.FirstOrDefault(f => f is not null) is { } openFailure) throw openFailure;
+            LiveTrace.Mark("images opened");
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)
@@ -334,6 +342,7 @@ internal sealed class LiveSave : LiveSession
             if (vmImage.CheckVmStateRegion(plan.Offset, vmStateBytes, reserve) is { } problem)
                 throw new VmsnapException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
 
+            LiveTrace.Mark("region checked");
             long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
 
@@ -366,6 +375,7 @@ internal sealed class LiveSave : LiveSession
                     failures[i] = e;
                 }
             });
+            LiveTrace.Mark("linked and created");
             var results = new List<LiveDiskSnapshot>();
             for (int i = 0; i < images.Count; i++)
             {
