@@ -189,7 +189,8 @@ internal sealed class LiveSave : LiveSession
         long bytes;
         try
         {
-            using var backend = new ChannelBackend(socket);
+            string? tee = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TEE") is { Length: > 0 } folder ? Path.Combine(folder, Tag + ".stream") : null;
+            using var backend = new ChannelBackend(socket, tee);
             using var reader = new VmStateReader(backend, ReadBufferSize);
             // No sync of its own: linking the region flushes the file before any table points there.
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };

@@ -245,7 +245,7 @@ internal sealed partial class TestGuest : IDisposable
         for m in MODULES; do insmod /modules/$m.ko || echo "vmsnap-guest insmod $m failed"; done
         i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
         boot=$(cat /proc/sys/kernel/random/boot_id)
-        mkdir -p /mem && mount -t tmpfs -o size=64m tmpfs /mem
+        mkdir -p /mem && mount -t tmpfs -o size=96m tmpfs /mem
         seq 1 500 > /mem/a
         i=0; while [ $i -lt 14 ]; do cat /mem/a /mem/a > /mem/b; mv /mem/b /mem/a; i=$((i+1)); done
         dd if=/mem/a of=/mem/fill bs=1048576 count=FILLMIB 2>/dev/null; rm /mem/a
