@@ -9,7 +9,7 @@ namespace Vmsnap.Bench;
 /// <summary>
 /// One run of the qcow2 VM-state area benchmark: --total bytes of random data (from a reused
 /// pool) written by the buffered VM-state writer (K x B aligned buffers, asynchronous positional
-/// writes) into <see cref="Qcow2Image.OpenVmStateForWriting"/> of a fresh qcow2 image, timed from
+/// writes) into <see cref="Qcow2Image.OpenVmStateAreaForWriting"/> of a fresh qcow2 image, timed from
 /// the open to the end of <see cref="Qcow2VmStateArea.Flush"/> (data and metadata durable); then
 /// the snapshot create is timed on its own, and the VM state is read back through the snapshot's
 /// area with the read-ahead reader. Prints one tab-separated line.
@@ -65,7 +65,7 @@ internal static class VmStateAreaBench
 
             clock.Restart();
             long read = 0;
-            using (Qcow2VmStateArea area = image.OpenVmStateForReading(s))
+            using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(s))
             using (var backend = VmStateBackend.ForBlockDevice(area))
             using (var reader = new VmStateReader(backend, 1 << 20, 8))
             {
@@ -90,7 +90,7 @@ internal static class VmStateAreaBench
 
     private static void Write(Qcow2Image image, byte[] pool, long total, int count, int size)
     {
-        using Qcow2VmStateArea area = image.OpenVmStateForWriting();
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForWriting();
         using (var backend = VmStateBackend.ForBlockDevice(area))
         using (var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = count, BufferSize = size }))
         {

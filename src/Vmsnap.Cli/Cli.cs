@@ -159,7 +159,22 @@ internal static class Cli
         }, CancellationToken.None));
     }
 
-    internal static void WriteJson<T>(T value) => Console.Out.WriteLine(JsonSerializer.Serialize(value, Json));
+    /// <summary>As <see cref="Json"/>, with null values written as null rather than left out (the live commands' keys are always there).</summary>
+    internal static readonly JsonSerializerOptions JsonWithNulls = new(Json) { DefaultIgnoreCondition = JsonIgnoreCondition.Never };
+
+    /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON; <paramref name="keepNulls"/> writes null values instead of leaving their keys out.</summary>
+    internal static void WriteJson<T>(T value, bool keepNulls = false) =>
+        Console.Out.WriteLine(JsonSerializer.Serialize(value, keepNulls ? JsonWithNulls : Json));
+
+    /// <summary>
+    /// Where a file that replaces <paramref name="target"/> is written first: a hidden, uniquely named file in
+    /// the same folder (<c>.NAME.vmsnap-GUID.tmp</c>), renamed over the target once complete (an atomic rename).
+    /// </summary>
+    internal static string ScratchPathBeside(string target)
+    {
+        string full = Path.GetFullPath(target);
+        return Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.vmsnap-{Guid.NewGuid():N}.tmp");
+    }
 
     /// <summary>Parses a size like qemu-img does: bytes, or a number with k/K, M, G, T (powers of 1024), optionally followed by B.</summary>
     internal static long ParseSize(string text)

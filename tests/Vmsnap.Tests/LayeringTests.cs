@@ -2,7 +2,12 @@ using System.Text.RegularExpressions;
 
 namespace Vmsnap.Tests;
 
-/// <summary>The folders of the library are layers; a lower layer never names a higher one.</summary>
+/// <summary>
+/// The folders of the library are layers; a lower layer never names a higher one. The compiler enforces
+/// it: tests/Layering builds each folder as its own assembly referencing only the layers below (part of
+/// Vmsnap.slnx, so a violation fails the solution's build). These tests keep that check complete (every
+/// folder is a layer project in the solution) and also scan the text, doc comments included.
+/// </summary>
 public partial class LayeringTests
 {
     private static readonly Dictionary<string, string[]> s_forbidden = new()
@@ -41,5 +46,24 @@ public partial class LayeringTests
                         violations.Add($"{Path.GetRelativePath(src, file)} names Vmsnap.{m.Groups[1].Value}");
         }
         Assert.Empty(violations);
+    }
+
+    [Fact]
+    public void Every_library_folder_is_compiled_as_a_layer_of_the_solution()
+    {
+        string root = RepositoryRoot();
+        string solution = File.ReadAllText(Path.Combine(root, "Vmsnap.slnx"));
+        var folders = Directory.EnumerateDirectories(Path.Combine(root, "src", "Vmsnap"))
+            .Select(Path.GetFileName).Where(f => f is not ("bin" or "obj")).Order().ToList();
+        Assert.Equal(s_forbidden.Keys.Order(), folders!);
+        foreach (string? layer in folders)
+        {
+            string project = $"tests/Layering/{layer}/Vmsnap.Layer.{layer}.csproj";
+            Assert.True(File.Exists(Path.Combine(root, project)), $"{project} is missing");
+            Assert.Contains($"<Project Path=\"{project}\" />", solution);
+            string text = File.ReadAllText(Path.Combine(root, project));
+            foreach (string above in s_forbidden[layer!])
+                Assert.DoesNotContain($"Vmsnap.Layer.{above}.csproj", text);
+        }
     }
 }

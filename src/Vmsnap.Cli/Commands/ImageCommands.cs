@@ -144,12 +144,7 @@ internal static class ImageCommands
             Qcow2RepairMode mode = parse.GetValue(repair) switch { "leaks" => Qcow2RepairMode.Leaks, "all" => Qcow2RepairMode.All, _ => Qcow2RepairMode.None };
             string path = parse.GetValue(image)!;
             bool shared = parse.GetValue(forceShare);
-            if (shared && mode != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
-            var options = mode == Qcow2RepairMode.None
-                ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = shared, OpenBackingFile = false, ForCheck = true }
-                : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };
-            Qcow2CheckResult r;
-            using (Qcow2Image img = Qcow2Image.Open(path, options)) r = img.Check(mode);
+            Qcow2CheckResult r = Qcow2Image.Check(path, mode, shared);
             if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r));
             else PrintCheck(r);
             return r.CheckErrors > 0 ? Cli.ExitFailure : r.Corruptions > 0 ? CheckCorrupt : r.Leaks > 0 ? CheckLeaks : Cli.ExitOk;
@@ -216,7 +211,7 @@ internal static class ImageCommands
             string target = parse.GetValue(to)!;
             // Into a temporary file renamed over the target once complete: a failed read leaves the target as it was.
             string full = Path.GetFullPath(target);
-            string temp = ScratchFile.Beside(full);
+            string temp = Cli.ScratchPathBeside(full);
             try
             {
                 using (var file = new FileStream(temp, FileMode.CreateNew, FileAccess.Write))

@@ -1,6 +1,4 @@
 using System.CommandLine;
-using System.Text.Json;
-using System.Text.Json.Serialization;
 using Vmsnap.Live;
 
 namespace Vmsnap.Cli.Commands;
@@ -8,15 +6,6 @@ namespace Vmsnap.Cli.Commands;
 /// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
 internal static class LiveCommands
 {
-    // The live commands' JSON uses qemu-img's kebab-case keys.
-    private static readonly JsonSerializerOptions s_json = new()
-    {
-        WriteIndented = true,
-        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
-        DefaultIgnoreCondition = JsonIgnoreCondition.Never,
-        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.KebabCaseLower) },
-    };
-
     internal static IEnumerable<Command> Build()
     {
         yield return SaveVmCommand();
@@ -57,7 +46,7 @@ internal static class LiveCommands
                 r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct));
             if (asJson)
             {
-                WriteJson(new
+                Cli.WriteJson(keepNulls: true, value: new
                 {
                     Operation = "savevm",
                     r.Tag,
@@ -104,7 +93,7 @@ internal static class LiveCommands
                 r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk) }, progress, ct));
             if (asJson)
             {
-                WriteJson(new
+                Cli.WriteJson(keepNulls: true, value: new
                 {
                     Operation = "loadvm",
                     r.Tag,
@@ -138,9 +127,7 @@ internal static class LiveCommands
         }
         catch (OperationCanceledException e) when (e.Message.StartsWith("cancelled", StringComparison.Ordinal))
         {
-            throw new VmsnapException(e.Message, e);
+            throw new Vmsnap.Live.LiveSnapshotException(e.Message, e);
         }
     }
-
-    private static void WriteJson<T>(T value) => Console.Out.WriteLine(JsonSerializer.Serialize(value, s_json));
 }

@@ -123,8 +123,13 @@ internal static class VmCommands
         ram.Required = true;
         var forceShare = SnapshotCommands.ForceShareOption();
         var noDirect = new Option<bool>("--no-direct") { Description = "Go through the page cache instead of O_DIRECT" };
+        var inPlace = new Option<bool>("--in-place")
+        {
+            Description = "Write a RAM file that exists with the block's length in place (one a running process maps, e.g. QEMU's " +
+                          "memory-backend-file with share=on); a failed load then leaves it partly written. Default: the file is replaced once the load is complete",
+        };
         var json = Cli.JsonOption();
-        var command = new Command("load", "Load a snapshot's (or a stream file's) RAM into files") { image, tag, ram, forceShare, noDirect, json };
+        var command = new Command("load", "Load a snapshot's (or a stream file's) RAM into files") { image, tag, ram, forceShare, noDirect, inPlace, json };
         command.SetHandler((p, ct) =>
         {
             bool asJson = p.GetValue(json);
@@ -137,11 +142,11 @@ internal static class VmCommands
                 var clock = System.Diagnostics.Stopwatch.StartNew();
                 MigrationStreamInfo info;
                 using (var progress = ProgressLine.Start("loading", 0, asJson))
-                    info = VmSnapshots.LoadStream(path, ramFiles, progress, ct);
+                    info = VmSnapshots.LoadStream(path, ramFiles, new VmSnapshotOptions { RamInPlace = p.GetValue(inPlace) }, progress, ct);
                 ReportStream(path, info, clock.Elapsed.TotalSeconds, asJson);
                 return Cli.ExitOk;
             }
-            var options = new VmSnapshotOptions { Direct = !p.GetValue(noDirect), ForceShare = p.GetValue(forceShare) };
+            var options = new VmSnapshotOptions { Direct = !p.GetValue(noDirect), ForceShare = p.GetValue(forceShare), RamInPlace = p.GetValue(inPlace) };
             VmSnapshotResult result;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
                 result = VmSnapshots.Load(path, snapshot, ramFiles, options, progress, ct);
@@ -262,11 +267,14 @@ internal static class VmCommands
         return command;
     }
 
+    /// <summary>The first four bytes of every qcow2 image: "QFI" and 0xfb.</summary>
+    private const uint Qcow2Magic = 0x514649fb;
+
     private static bool IsQcow2(string path)
     {
         Span<byte> magic = stackalloc byte[4];
         using var f = File.OpenRead(path);
-        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Vmsnap.Qcow2.Qcow2Header.Magic;
+        return f.Read(magic) == 4 && System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(magic) == Qcow2Magic;
     }
 
     private static string Summary(VmSnapshotResult r, string verb) =>

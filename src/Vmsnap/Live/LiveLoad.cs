@@ -35,12 +35,12 @@ internal sealed class LiveLoad : LiveSession
         var clock = Stopwatch.StartNew();
         string state = RunState();
         if (state != "inmigrate")
-            throw new VmsnapException(
+            throw new OperationRefusedException(
                 $"QEMU is not waiting for an incoming migration (its run state is '{state}'): start it with -incoming defer " +
                 "(add -S to keep the guest paused after the load), then run vmsnap loadvm; nothing was loaded");
         (string migration, _, _) = MigrationStatus();
         if (migration != "none")
-            throw new VmsnapException($"QEMU's incoming migration has already begun (status '{migration}'): start QEMU with -incoming defer for vmsnap loadvm; nothing was loaded");
+            throw new OperationRefusedException($"QEMU's incoming migration has already begun (status '{migration}'): start QEMU with -incoming defer for vmsnap loadvm; nothing was loaded");
 
         (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "loaded");
         string? machine = CurrentMachine();
@@ -51,16 +51,16 @@ internal sealed class LiveLoad : LiveSession
         {
             using Qcow2Image image = OpenWritable(disk, "(a QEMU started with -incoming defer does not hold it)");
             Qcow2Snapshot s = image.FindSnapshot(Tag)
-                ?? throw new VmsnapException($"Snapshot '{Tag}' does not exist in drive '{disk.Label}' ({disk.ImagePath}); nothing was loaded");
+                ?? throw new SnapshotNotFoundException(Tag, disk.ImagePath!, $"Snapshot '{Tag}' does not exist in drive '{disk.Label}' ({disk.ImagePath}); nothing was loaded");
             if (s.DiskSize != image.VirtualSize)
-                throw new VmsnapException($"snapshot '{Tag}' of drive '{disk.Label}' was taken of a disk of {s.DiskSize} bytes; the disk now has {image.VirtualSize}; nothing was loaded");
+                throw new OperationRefusedException($"snapshot '{Tag}' of drive '{disk.Label}' was taken of a disk of {s.DiskSize} bytes; the disk now has {image.VirtualSize}; nothing was loaded");
             if (disk == vmDisk)
             {
                 if (s.VmStateSize == 0)
-                    throw new VmsnapException($"snapshot '{Tag}' of drive '{disk.Label}' is a disk-only snapshot (no VM state); revert to it offline with qemu-img snapshot -a; nothing was loaded");
+                    throw new OperationRefusedException($"snapshot '{Tag}' of drive '{disk.Label}' is a disk-only snapshot (no VM state); revert to it offline with qemu-img snapshot -a; nothing was loaded");
                 string? saved = SavedMachine(image, s);
                 if (machine is not null && saved is not null && saved != machine)
-                    throw new VmsnapException($"snapshot '{Tag}' was saved from machine type '{saved}' and this QEMU runs '{machine}'; QEMU would refuse it; nothing was loaded");
+                    throw new OperationRefusedException($"snapshot '{Tag}' was saved from machine type '{saved}' and this QEMU runs '{machine}'; QEMU would refuse it; nothing was loaded");
             }
             snapshots.Add((disk, s));
         }
@@ -78,7 +78,7 @@ internal sealed class LiveLoad : LiveSession
             catch (Exception e) when (e is VmsnapException or IOException)
             {
                 string done = reverted.Count == 0 ? "no drive was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
-                throw new VmsnapException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
+                throw new LiveSnapshotException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
             }
         }
 
@@ -107,7 +107,7 @@ internal sealed class LiveLoad : LiveSession
     /// <summary>The machine type in the snapshot's configuration section (right after the stream header), or null.</summary>
     private static string? SavedMachine(Qcow2Image image, Qcow2Snapshot snapshot)
     {
-        using Qcow2VmStateArea area = image.OpenVmStateForReading(snapshot);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(snapshot);
         byte[] head = new byte[8 + 1 + 4 + 256];
         int n = area.Read(head, 0);
         if (n < 13 || BinaryPrimitives.ReadUInt32BigEndian(head) != 0x5145564d || head[8] != 0x07) return null;
@@ -133,8 +133,8 @@ internal sealed class LiveLoad : LiveSession
         // Shared: QEMU takes its images back (write locks) as soon as the stream is in, possibly before this
         // closes. O_DIRECT where the file system allows it: large aligned reads, several in flight.
         using Qcow2Image image = OpenSharedDirect(vmDisk);
-        Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new VmsnapException($"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
-        using Qcow2VmStateArea area = image.OpenVmStateForReading(current);
+        Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
         using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
         using var reader = new VmStateReader(source, ReadBufferSize);
 
@@ -147,8 +147,8 @@ internal sealed class LiveLoad : LiveSession
         catch (QmpException e)
         {
             CloseFd(fdName);
-            throw new VmsnapException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
-                "the drives were reverted to the snapshot", e);
+            throw new QmpException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
+                "the drives were reverted to the snapshot", e.ErrorClass, e);
         }
         using var registration = Cancellation.Register(() =>
         {
@@ -169,8 +169,8 @@ internal sealed class LiveLoad : LiveSession
         {
             Cancellation.ThrowIfCancellationRequested();
             if (Qmp.IsClosed)
-                throw new VmsnapException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot", e);
-            throw new VmsnapException($"sending the VM state to QEMU failed: {e.Message}; the drives were reverted to the snapshot", e);
+                throw new LiveSnapshotException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot", e);
+            throw new LiveSnapshotException($"sending the VM state to QEMU failed: {e.Message}; the drives were reverted to the snapshot", e);
         }
     }
 
@@ -194,10 +194,10 @@ internal sealed class LiveLoad : LiveSession
             }
             return status is "failed" or "cancelled" || (state != "inmigrate" && status is "completed" or "none");
         }, _options.LoadTimeout);
-        if (Qmp.IsClosed) throw new VmsnapException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot");
-        if (!done) throw new VmsnapException($"QEMU did not finish loading the VM state within {_options.LoadTimeout.TotalSeconds:0} s (status '{status}')");
+        if (Qmp.IsClosed) throw new LiveSnapshotException(QemuGone("while loading the VM state: QEMU refused it (see its error output)") + "; the drives were reverted to the snapshot");
+        if (!done) throw new LiveSnapshotException($"QEMU did not finish loading the VM state within {_options.LoadTimeout.TotalSeconds:0} s (status '{status}')");
         if (status is "failed" or "cancelled")
-            throw new VmsnapException($"QEMU's incoming migration {status}: {error ?? "QEMU gave no reason (see its log)"}; the drives were reverted to the snapshot");
+            throw new LiveSnapshotException($"QEMU's incoming migration {status}: {error ?? "QEMU gave no reason (see its log)"}; the drives were reverted to the snapshot");
         return state;
     }
 }

@@ -50,18 +50,18 @@ internal sealed class LiveSave : LiveSession
         var clock = Stopwatch.StartNew();
         string state = RunState();
         if (state is "inmigrate" or "postmigrate" or "finish-migrate" or "colo" or "save-vm" or "restore-vm")
-            throw new VmsnapException(state switch
+            throw new OperationRefusedException(state switch
             {
                 "inmigrate" => "QEMU is waiting for an incoming migration (started with -incoming): there is no guest to save yet; nothing was saved",
                 "postmigrate" => "QEMU finished a migration and has released its images (run state postmigrate): 'cont' it first; nothing was saved",
                 _ => $"QEMU is in run state '{state}', in which it cannot save; nothing was saved",
             });
         if (state is "shutdown" or "internal-error" or "guest-panicked" or "io-error")
-            throw new VmsnapException($"the guest is in run state '{state}'; nothing was saved");
+            throw new OperationRefusedException($"the guest is in run state '{state}'; nothing was saved");
         bool wasRunning = state == "running";
         (string migration, _, _) = MigrationStatus();
         if (migration is "setup" or "active" or "pre-switchover" or "device" or "cancelling" or "wait-unplug" or "postcopy-active" or "postcopy-paused")
-            throw new VmsnapException($"QEMU is already migrating (status '{migration}'); nothing was saved");
+            throw new OperationRefusedException($"QEMU is already migrating (status '{migration}'); nothing was saved");
 
         (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "saved");
         var before = new List<ImageBefore>();
@@ -72,13 +72,13 @@ internal sealed class LiveSave : LiveSession
         {
             using Qcow2Image image = OpenShared(disk);
             if (image.FindSnapshot(Tag) is { } taken)
-                throw new VmsnapException(taken.Name == Tag
+                throw new SnapshotExistsException(Tag, taken.Id, disk.ImagePath!, taken.Name == Tag
                     ? $"drive '{disk.Label}' ({disk.ImagePath}) already has a snapshot named '{Tag}' (ID {taken.Id}); delete it first or choose another name; nothing was saved"
                     : $"drive '{disk.Label}' ({disk.ImagePath}) has a snapshot with ID '{Tag}' (named '{taken.Name}'); a name equal to another snapshot's ID would make lookups ambiguous; nothing was saved");
             // The engine refuses to write images with persistent dirty bitmaps (it would not keep them right), and
             // QEMU stores its bitmaps into the image when it releases it: refuse now rather than after the migration.
             if (image.HasPersistentBitmaps || disk.DirtyBitmaps.Any(b => b.Persistent))
-                throw new VmsnapException($"drive '{disk.Label}' ({disk.ImagePath}) has persistent dirty bitmaps, which vmsnap does not keep up to date; " +
+                throw new OperationRefusedException($"drive '{disk.Label}' ({disk.ImagePath}) has persistent dirty bitmaps, which vmsnap does not keep up to date; " +
                     "remove them (block-dirty-bitmap-remove) or use QEMU's savevm; nothing was saved");
             before.Add(new ImageBefore(disk, image.VirtualSize, DescribeSnapshots(image)));
             if (disk == vmDisk)
@@ -143,7 +143,7 @@ internal sealed class LiveSave : LiveSession
 
         if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
         if (resumeProblem is not null)
-            throw new VmsnapException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem}");
+            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem}");
 
         double? downtime = null;
         if (wasRunning)
@@ -157,7 +157,7 @@ internal sealed class LiveSave : LiveSession
         var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
             downtime, qemuDowntime, commit.VmClock, commit.Date, after, info);
         if (restoreProblem is not null)
-            throw new VmsnapException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
+            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
         return result;
     }
 
@@ -229,7 +229,7 @@ internal sealed class LiveSave : LiveSession
         catch (QmpException e)
         {
             CloseFd(fdName);
-            throw new VmsnapException($"QEMU refused to start the migration: {e.Message}", e);
+            throw new QmpException($"QEMU refused to start the migration: {e.Message}", e.ErrorClass, e);
         }
 
         using var watchStop = new CancellationTokenSource();
@@ -260,7 +260,7 @@ internal sealed class LiveSave : LiveSession
         }
         watchStop.Cancel();
         watch.Join();
-        if (_watchFailure is { } why) { StopMigration(); throw new VmsnapException(why); }
+        if (_watchFailure is { } why) { StopMigration(); throw new LiveSnapshotException(why); }
 
         // QEMU sends its last byte a moment before it reports completion.
         string status = "active";
@@ -274,10 +274,10 @@ internal sealed class LiveSave : LiveSession
             }, TimeSpan.FromSeconds(60)))
         {
             StopMigration();
-            throw new VmsnapException($"QEMU sent the whole VM state but did not complete the migration (status '{status}')");
+            throw new LiveSnapshotException($"QEMU sent the whole VM state but did not complete the migration (status '{status}')");
         }
-        if (Qmp.IsClosed) throw new VmsnapException(QemuGone("at the end of the migration"));
-        if (status != "completed") throw new VmsnapException($"QEMU's migration {status}: {error ?? "QEMU gave no reason (see its log)"}");
+        if (Qmp.IsClosed) throw new LiveSnapshotException(QemuGone("at the end of the migration"));
+        if (status != "completed") throw new LiveSnapshotException($"QEMU's migration {status}: {error ?? "QEMU gave no reason (see its log)"}");
         double? downtime = last["downtime"] is JsonValue d && d.TryGetValue(out long ms) ? ms / 1000.0 : null;
         return (info, bytes, downtime);
     }
@@ -379,19 +379,19 @@ internal sealed class LiveSave : LiveSession
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)
-                throw new VmsnapException($"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', past the start of the VM state vmsnap wrote at offset {plan.Offset}; nothing was saved");
+                throw new OperationRefusedException($"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', past the start of the VM state vmsnap wrote at offset {plan.Offset}; nothing was saved");
             foreach ((LiveDisk disk, Qcow2Image image) in images)
             {
                 ImageBefore was = before.First(b => b.Disk == disk);
                 if (image.VirtualSize != was.VirtualSize)
-                    throw new VmsnapException($"drive '{disk.Label}' was resized during the save ({was.VirtualSize} to {image.VirtualSize} bytes); nothing was saved");
+                    throw new OperationRefusedException($"drive '{disk.Label}' was resized during the save ({was.VirtualSize} to {image.VirtualSize} bytes); nothing was saved");
                 if (DescribeSnapshots(image) != was.Snapshots)
-                    throw new VmsnapException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save; nothing was saved");
+                    throw new OperationRefusedException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save; nothing was saved");
             }
             Qcow2Image vmImage = images.First(i => i.Disk == vmDisk).Image;
             long reserve = RegionPlan.ReserveBelow(vmStateBytes, vmImage.ClusterSize, vmImage.Info.RefcountBits);
             if (vmImage.CheckVmStateRegion(plan.Offset, vmStateBytes, reserve) is { } problem)
-                throw new VmsnapException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
+                throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
 
             LiveTrace.Mark("region checked");
             long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
@@ -439,7 +439,7 @@ internal sealed class LiveSave : LiveSession
             if (failures.FirstOrDefault(f => f is not null) is { } first)
             {
                 int at = Array.IndexOf(failures, first);
-                throw new VmsnapException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}; nothing was saved", first);
+                throw new LiveSnapshotException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}; nothing was saved", first);
             }
             done = true;
             return new Commit(results, vmClock, date);
@@ -564,6 +564,6 @@ internal sealed class LiveSave : LiveSession
         if (restoreProblem is not null) message += "; " + restoreProblem;
         return failure is OperationCanceledException && message.StartsWith("cancelled", StringComparison.Ordinal)
             ? new OperationCanceledException(message, inner)
-            : new VmsnapException(message, inner);
+            : new LiveSnapshotException(message, inner);
     }
 }

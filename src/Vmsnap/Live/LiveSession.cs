@@ -27,21 +27,21 @@ internal abstract class LiveSession(QmpClient qmp, string tag, CancellationToken
     {
         IReadOnlyList<LiveDisk> all = QemuBlockDevices.Query(Qmp);
         if (all.FirstOrDefault(d => d.Kind == LiveDiskKind.Unsupported) is { } bad)
-            throw new VmsnapException($"{bad.Problem}; nothing was {operation}");
+            throw new OperationRefusedException($"{bad.Problem}; nothing was {operation}");
         var disks = all.Where(d => d.Kind == LiveDiskKind.Qcow2).ToList();
         if (disks.Count == 0)
-            throw new VmsnapException($"QEMU has no writable qcow2 drive ({all.Count} drive(s): read-only and empty ones are skipped, as by QEMU's savevm); nothing was {operation}");
+            throw new OperationRefusedException($"QEMU has no writable qcow2 drive ({all.Count} drive(s): read-only and empty ones are skipped, as by QEMU's savevm); nothing was {operation}");
         LiveDisk chosen = disks[0];
         if (vmStateDisk is not null)
         {
             chosen = disks.FirstOrDefault(d => d.IsNamed(vmStateDisk))
-                ?? throw new VmsnapException(all.Any(d => d.IsNamed(vmStateDisk))
+                ?? throw new OperationRefusedException(all.Any(d => d.IsNamed(vmStateDisk))
                     ? $"drive '{vmStateDisk}' is read-only or empty: it cannot keep the VM state; nothing was {operation}"
                     : $"QEMU has no drive '{vmStateDisk}' (drives: {string.Join(", ", all.Select(d => d.Label))}); nothing was {operation}");
         }
         var dupes = disks.GroupBy(d => d.ImagePath).FirstOrDefault(g => g.Count() > 1);
         if (dupes is not null)
-            throw new VmsnapException($"image '{dupes.Key}' is attached to several drives ({string.Join(", ", dupes.Select(d => d.Label))}); nothing was {operation}");
+            throw new OperationRefusedException($"image '{dupes.Key}' is attached to several drives ({string.Join(", ", dupes.Select(d => d.Label))}); nothing was {operation}");
         return (disks, chosen);
     }
 
@@ -52,9 +52,9 @@ internal abstract class LiveSession(QmpClient qmp, string tag, CancellationToken
         {
             return Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions());
         }
-        catch (ImageLockedException e)
+        catch (ImageInUseException e)
         {
-            throw new VmsnapException($"drive '{disk.Label}': {e.Message}; QEMU (or another process) still holds the image {whileDoing}", e);
+            throw new ImageInUseException($"drive '{disk.Label}': {e.Message}; QEMU (or another process) still holds the image {whileDoing}", e);
         }
     }
 

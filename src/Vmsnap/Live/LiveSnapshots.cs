@@ -25,12 +25,14 @@ public static class LiveSnapshots
     /// <param name="options">Live or stopped, which drive keeps the VM state, I/O settings.</param>
     /// <param name="ramBytesDone">Receives the bytes of RAM saved so far; an <see cref="IRamProgress"/> also gets the guest's RAM size.</param>
     /// <param name="cancellationToken">Stops the save; nothing is left behind and the guest runs again.</param>
-    /// <exception cref="VmsnapException">The save was refused or failed; the message says why, and nothing was saved.</exception>
+    /// <exception cref="VmsnapException">The save was refused or failed; the message says why, and nothing was saved:
+    /// <see cref="OperationRefusedException"/> or <see cref="Qcow2.SnapshotExistsException"/> up front, <see cref="QmpException"/>
+    /// when QEMU refused a command, <see cref="LiveSnapshotException"/> when the save failed part way.</exception>
     public static LiveSaveResult SaveVm(string qmpSocket, string tag, LiveSaveOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
-        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("a snapshot needs a name (TAG)");
+        if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("a snapshot needs a name (TAG)");
         options ??= new LiveSaveOptions();
         using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
         return new LiveSave(qmp, tag, options, ramBytesDone, cancellationToken).Run();
@@ -42,12 +44,14 @@ public static class LiveSnapshots
     /// snapshot, then the VM state is fed to QEMU's <c>migrate-incoming</c>. The guest then runs, or stays
     /// paused when QEMU was started with <c>-S</c>.
     /// </summary>
-    /// <exception cref="VmsnapException">QEMU is not waiting for an incoming migration, a drive lacks the snapshot, or the load failed.</exception>
+    /// <exception cref="VmsnapException">QEMU is not waiting for an incoming migration (<see cref="OperationRefusedException"/>), a drive
+    /// lacks the snapshot (<see cref="Qcow2.SnapshotNotFoundException"/>), QEMU refused a command (<see cref="QmpException"/>),
+    /// or the load failed part way (<see cref="LiveSnapshotException"/>).</exception>
     public static LiveLoadResult LoadVm(string qmpSocket, string tag, LiveLoadOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
-        if (string.IsNullOrEmpty(tag)) throw new VmsnapException("say which snapshot to load (TAG)");
+        if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("say which snapshot to load (TAG)");
         options ??= new LiveLoadOptions();
         using QmpClient qmp = QmpClient.Connect(qmpSocket, options.CommandTimeout, cancellationToken);
         return new LiveLoad(qmp, tag, options, ramBytesDone, cancellationToken).Run();

@@ -42,11 +42,6 @@ public static class MigrationStream
         return new MigrationStreamWriter(destination, ramBytesDone, cancellationToken).Write(profile);
     }
 
-    /// <summary>As <see cref="Write"/> with chosen part and chunk sizes (tests, benchmarks).</summary>
-    internal static MigrationStreamInfo WriteInParts(VmStateWriter destination, MachineProfile profile, long partBytes, int chunkBytes,
-        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
-        new MigrationStreamWriter(destination, ramBytesDone, cancellationToken, partBytes, chunkBytes).Write(profile);
-
     /// <summary>
     /// Reads a whole stream from <paramref name="source"/>, handing its block list and pages to
     /// <paramref name="sink"/>, and completes the sink once the stream, device state included, was read

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
 using System.Text;
 using Vmsnap.VmState;
 
@@ -30,6 +31,9 @@ internal sealed class MigrationStreamReader
     public const int MaxEarlySectionBytes = 1 << 20;
 
     private const int BatchBytes = 1 << 20;
+
+    // The per-page paths below are compiled fully optimized from their first call: a load lasts about a
+    // second per GiB, and tiering would run much of it in unoptimized code while the JIT competes for the CPU.
     private const long ProgressStep = 16 << 20;
 
     private readonly VmStateReader _in;
@@ -480,6 +484,7 @@ internal sealed class MigrationStreamReader
             throw new MigrationStreamException($"the footer of section '{name}' names section id {footerId}, expected {id}", at);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void ReadRamRecords(long sectionAt, bool start)
     {
         const ulong known = MigrationFormat.RamZero | MigrationFormat.RamMemSize | MigrationFormat.RamPage
@@ -692,6 +697,7 @@ internal sealed class MigrationStreamReader
     }
 
     /// <summary>The block a page record is for: the previous one (CONTINUE) or the one its id string names.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private int BlockOf(ulong flags, long at, ulong address)
     {
         if (!_haveBlockList)
@@ -722,6 +728,7 @@ internal sealed class MigrationStreamReader
         return block;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void AddData(int block, long offset)
     {
         _pages[block]++;
@@ -754,6 +761,7 @@ internal sealed class MigrationStreamReader
         Done();
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void AddZero(int block, long offset)
     {
         _zeroPages[block]++;
@@ -875,6 +883,7 @@ internal sealed class MigrationStreamReader
     // Typed reads: each forwards what it read to the copy target (while forwarding is on), and turns a
     // premature end into an error that says what was being read.
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private byte U8(string what)
     {
         long at = _in.Position;
@@ -911,6 +920,7 @@ internal sealed class MigrationStreamReader
         catch (VmStateException e) { throw Truncated(what, at, e); }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private ulong Be64(string what)
     {
         long at = _in.Position;
@@ -923,6 +933,7 @@ internal sealed class MigrationStreamReader
         catch (VmStateException e) { throw Truncated(what, at, e); }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void Bytes(Span<byte> buffer, string what)
     {
         long at = _in.Position;

@@ -8,11 +8,11 @@ namespace Vmsnap.Migration;
 /// zero. Blocks of the stream that were not asked for are ignored.
 /// </summary>
 /// <remarks>
-/// <para>A missing or empty file is written as a new temporary file next to its target, sparse where the
-/// stream's pages are zero, and renamed over the target only in <see cref="Complete"/>: a stream that
-/// fails halfway leaves no trace.</para>
-/// <para>An existing file of the block's length (a QEMU <c>memory-backend-file</c>) is written in place,
-/// unless <see cref="ReplaceExisting"/> is set: its pages already exist, so nothing is allocated or freed,
+/// <para>Each file is written as a new temporary file next to its target, sparse where the stream's pages
+/// are zero, and renamed over the target only in <see cref="Complete"/>: a stream that fails halfway
+/// leaves no trace, and an existing target stays byte for byte as it was.</para>
+/// <para>With <see cref="WriteInPlace"/>, an existing file of the block's length (a QEMU
+/// <c>memory-backend-file</c>) is written in place instead: its pages already exist, so nothing is allocated or freed,
 /// and a QEMU that has the file open sees the loaded RAM. Zero pages are zeroed (long runs punched out),
 /// and at completion every page the stream did not carry is zeroed too, so the file ends up exactly as a
 /// new one would. A stream that fails halfway leaves such a file partly overwritten.</para>
@@ -46,11 +46,12 @@ public sealed class RamFileSink : IRamSink, IDisposable
     public bool SyncOnComplete { get; init; } = true;
 
     /// <summary>
-    /// Write an existing file of the block's length into a new temporary file too, renamed over it at
-    /// completion (default false: written in place). A stream that fails then leaves the file as it was,
-    /// at the cost of a whole new file's pages, and a process that has the old file open keeps seeing it.
+    /// Write an existing file of the block's length in place rather than into a new file renamed over it
+    /// (default false). Needed when another process maps the file (a QEMU <c>memory-backend-file</c> with
+    /// <c>share=on</c>): after a rename it would keep seeing the old file. It also skips allocating a whole
+    /// new file's pages. The price: a stream that fails halfway leaves the file partly overwritten.
     /// </summary>
-    public bool ReplaceExisting { get; init; }
+    public bool WriteInPlace { get; init; }
 
     /// <inheritdoc/>
     public void BeginBlocks(IReadOnlyList<RamBlockInfo> blocks)
@@ -77,7 +78,7 @@ public sealed class RamFileSink : IRamSink, IDisposable
             string? dir = System.IO.Path.GetDirectoryName(path);
             if (dir is not null && !Directory.Exists(dir))
                 throw new MigrationStreamException($"folder '{dir}' of '{path}' (for RAM block '{id}') does not exist");
-            prepared.Add((index, id, path, existing.Exists && existing.Length == length && !ReplaceExisting));
+            prepared.Add((index, id, path, existing.Exists && existing.Length == length && WriteInPlace));
         }
 
         try
@@ -275,13 +276,18 @@ public sealed class RamFileSink : IRamSink, IDisposable
         private long _lastIndex = -1;
         private ulong[]? _last;
 
+        /// <summary>Adds pages a 64-page word at a time (a 1 MiB batch is four words, not 256 bit steps).</summary>
         public void Add(long offset, long count)
         {
-            for (long p = offset >> MigrationFormat.PageShift, end = (offset + count) >> MigrationFormat.PageShift; p < end; p++)
+            long p = offset >> MigrationFormat.PageShift, end = (offset + count) >> MigrationFormat.PageShift;
+            while (p < end)
             {
                 ulong[] bits = Chunk(p >> ChunkShift, create: true)!;
                 long i = p & (ChunkPages - 1);
-                bits[i >> 6] |= 1UL << (int)(i & 63);
+                int bit = (int)(i & 63);
+                long n = Math.Min(64 - bit, end - p);
+                bits[i >> 6] |= n == 64 ? ulong.MaxValue : ((1UL << (int)n) - 1) << bit;
+                p += n;
             }
         }
 

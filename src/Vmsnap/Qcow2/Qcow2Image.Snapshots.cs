@@ -33,7 +33,7 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Creates a snapshot of the active disk, named <paramref name="name"/> (unique in the image),
     /// with the next free ID (the highest numeric ID + 1). With <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>
-    /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateForWriting"/>
+    /// above 0 the snapshot also takes over the VM-state area written through <see cref="OpenVmStateAreaForWriting"/>
     /// (which then refuses further writes), and the active disk no longer maps that area, so the next
     /// save writes fresh clusters. The snapshot shares the active L2 tables; their COPIED flags are
     /// cleared in place. Crash-safe: the image switches to the new metadata in one header write (two
@@ -41,7 +41,9 @@ public sealed partial class Qcow2Image
     /// while they are rewritten), every state in between a whole, consistent image.
     /// </summary>
     /// <exception cref="ArgumentException">The name is empty, too long (QEMU keeps 255 bytes) or the options are out of range.</exception>
-    /// <exception cref="VmsnapException">The name is taken, the image is read-only, or it is corrupt (<see cref="Qcow2FormatException"/>).</exception>
+    /// <exception cref="SnapshotExistsException">The name is taken.</exception>
+    /// <exception cref="OperationRefusedException">The image is read-only or already has the most snapshots qcow2 allows.</exception>
+    /// <exception cref="Qcow2FormatException">The image is corrupt.</exception>
     public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
     {
         SnapshotEntry entry = Run(() => Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
@@ -53,7 +55,7 @@ public sealed partial class Qcow2Image
     /// used (its L1 and L2 tables, data, VM state) freed. Crash-safe like <see cref="CreateSnapshot"/>.
     /// </summary>
     /// <returns>The snapshot deleted.</returns>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.DeleteSnapshot(idOrName)));
 
     /// <summary>
@@ -61,8 +63,8 @@ public sealed partial class Qcow2Image
     /// the snapshot stays. Crash-safe like <see cref="CreateSnapshot"/>.
     /// </summary>
     /// <returns>The snapshot applied.</returns>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    /// <exception cref="VmsnapException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="OperationRefusedException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
     public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
 
     /// <summary>
@@ -72,19 +74,19 @@ public sealed partial class Qcow2Image
     /// Write the stream, <see cref="Qcow2VmStateArea.Flush"/>, then <see cref="CreateSnapshot"/> with
     /// its size; on failure <see cref="Qcow2VmStateArea.Discard"/> it all (or close it): the image is as it was.
     /// </summary>
-    public Qcow2VmStateArea OpenVmStateForWriting() => Run(Engine.OpenVmStateForWriting);
+    public Qcow2VmStateArea OpenVmStateAreaForWriting() => Run(Engine.OpenVmStateForWriting);
 
     /// <summary>Opens a snapshot's VM state for reading: a read-only device exactly <see cref="Qcow2Snapshot.VmStateSize"/> bytes long.</summary>
-    /// <exception cref="Qcow2SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
+    /// <exception cref="SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
     /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
-    public Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot) => OpenVmStateForReading(snapshot, wholeArea: false);
+    public Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot) => OpenVmStateAreaForReading(snapshot, wholeArea: false);
 
     /// <summary>
     /// Opens a snapshot's VM-state area for reading, with <paramref name="wholeArea"/> as far as qcow2 can map
     /// rather than <see cref="Qcow2Snapshot.VmStateSize"/> bytes: QEMU 10.2's savevm with mapped-ram lays the VM
     /// state out by offset, and its recorded size (the bytes it wrote) is less than how far the layout reaches.
     /// </summary>
-    internal Qcow2VmStateArea OpenVmStateForReading(Qcow2Snapshot snapshot, bool wholeArea)
+    internal Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot, bool wholeArea)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
         SnapshotEntry entry;
@@ -92,15 +94,15 @@ public sealed partial class Qcow2Image
         {
             Engine.ThrowIfDisposed();
             entry = Engine.Snapshots.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
-                ?? throw new Qcow2SnapshotNotFoundException(snapshot.Id, Path);
+                ?? throw new SnapshotNotFoundException(snapshot.Id, Path);
         }
         return Engine.OpenVmStateForReading(entry, ToPublic(entry), wholeArea);
     }
 
     /// <summary>Opens the VM state of the snapshot with this ID or name for reading.</summary>
-    /// <exception cref="Qcow2SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    public Qcow2VmStateArea OpenVmStateForReading(string idOrName) =>
-        OpenVmStateForReading(FindSnapshot(idOrName) ?? throw new Qcow2SnapshotNotFoundException(idOrName, Path));
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    public Qcow2VmStateArea OpenVmStateAreaForReading(string idOrName) =>
+        OpenVmStateAreaForReading(FindSnapshot(idOrName) ?? throw new SnapshotNotFoundException(idOrName, Path));
 
     private Qcow2Snapshot ToPublic(SnapshotEntry s) => new()
     {

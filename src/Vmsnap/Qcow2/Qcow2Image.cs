@@ -32,7 +32,7 @@ public sealed partial class Qcow2Image : IDisposable
             string resolved = System.IO.Path.IsPathRooted(backing)
                 ? backing
                 : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? ".", backing);
-            if (!File.Exists(resolved)) throw new VmsnapException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
+            if (!File.Exists(resolved)) throw new OperationRefusedException($"backing file '{backing}' of '{path}' does not exist ({resolved})");
         }
         var device = OpenLocked(path, new FileBlockDeviceOptions { Create = true, Exclusive = options.FailIfExists, Lock = ImageLockMode.Write });
         var image = new Qcow2Image(Qcow2Engine.Create(device, path, virtualSize, options, ownsDevice: true));
@@ -49,7 +49,7 @@ public sealed partial class Qcow2Image : IDisposable
     /// </summary>
     /// <param name="path">The image file.</param>
     /// <param name="options">Read-only, O_DIRECT, backing file handling; default: read and write, backing chain opened.</param>
-    /// <exception cref="ImageLockedException">Another process holds the image in a conflicting way (a running QEMU, say).</exception>
+    /// <exception cref="ImageInUseException">Another process holds the image in a conflicting way (a running QEMU, say).</exception>
     public static Qcow2Image Open(string path, Qcow2OpenOptions? options = null)
     {
         options ??= new Qcow2OpenOptions();
@@ -73,7 +73,7 @@ public sealed partial class Qcow2Image : IDisposable
             {
                 return FileBlockDevice.Open(path, options);
             }
-            catch (ImageLockedException) when (attempt < 10)
+            catch (ImageInUseException) when (attempt < 10)
             {
                 Thread.Sleep(20);
             }
@@ -212,6 +212,26 @@ public sealed partial class Qcow2Image : IDisposable
     /// result together with the numbers repaired, as qemu-img does.
     /// </summary>
     public Qcow2CheckResult Check(Qcow2RepairMode repair = Qcow2RepairMode.None) => Run(() => Engine.Check(repair));
+
+    /// <summary>
+    /// Opens the image at <paramref name="path"/> the way <c>qemu-img check</c> does and checks it: the
+    /// snapshot table and what only the check judges (tables past the end of the file, no refcount
+    /// table) do not refuse the open but are reported, and a dirty image is not repaired first.
+    /// </summary>
+    /// <param name="path">The image file.</param>
+    /// <param name="repair">What to repair; anything but <see cref="Qcow2RepairMode.None"/> opens the image for writing.</param>
+    /// <param name="forceShare">Check an image another process may be writing (read-only checks only, like qemu-img's <c>--force-share</c>).</param>
+    /// <exception cref="ArgumentException"><paramref name="forceShare"/> with a repair.</exception>
+    /// <exception cref="ImageInUseException">Another process holds the image in a conflicting way.</exception>
+    public static Qcow2CheckResult Check(string path, Qcow2RepairMode repair = Qcow2RepairMode.None, bool forceShare = false)
+    {
+        if (forceShare && repair != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
+        var options = repair == Qcow2RepairMode.None
+            ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = forceShare, OpenBackingFile = false, ForCheck = true }
+            : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };
+        using Qcow2Image image = Open(path, options);
+        return image.Check(repair);
+    }
 
     /// <summary>Flushes and closes the image (and its backing chain).</summary>
     public void Dispose() => Engine.Dispose();

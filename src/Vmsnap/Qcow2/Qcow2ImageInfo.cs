@@ -84,7 +84,7 @@ public sealed record Qcow2BitmapInfo
 }
 
 /// <summary>
-/// Result of <see cref="Qcow2Image.Check"/>, counted the way <c>qemu-img check</c> counts: the same
+/// Result of <see cref="Qcow2Image.Check(Qcow2RepairMode)"/>, counted the way <c>qemu-img check</c> counts: the same
 /// image gives the same numbers.
 /// </summary>
 public sealed record Qcow2CheckResult

@@ -73,7 +73,7 @@ public sealed record Qcow2OpenOptions
     internal bool SkipDirtyRepair { get; init; }
 
     /// <summary>
-    /// Open for <see cref="Qcow2Image.Check"/> only, the way qemu-img check opens: the snapshot table
+    /// Open for <see cref="Qcow2Image.Check(Qcow2RepairMode)"/> only, the way qemu-img check opens: the snapshot table
     /// is not read (the check reads it and reports what is wrong with it), and what only the check
     /// judges (tables past the end of the file, no refcount table) does not refuse the open; no dirty
     /// repair. Nothing but Check may be called on such an image.

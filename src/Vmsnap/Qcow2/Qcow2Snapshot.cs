@@ -46,7 +46,7 @@ public sealed record Qcow2SnapshotCreateOptions
 {
     /// <summary>
     /// Bytes of VM state the snapshot keeps: what was written through
-    /// <see cref="Qcow2Image.OpenVmStateForWriting"/> from offset 0. 0 (the default) makes a disk-only snapshot.
+    /// <see cref="Qcow2Image.OpenVmStateAreaForWriting"/> from offset 0. 0 (the default) makes a disk-only snapshot.
     /// </summary>
     public long VmStateSize { get; init; }
 
@@ -58,24 +58,4 @@ public sealed record Qcow2SnapshotCreateOptions
 
     /// <summary>Record/replay instruction count; -1 (the default) means icount was not in use, as QEMU's savevm records it.</summary>
     public long Icount { get; init; } = -1;
-}
-
-/// <summary>No snapshot of the image has the ID or name asked for.</summary>
-public sealed class Qcow2SnapshotNotFoundException : VmsnapException
-{
-    /// <summary>Creates the error.</summary>
-    /// <param name="idOrName">The ID or name that was looked up.</param>
-    /// <param name="image">The image's path.</param>
-    public Qcow2SnapshotNotFoundException(string idOrName, string image)
-        : base($"'{image}' has no snapshot with ID or name '{idOrName}'")
-    {
-        IdOrName = idOrName;
-        Image = image;
-    }
-
-    /// <summary>The ID or name that was looked up.</summary>
-    public string IdOrName { get; }
-
-    /// <summary>The image's path.</summary>
-    public string Image { get; }
 }

@@ -5,10 +5,10 @@ namespace Vmsnap.Qcow2;
 /// <summary>
 /// The VM-state area of a qcow2 image as a block device: offset 0 is the first byte of the VM
 /// state, which qcow2 keeps in the image's guest address space right after the virtual disk.
-/// Opened for writing (<see cref="Qcow2Image.OpenVmStateForWriting"/>) it is what a save writes the
+/// Opened for writing (<see cref="Qcow2Image.OpenVmStateAreaForWriting"/>) it is what a save writes the
 /// migration stream into before <see cref="Qcow2Image.CreateSnapshot"/> takes it over, kept apart
 /// from the image's metadata until then; opened for reading
-/// (<see cref="Qcow2Image.OpenVmStateForReading(Qcow2Snapshot)"/>) it maps through a snapshot's L1
+/// (<see cref="Qcow2Image.OpenVmStateAreaForReading(Qcow2Snapshot)"/>) it maps through a snapshot's L1
 /// table and is exactly the snapshot's VM-state size long.
 /// </summary>
 /// <remarks>
@@ -25,24 +25,24 @@ namespace Vmsnap.Qcow2;
 public sealed class Qcow2VmStateArea : IBlockDevice
 {
     private readonly Qcow2Engine _engine;
-    private readonly VmStateAllocation? _writer;
+    private readonly VmStateAllocation? _allocation;
     private readonly L1Table? _snapshotL1;
     private readonly long _start;
     private readonly long _readLength;
     private bool _disposed;
 
-    private Qcow2VmStateArea(Qcow2Engine engine, VmStateAllocation? writer, L1Table? snapshotL1, long start, long readLength, Qcow2Snapshot? snapshot)
+    private Qcow2VmStateArea(Qcow2Engine engine, VmStateAllocation? allocation, L1Table? snapshotL1, long start, long readLength, Qcow2Snapshot? snapshot)
     {
         _engine = engine;
-        _writer = writer;
+        _allocation = allocation;
         _snapshotL1 = snapshotL1;
         _start = start;
         _readLength = readLength;
         Snapshot = snapshot;
     }
 
-    internal static Qcow2VmStateArea ForWriting(Qcow2Engine engine, VmStateAllocation writer) =>
-        new(engine, writer, null, writer.Start, 0, null);
+    internal static Qcow2VmStateArea ForWriting(Qcow2Engine engine, VmStateAllocation allocation) =>
+        new(engine, allocation, null, allocation.Start, 0, null);
 
     internal static Qcow2VmStateArea ForReading(Qcow2Engine engine, L1Table l1, long start, Qcow2Snapshot snapshot, long? readLength = null) =>
         new(engine, null, l1, start, readLength ?? snapshot.VmStateSize, snapshot);
@@ -58,26 +58,26 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     {
         get
         {
-            if (_writer is null) return _readLength;
-            lock (_engine.SyncRoot) return _writer.Length;
+            if (_allocation is null) return _readLength;
+            lock (_engine.SyncRoot) return _allocation.Length;
         }
     }
 
     /// <inheritdoc/>
-    public bool IsReadOnly => _writer is null;
+    public bool IsReadOnly => _allocation is null;
 
     /// <inheritdoc/>
     public int Alignment => _engine.Device.Alignment;
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
-    private VmStateAllocation Writer()
+    private VmStateAllocation Allocation()
     {
         ThrowIfDisposed();
-        if (_writer is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.Path}' is open for reading only");
-        if (_writer.CapturedBy is { } snapshot)
-            throw new VmsnapException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
-        return _writer;
+        if (_allocation is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.Path}' is open for reading only");
+        if (_allocation.CapturedBy is { } snapshot)
+            throw new OperationRefusedException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
+        return _allocation;
     }
 
     /// <inheritdoc/>
@@ -90,7 +90,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         int n = (int)Math.Min(buffer.Length, length - offset);
         try
         {
-            if (_writer is not null) _engine.ReadVmState(_writer, buffer[..n], offset);
+            if (_allocation is not null) _engine.ReadVmState(_allocation, buffer[..n], offset);
             else _engine.ReadGuest(buffer[..n], _start + offset, _snapshotL1);
         }
         catch (Exception e) when (_engine.NoteFailure(e))
@@ -111,8 +111,8 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     public void Write(ReadOnlySpan<byte> buffer, long offset)
     {
         if (buffer.IsEmpty) return;
-        VmStateAllocation writer = Writer();
-        List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        VmStateAllocation allocation = Allocation();
+        List<(long Host, int DataOffset, int Length)> segments = Map(allocation, offset, buffer.Length);
         try
         {
             foreach ((long host, int at, int n) in segments) _engine.Device.Write(buffer.Slice(at, n), host);
@@ -123,7 +123,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         }
         finally
         {
-            writer.EndWrite();
+            allocation.EndWrite();
         }
     }
 
@@ -132,8 +132,8 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     {
         cancellationToken.ThrowIfCancellationRequested();
         if (buffer.IsEmpty) return;
-        VmStateAllocation writer = Writer();
-        List<(long Host, int DataOffset, int Length)> segments = Map(writer, offset, buffer.Length);
+        VmStateAllocation allocation = Allocation();
+        List<(long Host, int DataOffset, int Length)> segments = Map(allocation, offset, buffer.Length);
         // The write ends (for Flush, Discard and snapshot operations waiting on it) only when every
         // segment issued has completed, also when issuing a later one throws.
         var issued = new List<Task>(segments.Count);
@@ -146,7 +146,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         {
             _engine.NoteFailure(e);
             await WhenAllQuietly(issued).ConfigureAwait(false);
-            writer.EndWrite();
+            allocation.EndWrite();
             throw;
         }
         try
@@ -159,7 +159,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         }
         finally
         {
-            writer.EndWrite();
+            allocation.EndWrite();
         }
     }
 
@@ -178,7 +178,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         }
     }
 
-    private List<(long Host, int DataOffset, int Length)> Map(VmStateAllocation writer, long offset, int length)
+    private List<(long Host, int DataOffset, int Length)> Map(VmStateAllocation allocation, long offset, int length)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(offset);
         if (offset > ClusterGeometry.MaxGuestOffset - _start - length)
@@ -186,17 +186,17 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         lock (_engine.SyncRoot)
         {
             _engine.ThrowIfDisposed();
-            if (writer.CapturedBy is not null) Writer();   // throws
+            if (allocation.CapturedBy is not null) Allocation();   // throws
             List<(long Host, int DataOffset, int Length)> segments;
             try
             {
-                segments = _engine.MapVmState(writer, offset, length);
+                segments = _engine.MapVmState(allocation, offset, length);
             }
             catch (Exception e) when (_engine.NoteFailure(e))
             {
                 throw;
             }
-            writer.BeginWrite();   // under the lock: a snapshot operation waits for it
+            allocation.BeginWrite();   // under the lock: a snapshot operation waits for it
             return segments;
         }
     }
@@ -205,10 +205,10 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     public void Flush()
     {
         ThrowIfDisposed();
-        if (_writer is null || _writer.CapturedBy is not null) return;
+        if (_allocation is null || _allocation.CapturedBy is not null) return;
         try
         {
-            _engine.FlushVmState(_writer);
+            _engine.FlushVmState(_allocation);
         }
         catch (Exception e) when (_engine.NoteFailure(e))
         {
@@ -222,11 +222,11 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     /// </summary>
     public void SetLength(long length)
     {
-        VmStateAllocation writer = Writer();
+        VmStateAllocation allocation = Allocation();
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         long current = Length;
         if (length < current) Discard(length, current - length);
-        lock (_engine.SyncRoot) writer.Length = length;
+        lock (_engine.SyncRoot) allocation.Length = length;
     }
 
     /// <summary>
@@ -236,13 +236,13 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     /// </summary>
     public void Discard(long offset, long length)
     {
-        VmStateAllocation writer = Writer();
+        VmStateAllocation allocation = Allocation();
         ArgumentOutOfRangeException.ThrowIfNegative(offset);
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         if (length == 0) return;
         try
         {
-            _engine.DiscardVmState(writer, offset, length);
+            _engine.DiscardVmState(allocation, offset, length);
         }
         catch (Exception e) when (_engine.NoteFailure(e))
         {
@@ -258,7 +258,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     {
         if (_disposed) return;
         _disposed = true;
-        if (_writer is not null) _engine.CloseVmStateWriter(_writer);
+        if (_allocation is not null) _engine.CloseVmStateWriter(_allocation);
         else _engine.CloseVmStateReader(_snapshotL1!.Offset);
     }
 }

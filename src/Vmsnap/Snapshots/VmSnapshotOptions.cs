@@ -27,6 +27,13 @@ public sealed record VmSnapshotOptions
     /// </summary>
     public bool MappedRam { get; init; }
 
+    /// <summary>
+    /// Load: write RAM files that exist with the block's length in place (see <see cref="Migration.RamFileSink.WriteInPlace"/>),
+    /// for a file another process maps; a load that fails then leaves them partly written. Default false: each
+    /// file is replaced only once the load is complete.
+    /// </summary>
+    public bool RamInPlace { get; init; }
+
     internal VmStateWriterOptions WriterOptions()
     {
         var o = new VmStateWriterOptions { Mode = Mode };

@@ -21,7 +21,11 @@ public static class VmSnapshots
     private const int ReadBufferSize = 4 << 20;
 
     /// <summary>Saves a machine (RAM from files, device state from a template or none) as a new snapshot <paramref name="name"/>.</summary>
-    /// <exception cref="VmsnapException">The name is taken, the image is in use or damaged, the input is wrong, or the write failed; nothing was changed.</exception>
+    /// <exception cref="SnapshotExistsException">The name is taken (or is another snapshot's ID); nothing was changed.</exception>
+    /// <exception cref="ImageInUseException">A running QEMU (or another process) holds the image; nothing was changed.</exception>
+    /// <exception cref="OperationRefusedException">No name, or the image cannot take a snapshot now; nothing was changed.</exception>
+    /// <exception cref="VmsnapException">The image is damaged (<see cref="Qcow2FormatException"/>), the input is wrong
+    /// (<see cref="MigrationStreamException"/>) or the write failed (<see cref="VmStateException"/>, <see cref="StorageException"/>); nothing was changed.</exception>
     public static VmSnapshotResult Save(string imagePath, string name, MachineProfile profile, VmSnapshotOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
@@ -29,11 +33,6 @@ public static class VmSnapshots
         return WriteSnapshot(imagePath, name, options ?? new(),
             writer => MigrationStream.Write(writer, profile, ramBytesDone, cancellationToken));
     }
-
-    /// <summary>As Save, with the VM-state area's backend wrapped (fault injection in tests).</summary>
-    internal static VmSnapshotResult SaveThrough(string imagePath, string name, MachineProfile profile, VmSnapshotOptions options,
-        Func<VmStateBackend, VmStateBackend> wrapBackend, CancellationToken cancellationToken = default) =>
-        WriteSnapshot(imagePath, name, options, writer => MigrationStream.Write(writer, profile, null, cancellationToken), wrapBackend);
 
     /// <summary>
     /// Makes a snapshot from a migration stream (e.g. written by QEMU's <c>migrate "exec:cat &gt; FILE"</c>), copied
@@ -75,14 +74,16 @@ public static class VmSnapshots
     /// Loads snapshot <paramref name="snapshot"/>'s RAM into files, one per RAM block (ID to path); files are
     /// created if missing and left sparse where pages are zero. Block names and lengths are checked.
     /// </summary>
-    /// <exception cref="VmsnapException">No such snapshot, it has no VM state, the stream is damaged, or a block does not match.</exception>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="OperationRefusedException">The snapshot has no VM state (a disk-only snapshot).</exception>
+    /// <exception cref="MigrationStreamException">The stream is damaged, or a RAM block does not match its file.</exception>
     public static VmSnapshotResult Load(string imagePath, string snapshot, IEnumerable<KeyValuePair<string, string>> ramFiles,
         VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(ramFiles);
         return ReadSnapshot(imagePath, snapshot, options ?? new(), (reader, length) =>
         {
-            using var sink = new RamFileSink(ramFiles);
+            using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
             return (MigrationStream.Parse(reader, length, sink, null, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
         });
     }
@@ -91,15 +92,15 @@ public static class VmSnapshots
     /// Loads the RAM of a migration stream file (plain, or QEMU's mapped-ram <c>file:</c> format) into files, one per
     /// RAM block, as <see cref="Load"/> does for a snapshot.
     /// </summary>
-    /// <exception cref="VmsnapException">The stream is damaged or not one vmsnap reads, or a block does not match.</exception>
+    /// <exception cref="MigrationStreamException">The stream is damaged or not one vmsnap reads, or a RAM block does not match its file.</exception>
     public static MigrationStreamInfo LoadStream(string source, IEnumerable<KeyValuePair<string, string>> ramFiles,
-        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+        VmSnapshotOptions? options = null, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(ramFiles);
         using var file = FileBlockDevice.Open(source);
         using var backend = VmStateBackend.ForBlockDevice(file);
         using var reader = new VmStateReader(backend, ReadBufferSize);
-        using var sink = new RamFileSink(ramFiles);
+        using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
         return MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken);
     }
 
@@ -145,7 +146,7 @@ public static class VmSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         options ??= new();
-        if (options.MappedRam) throw new VmsnapException("a mapped-ram file is laid out by offset: export it to a file, not a pipe");
+        if (options.MappedRam) throw new OperationRefusedException("a mapped-ram file is laid out by offset: export it to a file, not a pipe");
         return ReadSnapshot(imagePath, snapshot, options, (reader, length) =>
         {
             using var backend = VmStateBackend.ForStream(destination, leaveOpen: true);
@@ -185,12 +186,13 @@ public static class VmSnapshots
     /// <summary>
     /// The save path shared by save and import: stream into the active VM-state area, make it durable, then
     /// create the snapshot; on any failure free what was written so the image is as it was.
+    /// <paramref name="wrapBackend"/> wraps the area's backend (the tests' fault injection).
     /// </summary>
-    private static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
+    internal static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
         Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
     {
-        if (string.IsNullOrEmpty(name)) throw new VmsnapException("a snapshot needs a name (--name TAG)");
-        if (options.ForceShare) throw new VmsnapException("--force-share is only for reading; a save writes the image");
+        if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (--name TAG)");
+        if (options.ForceShare) throw new OperationRefusedException("--force-share is only for reading; a save writes the image");
         var clock = Stopwatch.StartNew();
         Qcow2Image image = OpenImage(imagePath, writable: true, options);
         VmSnapshotResult result;
@@ -224,14 +226,14 @@ public static class VmSnapshots
         }
         catch (ArgumentException e)
         {
-            throw new VmsnapException($"'{imagePath}': {e.Message}");
+            throw new OperationRefusedException($"'{imagePath}': {e.Message}", e);
         }
         if (image.FindSnapshot(name) is { } existing)
-            throw new VmsnapException(existing.Name == name
+            throw new SnapshotExistsException(name, existing.Id, imagePath, existing.Name == name
                 ? $"'{imagePath}' already has a snapshot named '{name}' (ID {existing.Id}); delete it first or choose another name"
                 : $"'{imagePath}' already has a snapshot with ID '{name}' (named '{existing.Name}'); a name equal to another snapshot's ID would make lookups ambiguous: choose another name");
 
-        using var area = image.OpenVmStateForWriting();
+        using var area = image.OpenVmStateAreaForWriting();
         bool committed = false;
         try
         {
@@ -282,10 +284,10 @@ public static class VmSnapshots
         var clock = Stopwatch.StartNew();
         using Qcow2Image image = OpenImage(imagePath, writable: false, options);
         var snapshot = image.FindSnapshot(snapshotName)
-            ?? throw new VmsnapException($"'{imagePath}' has no snapshot with ID or name '{snapshotName}'");
+            ?? throw new SnapshotNotFoundException(snapshotName, imagePath);
         if (snapshot.VmStateSize == 0)
-            throw new VmsnapException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
-        using var area = image.OpenVmStateForReading(snapshot, wholeArea: true);
+            throw new OperationRefusedException($"snapshot '{snapshot.Name}' (ID {snapshot.Id}) of '{imagePath}' has no VM state (it is a disk-only snapshot)");
+        using var area = image.OpenVmStateAreaForReading(snapshot, wholeArea: true);
         using var backend = VmStateBackend.ForBlockDevice(area);
         using var reader = new VmStateReader(backend, ReadBufferSize);
         var (info, mode) = consume(reader, snapshot.VmStateSize);

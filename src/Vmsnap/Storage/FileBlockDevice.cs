@@ -3,7 +3,7 @@ using Microsoft.Win32.SafeHandles;
 namespace Vmsnap.Storage;
 
 /// <summary>How to open a <see cref="FileBlockDevice"/>.</summary>
-public sealed record FileBlockDeviceOptions
+internal sealed record FileBlockDeviceOptions
 {
     /// <summary>Open for reading and writing (default: read-only).</summary>
     public bool Writable { get; init; }
@@ -28,11 +28,19 @@ public sealed record FileBlockDeviceOptions
 }
 
 /// <summary>A regular file (or block device node) as an <see cref="IBlockDevice"/>: pread/pwrite, fdatasync, hole punching, optional O_DIRECT.</summary>
-public sealed class FileBlockDevice : IBlockDevice
+internal sealed class FileBlockDevice : IBlockDevice
 {
     private readonly SafeFileHandle _handle;
     private readonly SafeFileHandle? _direct;
     private readonly int _alignment;
+
+    /// <summary>
+    /// Called before every mutating operation (write, flush, resize, discard, preallocation) of a writable
+    /// file device, process-wide; null, and so free, unless a test sets it. The kill tests set it from a .NET
+    /// startup hook they load into a real vmsnap process (tests/Vmsnap.Tests/Snapshots/KillHook.cs), to stop
+    /// the process before its Nth such operation and kill it exactly there.
+    /// </summary>
+    internal static Action? BeforeMutatingIo;
 
     private FileBlockDevice(string path, SafeFileHandle handle, SafeFileHandle? direct, bool readOnly, int alignment)
     {
@@ -109,7 +117,7 @@ public sealed class FileBlockDevice : IBlockDevice
     public void Write(ReadOnlySpan<byte> buffer, long offset)
     {
         ThrowIfReadOnly();
-        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        BeforeMutatingIo?.Invoke();
         try
         {
             RandomAccess.Write(Pick(buffer, offset), buffer, offset);
@@ -132,14 +140,14 @@ public sealed class FileBlockDevice : IBlockDevice
     {
         ThrowIfReadOnly();
         cancellationToken.ThrowIfCancellationRequested();
-        return BlockingIo.Run(() => Write(buffer.Span, offset));   // counted by Write (kill-test hook)
+        return BlockingIo.Run(() => Write(buffer.Span, offset));   // counted by Write (BeforeMutatingIo)
     }
 
     /// <inheritdoc/>
     public void Flush()
     {
         if (IsReadOnly) return;
-        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        BeforeMutatingIo?.Invoke();
         NativeFile.DataSync(_handle, Path);
     }
 
@@ -147,7 +155,7 @@ public sealed class FileBlockDevice : IBlockDevice
     public void SetLength(long length)
     {
         ThrowIfReadOnly();
-        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        BeforeMutatingIo?.Invoke();
         try
         {
             RandomAccess.SetLength(_handle, length);
@@ -170,7 +178,7 @@ public sealed class FileBlockDevice : IBlockDevice
         if (length <= 0) return;
         long end = Math.Min(offset + length, Length);
         if (end <= offset) return;
-        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        BeforeMutatingIo?.Invoke();
         if (NativeFile.PunchHole(_handle, offset, end - offset, Path)) return;
         // No hole punching here: zero the range so it still reads back as zeroes.
         byte[] zeros = new byte[(int)Math.Min(end - offset, 1 << 20)];
@@ -187,7 +195,7 @@ public sealed class FileBlockDevice : IBlockDevice
     {
         ThrowIfReadOnly();
         if (length <= 0) return false;
-        if (TestKillHook.Enabled) TestKillHook.BeforeIo();
+        BeforeMutatingIo?.Invoke();
         return NativeFile.Allocate(_handle, offset, length, Path);
     }
 

@@ -3,7 +3,7 @@ using Microsoft.Win32.SafeHandles;
 namespace Vmsnap.Storage;
 
 /// <summary>How a file is locked against other users, the way QEMU locks its images.</summary>
-public enum ImageLockMode
+internal enum ImageLockMode
 {
     /// <summary>No locks taken or checked.</summary>
     None,
@@ -16,13 +16,6 @@ public enum ImageLockMode
 
     /// <summary>Read and write, forbidding other writers (like a running QEMU's drive): fails if anyone else reads consistently with write or writes.</summary>
     Write,
-}
-
-/// <summary>The image is in use by another process (a running QEMU, say) in a way that conflicts with what was asked.</summary>
-public sealed class ImageLockedException : VmsnapException
-{
-    /// <summary>Creates the error.</summary>
-    public ImageLockedException(string message) : base(message) { }
 }
 
 /// <summary>
@@ -75,10 +68,10 @@ internal static class ImageLock
         }
     }
 
-    private static ImageLockedException Conflict(SafeFileHandle handle, string path, string why)
+    private static ImageInUseException Conflict(SafeFileHandle handle, string path, string why)
     {
         NativeFile.TrySetOfdLock(handle, PermBase, 4, NativeFile.LockKind.Unlock);
         NativeFile.TrySetOfdLock(handle, SharedBase, 4, NativeFile.LockKind.Unlock);
-        return new ImageLockedException($"'{path}' is in use: {why} (is a QEMU process using the image?)");
+        return new ImageInUseException($"'{path}' is in use: {why} (is a QEMU process using the image?)");
     }
 }

@@ -105,47 +105,6 @@ internal static partial class NativeFile
         return l.Type != (short)LockKind.Unlock;
     }
 
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int poll(ref PollFd fd, nuint count, int timeoutMs);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static unsafe partial nint read(int fd, byte* buffer, nuint count);
-
-    [StructLayout(LayoutKind.Sequential)]
-    private struct PollFd
-    {
-        public int Fd;
-        public short Events;
-        public short Revents;
-    }
-
-    private const short POLLIN = 1;
-
-    /// <summary>
-    /// Waits up to <paramref name="timeoutMs"/> for a descriptor (a pipe, socket or terminal) to have
-    /// something to read, end of file or an error included: true when a read would not block.
-    /// </summary>
-    internal static bool WaitReadable(SafeFileHandle handle, int timeoutMs, string what)
-    {
-        var fd = new PollFd { Fd = Fd(handle), Events = POLLIN };
-        int rc = poll(ref fd, 1, timeoutMs);
-        if (rc >= 0) return rc > 0;
-        int errno = Marshal.GetLastPInvokeError();
-        if (errno == EINTR) return false;
-        throw Error("poll", what, errno);
-    }
-
-    /// <summary>One read(2) of a descriptor: the bytes read, 0 at end of file, -1 when it would block (a non-blocking descriptor) or was interrupted.</summary>
-    internal static unsafe int ReadOnce(SafeFileHandle handle, Span<byte> buffer, string what)
-    {
-        nint n;
-        fixed (byte* p = buffer) n = read(Fd(handle), p, (nuint)buffer.Length);
-        if (n >= 0) return (int)n;
-        int errno = Marshal.GetLastPInvokeError();
-        if (errno is EINTR or EAGAIN) return -1;
-        throw Error("read", what, errno);
-    }
-
     private static int Fd(SafeFileHandle handle) => (int)handle.DangerousGetHandle();
 
     private static StorageException Error(string call, string path, int errno = -1)

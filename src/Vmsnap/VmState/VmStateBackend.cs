@@ -81,9 +81,6 @@ public abstract class VmStateBackend : IDisposable
         return new StreamBackend(new NetworkStream(socket, ownsSocket), leaveOpen: false);
     }
 
-    /// <summary>An in-memory backend (tests, small streams), optionally holding <paramref name="initial"/> to read.</summary>
-    public static MemoryVmStateBackend InMemory(ReadOnlySpan<byte> initial = default) => new(initial);
-
     /// <inheritdoc/>
     public void Dispose()
     {

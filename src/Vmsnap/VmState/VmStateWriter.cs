@@ -257,10 +257,3 @@ public enum VmStateWriteMode
     /// <summary>K aligned buffers of B bytes, every byte copied, asynchronous positional writes (block targets).</summary>
     Buffered,
 }
-
-/// <summary>A VM-state file error: a failed write, or a stream that ended early (the message gives the offset).</summary>
-public class VmStateException : VmsnapException
-{
-    /// <summary>Creates the error.</summary>
-    public VmStateException(string message, Exception? inner = null) : base(message, inner) { }
-}

@@ -63,7 +63,7 @@ public sealed class FuzzRegressionTests
         byte[] bytes = File.ReadAllBytes(image);
         long before = GC.GetAllocatedBytesForCurrentThread();
         Qcow2CheckResult result;
-        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (var device = new MemoryBlockDevice(bytes) { IsReadOnly = true })
         using (Qcow2Image img = Qcow2Image.Open(device, "far.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
             result = img.Check();
         long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
@@ -94,12 +94,12 @@ public sealed class FuzzRegressionTests
         Assert.Contains("\"name\": \"s\"", Tool.QemuImg("info", "--output=json", image));   // QEMU still reads the table
 
         byte[] bytes = File.ReadAllBytes(image);
-        using (var device = new Vmsnap.Storage.MemoryBlockDevice(bytes) { IsReadOnly = true })
+        using (var device = new MemoryBlockDevice(bytes) { IsReadOnly = true })
         using (Qcow2Image img = Qcow2Image.Open(device, "disk-size.qcow2", new Qcow2OpenOptions { ReadOnly = true }))
         {
             Qcow2Snapshot snapshot = Assert.Single(img.Snapshots);
             Assert.Equal(4096, snapshot.VmStateSize);
-            var e = Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateForReading(snapshot));
+            var e = Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateAreaForReading(snapshot));
             Assert.Contains($"disk size {0xff00_0000_0200_0000UL}", e.Message);
         }
         Assert.IsType<Qcow2FormatException>(FuzzTargets.Run("qcow2", bytes, dir.Path));

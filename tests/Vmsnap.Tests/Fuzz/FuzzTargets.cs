@@ -4,6 +4,7 @@ using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 using Vmsnap.VmState;
+using Vmsnap.Tests;
 
 namespace Vmsnap.Fuzz;
 
@@ -66,7 +67,7 @@ internal static class FuzzTargets
         foreach (Qcow2Snapshot snapshot in image.Snapshots.Take(4))
         {
             if (snapshot.VmStateSize == 0) continue;
-            using Qcow2VmStateArea area = image.OpenVmStateForReading(snapshot);
+            using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(snapshot);
             if (snapshot.VmStateSize > WholeVmState)
             {
                 area.Read(buffer, 0);
@@ -100,7 +101,7 @@ internal static class FuzzTargets
         using (var pipe = new MemoryStream(input, writable: false))
         using (var backend = VmStateBackend.ForStream(pipe))
         using (var reader = new VmStateReader(backend, 4096))
-        using (var copyTarget = VmStateBackend.InMemory())
+        using (var copyTarget = new MemoryVmStateBackend())
         using (var writer = new VmStateWriter(copyTarget))
         {
             MigrationStream.Copy(reader, writer);

@@ -65,7 +65,7 @@ public class LinkedVmStateTests
             Qcow2Snapshot s = img.FindSnapshot("live")!;
             Assert.Equal(state.Length, s.VmStateSize);
             Assert.Equal(12345, s.VmClock);
-            using Qcow2VmStateArea area = img.OpenVmStateForReading(s);
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForReading(s);
             byte[] back = new byte[state.Length];
             Assert.Equal(state.Length, area.Read(back, 0));
             Assert.Equal(state, back);
@@ -96,7 +96,7 @@ public class LinkedVmStateTests
             string? problem = img.CheckVmStateRegion(used - 65536, 1 << 20, 0);
             Assert.NotNull(problem);
             Assert.Contains("refcount", problem);
-            var e = Assert.Throws<VmsnapException>(() => img.LinkVmStateRegion(used - 65536, 1 << 20, 0));
+            var e = Assert.Throws<OperationRefusedException>(() => img.LinkVmStateRegion(used - 65536, 1 << 20, 0));
             Assert.Contains("cannot be linked", e.Message);
             // Room needed below it for refcount blocks reaches into the used clusters.
             Assert.NotNull(img.CheckVmStateRegion(offset, 1 << 20, offset - used + 65536));
@@ -117,7 +117,7 @@ public class LinkedVmStateTests
         using (Qcow2Image img = Qcow2Image.Open(image))
         {
             // A save that never made its snapshot: its VM state stays mapped in the active L1 table.
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(Random(3 << 20, 5), 0);
             area.Flush();
         }
@@ -129,7 +129,7 @@ public class LinkedVmStateTests
         {
             img.LinkVmStateRegion(offset, state.Length, 4 << 16);
             img.CreateSnapshot("s", new Qcow2SnapshotCreateOptions { VmStateSize = state.Length });
-            using Qcow2VmStateArea area = img.OpenVmStateForReading("s");
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForReading("s");
             byte[] back = new byte[state.Length];
             area.Read(back, 0);
             Assert.Equal(state, back);

@@ -78,7 +78,7 @@ internal static class LiveKit
     public static string VmStateHash(string image, string tag)
     {
         using var img = Vmsnap.Qcow2.Qcow2Image.Open(image, new Vmsnap.Qcow2.Qcow2OpenOptions { ForceShare = true });
-        using var area = img.OpenVmStateForReading(tag);
+        using var area = img.OpenVmStateAreaForReading(tag);
         using var hash = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
         byte[] buffer = new byte[1 << 20];
         for (long at = 0; at < area.Length; at += buffer.Length)

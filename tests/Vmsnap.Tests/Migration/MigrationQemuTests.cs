@@ -98,7 +98,7 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         {
             var progress = new List<long>();
             MigrationStreamInfo written = WriteFile(stream,
-                w => MigrationStream.WriteInParts(w, profile, partBytes, chunkBytes, new SyncProgress(progress.Add)));
+                w => TestHooks.WriteInParts(w, profile, partBytes, chunkBytes, new SyncProgress(progress.Add)));
             Assert.Equal(new FileInfo(stream).Length, written.TotalBytes);
             Assert.Equal(QemuStreams.RamBytes, progress[^1]);
             Assert.Equal(GuestRam.CountZeroPages(source), written.ZeroPages);
@@ -289,7 +289,7 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         VersionStreams qemu = streams.For(version);
         using var dir = new TempDir();
         string target = dir.File("ram0");
-        File.WriteAllBytes(target, []);   // empty: written as a new file (an existing full-size one is written in place)
+        File.WriteAllBytes(target, []);   // an existing file is replaced only once the load is complete (see RamFileSinkTests for in place)
         string before = GuestRam.Hash(target);
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         using (var sink = new RamFileSink(Ram(("ram0", target))))

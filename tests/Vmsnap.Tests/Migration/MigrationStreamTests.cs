@@ -63,7 +63,7 @@ public class MigrationStreamTests
         File.WriteAllBytes(b, b0);
 
         using var profile = MachineProfile.Create("pc", Ram(("a", a), ("b", b)), new Version(7, 2));
-        var (bytes, info) = WriteBytes(w => MigrationStream.WriteInParts(w, profile, partBytes: 4096, chunkBytes: 4096));
+        var (bytes, info) = WriteBytes(w => TestHooks.WriteInParts(w, profile, partBytes: 4096, chunkBytes: 4096));
 
         byte[] expected = new StreamBuilder()
             .Header()
@@ -243,7 +243,7 @@ public class MigrationStreamTests
         using var profile = MachineProfile.Create("none", Ram(("ram0", ram)));
         using var backend = new FailingBackend(failAfter: 100_000);
         using var writer = new VmStateWriter(backend);
-        var e = Assert.Throws<VmStateException>(() => MigrationStream.WriteInParts(writer, profile, 1 << 20, 8192));
+        var e = Assert.Throws<VmStateException>(() => TestHooks.WriteInParts(writer, profile, 1 << 20, 8192));
         Assert.Same(backend.Failure, e.InnerException);
     }
 
@@ -287,8 +287,8 @@ public class MigrationStreamTests
             int chunkBytes = 4096 * random.Next(1, 10);
 
             using var profile = MachineProfile.Create(random.Next(2) == 0 ? "none" : "pc-i440fx-7.2", Ram([.. ram]));
-            var (bytes, written) = WriteBytes(w => MigrationStream.WriteInParts(w, profile, partBytes, chunkBytes), VmStateWriteMode.Gather);
-            var (buffered, _) = WriteBytes(w => MigrationStream.WriteInParts(w, profile, partBytes, chunkBytes), VmStateWriteMode.Buffered);
+            var (bytes, written) = WriteBytes(w => TestHooks.WriteInParts(w, profile, partBytes, chunkBytes), VmStateWriteMode.Gather);
+            var (buffered, _) = WriteBytes(w => TestHooks.WriteInParts(w, profile, partBytes, chunkBytes), VmStateWriteMode.Buffered);
             Assert.Equal(bytes, buffered);
             Assert.Equal(zero, written.ZeroPages);
 

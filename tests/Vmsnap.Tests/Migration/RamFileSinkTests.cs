@@ -19,7 +19,8 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
 
         // A process that holds the file open (QEMU with share=on) sees the loaded RAM: the file was written, not replaced.
         using var held = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-        ReadInto(q.NoneStream, [("ram0", target)]);
+        using (var sink = new RamFileSink(Ram(("ram0", target))) { WriteInPlace = true })
+            ReadFile(q.NoneStream, r => MigrationStream.Read(r, sink));
 
         Assert.Equal(GuestRam.Hash(q.NoneRam), GuestRam.Hash(target));
         Assert.Equal(GuestRam.Hash(q.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
@@ -42,7 +43,7 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         using var dir = new TempDir();
         string existing = dir.File("existing"), fresh = dir.File("fresh");
         FillFile(existing, 4 * 4096, 0xff);
-        using (var sink = new RamFileSink(Ram(("a", existing))))
+        using (var sink = new RamFileSink(Ram(("a", existing))) { WriteInPlace = true })
             ReadBytes(stream, r => MigrationStream.Read(r, sink));
         using (var sink = new RamFileSink(Ram(("a", fresh))))
             ReadBytes(stream, r => MigrationStream.Read(r, sink));
@@ -79,7 +80,7 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
                 f.Write(StreamBuilder.PageOf(0xff));
             }
         }
-        using (var sink = new RamFileSink(Ram(("a", target))))
+        using (var sink = new RamFileSink(Ram(("a", target))) { WriteInPlace = true })
             ReadBytes(stream, r => MigrationStream.Read(r, sink));
 
         Assert.Equal(length, new FileInfo(target).Length);
@@ -98,7 +99,7 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
 
     [Theory]
     [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Replace_existing_loads_into_a_new_file_and_a_failed_stream_leaves_the_old_one_as_it_was(string version)
+    public void By_default_an_existing_file_is_replaced_by_a_new_one_and_a_failed_stream_leaves_it_as_it_was(string version)
     {
         VersionStreams q = qemu.For(version);
         using var dir = new TempDir();
@@ -106,11 +107,11 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         FillFile(target, QemuStreams.RamBytes, 0x3c);
         string before = GuestRam.Hash(target);
         byte[] bytes = File.ReadAllBytes(q.NoneStream);
-        using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
+        using (var sink = new RamFileSink(Ram(("ram0", target))))
             Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
         Assert.Equal(before, GuestRam.Hash(target));
 
-        using (var sink = new RamFileSink(Ram(("ram0", target))) { ReplaceExisting = true })
+        using (var sink = new RamFileSink(Ram(("ram0", target))))
             ReadBytes(bytes, r => MigrationStream.Read(r, sink));
         Assert.Equal(GuestRam.Hash(q.NoneRam), GuestRam.Hash(target));
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
@@ -125,10 +126,58 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0x3c);
         byte[] bytes = File.ReadAllBytes(q.NoneStream);
-        using (var sink = new RamFileSink(Ram(("ram0", target))))
+        using (var sink = new RamFileSink(Ram(("ram0", target))) { WriteInPlace = true })
             Assert.Throws<MigrationStreamException>(() => ReadBytes(bytes[..(bytes.Length - 100)], r => MigrationStream.Read(r, sink)));
         Assert.Equal(QemuStreams.RamBytes, new FileInfo(target).Length);
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
+    }
+
+    [Fact]
+    public void Later_copies_of_a_page_win_and_zero_records_clear_earlier_data_across_many_queued_batches()
+    {
+        // 24 MiB of pages (more batches than the sink's writer queue holds), then QEMU-style re-sends: a
+        // new copy of every third page and a zero record for every fifth one, in a later part. Loaded
+        // into an existing file full of other bytes and into a new file, both must be the last copies.
+        const int pages = 6144;
+        var random = new Random(11);
+        byte[] expected = new byte[pages * 4096L];
+        var builder = new StreamBuilder()
+            .Header().Configuration("none")
+            .Start(2).BlockList(("a", expected.Length)).EndOfRecords().Footer(2)
+            .Part(2);
+        for (int p = 0; p < pages; p++)
+        {
+            byte[] page = StreamBuilder.RandomPage(random);
+            page.CopyTo(expected, p * 4096L);
+            builder.PageRecord(p * 4096L, page, p == 0 ? "a" : null);
+        }
+        builder.EndOfRecords().Footer(2).Part(2);
+        for (int p = 0; p < pages; p++)
+        {
+            if (p % 5 == 0)
+            {
+                builder.ZeroRecord(p * 4096L, p == 0 ? "a" : null);
+                expected.AsSpan((int)(p * 4096L), 4096).Clear();
+            }
+            else if (p % 3 == 0)
+            {
+                byte[] page = StreamBuilder.RandomPage(random);
+                page.CopyTo(expected, p * 4096L);
+                builder.PageRecord(p * 4096L, page);
+            }
+        }
+        byte[] stream = builder.EndOfRecords().Footer(2).End(2).EndOfRecords().Footer(2).Tail().ToArray();
+
+        using var dir = new TempDir();
+        string existing = dir.File("existing"), fresh = dir.File("fresh");
+        FillFile(existing, expected.Length, 0x77);
+        using (var sink = new RamFileSink(Ram(("a", existing))) { WriteInPlace = true })
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+        using (var sink = new RamFileSink(Ram(("a", fresh))))
+            ReadBytes(stream, r => MigrationStream.Read(r, sink));
+
+        Assert.True(expected.AsSpan().SequenceEqual(File.ReadAllBytes(existing)), "the existing file differs from the last copies of the pages");
+        Assert.True(expected.AsSpan().SequenceEqual(File.ReadAllBytes(fresh)), "the new file differs from the last copies of the pages");
     }
 
     private static void FillFile(string path, long length, byte value)

@@ -432,7 +432,7 @@ public class CheckParityTests
                 {
                     byte[] state = new byte[300_000];
                     new Random(5).NextBytes(state);
-                    using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+                    using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
                     area.Write(state, 0);
                     area.Flush();
                     img.CreateSnapshot("vm1", new Qcow2SnapshotCreateOptions { VmStateSize = state.Length });

@@ -46,7 +46,7 @@ public sealed class EngineFailureTests
         AssertCompletes(() => Assert.True(img.Check().IsClean), "Check()");
         AssertCompletes(() => img.Write([1, 2, 3], 5 << 20), "an overlapping write");
         AssertCompletes(() => img.CreateSnapshot("after"), "a snapshot create");
-        AssertCompletes(() => img.OpenVmStateForWriting().Dispose(), "OpenVmStateForWriting");
+        AssertCompletes(() => img.OpenVmStateAreaForWriting().Dispose(), "OpenVmStateAreaForWriting");
         byte[] back = new byte[3];
         img.Read(back, 5 << 20);
         Assert.Equal(new byte[] { 1, 2, 3 }, back);
@@ -164,7 +164,7 @@ public sealed class EngineFailureTests
     {
         var device = new GatedDevice(NewImage());
         using var img = Qcow2Image.Open(device, "img");
-        using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+        using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
         byte[] cluster = Enumerable.Repeat((byte)0x5a, 4096).ToArray();
         area.Write(cluster, 4096);   // area cluster 1 first: a write of clusters 0..1 then maps to two separate host runs
 

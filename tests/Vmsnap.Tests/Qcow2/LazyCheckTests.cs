@@ -36,7 +36,7 @@ public sealed class LazyCheckTests : IDisposable
             // Found once, every later change is refused too.
             Assert.Contains("check --repair all", Assert.Throws<Qcow2FormatException>(() => img.Write([1], 40L << 20)).Message);
             Assert.Throws<Qcow2FormatException>(() => img.CreateSnapshot("s"));
-            Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateForWriting());
+            Assert.Throws<Qcow2FormatException>(() => img.OpenVmStateAreaForWriting());
         }
         Assert.Equal(hash, Qemu.Hash(image));
     }

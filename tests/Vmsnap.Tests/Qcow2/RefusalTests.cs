@@ -30,7 +30,7 @@ public sealed class RefusalTests : IDisposable
         Qemu.Io(image, "write -P 0x13 64k 64k");
         using (var img = Qcow2Image.Open(image))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(Enumerable.Repeat((byte)0x5a, 100_000).ToArray(), 0);
             area.Flush();
             img.CreateSnapshot("state", new Qcow2SnapshotCreateOptions { VmStateSize = 100_000 });
@@ -58,7 +58,7 @@ public sealed class RefusalTests : IDisposable
         ("snapshot create", i => i.CreateSnapshot("new")),
         ("snapshot delete", i => i.DeleteSnapshot("disk")),
         ("snapshot apply", i => i.ApplySnapshot("disk")),
-        ("open the VM-state area for writing", i => i.OpenVmStateForWriting().Dispose()),
+        ("open the VM-state area for writing", i => i.OpenVmStateAreaForWriting().Dispose()),
     ];
 
     [Fact]
@@ -91,7 +91,7 @@ public sealed class RefusalTests : IDisposable
         Tool.QemuImg("snapshot", "-c", "disk", overlay);
         var options = new Qcow2OpenOptions { OpenBackingFile = false };
         foreach ((string what, Action<Qcow2Image> change) in Changes)
-            Assert.Contains("backing file", AssertRefused<VmsnapException>(overlay, what, change, options).Message);
+            Assert.Contains("backing file", AssertRefused<OperationRefusedException>(overlay, what, change, options).Message);
     }
 
     [Fact]
@@ -118,29 +118,29 @@ public sealed class RefusalTests : IDisposable
         AssertRefused<ArgumentException>(image, "create without a name", i => i.CreateSnapshot(""));
         AssertRefused<ArgumentException>(image, "create with a name QEMU cannot keep", i => i.CreateSnapshot(new string('x', 256)));
         AssertRefused<ArgumentException>(image, "create with a NUL in the name", i => i.CreateSnapshot("a\0b"));
-        AssertRefused<VmsnapException>(image, "create with a name taken", i => i.CreateSnapshot("disk"));
+        AssertRefused<SnapshotExistsException>(image, "create with a name taken", i => i.CreateSnapshot("disk"));
         AssertRefused<ArgumentOutOfRangeException>(image, "create with a negative VM-state size", i => i.CreateSnapshot("n", new Qcow2SnapshotCreateOptions { VmStateSize = -1 }));
         AssertRefused<ArgumentOutOfRangeException>(image, "create with a date before 1970", i => i.CreateSnapshot("n", new Qcow2SnapshotCreateOptions { Date = new DateTimeOffset(1960, 1, 1, 0, 0, 0, TimeSpan.Zero) }));
-        AssertRefused<Qcow2SnapshotNotFoundException>(image, "delete of no snapshot", i => i.DeleteSnapshot("nosuch"));
-        AssertRefused<Qcow2SnapshotNotFoundException>(image, "apply of no snapshot", i => i.ApplySnapshot("nosuch"));
-        AssertRefused<VmsnapException>(image, "delete of a snapshot whose VM state is open", i =>
+        AssertRefused<SnapshotNotFoundException>(image, "delete of no snapshot", i => i.DeleteSnapshot("nosuch"));
+        AssertRefused<SnapshotNotFoundException>(image, "apply of no snapshot", i => i.ApplySnapshot("nosuch"));
+        AssertRefused<OperationRefusedException>(image, "delete of a snapshot whose VM state is open", i =>
         {
-            using Qcow2VmStateArea reading = i.OpenVmStateForReading("state");
+            using Qcow2VmStateArea reading = i.OpenVmStateAreaForReading("state");
             i.DeleteSnapshot("state");
         });
-        AssertRefused<VmsnapException>(image, "apply while the VM-state area is open for writing", i =>
+        AssertRefused<OperationRefusedException>(image, "apply while the VM-state area is open for writing", i =>
         {
-            using Qcow2VmStateArea writing = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea writing = i.OpenVmStateAreaForWriting();
             writing.Write(new byte[70_000], 0);
             i.ApplySnapshot("disk");
         });
-        AssertRefused<VmsnapException>(image, "a second VM-state area open for writing", i =>
+        AssertRefused<OperationRefusedException>(image, "a second VM-state area open for writing", i =>
         {
-            using Qcow2VmStateArea first = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea first = i.OpenVmStateAreaForWriting();
             first.Write(new byte[70_000], 0);
-            i.OpenVmStateForWriting();
+            i.OpenVmStateAreaForWriting();
         });
-        AssertRefused<VmsnapException>(image, "a snapshot of another disk size", i =>
+        AssertRefused<OperationRefusedException>(image, "a snapshot of another disk size", i =>
         {
             // A snapshot entry claiming another disk size (QEMU refuses to apply those too).
             i.Engine.Snapshots[0].DiskSize = 4 << 20;
@@ -158,7 +158,7 @@ public sealed class RefusalTests : IDisposable
         AssertRefused<Qcow2FormatException>(image, "create", i => i.CreateSnapshot("x"));
         AssertRefused<Qcow2FormatException>(image, "a save through the area", i =>
         {
-            using Qcow2VmStateArea area = i.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = i.OpenVmStateAreaForWriting();
             try
             {
                 area.Write(new byte[3 << 20], 0);

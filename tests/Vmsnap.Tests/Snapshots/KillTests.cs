@@ -67,7 +67,7 @@ public sealed class KillFixture : IDisposable
     public static string VmStateHash(string image, string snapshot)
     {
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
-        using Qcow2VmStateArea area = img.OpenVmStateForReading(snapshot);
+        using Qcow2VmStateArea area = img.OpenVmStateAreaForReading(snapshot);
         byte[] state = new byte[area.Length];
         area.Read(state, 0);
         return Convert.ToHexString(SHA256.HashData(state));
@@ -79,8 +79,8 @@ public sealed class KillFixture : IDisposable
 /// <summary>
 /// A real <c>vmsnap</c> process (the built tool, run as a child) killed with SIGKILL in the middle
 /// of save, import, snapshot create, delete and apply, and check --repair. Kill points are exact:
-/// the tool's test hook (<c>VMSNAP_TEST_HOOK_PAUSE_AT_IO</c>, inert unless set; see
-/// <c>Storage/TestKillHook.cs</c>) stops the process before its Nth write, flush or resize of the
+/// the test's startup hook loaded into the tool (<c>DOTNET_STARTUP_HOOKS</c> and
+/// <c>VMSNAP_TEST_HOOK_PAUSE_AT_IO</c>; see <c>KillHook.cs</c>) stops the process before its Nth write, flush or resize of the
 /// image, and the test kills it there, for N spread over every such operation of the command.
 /// After each kill: <c>qemu-img check</c> finds no error (leaks at most), the older snapshots keep
 /// their VM state (read back by vmsnap at every point, loaded by QEMU's <c>-loadvm</c> at some),
@@ -116,7 +116,8 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
         };
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"));
         foreach (string a in args) psi.ArgumentList.Add(a);
-        psi.Environment["VMSNAP_TEST_HOOK_PAUSE_AT_IO"] = pauseAt.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
+        psi.Environment[StartupHook.PauseVariable] = pauseAt.ToString(System.Globalization.CultureInfo.InvariantCulture);
         using var p = new Process { StartInfo = psi };
         var stderr = new System.Text.StringBuilder();
         using var paused = new ManualResetEventSlim();

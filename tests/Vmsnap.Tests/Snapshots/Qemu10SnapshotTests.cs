@@ -133,7 +133,7 @@ public sealed class Qemu10SnapshotTests
     private static void PlaceAsQemu102Snapshot(string image, string file, string name, long vmStateSize)
     {
         using var img = Qcow2Image.Open(image);
-        using var area = img.OpenVmStateForWriting();
+        using var area = img.OpenVmStateAreaForWriting();
         byte[] chunk = new byte[64 << 10];
         using (var f = File.OpenRead(file))
         {

@@ -4,6 +4,7 @@ using Vmsnap.Snapshots;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
 using Vmsnap.VmState;
+using Vmsnap.Tests.VmState;
 using static Vmsnap.Tests.Snapshots.VmKit;
 
 namespace Vmsnap.Tests.Snapshots;
@@ -185,7 +186,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         GuestRam.Create(ram2, RamBytes, seed: 37);
         using (var profile = MachineProfile.Create("none", [new("ram0", ram2)]))
         {
-            var e = Assert.ThrowsAny<VmsnapException>(() => VmSnapshots.SaveThrough(image, "failed", profile, new VmSnapshotOptions(),
+            var e = Assert.ThrowsAny<VmsnapException>(() => TestHooks.SaveThrough(image, "failed", profile, new VmSnapshotOptions(),
                 inner => new FaultInjectingBackend(inner) { FailAtWrite = failAt, FailAsynchronously = async, FailureErrno = errno }));
             Assert.Contains("writ", e.Message, StringComparison.OrdinalIgnoreCase);
         }

@@ -74,6 +74,30 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
 
     [Theory]
     [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    public void Load_of_a_truncated_stream_leaves_an_existing_ram_file_as_it_was_and_in_place_loads_into_the_open_file(string version)
+    {
+        using var _ = QemuInstall.Use(version);
+        VersionStreams qemu = streams.For(version);
+        using var dir = new TempDir();
+        string truncated = dir.File("truncated");
+        byte[] stream = File.ReadAllBytes(qemu.NoneStream);
+        File.WriteAllBytes(truncated, stream[..(stream.Length * 2 / 3)]);
+        string target = dir.File("ram0");
+        GuestRam.Create(target, new FileInfo(qemu.NoneRam).Length, seed: 43);
+        string before = Hash(target);
+
+        VmsnapFails(["load", truncated, "--ram", $"ram0={target}"], "migration stream offset", "ends");
+        Assert.Equal(before, Hash(target));
+        Assert.Equal(["ram0", "truncated"], Directory.GetFiles(dir.Path).Select(Path.GetFileName).Order());
+
+        // --in-place writes the file a process holds open (QEMU's memory-backend-file with share=on): it sees the RAM.
+        using var held = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        VmsnapJson("load", qemu.NoneStream, "--ram", $"ram0={target}", "--in-place", "--json");
+        Assert.Equal(Hash(qemu.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
+    }
+
+    [Theory]
+    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
     public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak(string version)
     {
         using var _ = QemuInstall.Use(version);

@@ -51,9 +51,9 @@ public class ImageLockTests
         var qemu = StartQemuHolding(image, readOnly: false);
         try
         {
-            var e = Assert.Throws<ImageLockedException>(() => FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write }));
+            var e = Assert.Throws<ImageInUseException>(() => FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write }));
             Assert.Contains("in use", e.Message);
-            Assert.Throws<ImageLockedException>(() => FileBlockDevice.Open(image, new() { Lock = ImageLockMode.Read }));
+            Assert.Throws<ImageInUseException>(() => FileBlockDevice.Open(image, new() { Lock = ImageLockMode.Read }));
             using (FileBlockDevice.Open(image, new() { Lock = ImageLockMode.ForceShare })) { }
         }
         finally { Stop(qemu); }
@@ -71,7 +71,7 @@ public class ImageLockTests
         var qemu = StartQemuHolding(image, readOnly: true);
         try
         {
-            Assert.Throws<ImageLockedException>(() => FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write }));
+            Assert.Throws<ImageInUseException>(() => FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write }));
             using (FileBlockDevice.Open(image, new() { Lock = ImageLockMode.Read })) { }
         }
         finally { Stop(qemu); }

@@ -31,12 +31,12 @@ public sealed class FaultInjectionTests
         {
             if (target == Target.Memory)
             {
-                _memory = VmStateBackend.InMemory();
+                _memory = new MemoryVmStateBackend();
                 Backend = _memory;
                 return;
             }
             _image = Qcow2Image.Create(new MemoryBlockDevice(), "fault-injection", 1 << 20, new Qcow2CreateOptions { ClusterSize = 4096 });
-            _area = _image.OpenVmStateForWriting();
+            _area = _image.OpenVmStateAreaForWriting();
             Backend = VmStateBackend.ForBlockDevice(_area);
         }
 
@@ -80,7 +80,7 @@ public sealed class FaultInjectionTests
     /// <summary>How many writes the script makes when nothing fails.</summary>
     private static int CleanWrites(VmStateWriteMode mode)
     {
-        using var backend = new FaultInjectingBackend(VmStateBackend.InMemory());
+        using var backend = new FaultInjectingBackend(new MemoryVmStateBackend());
         using var writer = new VmStateWriter(backend, Options(mode));
         WriterScript.Run(writer, WriterScript.Generate(Seed, maxOps: 60, maxLarge: 20000), checkTell: false);
         writer.Close();

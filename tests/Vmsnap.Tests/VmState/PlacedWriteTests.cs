@@ -119,7 +119,7 @@ public sealed class PlacedWriteTests
         {
             var (ops, expected) = Script(seed);
 
-            var gather = VmStateBackend.InMemory();
+            var gather = new MemoryVmStateBackend();
             using (var writer = new VmStateWriter(gather, new VmStateWriterOptions { Mode = VmStateWriteMode.Gather }))
             {
                 Run(writer, ops);

@@ -53,7 +53,7 @@ public sealed class RamPageEncoderTests
 
     private static byte[] Encode(VmStateWriteMode mode, Action<RamPageEncoder> encode, out RamPageEncoder encoder)
     {
-        using var backend = VmStateBackend.InMemory();
+        using var backend = new MemoryVmStateBackend();
         using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = mode, BufferCount = 2, BufferSize = 8192 });
         encoder = new RamPageEncoder(writer);
         encode(encoder);
@@ -117,7 +117,7 @@ public sealed class RamPageEncoderTests
     {
         byte[] pages = new byte[100 * Page];
         new Random(7).NextBytes(pages.AsSpan(0, 97 * Page));       // the last three pages are zero
-        using var backend = VmStateBackend.InMemory();
+        using var backend = new MemoryVmStateBackend();
         using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Gather });
         var encoder = new RamPageEncoder(writer);
         encoder.ResetBlock();
@@ -130,7 +130,7 @@ public sealed class RamPageEncoderTests
         Assert.True(owner.WrittenAtDispose >= endOfLastDataPage, $"freed after {owner.WrittenAtDispose} bytes were written");
 
         // Zero pages reference nothing: their owner goes at once.
-        using var backend2 = VmStateBackend.InMemory();
+        using var backend2 = new MemoryVmStateBackend();
         using var writer2 = new VmStateWriter(backend2, new VmStateWriterOptions { Mode = VmStateWriteMode.Gather });
         var zeroOwner = new TrackedOwner();
         new RamPageEncoder(writer2).EncodePages("ram0", 0, new byte[4 * Page], zeroOwner);
@@ -141,7 +141,7 @@ public sealed class RamPageEncoderTests
     [Fact]
     public void Bad_arguments_are_refused_before_anything_is_written()
     {
-        using var backend = VmStateBackend.InMemory();
+        using var backend = new MemoryVmStateBackend();
         using var writer = new VmStateWriter(backend);
         var encoder = new RamPageEncoder(writer);
         Assert.Throws<ArgumentException>(() => encoder.EncodePages("ram0", 0, new byte[Page + 1]));

@@ -17,7 +17,7 @@ public sealed class ReaderSeekTests
             var r = new Random(seed);
             byte[] bytes = WriterScript.Bytes(r, r.Next(1, 3 << 20));
             int bufferSize = 4096 * r.Next(1, 64);
-            using var reader = new VmStateReader(VmStateBackend.InMemory(bytes), bufferSize, r.Next(1, 5));
+            using var reader = new VmStateReader(new MemoryVmStateBackend(bytes), bufferSize, r.Next(1, 5));
             Assert.True(reader.CanSeek);
             for (int i = 0; i < 30; i++)
             {

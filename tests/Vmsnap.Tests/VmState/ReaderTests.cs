@@ -11,12 +11,12 @@ public sealed class ReaderTests
     /// <summary>Readers of every kind over <paramref name="bytes"/>: read-ahead on a positional backend, or sequential on a channel.</summary>
     private static VmStateReader Open(byte[] bytes, bool positional, int bufferSize, int readAhead = 4) =>
         positional
-            ? new VmStateReader(VmStateBackend.InMemory(bytes), bufferSize, readAhead)
+            ? new VmStateReader(new MemoryVmStateBackend(bytes), bufferSize, readAhead)
             : new VmStateReader(VmStateBackend.ForStream(new MemoryStream(bytes)), bufferSize);
 
     private static byte[] Write(List<WriterOp> ops)
     {
-        using var backend = VmStateBackend.InMemory();
+        using var backend = new MemoryVmStateBackend();
         using var writer = new VmStateWriter(backend);
         WriterScript.Run(writer, ops, checkTell: false);
         writer.Close();
@@ -193,7 +193,7 @@ public sealed class ReaderTests
     {
         long live = AlignedBuffer.LiveCount;
         byte[] bytes = new byte[5 * 4096];
-        var backend = new FaultInjectingBackend(VmStateBackend.InMemory(bytes)) { FailAtRead = 3 };
+        var backend = new FaultInjectingBackend(new MemoryVmStateBackend(bytes)) { FailAtRead = 3 };
         using (var reader = new VmStateReader(backend, 4096, readAhead: 1))
         {
             reader.Skip(2 * 4096);

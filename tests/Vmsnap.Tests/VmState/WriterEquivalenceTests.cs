@@ -15,7 +15,7 @@ public sealed class WriterEquivalenceTests
         Gen.Int[0, int.MaxValue].Sample(seed =>
         {
             byte[] expected = WriterScript.Reference(WriterScript.Generate(seed));
-            using var backend = VmStateBackend.InMemory();
+            using var backend = new MemoryVmStateBackend();
             List<TrackedOwner> owners;
             using (var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Gather }))
             {
@@ -84,7 +84,7 @@ public sealed class WriterEquivalenceTests
     [Fact]
     public void Gather_mode_issues_one_vectored_write_of_at_most_64_segments_per_flush_and_references_async_memory()
     {
-        var memory = VmStateBackend.InMemory();
+        var memory = new MemoryVmStateBackend();
         using var backend = new FaultInjectingBackend(memory);
         using var writer = new VmStateWriter(backend);
         byte[] page = new byte[4096];
@@ -137,7 +137,7 @@ public sealed class WriterEquivalenceTests
     public void Rate_limit_keeps_the_average_rate_at_or_below_the_limit()
     {
         // 256 KiB at 1 MiB/s: at least the time of the first 224 KiB must pass before the last write.
-        using var backend = VmStateBackend.InMemory();
+        using var backend = new MemoryVmStateBackend();
         using var writer = new VmStateWriter(backend, new VmStateWriterOptions { RateLimit = 1 << 20 });
         var clock = System.Diagnostics.Stopwatch.StartNew();
         writer.PutBuffer(new byte[256 * 1024]);

@@ -121,12 +121,12 @@ internal sealed partial class Qcow2Engine
         ThrowIfSwitchFailed();
         EnsureWritable();
         if (VmStateWriter is not null)
-            throw new VmsnapException($"'{Path}' has its VM-state area open for writing");
+            throw new OperationRefusedException($"'{Path}' has its VM-state area open for writing");
         ValidateSnapshotTable();
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         if (RegionProblem(offset, length, reserveBelow) is { } problem)
-            throw new VmsnapException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
+            throw new OperationRefusedException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
         VmStateWriter = VmStateAllocation.ForRegion(this, offset >> Geometry.ClusterBits, length);
         return true;
     });

@@ -12,10 +12,10 @@ internal sealed partial class Qcow2Engine
         ThrowIfSwitchFailed();
         EnsureWritable();
         if (VmStateWriter is not null)
-            throw new VmsnapException($"'{Path}' already has its VM-state area open for writing");
+            throw new OperationRefusedException($"'{Path}' already has its VM-state area open for writing");
         ValidateSnapshotTable();
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         var writer = new VmStateAllocation(this);
         VmStateWriter = writer;
         return Qcow2VmStateArea.ForWriting(this, writer);
@@ -53,7 +53,7 @@ internal sealed partial class Qcow2Engine
     {
         ThrowIfSwitchFailed();
         EnsureWritable();
-        if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
+        if (!ReferenceEquals(VmStateWriter, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
         return writer.Map(offset, length);
     }
 
@@ -101,7 +101,7 @@ internal sealed partial class Qcow2Engine
         {
             writer.WaitIdle();
             ThrowIfDisposed();
-            if (!ReferenceEquals(VmStateWriter, writer)) throw new VmsnapException($"the VM-state area of '{Path}' is closed");
+            if (!ReferenceEquals(VmStateWriter, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
             writer.Discard(offset, length);
             if (writer.Length == 0) GiveBackTail();
         }

@@ -23,10 +23,6 @@ internal sealed partial class Qcow2Engine
     // data write, or an old reference whose decrement failed on the device): done at the next flush.
     private readonly List<(long Offset, long Length)> _owed = [];
 
-    // Like QEMU, a clean image is trusted and checked lazily: each active L2 table is validated the
-    // first time a write uses it (entries, COPIED flags against refcounts, clusters shared inside it).
-    private readonly HashSet<long> _validatedL2 = [];
-
     // The first corruption found (by that validation, a read, a walk or a check): writes are refused from then on.
     private string? _corruption;
 
@@ -160,7 +156,7 @@ internal sealed partial class Qcow2Engine
     }
 
     /// <summary>Lowers a refcount for a reference dropped in memory; if the device fails meanwhile, the decrement is owed (not lost) and the error goes on.</summary>
-    private void FreeOrOwe(long offset, long length)
+    internal void FreeOrOwe(long offset, long length)
     {
         try
         {
@@ -467,15 +463,15 @@ internal sealed partial class Qcow2Engine
     /// corruption found since it was opened), whose backing file is open and which has no persistent
     /// bitmaps vmsnap would leave stale. Nothing is written here.
     /// </summary>
-    private void EnsureWritable()
+    internal void EnsureWritable()
     {
-        if (ReadOnly) throw new VmsnapException($"'{Path}' is open read-only");
+        if (ReadOnly) throw new OperationRefusedException($"'{Path}' is open read-only");
         ThrowIfSwitchFailed();
         if (Header.IsCorrupt)
             throw Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
                 "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
         if (Header.BackingFile is not null && Backing is null)
-            throw new VmsnapException($"'{Path}' has a backing file that was not opened; writes are refused");
+            throw new OperationRefusedException($"'{Path}' has a backing file that was not opened; writes are refused");
         if (Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0)
             throw Corrupt("bitmaps extension", null,
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
@@ -508,7 +504,7 @@ internal sealed partial class Qcow2Engine
     }
 
     /// <summary>A corruption a write would make worse: recorded, with what to do about it.</summary>
-    private Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
+    internal Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
         CorruptionFound(structure, offset, $"{problem}; a write could damage data, so vmsnap refuses it: {RepairHint}");
 
     /// <summary>Validates the active L2 tables a write of guest range [offset, offset + length) will use (each once per open).</summary>
@@ -518,7 +514,7 @@ internal sealed partial class Qcow2Engine
         for (long i = firstIndex; i <= Math.Min(lastIndex, ActiveL1.Size - 1); i++)
         {
             long l2 = L1Entry.L2Offset(ActiveL1[i]);
-            if (l2 == 0 || _validatedL2.Contains(l2)) continue;
+            if (l2 == 0 || Mapping.ValidatedL2.Contains(l2)) continue;
             ValidateL2Offset(ActiveL1, i, l2);
             ValidateActiveL2(i, L2Cache.Get(l2));
         }
@@ -531,9 +527,9 @@ internal sealed partial class Qcow2Engine
     /// the table's entries share legally (refcount high enough) are noted, to give the last one left
     /// its COPIED flag back.
     /// </summary>
-    private void ValidateActiveL2(long l1Index, MetadataCache.Table table)
+    internal void ValidateActiveL2(long l1Index, MetadataCache.Table table)
     {
-        if (_validatedL2.Contains(table.Offset)) return;
+        if (Mapping.ValidatedL2.Contains(table.Offset)) return;
         long at = ActiveL1.Offset + l1Index * 8;
         ulong l1Entry = ActiveL1[l1Index];
         ulong tableRefcount = Refcounts.Get(table.Offset >> Geometry.ClusterBits);
@@ -582,7 +578,7 @@ internal sealed partial class Qcow2Engine
             NoteSharedInTable(l1Index, table, cluster);
             while (k + 1 < count && hosts[k + 1] >> 1 == cluster) k++;
         }
-        _validatedL2.Add(table.Offset);
+        Mapping.ValidatedL2.Add(table.Offset);
     }
 
     /// <summary>Records the guest offsets whose entries in one active L2 table share a host cluster.</summary>
@@ -598,6 +594,12 @@ internal sealed partial class Qcow2Engine
         }
         _activeShared[cluster] = guests;
     }
+
+    /// <summary>Recomputes which active L2 entries share host clusters, after the active tables changed (a snapshot apply).</summary>
+    internal void RefreshActiveSharing(IReadOnlySet<long> clusters) => _activeShared = FindActiveSharing(clusters);
+
+    /// <summary>Forgets which L2 tables were validated, after the tables were replaced (a header switch).</summary>
+    internal void ForgetValidatedL2() => Mapping.ValidatedL2.Clear();
 
     /// <summary>The guest offsets that map to each of the given host clusters through the active tables.</summary>
     private Dictionary<long, List<long>> FindActiveSharing(IReadOnlySet<long> clusters)
@@ -645,15 +647,15 @@ internal sealed partial class Qcow2Engine
     internal Qcow2CheckResult Check(Qcow2RepairMode mode)
     {
         if (mode != Qcow2RepairMode.None && ReadOnly)
-            throw new VmsnapException($"'{Path}' is open read-only; open it writable to repair it");
+            throw new OperationRefusedException($"'{Path}' is open read-only; open it writable to repair it");
         return RunExclusive(() =>
         {
             // A repair may rebuild refcounts in free clusters, and the area's reservation is free on disk.
             if (mode != Qcow2RepairMode.None && VmStateWriter is not null)
-                throw new VmsnapException($"'{Path}': close the VM-state area open for writing before repairing the image");
+                throw new OperationRefusedException($"'{Path}': close the VM-state area open for writing before repairing the image");
             Qcow2CheckResult result = Qcow2Checker.Run(this, mode);
             // A repair may have rewritten tables and flags: validate again as they are used.
-            _validatedL2.Clear();
+            Mapping.ValidatedL2.Clear();
             _activeShared.Clear();
             if (result.Corruptions > 0 || result.CheckErrors > 0)
             {

@@ -27,15 +27,14 @@ internal sealed partial class Qcow2Engine : IDisposable
         Order = new WriteOrder { FlushRefcountSide = FlushRefcountSide, FlushMappingSide = FlushMappingSide };
         Refcounts = new RefcountManager(device, Geometry, header, Order, RefcountManager.ReadTable(device, header), path);
         Refcounts.OnCorruption = e => _corruption ??= e.Message;
-        int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
-        L2Cache = new MetadataCache(device, Geometry.ClusterSize, l2Capacity, "L2 table");
+        Mapping = new ClusterMapping(this, new L1Table((long)header.L1TableOffset, ReadL1(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true));
         L2Cache.BeforeWriteBack = () =>
         {
             if (Order.MappingDependsOnRefcounts) FlushRefcountSide();
             if (Order.MappingDependsOnData) FlushData();
         };
         Refcounts.Blocks.BeforeWriteBack = () => { if (Order.RefcountsDependOnMapping) FlushMappingSide(); };
-        ActiveL1 = new L1Table((long)header.L1TableOffset, ReadL1(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true);
+        SnapshotOps = new SnapshotOperations(this);
     }
 
     internal IBlockDevice Device { get; }
@@ -45,12 +44,55 @@ internal sealed partial class Qcow2Engine : IDisposable
     internal ClusterGeometry Geometry { get; }
     internal WriteOrder Order { get; }
     internal RefcountManager Refcounts { get; }
-    internal MetadataCache L2Cache { get; }
-    internal L1Table ActiveL1 { get; }
+    internal MetadataCache L2Cache => Mapping.L2Cache;
+    internal L1Table ActiveL1 => Mapping.ActiveL1;
     internal bool ReadOnly { get; }
     internal List<SnapshotEntry> Snapshots { get; private set; } = [];
     internal long SnapshotTableBytes { get; private set; }
     internal BackingStore? Backing { get; private set; }
+
+    /// <summary>L1/L2 lookups, L2 allocation and copy-on-write, L1 growth (QEMU's qcow2-cluster.c).</summary>
+    internal ClusterMapping Mapping { get; }
+
+    /// <summary>Snapshot create, delete and apply, and the snapshot table's lookups (QEMU's qcow2-snapshot.c).</summary>
+    internal SnapshotOperations SnapshotOps { get; }
+
+    /// <summary>The VM-state area open for writing, if any.</summary>
+    internal VmStateAllocation? VmStateWriter { get; set; }
+
+    /// <summary>Guest offset of the VM-state area of a disk of <paramref name="diskSize"/> bytes.</summary>
+    internal long VmStateOffsetFor(long diskSize) => Geometry.L1EntriesFor(diskSize) * Geometry.BytesPerL2;
+
+    // ---- cluster mapping (lives in ClusterMapping) ----------------------------------------------
+
+    internal MetadataCache.Table? GetL2Table(L1Table l1, long l1Index) => Mapping.GetL2Table(l1, l1Index);
+    internal void ValidateL2Offset(L1Table l1, long l1Index, long l2) => Mapping.ValidateL2Offset(l1, l1Index, l2);
+    internal void ValidateEntry(L2Entry e, ClusterKind kind, long l2Offset, int index) => Mapping.ValidateEntry(e, kind, l2Offset, index);
+    internal MetadataCache.Table GetWritableL2(long l1Index) => Mapping.GetWritableL2(l1Index);
+    internal void GrowL1(long minEntries, bool exact) => Mapping.GrowL1(minEntries, exact);
+    internal L1Table ReadL1Table(long offset, uint entries, string what) => Mapping.ReadL1Table(offset, entries, what);
+    internal void MapRange(L1Table l1, long offset, long length, List<Extent> extents) => Mapping.MapRange(l1, offset, length, extents);
+
+    /// <summary>Replaces the in-memory snapshot list after the snapshot table was rewritten on disk.</summary>
+    internal void SetSnapshots(List<SnapshotEntry> snapshots, long tableBytes)
+    {
+        Snapshots = snapshots;
+        SnapshotTableBytes = tableBytes;
+    }
+
+    // ---- snapshots (the operations live in SnapshotOperations) ---------------------------------
+
+    internal SnapshotEntry CreateSnapshot(string name, Qcow2SnapshotCreateOptions options) => SnapshotOps.CreateSnapshot(name, options);
+    internal SnapshotEntry DeleteSnapshot(string idOrName) => SnapshotOps.DeleteSnapshot(idOrName);
+    internal SnapshotEntry ApplySnapshot(string idOrName) => SnapshotOps.ApplySnapshot(idOrName);
+    internal int FindSnapshotIndex(string idOrName) => SnapshotOps.FindSnapshotIndex(idOrName);
+    internal void ValidateSnapshotTable() => SnapshotOps.ValidateSnapshotTable();
+    internal static void CheckSnapshotName(string name) => SnapshotOperations.CheckSnapshotName(name);
+    internal static ulong ParseIdLikeStrtoul(string text) => SnapshotOperations.ParseIdLikeStrtoul(text);
+    private void ThrowIfSwitchFailed() => SnapshotOps.ThrowIfSwitchFailed();
+    private L1Table ReadSnapshotL1(SnapshotEntry s) => SnapshotOps.ReadSnapshotL1(s);
+    private static string Describe(SnapshotEntry s) => SnapshotOperations.Describe(s);
+    private void RegisterVmStateReader(long l1Offset, int delta) => SnapshotOps.RegisterVmStateReader(l1Offset, delta);
 
     /// <summary>The metadata lock. Internal callers building on the engine (snapshots) take it too.</summary>
     internal object SyncRoot => _lock;
@@ -60,9 +102,9 @@ internal sealed partial class Qcow2Engine : IDisposable
     /// <summary>Guest offset where the VM-state area starts: right after the L1 entries the disk needs.</summary>
     internal long VmStateOffset => Geometry.L1EntriesFor(VirtualSize) * Geometry.BytesPerL2;
 
-    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, Path);
+    internal Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, Path);
 
-    private static ulong[] ReadL1(IBlockDevice device, long offset, int entries)
+    internal static ulong[] ReadL1(IBlockDevice device, long offset, int entries)
     {
         if (entries == 0) return [];
         byte[] raw = new byte[entries * 8L];
@@ -78,7 +120,7 @@ internal sealed partial class Qcow2Engine : IDisposable
         try
         {
             Qcow2Header header = Qcow2Header.Read(device);
-            Validate(header, device.Length, options.ForCheck);
+            HeaderValidation.Validate(header, device.Length, options.ForCheck);
             engine = new Qcow2Engine(device, path, header, options, ownsDevice);
             if (!options.ForCheck)
             {
@@ -113,71 +155,6 @@ internal sealed partial class Qcow2Engine : IDisposable
         }
         if (ownsDevice) device.Dispose();
     }
-
-    /// <summary>Checks the header against the file: what QEMU refuses to open, vmsnap refuses too, with the reason.</summary>
-    private static void Validate(Qcow2Header h, long fileLength, bool forCheck = false)
-    {
-        if (h.CryptMethod != 0)
-            throw new Qcow2FormatException("header", 32, $"encrypted images (crypt_method {h.CryptMethod}) are not supported");
-        ulong unsupported = h.IncompatibleFeatures & ~Qcow2Header.IncompatibleSupported;
-        if (unsupported != 0)
-        {
-            var names = new List<string>();
-            for (int bit = 0; bit < 64; bit++)
-                if ((unsupported & (1UL << bit)) != 0) names.Add(h.DescribeFeature(FeatureKind.Incompatible, bit));
-            throw new Qcow2FormatException("header", Qcow2Header.IncompatibleFeaturesOffset,
-                $"uses incompatible feature{(names.Count > 1 ? "s" : "")} vmsnap does not support: {string.Join(", ", names)}");
-        }
-        bool compressionBit = (h.IncompatibleFeatures & Qcow2Header.IncompatibleCompressionType) != 0;
-        if (h.CompressionType > 1)
-            throw new Qcow2FormatException("header", 104, $"unknown compression type {h.CompressionType}");
-        if (compressionBit != (h.CompressionType != 0))
-            throw new Qcow2FormatException("header", 104, compressionBit
-                ? "the compression type feature bit is set but the compression type is deflate"
-                : $"compression type {h.CompressionType} is set without the compression type feature bit");
-        int clusterSize = h.ClusterSize;
-        if (h.HasExtendedL2 && h.ClusterBits < 14)
-            throw new Qcow2FormatException("header", 20, $"extended L2 entries need clusters of at least 16 KiB (subclusters of 512 bytes); cluster size is {clusterSize}");
-        if (h.Size > (ulong)long.MaxValue / 2)
-            throw new Qcow2FormatException("header", 24, $"virtual size {h.Size} is too large");
-
-        var g = new ClusterGeometry(h.ClusterBits, h.HasExtendedL2, h.RefcountOrder);
-        long needed = g.L1EntriesFor((long)h.Size);
-        if ((long)h.L1Size * 8 > ClusterGeometry.MaxL1Bytes)
-            throw new Qcow2FormatException("header", Qcow2Header.L1SizeOffset, $"l1_size {h.L1Size} is too large (the L1 table may have at most {ClusterGeometry.MaxL1Bytes / 8} entries)");
-        if (h.L1Size < needed)
-            throw new Qcow2FormatException("header", Qcow2Header.L1SizeOffset, $"l1_size {h.L1Size} is too small for the virtual size {h.Size} (needs {needed} entries)");
-        if (h.L1Size > 0)
-            CheckTable("L1 table", h.L1TableOffset, (long)h.L1Size * 8, clusterSize, fileLength, forCheck);
-
-        // qemu-img check opens an image without a refcount table, or with tables past the end of
-        // the file or on top of each other, and reports (or rebuilds) them.
-        if (h.RefcountTableClusters == 0 && !forCheck)
-            throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, "the image has no refcount table (refcount_table_clusters is 0)");
-        if ((long)h.RefcountTableClusters * clusterSize > ClusterGeometry.MaxRefcountTableBytes)
-            throw new Qcow2FormatException("header", Qcow2Header.RefcountTableFieldsOffset, $"refcount table of {h.RefcountTableClusters} clusters is too large (at most {ClusterGeometry.MaxRefcountTableBytes} bytes)");
-        CheckTable("refcount table", h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize, clusterSize, fileLength, forCheck);
-        if (!forCheck && h.L1Size > 0 && Overlaps((long)h.L1TableOffset, (long)h.L1Size * 8, (long)h.RefcountTableOffset, (long)h.RefcountTableClusters * clusterSize))
-            throw new Qcow2FormatException("refcount table", (long)h.RefcountTableOffset, $"overlaps the L1 table at 0x{h.L1TableOffset:x}");
-    }
-
-    private static void CheckTable(string name, ulong offset, long bytes, int clusterSize, long fileLength, bool forCheck)
-    {
-        // QEMU's qcow2_validate_table limit for the check; tighter otherwise.
-        if (offset > (forCheck ? (ulong)(long.MaxValue - bytes) : long.MaxValue / 2))
-            throw new Qcow2FormatException(name, null, $"offset 0x{offset:x} is beyond any file");
-        long o = (long)offset;
-        if ((o & (clusterSize - 1)) != 0)
-            throw new Qcow2FormatException(name, o, $"offset is not aligned to a cluster ({clusterSize} bytes)");
-        if (forCheck) return;
-        if (o < clusterSize)
-            throw new Qcow2FormatException(name, o, "overlaps the header cluster");
-        // The last cluster of an image may be partly missing (QEMU writes an L1 table only as long as it is).
-        if (o >= fileLength || o + bytes - fileLength >= clusterSize)
-            throw new Qcow2FormatException(name, o, $"{bytes} bytes extend beyond the end of the file ({fileLength} bytes)");
-    }
-
-    private static bool Overlaps(long a, long aLength, long b, long bLength) => a < b + bLength && b < a + aLength;
 
     internal void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 

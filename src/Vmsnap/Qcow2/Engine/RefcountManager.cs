@@ -3,11 +3,13 @@ using Vmsnap.Storage;
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// Reference counts: the refcount table (kept in memory), refcount blocks (cached), cluster
-/// allocation, freeing, and growing the refcount table when the file outgrows it. Not thread-safe:
-/// the engine calls it under its metadata lock.
+/// Reference counts, the one owner of every refcount write: the refcount table (kept in memory),
+/// refcount blocks (cached), cluster allocation, freeing, and growing the refcount table when the
+/// file outgrows it; the refcounts of a new metadata generation (<see cref="Generation"/>, for
+/// snapshot create, delete and apply); and installing a rebuilt structure (the check's repair).
+/// Not thread-safe: the engine calls it under its metadata lock.
 /// </summary>
-internal sealed class RefcountManager
+internal sealed partial class RefcountManager
 {
     private readonly IBlockDevice _device;
     private readonly ClusterGeometry _g;
@@ -153,22 +155,7 @@ internal sealed class RefcountManager
         if (blockOffset == 0)
             throw CorruptionFound("refcount table", TableOffset, $"cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) has no refcount block, so its refcount is 0 and cannot be lowered");
         MetadataCache.Table block = _blocks.Get(blockOffset);
-        long index = cluster & (_g.RefcountBlockEntries - 1);
-        ulong old = RefcountBlock.Get(block.Data, index, _g.RefcountOrder);
-        ulong value;
-        if (delta < 0)
-        {
-            if (old < (ulong)-delta)
-                throw CorruptionFound("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)");
-            value = old - (ulong)-delta;
-        }
-        else
-        {
-            if (_g.RefcountMax - old < (ulong)delta)
-                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} would exceed {_g.RefcountMax}, the largest {_g.RefcountBits}-bit refcount");
-            value = old + (ulong)delta;
-        }
-        RefcountBlock.Set(block.Data, index, _g.RefcountOrder, value);
+        ulong value = AdjustEntry(block.Data, cluster, delta, blockOffset, reportCorruption: true);
         _blocks.MarkDirty(block);
         if (value == 0)
         {
@@ -176,6 +163,35 @@ internal sealed class RefcountManager
             _lowestFreed = Math.Min(_lowestFreed, cluster);
         }
         if (cluster >= HighWater && value > 0) HighWater = cluster + 1;
+    }
+
+    /// <summary>
+    /// Adds <paramref name="delta"/> to a cluster's entry in <paramref name="block"/> (the live block
+    /// at <paramref name="blockOffset"/>, or a generation's copy of it), refusing to go below 0 or
+    /// above the refcount width; returns the new value. Every refcount change goes through here.
+    /// </summary>
+    private ulong AdjustEntry(byte[] block, long cluster, long delta, long blockOffset, bool reportCorruption)
+    {
+        long index = cluster & (_g.RefcountBlockEntries - 1);
+        ulong old = RefcountBlock.Get(block, index, _g.RefcountOrder);
+        ulong value;
+        if (delta < 0)
+        {
+            if (old < (ulong)-delta)
+            {
+                string problem = $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)";
+                throw reportCorruption ? CorruptionFound("refcount block", blockOffset, problem) : Corrupt("refcount block", blockOffset, problem);
+            }
+            value = old - (ulong)-delta;
+        }
+        else
+        {
+            if (_g.RefcountMax - old < (ulong)delta)
+                throw Corrupt("refcount block", blockOffset, $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) would exceed {_g.RefcountMax}, the largest {_g.RefcountBits}-bit refcount");
+            value = old + (ulong)delta;
+        }
+        RefcountBlock.Set(block, index, _g.RefcountOrder, value);
+        return value;
     }
 
     /// <summary>Lowers the refcount of every cluster touched by the range (freeing those that reach 0).</summary>
@@ -377,26 +393,13 @@ internal sealed class RefcountManager
         for (long k = 0; k < blocks; k++)
         {
             long index = firstIndex + k;
-            byte[] data = new byte[_g.ClusterSize];
-            long rangeStart = index << _g.RefcountBlockBits;
-            for (long c = Math.Max(rangeStart, areaStart); c < Math.Min(areaEnd, rangeStart + _g.RefcountBlockEntries); c++)
-                RefcountBlock.Set(data, c - rangeStart, _g.RefcountOrder, 1);
-            blockData[k] = data;
+            blockData[k] = BuildBlock(index, c => c >= areaStart && c < areaEnd ? 1UL : 0);   // the new area counts itself
             newTable[index] = (ulong)((areaStart + k) << _g.ClusterBits);
         }
-        for (long k = 0; k < blocks; k++) _device.Write(blockData[k], (areaStart + k) << _g.ClusterBits);
-        byte[] tableBytes = new byte[tableClusters * _g.ClusterSize];
-        L1Entry.Encode(newTable, tableBytes);
-        long newTableOffset = (areaStart + blocks) << _g.ClusterBits;
-        _device.Write(tableBytes, newTableOffset);
-        _device.Flush();
-
+        for (long k = 0; k < blocks; k++) WriteBlock(blockData[k], (areaStart + k) << _g.ClusterBits);
         long oldOffset = TableOffset;
         long oldClusters = TableClusters;
-        _header.RefcountTableOffset = (ulong)newTableOffset;
-        _header.RefcountTableClusters = (uint)tableClusters;
-        _device.Write(_header.EncodeRefcountTableFields(), Qcow2Header.RefcountTableFieldsOffset);
-        _device.Flush();
+        SwitchTable(newTable, (areaStart + blocks) << _g.ClusterBits);
         _table = newTable;
         for (long k = 0; k < blocks; k++) _blocks.PutClean((areaStart + k) << _g.ClusterBits, blockData[k]);
         HighWater = Math.Max(HighWater, areaEnd);
@@ -404,6 +407,60 @@ internal sealed class RefcountManager
     }
 
     private static long RoundUp(long value, long multiple) => (value + multiple - 1) / multiple * multiple;
+
+    /// <summary>Clusters a refcount table of <paramref name="entries"/> entries takes.</summary>
+    internal long TableClustersFor(long entries) => (entries * 8 + _g.ClusterSize - 1) >> _g.ClusterBits;
+
+    /// <summary>A refcount table's bytes on disk (its length a whole number of clusters when the table's is).</summary>
+    internal static byte[] EncodeTable(ulong[] table)
+    {
+        byte[] bytes = new byte[table.LongLength * 8];
+        L1Entry.Encode(table, bytes);
+        return bytes;
+    }
+
+    /// <summary>A refcount block for table index <paramref name="index"/> holding <paramref name="countOf"/>(cluster) for each cluster of its range.</summary>
+    internal byte[] BuildBlock(long index, Func<long, ulong> countOf)
+    {
+        byte[] block = new byte[_g.ClusterSize];
+        long rangeStart = index << _g.RefcountBlockBits;
+        for (long j = 0; j < _g.RefcountBlockEntries; j++)
+        {
+            ulong v = countOf(rangeStart + j);
+            if (v != 0) RefcountBlock.Set(block, j, _g.RefcountOrder, v);
+        }
+        return block;
+    }
+
+    /// <summary>Writes a refcount block that the refcount table is about to reference (or already does, for a block being replaced whole).</summary>
+    internal void WriteBlock(byte[] data, long offset) => _device.Write(data, offset);
+
+    /// <summary>
+    /// Writes <paramref name="table"/> (whole clusters of entries, its blocks written already) at
+    /// <paramref name="offset"/>, then switches the header's refcount table fields to it in one
+    /// write, with a flush before and after. The in-memory state is the caller's to adopt.
+    /// </summary>
+    internal void SwitchTable(ulong[] table, long offset)
+    {
+        _device.Write(EncodeTable(table), offset);
+        _device.Flush();
+        _header.RefcountTableOffset = (ulong)offset;
+        _header.RefcountTableClusters = (uint)TableClustersFor(table.LongLength);
+        _device.Write(_header.EncodeRefcountTableFields(), Qcow2Header.RefcountTableFieldsOffset);
+        _device.Flush();
+    }
+
+    /// <summary>
+    /// Installs a refcount structure rebuilt from counted references (the check's repair): the
+    /// blocks are written by the caller with <see cref="WriteBlock"/>; the table switches in and
+    /// everything cached of the old structure is dropped.
+    /// </summary>
+    internal void InstallRebuilt(ulong[] table, long offset)
+    {
+        SwitchTable(table, offset);
+        Reload(table);
+        NoteHighWater(_g.ClustersFor(_device.Length));
+    }
 
     /// <summary>Writes dirty refcount blocks, then (after a device flush) dirty refcount table entries.</summary>
     internal bool WriteDirty()

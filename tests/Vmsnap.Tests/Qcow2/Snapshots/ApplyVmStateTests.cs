@@ -84,7 +84,7 @@ public sealed class ApplyVmStateTests : IDisposable
         byte[] state = Enumerable.Repeat((byte)0x3c, 150_000).ToArray();
         using (var img = Qcow2Image.Open(image))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(state, 0);
             area.Flush();
             img.CreateSnapshot("saved", new Qcow2SnapshotCreateOptions { VmStateSize = state.Length });

@@ -49,7 +49,7 @@ public sealed class SnapshotBadInputTests : IDisposable
             ("delete", i => i.DeleteSnapshot(target)),
             ("apply", i => i.ApplySnapshot(target)),
             ("find", i => i.FindSnapshot(target)),
-            ("read VM state", i => i.OpenVmStateForReading(target).Dispose()),
+            ("read VM state", i => i.OpenVmStateAreaForReading(target).Dispose()),
         };
         foreach ((string what, Action<Qcow2Image> run) in attempts)
         {
@@ -179,13 +179,13 @@ public sealed class SnapshotBadInputTests : IDisposable
         using var img = Qcow2Image.Open(image);
         img.CreateSnapshot("a");
         img.CreateSnapshot("1");   // a name that is also an ID: the ID wins, as in QEMU
-        Assert.Contains("already has a snapshot named 'a'", Assert.Throws<VmsnapException>(() => img.CreateSnapshot("a")).Message);
+        Assert.Contains("already has a snapshot named 'a'", Assert.Throws<SnapshotExistsException>(() => img.CreateSnapshot("a")).Message);
         Assert.Throws<ArgumentException>(() => img.CreateSnapshot(""));
         Assert.Throws<ArgumentException>(() => img.CreateSnapshot(new string('x', 256)));
         Assert.Equal("a", img.FindSnapshot("1")!.Name);
         Assert.Equal("2", img.FindSnapshot("2")!.Id);
         Assert.Null(img.FindSnapshot("b"));
-        var e = Assert.Throws<Qcow2SnapshotNotFoundException>(() => img.DeleteSnapshot("b"));
+        var e = Assert.Throws<SnapshotNotFoundException>(() => img.DeleteSnapshot("b"));
         Assert.Equal("b", e.IdOrName);
         img.DeleteSnapshot("1");                   // ID 1: "a"
         Assert.Equal(["1"], img.Snapshots.Select(s => s.Name));

@@ -30,7 +30,7 @@ public sealed class SnapshotFailureTests : IDisposable
         new Random(7).NextBytes(_old2State);
         using (var img = Qcow2Image.Open(_template))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             area.Write(_old2State, 0);
             area.Flush();
             img.CreateSnapshot("old2", new Qcow2SnapshotCreateOptions { VmStateSize = _old2State.Length });
@@ -67,7 +67,7 @@ public sealed class SnapshotFailureTests : IDisposable
             case "delete": img.DeleteSnapshot(words[1]); break;
             case "apply": img.ApplySnapshot(words[1]); break;
             case "save":
-                using (Qcow2VmStateArea area = img.OpenVmStateForWriting())
+                using (Qcow2VmStateArea area = img.OpenVmStateAreaForWriting())
                 {
                     area.Write(SaveState, 0);
                     area.Flush();
@@ -135,14 +135,14 @@ public sealed class SnapshotFailureTests : IDisposable
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
         if (operation == "save" && done)
         {
-            using Qcow2VmStateArea saved = img.OpenVmStateForReading("new");
+            using Qcow2VmStateArea saved = img.OpenVmStateAreaForReading("new");
             byte[] back = new byte[saved.Length];
             saved.Read(back, 0);
             Assert.True(SaveState.AsSpan().SequenceEqual(back), $"{what}: VM state of new");
         }
         if (!tags.Contains("old2")) return;
         SnapshotKit.AssertEqualBytes(_old2, SnapshotKit.QemuSnapshotContent(image, "old2", _dir), $"{what}: old2");
-        using Qcow2VmStateArea area = img.OpenVmStateForReading("old2");
+        using Qcow2VmStateArea area = img.OpenVmStateAreaForReading("old2");
         byte[] state = new byte[area.Length];
         area.Read(state, 0);
         Assert.True(_old2State.AsSpan().SequenceEqual(state), $"{what}: VM state of old2");
@@ -232,7 +232,7 @@ public sealed class SnapshotFailureTests : IDisposable
         try
         {
             using var img = Qcow2Image.Open(device, copy);
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             try
             {
                 area.Write(SaveState, 0);
@@ -295,7 +295,7 @@ public sealed class SnapshotFailureTests : IDisposable
             try
             {
                 using var img = Qcow2Image.Open(device, copy);
-                using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+                using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
                 device.FailAt = device.Writes + failingDataWrite;
                 device.FailAfter = diskDies;
                 var writer = new VmStateWriter(VmStateBackend.ForBlockDevice(area), new VmStateWriterOptions { BufferCount = 4, BufferSize = 1 << 20 });

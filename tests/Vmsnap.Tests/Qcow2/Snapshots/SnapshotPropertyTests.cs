@@ -88,7 +88,7 @@ public class SnapshotPropertyTests
                 {
                     state = new byte[random.Next(1, 3 * cs + 70_000)];
                     random.NextBytes(state);
-                    using Qcow2VmStateArea area = Open().OpenVmStateForWriting();
+                    using Qcow2VmStateArea area = Open().OpenVmStateAreaForWriting();
                     area.Write(state, 0);
                     area.Flush();
                     Open().CreateSnapshot(name, new Qcow2SnapshotCreateOptions { VmStateSize = state.Length });
@@ -152,7 +152,7 @@ public class SnapshotPropertyTests
                     using var check = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
                     foreach (var s in model.Snapshots.Where(s => s.State is not null))
                     {
-                        using Qcow2VmStateArea area = check.OpenVmStateForReading(s.Name);
+                        using Qcow2VmStateArea area = check.OpenVmStateAreaForReading(s.Name);
                         byte[] back = new byte[area.Length];
                         area.Read(back, 0);
                         SnapshotKit.AssertEqualBytes(s.State!, back, $"{where}: VM state of {s.Name}");

@@ -18,7 +18,7 @@ public class VmStateAreaTests
     /// <summary>Writes <paramref name="data"/> through the buffered VM-state writer (K x B) into a new area, flushes it, returns the area.</summary>
     private static Qcow2VmStateArea Save(Qcow2Image image, byte[] data, int count = 4, int size = 1 << 20)
     {
-        Qcow2VmStateArea area = image.OpenVmStateForWriting();
+        Qcow2VmStateArea area = image.OpenVmStateAreaForWriting();
         using (var backend = VmStateBackend.ForBlockDevice(area))
         using (var writer = new VmStateWriter(backend, new VmStateWriterOptions { BufferCount = count, BufferSize = size }))
         {
@@ -32,7 +32,7 @@ public class VmStateAreaTests
 
     private static byte[] ReadVmState(Qcow2Image image, string name)
     {
-        using Qcow2VmStateArea area = image.OpenVmStateForReading(name);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(name);
         byte[] bytes = new byte[area.Length];
         Assert.Equal(bytes.Length, area.Read(bytes, 0));
         Assert.Equal(0, area.Read(new byte[1], area.Length));
@@ -135,7 +135,7 @@ public class VmStateAreaTests
             img.Discard(0, 8 * cs);   // freed; the file still holds 0xee there
             img.Flush();
 
-            using (Qcow2VmStateArea area = img.OpenVmStateForWriting())
+            using (Qcow2VmStateArea area = img.OpenVmStateAreaForWriting())
             {
                 area.Write(Enumerable.Repeat((byte)1, 100).ToArray(), 0);
                 area.Write(Enumerable.Repeat((byte)2, 50).ToArray(), 3L * cs + 5);
@@ -166,7 +166,7 @@ public class VmStateAreaTests
             img.Write(new byte[512], 0);   // the first write's consistency check, outside the counts
             img.Flush();
             int writesBefore = device.Writes, smallBefore = device.SmallWrites;
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             using (var backend = VmStateBackend.ForBlockDevice(area))
             using (var writer = new VmStateWriter(backend, new VmStateWriterOptions { BufferCount = 8, BufferSize = 1 << 20 }))
             {
@@ -199,7 +199,7 @@ public class VmStateAreaTests
         byte[] data = Random(40 * 65536, 6);
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { Direct = true }))
         {
-            using (Qcow2VmStateArea area = img.OpenVmStateForWriting())
+            using (Qcow2VmStateArea area = img.OpenVmStateAreaForWriting())
             {
                 // Issued back to front, all in flight at once, from aligned memory.
                 var buffers = new List<AlignedBuffer>();
@@ -230,20 +230,20 @@ public class VmStateAreaTests
         using var img = Qcow2Image.Open(image);
         using (Qcow2VmStateArea area = Save(img, Random(100_000, 7)))
         {
-            Assert.Throws<VmsnapException>(() => img.OpenVmStateForWriting());
+            Assert.Throws<OperationRefusedException>(() => img.OpenVmStateAreaForWriting());
             img.CreateSnapshot("plain");
-            Assert.Contains("VM-state area", Assert.Throws<VmsnapException>(() => img.ApplySnapshot("plain")).Message);
+            Assert.Contains("VM-state area", Assert.Throws<OperationRefusedException>(() => img.ApplySnapshot("plain")).Message);
             img.CreateSnapshot("with-state", new Qcow2SnapshotCreateOptions { VmStateSize = 100_000 });
-            Assert.Contains("taken over", Assert.Throws<VmsnapException>(() => area.Write(new byte[10], 0)).Message);
+            Assert.Contains("taken over", Assert.Throws<OperationRefusedException>(() => area.Write(new byte[10], 0)).Message);
         }
-        using (Qcow2VmStateArea reading = img.OpenVmStateForReading("with-state"))
+        using (Qcow2VmStateArea reading = img.OpenVmStateAreaForReading("with-state"))
         {
             Assert.Throws<StorageException>(() => reading.Write(new byte[10], 0));
-            Assert.Contains("reading", Assert.Throws<VmsnapException>(() => img.DeleteSnapshot("with-state")).Message);
+            Assert.Contains("reading", Assert.Throws<OperationRefusedException>(() => img.DeleteSnapshot("with-state")).Message);
             img.ApplySnapshot("plain");   // other snapshots may change meanwhile
         }
         img.DeleteSnapshot("with-state");
-        Assert.Throws<Qcow2SnapshotNotFoundException>(() => img.OpenVmStateForReading("with-state"));
+        Assert.Throws<SnapshotNotFoundException>(() => img.OpenVmStateAreaForReading("with-state"));
     }
 
     [Fact]
@@ -300,7 +300,7 @@ public class VmStateAreaTests
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 16 << 20);
         var img = Qcow2Image.Open(image);
-        Qcow2VmStateArea area = img.OpenVmStateForWriting();
+        Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
         area.Write(Random(100_000, 12), 0);   // a reservation of several MiB, little of it used
         img.Dispose();
         area.Dispose();

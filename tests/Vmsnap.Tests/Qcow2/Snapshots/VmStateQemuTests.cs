@@ -71,7 +71,7 @@ public class VmStateQemuTests
             Assert.Equal(-1, before.Icount);
             Assert.Equal(0, img.FindSnapshot("diskonly")!.Icount);
 
-            using Qcow2VmStateArea area = img.OpenVmStateForReading(before);
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForReading(before);
             Assert.Equal(before.VmStateSize, area.Length);
             Assert.True(area.IsReadOnly);
             using var output = new FileStream(vmState, FileMode.Create);
@@ -147,7 +147,7 @@ public class VmStateQemuTests
         Qcow2Snapshot made;
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { Direct = direct }))
         {
-            using Qcow2VmStateArea area = img.OpenVmStateForWriting();
+            using Qcow2VmStateArea area = img.OpenVmStateAreaForWriting();
             Assert.Equal(img.Engine.VmStateOffset, area.GuestOffset);
             using (var backend = VmStateBackend.ForBlockDevice(area))
             using (var writer = new VmStateWriter(backend, new VmStateWriterOptions { BufferCount = 8, BufferSize = 1 << 20 }))
@@ -163,7 +163,7 @@ public class VmStateQemuTests
             Assert.Equal(streamBytes, area.Length);
             area.Flush();
             made = img.CreateSnapshot("vmsnap-state", new Qcow2SnapshotCreateOptions { VmStateSize = streamBytes, VmClock = 2_345_000_000 });
-            Assert.Throws<VmsnapException>(() => area.Write(new byte[4096], 0));   // the snapshot owns it now
+            Assert.Throws<OperationRefusedException>(() => area.Write(new byte[4096], 0));   // the snapshot owns it now
             // The active disk no longer maps the VM-state area: the next save writes fresh clusters.
             Qcow2Engine e = img.Engine;
             for (long i = e.Geometry.L1EntriesFor(e.VirtualSize); i < e.ActiveL1.Size; i++) Assert.Equal(0UL, e.ActiveL1[i]);
@@ -183,7 +183,7 @@ public class VmStateQemuTests
         // vmsnap reads back exactly the bytes it wrote, and deleting the snapshot frees them all.
         using (var img = Qcow2Image.Open(image))
         {
-            using (Qcow2VmStateArea area = img.OpenVmStateForReading("vmsnap-state"))
+            using (Qcow2VmStateArea area = img.OpenVmStateAreaForReading("vmsnap-state"))
             {
                 byte[] back = new byte[streamBytes];
                 Assert.Equal((int)streamBytes, area.Read(back, 0));

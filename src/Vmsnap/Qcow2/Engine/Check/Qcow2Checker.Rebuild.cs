@@ -30,22 +30,13 @@ internal sealed partial class Qcow2Checker
         }
         while (grown);
 
-        byte[] raw = new byte[table.LongLength * 8];
-        L1Entry.Encode(table, raw);
-        if (Overlap(Metadata.None, tableOffset, raw.Length) is string what)
+        if (Overlap(Metadata.None, tableOffset, table.LongLength * 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _messages.Add("ERROR writing reftable: Input/output error");
             throw new CheckFailedException($"the rebuilt refcount table at 0x{tableOffset:x} would overwrite the {what}");
         }
-        _e.Device.Write(raw, tableOffset);
-        _e.Device.Flush();
-        H.RefcountTableOffset = (ulong)tableOffset;
-        H.RefcountTableClusters = (uint)tableClusters;
-        _e.WriteHeaderBytes(Qcow2Header.RefcountTableFieldsOffset, H.EncodeRefcountTableFields());
-        _e.Device.Flush();
-        _e.Refcounts.Reload(table);
-        _e.Refcounts.NoteHighWater(_g.ClustersFor(_e.Device.Length));
+        _e.Refcounts.InstallRebuilt(table, tableOffset);
     }
 
     /// <summary>
@@ -88,13 +79,7 @@ internal sealed partial class Qcow2Checker
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw RebuildFailed("writing refblock", $"the rebuilt refcount block at 0x{blockOffset:x} would overwrite the {what}");
             }
-            byte[] block = new byte[ClusterSize];
-            for (long j = 0; j < perBlock; j++)
-            {
-                ulong v = Count(blockStart + j);
-                if (v != 0) RefcountBlock.Set(block, j, _g.RefcountOrder, v);
-            }
-            _e.Device.Write(block, blockOffset);
+            _e.Refcounts.WriteBlock(_e.Refcounts.BuildBlock(index, Count), blockOffset);
             cluster = blockStart + perBlock - 1;   // this block is done
         }
         return grown;

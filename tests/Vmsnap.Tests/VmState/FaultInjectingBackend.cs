@@ -1,9 +1,10 @@
 using Vmsnap.Storage;
+using Vmsnap.VmState;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.Tests.VmState;
 
 /// <summary>
-/// Wraps a backend and misbehaves on purpose (tests, benchmarks): fails write k with EIO or ENOSPC
+/// Wraps a backend and misbehaves on purpose (tests): fails write k with EIO or ENOSPC
 /// (synchronously or when its task completes), cuts write k short, adds latency, completes
 /// asynchronous writes out of order; records every call so a test can check what a writer did.
 /// </summary>

@@ -1,7 +1,9 @@
-namespace Vmsnap.Storage;
+using Vmsnap.Storage;
 
-/// <summary>An in-memory, growable <see cref="IBlockDevice"/> (tests, small scratch images).</summary>
-public sealed class MemoryBlockDevice : IBlockDevice
+namespace Vmsnap.Tests;
+
+/// <summary>An in-memory, growable <see cref="IBlockDevice"/> (tests: images built and damaged in memory).</summary>
+internal sealed class MemoryBlockDevice : IBlockDevice
 {
     private readonly object _lock = new();
     private byte[] _data;

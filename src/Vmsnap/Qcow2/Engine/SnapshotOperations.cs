@@ -1,15 +1,36 @@
 using System.Text;
+using Vmsnap.Storage;
 
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// Internal snapshots: create, delete, apply, and dropping the active VM-state area. Each builds a
-/// <see cref="MetadataGeneration"/> (refcounts counted per path as QEMU counts them, COPIED flags
-/// of the active tables exact for the new counts) and switches to it with one header write.
+/// Internal snapshots (QEMU's qcow2-snapshot.c): create, delete, apply, the snapshot table's
+/// lookups and checks, and the header switch. Each operation builds a <see cref="MetadataGeneration"/>
+/// (refcounts counted per path as QEMU counts them, COPIED flags of the active tables exact for the
+/// new counts) and switches to it with one header write. Owns the state of those switches and the
+/// open VM-state readers; runs under the engine's lock.
 /// </summary>
-internal sealed partial class Qcow2Engine
+internal sealed class SnapshotOperations(Qcow2Engine engine)
 {
     internal const int MaxSnapshotNameBytes = 255;   // what QEMU keeps of a name (QEMUSnapshotInfo.name)
+
+    private readonly Qcow2Engine _e = engine;
+
+    // What the operations use of the engine (the coordinator owning device, header, tables and lock).
+    private string Path => _e.Path;
+    private IBlockDevice Device => _e.Device;
+    private Qcow2Header Header => _e.Header;
+    private ClusterGeometry Geometry => _e.Geometry;
+    private L1Table ActiveL1 => _e.ActiveL1;
+    private RefcountManager Refcounts => _e.Refcounts;
+    private MetadataCache L2Cache => _e.L2Cache;
+    private List<SnapshotEntry> Snapshots => _e.Snapshots;
+    private long SnapshotTableBytes => _e.SnapshotTableBytes;
+    private long VirtualSize => _e.VirtualSize;
+    private VmStateAllocation? VmStateWriter { get => _e.VmStateWriter; set => _e.VmStateWriter = value; }
+    private T RunExclusive<T>(Func<T> action) => _e.RunExclusive(action);
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _e.Corrupt(structure, offset, problem);
+    private Qcow2FormatException WriteRefused(string structure, long? offset, string problem) => _e.WriteRefused(structure, offset, problem);
 
     // Set when a header switch failed in a way that leaves the on-disk state unknown.
     private string? _switchFailure;
@@ -17,16 +38,10 @@ internal sealed partial class Qcow2Engine
     // Open VM-state readers, by the L1 table offset of the snapshot they read.
     private readonly Dictionary<long, int> _vmStateReaders = [];
 
-    /// <summary>The VM-state area open for writing, if any.</summary>
-    internal VmStateAllocation? VmStateWriter { get; set; }
-
-    /// <summary>Guest offset of the VM-state area of a disk of <paramref name="diskSize"/> bytes.</summary>
-    internal long VmStateOffsetFor(long diskSize) => Geometry.L1EntriesFor(diskSize) * Geometry.BytesPerL2;
-
-    private void ThrowIfSwitchFailed()
+    internal void ThrowIfSwitchFailed()
     {
         if (_switchFailure is not null)
-            throw new VmsnapException($"'{Path}': {_switchFailure}; reopen the image before changing it");
+            throw new OperationRefusedException($"'{Path}': {_switchFailure}; reopen the image before changing it");
     }
 
     // ---- lookup and validation ----------------------------------------------------------------
@@ -38,7 +53,7 @@ internal sealed partial class Qcow2Engine
         return byId >= 0 ? byId : Snapshots.FindIndex(s => s.Name == idOrName);
     }
 
-    private static string Describe(SnapshotEntry s) => $"snapshot {s.Id} ('{s.Name}')";
+    internal static string Describe(SnapshotEntry s) => $"snapshot {s.Id} ('{s.Name}')";
 
     private string SnapshotEntryName(int index) => $"snapshot table entry {index}";
 
@@ -77,18 +92,18 @@ internal sealed partial class Qcow2Engine
     }
 
     /// <summary>A snapshot's L1 table, checked: within the file, every L2 table offset aligned and inside the file.</summary>
-    private L1Table ReadSnapshotL1(SnapshotEntry s)
+    internal L1Table ReadSnapshotL1(SnapshotEntry s)
     {
         int index = Snapshots.IndexOf(s);
         CheckSnapshotL1(s, index, Device.Length);
-        L1Table l1 = ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        L1Table l1 = _e.ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
         for (long i = 0; i < l1.Size; i++)
         {
             ulong entry = l1[i];
             if (entry == 0) continue;
             if ((entry & L1Entry.ReservedMask) != 0)
                 throw Corrupt($"{Describe(s)} L1 table entry {i}", l1.Offset + i * 8, $"has reserved bits set (0x{entry:x16})");
-            ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
+            _e.ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
         }
         return l1;
     }
@@ -98,7 +113,7 @@ internal sealed partial class Qcow2Engine
         ArgumentNullException.ThrowIfNull(idOrName);
         ValidateSnapshotTable();
         int index = FindSnapshotIndex(idOrName);
-        if (index < 0) throw new Qcow2SnapshotNotFoundException(idOrName, Path);
+        if (index < 0) throw new SnapshotNotFoundException(idOrName, Path);
         return Snapshots[index];
     }
 
@@ -145,7 +160,7 @@ internal sealed partial class Qcow2Engine
     /// <summary>An L2 table's bytes for a walk: the cached copy when there is one, else read without caching. Never modify.</summary>
     private byte[] ReadL2ForWalk(L1Table l1, long l1Index, long l2)
     {
-        ValidateL2Offset(l1, l1Index, l2);
+        _e.ValidateL2Offset(l1, l1Index, l2);
         MetadataCache.Table? cached = L2Cache.Peek(l2);
         if (cached is not null) return cached.Data;
         byte[] data = new byte[Geometry.ClusterSize];
@@ -162,7 +177,7 @@ internal sealed partial class Qcow2Engine
         {
             L2Entry e = L2Entry.Read(table, j, extended);
             ClusterKind kind = e.Kind(extended);
-            ValidateEntry(e, kind, l2Offset, j);
+            _e.ValidateEntry(e, kind, l2Offset, j);
             switch (kind)
             {
                 case ClusterKind.Normal or ClusterKind.ZeroAllocated:
@@ -308,7 +323,7 @@ internal sealed partial class Qcow2Engine
     private void CompleteSwitch(MetadataGeneration gen, Qcow2Header h, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots,
         (long Offset, long Bytes) newTable, Action? adopted = null, bool trim = true)
     {
-        BeforeFirstChange();
+        _e.BeforeFirstChange();
         gen.WriteOut();
         byte[] before = MetadataGeneration.SwitchBytes(Header);
         byte[] after = MetadataGeneration.SwitchBytes(h);
@@ -328,12 +343,10 @@ internal sealed partial class Qcow2Engine
         Header.SnapshotCount = h.SnapshotCount;
         Header.SnapshotsOffset = h.SnapshotsOffset;
         if (newActive is not null) ActiveL1.Replace(newActiveOffset, newActive);
-        Refcounts.Reload(gen.NewTable);
-        foreach ((long offset, byte[] data) in gen.NewBlocks) Refcounts.Blocks.PutClean(offset, data);
-        Refcounts.NoteHighWater(gen.End);
+        Refcounts.Adopt(gen.Refcounts);
         if (newSnapshots is not null)
         {
-            SetSnapshots(newSnapshots, newTable.Bytes);
+            _e.SetSnapshots(newSnapshots, newTable.Bytes);
             long at = newTable.Offset;
             foreach (SnapshotEntry e in newSnapshots)
             {
@@ -342,11 +355,11 @@ internal sealed partial class Qcow2Engine
             }
         }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
-        _validatedL2.Clear();
+        _e.ForgetValidatedL2();
         adopted?.Invoke();
         Device.Flush();
         // Only now: until the switch is durable the old generation may still use the clusters at the end.
-        if (trim) TrimFreeTail();
+        if (trim) _e.TrimFreeTail();
     }
 
     /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>
@@ -355,7 +368,7 @@ internal sealed partial class Qcow2Engine
         byte[] now = new byte[before.Length];
         try
         {
-            if (Device.Read(now, MetadataGeneration.SwitchOffset) != now.Length) throw new VmsnapException("short read");
+            if (Device.Read(now, MetadataGeneration.SwitchOffset) != now.Length) throw new Storage.StorageException("short read");
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
@@ -372,8 +385,8 @@ internal sealed partial class Qcow2Engine
     private void PrepareGeneration()
     {
         ThrowIfSwitchFailed();
-        EnsureWritable();
-        FlushAll();
+        _e.EnsureWritable();
+        _e.FlushAll();
     }
 
     // ---- operations ---------------------------------------------------------------------------
@@ -386,9 +399,9 @@ internal sealed partial class Qcow2Engine
         ArgumentOutOfRangeException.ThrowIfNegative(options.VmClock, "options.VmClock");
         ValidateSnapshotTable();
         int same = Snapshots.FindIndex(s => s.Name == name);
-        if (same >= 0) throw new VmsnapException($"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
+        if (same >= 0) throw new SnapshotExistsException(name, Snapshots[same].Id, Path, $"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
         if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new VmsnapException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
         DateTimeOffset date = options.Date ?? DateTimeOffset.UtcNow;
         long unixSeconds = date.ToUnixTimeSeconds();
         if (unixSeconds is < 0 or > uint.MaxValue)
@@ -415,7 +428,7 @@ internal sealed partial class Qcow2Engine
         // for a disk-only snapshot, the VM-state range too (QEMU's snapshot takes the whole table).
         // Every new path through a shared table is counted; the active disk continues in a new L1
         // table whose entries are not COPIED any more.
-        var gen = new MetadataGeneration(this);
+        var gen = new MetadataGeneration(_e);
         long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
         long sharedEnd = withVmState ? diskEntries : ActiveL1.Size;
         List<long> changed = CountSharedPaths(gen, sharedEnd);
@@ -502,7 +515,7 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     private void ClearCopiedInPlace(MetadataGeneration final, List<long> indices)
     {
-        var detour = new MetadataGeneration(this, final.AllocatedHere);
+        var detour = new MetadataGeneration(_e, final.AllocatedHere);
         var moved = (ulong[])ActiveL1.Entries.Clone();
         var tables = new List<(long Original, long Copy)>();
         foreach (long i in indices)
@@ -546,11 +559,11 @@ internal sealed partial class Qcow2Engine
     {
         SnapshotEntry sn = Lookup(idOrName);
         if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
-            throw new VmsnapException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
+            throw new OperationRefusedException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 
-        var gen = new MetadataGeneration(this);
+        var gen = new MetadataGeneration(_e);
         CountL1Paths(gen, l1, 0, l1.Size, -1);
         if (sn.L1Size > 0) gen.AddRange(sn.L1TableOffset, sn.L1Size * 8L, -1);
         var active = (ulong[])ActiveL1.Entries.Clone();
@@ -575,16 +588,16 @@ internal sealed partial class Qcow2Engine
     {
         SnapshotEntry sn = Lookup(idOrName);
         if (VmStateWriter is not null)
-            throw new VmsnapException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
+            throw new OperationRefusedException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
         long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
         if (diskSize != VirtualSize)
-            throw new VmsnapException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
+            throw new OperationRefusedException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 
         // The new active table is the snapshot's whole L1 table, VM-state range included, as QEMU's
         // apply makes it (padded with zeroes to the current size when the snapshot's is smaller).
-        var gen = new MetadataGeneration(this);
+        var gen = new MetadataGeneration(_e);
         var active = new ulong[Math.Max(ActiveL1.Size, l1.Size)];
         for (long i = 0; i < l1.Size; i++) active[i] = l1[i] & ~L1Entry.Copied;
         // Only the final counts reach the disk, so the old active paths go first: a narrow refcount
@@ -598,7 +611,7 @@ internal sealed partial class Qcow2Engine
         // The snapshot's own tables are not active yet: their COPIED flags may be corrected in place.
         FixActiveFlags(gen, l1, active, l2 => !current.Contains(l2));
         long activeOffset = WriteNewL1(gen, active);
-        Switch(gen, active, activeOffset, null, default, () => _activeShared = FindActiveSharing(FindActiveDuplicates()));
+        Switch(gen, active, activeOffset, null, default, () => _e.RefreshActiveSharing(FindActiveDuplicates()));
         return sn;
     });
 

@@ -1,7 +1,9 @@
-namespace Vmsnap.VmState;
+using Vmsnap.VmState;
+
+namespace Vmsnap.Tests;
 
 /// <summary>A VM-state file held in memory (tests, small streams): positional, thread-safe, growable.</summary>
-public sealed class MemoryVmStateBackend : VmStateBackend
+internal sealed class MemoryVmStateBackend : VmStateBackend
 {
     private readonly object _lock = new();
     private byte[] _data;
