@@ -231,6 +231,10 @@ def op_vmsnap_load(work, image, size, source, tag):
         os.unlink(target)
 
 
+def loadavg():
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -268,7 +272,7 @@ def main():
             res, wall, rss = op_vmsnap_savevm(work, ram, image, live=True)
             t["live"].append(res["seconds"]); t["live_wall"].append(wall); t["live_down"].append(res["downtime-seconds"]); t["live_qemu_down"].append(res["qemu-downtime-seconds"])
             t["qemu_job"].append(op_qemu_snapshot_save(work, ram, image))
-            print(f"# round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in t.items() if v), flush=True)
+            print(f"# round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in t.items() if v) + f"; load {loadavg()}", flush=True)
 
         # Loads: one image with QEMU's snapshot "qemu" and vmsnap's "vmsnap" of the same guest, stopped
         # (so both hold the same RAM, copied aside as the reference every load is compared with).
@@ -295,6 +299,8 @@ def main():
             secs, wall, rss, ok = op_vmsnap_load(work, image, size, ram, "vmsnap")
             t["vmsnap_load"].append(secs); t["vmsnap_load_wall"].append(wall)
             if not ok: notes.append("vmsnap loadvm: RAM differs")
+            print(f"# load round {r + 1}: qemu_loadvm {t['qemu_loadvm'][-1]:.3f}, qemu_load_job {t['qemu_load_job'][-1]:.3f}, "
+                  f"vmsnap_load {t['vmsnap_load'][-1]:.3f}; load {loadavg()}", flush=True)
         check = subprocess.run([QEMU_IMG, "check", image], capture_output=True, text=True)
 
         report(size, vm_bytes, limit, t, check.returncode == 0, notes)
@@ -326,6 +332,7 @@ def report(size, vm_bytes, limit, t, clean, notes):
     row("qemu loadvm (HMP, as -loadvm) none", "qemu_loadvm")
     row("qemu snapshot-load job, cache=none", "qemu_load_job")
     row("vmsnap loadvm (-incoming defer)", "vmsnap_load", f"process {m['vmsnap_load_wall']:.2f} s")
+    print(f"worst --live downtime {max(t['live_down']):.3f} s; load average at the end {loadavg()}")
     print()
     print("## targets")
 

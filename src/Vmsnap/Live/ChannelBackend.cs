@@ -9,9 +9,12 @@ namespace Vmsnap.Live;
 /// whatever QEMU's last 32 KiB write left in the socket. Safe because QEMU only sends: it never waits
 /// for vmsnap to say something before sending more.
 /// </summary>
-internal sealed class ChannelBackend(Socket socket) : VmStateBackend
+internal sealed class ChannelBackend(Socket socket, string? teePath = null) : VmStateBackend
 {
     private long _position;
+
+    // A diagnostic copy of every byte received (VMSNAP_LIVE_TEE): what QEMU sent, to set beside what was stored.
+    private readonly FileStream? _tee = teePath is null ? null : new FileStream(teePath, FileMode.Create, FileAccess.Write, FileShare.Read, 1 << 20);
 
     public override int Alignment => 1;
 
@@ -29,7 +32,14 @@ internal sealed class ChannelBackend(Socket socket) : VmStateBackend
             if (n == 0) break;
             total += n;
         }
+        _tee?.Write(buffer[..total]);
         _position += total;
         return total;
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _tee?.Dispose();
+        base.Dispose(disposing);
     }
 }

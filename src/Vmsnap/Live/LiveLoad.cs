@@ -65,6 +65,7 @@ internal sealed class LiveLoad : LiveSession
             snapshots.Add((disk, s));
         }
 
+        LiveTrace.Mark("checked");
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((LiveDisk disk, Qcow2Snapshot s) in snapshots)
         {
@@ -81,8 +82,11 @@ internal sealed class LiveLoad : LiveSession
             }
         }
 
+        LiveTrace.Mark("reverted");
         (MigrationStreamInfo info, long bytes) = Feed(vmDisk, snapshots.First(x => x.Disk == vmDisk).Snapshot);
+        LiveTrace.Mark("stream sent");
         string after = WaitLoaded();
+        LiveTrace.Mark("loaded");
         return new LiveLoadResult(Tag, reverted, bytes, info.RamBytes, clock.Elapsed.TotalSeconds, after, info);
     }
 

@@ -105,6 +105,7 @@ internal sealed class LiveSave : LiveSession
         double? qemuDowntime = null;
         try
         {
+            if (_options.Live) Rehearse(vmInfo);
             settings = MigrationSettings.Apply(Qmp, _options.Live);
             region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
@@ -113,11 +114,14 @@ internal sealed class LiveSave : LiveSession
             }
             (info, vmStateBytes, qemuDowntime) = Transfer(region, vmDisk, plan);
             completed = true;
+            LiveTrace.Mark("migration completed");
             region.Finish(vmStateBytes, vmInfo.ClusterSize);
+            LiveTrace.Mark("region finished");
             // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
             if (!_options.Live && wasRunning) GlobalState.MarkRunning(info, (offset, buffer) => region.Read(buffer, offset), region.Patch);
             commit = CommitSnapshots(disks, vmDisk, before, region, plan, info, vmStateBytes, stopMark);
             committed = true;
+            LiveTrace.Mark("snapshots committed");
         }
         catch (Exception e)
         {
@@ -134,6 +138,7 @@ internal sealed class LiveSave : LiveSession
         string? resumeProblem = null;
         long resumeMark = Qmp.EventMark;
         if (!Qmp.IsClosed) resumeProblem = Resume(wasRunning, failure is not null && !completed);
+        LiveTrace.Mark("resumed");
         string? restoreProblem = Qmp.IsClosed ? null : settings?.Restore();
 
         if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
@@ -146,6 +151,7 @@ internal sealed class LiveSave : LiveSession
             QmpEvent? stop = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP");
             QmpEvent? resume = Qmp.WaitForEvent("RESUME", resumeMark, TimeSpan.FromSeconds(5));
             if (stop is not null && resume is not null) downtime = (resume.Timestamp - stop.Timestamp).TotalSeconds;
+            if (LiveTrace.On) LiveTrace.Mark($"QEMU's STOP at {stop?.Timestamp:HH:mm:ss.fff}, RESUME at {resume?.Timestamp:HH:mm:ss.fff}, its own downtime {qemuDowntime} s");
         }
         string after = Qmp.IsClosed ? "unknown" : RunState();
         var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
@@ -153,6 +159,55 @@ internal sealed class LiveSave : LiveSession
         if (restoreProblem is not null)
             throw new LiveSnapshotException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
         return result;
+    }
+
+    /// <summary>
+    /// Runs what the guest's stop will run, once, on a small scratch image of the same geometry, while the guest
+    /// still runs: opening an image for writing, the region check, the link and the snapshot creation. The
+    /// methods are then compiled (the JIT compiles a method when it first runs) and their libraries loaded, so the
+    /// stopped window does only the work itself. On a contended machine the first run's compilation took longer
+    /// than that work. Best effort: any failure here is ignored (the real commit reports its own).
+    /// </summary>
+    private static void Rehearse(Qcow2ImageInfo geometry)
+    {
+        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-rehearsal-" + Guid.NewGuid().ToString("N")[..12]);
+        try
+        {
+            Directory.CreateDirectory(folder);
+            string path = Path.Combine(folder, "rehearsal.qcow2");
+            int cs = geometry.ClusterSize;
+            using (Qcow2Image created = Qcow2Image.Create(path, 16L << 20, new Qcow2CreateOptions
+            {
+                ClusterSize = cs, RefcountBits = geometry.RefcountBits, ExtendedL2 = geometry.ExtendedL2,
+            }))
+            {
+                created.Write(new byte[cs], 0);
+            }
+            long offset, length = 3L * cs + 17;
+            using (Qcow2Image shared = Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true }))
+                offset = (shared.UsedEnd() + (4L << 20)) / cs * cs + cs;
+            using (var file = new FileStream(path, FileMode.Open, FileAccess.Write))
+            {
+                file.Position = offset;
+                file.Write(new byte[length]);
+            }
+            using Qcow2Image image = Qcow2Image.Open(path, new Qcow2OpenOptions());
+            long reserve = RegionPlan.ReserveBelow(length, cs, geometry.RefcountBits);
+            if (image.CheckVmStateRegion(offset, length, reserve) is not null) return;
+            image.LinkVmStateRegion(offset, length, reserve);
+            image.CreateSnapshot("rehearsal", new Qcow2SnapshotCreateOptions { VmStateSize = length, VmClock = 1, Date = DateTimeOffset.UtcNow, Icount = -1 });
+            LiveTrace.Mark("rehearsed");
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            LiveTrace.Mark($"rehearsal failed: {e.Message}");
+        }
+        finally
+        {
+            try { Directory.Delete(folder, recursive: true); }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
     }
 
     private static string DescribeSnapshots(Qcow2Image image) =>
@@ -184,13 +239,16 @@ internal sealed class LiveSave : LiveSession
         long bytes;
         try
         {
-            using var backend = new ChannelBackend(socket);
+            string? tee = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TEE") is { Length: > 0 } folder ? Path.Combine(folder, Tag + ".stream") : null;
+            using var backend = new ChannelBackend(socket, tee);
             using var reader = new VmStateReader(backend, ReadBufferSize);
             // No sync of its own: linking the region flushes the file before any table points there.
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var writer = new VmStateWriter(region, writerOptions);
             info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
+            LiveTrace.Mark("stream end");
             writer.Close();
+            LiveTrace.Mark("writer closed");
             bytes = writer.BytesTransferred;
         }
         catch
@@ -317,6 +375,7 @@ internal sealed class LiveSave : LiveSession
             for (int i = 0; i < disks.Count; i++)
                 if (opened[i] is { } image) images.Add((disks[i], image));
             if (openFailures.FirstOrDefault(f => f is not null) is { } openFailure) throw openFailure;
+            LiveTrace.Mark("images opened");
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)
@@ -334,6 +393,7 @@ internal sealed class LiveSave : LiveSession
             if (vmImage.CheckVmStateRegion(plan.Offset, vmStateBytes, reserve) is { } problem)
                 throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
 
+            LiveTrace.Mark("region checked");
             long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
 
@@ -366,6 +426,7 @@ internal sealed class LiveSave : LiveSession
                     failures[i] = e;
                 }
             });
+            LiveTrace.Mark("linked and created");
             var results = new List<LiveDiskSnapshot>();
             for (int i = 0; i < images.Count; i++)
             {

@@ -16,7 +16,7 @@ namespace Vmsnap.Live;
 internal sealed class MigrationSettings
 {
     /// <summary>QEMU's target for the final stop in a live save (its default is 300 ms).</summary>
-    internal const long LiveDowntimeLimitMs = 200;
+    internal const long LiveDowntimeLimitMs = 50;
 
     // Capabilities whose streams or channels vmsnap does not handle (those this QEMU knows are turned off).
     private static readonly string[] s_mustBeOff =

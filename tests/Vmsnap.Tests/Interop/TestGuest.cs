@@ -10,7 +10,9 @@ namespace Vmsnap.Tests.Interop;
 /// <param name="Boot">The kernel's boot ID (a new one on every boot, the same after a restore).</param>
 /// <param name="Disks">"ok" when the block written on the previous tick read back right from both disks, else what was wrong.</param>
 /// <param name="Sum">MD5 of the guest's filled memory region, on every eighth tick; null on the others.</param>
-internal sealed record GuestTick(long N, string Boot, string Disks, string? Sum);
+/// <param name="Churn">With <see cref="GuestOptions.Churn"/>, on the ticks with <paramref name="Sum"/>: "ok" when the last complete copy
+/// of the region and the last zero-filled file read back right, else what was wrong; null otherwise.</param>
+internal sealed record GuestTick(long N, string Boot, string Disks, string? Sum, string? Churn = null);
 
 /// <summary>How a <see cref="TestGuest"/> is set up.</summary>
 internal sealed record GuestOptions
@@ -20,6 +22,13 @@ internal sealed record GuestOptions
 
     /// <summary>Attach the first disk through <c>-device virtio-blk-pci,share-rw=on</c> (so QEMU can export it writable, for failure injection).</summary>
     public bool ShareFirstDisk { get; init; }
+
+    /// <summary>
+    /// Keep rewriting memory in the background: a loop that copies the filled region into a new tmpfs file and
+    /// writes a zero-filled one, each replacing the previous one, so pages keep being dirtied, freed and reused,
+    /// turning from data to zeros and back (the pre-copy of a live save sees them change between passes).
+    /// </summary>
+    public bool Churn { get; init; }
 
     /// <summary>More QEMU arguments.</summary>
     public string[] Extra { get; init; } = [];
@@ -111,7 +120,7 @@ internal sealed partial class TestGuest : IDisposable
         var args = new List<string>
         {
             "-machine", machine, "-accel", "tcg", "-m", $"{RamMiB}M", "-no-reboot",
-            "-kernel", Path.Combine(TestDeps.Guest, "vmlinuz"), "-initrd", s_initramfs.Value, "-append", "console=ttyS0 quiet panic=-1",
+            "-kernel", Path.Combine(TestDeps.Guest, "vmlinuz"), "-initrd", s_initramfs.Value, "-append", "console=ttyS0 quiet panic=-1" + (options.Churn ? " vmsnap.churn" : ""),
             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
         };
         if (options.ShareFirstDisk)
@@ -150,9 +159,31 @@ internal sealed partial class TestGuest : IDisposable
         foreach (string line in text.Split('\n'))
         {
             Match m = TickLine().Match(line.TrimEnd('\r'));
-            if (m.Success) ticks.Add(new GuestTick(long.Parse(m.Groups[1].Value), m.Groups[2].Value, m.Groups[3].Value, m.Groups[4].Value == "-" ? null : m.Groups[4].Value));
+            // A line whose start and end name different ticks was spliced: its start printed by a guest that was then
+            // loaded over (HMP loadvm in the same QEMU), its end by the loaded guest. Such a line is not a tick.
+            if (!m.Success || m.Groups[1].Value != m.Groups[6].Value) continue;
+            ticks.Add(new GuestTick(long.Parse(m.Groups[1].Value), m.Groups[2].Value, m.Groups[3].Value,
+                m.Groups[4].Value == "-" ? null : m.Groups[4].Value, m.Groups[5].Value == "-" ? null : m.Groups[5].Value));
         }
         return ticks;
+    }
+
+    /// <summary>Lines that begin as a tick line but are not one (spliced or cut by a restore).</summary>
+    public IReadOnlyList<string> RejectedLines() =>
+        SerialLines().Where(l => l.StartsWith("vmsnap-guest tick=", StringComparison.Ordinal) && !(TickLine().Match(l) is { Success: true } m && m.Groups[1].Value == m.Groups[6].Value)).ToList();
+
+    private string[] SerialLines()
+    {
+        try
+        {
+            using var f = new FileStream(Serial, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+            using var r = new StreamReader(f, Encoding.Latin1);
+            return r.ReadToEnd().Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
+        }
+        catch (FileNotFoundException)
+        {
+            return [];
+        }
     }
 
     /// <summary>The last tick printed so far.</summary>
@@ -194,7 +225,8 @@ internal sealed partial class TestGuest : IDisposable
 
     public void Dispose() => Vm.Dispose();
 
-    [GeneratedRegex(@"^vmsnap-guest tick=(\d+) boot=(\S+) disks=(\S+) sum=(\S+)$")]
+    // Every field in its exact shape, and the tick number again at the end: see Ticks.
+    [GeneratedRegex(@"^vmsnap-guest tick=(\d+) boot=([0-9a-f-]{36}) disks=(ok|bad:vd[ab]) sum=([0-9a-f]{32}|-) churn=(ok|bad:\w+|-) end=(\d+)$")]
     private static partial Regex TickLine();
 
     // ---- the initramfs ------------------------------------------------------------------------
@@ -213,12 +245,21 @@ internal sealed partial class TestGuest : IDisposable
         for m in MODULES; do insmod /modules/$m.ko || echo "vmsnap-guest insmod $m failed"; done
         i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
         boot=$(cat /proc/sys/kernel/random/boot_id)
-        mkdir -p /mem && mount -t tmpfs -o size=64m tmpfs /mem
+        mkdir -p /mem && mount -t tmpfs -o size=96m tmpfs /mem
         seq 1 500 > /mem/a
         i=0; while [ $i -lt 14 ]; do cat /mem/a /mem/a > /mem/b; mv /mem/b /mem/a; i=$((i+1)); done
         dd if=/mem/a of=/mem/fill bs=1048576 count=FILLMIB 2>/dev/null; rm /mem/a
         sum=$(md5sum < /mem/fill | cut -d' ' -f1)
         echo "vmsnap-guest ready boot=$boot fill=$sum"
+        churn=; grep -q vmsnap.churn /proc/cmdline && churn=1
+        if [ -n "$churn" ]; then
+          zsum=$(dd if=/dev/zero bs=1048576 count=4 2>/dev/null | md5sum | cut -d' ' -f1)
+          cp /mem/fill /mem/c; dd if=/dev/zero of=/mem/z bs=1048576 count=4 2>/dev/null
+          ( while true; do
+              cp /mem/fill /mem/c.tmp && mv /mem/c.tmp /mem/c
+              dd if=/dev/zero of=/mem/z.tmp bs=1048576 count=4 2>/dev/null && mv /mem/z.tmp /mem/z
+            done ) &
+        fi
         n=0
         while true; do
           n=$((n+1)); b=$((n % 64)); p=$(((n + 63) % 64))
@@ -230,8 +271,16 @@ internal sealed partial class TestGuest : IDisposable
               [ "$got" = "$(printf 'vmsnap %s %08d' $d $((n - 1)))" ] || ok="bad:$d"
             done
           fi
-          s=-; [ $((n % 8)) -eq 0 ] && s=$(md5sum < /mem/fill | cut -d' ' -f1)
-          echo "vmsnap-guest tick=$n boot=$boot disks=$ok sum=$s"
+          s=-; c=-
+          if [ $((n % 8)) -eq 0 ]; then
+            s=$(md5sum < /mem/fill | cut -d' ' -f1)
+            if [ -n "$churn" ]; then
+              c=ok
+              [ "$(md5sum < /mem/c | cut -d' ' -f1)" = "$sum" ] || c=bad:copy
+              [ "$(md5sum < /mem/z | cut -d' ' -f1)" = "$zsum" ] || c=bad:zero
+            fi
+          fi
+          echo "vmsnap-guest tick=$n boot=$boot disks=$ok sum=$s churn=$c end=$n"
           sleep 0.1
         done
         """;

@@ -1,0 +1,22 @@
+using System.Diagnostics;
+
+namespace Vmsnap.Live;
+
+/// <summary>
+/// Timestamps of a live save's or load's phases on standard error, when VMSNAP_LIVE_TRACE=1: where the
+/// time of a save (and of the guest's stop) goes. Wall-clock UTC beside each mark, to set them against
+/// the timestamps of QEMU's STOP and RESUME events.
+/// </summary>
+internal static class LiveTrace
+{
+    private static readonly bool s_on = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TRACE") == "1";
+    private static readonly Stopwatch s_clock = Stopwatch.StartNew();
+
+    internal static bool On => s_on;
+
+    internal static void Mark(string what)
+    {
+        if (!s_on) return;
+        Console.Error.WriteLine($"vmsnap trace {s_clock.Elapsed.TotalMilliseconds,10:0.0} ms {DateTimeOffset.UtcNow:HH:mm:ss.fff} {what}");
+    }
+}
