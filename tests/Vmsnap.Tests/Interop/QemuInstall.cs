@@ -48,8 +48,10 @@ internal sealed partial class QemuInstall
     /// <summary>"7.2" or "10.0": the major.minor the binaries must report.</summary>
     public string Version { get; }
 
-    /// <summary>The version in use on this test's flow of control (7.2 unless a test chose another).</summary>
-    public static QemuInstall Current => CurrentInstall.Value ?? Qemu72;
+    /// <summary>The version this test chose (QemuInstall.Use); a test that chose none fails rather than quietly running one version.</summary>
+    public static QemuInstall Current => CurrentInstall.Value ?? throw new InvalidOperationException(
+        "this test starts a QEMU program without choosing its QEMU version: every interop test runs on each version " +
+        "([EachQemu] or QemuInstall.Versions, then QemuInstall.Use(version))");
 
     /// <summary>The install for "7.2" or "10.0".</summary>
     public static QemuInstall Get(string version) => version switch

@@ -12,11 +12,23 @@ namespace Vmsnap.Tests.Live;
 /// as it was (the filled region, the last complete copy of it, the last zero-filled file) and its disks
 /// as it wrote them. A page the save missed, sent out of order or left nonzero would show here.
 /// VMSNAP_LIVE_STRESS_ROUNDS sets the rounds (default 3).
+/// <para>QEMU 10.0 only unless VMSNAP_LIVE_STRESS_QEMU72=1: under TCG, QEMU 7.2's own live migration of this
+/// churning guest crashes it about once in 25 rounds (measured: 3 of ~75 rounds; the stream vmsnap stored was
+/// byte for byte what QEMU sent, and QEMU alone loading that stream crashed the guest the same way; 0 of 16
+/// rounds failed on 10.0; see docs/live.md). A CI run would fail on QEMU's defect, not on vmsnap's.</para>
 /// </summary>
 public class LiveStressTests
 {
+    /// <summary>The QEMU versions the stress runs on (see the class remarks for why 7.2 is opt-in).</summary>
+    public static TheoryData<string> StressVersions()
+    {
+        var versions = new TheoryData<string> { "10.0" };
+        if (Environment.GetEnvironmentVariable("VMSNAP_LIVE_STRESS_QEMU72") == "1") versions.Add("7.2");
+        return versions;
+    }
+
     [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
+    [MemberData(nameof(StressVersions))]
     public void Live_saves_of_a_guest_rewriting_its_memory_restore_it_intact_round_after_round(string version)
     {
         using var _ = QemuInstall.Use(version);
