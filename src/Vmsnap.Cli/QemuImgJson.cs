@@ -5,8 +5,9 @@ using Vmsnap.Qcow2;
 namespace Vmsnap.Cli;
 
 /// <summary>
-/// The JSON of <c>info</c>, <c>check</c> and <c>snapshot list</c> in qemu-img's shape (QEMU 7.2
-/// <c>qemu-img info --output=json</c> and <c>qemu-img check --output=json</c>): the same key names,
+/// The JSON of <c>info</c>, <c>check</c> and <c>snapshot list</c> in qemu-img's shape (QEMU 7.2 and 10.0
+/// <c>qemu-img info --output=json</c> and <c>qemu-img check --output=json</c>; info's <c>children</c> is
+/// 10.0's, which 7.2 leaves out): the same key names,
 /// nesting, value types, and the same rules for when a key is left out, so that a script can switch
 /// tools. vmsnap's own fields come after qemu-img's, in the same kebab-case style (marked "vmsnap's
 /// own" below; the README lists them).
@@ -28,10 +29,42 @@ internal static class QemuImgJson
         [JsonPropertyName("snapshots")] public IReadOnlyList<SnapshotInfo>? Snapshots { get; init; }
         [JsonPropertyName("format-specific")] public required FormatSpecific FormatSpecific { get; init; }
 
+        /// <summary>The block graph below the image, as QEMU 10's qemu-img prints it (7.2's does not): its file.</summary>
+        [JsonPropertyName("children")] public required IReadOnlyList<ChildInfo> Children { get; init; }
+
         // vmsnap's own.
         [JsonPropertyName("file-length")] public required long FileLength { get; init; }
         [JsonPropertyName("l1-size")] public required int L1Size { get; init; }
     }
+
+    /// <summary>One of QEMU's BlockChildInfo: the child's role ("file") and the node's info.</summary>
+    internal sealed class ChildInfo
+    {
+        [JsonPropertyName("name")] public required string Name { get; init; }
+        [JsonPropertyName("info")] public required FileNodeInfo Info { get; init; }
+    }
+
+    /// <summary>The info of the protocol node under the image: the host file itself, whose virtual size is its length in whole sectors.</summary>
+    internal sealed class FileNodeInfo
+    {
+        [JsonPropertyName("children")] public IReadOnlyList<ChildInfo> Children => [];
+        [JsonPropertyName("virtual-size")] public required long VirtualSize { get; init; }
+        [JsonPropertyName("filename")] public required string Filename { get; init; }
+        [JsonPropertyName("format")] public string Format => "file";
+        [JsonPropertyName("actual-size")] public long? ActualSize { get; init; }
+        [JsonPropertyName("format-specific")] public FileFormatSpecific FormatSpecific => new();
+        [JsonPropertyName("dirty-flag")] public bool DirtyFlag => false;
+    }
+
+    /// <summary>The protocol node's format-specific union: type "file", no data.</summary>
+    internal sealed class FileFormatSpecific
+    {
+        [JsonPropertyName("type")] public string Type => "file";
+        [JsonPropertyName("data")] public EmptyObject Data => new();
+    }
+
+    /// <summary>Serialises as <c>{}</c>.</summary>
+    internal sealed class EmptyObject;
 
     /// <summary>qemu-img's ImageInfoSpecific: a union tagged by its type.</summary>
     internal sealed class FormatSpecific
@@ -106,11 +139,12 @@ internal static class QemuImgJson
     internal static ImageInfo Info(string filename, Qcow2ImageInfo i, IReadOnlyList<Qcow2Snapshot> snapshots)
     {
         bool v3 = i.Version >= 3;
+        long? actualSize = FileAllocation.AllocatedBytes(filename);
         return new ImageInfo
         {
             Filename = filename,
             DirtyFlag = i.Dirty,
-            ActualSize = FileAllocation.AllocatedBytes(filename),
+            ActualSize = actualSize,
             VirtualSize = i.VirtualSize,
             ClusterSize = i.ClusterSize,
             BackingFilename = string.IsNullOrEmpty(i.BackingFile) ? null : i.BackingFile,
@@ -130,6 +164,8 @@ internal static class QemuImgJson
                     CompressionType = i.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib",
                 },
             },
+            // QEMU's block layer counts a node's length in 512-byte sectors, rounding the file's length up.
+            Children = [new ChildInfo { Name = "file", Info = new FileNodeInfo { VirtualSize = (i.FileSize + 511) / 512 * 512, Filename = filename, ActualSize = actualSize } }],
             FileLength = i.FileSize,
             L1Size = i.L1Size,
         };
