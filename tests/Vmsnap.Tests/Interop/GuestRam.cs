@@ -60,8 +60,11 @@ internal static class GuestRam
     public static string Hash(string path)
     {
         using var f = File.OpenRead(path);
-        return Convert.ToHexString(SHA256.HashData(f));
+        return Hash(f);
     }
+
+    /// <summary>SHA-256 of what an open stream reads from its position on, hex (a file held open across a load).</summary>
+    public static string Hash(Stream stream) => Convert.ToHexString(SHA256.HashData(stream));
 
     /// <summary>Counts all-zero 4 KiB pages of a file by looking at every byte (independent of the code under test).</summary>
     public static long CountZeroPages(string path)

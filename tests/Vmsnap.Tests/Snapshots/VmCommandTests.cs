@@ -93,7 +93,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         // --in-place writes the file a process holds open (QEMU's memory-backend-file with share=on): it sees the RAM.
         using var held = new FileStream(target, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
         VmsnapJson("load", qemu.NoneStream, "--ram", $"ram0={target}", "--in-place", "--json");
-        Assert.Equal(Hash(qemu.NoneRam), Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(held)));
+        Assert.Equal(Hash(qemu.NoneRam), GuestRam.Hash(held));
     }
 
     [Theory]
