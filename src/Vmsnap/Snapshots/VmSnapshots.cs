@@ -83,10 +83,13 @@ public static class VmSnapshots
         ArgumentNullException.ThrowIfNull(ramFiles);
         return ReadSnapshot(imagePath, snapshot, options ?? new(), (reader, length) =>
         {
-            using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
+            using var sink = RamSink(ramFiles, options);
             return (MigrationStream.Parse(reader, length, sink, null, MigrationStreamFormat.Plain, ramBytesDone, cancellationToken), (VmStateWriteMode?)null);
         });
     }
+
+    private static RamFileSink RamSink(IEnumerable<KeyValuePair<string, string>> ramFiles, VmSnapshotOptions? options) =>
+        new(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
 
     /// <summary>
     /// Loads the RAM of a migration stream file (plain, or QEMU's mapped-ram <c>file:</c> format) into files, one per
@@ -100,7 +103,7 @@ public static class VmSnapshots
         using var file = FileBlockDevice.Open(source);
         using var backend = VmStateBackend.ForBlockDevice(file);
         using var reader = new VmStateReader(backend, ReadBufferSize);
-        using var sink = new RamFileSink(ramFiles) { WriteInPlace = options?.RamInPlace ?? false };
+        using var sink = RamSink(ramFiles, options);
         return MigrationStream.Read(reader, sink, ramBytesDone, cancellationToken);
     }
 
