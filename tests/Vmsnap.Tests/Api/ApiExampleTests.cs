@@ -50,10 +50,9 @@ public sealed partial class ApiExampleTests
         // docs/api.md example: end
     }
 
-    [Theory, EachQemu]
-    public void The_example_saves_a_snapshot_QEMU_restores_and_loads_it_back(string version)
+    [QemuFact]
+    public void The_example_saves_a_snapshot_QEMU_restores_and_loads_it_back()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = VmKit.QemuImage(dir);
         string ram = dir.File("ram"), restored = dir.File("restored"), byQemu = dir.File("by-qemu");
@@ -107,10 +106,9 @@ public sealed partial class ApiExampleTests
         Assert.Empty(typeof(VmsnapException).GetConstructors(BindingFlags.Public | BindingFlags.Instance));
     }
 
-    [Theory, EachQemu]
-    public void Each_kind_of_failure_has_its_own_exception_type(string version)
+    [QemuFact]
+    public void Each_kind_of_failure_has_its_own_exception_type()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = VmKit.QemuImage(dir);
         string ram = dir.File("ram");

@@ -25,11 +25,9 @@ public partial class ExitCodeTests
         return ExitCodeLine().Matches(help[at..]).ToDictionary(m => int.Parse(m.Groups[1].Value), m => m.Groups[2].Value);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with(string version)
+    [QemuFact]
+    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with()
     {
-        using var qemuScope = QemuInstall.Use(version);
         Tool.Result help = Vmsnap("--help");
         Assert.Equal(0, help.ExitCode);
         Dictionary<int, string> codes = Documented(help.Stdout);
@@ -64,11 +62,9 @@ public partial class ExitCodeTests
         Assert.Contains("'nosuch'", Vmsnap("nosuch").Stderr);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same(string version)
+    [QemuFact]
+    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 4 << 20);

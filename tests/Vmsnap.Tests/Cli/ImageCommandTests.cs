@@ -20,11 +20,9 @@ public class ImageCommandTests
         foreach (string w in words) Assert.Contains(w, lines[0], StringComparison.OrdinalIgnoreCase);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_makes_the_image_asked_for(string version)
+    [QemuFact]
+    public void Create_makes_the_image_asked_for()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.Result r = Vmsnap("create", image, "64M", "--cluster-size", "4k", "--refcount-bits", "8", "--lazy-refcounts", "--json");
@@ -55,11 +53,9 @@ public class ImageCommandTests
         Qemu.AssertClean(ext);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_refuses_bad_options_in_one_line(string version)
+    [QemuFact]
+    public void Create_refuses_bad_options_in_one_line()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "12345"), 1, "multiple of 512");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--cluster-size", "1000"), 1, "power of two");
@@ -82,11 +78,9 @@ public class ImageCommandTests
         Assert.Equal(hash, Qemu.Hash(keep));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Info_shows_what_qemu_img_info_shows(string version)
+    [QemuFact]
+    public void Info_shows_what_qemu_img_info_shows()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("i.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=16k,extended_l2=on,compression_type=zstd");
@@ -107,11 +101,9 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("info", dir.File("junk.qcow2")), 1, "magic");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_exit_codes_and_json_follow_qemu_img_check(string version)
+    [QemuFact]
+    public void Check_exit_codes_and_json_follow_qemu_img_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("k.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -152,11 +144,9 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("check", dir.File("none.qcow2")), 1);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Read_and_write_move_bytes_between_files_and_guest_offsets(string version)
+    [QemuFact]
+    public void Read_and_write_move_bytes_between_files_and_guest_offsets()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("rw.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");

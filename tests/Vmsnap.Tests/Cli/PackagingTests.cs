@@ -125,7 +125,7 @@ public class PackagingTests
         Run(dir.Path, runEnv, vmsnap, "snapshot", "create", image, "from-the-tool");
         JsonElement info = JsonDocument.Parse(Run(dir.Path, runEnv, vmsnap, "info", image, "--output=json")).RootElement;
         // What the installed tool made, as each QEMU sees it (packing once is enough: it does not depend on QEMU).
-        QemuVersionData.OnEachQemu(_ =>
+        QemuInstall.OnEach(_ =>
         {
             Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), info.GetProperty("virtual-size").GetInt64());
             Assert.Equal("from-the-tool", Qemu.Info(image).GetProperty("snapshots")[0].GetProperty("name").GetString());

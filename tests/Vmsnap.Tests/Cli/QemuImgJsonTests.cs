@@ -158,11 +158,9 @@ public partial class QemuImgJsonTests
         return ours;
     }
 
-    [Theory]
-    [EachQemu]
-    public void Info_and_snapshot_list_print_qemu_img_infos_json_for_every_kind_of_image(string version)
+    [QemuFact]
+    public void Info_and_snapshot_list_print_qemu_img_infos_json_for_every_kind_of_image()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string cwd = dir.Path;
         Directory.CreateDirectory(dir.File("sub"));
@@ -250,11 +248,9 @@ public partial class QemuImgJsonTests
             .GetProperty("flags").EnumerateArray().Select(f => f.GetString()));
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshots_date_and_clock_are_printed_as_stored_whatever_the_bits(string version)
+    [QemuFact]
+    public void A_snapshots_date_and_clock_are_printed_as_stored_whatever_the_bits()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("odd.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", image, "16M");
@@ -269,11 +265,10 @@ public partial class QemuImgJsonTests
         Assert.Equal((long)(0x8000_0000_0000_1234UL / 1_000_000_000), s.GetProperty("vm-clock-sec").GetInt64());
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_prints_qemu_img_checks_json_and_exit_code_clean_damaged_and_repaired(string version)
+    [QemuFact]
+    public void Check_prints_qemu_img_checks_json_and_exit_code_clean_damaged_and_repaired()
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         string cwd = dir.Path;
 

@@ -70,12 +70,11 @@ public class SignalTests
         }
     }
 
-    [Theory]
-    [QemuInlineData("INT", 130)]
-    [QemuInlineData("TERM", 143)]
-    public async Task A_signal_while_the_pipe_stalls_before_any_write_exits_128_plus_it_and_leaves_the_image_byte_for_byte(string version, string signal, int exitCode)
+    [QemuTheory]
+    [InlineData("INT", 130)]
+    [InlineData("TERM", 143)]
+    public async Task A_signal_while_the_pipe_stalls_before_any_write_exits_128_plus_it_and_leaves_the_image_byte_for_byte(string signal, int exitCode)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         Tool.QemuImg("snapshot", "-c", "keep", image);
@@ -100,11 +99,9 @@ public class SignalTests
         Assert.Equal(before, Qemu.Hash(image));
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task A_SIGINT_after_VM_state_was_written_exits_130_and_frees_it_leaving_disk_and_snapshots_as_they_were(string version)
+    [QemuFact]
+    public async Task A_SIGINT_after_VM_state_was_written_exits_130_and_frees_it_leaving_disk_and_snapshots_as_they_were()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         Qemu.Io(image, "write -P 0x5a 0 1M");

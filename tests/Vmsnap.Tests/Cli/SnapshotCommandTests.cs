@@ -26,11 +26,9 @@ public class SnapshotCommandTests
         foreach (string w in words) Assert.Contains(w, lines[0], StringComparison.OrdinalIgnoreCase);
     }
 
-    [Theory]
-    [EachQemu]
-    public void List_prints_what_qemu_img_snapshot_l_prints_for_every_kind_of_value(string version)
+    [QemuFact]
+    public void List_prints_what_qemu_img_snapshot_l_prints_for_every_kind_of_value()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("l.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -89,11 +87,9 @@ public class SnapshotCommandTests
         Assert.Equal(Tool.QemuImg("snapshot", "-l", empty), Vmsnap("snapshot", "list", empty).Stdout);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_delete_apply_change_the_image_like_qemu_img_snapshot(string version)
+    [QemuFact]
+    public void Create_delete_apply_change_the_image_like_qemu_img_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 8 << 20);
@@ -131,11 +127,9 @@ public class SnapshotCommandTests
         Assert.Equal(2, Vmsnap("snapshot", "frobnicate", image).ExitCode);
     }
 
-    [Theory]
-    [EachQemu]
-    public void With_qemu_holding_the_image_changes_are_refused_and_inspection_needs_force_share(string version)
+    [QemuFact]
+    public void With_qemu_holding_the_image_changes_are_refused_and_inspection_needs_force_share()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("held.qcow2");
         Qemu.Create(image, 8 << 20);

@@ -27,14 +27,13 @@ public class LinkedVmStateTests
 
     private static string Hash(string path) => Convert.ToHexString(SHA256.HashData(File.ReadAllBytes(path)));
 
-    [Theory]
-    [QemuInlineData(65536, 16, false)]
-    [QemuInlineData(512, 16, false)]      // small clusters: the region lies beyond the refcount table's reach, which must grow past it
-    [QemuInlineData(2 << 20, 64, false)]
-    [QemuInlineData(65536, 16, true)]     // extended L2 entries
-    public void A_region_written_past_the_used_end_becomes_a_snapshots_VM_state(string version, int clusterSize, int refcountBits, bool extendedL2)
+    [QemuTheory]
+    [InlineData(65536, 16, false)]
+    [InlineData(512, 16, false)]      // small clusters: the region lies beyond the refcount table's reach, which must grow past it
+    [InlineData(2 << 20, 64, false)]
+    [InlineData(65536, 16, true)]     // extended L2 entries
+    public void A_region_written_past_the_used_end_becomes_a_snapshots_VM_state(int clusterSize, int refcountBits, bool extendedL2)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", "-o", $"cluster_size={clusterSize},refcount_bits={refcountBits},extended_l2={(extendedL2 ? "on" : "off")}", image, "64M");
@@ -78,10 +77,9 @@ public class LinkedVmStateTests
         Assert.Contains("No errors were found", Tool.Run("qemu-img", ["check", image]).Stdout);
     }
 
-    [Theory, EachQemu]
-    public void A_region_the_image_uses_or_that_is_cut_short_is_refused_with_nothing_changed(string version)
+    [QemuFact]
+    public void A_region_the_image_uses_or_that_is_cut_short_is_refused_with_nothing_changed()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", image, "64M");
@@ -110,10 +108,9 @@ public class LinkedVmStateTests
         Assert.Equal(before, Hash(image));
     }
 
-    [Theory, EachQemu]
-    public void Linking_drops_what_the_active_table_mapped_past_the_disk_before(string version)
+    [QemuFact]
+    public void Linking_drops_what_the_active_table_mapped_past_the_disk_before()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", image, "64M");
@@ -142,10 +139,9 @@ public class LinkedVmStateTests
         Assert.DoesNotContain("leaked", check.Stdout);
     }
 
-    [Theory, EachQemu]
-    public void A_linked_area_no_snapshot_took_is_dropped_and_its_space_given_back(string version)
+    [QemuFact]
+    public void A_linked_area_no_snapshot_took_is_dropped_and_its_space_given_back()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", image, "64M");

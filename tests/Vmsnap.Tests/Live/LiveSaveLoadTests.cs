@@ -12,20 +12,11 @@ namespace Vmsnap.Tests.Live;
 /// </summary>
 public class LiveSaveLoadTests
 {
-    public static TheoryData<string, string> VersionsAndMachines()
+    [QemuTheory]
+    [InlineData("pc")]
+    [InlineData("q35")]
+    public void A_guest_saved_stopped_and_live_resumes_from_each_snapshot_with_loadvm_and_with_vmsnap_loadvm(string machine)
     {
-        var data = new TheoryData<string, string>();
-        foreach (string v in new[] { "7.2", "10.0" })
-            foreach (string m in new[] { "pc", "q35" })
-                data.Add(v, m);
-        return data;
-    }
-
-    [Theory]
-    [MemberData(nameof(VersionsAndMachines))]
-    public void A_guest_saved_stopped_and_live_resumes_from_each_snapshot_with_loadvm_and_with_vmsnap_loadvm(string version, string machine)
-    {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         SaveWindow stoppedWindow, liveWindow;
         string bootId;

@@ -124,11 +124,10 @@ public class CheckAndRepairTests
         return image;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Damages))]
-    public void Damage_is_counted_and_repaired_like_qemu_img_check(string version, string damage)
+    [QemuTheory]
+    [MemberData(nameof(Damages))]
+    public void Damage_is_counted_and_repaired_like_qemu_img_check(string damage)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Damage(dir, damage);
         Qcow2CheckResult found = VmsnapCheck(image);
@@ -163,26 +162,24 @@ public class CheckAndRepairTests
         Qemu.AssertSameContent(image, theirs, "qcow2");
     }
 
-    [Theory]
-    [QemuInlineData("leaked-free-cluster")]
-    [QemuInlineData("data-refcount-too-high")]
-    [QemuInlineData("l2-refcount-too-high")]
-    public void Repairing_leaks_only_frees_leaked_clusters_like_qemu(string version, string damage)
+    [QemuTheory]
+    [InlineData("leaked-free-cluster")]
+    [InlineData("data-refcount-too-high")]
+    [InlineData("l2-refcount-too-high")]
+    public void Repairing_leaks_only_frees_leaked_clusters_like_qemu(string damage)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Damage(dir, damage);
         AssertRepairsLikeQemu(dir, image, Qcow2RepairMode.Leaks);
     }
 
-    [Theory]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64")]
-    [QemuInlineData("extended_l2=on")]
-    [QemuInlineData("compat=0.10")]
-    public void Damage_counts_match_for_other_layouts(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64")]
+    [InlineData("extended_l2=on")]
+    [InlineData("compat=0.10")]
+    public void Damage_counts_match_for_other_layouts(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach (string damage in new[] { "leaked-free-cluster", "data-refcount-zero", "two-entries-one-cluster" })
         {
@@ -193,11 +190,9 @@ public class CheckAndRepairTests
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_dirty_lazy_refcounts_image_left_by_a_killed_qemu_is_repaired_before_writing(string version)
+    [QemuFact]
+    public void A_dirty_lazy_refcounts_image_left_by_a_killed_qemu_is_repaired_before_writing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("dirty.qcow2");
         Qemu.Create(image, 64 << 20, "lazy_refcounts=on");
@@ -229,11 +224,9 @@ public class CheckAndRepairTests
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bitmaps_are_counted_like_qemu_and_block_writes(string version)
+    [QemuFact]
+    public void Bitmaps_are_counted_like_qemu_and_block_writes()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Populated(dir, "bm.qcow2");
         Tool.QemuImg("bitmap", "--add", image, "b0");

@@ -45,25 +45,24 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         return data;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Cases))]
-    public void Check_and_repair_match_qemu_img(string version, string kind, string mode)
+    [QemuTheory]
+    [MemberData(nameof(Cases))]
+    public void Check_and_repair_match_qemu_img(string kind, string mode)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         AssertMatchesQemu(dir, originals.Get(version, kind), mode);
     }
 
     /// <summary>A few damages in other layouts: small clusters and narrow or wide refcounts, version 2, extended L2.</summary>
-    [Theory]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64")]
-    [QemuInlineData("cluster_size=2M")]
-    [QemuInlineData("compat=0.10")]
-    [QemuInlineData("extended_l2=on")]
-    public void Damage_in_other_layouts_matches_qemu_img(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64")]
+    [InlineData("cluster_size=2M")]
+    [InlineData("compat=0.10")]
+    [InlineData("extended_l2=on")]
+    public void Damage_in_other_layouts_matches_qemu_img(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         var damages = new Dictionary<string, Action<string>>
         {
@@ -257,11 +256,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
 
     // ---- single behaviours --------------------------------------------------------------------------
 
-    [Theory]
-    [EachQemu]
-    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots(string version)
+    [QemuFact]
+    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-offset-unaligned-without-snapshots"](image);
@@ -288,11 +285,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     private static Tool.Result Vmsnap(string[] args) =>
         Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
 
-    [Theory]
-    [EachQemu]
-    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them(string version)
+    [QemuFact]
+    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ours = dir.File("ours.qcow2"), theirs = dir.File("theirs.qcow2");
         CheckParityImages.BotchedV3(ours);
@@ -317,11 +312,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
             Qemu.AssertSameRaw(Qemu.ToRaw(theirs, dir, name), Qemu.ToRaw(ours, dir, name));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete(string version)
+    [QemuFact]
+    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-entry-incomplete"](image);
@@ -336,11 +329,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     /// snapshots. (QEMU 7.2's check -r leaks/all rewrites its whole header there, in check mode
     /// with no snapshot read, and so drops the snapshot table and frees its clusters; vmsnap does not follow.)
     /// </summary>
-    [Theory]
-    [EachQemu]
-    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots(string version)
+    [QemuFact]
+    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Populated(image);
@@ -389,11 +380,10 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     /// where qemu-img check finds QEMU's image clean, it finds vmsnap's clean too, with the same
     /// snapshots (ID, name, VM-state size) and the same disk in the active image and in each snapshot.
     /// </summary>
-    [Theory]
-    [QemuMemberData(nameof(SnapshotSequences))]
-    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string version, string start, string sequence)
+    [QemuTheory]
+    [MemberData(nameof(SnapshotSequences))]
+    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string start, string sequence)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string original = dir.File("original.qcow2");
         MakeStart(original, start);

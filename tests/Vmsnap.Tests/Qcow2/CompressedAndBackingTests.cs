@@ -27,18 +27,17 @@ public class CompressedAndBackingTests
         return path;
     }
 
-    [Theory]
-    [QemuInlineData("")]
-    [QemuInlineData("compression_type=zstd")]
-    [QemuInlineData("cluster_size=4k")]
-    [QemuInlineData("cluster_size=4k,compression_type=zstd")]
-    [QemuInlineData("cluster_size=512")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("cluster_size=2M,compression_type=zstd")]
-    [QemuInlineData("compat=0.10")]
-    public void Compressed_images_read_exactly_and_take_writes(string version, string options)
+    [QemuTheory]
+    [InlineData("")]
+    [InlineData("compression_type=zstd")]
+    [InlineData("cluster_size=4k")]
+    [InlineData("cluster_size=4k,compression_type=zstd")]
+    [InlineData("cluster_size=512")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    [InlineData("cluster_size=2M,compression_type=zstd")]
+    [InlineData("compat=0.10")]
+    public void Compressed_images_read_exactly_and_take_writes(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         long size = 48 << 20;
         string source = MixedRaw(dir, "source.raw", size, seed: options.Length);
@@ -71,15 +70,15 @@ public class CompressedAndBackingTests
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [QemuInlineData("qcow2", "")]
-    [QemuInlineData("raw", "")]
-    [QemuInlineData("qcow2", "cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("qcow2", "compat=0.10,cluster_size=4k")]
-    [QemuInlineData("raw", "cluster_size=512")]
-    public void Overlays_read_through_and_write_only_into_the_overlay(string version, string baseFormat, string overlayOptions)
+    [QemuTheory]
+    [InlineData("qcow2", "")]
+    [InlineData("raw", "")]
+    [InlineData("qcow2", "cluster_size=16k,extended_l2=on")]
+    [InlineData("qcow2", "compat=0.10,cluster_size=4k")]
+    [InlineData("raw", "cluster_size=512")]
+    public void Overlays_read_through_and_write_only_into_the_overlay(string baseFormat, string overlayOptions)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         long size = 32 << 20;
         string base_ = dir.File("base." + baseFormat);
@@ -127,11 +126,9 @@ public class CompressedAndBackingTests
         Qemu.AssertSameContent(overlay, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_three_image_chain_with_a_vmsnap_created_overlay_reads_like_qemu(string version)
+    [QemuFact]
+    public void A_three_image_chain_with_a_vmsnap_created_overlay_reads_like_qemu()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string bottom = dir.File("bottom.raw"), middle = dir.File("middle.qcow2"), top = dir.File("top.qcow2");
         File.Copy(MixedRaw(dir, "m.raw", 8 << 20, seed: 2), bottom);
@@ -150,11 +147,9 @@ public class CompressedAndBackingTests
         Qemu.AssertReadsLike(reopened, expected, []);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_moved_backing_file_can_be_named_at_open_and_a_missing_one_is_a_clear_error(string version)
+    [QemuFact]
+    public void A_moved_backing_file_can_be_named_at_open_and_a_missing_one_is_a_clear_error()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string base_ = dir.File("base.qcow2"), overlay = dir.File("overlay.qcow2");
         Qemu.Create(base_, 8 << 20);
@@ -183,11 +178,9 @@ public class CompressedAndBackingTests
         Assert.Equal(hash, Qemu.Hash(overlay));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcount_table_grows_and_moves_when_the_file_outgrows_it(string version)
+    [QemuFact]
+    public void Refcount_table_grows_and_moves_when_the_file_outgrows_it()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach ((int refcountBits, long written) in new[] { (16, 12L << 20), (64, 9L << 20) })
         {

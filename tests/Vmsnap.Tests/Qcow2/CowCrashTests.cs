@@ -73,12 +73,11 @@ public sealed class CowCrashTests : IDisposable
     private static Qcow2Image Open(CrashDevice device, string name, string? backing) =>
         Qcow2Image.Open(device, name, new Qcow2OpenOptions { BackingFileOverride = backing });
 
-    [Theory]
-    [QemuInlineData(false)]
-    [QemuInlineData(true)]
-    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(string version, bool backing)
+    [QemuTheory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(bool backing)
     {
-        using var qemuScope = QemuInstall.Use(version);
         (string image, string? backingFile) = Template(backing);
         byte[] template = File.ReadAllBytes(image);
         byte[] snapshot = backing ? [] : SnapshotKit.QemuSnapshotContent(image, "s", _dir);

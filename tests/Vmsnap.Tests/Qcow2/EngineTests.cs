@@ -7,11 +7,9 @@ namespace Vmsnap.Tests.Qcow2;
 /// <summary>The engine's internal API the snapshot work builds on, concurrency, and crash consistency.</summary>
 public class EngineTests
 {
-    [Theory]
-    [EachQemu]
-    public void The_vm_state_area_past_the_disk_grows_the_L1_table_and_stays_consistent(string version)
+    [QemuFact]
+    public void The_vm_state_area_past_the_disk_grows_the_L1_table_and_stays_consistent()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("vm.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -51,11 +49,9 @@ public class EngineTests
         Assert.All(Qemu.ReadRaw(raw, 0, 1 << 20), b => Assert.Equal(0x31, b));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcount_primitives_allocate_contiguous_runs_and_free_them(string version)
+    [QemuFact]
+    public void Refcount_primitives_allocate_contiguous_runs_and_free_them()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("rc.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -89,13 +85,12 @@ public class EngineTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [QemuInlineData("cluster_size=512")]
-    [QemuInlineData("")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    public async Task Concurrent_writers_and_readers_on_disjoint_ranges(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512")]
+    [InlineData("")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    public async Task Concurrent_writers_and_readers_on_disjoint_ranges(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         long size = 32 << 20;
@@ -134,11 +129,9 @@ public class EngineTests
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task Direct_io_and_async_writes_in_flight(string version)
+    [QemuFact]
+    public async Task Direct_io_and_async_writes_in_flight()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("direct.qcow2");
         long size = 64 << 20;
@@ -167,11 +160,9 @@ public class EngineTests
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Copied_flags_can_be_recomputed_from_refcounts(string version)
+    [QemuFact]
+    public void Copied_flags_can_be_recomputed_from_refcounts()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("copied.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -245,14 +236,13 @@ public class EngineTests
         }
     }
 
-    [Theory]
-    [QemuInlineData("", 1)]
-    [QemuInlineData("cluster_size=512", 2)]
-    [QemuInlineData("cluster_size=16k,extended_l2=on", 3)]
-    [QemuInlineData("compat=0.10,cluster_size=4k", 4)]
-    public void A_crash_at_any_point_leaves_no_corruption_only_leaks(string version, string options, int seed)
+    [QemuTheory]
+    [InlineData("", 1)]
+    [InlineData("cluster_size=512", 2)]
+    [InlineData("cluster_size=16k,extended_l2=on", 3)]
+    [InlineData("compat=0.10,cluster_size=4k", 4)]
+    public void A_crash_at_any_point_leaves_no_corruption_only_leaks(string options, int seed)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string file = dir.File("crash.qcow2");
         long size = 16 << 20;

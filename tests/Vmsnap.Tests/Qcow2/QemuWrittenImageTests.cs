@@ -28,11 +28,10 @@ public class QemuWrittenImageTests
         return w;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Vmsnap_reads_what_qemu_wrote(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Vmsnap_reads_what_qemu_wrote(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("q.qcow2");
@@ -56,11 +55,9 @@ public class QemuWrittenImageTests
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_of_a_clean_qemu_image_matches_qemu_img_check(string version)
+    [QemuFact]
+    public void Check_of_a_clean_qemu_image_matches_qemu_img_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach (string name in new[] { "v3-64k", "v3-512-rc1", "extl2-16k", "v2-512" })
         {

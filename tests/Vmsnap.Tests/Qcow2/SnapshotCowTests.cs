@@ -6,16 +6,15 @@ namespace Vmsnap.Tests.Qcow2;
 /// <summary>Clusters shared with internal snapshots (made by qemu-img snapshot -c) are copied on write.</summary>
 public class SnapshotCowTests
 {
-    [Theory]
-    [QemuInlineData("v3-64k")]
-    [QemuInlineData("v2-512")]
-    [QemuInlineData("v3-4k-rc2")]
-    [QemuInlineData("v3-512-rc64")]
-    [QemuInlineData("extl2-16k")]
-    [QemuInlineData("extl2-64k")]
-    public void Writes_after_a_qemu_snapshot_copy_shared_clusters_and_leave_the_snapshot_intact(string version, string name)
+    [QemuTheory]
+    [InlineData("v3-64k")]
+    [InlineData("v2-512")]
+    [InlineData("v3-4k-rc2")]
+    [InlineData("v3-512-rc64")]
+    [InlineData("extl2-16k")]
+    [InlineData("extl2-64k")]
+    public void Writes_after_a_qemu_snapshot_copy_shared_clusters_and_leave_the_snapshot_intact(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("s.qcow2");
@@ -66,11 +65,9 @@ public class SnapshotCowTests
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Zeroing_and_discarding_shared_clusters_keeps_the_snapshot(string version)
+    [QemuFact]
+    public void Zeroing_and_discarding_shared_clusters_keeps_the_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set("v3-64k");
         using var dir = new TempDir();
         string image = dir.File("z.qcow2");

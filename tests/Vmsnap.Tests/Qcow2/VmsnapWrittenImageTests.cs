@@ -54,11 +54,10 @@ public class VmsnapWrittenImageTests
         }
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Qemu_accepts_what_vmsnap_wrote(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Qemu_accepts_what_vmsnap_wrote(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("v.qcow2");
@@ -73,11 +72,10 @@ public class VmsnapWrittenImageTests
         Qemu.AssertSameContent(image, raw);
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Images_vmsnap_creates_carry_the_requested_options_and_take_writes(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Images_vmsnap_creates_carry_the_requested_options_and_take_writes(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
@@ -100,17 +98,16 @@ public class VmsnapWrittenImageTests
         Qemu.AssertSameContent(image, raw);
     }
 
-    [Theory]
-    [QemuInlineData("")]
-    [QemuInlineData("compat=0.10")]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64,lazy_refcounts=on")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("cluster_size=2M,extended_l2=on")]
-    [QemuInlineData("compression_type=zstd")]
-    public void A_new_image_is_byte_for_byte_what_qemu_img_create_makes(string version, string qemuOptions)
+    [QemuTheory]
+    [InlineData("")]
+    [InlineData("compat=0.10")]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64,lazy_refcounts=on")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    [InlineData("cluster_size=2M,extended_l2=on")]
+    [InlineData("compression_type=zstd")]
+    public void A_new_image_is_byte_for_byte_what_qemu_img_create_makes(string qemuOptions)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Matrix.FirstOrDefault(m => m.QemuOptions == qemuOptions)
             ?? new OptionSet("custom", qemuOptions, new() { ClusterSize = 4096, RefcountBits = 64, LazyRefcounts = true }, 64 << 20);
         using var dir = new TempDir();

@@ -38,7 +38,6 @@ public sealed class KillFixture : IDisposable
 
     private Images Make(string version)
     {
-        using var qemuScope = QemuInstall.Use(version);
         // A disk with data, a save, a disk-only snapshot by qemu-img, more data, another save.
         string template = Dir.File($"template-{version}.qcow2");
         Qcow2.Qemu.Create(template, 256 << 20);
@@ -168,11 +167,11 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
         return int.Parse(line.Split(' ')[3], System.Globalization.CultureInfo.InvariantCulture);
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Commands))]
-    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string version, string command)
+    [QemuTheory]
+    [MemberData(nameof(Commands))]
+    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string command)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         KillFixture.Images images = fixture.For(version);
         string source = command.StartsWith("check", StringComparison.Ordinal) ? images.Leaky : images.Template;
         long sourceLength = new FileInfo(source).Length;

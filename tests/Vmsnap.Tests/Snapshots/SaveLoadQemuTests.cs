@@ -23,11 +23,12 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         _ => kind,
     };
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), "none", "pc", "q35", MemberType = typeof(QemuInstall))]
-    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM(string version, string kind)
+    [QemuTheory]
+    [InlineData("none")]
+    [InlineData("pc")]
+    [InlineData("q35")]
+    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM(string kind)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 31);
@@ -43,11 +44,11 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.CountZeroPages(ram), r.GetProperty("zero-pages").GetInt64());
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), "buffered", "gather", MemberType = typeof(QemuInstall))]
-    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string version, string mode)
+    [QemuTheory]
+    [InlineData("buffered")]
+    [InlineData("gather")]
+    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string mode)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 32);
@@ -82,12 +83,10 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target1));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming(string version)
+    [QemuFact]
+    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         JsonElement imported = VmsnapJson("import", qemu.NoneStream, image, "--name", "imported", "--json");
@@ -107,11 +106,9 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target2));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways(string version)
+    [QemuFact]
+    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 34);
@@ -134,12 +131,10 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target2));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc(string version)
+    [QemuFact]
+    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         JsonElement inspected = VmsnapJson("inspect", qemu.PcStream, "--json").GetProperty("stream");
         var blocks = inspected.GetProperty("ram-blocks").EnumerateArray().Select(b => b.GetProperty("id").GetString()).ToList();
@@ -167,14 +162,11 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(newRam), GuestRam.Hash(target));
     }
 
-    [Theory]
-    [InlineData("7.2", 3, false, 5)]        // EIO, thrown at once, early
-    [InlineData("7.2", 20, true, 28)]       // ENOSPC, reported by the write's completion, later
-    [InlineData("10.0", 3, false, 5)]
-    [InlineData("10.0", 20, true, 28)]
-    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(string version, int failAt, bool async, int errno)
+    [QemuTheory]
+    [InlineData(3, false, 5)]        // EIO, thrown at once, early
+    [InlineData(20, true, 28)]       // ENOSPC, reported by the write's completion, later
+    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(int failAt, bool async, int errno)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 36);
@@ -201,11 +193,9 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         }
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_cancelled_save_leaves_no_snapshot_and_no_leak(string version)
+    [QemuFact]
+    public void A_cancelled_save_leaves_no_snapshot_and_no_leak()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 38);
@@ -221,12 +211,10 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Qcow2.Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own(string version)
+    [QemuFact]
+    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");

@@ -68,22 +68,18 @@ public sealed class ApplyVmStateTests : IDisposable
         return bytes.ToArray();
     }
 
-    [Theory]
-    [EachQemu]
-    public void Applying_a_QEMU_snapshot_gives_the_active_table_its_VM_state_range_like_qemu_img(string version)
+    [QemuFact]
+    public void Applying_a_QEMU_snapshot_gives_the_active_table_its_VM_state_range_like_qemu_img()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Start("qemu.qcow2");
         Tool.QemuImg("snapshot", "-c", "s", image);
         Qemu.Io(image, "write -b -P 0x77 0 50k", "write -P 0x22 0 4k");   // the active range and disk move on
         AssertApplyLikeQemu(image, "s", 0x5a);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Applying_a_vmsnap_save_gives_the_active_table_its_VM_state_like_qemu_img(string version)
+    [QemuFact]
+    public void Applying_a_vmsnap_save_gives_the_active_table_its_VM_state_like_qemu_img()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Start("saved.qcow2");
         byte[] state = Enumerable.Repeat((byte)0x3c, 150_000).ToArray();
         using (var img = Qcow2Image.Open(image))
@@ -97,11 +93,9 @@ public sealed class ApplyVmStateTests : IDisposable
         AssertApplyLikeQemu(image, "saved", 0x3c);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_disk_only_create_then_apply_leaves_the_VM_state_range_as_QEMU_does(string version)
+    [QemuFact]
+    public void A_disk_only_create_then_apply_leaves_the_VM_state_range_as_QEMU_does()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string start = Start("start.qcow2");
         string byQemu = Copy(start, "qemu-all.qcow2"), byVmsnap = Copy(start, "vmsnap-all.qcow2");
         Tool.QemuImg("snapshot", "-c", "s", byQemu);

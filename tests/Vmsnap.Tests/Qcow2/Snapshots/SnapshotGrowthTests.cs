@@ -14,12 +14,11 @@ public sealed class SnapshotGrowthTests : IDisposable
 
     public void Dispose() => _dir.Dispose();
 
-    [Theory]
-    [QemuInlineData(1)]
-    [QemuInlineData(64)]
-    public void The_file_grows_by_the_same_few_clusters_per_snapshot_whatever_was_written_since_the_last(string version, int tablesWritten)
+    [QemuTheory]
+    [InlineData(1)]
+    [InlineData(64)]
+    public void The_file_grows_by_the_same_few_clusters_per_snapshot_whatever_was_written_since_the_last(int tablesWritten)
     {
-        using var qemuScope = QemuInstall.Use(version);
         // 4 KiB clusters: 2 MiB per L2 table, 64 tables for a 128 MiB disk.
         string image = _dir.File($"grow-{tablesWritten}.qcow2");
         Qemu.Create(image, 128 << 20, "cluster_size=4k");

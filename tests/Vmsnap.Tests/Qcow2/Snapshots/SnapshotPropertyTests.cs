@@ -27,11 +27,10 @@ public class SnapshotPropertyTests
         public readonly List<(string Name, byte[] Disk, byte[]? State)> Snapshots = [];
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Cases))]
-    public void Random_snapshot_sequences_keep_the_image_consistent_and_every_snapshot_exact(string version, string config, int seed)
+    [QemuTheory]
+    [MemberData(nameof(Cases))]
+    public void Random_snapshot_sequences_keep_the_image_consistent_and_every_snapshot_exact(string config, int seed)
     {
-        using var qemuScope = QemuInstall.Use(version);
         var random = new Random(seed * 7919 + config.Length);
         OptionSet o = config == "v3-4k-rc4"
             ? new OptionSet("v3-4k-rc4", "cluster_size=4k,refcount_bits=4", new Qcow2CreateOptions { ClusterSize = 4096, RefcountBits = 4 }, 0)

@@ -52,15 +52,14 @@ public class VmStateAreaTests
         return clusters;
     }
 
-    [Theory]
-    [QemuInlineData("v3-64k")]
-    [QemuInlineData("v2-512")]
-    [QemuInlineData("extl2-16k")]
-    [QemuInlineData("v3-2m")]
-    [QemuInlineData("v3-4k-rc2")]
-    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string version, string name)
+    [QemuTheory]
+    [InlineData("v3-64k")]
+    [InlineData("v2-512")]
+    [InlineData("extl2-16k")]
+    [InlineData("v3-2m")]
+    [InlineData("v3-4k-rc2")]
+    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
@@ -96,11 +95,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Discarding_a_failed_save_frees_everything_and_trims_the_file(string version)
+    [QemuFact]
+    public void Discarding_a_failed_save_frees_everything_and_trims_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("d.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -120,11 +117,9 @@ public class VmStateAreaTests
         Assert.Equal(["keep"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero(string version)
+    [QemuFact]
+    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("z.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -158,11 +153,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Metadata_is_written_in_batches_not_per_write(string version)
+    [QemuFact]
+    public void Metadata_is_written_in_batches_not_per_write()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("b.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -197,11 +190,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task Writes_completing_in_any_order_land_where_they_belong(string version)
+    [QemuFact]
+    public async Task Writes_completing_in_any_order_land_where_they_belong()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 16 << 20, "cluster_size=4k");
@@ -230,11 +221,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected(string version)
+    [QemuFact]
+    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("r.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -257,11 +246,9 @@ public class VmStateAreaTests
         Assert.Throws<SnapshotNotFoundException>(() => img.OpenVmStateAreaForReading("with-state"));
     }
 
-    [Theory]
-    [EachQemu]
-    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save(string version)
+    [QemuFact]
+    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("l.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -285,11 +272,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer(string version)
+    [QemuFact]
+    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("f.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -308,11 +293,9 @@ public class VmStateAreaTests
         Qemu.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Closing_the_image_with_the_area_still_open_leaks_nothing(string version)
+    [QemuFact]
+    public void Closing_the_image_with_the_area_still_open_leaks_nothing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 16 << 20);

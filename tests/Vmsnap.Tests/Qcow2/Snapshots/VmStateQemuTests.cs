@@ -42,11 +42,9 @@ public class VmStateQemuTests
     private static string[] DeviceSections(MigrationStreamInfo info) =>
         info.Sections.Where(s => s.Kind == MigrationSectionKind.Device).Select(s => s.Name).ToArray();
 
-    [Theory]
-    [EachQemu]
-    public void Vmsnap_reads_the_vm_state_of_a_qemu_savevm_snapshot(string version)
+    [QemuFact]
+    public void Vmsnap_reads_the_vm_state_of_a_qemu_savevm_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("vm.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -131,13 +129,12 @@ public class VmStateQemuTests
         Assert.Equal(["diskonly"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
-    [Theory]
-    [QemuInlineData("", false)]
-    [QemuInlineData("cluster_size=2M", true)]
-    [QemuInlineData("cluster_size=4k,extended_l2=off,refcount_bits=8", false)]
-    public void Qemu_loadvm_takes_a_snapshot_whose_vm_state_vmsnap_wrote(string version, string options, bool direct)
+    [QemuTheory]
+    [InlineData("", false)]
+    [InlineData("cluster_size=2M", true)]
+    [InlineData("cluster_size=4k,extended_l2=off,refcount_bits=8", false)]
+    public void Qemu_loadvm_takes_a_snapshot_whose_vm_state_vmsnap_wrote(string options, bool direct)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("ours.qcow2");
         Qemu.Create(image, 64 << 20, options);
