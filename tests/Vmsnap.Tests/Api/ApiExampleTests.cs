@@ -64,7 +64,7 @@ public sealed partial class ApiExampleTests
         var snapshots = VmKit.QemuSnapshots(image);
         Assert.Equal(["before-upgrade"], snapshots.Keys);
         Assert.True(snapshots["before-upgrade"].VmStateSize > 0, "qemu-img sees no VM state in the snapshot");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         VmKit.EmptyRam(dir, "by-qemu", RamBytes);
         VmKit.QemuLoadvm(QemuVm.MachineNone(byQemu, RamBytes), image, "before-upgrade");

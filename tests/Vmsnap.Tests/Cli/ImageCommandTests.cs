@@ -50,7 +50,7 @@ public class ImageCommandTests
         JsonElement info = Qemu.Info(ext);
         Assert.True(info.GetProperty("format-specific").GetProperty("data").GetProperty("extended-l2").GetBoolean());
         Assert.Equal("a.qcow2", info.GetProperty("backing-filename").GetString());
-        Qemu.AssertClean(ext);
+        QemuImgCheck.AssertClean(ext);
     }
 
     [QemuFact]
@@ -121,11 +121,11 @@ public class ImageCommandTests
         r = Vmsnap("check", image, "--json");
         Assert.Equal(3, r.ExitCode);
         JsonElement ours = JsonDocument.Parse(r.Stdout).RootElement;
-        (JsonElement theirs, int qemuExit) = Qemu.Check(image);
+        (JsonElement theirs, int qemuExit) = QemuImgCheck.Of(image);
         Assert.Equal(qemuExit, r.ExitCode);
-        Assert.Equal(Qemu.Field(theirs, "leaks"), ours.GetProperty("leaks").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "image-end-offset"), ours.GetProperty("image-end-offset").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated-clusters").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "leaks"), ours.GetProperty("leaks").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "image-end-offset"), ours.GetProperty("image-end-offset").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated-clusters").GetInt64());
         Assert.Contains(ours.GetProperty("messages").EnumerateArray(), m => m.GetString()!.StartsWith("Leaked cluster"));
 
         // A refcount too low: a corruption.
@@ -133,13 +133,13 @@ public class ImageCommandTests
         Qemu.WriteRaw(image, block + dataCluster * 2, new byte[] { 0, 0 });
         r = Vmsnap("check", image);
         Assert.Equal(2, r.ExitCode);
-        Assert.Equal(2, Qemu.Check(image).ExitCode);
+        Assert.Equal(2, QemuImgCheck.Of(image).ExitCode);
         Assert.Contains("errors were found on the image", r.Stdout);
 
         r = Vmsnap("check", image, "--repair", "all");
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("The following inconsistencies were found and repaired", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(2, Vmsnap("check", image, "--repair", "everything").ExitCode);   // usage error
         AssertOneLineError(Vmsnap("check", dir.File("none.qcow2")), 1);
     }
@@ -156,7 +156,7 @@ public class ImageCommandTests
         Tool.Result r = Vmsnap("write", image, "12345", "--from", dir.File("in.bin"));
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("wrote 300001/300001 bytes at offset 12345", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(data, Qemu.ReadRaw(Qemu.ToRaw(image, dir), 12345, data.Length));
 
         r = Vmsnap("read", image, "12345", "300001", "--to", dir.File("out.bin"), "--json");

@@ -129,7 +129,7 @@ public class PackagingTests
         {
             Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), info.GetProperty("virtual-size").GetInt64());
             Assert.Equal("from-the-tool", Qemu.Info(image).GetProperty("snapshots")[0].GetProperty("name").GetString());
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
         });
 
         // The library package.

@@ -127,7 +127,7 @@ public class SignalTests
         Assert.True(p.ExitCode == 130, $"exit code {p.ExitCode}: {errors}{await stdout}");
         Assert.Equal("vmsnap: cancelled by SIGINT", errors.Trim());
 
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(listing, Tool.QemuImg("snapshot", "-l", image));
         Qemu.AssertSameContent(original, image, "qcow2");
         Qemu.AssertSameRaw(Qemu.ToRaw(original, dir, "keep"), Qemu.ToRaw(image, dir, "keep"));

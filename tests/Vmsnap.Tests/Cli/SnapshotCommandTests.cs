@@ -110,14 +110,14 @@ public class SnapshotCommandTests
         r = Vmsnap("snapshot", "apply", image, "1");   // by ID
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("applied snapshot 1 'one'", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, one);
 
         r = Vmsnap("snapshot", "delete", image, "one", "--json");
         Assert.Equal(0, r.ExitCode);
         Assert.Equal("deleted", JsonDocument.Parse(r.Stdout).RootElement.GetProperty("action").GetString());
         Assert.Equal(["two"], SnapshotKit.QemuList(image).Select(x => x.Tag));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         AssertOneLineError(Vmsnap("snapshot", "delete", image, "one"), "no snapshot with ID or name 'one'");
         AssertOneLineError(Vmsnap("snapshot", "apply", image, "nope"), "no snapshot");

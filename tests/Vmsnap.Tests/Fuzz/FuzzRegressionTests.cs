@@ -56,9 +56,9 @@ public sealed class FuzzRegressionTests
         ulong l1Entry = Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset);
         long l2 = (long)(l1Entry & 0x00fffffffffffe00UL);
         Qemu.WriteBE64(image, l2, 0x8000_0100_0000_0000UL);   // COPIED, host offset 1 TiB
-        (var qemu, int exit) = Qemu.Check(image);
+        (var qemu, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(2, exit);
-        Assert.True(Qemu.Field(qemu, "corruptions") > 0, qemu.ToString());
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions") > 0, qemu.ToString());
 
         byte[] bytes = File.ReadAllBytes(image);
         long before = GC.GetAllocatedBytesForCurrentThread();

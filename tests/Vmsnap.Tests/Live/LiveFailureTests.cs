@@ -103,7 +103,7 @@ public class LiveFailureTests
             SaveVm(guest, "after", live: true);
             guest.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
         string[] withAfter = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
         for (int i = 0; i < 2; i++) Assert.StartsWith(listings[i] + "\n", Listing(withAfter[i]));
 
@@ -121,7 +121,7 @@ public class LiveFailureTests
             for (int i = 0; i < 2; i++) Assert.Equal(now[i], Listing(withAfter[i]));
             Assert.True(new FileInfo(withAfter[0]).Length <= length, "the VM state's space was not given back after QEMU died");
         }
-        foreach (string disk in withAfter) AssertClean(disk);
+        foreach (string disk in withAfter) QemuImgCheck.AssertClean(disk);
     }
 
     /// <summary>Waits until the save's migration is under way and some RAM has gone.</summary>

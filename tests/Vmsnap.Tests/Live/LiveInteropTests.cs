@@ -52,7 +52,7 @@ public class LiveInteropTests
             Assert.Equal(TestGuest.ExpectedFillSum, guest.Ticks().Skip(printed).First(t => t.Sum is not null).Sum);
             guest.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
 
         using (TestGuest restored = TestGuest.Restart(dir, new GuestOptions(), "-incoming", "defer"))
         {
@@ -72,7 +72,7 @@ public class LiveInteropTests
             AssertResumes(restored, qemuWindow);
             restored.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
     }
 
     /// <summary>The tick line at position <paramref name="index"/> of the serial output, once printed.</summary>

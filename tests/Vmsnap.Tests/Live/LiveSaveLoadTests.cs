@@ -37,7 +37,7 @@ public class LiveSaveLoadTests
             Assert.Equal("running", guest.RunState());
             guest.Vm.Quit();
 
-            foreach (string disk in guest.Disks) AssertClean(disk);
+            foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
             List<ImageSnapshot> first = LiveKit.Snapshots(guest.Disks[0]), second = LiveKit.Snapshots(guest.Disks[1]);
             Assert.Equal(["stopped", "live"], first.Select(s => s.Name));
             Assert.Equal(["stopped", "live"], second.Select(s => s.Name));
@@ -73,7 +73,7 @@ public class LiveSaveLoadTests
                 restored.Vm.Quit();
             }
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
     }
 
     private static void AssertSaveResult(JsonElement r, string tag, bool live, TestGuest guest)

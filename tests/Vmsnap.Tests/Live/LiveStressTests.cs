@@ -73,7 +73,7 @@ public class LiveStressTests
         {
             guest.Dispose();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
         Assert.Equal(rounds, LiveKit.Snapshots(dir.File("disk0.qcow2")).Count);
     }
 

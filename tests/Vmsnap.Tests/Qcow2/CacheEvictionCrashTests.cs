@@ -87,8 +87,8 @@ public sealed class CacheEvictionCrashTests : IDisposable
             {
                 int m = mask;
                 File.WriteAllBytes(copy, device.AfterCrash(i => (m >> i & 1) != 0));
-                (var json, int exit) = Qemu.Check(copy);
-                Assert.True(Qemu.Field(json, "corruptions") == 0 && Qemu.Field(json, "check-errors") == 0,
+                (var json, int exit) = QemuImgCheck.Of(copy);
+                Assert.True(QemuImgCheck.Field(json, "corruptions") == 0 && QemuImgCheck.Field(json, "check-errors") == 0,
                     $"crash at operation {k} of {total}, unflushed writes kept: mask {m:b} of {pending}: qemu-img check exit {exit}, {json}");
                 string raw = Qemu.ToRaw(copy, _dir);
                 for (int i = 0; i < Populated; i++) Assert.All(Qemu.ReadRaw(raw, i * BytesPerL2, ClusterSize), b => Assert.Equal(0x11, b));

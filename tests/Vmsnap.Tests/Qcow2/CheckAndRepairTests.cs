@@ -43,11 +43,11 @@ public class CheckAndRepairTests
 
     private static void AssertSameCounts(string image, Qcow2CheckResult ours)
     {
-        (JsonElement json, int exit) = Qemu.Check(image);
+        (JsonElement json, int exit) = QemuImgCheck.Of(image);
         string why = $"qemu: {json}\nvmsnap: {string.Join("\n", ours.Messages)}";
-        Assert.True(Qemu.Field(json, "corruptions") == ours.Corruptions, why);
-        Assert.True(Qemu.Field(json, "leaks") == ours.Leaks, why);
-        Assert.True(Qemu.Field(json, "check-errors") == ours.CheckErrors, why);
+        Assert.True(QemuImgCheck.Field(json, "corruptions") == ours.Corruptions, why);
+        Assert.True(QemuImgCheck.Field(json, "leaks") == ours.Leaks, why);
+        Assert.True(QemuImgCheck.Field(json, "check-errors") == ours.CheckErrors, why);
         Assert.Equal(exit, ours.Corruptions > 0 ? 2 : ours.Leaks > 0 ? 3 : 0);
     }
 
@@ -145,18 +145,17 @@ public class CheckAndRepairTests
     {
         string theirs = dir.File("theirs-" + Path.GetFileName(image));
         File.Copy(image, theirs, overwrite: true);
-        Tool.Result q = Tool.Run("qemu-img", ["check", "-r", mode == Qcow2RepairMode.All ? "all" : "leaks", "--output=json", theirs]);
-        Assert.True(q.ExitCode is 0 or 2 or 3, $"qemu-img check -r: {q.ExitCode} {q.Stderr}");
-        JsonElement qemu = JsonDocument.Parse(q.Stdout).RootElement;
+        QemuImgCheck q = QemuImgCheck.Of(theirs, "-r", mode == Qcow2RepairMode.All ? "all" : "leaks");
+        JsonElement qemu = q.Json;
         Qcow2CheckResult ours = VmsnapCheck(image, mode);
         string why = $"qemu: {qemu}\nvmsnap: {string.Join("\n", ours.Messages)}";
-        Assert.True(Qemu.Field(qemu, "corruptions") == ours.Corruptions, why);
-        Assert.True(Qemu.Field(qemu, "leaks") == ours.Leaks, why);
-        Assert.True(Qemu.Field(qemu, "corruptions-fixed") + Qemu.Field(qemu, "leaks-fixed") == ours.CorruptionsFixed + ours.LeaksFixed, why);
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions") == ours.Corruptions, why);
+        Assert.True(QemuImgCheck.Field(qemu, "leaks") == ours.Leaks, why);
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions-fixed") + QemuImgCheck.Field(qemu, "leaks-fixed") == ours.CorruptionsFixed + ours.LeaksFixed, why);
         if (q.ExitCode == 0)
         {
             Assert.True(ours.IsClean, why);
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
         }
         AssertSameCounts(image, VmsnapCheck(image));
         Qemu.AssertSameContent(image, theirs, "qcow2");
@@ -199,8 +198,8 @@ public class CheckAndRepairTests
         Tool.Result r = Tool.Run("qemu-io", ["-c", "write -P 0x5a 0 512", "-c", "write -P 0x5b 1M 70k", "-c", "sigraise 9", image]);
         Assert.NotEqual(0, r.ExitCode);
         Assert.True(Qemu.Info(image).GetProperty("dirty-flag").GetBoolean());
-        (JsonElement before, _) = Qemu.Check(image);
-        Assert.True(Qemu.Field(before, "corruptions") > 0);
+        (JsonElement before, _) = QemuImgCheck.Of(image);
+        Assert.True(QemuImgCheck.Field(before, "corruptions") > 0);
         string expected = Qemu.ToRaw(image, dir);
 
         // Read-only: reads work, nothing is repaired or written.
@@ -220,7 +219,7 @@ public class CheckAndRepairTests
         }
         Qemu.WriteRaw(expected, 4096, new byte[] { 9, 9, 9 });
         Assert.False(Qemu.Info(image).GetProperty("dirty-flag").GetBoolean());
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
@@ -231,11 +230,11 @@ public class CheckAndRepairTests
         string image = Populated(dir, "bm.qcow2");
         Tool.QemuImg("bitmap", "--add", image, "b0");
         Qemu.Io(image, "write -P 0x71 5M 1M");
-        (JsonElement json, int exit) = Qemu.Check(image);
+        (JsonElement json, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(0, exit);
         Qcow2CheckResult r = VmsnapCheck(image);
         Assert.True(r.IsClean, string.Join("\n", r.Messages));
-        Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+        Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         string hash = Qemu.Hash(image);
         using (var img = Qcow2Image.Open(image))
         {

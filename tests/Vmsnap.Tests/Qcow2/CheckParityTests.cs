@@ -97,17 +97,8 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
 
     // ---- the comparison -----------------------------------------------------------------------------
 
-    private sealed record QemuOutcome(int ExitCode, JsonElement? Json, string Stderr);
-
-    private static QemuOutcome QemuCheck(string image, string mode)
-    {
-        var args = new List<string> { "check", "--output=json" };
-        if (mode != "none") args.AddRange(["-r", mode]);
-        args.Add(image);
-        Tool.Result r = Tool.Run("qemu-img", args);
-        JsonElement? json = r.Stdout.TrimStart().StartsWith('{') ? JsonDocument.Parse(r.Stdout).RootElement : null;
-        return new QemuOutcome(r.ExitCode, json, r.Stderr);
-    }
+    private static QemuImgCheck QemuCheck(string image, string mode) =>
+        mode == "none" ? QemuImgCheck.Attempt(image) : QemuImgCheck.Attempt(image, "-r", mode);
 
     private static Qcow2RepairMode Mode(string mode) => mode switch
     {
@@ -144,15 +135,15 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         _ => throw new ArgumentOutOfRangeException(nameof(name)),
     };
 
-    private static void AssertSameFindings(QemuOutcome qemu, Qcow2CheckResult ours, string what)
+    private static void AssertSameFindings(QemuImgCheck qemu, Qcow2CheckResult ours, string what)
     {
-        string why = $"{what}\nqemu-img (exit {qemu.ExitCode}): {qemu.Json?.ToString() ?? "no figures"}\n{Trim(qemu.Stderr)}\n" +
+        string why = $"{what}\nqemu-img (exit {qemu.ExitCode}): {qemu.JsonOrNull?.ToString() ?? "no figures"}\n{Trim(qemu.Stderr)}\n" +
                      $"vmsnap (exit {ExitCode(ours)}): {Describe(ours)}";
         Assert.True(qemu.ExitCode == ExitCode(ours), why);
-        if (qemu.Json is JsonElement json)
+        if (qemu.JsonOrNull is JsonElement json)
         {
             foreach (string field in Fields)
-                Assert.True(Qemu.Field(json, field) == Field(ours, field), $"{field} differs. {why}");
+                Assert.True(QemuImgCheck.Field(json, field) == Field(ours, field), $"{field} differs. {why}");
         }
         else
         {
@@ -171,7 +162,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         string theirs = dir.File($"qemu-{mode}.qcow2"), ours = dir.File($"vmsnap-{mode}.qcow2");
         File.Copy(original, theirs, overwrite: true);
         File.Copy(original, ours, overwrite: true);
-        QemuOutcome qemu = QemuCheck(theirs, mode);
+        QemuImgCheck qemu = QemuCheck(theirs, mode);
         string before = Qemu.Hash(ours);
         Qcow2CheckResult result = VmsnapCheck(ours, Mode(mode));
         AssertSameFindings(qemu, result, $"check {(mode == "none" ? "" : "-r " + mode)} of {Path.GetFileName(original)}");
@@ -182,15 +173,15 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         }
 
         // The repaired images: qemu-img finds the same in both, and they hold the same bytes.
-        QemuOutcome qemuAfter = QemuCheck(theirs, "none"), oursAfter = QemuCheck(ours, "none");
-        string after = $"qemu-img check after -r {mode}:\nqemu's image (exit {qemuAfter.ExitCode}): {qemuAfter.Json}\n{Trim(qemuAfter.Stderr)}\n" +
-                       $"vmsnap's image (exit {oursAfter.ExitCode}): {oursAfter.Json}\n{Trim(oursAfter.Stderr)}";
+        QemuImgCheck qemuAfter = QemuCheck(theirs, "none"), oursAfter = QemuCheck(ours, "none");
+        string after = $"qemu-img check after -r {mode}:\nqemu's image (exit {qemuAfter.ExitCode}): {qemuAfter.JsonOrNull}\n{Trim(qemuAfter.Stderr)}\n" +
+                       $"vmsnap's image (exit {oursAfter.ExitCode}): {oursAfter.JsonOrNull}\n{Trim(oursAfter.Stderr)}";
         Assert.True(qemuAfter.ExitCode == oursAfter.ExitCode, after);
-        if (qemuAfter.Json is JsonElement q && oursAfter.Json is JsonElement v)
+        if (qemuAfter.JsonOrNull is JsonElement q && oursAfter.JsonOrNull is JsonElement v)
             foreach (string field in Fields)
-                Assert.True(Qemu.Field(q, field) == Qemu.Field(v, field), $"{field} differs. {after}");
+                Assert.True(QemuImgCheck.Field(q, field) == QemuImgCheck.Field(v, field), $"{field} differs. {after}");
         else
-            Assert.True(qemuAfter.Json is null && oursAfter.Json is null, after);
+            Assert.True(qemuAfter.JsonOrNull is null && oursAfter.JsonOrNull is null, after);
         AssertSameUsedClusters(theirs, ours);
         Tool.Result compare = Tool.Run("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", theirs, ours]);
         // qemu-img cannot read some damaged images even after its repair (then not even compared
@@ -297,8 +288,8 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         Assert.Contains("ERROR snapshot table entry 2 is incomplete", found.Messages);
         AssertSameFindings(QemuCheck(theirs, "none"), found, "check of the botched v3 image");
         AssertSameFindings(QemuCheck(theirs, "all"), VmsnapCheck(ours, Qcow2RepairMode.All), "check -r all of the botched v3 image");
-        Qemu.AssertClean(theirs);
-        Qemu.AssertClean(ours);
+        QemuImgCheck.AssertClean(theirs);
+        QemuImgCheck.AssertClean(ours);
         Assert.Equal(SnapshotList(theirs), SnapshotList(ours));
         using var img = Qcow2Image.Open(ours, new Qcow2OpenOptions { ReadOnly = true });
         foreach (Qcow2Snapshot s in img.Snapshots)
@@ -319,9 +310,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-entry-incomplete"](image);
         using (var img = Qcow2Image.Open(image)) img.Write(new byte[] { 1, 2, 3 }, 4096);
-        (JsonElement json, _) = Qemu.Check(image);
-        Assert.Equal(1, Qemu.Field(json, "corruptions"));   // still only the incomplete entry, as after a QEMU write
-        Assert.Equal(0, Qemu.Field(json, "leaks"));
+        (JsonElement json, _) = QemuImgCheck.Of(image);
+        Assert.Equal(1, QemuImgCheck.Field(json, "corruptions"));   // still only the incomplete entry, as after a QEMU write
+        Assert.Equal(0, QemuImgCheck.Field(json, "leaks"));
     }
 
     /// <summary>
@@ -346,7 +337,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
             Qcow2CheckResult r = VmsnapCheck(image, mode);
             Assert.True(r.IsClean, Describe(r));
             Assert.Equal(0UL, Qemu.ReadBE64(image, Qcow2Header.AutoclearFeaturesOffset));
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Assert.Equal(before, SnapshotList(image));
             Qemu.AssertSameRaw(s1, Qemu.ToRaw(image, dir, "s1"));
         }
@@ -413,12 +404,12 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
                     break;
             }
         }
-        (JsonElement q, int qExit) = Qemu.Check(theirs);
-        (JsonElement v, int vExit) = Qemu.Check(ours);
+        (JsonElement q, int qExit) = QemuImgCheck.Of(theirs);
+        (JsonElement v, int vExit) = QemuImgCheck.Of(ours);
         string why = $"after {sequence} on {start}:\nqemu's image: {q}\n{Tool.Run("qemu-img", ["check", theirs]).Stderr}\nvmsnap's image: {v}\n{Tool.Run("qemu-img", ["check", ours]).Stderr}";
         if (qExit == 0) Assert.True(vExit == 0, why);
         foreach (string field in new[] { "corruptions", "leaks", "check-errors" })
-            Assert.True(Qemu.Field(v, field) <= Qemu.Field(q, field), $"{field}: {why}");
+            Assert.True(QemuImgCheck.Field(v, field) <= QemuImgCheck.Field(q, field), $"{field}: {why}");
         Assert.Equal(SnapshotList(theirs), SnapshotList(ours));
         Qemu.AssertSameContent(theirs, ours, "qcow2");
         using (var img = Qcow2Image.Open(ours, new Qcow2OpenOptions { ReadOnly = true }))

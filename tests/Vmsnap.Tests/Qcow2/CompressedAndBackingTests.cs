@@ -45,8 +45,8 @@ public class CompressedAndBackingTests
         var args = new List<string> { "convert", "-c", "-f", "raw", "-O", "qcow2" };
         if (options.Length > 0) args.AddRange(["-o", options]);
         Tool.QemuImg([.. args, source, image]);
-        (var json, _) = Qemu.Check(image);
-        Assert.True(Qemu.Field(json, "compressed-clusters") > 0, "the image should hold compressed clusters");
+        (var json, _) = QemuImgCheck.Of(image);
+        Assert.True(QemuImgCheck.Field(json, "compressed-clusters") > 0, "the image should hold compressed clusters");
 
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
         {
@@ -54,10 +54,10 @@ public class CompressedAndBackingTests
             Qemu.AssertReadsLike(img, source, []);
             Qcow2CheckResult r = img.Check();
             Assert.True(r.IsClean, string.Join("\n", r.Messages));
-            Assert.Equal(Qemu.Field(json, "compressed-clusters"), r.CompressedClusters);
-            Assert.Equal(Qemu.Field(json, "allocated-clusters"), r.AllocatedClusters);
-            Assert.Equal(Qemu.Field(json, "fragmented-clusters"), r.FragmentedClusters);
-            Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+            Assert.Equal(QemuImgCheck.Field(json, "compressed-clusters"), r.CompressedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "allocated-clusters"), r.AllocatedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "fragmented-clusters"), r.FragmentedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         }
 
         // Writing over compressed clusters: partial (merged with the decompressed cluster) and whole.
@@ -66,7 +66,7 @@ public class CompressedAndBackingTests
         OptionSet set = new("compressed", options, new() { ClusterSize = Qemu.Info(image).GetProperty("cluster-size").GetInt32() }, size);
         using (var img = Qcow2Image.Open(image))
             VmsnapWrittenImageTests.RandomWrites(img, expected, set, seed: 99, count: 24);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
@@ -122,7 +122,7 @@ public class CompressedAndBackingTests
             Qemu.AssertReadsLike(img, expected, []);
         }
         Assert.Equal(baseHash, Qemu.Hash(base_));
-        Qemu.AssertClean(overlay);
+        QemuImgCheck.AssertClean(overlay);
         Qemu.AssertSameContent(overlay, expected);
     }
 
@@ -141,7 +141,7 @@ public class CompressedAndBackingTests
         var info = Qemu.Info(top);
         Assert.Equal("middle.qcow2", info.GetProperty("backing-filename").GetString());
         Assert.Equal("qcow2", info.GetProperty("backing-filename-format").GetString());
-        Qemu.AssertClean(top);
+        QemuImgCheck.AssertClean(top);
         string expected = Qemu.ToRaw(top, dir);
         using var reopened = Qcow2Image.Open(top, new Qcow2OpenOptions { ReadOnly = true });
         Qemu.AssertReadsLike(reopened, expected, []);
@@ -207,7 +207,7 @@ public class CompressedAndBackingTests
             Qcow2Header h = Qemu.Header(image);
             Assert.NotEqual(tableBefore, h.RefcountTableOffset);
             Assert.True(h.RefcountTableClusters > 1, $"refcount table still {h.RefcountTableClusters} cluster(s)");
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Qemu.AssertSameContent(image, raw);
         }
     }

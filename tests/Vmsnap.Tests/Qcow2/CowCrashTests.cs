@@ -123,7 +123,7 @@ public sealed class CowCrashTests : IDisposable
                 if (!judged.Add(Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(bytes)))) continue;
                 File.WriteAllBytes(copy, bytes);
                 string what = $"crash at operation {k} of {total} ({pending} writes unflushed)";
-                (long corruptions, _, long errors, _, string text) = SnapshotKit.Check(copy);
+                (long corruptions, _, long errors, _, string text) = QemuImgCheck.Of(copy);
                 Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
                 byte[] active = SnapshotKit.QemuActiveContent(copy, _dir);
                 byte[] cluster = active.AsSpan(0, ClusterSize).ToArray();

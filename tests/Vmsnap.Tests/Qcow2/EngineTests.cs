@@ -33,7 +33,7 @@ public class EngineTests
         }
         Qcow2Header h = Qemu.Header(image);
         Assert.True(h.L1Size >= 2);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image))
         {
             byte[] back = new byte[state.Length];
@@ -44,7 +44,7 @@ public class EngineTests
             img.Engine.ReadGuest(back, vmOffset + 12345);
             Assert.All(back, b => Assert.Equal(0, b));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string raw = Qemu.ToRaw(image, dir);
         Assert.All(Qemu.ReadRaw(raw, 0, 1 << 20), b => Assert.Equal(0x31, b));
     }
@@ -68,9 +68,9 @@ public class EngineTests
                 e.FlushAll();
             }
         }
-        (var json, int exit) = Qemu.Check(image);
+        (var json, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(3, exit);
-        Assert.Equal(5, Qemu.Field(json, "leaks"));      // allocated, referenced by nothing
+        Assert.Equal(5, QemuImgCheck.Field(json, "leaks"));      // allocated, referenced by nothing
         using (var img = Qcow2Image.Open(image))
         {
             Qcow2Engine e = img.Engine;
@@ -82,7 +82,7 @@ public class EngineTests
                 e.FlushAll();
             }
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuTheory]
@@ -125,7 +125,7 @@ public class EngineTests
             await Task.WhenAll(tasks);
         }
         foreach (var list in writes) foreach ((long offset, byte[] data) in list) Qemu.WriteRaw(expected, offset, data);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
@@ -156,7 +156,7 @@ public class EngineTests
             Assert.True(back.GetSpan().SequenceEqual(buffers[1].GetSpan()));
         }
         foreach (var b in buffers) b.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
@@ -184,9 +184,9 @@ public class EngineTests
                 if ((e & L2Entry.OffsetMask) != 0) Qemu.WriteBE64(image, l2 + j * 8L, e ^ L2Entry.Copied);
             }
         }
-        Assert.True(Qemu.Field(Qemu.Check(image).Json, "corruptions") > 2);
+        Assert.True(QemuImgCheck.Field(QemuImgCheck.Of(image).Json, "corruptions") > 2);
         using (var img = Qcow2Image.Open(image)) img.Check(Qcow2RepairMode.All);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     /// <summary>A device that remembers every write and flush, to rebuild what a crash could leave on disk.</summary>
@@ -321,8 +321,8 @@ public class EngineTests
                 {
                     string path = dir.File($"state{b}-{variant}.qcow2");
                     File.WriteAllBytes(path, state.ToArray());
-                    (var json, _) = Qemu.Check(path);
-                    Assert.True(Qemu.Field(json, "corruptions") == 0, $"qemu-img check of crash state {b}/{variant}: {json}");
+                    (var json, _) = QemuImgCheck.Of(path);
+                    Assert.True(QemuImgCheck.Field(json, "corruptions") == 0, $"qemu-img check of crash state {b}/{variant}: {json}");
                     qemuChecked++;
                 }
             }

@@ -188,7 +188,7 @@ public class FormatTests
         var unknown = new HeaderExtension(0x1badcafe, [1, 2, 3, 4, 5]);
         h.Extensions.Insert(0, unknown);
         Qemu.WriteRaw(image, 0, h.EncodeCluster());
-        Qemu.AssertClean(image);   // QEMU opens it
+        QemuImgCheck.AssertClean(image);   // QEMU opens it
 
         using (var img = Qcow2Image.Open(image))
         {
@@ -201,7 +201,7 @@ public class FormatTests
         HeaderExtension kept = Assert.Single(back.Extensions, e => e.Type == unknown.Type);
         Assert.Equal(unknown.Data, kept.Data);
         Assert.NotNull(back.FindExtension(HeaderExtension.FeatureNameTable));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [Fact]

@@ -26,7 +26,7 @@ public sealed class LazyCheckTests : IDisposable
         Qemu.Io(image, "write -P 0x11 0 128k", "write -P 0x22 3M 64k");
         long l2 = L2Offset(image, 0);
         Qemu.WriteBE64(image, l2 + 48 * 8, Qemu.ReadBE64(image, l2));   // guest cluster 48 gets cluster 0's host cluster (COPIED, refcount 1)
-        Assert.True(Qemu.Field(Qemu.Check(image).Json, "corruptions") > 0);
+        Assert.True(QemuImgCheck.Field(QemuImgCheck.Of(image).Json, "corruptions") > 0);
         string hash = Qemu.Hash(image);
         using (var img = Qcow2Image.Open(image))
         {

@@ -65,16 +65,16 @@ public class QemuWrittenImageTests
             string image = dir.File(name + ".qcow2");
             Qemu.Create(image, o.VirtualSize, o.QemuOptions);
             Qemu.Io(image, Pattern(o).Select(p => p.Command).ToArray());
-            (var json, int exit) = Qemu.Check(image);
+            (var json, int exit) = QemuImgCheck.Of(image);
             Assert.Equal(0, exit);
             using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
             Qcow2CheckResult r = img.Check();
             Assert.True(r.IsClean, string.Join("\n", r.Messages));
-            Assert.Equal(Qemu.Field(json, "total-clusters"), r.TotalClusters);
-            Assert.Equal(Qemu.Field(json, "allocated-clusters"), r.AllocatedClusters);
-            Assert.Equal(Qemu.Field(json, "fragmented-clusters"), r.FragmentedClusters);
-            Assert.Equal(Qemu.Field(json, "compressed-clusters"), r.CompressedClusters);
-            Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+            Assert.Equal(QemuImgCheck.Field(json, "total-clusters"), r.TotalClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "allocated-clusters"), r.AllocatedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "fragmented-clusters"), r.FragmentedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "compressed-clusters"), r.CompressedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         }
     }
 }

@@ -177,7 +177,7 @@ public sealed class RefusalTests : IDisposable
         using (var profile = MachineProfile.Create("none", [new("ram0", ram)]))
             Assert.Throws<Qcow2FormatException>(() => VmSnapshots.Save(image, "x", profile));
         Assert.Equal(hash, Qemu.Hash(image));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]

@@ -52,7 +52,7 @@ public class SnapshotCowTests
                 Assert.True(want.AsSpan().SequenceEqual(got), $"snapshot {sn.Name} reads differently through vmsnap");
             }
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
         File.Move(before, dir.File("before-copy.raw"));
         File.Move(middle, dir.File("middle-copy.raw"));
@@ -61,7 +61,7 @@ public class SnapshotCowTests
         // Deleting the snapshots with QEMU afterwards leaves no leak: vmsnap's refcounts were exact.
         Tool.QemuImg("snapshot", "-d", "before", image);
         Tool.QemuImg("snapshot", "-d", "middle", image);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
@@ -83,7 +83,7 @@ public class SnapshotCowTests
             img.Discard(5 * 65536, 2 * 65536);
             Qemu.WriteRaw(expected, 5 * 65536, new byte[2 * 65536]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
         Assert.Equal(Qemu.Hash(snap), Qemu.Hash(Qemu.ToRaw(image, dir, "s")));
     }

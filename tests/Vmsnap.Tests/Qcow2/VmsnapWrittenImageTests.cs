@@ -68,7 +68,7 @@ public class VmsnapWrittenImageTests
             RandomWrites(img, raw, o, seed: name.GetHashCode(StringComparison.Ordinal) & 0xffff);
             Qemu.AssertReadsLike(img, raw, [(0, Math.Min(o.VirtualSize, 64L << 20)), (o.BytesPerL2 - (4 << 20), 8 << 20), (o.VirtualSize - (4 << 20), 4 << 20)]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, raw);
     }
 
@@ -94,7 +94,7 @@ public class VmsnapWrittenImageTests
             Assert.Equal(o.Vmsnap.ExtendedL2, data.GetProperty("extended-l2").GetBoolean());
             Assert.Equal(o.Vmsnap.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib", data.GetProperty("compression-type").GetString());
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, raw);
     }
 

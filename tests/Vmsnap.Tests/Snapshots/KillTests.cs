@@ -46,7 +46,7 @@ public sealed class KillFixture : IDisposable
         Tool.QemuImg("snapshot", "-c", "disk1", template);
         Qcow2.Qemu.Io(template, "write -P 0x13 1M 2M");
         using (var profile = MachineProfile.Create("none", [new("ram0", Ram2)])) VmSnapshots.Save(template, "old2", profile);
-        Qcow2.Qemu.AssertClean(template);
+        QemuImgCheck.AssertClean(template);
         string old1State = VmStateHash(template, "old1");
         string old2State = VmStateHash(template, "old2");
 
@@ -60,7 +60,7 @@ public sealed class KillFixture : IDisposable
             byte[] rc = Qcow2.Qemu.ReadRaw(leaky, block + cluster * 2, 2);
             Qcow2.Qemu.WriteRaw(leaky, block + cluster * 2, [rc[0], (byte)(rc[1] + 1)]);
         }
-        Assert.Equal(3, Qcow2.Qemu.Field(Qcow2.Qemu.Check(leaky).Json, "leaks"));
+        Assert.Equal(3, QemuImgCheck.Field(QemuImgCheck.Of(leaky).Json, "leaks"));
         return new Images(template, leaky, old1State, old2State);
     }
 
@@ -189,7 +189,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             string what = $"vmsnap {command} killed before I/O {k} of {total}";
             Assert.True(run.Killed || run.ExitCode == 0, $"{what}: {run.Stderr}");
 
-            (long corruptions, long _, long errors, _, string text) = SnapshotKit.Check(image);
+            (long corruptions, long _, long errors, _, string text) = QemuImgCheck.Of(image);
             Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
 
             // The older snapshots keep their VM state; QEMU loads them with their RAM (at some points: a boot each).
@@ -213,7 +213,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             long length = new FileInfo(image).Length;
             long allowed = sourceLength + (tags.Contains("new") ? 2 * nextState : nextState) + (2 << 20);
             Assert.True(length <= allowed, $"{what}: after the next save the file has {length} bytes, more than {allowed}: the killed command's space was not reused");
-            (corruptions, _, errors, _, text) = SnapshotKit.Check(image);
+            (corruptions, _, errors, _, text) = QemuImgCheck.Of(image);
             Assert.True(corruptions == 0 && errors == 0, $"{what}, then a save: qemu-img check: {text}");
             Assert.Equal(images.Old1State, KillFixture.VmStateHash(image, next));
             File.Delete(image);

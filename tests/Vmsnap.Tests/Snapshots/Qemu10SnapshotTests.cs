@@ -36,7 +36,7 @@ public sealed class Qemu10SnapshotTests
         string image = QemuImage(dir);
         VmSnapshotResult imported = VmSnapshots.Import(file, image, "imported");
         Assert.True(imported.Stream.IsMappedRam);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(imported.VmStateBytes, QemuSnapshots(image)["imported"].VmStateSize);
         // Stored as the plain stream savevm writes: no capability left, every page a record.
         MigrationStreamInfo stored = VmSnapshots.Inspect(image, "imported").Stream;
@@ -72,7 +72,7 @@ public sealed class Qemu10SnapshotTests
 
         string image = QemuImage(dir);
         VmSnapshots.Import(file, image, "from10");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachinePc(target, RamBytes, "pc-i440fx-7.2"), image, "from10");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
@@ -153,7 +153,7 @@ public sealed class Qemu10SnapshotTests
 
         string image = QemuImage(dir);
         PlaceAsQemu102Snapshot(image, file, "mr", transferred);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(transferred, QemuSnapshots(image)["mr"].VmStateSize);
 
         MigrationStreamInfo info = VmSnapshots.Inspect(image, "mr").Stream;
@@ -209,7 +209,7 @@ public sealed class Qemu10SnapshotTests
         QemuSavevm([.. QemuVm.MachinePc(ram, RamBytes), .. Qemu10StreamTests.VirtioMem], image, "qemu");
         VmSnapshotResult imported = VmSnapshots.Import(stream, image, "imported");
         Assert.Contains(imported.Stream.Sections, s => s.Kind == MigrationSectionKind.EarlySetup);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm([.. QemuVm.MachinePc(target, RamBytes), .. Qemu10StreamTests.VirtioMem], image, "imported");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
@@ -243,7 +243,7 @@ public sealed class Qemu10SnapshotTests
         string image = QemuImage(dir);
         using (var profile = MachineProfile.FromTemplate(template, [new("ram0", ram)], dir.Path))
             VmSnapshots.Save(image, "saved", profile);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachinePc(target, RamBytes, "pc-i440fx-7.2"), image, "saved");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));

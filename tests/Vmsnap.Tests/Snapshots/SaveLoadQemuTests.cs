@@ -60,7 +60,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(mode, r.GetProperty("mode").GetString());
         long vmState = r.GetProperty("vm-state-size").GetInt64();
 
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         var listed = QemuSnapshots(image);
         Assert.Equal(vmState, listed["ours"].VmStateSize);
         Assert.Equal(r.GetProperty("snapshot").GetProperty("id").GetString(), listed["ours"].Id);
@@ -74,7 +74,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         string ram2 = dir.File("ram1");
         GuestRam.Create(ram2, RamBytes, seed: 33);
         VmsnapJson("save", image, "--name", "ours2", "--machine", "none", "--ram", $"ram0={ram2}", "--mode", mode, "--json");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target2 = EmptyRam(dir, "target2");
         QemuLoadvm(QemuVm.MachineNone(target2, RamBytes), image, "ours2");
         Assert.Equal(GuestRam.Hash(ram2), GuestRam.Hash(target2));
@@ -91,7 +91,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         string image = QemuImage(dir);
         JsonElement imported = VmsnapJson("import", qemu.NoneStream, image, "--name", "imported", "--json");
         Assert.Equal(new FileInfo(qemu.NoneStream).Length, imported.GetProperty("vm-state-size").GetInt64());
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachineNone(target, QemuStreams.RamBytes), image, "imported");
@@ -125,7 +125,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 
         string image2 = QemuImage(dir, "second.qcow2");
         Tool.Check("sh", "-c", $"cat {piped} | {vmsnap} import - {image2} --name fromstdin");
-        Qcow2.Qemu.AssertClean(image2);
+        QemuImgCheck.AssertClean(image2);
         string target2 = EmptyRam(dir, "target2");
         QemuLoadvm(QemuVm.MachineNone(target2, RamBytes), image2, "fromstdin");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target2));
@@ -150,7 +150,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         GuestRam.Create(newRam, QemuStreams.RamBytes, seed: 35);
         string image = QemuImage(dir);
         VmsnapJson("save", image, "--name", "pc1", "--template", qemu.PcStream, "--ram", $"ram0={newRam}", "--json");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         // Inspecting the snapshot shows the template's machine and devices.
         JsonElement fromImage = VmsnapJson("inspect", image, "pc1", "--json").GetProperty("stream");
@@ -183,7 +183,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.Contains("writ", e.Message, StringComparison.OrdinalIgnoreCase);
         }
         Assert.Equal(["older", "ours"], QemuSnapshots(image).Keys.Order());
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         foreach (string tag in new[] { "older", "ours" })
         {
@@ -208,7 +208,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.ThrowsAny<OperationCanceledException>(() =>
                 VmSnapshots.Save(image, "cancelled", profile, new VmSnapshotOptions { BufferCount = 2 }, progress, cancel.Token));
         Assert.Equal(["kept"], QemuSnapshots(image).Keys);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]

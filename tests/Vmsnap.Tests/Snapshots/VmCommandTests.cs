@@ -105,7 +105,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         File.WriteAllBytes(garbage, new byte[4096]);
         VmsnapFails(["import", garbage, image, "--name", "bad"], "offset 0");
         Assert.Equal(["good"], QemuSnapshots(image).Keys);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuTheory]
@@ -168,7 +168,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.True(p.ExitCode == 143, $"exit code {p.ExitCode}: {errors}{output}");   // 128 + SIGTERM, as shells expect
         Assert.Equal("vmsnap: cancelled by SIGTERM", errors.Trim());
         Assert.Empty(QemuSnapshots(image));
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -237,7 +237,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.Equal(Hash(qemu.NoneRam), Hash(loaded));
             string exported = Path.Combine(dir, "s.mig");
             VmsnapJson("export", image, "s", "-o", exported, "--json");
-            Qcow2.Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             string target = dir + "/target";
             using (var f = File.Create(target)) f.SetLength(QemuStreams.RamBytes);
             QemuVm.LoadStream(QemuVm.MachineNone(target, QemuStreams.RamBytes), exported);

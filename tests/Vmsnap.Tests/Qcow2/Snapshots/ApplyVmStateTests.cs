@@ -45,8 +45,8 @@ public sealed class ApplyVmStateTests : IDisposable
         string byQemu = Copy(image, "apply-qemu.qcow2"), byVmsnap = Copy(image, "apply-vmsnap.qcow2");
         Tool.QemuImg("snapshot", "-a", tag, byQemu);
         using (var img = Qcow2Image.Open(byVmsnap)) img.ApplySnapshot(tag);
-        Qemu.AssertClean(byQemu);
-        Qemu.AssertClean(byVmsnap);
+        QemuImgCheck.AssertClean(byQemu);
+        QemuImgCheck.AssertClean(byVmsnap);
         string qemuRange = QemuVmRange(byQemu);
         Assert.Contains($"{expected:x2} {expected:x2} {expected:x2}", qemuRange);
         Assert.Equal(qemuRange, QemuVmRange(byVmsnap));
@@ -102,13 +102,13 @@ public sealed class ApplyVmStateTests : IDisposable
         using (var img = Qcow2Image.Open(byVmsnap)) img.CreateSnapshot("s");
         foreach (string image in new[] { byQemu, byVmsnap })
         {
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Qemu.Io(image, "write -b -P 0x77 0 50k", "write -P 0x22 0 4k");
         }
         Tool.QemuImg("snapshot", "-a", "s", byQemu);
         using (var img = Qcow2Image.Open(byVmsnap)) img.ApplySnapshot("s");
-        Qemu.AssertClean(byQemu);
-        Qemu.AssertClean(byVmsnap);
+        QemuImgCheck.AssertClean(byQemu);
+        QemuImgCheck.AssertClean(byVmsnap);
         Assert.Equal(QemuVmRange(byQemu), QemuVmRange(byVmsnap));
         Qemu.Io(byVmsnap, "read -b -P 0x5a 0 100k", "read -P 0x11 0 64k");
     }

@@ -34,7 +34,7 @@ public class QemuLockTests
         Assert.Equal(hash, Qemu.Hash(image));
         vm.Quit();
         using (var img = Qcow2Image.Open(image)) img.CreateSnapshot("after");   // free again once QEMU is gone
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]

@@ -168,7 +168,7 @@ public sealed class SnapshotBadInputTests : IDisposable
             Assert.Empty(img.Snapshots);
         }
         Assert.Equal(hash, Qemu.Hash(image));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -211,6 +211,6 @@ public sealed class SnapshotBadInputTests : IDisposable
         using (var img = Qcow2Image.Open(image)) Assert.Equal("5", img.CreateSnapshot("next").Id);
         Tool.QemuImg("snapshot", "-c", "byqemu", image);
         Assert.Equal(["4", "5", "6"], SnapshotKit.QemuList(image).Select(r => r.Id));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

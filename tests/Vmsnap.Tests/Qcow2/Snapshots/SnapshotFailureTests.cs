@@ -40,7 +40,7 @@ public sealed class SnapshotFailureTemplates : IDisposable
         // Written since the last snapshot, in two of the three L2 tables: a create must clear their
         // COPIED flags (in place, through an intermediate generation), a delete or apply deal with them.
         Qemu.Io(template, "write -P 0x41 1M 4k", "write -P 0x42 4M 8k");
-        Qemu.AssertClean(template);
+        QemuImgCheck.AssertClean(template);
         return new Template(template, SnapshotKit.QemuActiveContent(template, _dir),
             SnapshotKit.QemuSnapshotContent(template, "old1", _dir), SnapshotKit.QemuSnapshotContent(template, "old2", _dir), old2State);
     }
@@ -123,7 +123,7 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
 
     private void AssertIntactOldOrNew(string image, string operation, string what, bool allowLeaks = false)
     {
-        (long corruptions, long leaks, long errors, _, string text) = SnapshotKit.Check(image);
+        (long corruptions, long leaks, long errors, _, string text) = QemuImgCheck.Of(image);
         Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
         // The switch to new metadata is one header write, so even a cut operation leaks nothing.
         Assert.True(allowLeaks || leaks == 0, $"{what}: {leaks} leaked clusters: {text}");

@@ -37,7 +37,7 @@ public sealed class SnapshotGrowthTests : IDisposable
         Tool.QemuImg("snapshot", "-c", "second", byQemu);
         long qemuGrowth = new FileInfo(byQemu).Length - qemuBefore;
 
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuSnapshotContent(image, "second", _dir), "the new snapshot");
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuActiveContent(image, _dir), "the active disk");
         // The snapshot's L1 table, the active L1 table, refcount blocks and table, snapshot table: a handful of clusters.
@@ -45,7 +45,7 @@ public sealed class SnapshotGrowthTests : IDisposable
 
         // And the tables are the active disk's and the snapshot's at once: a write now copies the table, the snapshot keeps its bytes.
         using (var img = Qcow2Image.Open(image)) img.Write([0xee], 0);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuSnapshotContent(image, "second", _dir), "the new snapshot after a write");
     }
 }

@@ -53,7 +53,7 @@ public class SnapshotInteropTests
         SnapshotKit.AssertEqualBytes(first, SnapshotKit.QemuSnapshotContent(image, "first", dir), "snapshot first");
         SnapshotKit.AssertEqualBytes(second, SnapshotKit.QemuSnapshotContent(image, "second", dir), "snapshot second");
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk");
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
             SnapshotKit.AssertSameAsQemuInfo(img.Snapshots, image);
 
@@ -63,13 +63,13 @@ public class SnapshotInteropTests
             model = (byte[])first.Clone();
             Write(img, cs + 1, Pattern(2 * cs, 6));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk after apply");
         SnapshotKit.AssertEqualBytes(first, SnapshotKit.QemuSnapshotContent(image, "first", dir), "snapshot first after apply");
 
         using (var img = Qcow2Image.Open(image))
             Assert.Equal("first", img.DeleteSnapshot("1").Name);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(second, SnapshotKit.QemuSnapshotContent(image, "second", dir), "snapshot second after delete");
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk after delete");
         using (var img = Qcow2Image.Open(image))
@@ -79,7 +79,7 @@ public class SnapshotInteropTests
             img.DeleteSnapshot("third");
             Assert.Empty(img.Snapshots);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk at the end");
     }
 
@@ -105,16 +105,16 @@ public class SnapshotInteropTests
                 img.CreateSnapshot("v");
                 img.Write(Pattern(70_000, 9), 100_000);   // copy-on-write of compressed or backing data
             }
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuSnapshotContent(image, "v", dir), $"{Path.GetFileName(image)}: snapshot v");
             using (var img = Qcow2Image.Open(image)) img.ApplySnapshot("v");
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after apply");
             using (var img = Qcow2Image.Open(image)) img.DeleteSnapshot("v");
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after delete");
         }
         using (var img = Qcow2Image.Open(compressed)) img.DeleteSnapshot("q");
-        Qemu.AssertClean(compressed);
+        QemuImgCheck.AssertClean(compressed);
     }
 
     [QemuFact]
@@ -130,7 +130,7 @@ public class SnapshotInteropTests
             img.Engine.Snapshots[0].UnknownExtraData = unknown;   // as if a newer QEMU had written it
             img.CreateSnapshot("b");                              // vmsnap rewrites the table
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Tool.QemuImg("snapshot", "-c", "c", image);              // QEMU rewrites it too
         Tool.QemuImg("snapshot", "-d", "b", image);
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
@@ -139,6 +139,6 @@ public class SnapshotInteropTests
             Assert.Equal(unknown, img.Engine.Snapshots[0].UnknownExtraData);
             Assert.Equal(4 << 20, img.Snapshots[0].DiskSize);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

@@ -141,7 +141,7 @@ public class SnapshotPropertyTests
             {
                 Close();
                 string where = $"{config} seed {seed} after step {step} ({what})";
-                (long corruptions, long leaks, long errors, _, string text) = SnapshotKit.Check(image);
+                (long corruptions, long leaks, long errors, _, string text) = QemuImgCheck.Of(image);
                 Assert.True(corruptions == 0 && leaks == 0 && errors == 0, $"{where}: {text}");
                 Assert.Equal(model.Snapshots.Select(s => s.Name), SnapshotKit.QemuList(image).Select(r => r.Tag));
                 if (step % 8 == 7 || step == Steps - 1)

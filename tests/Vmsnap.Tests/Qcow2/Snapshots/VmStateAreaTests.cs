@@ -81,7 +81,7 @@ public class VmStateAreaTests
             // The second save wrote fresh clusters: nothing of the first snapshot's VM state was shared or copied.
             Assert.Empty(HostClusters(img, img.FindSnapshot("one")!).Intersect(HostClusters(img, img.FindSnapshot("two")!)));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal([(long)first.Length, second.Length], SnapshotKit.QemuInfo(image).Select(s => s.VmStateSize));
         using (var img = Qcow2Image.Open(image))
         {
@@ -90,9 +90,9 @@ public class VmStateAreaTests
             img.DeleteSnapshot("one");
             Assert.True(second.AsSpan().SequenceEqual(ReadVmState(img, "two")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image)) img.DeleteSnapshot("two");
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -112,7 +112,7 @@ public class VmStateAreaTests
             Assert.Equal(0, area.Length);
             Assert.Equal(0UL, img.Engine.ActiveL1[img.Engine.Geometry.L1EntriesFor(img.VirtualSize)]);   // its L2 table went too
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.InRange(new FileInfo(image).Length, 0, before + 4 * 65536);
         Assert.Equal(["keep"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
@@ -150,7 +150,7 @@ public class VmStateAreaTests
             expected.AsSpan(3 * cs + 5, 50).Fill(2);
             SnapshotKit.AssertEqualBytes(expected, back, "VM state with gaps");
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -187,7 +187,7 @@ public class VmStateAreaTests
             Assert.True(smallCreate is >= 4 and <= 16, $"{smallCreate} small writes for the snapshot: {string.Join(", ", device.SmallLog)}");
             Assert.True(data.AsSpan().SequenceEqual(ReadVmState(img, "b")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -218,7 +218,7 @@ public class VmStateAreaTests
             }
             Assert.True(data.AsSpan().SequenceEqual(ReadVmState(img, "o")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -258,10 +258,10 @@ public class VmStateAreaTests
             using (Save(img, kept)) img.CreateSnapshot("kept", new Qcow2SnapshotCreateOptions { VmStateSize = kept.Length });
             using (Save(img, Random(3 << 20, 9))) { }   // abandoned: still mapped by the active table
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         // QEMU's apply copies the snapshot's whole L1 table, VM-state area included, into the active one.
         Tool.QemuImg("snapshot", "-a", "kept", image);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         byte[] next = Random(1 << 20, 10);
         using (var img = Qcow2Image.Open(image))
         {
@@ -269,7 +269,7 @@ public class VmStateAreaTests
             Assert.True(kept.AsSpan().SequenceEqual(ReadVmState(img, "kept")));
             Assert.True(next.AsSpan().SequenceEqual(ReadVmState(img, "next")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -290,7 +290,7 @@ public class VmStateAreaTests
             area.Discard(0, area.Length);                   // ...or be given up without a trace
         }
         device.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [QemuFact]
@@ -304,6 +304,6 @@ public class VmStateAreaTests
         area.Write(Random(100_000, 12), 0);   // a reservation of several MiB, little of it used
         img.Dispose();
         area.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

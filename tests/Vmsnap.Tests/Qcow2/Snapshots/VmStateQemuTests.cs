@@ -125,7 +125,7 @@ public class VmStateQemuTests
             img.DeleteSnapshot("before");
             img.DeleteSnapshot("second");
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(["diskonly"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
@@ -168,7 +168,7 @@ public class VmStateQemuTests
             Qcow2Engine e = img.Engine;
             for (long i = e.Geometry.L1EntriesFor(e.VirtualSize); i < e.ActiveL1.Size; i++) Assert.Equal(0UL, e.ActiveL1[i]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotRow row = Assert.Single(SnapshotKit.QemuList(image));
         Assert.Equal(SnapshotCommands.FormatVmSize((ulong)streamBytes), row.VmSize);
         Assert.Equal(SnapshotKit.ListedClock("00:00:02.345"), row.VmClock);
@@ -192,6 +192,6 @@ public class VmStateQemuTests
             }
             img.DeleteSnapshot(made.Id);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }
