@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using Vmsnap.Migration;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
@@ -14,7 +15,7 @@ namespace Vmsnap.Tests.Cli;
 /// so in one line, and the image is as it was (byte for byte when nothing had been written yet; with
 /// the same disk, snapshots and a clean check when VM state had been written and was freed).
 /// </summary>
-public class SignalTests
+public partial class SignalTests
 {
     private const long StreamRam = 32 << 20;
 
@@ -59,6 +60,24 @@ public class SignalTests
         }
     }
 
+    /// <summary>Bytes written into the pipe <paramref name="pipe"/> (the write end) that the reader has not read yet (FIONREAD).</summary>
+    private static int Unread(Stream pipe)
+    {
+        SafeHandle handle = pipe switch
+        {
+            System.IO.Pipes.PipeStream s => s.SafePipeHandle,
+            FileStream f => f.SafeFileHandle,
+            _ => throw new InvalidOperationException($"not a pipe: {pipe.GetType()}"),
+        };
+        const nuint Fionread = 0x541B;
+        if (Ioctl((int)handle.DangerousGetHandle(), Fionread, out int unread) != 0)
+            throw new InvalidOperationException($"ioctl FIONREAD failed: errno {Marshal.GetLastPInvokeError()}");
+        return unread;
+    }
+
+    [LibraryImport("libc", EntryPoint = "ioctl", SetLastError = true)]
+    private static partial int Ioctl(int fd, nuint request, out int count);
+
     private static void WaitFor(Func<bool> condition, Process p, string what)
     {
         var clock = Stopwatch.StartNew();
@@ -88,7 +107,7 @@ public class SignalTests
         p.StandardInput.BaseStream.Write(stream, 0, 64 << 10);
         p.StandardInput.BaseStream.Flush();
         WaitFor(() => HasOpen(p, image), p, "it opened the image");
-        Thread.Sleep(200);   // into its read of the stalled pipe
+        WaitFor(() => Unread(p.StandardInput.BaseStream) == 0, p, "it read all it was given (then it waits on the stalled pipe)");
         Tool.Check("kill", "-" + signal, p.Id.ToString(CultureInfo.InvariantCulture));
         Assert.True(p.WaitForExit(TimeSpan.FromSeconds(30)), $"vmsnap import did not stop on SIG{signal}");
         p.StandardInput.Close();
