@@ -14,6 +14,7 @@ namespace Vmsnap.Tests.Api;
 /// snapshot it saves and qemu-img finds the image clean. docs/api.md's list of public types is the
 /// library's exported surface, and each failure a caller may want to tell apart has its own type.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed partial class ApiExampleTests
 {
     private const long RamBytes = 16 << 20;

@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Cli;
 /// produced by a case here (130 and 143, by real signals, in <see cref="SignalTests"/>), and
 /// <c>--output=json</c> is accepted wherever <c>--json</c> is.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class ExitCodeTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>

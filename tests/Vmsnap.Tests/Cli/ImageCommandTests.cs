@@ -6,6 +6,7 @@ using Vmsnap.Tests.Qcow2;
 namespace Vmsnap.Tests.Cli;
 
 /// <summary>The vmsnap image commands, run as the real tool: exit codes, output, JSON shape, one-line errors.</summary>
+[Trait("Category", "Unit")]
 public class ImageCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>

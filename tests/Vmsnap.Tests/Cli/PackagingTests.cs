@@ -14,6 +14,7 @@ namespace Vmsnap.Tests.Cli;
 /// offline) and the installed <c>vmsnap</c> makes an image qemu-img checks clean; the library package
 /// has its id, README, licence, XML docs, repository commit and no machine's paths in its binary.
 /// </summary>
+[Trait("Category", "Interop")]
 public class PackagingTests
 {
     private static readonly string Repo = FindRepo();

@@ -15,6 +15,7 @@ namespace Vmsnap.Tests.Cli;
 /// listed here. Both tools run in the images' folder on relative names, so the file names (and
 /// QEMU's full-backing-filename built from them) must agree too.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class QemuImgJsonTests
 {
     /// <summary>vmsnap's own keys, by object: anything else vmsnap prints must be qemu-img's.</summary>

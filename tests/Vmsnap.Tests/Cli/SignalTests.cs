@@ -15,6 +15,7 @@ namespace Vmsnap.Tests.Cli;
 /// so in one line, and the image is as it was (byte for byte when nothing had been written yet; with
 /// the same disk, snapshots and a clean check when VM state had been written and was freed).
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class SignalTests
 {
     private const long StreamRam = 32 << 20;

@@ -12,6 +12,7 @@ namespace Vmsnap.Tests.Cli;
 /// prints; row for row and value for value on 10.0, whose table is laid out otherwise); errors are one
 /// line; a running QEMU's image is refused for changes and, without --force-share, for inspection too.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SnapshotCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>

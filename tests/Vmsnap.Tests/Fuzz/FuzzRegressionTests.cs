@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Fuzz;
 /// What the fuzzers (fuzz/run.sh) found, as the smallest inputs that show it: each must now end in one of
 /// the project's own errors, through the parser and through the same fuzzing target that found it.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class FuzzRegressionTests
 {
     /// <summary>A minimal stream (configuration, one RAM block, no pages) ending with <paramref name="description"/>.</summary>

@@ -8,6 +8,7 @@ namespace Vmsnap.Tests.Interop;
 /// Both QEMU versions are there; [QemuFact] and [QemuTheory] make one test case per version (of each row), and each
 /// test case's version is the one in use in its class's constructor, its body, after its awaits and in its tasks.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class QemuInstallTests(QemuInstallTests.MadeOutsideTests outsideTests, ITestOutputHelper output) : IClassFixture<QemuInstallTests.MadeOutsideTests>
 {
     /// <summary>The QEMU in use while xunit constructs the test class (once per test, so under each test's version).</summary>
@@ -80,12 +81,12 @@ public sealed class QemuInstallTests(QemuInstallTests.MadeOutsideTests outsideTe
     [Fact]
     public void The_discoverers_make_one_test_case_per_version_and_row_and_refuse_what_cannot_hold_a_version()
     {
-        var cases = Discover(nameof(Each_version_runs_its_own_programs));
+        var cases = QemuDiscovery.Discover(typeof(QemuInstallTests), nameof(Each_version_runs_its_own_programs));
         Assert.Equal(QemuInstall.All.Select(i => i.Version), cases.Select(c => Assert.IsType<QemuTestCase>(c).QemuVersion));
-        Assert.Equal(2 * QemuInstall.All.Count, Discover(nameof(A_theorys_rows_each_run_on_each_version_named_first)).OfType<QemuTestCase>().Select(c => c.UniqueID).Distinct().Count());
-        Assert.Equal(["10.0"], Discover(nameof(A_test_since_a_version_runs_from_it_on)).Select(c => ((QemuTestCase)c).QemuVersion));
-        Assert.IsType<ExecutionErrorTestCase>(Assert.Single(Discover(nameof(Shapes.A_fact_with_a_parameter), typeof(Shapes))));
-        Assert.IsType<ExecutionErrorTestCase>(Assert.Single(Discover(nameof(Shapes.A_skipped_one), typeof(Shapes))));
+        Assert.Equal(2 * QemuInstall.All.Count, QemuDiscovery.Discover(typeof(QemuInstallTests), nameof(A_theorys_rows_each_run_on_each_version_named_first)).OfType<QemuTestCase>().Select(c => c.UniqueID).Distinct().Count());
+        Assert.Equal(["10.0"], QemuDiscovery.Discover(typeof(QemuInstallTests), nameof(A_test_since_a_version_runs_from_it_on)).Select(c => ((QemuTestCase)c).QemuVersion));
+        Assert.IsType<ExecutionErrorTestCase>(Assert.Single(QemuDiscovery.Discover(typeof(Shapes), nameof(Shapes.A_fact_with_a_parameter))));
+        Assert.IsType<ExecutionErrorTestCase>(Assert.Single(QemuDiscovery.Discover(typeof(Shapes), nameof(Shapes.A_skipped_one))));
     }
 
     /// <summary>Methods the discoverers must refuse (a private class: xunit does not look for tests in it).</summary>
@@ -98,25 +99,6 @@ public sealed class QemuInstallTests(QemuInstallTests.MadeOutsideTests outsideTe
 
         [QemuFact(Skip = "no")]
         public static void A_skipped_one() { }
-    }
-
-    private static List<IXunitTestCase> Discover(string method, Type? type = null)
-    {
-        type ??= typeof(QemuInstallTests);
-        var testClass = new TestClass(new TestCollection(new TestAssembly(Reflector.Wrap(type.Assembly)), null, "c"), Reflector.Wrap(type));
-        var testMethod = new TestMethod(testClass, Reflector.Wrap(type.GetMethod(method, BindingFlags.Public | BindingFlags.Static | BindingFlags.Instance)!));
-        IAttributeInfo attribute = testMethod.Method.GetCustomAttributes(typeof(FactAttribute)).Single();
-        IXunitTestCaseDiscoverer discoverer = attribute.GetNamedArgument<string?>("Skip") is null && testMethod.Method.GetCustomAttributes(typeof(TheoryAttribute)).Any()
-            ? new QemuTheoryDiscoverer(new NullMessageSink())
-            : new QemuFactDiscoverer(new NullMessageSink());
-        return discoverer.Discover(new DiscoveryOptions(), testMethod, attribute).ToList();
-    }
-
-    private sealed class DiscoveryOptions : ITestFrameworkDiscoveryOptions
-    {
-        public TValue GetValue<TValue>(string name) => default!;
-
-        public void SetValue<TValue>(string name, TValue value) { }
     }
 
     [Fact]
@@ -138,5 +120,27 @@ public sealed class QemuInstallTests(QemuInstallTests.MadeOutsideTests outsideTe
         }
         // Once the choice ends, nothing is chosen: a QEMU program is refused, not quietly taken from 7.2.
         Assert.Throws<InvalidOperationException>(() => Tool.Find("qemu-img"));
+    }
+}
+
+/// <summary>Runs the [QemuFact]/[QemuTheory] discoverers over one method, as xunit does when it looks for tests.</summary>
+internal static class QemuDiscovery
+{
+    internal static List<IXunitTestCase> Discover(Type type, string method)
+    {
+        var testClass = new TestClass(new TestCollection(new TestAssembly(Reflector.Wrap(type.Assembly)), null, "c"), Reflector.Wrap(type));
+        var testMethod = new TestMethod(testClass, Reflector.Wrap(type.GetMethod(method, BindingFlags.Public | BindingFlags.Static | BindingFlags.Instance)!));
+        IAttributeInfo attribute = testMethod.Method.GetCustomAttributes(typeof(FactAttribute)).Single();
+        IXunitTestCaseDiscoverer discoverer = attribute.GetNamedArgument<string?>("Skip") is null && testMethod.Method.GetCustomAttributes(typeof(TheoryAttribute)).Any()
+            ? new QemuTheoryDiscoverer(new NullMessageSink())
+            : new QemuFactDiscoverer(new NullMessageSink());
+        return discoverer.Discover(new DiscoveryOptions(), testMethod, attribute).ToList();
+    }
+
+    private sealed class DiscoveryOptions : ITestFrameworkDiscoveryOptions
+    {
+        public TValue GetValue<TValue>(string name) => default!;
+
+        public void SetValue<TValue>(string name, TValue value) { }
     }
 }

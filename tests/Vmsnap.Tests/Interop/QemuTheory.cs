@@ -103,10 +103,16 @@ public sealed class QemuTestCase : XunitTestCase
     /// <summary>"7.2" or "10.0".</summary>
     public string QemuVersion { get; private set; } = "";
 
-    /// <summary>Names the version as the first argument was named before the fixture existed: <c>T(version: "10.0", ...)</c>.</summary>
+    /// <summary>
+    /// Names the version as the first argument was named before the fixture existed: <c>T(version: "10.0", ...)</c>.
+    /// Its tier (trait Category) is Interop, whatever its class's tier for the tests that need no QEMU, unless the
+    /// class's is Guest (tests that boot a real guest).
+    /// </summary>
     protected override void Initialize()
     {
         base.Initialize();
+        if (!(Traits.TryGetValue(Tier.Category, out List<string>? tiers) && tiers.Contains(Tier.Guest)))
+            Traits[Tier.Category] = [Tier.Interop];
         string version = $"version: \"{QemuVersion}\"";
         DisplayName = DisplayName.EndsWith(')') && TestMethodArguments is { Length: > 0 }
             ? DisplayName.Insert(DisplayName.IndexOf('(', BaseDisplayName.Length) + 1, version + ", ")

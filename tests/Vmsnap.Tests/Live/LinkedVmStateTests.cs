@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Live;
 /// Linking a VM-state area written into the image file outside the engine (what a live save does once
 /// QEMU released the image), checked with qemu-img; and where the live save puts that area.
 /// </summary>
+[Trait("Category", "Unit")]
 public class LinkedVmStateTests
 {
     private static byte[] Random(int length, int seed)
@@ -165,6 +166,7 @@ public class LinkedVmStateTests
 }
 
 /// <summary>Where a live save puts the VM state: past what QEMU may allocate, less the large free runs QEMU fills first.</summary>
+[Trait("Category", "Unit")]
 public class RegionPlanTests
 {
     private static Qcow2ImageInfo Image(long virtualSize, int clusterSize = 65536, int refcountBits = 16) => new()

@@ -17,6 +17,7 @@ namespace Vmsnap.Tests.Live;
 /// settings as they were, the guest running, the space given back, and at the end qemu-img check
 /// clean and the older snapshot still restores the guest.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveFailureTests
 {
     private const string Slow = "16M";   // --max-bandwidth for saves a failure must catch midway (about 8 s for this guest)

@@ -10,6 +10,7 @@ namespace Vmsnap.Tests.Live;
 /// savevm loaded by QEMU's HMP loadvm, and the guest clock vmsnap records against the one QEMU's savevm
 /// records for the same stopped guest.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveInteropTests
 {
     [QemuFact]

@@ -8,6 +8,7 @@ namespace Vmsnap.Tests.Live;
 /// What vmsnap savevm and loadvm refuse before changing anything, on a QEMU that never ran its guest
 /// (-S, no kernel: nothing writes the images, so they must stay byte for byte as they were).
 /// </summary>
+[Trait("Category", "Unit")]
 public class LiveRefusalTests
 {
     private static QemuVm Start(string[] drives, string socket, params string[] more) =>

@@ -10,6 +10,7 @@ namespace Vmsnap.Tests.Live;
 /// fresh QEMU with -loadvm, and by vmsnap loadvm into a QEMU started with -incoming defer. Machines
 /// pc and q35, on both QEMU versions.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveSaveLoadTests
 {
     [QemuTheory]

@@ -17,6 +17,7 @@ namespace Vmsnap.Tests.Live;
 /// byte for byte what QEMU sent, and QEMU alone loading that stream crashed the guest the same way; 0 of 16
 /// rounds failed on 10.0; see docs/live.md). A CI run would fail on QEMU's defect, not on vmsnap's.</para>
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveStressTests
 {
     // 10.0, and 7.2 when VMSNAP_LIVE_STRESS_QEMU72=1 (see the class remarks for why 7.2 is opt-in).

@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Live;
 
 /// <summary>The QMP client against a real QEMU (no guest): commands, QEMU's errors, events with QEMU's timestamps, a QEMU that goes away.</summary>
+[Trait("Category", "Unit")]
 public class QmpClientTests
 {
     private static (QemuVm Vm, string Socket) Start(TempDir dir)

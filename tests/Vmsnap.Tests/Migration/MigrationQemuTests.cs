@@ -6,6 +6,7 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Migration streams against real QEMU 7.2 and 10.0, both directions (64 MiB guests).</summary>
+[Trait("Category", "Unit")]
 public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static readonly string[] PcBlocks =

@@ -4,6 +4,7 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Bad input: every refusal is a <see cref="MigrationStreamException"/> naming the offset and what was expected.</summary>
+[Trait("Category", "Unit")]
 public class MigrationStreamErrorTests
 {
     private static readonly byte[] Data = StreamBuilder.PageOf(0x11);

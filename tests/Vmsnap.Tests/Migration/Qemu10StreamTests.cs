@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Migration;
 /// current machine types read from a socket, early-setup sections (virtio-mem), and the main channel of a
 /// multifd migration.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class Qemu10StreamTests
 {
     private const long RamBytes = 64 << 20;

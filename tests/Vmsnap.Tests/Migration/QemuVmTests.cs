@@ -3,6 +3,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>The QEMU harness itself: QMP, HMP, failures reported with QEMU's words.</summary>
+[Trait("Category", "Unit")]
 public class QemuVmTests
 {
     [QemuFact]

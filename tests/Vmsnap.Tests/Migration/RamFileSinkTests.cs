@@ -5,6 +5,7 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Loading RAM into files that exist already (a QEMU memory-backend-file) and into new ones.</summary>
+[Trait("Category", "Unit")]
 public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStreams>
 {
     [QemuFact]

@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Broken images: a clear error naming the problem and where, no crash, no hang, the file unchanged.</summary>
+[Trait("Category", "Unit")]
 public class BadInputTests
 {
     private static string Good(TempDir dir, string name = "bad.qcow2", string options = "")

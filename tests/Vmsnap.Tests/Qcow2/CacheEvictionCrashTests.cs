@@ -12,6 +12,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// pointing to an evicted L2 table, an L2 entry relying on an evicted refcount block) must wait for
 /// that flush even when nothing else is dirty by then.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class CacheEvictionCrashTests : IDisposable
 {
     private const int ClusterSize = 4096;

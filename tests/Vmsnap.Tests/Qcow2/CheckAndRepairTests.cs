@@ -6,6 +6,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Images damaged on purpose: vmsnap's check counts what qemu-img check counts, and its repair leaves qemu-img check clean.</summary>
+[Trait("Category", "Unit")]
 public class CheckAndRepairTests
 {
     /// <summary>Where a cluster's refcount lives, found by walking the refcount table.</summary>

@@ -11,6 +11,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// changes no byte; after a repair qemu-img check finds the same in both images, and both files hold
 /// the same bytes in every cluster either of them uses (so the same data, tables and header).
 /// </summary>
+[Trait("Category", "Interop")]
 public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixture<CheckParityTests.Originals>
 {
     /// <summary>Each damaged image, made once per QEMU version by that version's qemu-img and qemu-io, shared by the three modes (which check copies).</summary>

@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Compressed clusters (qemu-img convert -c, zlib and zstd) and backing chains (qcow2 and raw backings).</summary>
+[Trait("Category", "Unit")]
 public class CompressedAndBackingTests
 {
     /// <summary>A raw disk with incompressible, compressible and zero stretches (QEMU stores the incompressible ones uncompressed).</summary>

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// meanwhile (another thread's Flush, a cache eviction). After a crash at any device operation,
 /// with any subset of the unflushed writes kept, those old bytes must read back.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class CowCrashTests : IDisposable
 {
     private const int ClusterSize = 4096;

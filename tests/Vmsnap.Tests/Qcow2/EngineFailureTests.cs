@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// nothing waits forever afterwards), the error reported is the first one, and the VM-state area
 /// never lets a flush run under a data write it issued.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class EngineFailureTests
 {
     private static MemoryBlockDevice NewImage(long size = 16 << 20, int clusterSize = 4096)

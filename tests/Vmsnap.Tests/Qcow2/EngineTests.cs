@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>The engine's internal API the snapshot work builds on, concurrency, and crash consistency.</summary>
+[Trait("Category", "Unit")]
 public class EngineTests
 {
     [QemuFact]

@@ -7,6 +7,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Encoders and decoders of the on-disk structures: round trips and known layouts.</summary>
+[Trait("Category", "Unit")]
 public class FormatTests
 {
     [Fact]

@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// on, with the file untouched. No walk of every table on open, so images of any size (more
 /// clusters than an array can count) are writable.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class LazyCheckTests : IDisposable
 {
     private readonly TempDir _dir = new();

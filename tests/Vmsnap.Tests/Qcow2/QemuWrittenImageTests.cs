@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Images QEMU made and filled: vmsnap must read exactly what qemu-img convert -O raw gives.</summary>
+[Trait("Category", "Unit")]
 public class QemuWrittenImageTests
 {
     /// <summary>qemu-io commands for one option set: aligned, unaligned, across an L2 boundary, zero writes, discards, subcluster-sized.</summary>

@@ -14,6 +14,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// after a save's stream was written are undone by giving the area back: nothing the header
 /// reaches had changed.)
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class RefusalTests : IDisposable
 {
     private readonly TempDir _dir = new();

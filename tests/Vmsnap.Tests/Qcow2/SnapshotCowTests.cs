@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Clusters shared with internal snapshots (made by qemu-img snapshot -c) are copied on write.</summary>
+[Trait("Category", "Unit")]
 public class SnapshotCowTests
 {
     [QemuTheory]

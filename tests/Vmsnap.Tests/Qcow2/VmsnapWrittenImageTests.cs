@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>vmsnap writes; QEMU judges: qemu-img check is clean and qemu-img compare finds the content a raw file got.</summary>
+[Trait("Category", "Unit")]
 public class VmsnapWrittenImageTests
 {
     /// <summary>Seeded random writes (1 byte to a few MiB), some aimed at L2 boundaries and the disk's end, plus zeroes and discards.</summary>

@@ -93,6 +93,7 @@ public sealed class KillFixture : IDisposable
 /// their VM state (read back by vmsnap at every point, loaded by QEMU's <c>-loadvm</c> at some),
 /// and the next save reuses the space the killed command left.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
 {
     private const int MaxKillPoints = 10;

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Snapshots;
 /// direct-io, a snapshot laid out as QEMU 10.2's mapped-ram savevm does it, early-setup sections, and
 /// streams of a machine type both versions have moving between them.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class Qemu10SnapshotTests
 {
     public static TheoryData<string, string> ImportCases => new()

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Snapshots;
 /// Save and load against real QEMU 7.2 and 10.0, both directions: what QEMU saves, vmsnap loads; what vmsnap
 /// saves, QEMU's -loadvm restores; streams move between migrate/-incoming and snapshots through import/export.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     /// <summary>Machine kinds: <c>none</c>, and this version's current i440FX and Q35 types (<c>pc-i440fx-10.0</c>, <c>pc-q35-10.0</c>).</summary>

@@ -7,6 +7,7 @@ using static Vmsnap.Tests.Snapshots.VmKit;
 namespace Vmsnap.Tests.Snapshots;
 
 /// <summary>save, load, import, export, inspect as the real tool: refusals are one line, exit non-zero, and leave files as they were.</summary>
+[Trait("Category", "Unit")]
 public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static string Hash(string path) => GuestRam.Hash(path);

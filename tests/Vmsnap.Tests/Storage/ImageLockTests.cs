@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Storage;
 
 /// <summary>vmsnap's locks and real QEMU's locks see each other, in both directions.</summary>
+[Trait("Category", "Unit")]
 public class ImageLockTests
 {
     private static Process StartQemuHolding(string image, bool readOnly)

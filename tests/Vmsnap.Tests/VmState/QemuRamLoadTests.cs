@@ -15,6 +15,7 @@ namespace Vmsnap.Tests.VmState;
 /// encoded by <see cref="RamPageEncoder"/> (written by the buffered writer to an O_DIRECT file,
 /// and by the gather writer to a pipe) loads into qemu-system-x86_64 and the guest RAM matches.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class QemuRamLoadTests
 {
     private const int RamSize = 16 << 20;

@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// snapshot's whole L1, VM-state range included. vmsnap leaves the same bytes there, as QEMU's own
 /// <c>qemu-io read -b</c> (which reads the VM state through the active L1) shows on the same images.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class ApplyVmStateTests : IDisposable
 {
     private const int Range = 256 << 10;   // bytes of the VM-state range compared

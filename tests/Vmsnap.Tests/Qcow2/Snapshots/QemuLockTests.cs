@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Qcow2Image's opens take QEMU's image locks: vmsnap and a running QEMU keep out of each other's way.</summary>
+[Trait("Category", "Unit")]
 public class QemuLockTests
 {
     private static string[] Drive(string image, bool readOnly = false) =>

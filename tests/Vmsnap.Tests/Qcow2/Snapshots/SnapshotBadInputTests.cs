@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Damaged snapshot tables and snapshot L1 tables: clear errors that say what and where, and nothing written.</summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotBadInputTests : IDisposable
 {
     private readonly TempDir _dir = new();

@@ -53,6 +53,7 @@ public sealed class SnapshotFailureTemplates : IDisposable
 /// VM-state save: qemu-img check finds no error, the older snapshots are intact, and the image is
 /// either as before or as after the operation, on each QEMU version.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : IClassFixture<SnapshotFailureTemplates>, IDisposable
 {
     private readonly TempDir _dir = new();

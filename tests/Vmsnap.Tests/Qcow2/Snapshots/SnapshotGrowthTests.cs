@@ -8,6 +8,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// flags in place, as QEMU does: the file grows by a few clusters of metadata per snapshot, however
 /// many tables were written since the previous one (a copy of each would grow it by that many).
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotGrowthTests : IDisposable
 {
     private readonly TempDir _dir = new();

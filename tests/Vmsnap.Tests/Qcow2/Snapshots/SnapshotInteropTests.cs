@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Snapshots vmsnap makes, deletes and applies, judged by qemu-img (list, info, check, convert).</summary>
+[Trait("Category", "Unit")]
 public class SnapshotInteropTests
 {
     public static TheoryData<string> Configurations() =>

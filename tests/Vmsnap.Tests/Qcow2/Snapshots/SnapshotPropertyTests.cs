@@ -10,6 +10,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// each snapshot's disk (qemu-img convert -l) is the disk at its creation, the active disk is the
 /// model's, and each snapshot's VM state reads back as written.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SnapshotPropertyTests
 {
     public static TheoryData<string, int> Cases()

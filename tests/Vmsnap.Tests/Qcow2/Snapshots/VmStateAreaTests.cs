@@ -6,6 +6,7 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>The VM-state area: what is written reads back through the snapshot, nothing leaks, metadata goes out in batches.</summary>
+[Trait("Category", "Unit")]
 public class VmStateAreaTests
 {
     private static byte[] Random(int length, int seed)

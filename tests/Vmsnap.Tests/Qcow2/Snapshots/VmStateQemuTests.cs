@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// QEMU's loadvm. VM-state streams are compared by meaning (DESIGN.md measured that a savevm stream
 /// and a migration stream of the same state are equivalent but not byte-identical).
 /// </summary>
+[Trait("Category", "Unit")]
 public class VmStateQemuTests
 {
     private const long RamBytes = 32 << 20;
