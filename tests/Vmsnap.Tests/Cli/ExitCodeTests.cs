@@ -13,7 +13,7 @@ namespace Vmsnap.Tests.Cli;
 public partial class ExitCodeTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     [GeneratedRegex(@"^  (\d+) +(\S.*)$", RegexOptions.Multiline)]
     private static partial Regex ExitCodeLine();

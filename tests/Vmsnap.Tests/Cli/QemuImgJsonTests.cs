@@ -32,7 +32,7 @@ public partial class QemuImgJsonTests
 
     private static Tool.Result Run(string cwd, string program, params string[] args)
     {
-        var psi = new ProcessStartInfo(Tool.Find(program))
+        var psi = new ProcessStartInfo(Path.IsPathRooted(program) ? program : Tool.Find(program))
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
@@ -52,7 +52,7 @@ public partial class QemuImgJsonTests
         return new Tool.Result(p.ExitCode, stdout.Result, stderr.Result);
     }
 
-    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, "dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args]);
+    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, VmsnapCli.Command[0], [.. VmsnapCli.Command.Skip(1), .. args]);
 
     private static JsonElement Parse(Tool.Result r, string what)
     {

@@ -36,15 +36,10 @@ public partial class SignalTests
     /// </summary>
     private static Process StartImport(string image)
     {
-        var psi = new ProcessStartInfo(Tool.Find("env"))
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        foreach (string a in new[] { "--default-signal=INT,TERM", Tool.Find("dotnet"), Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" })
-            psi.ArgumentList.Add(a);
+        ProcessStartInfo psi = VmsnapCli.StartInfo(["import", "-", image, "--name", "cut"], [Tool.Find("env"), "--default-signal=INT,TERM", .. VmsnapCli.Command]);
+        psi.RedirectStandardInput = true;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         return Tool.Start(psi);
     }
 

@@ -16,7 +16,7 @@ namespace Vmsnap.Tests.Cli;
 public class SnapshotCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     private static void AssertOneLineError(Tool.Result r, params string[] words)
     {

@@ -108,10 +108,10 @@ internal sealed class RunningVmsnap : IDisposable
 
     public static RunningVmsnap Start(string[] args)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "vmsnap.dll");
         // sh sets SIGXFSZ to ignored and execs: an ignored signal stays ignored in the new program.
-        var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (string a in new[] { "-c", "trap '' XFSZ; exec \"$0\" \"$@\"", Tool.Find("dotnet"), dll }.Concat(args)) psi.ArgumentList.Add(a);
+        var psi = VmsnapCli.StartInfo(args, ["/bin/sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\"", .. VmsnapCli.Command]);
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         var p = new Process { StartInfo = psi };
         var running = new RunningVmsnap(p);
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (running._stdout) running._stdout.AppendLine(e.Data); };

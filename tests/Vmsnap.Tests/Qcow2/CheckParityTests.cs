@@ -275,7 +275,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     }
 
     private static Tool.Result Vmsnap(string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     [QemuFact]
     public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them()

@@ -116,14 +116,10 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
     /// <summary>Runs vmsnap with the hook set to <paramref name="pauseAt"/>; kills it once it says it paused there.</summary>
     private static Outcome RunVmsnap(string[] args, long pauseAt)
     {
-        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
-        {
-            RedirectStandardError = true,
-            RedirectStandardOutput = true,
-            UseShellExecute = false,
-        };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"));
-        foreach (string a in args) psi.ArgumentList.Add(a);
+        // The managed program whatever VMSNAP_BIN says: the pause comes from a startup hook.
+        ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
+        psi.RedirectStandardError = true;
+        psi.RedirectStandardOutput = true;
         psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
         psi.Environment[StartupHook.PauseVariable] = pauseAt.ToString(System.Globalization.CultureInfo.InvariantCulture);
         using var p = new Process { StartInfo = psi };

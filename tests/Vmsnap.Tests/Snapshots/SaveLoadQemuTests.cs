@@ -117,7 +117,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         QemuSavevm(QemuVm.MachineNone(ram, RamBytes), image, "qs");
 
         // Export to stdout, import from stdin, through shell pipes.
-        string vmsnap = $"dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")}";
+        string vmsnap = VmsnapCli.Shell;
         string piped = dir.File("piped.mig");
         Tool.Check("sh", "-c", $"{vmsnap} export {image} qs -o - > {piped}");
         string target = EmptyRam(dir, "target");

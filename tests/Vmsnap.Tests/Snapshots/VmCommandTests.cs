@@ -125,14 +125,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         long imageBefore = new FileInfo(image).Length;
 
         // The stream comes through a pipe the test feeds: a quarter, the signal once vmsnap writes, then the rest.
-        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" }) psi.ArgumentList.Add(a);
+        ProcessStartInfo psi = VmsnapCli.StartInfo(["import", "-", image, "--name", "cut"]);
+        psi.RedirectStandardInput = true;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         using var p = Tool.Start(psi);
         var stderr = p.StandardError.ReadToEndAsync();
         var stdout = p.StandardOutput.ReadToEndAsync();

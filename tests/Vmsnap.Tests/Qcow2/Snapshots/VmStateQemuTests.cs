@@ -92,7 +92,7 @@ public class VmStateQemuTests
             Assert.Equal(before.VmStateSize, MigrationStream.Inspect(reader).TotalBytes);
         }
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), ours);
-        Tool.Result cli = Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "snapshot", "list", image]);
+        Tool.Result cli = VmsnapCli.Run(["snapshot", "list", image]);
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), cli.Stdout);
 
         // What QEMU streams for the same state: -loadvm, then migrate to a file.
