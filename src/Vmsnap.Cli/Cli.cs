@@ -5,7 +5,7 @@ using System.CommandLine.Parsing;
 using System.Runtime.CompilerServices;
 using System.Globalization;
 using System.Text.Json;
-using System.Text.Json.Serialization;
+using System.Text.Json.Serialization.Metadata;
 
 namespace Vmsnap.Cli;
 
@@ -23,16 +23,6 @@ internal static class Cli
         (128 + 2, "stopped by SIGINT (Ctrl-C); what the command had written is undone"),
         (128 + 15, "stopped by SIGTERM; what the command had written is undone"),
     ];
-
-    /// <summary>qemu-img's own naming: keys like virtual-size, vm-state-size; enum values like buffered.</summary>
-    internal static readonly JsonSerializerOptions Json = new()
-    {
-        WriteIndented = true,
-        IndentSize = 4,
-        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
-        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
-        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.KebabCaseLower) },
-    };
 
     /// <summary>
     /// <c>--output=human|json</c> as qemu-img spells it, on every command (from the root down);
@@ -159,12 +149,9 @@ internal static class Cli
         }, CancellationToken.None));
     }
 
-    /// <summary>As <see cref="Json"/>, with null values written as null rather than left out (the live commands' keys are always there).</summary>
-    internal static readonly JsonSerializerOptions JsonWithNulls = new(Json) { DefaultIgnoreCondition = JsonIgnoreCondition.Never };
-
-    /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON; <paramref name="keepNulls"/> writes null values instead of leaving their keys out.</summary>
-    internal static void WriteJson<T>(T value, bool keepNulls = false) =>
-        Console.Out.WriteLine(JsonSerializer.Serialize(value, keepNulls ? JsonWithNulls : Json));
+    /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON, with the generated serialiser <paramref name="type"/> (of <see cref="CliJson"/> or <see cref="CliJsonWithNulls"/>).</summary>
+    internal static void WriteJson<T>(T value, JsonTypeInfo<T> type) =>
+        Console.Out.WriteLine(JsonSerializer.Serialize(value, type));
 
     /// <summary>
     /// Where a file that replaces <paramref name="target"/> is written first: a hidden, uniquely named file in

@@ -44,7 +44,7 @@ internal static class DemoCommand
             try
             {
                 DemoResult result = Run(dir, ramDir, ram, asJson ? null : Console.Out, ct);
-                if (asJson) Cli.WriteJson(result);
+                if (asJson) Cli.WriteJson(result, CliJson.Default.DemoResult);
                 if (!result.Verified) Console.Error.WriteLine("vmsnap: demo failed: RAM loaded back differs from the RAM saved");
                 else if (!result.CheckClean) Console.Error.WriteLine("vmsnap: demo failed: the image check found problems");
                 return result.Verified && result.CheckClean ? Cli.ExitOk : Cli.ExitFailure;

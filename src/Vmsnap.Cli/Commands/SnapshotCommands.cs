@@ -38,7 +38,7 @@ internal static class SnapshotCommands
             using Qcow2Image img = Qcow2Image.Open(path, new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false });
             IReadOnlyList<Qcow2Snapshot> snapshots = img.Snapshots;
             if (parse.GetValue(json))
-                Cli.WriteJson(new ListJson(path, snapshots.Select(QemuImgJson.Snapshot).ToArray()));
+                Cli.WriteJson(new ListJson(path, snapshots.Select(QemuImgJson.Snapshot).ToArray()), CliJson.Default.ListJson);
             else
                 Console.Out.Write(FormatList(snapshots));
             return Cli.ExitOk;
@@ -96,7 +96,7 @@ internal static class SnapshotCommands
 
     private static void Report(bool json, string what, string image, Qcow2Snapshot s)
     {
-        if (json) Cli.WriteJson(new ActionJson(image, what, QemuImgJson.Snapshot(s)));
+        if (json) Cli.WriteJson(new ActionJson(image, what, QemuImgJson.Snapshot(s)), CliJson.Default.ActionJson);
         else Console.Out.WriteLine($"{what} snapshot {s.Id} '{s.Name}' of '{image}'");
     }
 
