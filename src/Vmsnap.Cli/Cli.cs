@@ -47,6 +47,7 @@ internal static class Cli
         root.Options.Add(OutputOption);
         HelpOption help = root.Options.OfType<HelpOption>().Single();
         help.Action = new HelpWithExitCodes((SynchronousCommandLineAction)help.Action!);
+        CommandReference.AddTo(root);
         return root;
     }
 
