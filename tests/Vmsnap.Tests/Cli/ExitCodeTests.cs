@@ -1,6 +1,7 @@
 using System.Text.RegularExpressions;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Qcow2;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -12,7 +13,7 @@ namespace Vmsnap.Tests.Cli;
 public partial class ExitCodeTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapBinary.Run(args, TimeSpan.FromMinutes(2));
 
     [GeneratedRegex(@"^  (\d+) +(\S.*)$", RegexOptions.Multiline)]
     private static partial Regex ExitCodeLine();

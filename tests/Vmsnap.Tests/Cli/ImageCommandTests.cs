@@ -2,6 +2,7 @@ using System.Text.Json;
 using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Qcow2;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -9,7 +10,7 @@ namespace Vmsnap.Tests.Cli;
 public class ImageCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapBinary.Run(args, TimeSpan.FromMinutes(2));
 
     private static void AssertOneLineError(Tool.Result r, int exitCode, params string[] words)
     {

@@ -5,6 +5,7 @@ using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Qcow2;
 using Vmsnap.Tests.Snapshots;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -51,7 +52,7 @@ public partial class QemuImgJsonTests
         return new Tool.Result(p.ExitCode, stdout.Result, stderr.Result);
     }
 
-    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, "dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args]);
+    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, VmsnapBinary.Program, [.. VmsnapBinary.Prefix, .. args]);
 
     private static JsonElement Parse(Tool.Result r, string what)
     {

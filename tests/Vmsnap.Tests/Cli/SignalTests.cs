@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
 using Vmsnap.Tests.Qcow2;
 using static Vmsnap.Tests.Snapshots.VmKit;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -41,7 +42,7 @@ public class SignalTests
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (string a in new[] { "--default-signal=INT,TERM", Tool.Find("dotnet"), Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" })
+        foreach (string a in (string[])["--default-signal=INT,TERM", .. VmsnapBinary.CommandLine("import", "-", image, "--name", "cut")])
             psi.ArgumentList.Add(a);
         return Tool.Start(psi);
     }

@@ -3,6 +3,7 @@ using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Qcow2;
 using Vmsnap.Tests.Qcow2.Snapshots;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -15,7 +16,7 @@ namespace Vmsnap.Tests.Cli;
 public class SnapshotCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapBinary.Run(args, TimeSpan.FromMinutes(2));
 
     private static void AssertOneLineError(Tool.Result r, params string[] words)
     {

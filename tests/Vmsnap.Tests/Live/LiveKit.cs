@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Json;
 using Vmsnap.Tests.Interop;
 using static Vmsnap.Tests.Snapshots.VmKit;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Live;
 
@@ -117,10 +118,9 @@ internal sealed class RunningVmsnap : IDisposable
 
     public static RunningVmsnap Start(string[] args)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "vmsnap.dll");
         // sh sets SIGXFSZ to ignored and execs: an ignored signal stays ignored in the new program.
         var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (string a in new[] { "-c", "trap '' XFSZ; exec \"$0\" \"$@\"", Tool.Find("dotnet"), dll }.Concat(args)) psi.ArgumentList.Add(a);
+        foreach (string a in (string[])["-c", "trap '' XFSZ; exec \"$0\" \"$@\"", .. VmsnapBinary.CommandLine(args)]) psi.ArgumentList.Add(a);
         var p = new Process { StartInfo = psi };
         var running = new RunningVmsnap(p);
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (running._stdout) running._stdout.AppendLine(e.Data); };

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Qcow2;
 
@@ -286,7 +287,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     }
 
     private static Tool.Result Vmsnap(string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapBinary.Run(args, TimeSpan.FromMinutes(2));
 
     [Theory]
     [EachQemu]

@@ -4,6 +4,7 @@ using Vmsnap.Snapshots;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
 using static Vmsnap.Tests.Snapshots.VmKit;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Snapshots;
 
@@ -56,7 +57,7 @@ public sealed class Qemu10SnapshotTests
         Tool.Result load = VmKit.Vmsnap("load", file, "--ram", $"ram0={loaded}");
         Assert.True(load.ExitCode == 0, load.Stderr);
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
-        Tool.Result stdin = Tool.Run("sh", ["-c", $"cat {file} | dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")} inspect -"]);
+        Tool.Result stdin = Tool.Run("sh", ["-c", $"cat {file} | {VmsnapBinary.Shell} inspect -"]);
         Assert.NotEqual(0, stdin.ExitCode);
         Assert.Contains("placed by file offset", stdin.Stderr);
     }

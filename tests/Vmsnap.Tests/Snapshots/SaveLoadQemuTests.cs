@@ -6,6 +6,7 @@ using Vmsnap.Tests.Migration;
 using Vmsnap.VmState;
 using Vmsnap.Tests.VmState;
 using static Vmsnap.Tests.Snapshots.VmKit;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Snapshots;
 
@@ -119,7 +120,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         QemuSavevm(QemuVm.MachineNone(ram, RamBytes), image, "qs");
 
         // Export to stdout, import from stdin, through shell pipes.
-        string vmsnap = $"dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")}";
+        string vmsnap = VmsnapBinary.Shell;
         string piped = dir.File("piped.mig");
         Tool.Check("sh", "-c", $"{vmsnap} export {image} qs -o - > {piped}");
         string target = EmptyRam(dir, "target");

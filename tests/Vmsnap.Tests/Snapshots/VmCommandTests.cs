@@ -3,6 +3,7 @@ using System.Text.Json;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
 using static Vmsnap.Tests.Snapshots.VmKit;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Snapshots;
 
@@ -135,14 +136,14 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         long imageBefore = new FileInfo(image).Length;
 
         // The stream comes through a pipe the test feeds: a quarter, the signal once vmsnap writes, then the rest.
-        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
+        var psi = new ProcessStartInfo(VmsnapBinary.Program)
         {
             RedirectStandardInput = true,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" }) psi.ArgumentList.Add(a);
+        foreach (string a in (string[])[.. VmsnapBinary.Prefix, "import", "-", image, "--name", "cut"]) psi.ArgumentList.Add(a);
         using var p = Tool.Start(psi);
         var stderr = p.StandardError.ReadToEndAsync();
         var stdout = p.StandardOutput.ReadToEndAsync();

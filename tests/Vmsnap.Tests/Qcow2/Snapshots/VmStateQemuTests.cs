@@ -4,6 +4,7 @@ using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 using Vmsnap.Tests.Interop;
 using Vmsnap.VmState;
+using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
@@ -93,7 +94,7 @@ public class VmStateQemuTests
             Assert.Equal(before.VmStateSize, MigrationStream.Inspect(reader).TotalBytes);
         }
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), ours);
-        Tool.Result cli = Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "snapshot", "list", image]);
+        Tool.Result cli = VmsnapBinary.Run(["snapshot", "list", image]);
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), cli.Stdout);
 
         // What QEMU streams for the same state: -loadvm, then migrate to a file.
