@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the tests need (QEMU 7.2 and 10.0 from Debian's packages, a guest kernel and busybox;
-# see tests/install-deps.sh) and runs every test. Interop tests fail, never skip, when a QEMU or the
-# guest is missing: this script is how CI gets them.
+# Installs what the tests need (QEMU 7.2 and 10.0 from Debian's packages, a guest kernel and busybox, a clean
+# Debian 12 root; see tests/install-deps.sh), builds the native vmsnap and its .deb, and runs every test. Interop
+# tests fail, never skip, when a QEMU, the guest or the package is missing: this script is how CI gets them.
+# With arguments (e.g. --filter ...), they go to the one dotnet test run and the native pass is left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS='=' read -r key value; do export "$key=$value"; done < <(tests/install-deps.sh)
@@ -9,4 +10,26 @@ qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
 "$VMSNAP_QEMU10/qemu-system-x86_64" --version | head -1
 echo "guest kernel $(cat "$VMSNAP_GUEST/version")"
+
+# ---- The native vmsnap (packaging/build-deb.sh): the executable, the .deb, the tarball ----------------------
+# The package tests (tests/Vmsnap.Tests/Native) install the .deb (VMSNAP_DEB) into the clean Debian 12 root.
+native_package() {
+  local started=$SECONDS paths built
+  paths="$(packaging/build-deb.sh "$PWD/artifacts")"
+  mapfile -t built <<< "$paths"
+  export VMSNAP_DEB="${built[0]}" VMSNAP_NATIVE="${built[2]}"
+  echo "native build: $(basename "$VMSNAP_DEB") ($(du -k "$VMSNAP_DEB" | cut -f1) KiB) in $((SECONDS - started)) s"
+}
+
+# The tests that start the vmsnap command, once more against the native executable (VMSNAP_BIN): every command
+# works the same from it. (Not the packing of the dotnet tool, nor the tests that hook into a JIT-run vmsnap.)
+native_filter='(FullyQualifiedName~Vmsnap.Tests.Cli.|FullyQualifiedName~Vmsnap.Tests.Qcow2.CheckParityTests|FullyQualifiedName~Vmsnap.Tests.Snapshots.VmCommandTests|FullyQualifiedName~Vmsnap.Tests.Snapshots.SaveLoadQemuTests|FullyQualifiedName~Vmsnap.Tests.Live.LiveSaveLoadTests|FullyQualifiedName~Vmsnap.Tests.Live.LiveRefusalTests)&FullyQualifiedName!~PackagingTests'
+native_cli_tests() {
+  local started=$SECONDS
+  VMSNAP_BIN="$VMSNAP_NATIVE" dotnet test Vmsnap.slnx -c Release --no-build --logger "console;verbosity=normal" --filter "$native_filter"
+  echo "command-line tests against the native vmsnap: $((SECONDS - started)) s"
+}
+
+native_package
 dotnet test Vmsnap.slnx -c Release --logger "console;verbosity=normal" "$@"
+if [ $# -eq 0 ]; then native_cli_tests; fi
