@@ -21,9 +21,11 @@ native_package() {
   echo "native build: $(basename "$VMSNAP_DEB") ($(du -k "$VMSNAP_DEB" | cut -f1) KiB) in $((SECONDS - started)) s"
 }
 
-# The tests that start the vmsnap command, once more against the native executable (VMSNAP_BIN): every command
-# works the same from it. (Not the packing of the dotnet tool, nor the tests that hook into a JIT-run vmsnap.)
-native_filter='(FullyQualifiedName~Vmsnap.Tests.Cli.|FullyQualifiedName~Vmsnap.Tests.Qcow2.CheckParityTests|FullyQualifiedName~Vmsnap.Tests.Snapshots.VmCommandTests|FullyQualifiedName~Vmsnap.Tests.Snapshots.SaveLoadQemuTests|FullyQualifiedName~Vmsnap.Tests.Live.LiveSaveLoadTests|FullyQualifiedName~Vmsnap.Tests.Live.LiveRefusalTests)&FullyQualifiedName!~PackagingTests'
+# The command-line tests once more, against the native executable (VMSNAP_BIN): every command works the same from
+# it (the package tests above already ran it in the Debian root, a live guest's savevm/loadvm included). Not the
+# packing of the dotnet tool, nor the tests that hook into a JIT-run vmsnap; of the save/load interop tests with
+# QEMU, those through pipes and both writer modes.
+native_filter='(FullyQualifiedName~Vmsnap.Tests.Cli.&FullyQualifiedName!~PackagingTests)|FullyQualifiedName~Vmsnap.Tests.Snapshots.VmCommandTests|FullyQualifiedName~Vmsnap.Tests.Live.LiveRefusalTests|FullyQualifiedName~CheckParityTests.An_invalid_snapshot_table_offset|FullyQualifiedName~SaveLoadQemuTests.vmsnap_save_then_QEMU_loadvm|FullyQualifiedName~SaveLoadQemuTests.Export_of_a_QEMU_savevm_snapshot'
 native_cli_tests() {
   local started=$SECONDS
   VMSNAP_BIN="$VMSNAP_NATIVE" dotnet test Vmsnap.slnx -c Release --no-build --logger "console;verbosity=normal" --filter "$native_filter"
