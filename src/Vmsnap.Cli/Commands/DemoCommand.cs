@@ -19,7 +19,9 @@ internal static class DemoCommand
     private const long DiskSize = 1L << 30;
     private const int PageSize = 4096;
 
-    internal static Command Build()
+    internal static CommandFactory Build() => new("demo", Create);
+
+    private static Command Create()
     {
         var command = new Command("demo", "Run the built-in demonstration on a temporary folder (no arguments needed)");
         var json = Cli.JsonOption();

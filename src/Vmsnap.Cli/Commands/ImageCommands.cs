@@ -15,14 +15,14 @@ internal static class ImageCommands
     internal const int CheckCorrupt = 2, CheckLeaks = 3;
     private const int ChunkSize = 4 << 20;
 
-    internal static IEnumerable<Command> Build()
-    {
-        yield return CreateCommand();
-        yield return InfoCommand();
-        yield return CheckCommand();
-        yield return ReadCommand();
-        yield return WriteCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() =>
+    [
+        new("create", CreateCommand),
+        new("info", InfoCommand),
+        new("check", CheckCommand),
+        new("read", ReadCommand),
+        new("write", WriteCommand),
+    ];
 
     private static Command CreateCommand()
     {

@@ -6,11 +6,7 @@ namespace Vmsnap.Cli.Commands;
 /// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
 internal static class LiveCommands
 {
-    internal static IEnumerable<Command> Build()
-    {
-        yield return SaveVmCommand();
-        yield return LoadVmCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand)];
 
     private static Option<string> QmpOption() => new("--qmp")
     {

@@ -13,14 +13,16 @@ namespace Vmsnap.Cli.Commands;
 /// </summary>
 internal static class SnapshotCommands
 {
-    internal static IEnumerable<Command> Build()
+    internal static IEnumerable<CommandFactory> Build() => [new("snapshot", SnapshotCommand)];
+
+    private static Command SnapshotCommand()
     {
         var command = new Command("snapshot", "List, create, delete or apply (revert to) internal snapshots of a qcow2 image");
         command.Subcommands.Add(ListCommand());
         command.Subcommands.Add(CreateCommand());
         command.Subcommands.Add(DeleteCommand());
         command.Subcommands.Add(ApplyCommand());
-        yield return command;
+        return command;
     }
 
     internal static Option<bool> ForceShareOption() =>

@@ -11,14 +11,14 @@ namespace Vmsnap.Cli.Commands;
 /// <summary>The VM commands: save, load, export, import, inspect.</summary>
 internal static class VmCommands
 {
-    internal static IEnumerable<Command> Build()
-    {
-        yield return SaveCommand();
-        yield return LoadCommand();
-        yield return ExportCommand();
-        yield return ImportCommand();
-        yield return InspectCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() =>
+    [
+        new("save", SaveCommand),
+        new("load", LoadCommand),
+        new("export", ExportCommand),
+        new("import", ImportCommand),
+        new("inspect", InspectCommand),
+    ];
 
     private static Option<string[]> RamOption(string description) => new("--ram")
     {
