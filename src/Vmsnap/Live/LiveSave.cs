@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using System.Text.Json.Nodes;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
@@ -105,7 +106,8 @@ internal sealed class LiveSave : LiveSession
         double? qemuDowntime = null;
         try
         {
-            if (_options.Live) Rehearse(vmInfo);
+            // Compiled ahead of time (the native vmsnap), there is no JIT to warm: the stop runs precompiled code anyway.
+            if (_options.Live && RuntimeFeature.IsDynamicCodeCompiled) Rehearse(vmInfo);
             settings = MigrationSettings.Apply(Qmp, _options.Live);
             region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
@@ -166,7 +168,8 @@ internal sealed class LiveSave : LiveSession
     /// still runs: opening an image for writing, the region check, the link and the snapshot creation. The
     /// methods are then compiled (the JIT compiles a method when it first runs) and their libraries loaded, so the
     /// stopped window does only the work itself. On a contended machine the first run's compilation took longer
-    /// than that work. Best effort: any failure here is ignored (the real commit reports its own).
+    /// than that work. Only where code is JIT-compiled (the dotnet tool, the library): the native vmsnap skips it.
+    /// Best effort: any failure here is ignored (the real commit reports its own).
     /// </summary>
     private static void Rehearse(Qcow2ImageInfo geometry)
     {
