@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # The stop window of vmsnap savevm --live (issue 20): the native vmsnap and the dotnet tool, built from two
-# revisions, side by side (bench/live_stop_bench.py), quiet and with stress-ng busy on both cores. By default
-# the revisions are the one before the rehearsal of the commit was left to JIT-compiled code (the native
-# vmsnap rehearsed too) and HEAD. Not a test.
-# Usage: bench/live-stop.sh [BEFORE [AFTER]]   (env: SIZE=256M ROUNDS=8 LOADS="none stress" DIR=bench/.scratch
-#                                               EXTRA="label<TAB>command" lines to add variants)
+# revisions (e.g. with and without the rehearsal of the commit, Live/LiveSave.cs), side by side
+# (bench/live_stop_bench.py), quiet and with stress-ng busy on both cores. Not a test.
+# Usage: bench/live-stop.sh BEFORE [AFTER]   (AFTER defaults to HEAD; env: SIZE=256M ROUNDS=8 LOADS="none stress"
+#                                             DIR=bench/.scratch EXTRA="label<TAB>command" lines to add variants)
 # Needs: qemu-system-x86_64, qemu-img, stress-ng, python3, a C toolchain (apt-get install qemu-system-x86 qemu-utils stress-ng).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for t in qemu-system-x86_64 qemu-img stress-ng python3; do
   command -v "$t" >/dev/null || { echo "bench/live-stop.sh: $t is not installed" >&2; exit 1; }
 done
-split="$(git log -1 --format=%H -S'RuntimeFeature.IsDynamicCodeCompiled' -- src/Vmsnap/Live/LiveSave.cs)"
-before="${1:-${split:+$split~1}}"
+[ $# -ge 1 ] || { echo "usage: bench/live-stop.sh BEFORE [AFTER]" >&2; exit 2; }
+before="$1"
 after="${2:-HEAD}"
-[ -n "$before" ] || { echo "bench/live-stop.sh: give the revision to compare with" >&2; exit 1; }
 builds="$(mktemp -d)"
 trap 'rm -rf "$builds"' EXIT
 variants=""

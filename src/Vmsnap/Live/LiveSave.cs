@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Net.Sockets;
-using System.Runtime.CompilerServices;
 using System.Text.Json.Nodes;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
@@ -106,8 +105,7 @@ internal sealed class LiveSave : LiveSession
         double? qemuDowntime = null;
         try
         {
-            // Compiled ahead of time (the native vmsnap), there is no JIT to warm: the stop runs precompiled code anyway.
-            if (_options.Live && RuntimeFeature.IsDynamicCodeCompiled) Rehearse(vmInfo);
+            if (_options.Live) Rehearse(vmInfo);
             settings = MigrationSettings.Apply(Qmp, _options.Live);
             region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
@@ -168,8 +166,9 @@ internal sealed class LiveSave : LiveSession
     /// still runs: opening an image for writing, the region check, the link and the snapshot creation. The
     /// methods are then compiled (the JIT compiles a method when it first runs) and their libraries loaded, so the
     /// stopped window does only the work itself. On a contended machine the first run's compilation took longer
-    /// than that work. Only where code is JIT-compiled (the dotnet tool, the library): the native vmsnap skips it.
-    /// Best effort: any failure here is ignored (the real commit reports its own).
+    /// than that work. The native vmsnap (no JIT) still gains from it: without it, the first opening of the images for
+    /// writing and the first region check added some 20 ms to the median stop (bench/live-stop.sh, 2-core machine
+    /// under load). Best effort: any failure here is ignored (the real commit reports its own).
     /// </summary>
     private static void Rehearse(Qcow2ImageInfo geometry)
     {
