@@ -8,8 +8,8 @@ namespace Vmsnap.Tests.Native;
 
 /// <summary>
 /// The .deb (packaging/build-deb.sh) in a clean Debian 12 without .NET: apt installs it, the native vmsnap it
-/// holds works there (images, snapshots, a running guest's live save and restore, judged by real QEMU outside
-/// the root), and apt removes it again.
+/// holds works there (images, snapshots, a running guest's save (live on QEMU 10.0) and restore, judged by real
+/// QEMU outside the root), and apt removes it again.
 /// </summary>
 public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IClassFixture<DebianPackageTests.InstalledRoot>
 {
@@ -120,19 +120,23 @@ public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IC
 
     [Theory]
     [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void The_installed_vmsnap_saves_a_running_guest_live_and_restores_it_with_loadvm(string version)
+    public void The_installed_vmsnap_saves_a_running_guest_and_restores_it_with_loadvm(string version)
     {
         using var _ = QemuInstall.Use(version);
+        // QEMU 7.2's own live migration of a TCG guest now and then sends a state that crashes the guest when loaded,
+        // with or without vmsnap (docs/live.md, "What the stress test found"; seen here once too): on 7.2 the save
+        // stops the guest, as docs/live.md advises there.
+        bool live = version != "7.2";
         using var dir = new TempDir();
         SaveWindow window;
         using (TestGuest guest = TestGuest.Boot(dir))
         {
             guest.WaitForTick(t => t.N >= 3);
             GuestTick before = guest.LastTick();
-            JsonElement saved = JsonDocument.Parse(Vmsnap(dir, "savevm", "--qmp", guest.VmsnapSocket, "live", "--live", "--json")).RootElement;
+            JsonElement saved = JsonDocument.Parse(Vmsnap(dir, ["savevm", "--qmp", guest.VmsnapSocket, "live", .. live ? new[] { "--live" } : [], "--json"])).RootElement;
             long returned = guest.LastTick().N;
             window = new SaveWindow(before.N, guest.WaitForTick(t => t.N > returned).N, before.Boot);
-            Assert.True(saved.GetProperty("live").GetBoolean());
+            Assert.Equal(live, saved.GetProperty("live").GetBoolean());
             Assert.Equal("running", saved.GetProperty("run-state").GetString());
             Assert.Equal(guest.Disks[0], saved.GetProperty("disks")[0].GetProperty("image").GetString());
             guest.Vm.Quit();
