@@ -4,7 +4,6 @@ using System.Text;
 using System.Text.RegularExpressions;
 using Vmsnap.Cli;
 using Vmsnap.Tests.Interop;
-using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Cli;
 
@@ -14,13 +13,14 @@ namespace Vmsnap.Tests.Cli;
 /// definitions: groff renders the page without a warning and it documents every command, argument and option;
 /// bash, given the script, completes commands, options and their choices.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class CommandReferenceTests
 {
     private static readonly RootCommand Root = VmsnapCommand.Create();
 
     private static string Print(string option)
     {
-        Tool.Result r = VmsnapBinary.Run([option]);
+        Tool.Result r = VmsnapCli.Run([option]);
         Assert.True(r.ExitCode == 0 && r.Stderr.Length == 0, $"vmsnap {option} exited {r.ExitCode}: {r.Stderr}");
         return r.Stdout;
     }

@@ -9,8 +9,9 @@ namespace Vmsnap.Tests.Native;
 /// <summary>
 /// The .deb (packaging/build-deb.sh) in a clean Debian 12 without .NET: apt installs it, the native vmsnap it
 /// holds works there (images, snapshots, a running guest's save (live on QEMU 10.0) and restore, judged by real
-/// QEMU outside the root), and apt removes it again.
+/// QEMU outside the root), and apt removes it again. Tier Guest: one test boots the test guest.
 /// </summary>
+[Trait("Category", "Guest")]
 public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IClassFixture<DebianPackageTests.InstalledRoot>
 {
     /// <summary>The files the package installs.</summary>
@@ -91,11 +92,9 @@ public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IC
         Assert.DoesNotContain("installed", status.Stdout.Replace("not-installed", "", StringComparison.Ordinal));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void The_installed_vmsnap_creates_saves_and_loads_and_its_info_json_is_qemu_imgs(string version)
+    [QemuFact]
+    public void The_installed_vmsnap_creates_saves_and_loads_and_its_info_json_is_qemu_imgs()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("vm.qcow2"), ram = dir.File("ram0"), loaded = dir.File("loaded");
         GuestRam.Create(ram, RamBytes, seed: 61);
@@ -103,7 +102,7 @@ public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IC
         Vmsnap(dir, "create", image, "1G");
         Qcow2.Qemu.Io(image, "write -P 0x5a 0 1M");
         Vmsnap(dir, "save", image, "--name", "saved", "--machine", "none", "--ram", $"ram0={ram}");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         // QEMU restores what the native vmsnap saved, and the native vmsnap loads it back.
         string restored = EmptyRam(dir, "restored");
@@ -118,15 +117,13 @@ public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IC
         QemuImgJsonTests.AssertLikeQemu(theirs, ours, "info", QemuImgJsonTests.InfoOwnKeys);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void The_installed_vmsnap_saves_a_running_guest_and_restores_it_with_loadvm(string version)
+    [QemuFact]
+    public void The_installed_vmsnap_saves_a_running_guest_and_restores_it_with_loadvm()
     {
-        using var _ = QemuInstall.Use(version);
         // QEMU 7.2's own live migration of a TCG guest now and then sends a state that crashes the guest when loaded,
         // with or without vmsnap (docs/live.md, "What the stress test found"; seen here once too): on 7.2 the save
         // stops the guest, as docs/live.md advises there.
-        bool live = version != "7.2";
+        bool live = QemuInstall.Current.AtLeast(10, 0);
         using var dir = new TempDir();
         SaveWindow window;
         using (TestGuest guest = TestGuest.Boot(dir))
@@ -141,7 +138,7 @@ public class DebianPackageTests(DebianPackageTests.InstalledRoot installed) : IC
             Assert.Equal(guest.Disks[0], saved.GetProperty("disks")[0].GetProperty("image").GetString());
             guest.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) LiveKit.AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
 
         using (TestGuest restored = TestGuest.Restart(dir, new GuestOptions(), "-incoming", "defer"))
         {

@@ -1,6 +1,5 @@
 using System.Text.Json;
 using Vmsnap.Tests.Interop;
-using Vmsnap.Tests.Native;
 
 namespace Vmsnap.Tests.Snapshots;
 
@@ -11,7 +10,7 @@ internal static class VmKit
 
     /// <summary>Runs the real vmsnap tool.</summary>
     public static Tool.Result Vmsnap(params string[] args) =>
-        VmsnapBinary.Run(args, TimeSpan.FromMinutes(3));
+        VmsnapCli.Run(args, TimeSpan.FromMinutes(3));
 
     /// <summary>Runs vmsnap, requires exit code 0 and returns its JSON (the args must ask for --json).</summary>
     public static JsonElement VmsnapJson(params string[] args)
