@@ -6,7 +6,9 @@
 #     dpkg-deb -x; the libraries it links are installed from the distribution;
 #   - the guest for real-guest tests: the kernel of linux-image-cloud-amd64 (downloaded and unpacked,
 #     not installed) with its virtio modules in tests/.deps/guest, and busybox-static (the tests build
-#     their initramfs from /bin/busybox themselves).
+#     their initramfs from /bin/busybox themselves);
+#   - for the native build and its package tests: a C toolchain, debootstrap, and a clean Debian 12 root
+#     (see native_deps and debian_root below).
 # The Debian mirror is the one this machine's apt already uses (read from apt at run time).
 # Idempotent: what is already there is kept. Needs root for apt-get.
 set -euo pipefail
@@ -128,5 +130,46 @@ if [ ! -s "$guest/vmlinuz" ]; then
   echo "guest kernel $kver" >&2
 fi
 
+# ---- The native build and the package tests (packaging/build-deb.sh, tests/Vmsnap.Tests/Native) -----------
+# A C toolchain for the AOT compiler to link with, dpkg-deb and objdump for the package; and a clean Debian 12
+# root without .NET (debootstrap --variant=minbase from this machine's mirror), kept as a tarball that each
+# package test unpacks afresh. Apt's downloaded packages and lists are left out of it: the package needs none.
+native_deps() {
+  local need=()
+  command -v gcc >/dev/null || command -v clang >/dev/null || need+=(gcc)
+  command -v objdump >/dev/null || need+=(binutils)
+  command -v debootstrap >/dev/null || need+=(debootstrap)
+  if [ ${#need[@]} -gt 0 ]; then
+    as_root "install ${need[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+  fi
+}
+
+debian_root() {
+  local tarball="$deps/debian12-minbase.tar.gz" dir="$deps/debian12-minbase.tmp" mirror
+  if [ ! -s "$tarball" ]; then
+    as_root "debootstrap a Debian 12 root"
+    [ -z "$(mirror_of)" ] && apt_update
+    mirror="$(mirror_of)"
+    if [ -z "$mirror" ]; then
+      echo "tests/install-deps.sh: cannot find this machine's Debian mirror for '$codename' in apt's configuration" >&2
+      exit 1
+    fi
+    rm -rf --one-file-system "$dir"
+    # In a mount namespace of its own: what debootstrap mounts inside the root (proc, sys) goes away with it.
+    unshare --mount --propagation private -- debootstrap --variant=minbase bookworm "$dir" "$mirror" >&2
+    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+    mkdir -p "$dir/var/lib/apt/lists/partial"
+    tar -C "$dir" --numeric-owner -cf - . | gzip -1 > "$tarball.tmp"
+    mv "$tarball.tmp" "$tarball"
+    rm -rf --one-file-system "$dir"
+    echo "Debian 12 root in $tarball" >&2
+  fi
+  echo "VMSNAP_DEBIAN_ROOT=$tarball"
+}
+
+native_deps
+debian_root
 echo "VMSNAP_QEMU10=$q10/bin"
 echo "VMSNAP_GUEST=$guest"

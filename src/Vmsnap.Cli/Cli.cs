@@ -5,7 +5,7 @@ using System.CommandLine.Parsing;
 using System.Runtime.CompilerServices;
 using System.Globalization;
 using System.Text.Json;
-using System.Text.Json.Serialization;
+using System.Text.Json.Serialization.Metadata;
 
 namespace Vmsnap.Cli;
 
@@ -24,16 +24,6 @@ internal static class Cli
         (128 + 15, "stopped by SIGTERM; what the command had written is undone"),
     ];
 
-    /// <summary>qemu-img's own naming: keys like virtual-size, vm-state-size; enum values like buffered.</summary>
-    internal static readonly JsonSerializerOptions Json = new()
-    {
-        WriteIndented = true,
-        IndentSize = 4,
-        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
-        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
-        Converters = { new JsonStringEnumConverter(JsonNamingPolicy.KebabCaseLower) },
-    };
-
     /// <summary>
     /// <c>--output=human|json</c> as qemu-img spells it, on every command (from the root down);
     /// <c>--output=json</c> is the same as <c>--json</c>.
@@ -49,14 +39,26 @@ internal static class Cli
 
     private static readonly ConditionalWeakTable<Command, List<(int Code, string Meaning)>> CommandExitCodes = new();
 
-    /// <summary>The root command with these commands; every command gets <c>--output</c>, and <c>--help</c> lists the exit codes.</summary>
-    internal static RootCommand Root(string description, params IEnumerable<Command>[] commands)
+    /// <summary>
+    /// The root command with these commands; every command gets <c>--output</c>, and <c>--help</c> lists the exit
+    /// codes. When the first of <paramref name="args"/> names one of the commands, only that one is built: nothing
+    /// else is needed to parse and run it (the root's help, --version and a usage error get them all).
+    /// </summary>
+    internal static RootCommand Root(string description, string[]? args, params IEnumerable<CommandFactory>[] groups)
     {
         var root = new RootCommand(description);
-        foreach (Command c in commands.SelectMany(c => c)) root.Subcommands.Add(c);
+        List<CommandFactory> all = [.. groups.SelectMany(g => g)];
+        List<CommandFactory> named = args is [string first, ..] ? all.FindAll(f => f.Name == first) : [];
+        foreach (CommandFactory f in named.Count == 1 ? named : all)
+        {
+            Command c = f.Create();
+            if (c.Name != f.Name) throw new InvalidOperationException($"the command built for '{f.Name}' is named '{c.Name}'");
+            root.Subcommands.Add(c);
+        }
         root.Options.Add(OutputOption);
         HelpOption help = root.Options.OfType<HelpOption>().Single();
         help.Action = new HelpWithExitCodes((SynchronousCommandLineAction)help.Action!);
+        CommandReference.AddTo(root);
         return root;
     }
 
@@ -97,8 +99,10 @@ internal static class Cli
             Console.Error.WriteLine($"vmsnap: {message}");
             return ExitUsage;
         }
-        // vmsnap handles SIGINT/SIGTERM itself (System.CommandLine's handler exits 1 once the
-        // command has cleaned up; shells expect 128 + the signal's number).
+        // Help, --version, the manual page: printed at once, nothing to clean up after a signal.
+        if (parsed.Action is not AsynchronousCommandLineAction) return parsed.Invoke(new InvocationConfiguration { ProcessTerminationTimeout = null });
+        // A command: vmsnap handles SIGINT/SIGTERM itself (System.CommandLine's handler exits 1 once
+        // the command has cleaned up; shells expect 128 + the signal's number).
         using Termination termination = Termination.Install(TerminationGrace);
         return parsed.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, termination.Token).GetAwaiter().GetResult();
     }
@@ -134,37 +138,37 @@ internal static class Cli
 
     /// <summary>
     /// Sets a command's action, turning vmsnap's errors into one line on stderr and a non-zero exit
-    /// code, and a cancel by SIGINT/SIGTERM into 130/143. The action runs on its own task so that
-    /// the caller's thread stays free (a signal cancels the token; see <see cref="Termination"/>).
+    /// code, and a cancel by SIGINT/SIGTERM into 130/143. The action runs on the calling thread, to
+    /// completion: vmsnap's own handler (<see cref="Termination"/>, installed before the action starts)
+    /// cancels the token from the signal thread.
     /// </summary>
     internal static void SetHandler(this Command command, Func<ParseResult, CancellationToken, int> action)
     {
-        command.SetAction((parseResult, cancellationToken) => Task.Run(() =>
-        {
-            try
-            {
-                return action(parseResult, cancellationToken);
-            }
-            catch (Exception e) when (e is VmsnapException or IOException or UnauthorizedAccessException or OperationCanceledException or ArgumentException or FormatException)
-            {
-                if (e is OperationCanceledException && Termination.Current is { SignalExitCode: int code } t)
-                {
-                    Console.Error.WriteLine($"vmsnap: cancelled by {t.SignalName}");
-                    return code;
-                }
-                string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ");
-                Console.Error.WriteLine($"vmsnap: {message}");
-                return ExitFailure;
-            }
-        }, CancellationToken.None));
+        command.SetAction((parseResult, cancellationToken) => Task.FromResult(Run(action, parseResult, cancellationToken)));
     }
 
-    /// <summary>As <see cref="Json"/>, with null values written as null rather than left out (the live commands' keys are always there).</summary>
-    internal static readonly JsonSerializerOptions JsonWithNulls = new(Json) { DefaultIgnoreCondition = JsonIgnoreCondition.Never };
+    private static int Run(Func<ParseResult, CancellationToken, int> action, ParseResult parseResult, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return action(parseResult, cancellationToken);
+        }
+        catch (Exception e) when (e is VmsnapException or IOException or UnauthorizedAccessException or OperationCanceledException or ArgumentException or FormatException)
+        {
+            if (e is OperationCanceledException && Termination.Current is { SignalExitCode: int code } t)
+            {
+                Console.Error.WriteLine($"vmsnap: cancelled by {t.SignalName}");
+                return code;
+            }
+            string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ");
+            Console.Error.WriteLine($"vmsnap: {message}");
+            return ExitFailure;
+        }
+    }
 
-    /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON; <paramref name="keepNulls"/> writes null values instead of leaving their keys out.</summary>
-    internal static void WriteJson<T>(T value, bool keepNulls = false) =>
-        Console.Out.WriteLine(JsonSerializer.Serialize(value, keepNulls ? JsonWithNulls : Json));
+    /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON, with the generated serialiser <paramref name="type"/> (of <see cref="CliJson"/> or <see cref="CliJsonWithNulls"/>).</summary>
+    internal static void WriteJson<T>(T value, JsonTypeInfo<T> type) =>
+        Console.Out.WriteLine(JsonSerializer.Serialize(value, type));
 
     /// <summary>
     /// Where a file that replaces <paramref name="target"/> is written first: a hidden, uniquely named file in
@@ -221,3 +225,6 @@ internal static class Cli
         return v >= 100 || v == Math.Floor(v) ? $"{v:0.###} {units[u]}" : $"{v:0.##} {units[u]}";
     }
 }
+
+/// <summary>A top-level command by its name, and how to build it (only when it is needed: see <see cref="Cli.Root"/>).</summary>
+internal sealed record CommandFactory(string Name, Func<Command> Create);

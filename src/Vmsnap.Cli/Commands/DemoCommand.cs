@@ -19,7 +19,9 @@ internal static class DemoCommand
     private const long DiskSize = 1L << 30;
     private const int PageSize = 4096;
 
-    internal static Command Build()
+    internal static CommandFactory Build() => new("demo", Create);
+
+    private static Command Create()
     {
         var command = new Command("demo", "Run the built-in demonstration on a temporary folder (no arguments needed)");
         var json = Cli.JsonOption();
@@ -44,7 +46,7 @@ internal static class DemoCommand
             try
             {
                 DemoResult result = Run(dir, ramDir, ram, asJson ? null : Console.Out, ct);
-                if (asJson) Cli.WriteJson(result);
+                if (asJson) Cli.WriteJson(result, CliJson.Default.DemoResult);
                 if (!result.Verified) Console.Error.WriteLine("vmsnap: demo failed: RAM loaded back differs from the RAM saved");
                 else if (!result.CheckClean) Console.Error.WriteLine("vmsnap: demo failed: the image check found problems");
                 return result.Verified && result.CheckClean ? Cli.ExitOk : Cli.ExitFailure;

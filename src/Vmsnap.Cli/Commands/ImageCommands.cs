@@ -15,14 +15,14 @@ internal static class ImageCommands
     internal const int CheckCorrupt = 2, CheckLeaks = 3;
     private const int ChunkSize = 4 << 20;
 
-    internal static IEnumerable<Command> Build()
-    {
-        yield return CreateCommand();
-        yield return InfoCommand();
-        yield return CheckCommand();
-        yield return ReadCommand();
-        yield return WriteCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() =>
+    [
+        new("create", CreateCommand),
+        new("info", InfoCommand),
+        new("check", CheckCommand),
+        new("read", ReadCommand),
+        new("write", WriteCommand),
+    ];
 
     private static Command CreateCommand()
     {
@@ -67,7 +67,7 @@ internal static class ImageCommands
             using (Qcow2Image created = Qcow2Image.Create(path, bytes, options)) info = created.Info;
             if (parse.GetValue(json))
             {
-                Cli.WriteJson(QemuImgJson.Info(path, info, []));
+                Cli.WriteJson(QemuImgJson.Info(path, info, []), CliJson.Default.ImageInfo);
             }
             else
             {
@@ -98,7 +98,7 @@ internal static class ImageCommands
             Qcow2ImageInfo info = img.Info;
             if (parse.GetValue(json))
             {
-                Cli.WriteJson(QemuImgJson.Info(path, info, img.Snapshots));
+                Cli.WriteJson(QemuImgJson.Info(path, info, img.Snapshots), CliJson.Default.ImageInfo);
                 return Cli.ExitOk;
             }
             var o = Console.Out;
@@ -145,7 +145,7 @@ internal static class ImageCommands
             string path = parse.GetValue(image)!;
             bool shared = parse.GetValue(forceShare);
             Qcow2CheckResult r = Qcow2Image.Check(path, mode, shared);
-            if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r));
+            if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r), CliJson.Default.ImageCheck);
             else PrintCheck(r);
             return r.CheckErrors > 0 ? Cli.ExitFailure : r.Corruptions > 0 ? CheckCorrupt : r.Leaks > 0 ? CheckLeaks : Cli.ExitOk;
         });
@@ -232,7 +232,7 @@ internal static class ImageCommands
             {
                 File.Delete(temp);
             }
-            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, target));
+            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, target), CliJson.Default.TransferJson);
             else Console.Out.WriteLine($"read {count}/{count} bytes at offset {start}");
             return Cli.ExitOk;
         });
@@ -264,7 +264,7 @@ internal static class ImageCommands
                 done += n;
             }
             img.Flush();
-            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, source));
+            if (parse.GetValue(json)) Cli.WriteJson(new TransferJson(img.Path, start, count, source), CliJson.Default.TransferJson);
             else Console.Out.WriteLine($"wrote {count}/{count} bytes at offset {start}");
             return Cli.ExitOk;
         });

@@ -6,11 +6,7 @@ namespace Vmsnap.Cli.Commands;
 /// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
 internal static class LiveCommands
 {
-    internal static IEnumerable<Command> Build()
-    {
-        yield return SaveVmCommand();
-        yield return LoadVmCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand)];
 
     private static Option<string> QmpOption() => new("--qmp")
     {
@@ -46,23 +42,21 @@ internal static class LiveCommands
                 r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct));
             if (asJson)
             {
-                Cli.WriteJson(keepNulls: true, value: new
-                {
-                    Operation = "savevm",
+                Cli.WriteJson(new SaveVmJson(
+                    Operation: "savevm",
                     r.Tag,
                     r.Live,
-                    Seconds = Math.Round(r.Seconds, 6),
-                    DowntimeSeconds = r.DowntimeSeconds is double d ? Math.Round(d, 6) : (double?)null,
-                    QemuDowntimeSeconds = r.QemuDowntimeSeconds,
-                    Bytes = r.VmStateBytes,
-                    RamBytes = r.RamBytes,
-                    MibPerSecond = Math.Round(r.MiBPerSecond, 1),
-                    VmClockNsec = r.VmClockNanoseconds,
-                    Date = r.Date.ToUnixTimeMilliseconds() / 1000.0,
-                    RunState = r.RunState,
-                    Disks = r.Disks.Select(Disk),
-                    Machine = r.Stream.MachineType,
-                });
+                    Seconds: Math.Round(r.Seconds, 6),
+                    DowntimeSeconds: r.DowntimeSeconds is double d ? Math.Round(d, 6) : null,
+                    r.QemuDowntimeSeconds,
+                    Bytes: r.VmStateBytes,
+                    r.RamBytes,
+                    MibPerSecond: Math.Round(r.MiBPerSecond, 1),
+                    VmClockNsec: r.VmClockNanoseconds,
+                    Date: r.Date.ToUnixTimeMilliseconds() / 1000.0,
+                    r.RunState,
+                    r.Disks,
+                    Machine: r.Stream.MachineType), CliJsonWithNulls.Default.SaveVmJson);
             }
             else
             {
@@ -93,18 +87,16 @@ internal static class LiveCommands
                 r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk) }, progress, ct));
             if (asJson)
             {
-                Cli.WriteJson(keepNulls: true, value: new
-                {
-                    Operation = "loadvm",
+                Cli.WriteJson(new LoadVmJson(
+                    Operation: "loadvm",
                     r.Tag,
-                    Seconds = Math.Round(r.Seconds, 6),
-                    Bytes = r.VmStateBytes,
-                    RamBytes = r.RamBytes,
-                    MibPerSecond = Math.Round(r.MiBPerSecond, 1),
-                    RunState = r.RunState,
-                    Disks = r.Disks.Select(Disk),
-                    Machine = r.Stream.MachineType,
-                });
+                    Seconds: Math.Round(r.Seconds, 6),
+                    Bytes: r.VmStateBytes,
+                    r.RamBytes,
+                    MibPerSecond: Math.Round(r.MiBPerSecond, 1),
+                    r.RunState,
+                    r.Disks,
+                    Machine: r.Stream.MachineType), CliJsonWithNulls.Default.LoadVmJson);
             }
             else
             {
@@ -116,7 +108,13 @@ internal static class LiveCommands
         return command;
     }
 
-    private static object Disk(LiveDiskSnapshot d) => new { d.Drive, d.Image, SnapshotId = d.SnapshotId, d.VmState };
+    /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>
+    internal sealed record SaveVmJson(string Operation, string Tag, bool Live, double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds,
+        long Bytes, long RamBytes, double MibPerSecond, long VmClockNsec, double Date, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
+
+    /// <summary>JSON of <c>loadvm --json</c>.</summary>
+    internal sealed record LoadVmJson(string Operation, string Tag, double Seconds, long Bytes, long RamBytes, double MibPerSecond,
+        string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
 
     /// <summary>A cancelled live operation says what it did about it (the command's own handler would print only "cancelled").</summary>
     private static T Run<T>(Func<T> operation)

@@ -13,14 +13,16 @@ namespace Vmsnap.Cli.Commands;
 /// </summary>
 internal static class SnapshotCommands
 {
-    internal static IEnumerable<Command> Build()
+    internal static IEnumerable<CommandFactory> Build() => [new("snapshot", SnapshotCommand)];
+
+    private static Command SnapshotCommand()
     {
         var command = new Command("snapshot", "List, create, delete or apply (revert to) internal snapshots of a qcow2 image");
         command.Subcommands.Add(ListCommand());
         command.Subcommands.Add(CreateCommand());
         command.Subcommands.Add(DeleteCommand());
         command.Subcommands.Add(ApplyCommand());
-        yield return command;
+        return command;
     }
 
     internal static Option<bool> ForceShareOption() =>
@@ -38,7 +40,7 @@ internal static class SnapshotCommands
             using Qcow2Image img = Qcow2Image.Open(path, new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false });
             IReadOnlyList<Qcow2Snapshot> snapshots = img.Snapshots;
             if (parse.GetValue(json))
-                Cli.WriteJson(new ListJson(path, snapshots.Select(QemuImgJson.Snapshot).ToArray()));
+                Cli.WriteJson(new ListJson(path, snapshots.Select(QemuImgJson.Snapshot).ToArray()), CliJson.Default.ListJson);
             else
                 Console.Out.Write(FormatList(snapshots));
             return Cli.ExitOk;
@@ -96,7 +98,7 @@ internal static class SnapshotCommands
 
     private static void Report(bool json, string what, string image, Qcow2Snapshot s)
     {
-        if (json) Cli.WriteJson(new ActionJson(image, what, QemuImgJson.Snapshot(s)));
+        if (json) Cli.WriteJson(new ActionJson(image, what, QemuImgJson.Snapshot(s)), CliJson.Default.ActionJson);
         else Console.Out.WriteLine($"{what} snapshot {s.Id} '{s.Name}' of '{image}'");
     }
 

@@ -11,14 +11,14 @@ namespace Vmsnap.Cli.Commands;
 /// <summary>The VM commands: save, load, export, import, inspect.</summary>
 internal static class VmCommands
 {
-    internal static IEnumerable<Command> Build()
-    {
-        yield return SaveCommand();
-        yield return LoadCommand();
-        yield return ExportCommand();
-        yield return ImportCommand();
-        yield return InspectCommand();
-    }
+    internal static IEnumerable<CommandFactory> Build() =>
+    [
+        new("save", SaveCommand),
+        new("load", LoadCommand),
+        new("export", ExportCommand),
+        new("import", ImportCommand),
+        new("inspect", InspectCommand),
+    ];
 
     private static Option<string[]> RamOption(string description) => new("--ram")
     {
@@ -260,7 +260,7 @@ internal static class VmCommands
                 if (IsQcow2(path)) throw new ArgumentException($"'{path}' is a qcow2 image: say which snapshot to inspect (vmsnap inspect IMAGE TAG)");
                 info = VmSnapshots.InspectStream(path, ct);
             }
-            if (p.GetValue(json)) Cli.WriteJson(new InspectJson(where ?? path, info));
+            if (p.GetValue(json)) Cli.WriteJson(new InspectJson(where ?? path, info), CliJson.Default.InspectJson);
             else PrintInspection(info);
             return Cli.ExitOk;
         });
@@ -289,7 +289,7 @@ internal static class VmCommands
             return;
         }
         Cli.WriteJson(new ResultJson(verb, r.Image, r.Snapshot, r.VmStateBytes, r.RamBytes, r.Seconds, r.MiBPerSecond, r.Mode,
-            r.Stream.Pages, r.Stream.ZeroPages, r.Stream.MachineType, r.Stream.RamBlocks));
+            r.Stream.Pages, r.Stream.ZeroPages, r.Stream.MachineType, r.Stream.RamBlocks), CliJson.Default.ResultJson);
     }
 
     /// <summary>
@@ -315,20 +315,15 @@ internal static class VmCommands
                 (info.IsMappedRam ? " (mapped-ram)" : ""));
             return;
         }
-        Cli.WriteJson(new Dictionary<string, object?>
-        {
-            ["operation"] = "loaded",
-            ["stream"] = path,
-            ["stream-size"] = info.TotalBytes,
-            ["ram-size"] = info.RamBytes,
-            ["seconds"] = seconds,
-            ["pages"] = info.Pages,
-            ["zero-pages"] = info.ZeroPages,
-            ["machine"] = info.MachineType,
-            ["capabilities"] = info.Capabilities,
-            ["ram-blocks"] = info.RamBlocks,
-        });
+        Cli.WriteJson(new StreamLoadJson("loaded", path, info.TotalBytes, info.RamBytes, seconds, info.Pages, info.ZeroPages,
+            info.MachineType, info.Capabilities, info.RamBlocks), CliJson.Default.StreamLoadJson);
     }
+
+    /// <summary>JSON of <c>load STREAM</c> (a stream file rather than an image's snapshot); every key is there, machine as null when the stream names none.</summary>
+    internal sealed record StreamLoadJson(
+        string Operation, string Stream, long StreamSize, long RamSize, double Seconds, long Pages, long ZeroPages,
+        [property: JsonIgnore(Condition = JsonIgnoreCondition.Never)] string? Machine,
+        IReadOnlyList<string> Capabilities, IReadOnlyList<RamBlockSummary> RamBlocks);
 
     private static void PrintInspection(MigrationStreamInfo info)
     {

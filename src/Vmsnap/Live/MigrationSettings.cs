@@ -70,8 +70,8 @@ internal sealed class MigrationSettings
             if (s_mustBeOff.Contains(name)) want = false;
             if (name == "auto-converge" && live) want = true;
             if (want == on) continue;
-            _oldCapabilities.Add(new JsonObject { ["capability"] = name, ["state"] = on });
-            caps.Add(new JsonObject { ["capability"] = name, ["state"] = want });
+            _oldCapabilities.Add((JsonNode)new JsonObject { ["capability"] = name, ["state"] = on });
+            caps.Add((JsonNode)new JsonObject { ["capability"] = name, ["state"] = want });
         }
         if (caps.Count > 0) _qmp.Execute("migrate-set-capabilities", new JsonObject { ["capabilities"] = caps });
         if (set.Count > 0) _qmp.Execute("migrate-set-parameters", set);

@@ -100,7 +100,7 @@ public partial class QemuImgJsonTests
 
     private static JsonValueKind Kind(JsonElement e) => e.ValueKind == JsonValueKind.False ? JsonValueKind.True : e.ValueKind;
 
-    private static string[] InfoOwnKeys(string path) =>
+    internal static string[] InfoOwnKeys(string path) =>
         path == "info" ? OwnKeys["info"] : Regex.IsMatch(path, @"^info\.snapshots\[\d+\]$") ? OwnKeys["snapshot"] : [];
 
     /// <summary>
