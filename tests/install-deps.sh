@@ -170,6 +170,12 @@ debian_root() {
 }
 
 native_deps
-debian_root
+# --without-debian-root: the root is made later by a second call with --debian-root (tests/run.sh makes it while
+# the native vmsnap builds: debootstrap waits mostly on the network, the build on the CPU).
+case "${1:-}" in
+  --without-debian-root) echo "VMSNAP_DEBIAN_ROOT=$deps/debian12-minbase.tar.gz" ;;
+  --debian-root) debian_root >/dev/null; exit 0 ;;
+  *) debian_root ;;
+esac
 echo "VMSNAP_QEMU10=$q10/bin"
 echo "VMSNAP_GUEST=$guest"

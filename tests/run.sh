@@ -5,7 +5,9 @@
 # Arguments go to dotnet test (e.g. --filter Category=Interop for one tier), in both passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-while IFS='=' read -r key value; do export "$key=$value"; done < <(tests/install-deps.sh)
+while IFS='=' read -r key value; do export "$key=$value"; done < <(tests/install-deps.sh --without-debian-root)
+tests/install-deps.sh --debian-root &
+root_maker=$!
 qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
 "$VMSNAP_QEMU10/qemu-system-x86_64" --version | head -1
@@ -41,6 +43,7 @@ native_cli_tests() {
 }
 
 native_package
+wait "$root_maker" || { echo "tests/run.sh: making the clean Debian 12 root failed (tests/install-deps.sh --debian-root)" >&2; exit 1; }
 # The log is kept so that the end of the output names every failed test with its message (CI shows the tail).
 log=$(mktemp)
 status=0
