@@ -392,7 +392,8 @@ internal sealed class MigrationStreamReader
     private void ReadEarlySection(long at, bool configuration)
     {
         uint id = Be32("a section id");
-        string name = IdString("a section id string");
+        byte[] idBytes = IdBytes("a section id string");
+        string name = Encoding.UTF8.GetString(idBytes);
         uint instance = Be32("an instance id");
         uint version = Be32("a section version");
         if (_ramDataSeen || !configuration)
@@ -411,10 +412,9 @@ internal sealed class MigrationStreamReader
         byte[] bytes = new byte[headerBytes + end];
         Bytes(bytes.AsSpan(headerBytes, end - 5), $"early-setup section '{name}'");
         ReadFooter(id, name);
-        // The header as it was, for the record kept of it.
+        // The header as it was, for the record kept of it: the id string's own bytes (decoding it may not give them back).
         bytes[0] = MigrationFormat.SectionFull;
         BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(1), id);
-        byte[] idBytes = Encoding.UTF8.GetBytes(name);
         bytes[5] = (byte)idBytes.Length;
         idBytes.CopyTo(bytes, 6);
         BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(6 + idBytes.Length), instance);
@@ -961,6 +961,13 @@ internal sealed class MigrationStreamReader
         int length = U8(what + "'s length");
         Bytes(id[..length], what);
         return Encoding.UTF8.GetString(id[..length]);
+    }
+
+    private byte[] IdBytes(string what)
+    {
+        byte[] id = new byte[U8(what + "'s length")];
+        Bytes(id, what);
+        return id;
     }
 
     private static MigrationStreamException Truncated(string what, long at, VmStateException e) =>

@@ -43,6 +43,43 @@ public sealed class FuzzRegressionTests
         Assert.Equal("é", Assert.Single(ReadBytes(good, r => MigrationStream.Inspect(r)).Devices).Name);
     }
 
+    /// <summary>An early-setup section whose id string is five 0xff bytes (not UTF-8), with its footer.</summary>
+    private static byte[] EarlySectionNamedInBadUtf8() =>
+        [.. new StreamBuilder().U8(0x04).Be32(1).U8(5).Raw([0xff, 0xff, 0xff, 0xff, 0xff]).Be32(0).Be32(1).Footer(1).ToArray()];
+
+    [Fact]
+    public void An_early_section_whose_id_string_is_not_utf8_is_kept_byte_for_byte()
+    {
+        // Found by the stream target (issue 16): after the configuration, an early-setup section whose id string
+        // is not UTF-8. The reader decoded the name and encoded it again to rebuild the section's header; the
+        // bytes grew (each bad byte became U+FFFD, three bytes) and writing the header past its array threw
+        // ArgumentOutOfRangeException ("Parameter 'length'") instead of a stream error.
+        byte[] finding = File.ReadAllBytes(Path.Combine(FuzzRegressions.Folder("stream"), "early-section-id-not-utf8.mig"));
+        Assert.Equal([.. new StreamBuilder().Header().Configuration("none").Raw(EarlySectionNamedInBadUtf8()).U8(0x01).Be32(2).Id("ram").ToArray()], finding);
+        var e = Assert.Throws<MigrationStreamException>(() => ReadBytes(finding, r => MigrationStream.Inspect(r)));
+        Assert.Equal(finding.Length, e.Offset);   // the RAM section's start is cut short after its id string
+        Assert.Contains("could not read an instance id", e.Message);
+        using (var scratch = new TempDir())
+            Assert.IsType<MigrationStreamException>(FuzzTargets.Run("stream", finding, scratch.Path));
+
+        // The whole stream around such a section is read, and its copy and its template keep the section's bytes.
+        byte[] early = EarlySectionNamedInBadUtf8();
+        byte[] stream = [.. new StreamBuilder()
+            .Header().Configuration("none").Raw(early)
+            .Start(2).BlockList(("ram0", 4096)).EndOfRecords().Footer(2)
+            .End(2).ZeroRecord(0, "ram0").EndOfRecords().Footer(2)
+            .Tail()
+            .ToArray()];
+        var (copy, info) = WriteBytes(w => ReadBytes(stream, r => MigrationStream.Copy(r, w)));
+        Assert.Equal(stream, copy);
+        MigrationSectionInfo section = Assert.Single(info.Sections, s => s.Kind == MigrationSectionKind.EarlySetup);
+        Assert.Equal((17L, (long)early.Length), (section.Offset, section.Bytes));
+        using var dir = new TempDir();
+        File.WriteAllBytes(dir.File("template.mig"), stream);
+        using MachineProfile profile = MachineProfile.FromTemplate(dir.File("template.mig"), []);
+        Assert.Equal(early, Assert.Single(profile.EarlySections));
+    }
+
     [Theory]
     [EachQemu]
     public void Check_of_an_l2_entry_far_past_the_end_of_the_file_reports_it_without_unbounded_memory(string version)
