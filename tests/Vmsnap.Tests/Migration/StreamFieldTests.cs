@@ -1,8 +1,8 @@
 using System.Buffers.Binary;
 using System.Text;
-using Vmsnap.Live;
+using Vmsnap.Migration;
 
-namespace Vmsnap.Tests.Live;
+namespace Vmsnap.Tests.Migration;
 
 /// <summary>The fields a live save reads from the device state: the guest clock in the "timer" section (checked against QEMU's own savevm in LiveInteropTests).</summary>
 public class StreamFieldTests
