@@ -411,11 +411,11 @@ internal sealed class MigrationRecordReader
             long pageCount = _blockLengths[b] / MigrationFormat.PageSize;
             var (bitmapOffset, pagesOffset) = _placed[b];
             _in.Seek(_start + bitmapOffset);
-            byte[] bitmapBytes = new byte[MappedRam.BitmapBytes(_blockLengths[b])];
+            byte[] bitmapBytes = new byte[RamBitmap.ByteLength(_blockLengths[b])];
             _in.Bytes(bitmapBytes, $"the bitmap of RAM block '{_blockNames[b]}'");
-            ulong[] bitmap = MappedRam.ParseBitmap(bitmapBytes, pageCount);
-            _placedBytesWritten += MappedRam.CountSet(bitmap) * MigrationFormat.PageSize;
-            foreach (var (first, count, data) in MappedRam.Runs(bitmap, pageCount))
+            ulong[] bitmap = RamBitmap.Parse(bitmapBytes, pageCount);
+            _placedBytesWritten += RamBitmap.CountSet(bitmap) * MigrationFormat.PageSize;
+            foreach (var (first, count, data) in RamBitmap.Runs(bitmap, pageCount))
             {
                 long offset = first * MigrationFormat.PageSize, length = count * MigrationFormat.PageSize;
                 long at = _start + pagesOffset + offset;

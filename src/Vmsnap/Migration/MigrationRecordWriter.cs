@@ -128,7 +128,7 @@ internal sealed class MigrationRecordWriter
     public void Finish()
     {
         if (_partOpen) EndPart();
-        for (int b = 0; b < _bitmaps.Length; b++) _out.PutAt(_placements[b].BitmapOffset, MappedRam.BitmapToBytes(_bitmaps[b]));
+        for (int b = 0; b < _bitmaps.Length; b++) _out.PutAt(_placements[b].BitmapOffset, RamBitmap.ToBytes(_bitmaps[b]));
     }
 
     /// <summary>Stops at the first failed write of the output instead of going on for nothing.</summary>
@@ -160,8 +160,8 @@ internal sealed class MigrationRecordWriter
         {
             RecordHeaders.WriteBlockEntry(_out, start.BlockIds[i], start.Blocks[i].Length);
             if (!Mapped) continue;
-            long bitmap = _out.Tell() + MappedRam.HeaderBytes;
-            var placement = new MappedRamPlacement(bitmap, MappedRam.PagesOffsetFor(bitmap, start.Blocks[i].Length));
+            long bitmap = _out.Tell() + RecordHeaders.MappedRamHeaderBytes;
+            var placement = new MappedRamPlacement(bitmap, RecordHeaders.MappedRamPagesOffset(bitmap, start.Blocks[i].Length));
             RecordHeaders.WriteMappedRamHeader(_out, placement);
             _placements[i] = placement;
             _bitmaps[i] = new ulong[(start.Blocks[i].Length / MigrationFormat.PageSize + 63) / 64];
@@ -255,7 +255,7 @@ internal sealed class MigrationRecordWriter
         }
         ulong[] bitmap = _bitmaps[zero.Block];
         for (long p = zero.BlockOffset / MigrationFormat.PageSize, end = (zero.BlockOffset + zero.RamBytes) / MigrationFormat.PageSize; p < end; p++)
-            MappedRam.Clear(bitmap, p);
+            RamBitmap.Clear(bitmap, p);
     }
 
     /// <summary>Pages at their place in a mapped-ram file: the runs with data written, zero pages only cleared in the bitmap.</summary>
@@ -269,8 +269,8 @@ internal sealed class MigrationRecordWriter
             long page = (offset + at) / MigrationFormat.PageSize;
             if (at < pages.Length)
             {
-                if (data) MappedRam.Set(bitmap, page);
-                else MappedRam.Clear(bitmap, page);
+                if (data) RamBitmap.Set(bitmap, page);
+                else RamBitmap.Clear(bitmap, page);
             }
             if (data && runStart < 0) runStart = at;
             if (!data && runStart >= 0)
@@ -289,7 +289,7 @@ internal sealed class MigrationRecordWriter
         if (block == _lastBlock && position > _lastEnd && position - _lastEnd <= ZeroGapPages * MigrationFormat.PageSize)
         {
             long from = (_lastEnd - _placements[block].PagesOffset) / MigrationFormat.PageSize;
-            zeroGap = MappedRam.NoneSet(_bitmaps[block], from, offset / MigrationFormat.PageSize);
+            zeroGap = RamBitmap.NoneSet(_bitmaps[block], from, offset / MigrationFormat.PageSize);
         }
         _out.PutAt(position, data, zeroGap);
         _lastBlock = block;

@@ -121,9 +121,9 @@ internal sealed class RamPageEncoder
     /// <summary>The block of the next pages: a block other than the previous page's is named again.</summary>
     private void SetBlock(byte[] id)
     {
-        if (ReferenceEquals(id, _blockId) || id.AsSpan().SequenceEqual(_blockId)) return;
         if (id.Length is 0 or > 255)
             throw new ArgumentException($"a RAM block id is 1 to 255 bytes long; '{Encoding.UTF8.GetString(id)}' is {id.Length}", nameof(id));
+        if (id.AsSpan().SequenceEqual(_blockId)) return;
         _block = null;
         _blockId = id;
         _continue = false;

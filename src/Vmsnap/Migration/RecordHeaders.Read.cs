@@ -6,6 +6,17 @@ namespace Vmsnap.Migration;
 /// <summary>The fixed parts of a migration stream's records: reading and checking them (here), writing them (RecordHeaders.Write.cs).</summary>
 internal static partial class RecordHeaders
 {
+    // QEMU's mapped-ram layout (9.0+, capability mapped-ram): each RAM block's entry in the block list (id string,
+    // length) is followed by a header, and the stream continues after the block's pages, which lie at the offsets the
+    // header gives (from the start of the file, QEMU 9.0-10.1 migrate file:, or of the VM-state area, QEMU 10.2
+    // savevm): the bitmap right after the header, the pages at the next 1 MiB boundary after it, page N of the block
+    // at pages offset + N x page size.
+    public const uint MappedRamHeaderVersion = 1;
+    public const int MappedRamHeaderBytes = 28;
+
+    /// <summary>QEMU's alignment of each block's pages in the file (MAPPED_RAM_FILE_OFFSET_ALIGNMENT).</summary>
+    public const long MappedRamPagesAlignment = 1 << 20;
+
     public static StreamHeaderRecord ReadStreamHeader(StreamInput input)
     {
         long start = input.Position;
@@ -170,7 +181,7 @@ internal static partial class RecordHeaders
                 long headerEnd = input.Position;
                 long next = streamStart + p.PagesOffset + (long)length;
                 skipped += next - headerEnd;
-                bitmaps += MappedRam.BitmapBytes((long)length);
+                bitmaps += RamBitmap.ByteLength((long)length);
                 input.Seek(next);
                 placed.Add(p);
             }
@@ -190,11 +201,11 @@ internal static partial class RecordHeaders
         ulong bitmap = input.Be64(where);
         ulong pages = input.Be64(where);
         long headerEnd = input.Position;
-        if (version != MappedRam.HeaderVersion)
-            throw new MigrationStreamException($"{where} has version {version}; vmsnap reads version {MappedRam.HeaderVersion}", at);
+        if (version != MappedRamHeaderVersion)
+            throw new MigrationStreamException($"{where} has version {version}; vmsnap reads version {MappedRamHeaderVersion}", at);
         if (pageSize != MigrationFormat.PageSize)
             throw new MigrationStreamException($"{where} gives pages of {pageSize} bytes; vmsnap reads 4 KiB target pages", at);
-        long bitmapBytes = MappedRam.BitmapBytes(length);
+        long bitmapBytes = RamBitmap.ByteLength(length);
         if (bitmap < (ulong)(headerEnd - streamStart) || bitmap > long.MaxValue / 2
             || pages % MigrationFormat.PageSize != 0 || pages < bitmap + (ulong)bitmapBytes || pages > long.MaxValue / 2)
             throw new MigrationStreamException(

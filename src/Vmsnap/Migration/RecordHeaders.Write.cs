@@ -60,11 +60,18 @@ internal static partial class RecordHeaders
         output.PutBe64((ulong)length);
     }
 
+    /// <summary>Where QEMU puts a block's pages when its bitmap starts at <paramref name="bitmapOffset"/>: at the next 1 MiB boundary after the bitmap.</summary>
+    public static long MappedRamPagesOffset(long bitmapOffset, long blockLength)
+    {
+        long end = bitmapOffset + RamBitmap.ByteLength(blockLength);
+        return (end + MappedRamPagesAlignment - 1) / MappedRamPagesAlignment * MappedRamPagesAlignment;
+    }
+
     /// <summary>A block's mapped-ram header, 28 bytes big-endian: version 1, page size, bitmap offset, pages offset.</summary>
     public static void WriteMappedRamHeader(VmStateWriter output, MappedRamPlacement placement)
     {
-        Span<byte> header = stackalloc byte[MappedRam.HeaderBytes];
-        BinaryPrimitives.WriteUInt32BigEndian(header, MappedRam.HeaderVersion);
+        Span<byte> header = stackalloc byte[MappedRamHeaderBytes];
+        BinaryPrimitives.WriteUInt32BigEndian(header, MappedRamHeaderVersion);
         BinaryPrimitives.WriteUInt64BigEndian(header[4..], MigrationFormat.PageSize);
         BinaryPrimitives.WriteUInt64BigEndian(header[12..], (ulong)placement.BitmapOffset);
         BinaryPrimitives.WriteUInt64BigEndian(header[20..], (ulong)placement.PagesOffset);
