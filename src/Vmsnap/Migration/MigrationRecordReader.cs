@@ -35,7 +35,7 @@ internal sealed class MigrationRecordReader
 
     private const int PageRecordStride = 8 + MigrationFormat.PageSize;
 
-    private enum Phase { Header, Sections, RamRecords, PlacedPages, DeviceState, Done }
+    private enum Phase { Header, Sections, RamRecords, Queued, Done }
 
     private readonly StreamInput _in;
     private readonly long? _length;
@@ -43,29 +43,18 @@ internal sealed class MigrationRecordReader
     private readonly long _start;
     private Phase _phase;
 
-    // The stream so far.
-    private bool _configured;
-    private bool _mapped;
-    private bool _ramStarted;
+    // What the stream said so far.
+    private ConfigurationRecord? _configuration;
+    private RamStartRecord? _ram;
     private bool _ramDataSeen;       // a PART, END or command came after the start: no early-setup section any more
-    private uint _ramId;
     private byte _section;           // the RAM section record being read: start, part or end
-    private long _sectionAt;
-    private byte[][] _blockIds = [];
-    private long[] _blockLengths = [];
-    private string[] _blockNames = [];
-    private bool _haveBlockList;
-    private int _lastBlock = -1;
+    private int _lastBlock = -1;     // the block a CONTINUE record means
+    private MappedRamPages? _placed; // a mapped-ram stream's pages
 
-    // Mapped-ram source.
-    private MappedRamPlacement[] _placed = [];
-    private bool _placedDelivered;
-    private IEnumerator<MigrationRecord>? _placedPages;
-    private long _skippedByLayout;   // bytes of bitmaps, padding and pages the stream jumps over
-    private long _placedBytesWritten; // what QEMU counts for them: bitmaps and pages with data
-    private ChunkPool? _chunks;
+    // Records made ahead (a mapped-ram stream's pages, the device state), and the phase after them.
+    private IEnumerator<MigrationRecord>? _queued;
+    private Phase _afterQueued;
 
-    private IEnumerator<MigrationRecord>? _deviceState;
     private RamPagesRecord? _lastPages;
     private byte[]? _run;
 
@@ -91,8 +80,7 @@ internal sealed class MigrationRecordReader
             Phase.Header => Header(),
             Phase.Sections => Section(),
             Phase.RamRecords => RamRecord(),
-            Phase.PlacedPages => PlacedPage(),
-            Phase.DeviceState => DeviceState(),
+            Phase.Queued => Queued(),
             _ => null,
         };
         _lastPages = record as RamPagesRecord;
@@ -107,28 +95,23 @@ internal sealed class MigrationRecordReader
     }
 
     /// <summary>A top-level record before the RAM section's end.</summary>
-    private MigrationRecord Section()
+    private MigrationRecord? Section()
     {
         long at = _in.Position;
         byte type = _in.PeekByte("a section type");
-        if (_mapped && !_placedDelivered && type is MigrationFormat.SectionPart or MigrationFormat.SectionEnd or MigrationFormat.Command)
+        if (_placed is { Delivered: false } && type is MigrationFormat.SectionPart or MigrationFormat.SectionEnd or MigrationFormat.Command)
         {
-            _placedDelivered = true;
-            _placedPages = PlacedPages().GetEnumerator();
-            _phase = Phase.PlacedPages;
-            return PlacedPage();
+            Queue(_placed.Records(), Phase.Sections);
+            return Queued();
         }
         _in.U8("a section type");
         switch (type)
         {
             case MigrationFormat.Configuration:
             {
-                if (_configured || _ramStarted)
+                if (_configuration is not null || _ram is not null)
                     throw new MigrationStreamException("a second or late configuration section; it must come once, right after the header", at);
-                _configured = true;
-                ConfigurationRecord configuration = RecordHeaders.ReadConfiguration(_in, at);
-                _mapped = configuration.MappedRam;
-                return configuration;
+                return _configuration = RecordHeaders.ReadConfiguration(_in, at);
             }
             case MigrationFormat.SectionStart:
                 return SectionStart(at);
@@ -136,25 +119,25 @@ internal sealed class MigrationRecordReader
             case MigrationFormat.SectionEnd:
             {
                 uint id = _in.Be32("a section id");
-                if (!_ramStarted || id != _ramId)
+                if (_ram is null || id != _ram.SectionId)
                     throw new MigrationStreamException(
                         $"{MigrationFormat.DescribeSectionType(type)} for section id {id}, which no SECTION_START opened" +
-                        (_ramStarted ? $" (the RAM section is id {_ramId})" : ""), at);
+                        (_ram is not null ? $" (the RAM section is id {_ram.SectionId})" : ""), at);
                 _ramDataSeen = true;
-                OpenRamRecords(type, at);
+                OpenRamRecords(type);
                 return new RamSectionRecord(at, type, id);
             }
             case MigrationFormat.SectionFull:
                 return EarlySection(at);
             case MigrationFormat.Command:
             {
-                CommandRecord command = RecordHeaders.ReadCommand(_in, at, _ramStarted);
+                CommandRecord command = RecordHeaders.ReadCommand(_in, at, _ram is not null);
                 _ramDataSeen = true;
                 return command;
             }
             case MigrationFormat.Eof:
                 throw new MigrationStreamException(
-                    _ramStarted ? "EOF (0x00) before the RAM section's end (SECTION_END)" : "EOF (0x00) before any RAM section", at);
+                    _ram is not null ? "EOF (0x00) before the RAM section's end (SECTION_END)" : "EOF (0x00) before any RAM section", at);
             default:
                 throw new MigrationStreamException(
                     $"{MigrationFormat.DescribeSectionType(type)} where a section was expected " +
@@ -171,13 +154,11 @@ internal sealed class MigrationRecordReader
             throw new MigrationStreamException(
                 $"iterative section '{name}' (id {id}); vmsnap reads streams whose only iterative section is 'ram' " +
                 "(block migration, dirty bitmaps and VFIO devices are not supported)", at);
-        if (_ramStarted)
-            throw new MigrationStreamException($"a second RAM section (id {id}); the first one is id {_ramId}", at);
+        if (_ram is not null)
+            throw new MigrationStreamException($"a second RAM section (id {id}); the first one is id {_ram.SectionId}", at);
         if (version != MigrationFormat.RamSectionVersion)
             throw new MigrationStreamException($"RAM section version {version}, expected {MigrationFormat.RamSectionVersion}", at);
-        _ramStarted = true;
-        _ramId = id;
-        OpenRamRecords(MigrationFormat.SectionStart, at);
+        OpenRamRecords(MigrationFormat.SectionStart);
         // The start's first RAM record: the block list, which makes the start's record.
         long headerAt = _in.Position;
         ulong header = _in.Be64("a RAM record header");
@@ -185,21 +166,16 @@ internal sealed class MigrationRecordReader
             throw new MigrationStreamException("the RAM section's start has no block list (MEM_SIZE record)", at);
         if ((header & MigrationFormat.RamFlagMask) != MigrationFormat.RamMemSize)
             return RamRecord(headerAt, header);   // refused there: what it is says why
-        RecordHeaders.BlockList list = RecordHeaders.ReadBlockList(_in, header & ~MigrationFormat.RamFlagMask, headerAt, _mapped, _start);
-        _blockIds = list.Ids;
-        _blockLengths = list.Blocks.Select(b => b.Length).ToArray();
-        _blockNames = list.Blocks.Select(b => b.Id).ToArray();
-        _placed = list.Placements ?? [];
-        _skippedByLayout += list.Skipped;
-        _placedBytesWritten += list.BitmapBytes;
-        _haveBlockList = true;
-        return new RamStartRecord(at, _in.Position - at - list.Skipped, id, instance, version, list.Blocks, list.Ids, list.Placements);
+        bool mapped = _configuration?.MappedRam ?? false;
+        RecordHeaders.BlockList list = RecordHeaders.ReadBlockList(_in, header & ~MigrationFormat.RamFlagMask, headerAt, mapped, _start);
+        _ram = new RamStartRecord(at, _in.Position - at - list.Skipped, id, instance, version, list.Blocks, list.Ids, list.Placements);
+        if (mapped) _placed = new MappedRamPages(_in, _start, _ram, list.Skipped, list.BitmapBytes, _pageData);
+        return _ram;
     }
 
-    private void OpenRamRecords(byte type, long at)
+    private void OpenRamRecords(byte type)
     {
         _section = type;
-        _sectionAt = at;
         _phase = Phase.RamRecords;
     }
 
@@ -216,7 +192,7 @@ internal sealed class MigrationRecordReader
     {
         ulong flags = header & MigrationFormat.RamFlagMask;
         ulong address = header & ~MigrationFormat.RamFlagMask;
-        RecordHeaders.CheckRamFlags(flags, at, _mapped);
+        RecordHeaders.CheckRamFlags(flags, at, _configuration?.MappedRam ?? false);
         switch (flags & ~MigrationFormat.RamContinue)
         {
             case MigrationFormat.RamMemSize when flags == MigrationFormat.RamMemSize:
@@ -229,9 +205,10 @@ internal sealed class MigrationRecordReader
                 return ZeroPages(at, flags, block, (long)address, _in.U8("a zero page's fill byte"));
             }
             case MigrationFormat.RamEos when flags == MigrationFormat.RamEos:
-                RecordHeaders.ReadFooter(_in, _ramId, MigrationFormat.RamSectionName);
-                _phase = _section == MigrationFormat.SectionEnd ? Phase.DeviceState : Phase.Sections;
-                return new RamSectionFooterRecord(at, _ramId, header);
+                RecordHeaders.ReadFooter(_in, _ram!.SectionId, MigrationFormat.RamSectionName);
+                if (_section == MigrationFormat.SectionEnd) Queue(DeviceState(), Phase.Done);
+                else _phase = Phase.Sections;
+                return new RamSectionFooterRecord(at, _ram.SectionId, header);
             default:
                 throw new MigrationStreamException(
                     $"RAM record with flags 0x{flags:x}, expected one of PAGE (0x08), ZERO (0x02) [with CONTINUE (0x20)], MEM_SIZE (0x04) or EOS (0x10)", at);
@@ -242,8 +219,7 @@ internal sealed class MigrationRecordReader
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private int BlockOf(ulong flags, long at, ulong address)
     {
-        if (!_haveBlockList)
-            throw new MigrationStreamException("a RAM page before the block list (MEM_SIZE)", at);
+        RamStartRecord ram = _ram ?? throw new MigrationStreamException("a RAM page before the block list (MEM_SIZE)", at);
         int block;
         if ((flags & MigrationFormat.RamContinue) != 0)
         {
@@ -257,16 +233,17 @@ internal sealed class MigrationRecordReader
             int length = _in.U8("a RAM block id length");
             _in.Bytes(id[..length], "a RAM block id");
             block = -1;
-            for (int i = 0; i < _blockIds.Length; i++)
-                if (id[..length].SequenceEqual(_blockIds[i])) { block = i; break; }
+            for (int i = 0; i < ram.BlockIds.Length; i++)
+                if (id[..length].SequenceEqual(ram.BlockIds[i])) { block = i; break; }
             if (block < 0)
                 throw new MigrationStreamException(
                     $"a page of RAM block '{Encoding.UTF8.GetString(id[..length])}', which is not in the stream's block list (MEM_SIZE)", at);
             _lastBlock = block;
         }
-        if (address > (ulong)_blockLengths[block] - MigrationFormat.PageSize)
+        RamBlockInfo info = ram.Blocks[block];
+        if (address > (ulong)info.Length - MigrationFormat.PageSize)
             throw new MigrationStreamException(
-                $"a page at offset 0x{address:x} of RAM block '{_blockNames[block]}', which is only {_blockLengths[block]} bytes long", at);
+                $"a page at offset 0x{address:x} of RAM block '{info.Id}', which is only {info.Length} bytes long", at);
         return block;
     }
 
@@ -278,7 +255,7 @@ internal sealed class MigrationRecordReader
     private RamPagesRecord Pages(long at, ulong flags, int block, long address)
     {
         long dataOffset = _in.Position;
-        long last = _blockLengths[block] - MigrationFormat.PageSize;
+        long last = _ram!.Blocks[block].Length - MigrationFormat.PageSize;
         int bytes = 0;
         Span<byte> next = stackalloc byte[8];
         while (true)
@@ -307,7 +284,7 @@ internal sealed class MigrationRecordReader
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private RamZeroPagesRecord ZeroPages(long at, ulong flags, int block, long address, byte fill)
     {
-        long last = _blockLengths[block] - MigrationFormat.PageSize;
+        long last = _ram!.Blocks[block].Length - MigrationFormat.PageSize;
         long bytes = MigrationFormat.PageSize;
         Span<byte> next = stackalloc byte[9];
         while (fill == 0)
@@ -331,7 +308,7 @@ internal sealed class MigrationRecordReader
     {
         (uint id, byte[] nameBytes, uint instance, uint version) = RecordHeaders.ReadSectionHeader(_in);
         string name = Encoding.UTF8.GetString(nameBytes);
-        if (_ramDataSeen || !_configured)
+        if (_ramDataSeen || _configuration is null)
             throw new MigrationStreamException(
                 $"device section '{name}' (id {id}) " + (_ramDataSeen ? "between the RAM section's parts" : "before the configuration section") +
                 "; vmsnap reads streams whose device sections come after the RAM section's end, or before its first part " +
@@ -383,78 +360,36 @@ internal sealed class MigrationRecordReader
         uint id = BinaryPrimitives.ReadUInt32BigEndian(next[1..]);
         return next[0] switch
         {
-            MigrationFormat.SectionPart or MigrationFormat.SectionEnd => _ramStarted && id == _ramId,
-            MigrationFormat.SectionStart => !_ramStarted,
+            MigrationFormat.SectionPart or MigrationFormat.SectionEnd => _ram is not null && id == _ram.SectionId,
+            MigrationFormat.SectionStart => _ram is null,
             MigrationFormat.SectionFull => next.Length >= 6 && next[5] > 0,
             MigrationFormat.Command => next[1] == 0 && next[2] == MigrationFormat.CommandSwitchoverStart,
             _ => false,
         };
     }
 
-    private MigrationRecord PlacedPage()
+    /// <summary>Takes the next records from <paramref name="records"/> until they run out, then goes on in <paramref name="after"/>.</summary>
+    private void Queue(IEnumerable<MigrationRecord> records, Phase after)
     {
-        if (_placedPages!.MoveNext()) return _placedPages.Current;
-        _placedPages.Dispose();
-        _phase = Phase.Sections;
-        return Section();
+        _queued = records.GetEnumerator();
+        _afterQueued = after;
+        _phase = Phase.Queued;
     }
 
-    /// <summary>
-    /// A mapped-ram source's RAM, block by block: the bitmap, then the runs of pages with data (read where they lie,
-    /// in chunks) and of zero pages; then back to where the stream goes on.
-    /// </summary>
-    private IEnumerable<MigrationRecord> PlacedPages()
+    private MigrationRecord? Queued()
     {
-        long resume = _in.Position;
-        for (int b = 0; b < _blockLengths.Length; b++)
-        {
-            long pageCount = _blockLengths[b] / MigrationFormat.PageSize;
-            var (bitmapOffset, pagesOffset) = _placed[b];
-            _in.Seek(_start + bitmapOffset);
-            byte[] bitmapBytes = new byte[RamBitmap.ByteLength(_blockLengths[b])];
-            _in.Bytes(bitmapBytes, $"the bitmap of RAM block '{_blockNames[b]}'");
-            ulong[] bitmap = RamBitmap.Parse(bitmapBytes, pageCount);
-            _placedBytesWritten += RamBitmap.CountSet(bitmap) * MigrationFormat.PageSize;
-            foreach (var (first, count, data) in RamBitmap.Runs(bitmap, pageCount))
-            {
-                long offset = first * MigrationFormat.PageSize, length = count * MigrationFormat.PageSize;
-                long at = _start + pagesOffset + offset;
-                if (!data)
-                {
-                    yield return new RamZeroPagesRecord(at, 0, b, offset, length, false, true);
-                    continue;
-                }
-                if (!_pageData)
-                {
-                    yield return new RamPagesRecord(at, length, b, offset, length, false, true, at, MigrationFormat.PageSize, default);
-                    continue;
-                }
-                _in.Seek(at);
-                _chunks ??= new ChunkPool(MigrationStreamWriter.DefaultChunkBytes);
-                for (long done = 0; done < length;)
-                {
-                    int n = (int)Math.Min(_chunks.ChunkBytes, length - done);
-                    ChunkPool.Chunk chunk = _chunks.Rent();
-                    _in.Bytes(chunk.Buffer.AsSpan(0, n), $"pages of RAM block '{_blockNames[b]}'");
-                    yield return new RamPagesRecord(at + done, n, b, offset + done, n, false, true, at + done, MigrationFormat.PageSize,
-                        chunk.Buffer.AsMemory(0, n), chunk);
-                    done += n;
-                }
-            }
-        }
-        _in.Seek(resume);
+        if (_queued!.MoveNext()) return _queued.Current;
+        _queued.Dispose();
+        _queued = null;
+        _phase = _afterQueued;
+        return _phase == Phase.Sections ? Section() : null;
     }
 
-    private MigrationRecord? DeviceState()
+    /// <summary>The device state after the RAM section's end, read whole (when its first record is asked for), as records.</summary>
+    private IEnumerable<MigrationRecord> DeviceState()
     {
-        if (_deviceState is null)
-        {
-            long tailOffset = _in.Position;
-            _deviceState = DeviceStateTail.Records(ReadTail(tailOffset), tailOffset).GetEnumerator();
-        }
-        if (_deviceState.MoveNext()) return _deviceState.Current;
-        _phase = Phase.Done;
-        return null;
+        long tailOffset = _in.Position;
+        foreach (MigrationRecord record in DeviceStateTail.Records(ReadTail(tailOffset), tailOffset)) yield return record;
     }
 
     /// <summary>
@@ -465,12 +400,12 @@ internal sealed class MigrationRecordReader
     private byte[] ReadTail(long tailOffset)
     {
         if (_length is not long length) return ReadToEnd();
-        long streamBytes = tailOffset - _start - _skippedByLayout + (_mapped ? _placedBytesWritten : 0);
+        long streamBytes = tailOffset - _start - (_placed is null ? 0 : _placed.SkippedBytes - _placed.CountedBytes);
         long tail = length - streamBytes;
         if (tail <= 0 || tail > MaxDeviceStateBytes)
             throw new MigrationStreamException(
                 $"the VM-state size {length} leaves {tail} bytes for the device state after the RAM section" +
-                (_mapped ? $" ({streamBytes} bytes of stream, bitmaps and pages before it)" : "") + "; the size does not fit the stream", tailOffset);
+                (_placed is not null ? $" ({streamBytes} bytes of stream, bitmaps and pages before it)" : "") + "; the size does not fit the stream", tailOffset);
         byte[] bytes = new byte[tail];
         _in.Bytes(bytes, "the device state");
         return bytes;
