@@ -92,7 +92,8 @@ for round in $(seq "$ROUNDS"); do
       existing*|replace*) [ -f "$target" ] || head -c "$bytes" /dev/zero > "$target" ;;   # allocated pages of other content, as a used RAM file has
     esac
     in_place=""
-    [ "$c" = existing ] && in_place=--in-place   # a baseline build from before --in-place wrote existing files in place anyway
+    # existing@base too: a baseline from before --in-place wrote existing files in place anyway, one with it needs it.
+    case $c in existing|existing@base) $cli load --help 2>&1 | grep -q -- --in-place && in_place=--in-place ;; esac
     s=$(/usr/bin/time -o "$out.cpu" -f "%U %S %M" $cli load "$image" bench --ram "ram0=$target" $in_place --json | json "d['seconds']")
     cpu=$(awk '{print $1 + $2}' "$out.cpu")
     rss=$(awk '{print int($3 / 1024)}' "$out.cpu")

