@@ -8,6 +8,7 @@ namespace Vmsnap.Tests.Fuzz;
 /// same code the harness runs under afl-fuzz): each input must be accepted or refused with one of the
 /// project's own errors, never crash.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class FuzzRegressions
 {
     /// <summary>The folder of a target's kept findings in the repository.</summary>
