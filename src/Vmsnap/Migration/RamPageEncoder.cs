@@ -137,8 +137,7 @@ internal sealed class RamPageEncoder
             return;
         }
         _writer.PutBe64(header);
-        _writer.PutByte((byte)_blockId.Length);
-        _writer.PutBuffer(_blockId);
+        RecordHeaders.WriteId(_writer, _blockId);
         _continue = true;
     }
 }

@@ -43,6 +43,7 @@ public class StreamFieldTests
 }
 
 /// <summary>The run state a stopped save writes back as "running" while the stream is copied (checked with a real guest in LiveSaveLoadTests).</summary>
+[Trait("Category", "Unit")]
 public class GlobalStateTests
 {
     /// <summary>A stream whose device state is QEMU's "globalstate" section: u32 size, then the run state in a 100-byte buffer.</summary>
