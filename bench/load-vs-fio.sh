@@ -84,7 +84,9 @@ for round in $(seq "$ROUNDS"); do
   echo "fio $round $fio_mib" >> "$out"
   echo "cfg $round fio-file $file_mib" >> "$out"
   line="round $round: fio $(printf %.0f "$fio_mib") MiB/s (whole file $(printf %.0f "$file_mib"))"
-  for c in $runs; do
+  # The order rotates from round to round, so no configuration always runs first (or right after fio).
+  set -- $runs; k=$(( (round - 1) % $# )); order="${*:k+1} ${*:1:k}"
+  for c in $order; do
     target="$SHM/$c.ram" cli=$VMSNAP
     [ "${c%@base}" != "$c" ] && cli="dotnet $BASELINE/src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll"
     case $c in
