@@ -84,7 +84,9 @@ for round in $(seq "$ROUNDS"); do
   echo "fio $round $fio_mib" >> "$out"
   echo "cfg $round fio-file $file_mib" >> "$out"
   line="round $round: fio $(printf %.0f "$fio_mib") MiB/s (whole file $(printf %.0f "$file_mib"))"
-  for c in $runs; do
+  # The order rotates from round to round, so no configuration always runs first (or right after fio).
+  set -- $runs; k=$(( (round - 1) % $# )); order="${*:k+1} ${*:1:k}"
+  for c in $order; do
     target="$SHM/$c.ram" cli=$VMSNAP
     [ "${c%@base}" != "$c" ] && cli="dotnet $BASELINE/src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll"
     case $c in
@@ -92,7 +94,8 @@ for round in $(seq "$ROUNDS"); do
       existing*|replace*) [ -f "$target" ] || head -c "$bytes" /dev/zero > "$target" ;;   # allocated pages of other content, as a used RAM file has
     esac
     in_place=""
-    [ "$c" = existing ] && in_place=--in-place   # a baseline build from before --in-place wrote existing files in place anyway
+    # existing@base too: a baseline from before --in-place wrote existing files in place anyway, one with it needs it.
+    case $c in existing|existing@base) $cli load --help 2>&1 | grep -q -- --in-place && in_place=--in-place ;; esac
     s=$(/usr/bin/time -o "$out.cpu" -f "%U %S %M" $cli load "$image" bench --ram "ram0=$target" $in_place --json | json "d['seconds']")
     cpu=$(awk '{print $1 + $2}' "$out.cpu")
     rss=$(awk '{print int($3 / 1024)}' "$out.cpu")

@@ -10,7 +10,8 @@
 # (dotnet tool SharpFuzz.CommandLine 2.3.0, into fuzz/.work/tools). Builds the harness into
 # fuzz/.work/bin-TARGET and instruments its copy of Vmsnap.Core.dll there; the normal build is not
 # touched. Seeds are made by qemu-img and qemu-system-x86_64 (small images of several kinds, small
-# migration streams of a -machine none guest) into fuzz/.work/seeds. Findings: fuzz/.work/out/TARGET.
+# migration streams of a -machine none guest) into fuzz/.work/seeds; the findings kept in
+# fuzz/regressions/TARGET are seeds too. Findings: fuzz/.work/out/TARGET.
 # Env: FUZZ_WORK (fuzz/.work), FUZZ_TIMEOUT_MS (afl-fuzz -t, default 5000), FUZZ_NICE (19).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,6 +131,7 @@ none="\x00\x00\x00\x04none"
 page_bits="\x1econfiguration/target-page-bits"
 capabilities="\x1aconfiguration/capabilities"
 uuid="\x12configuration/uuid"
+mapped_ram="\x0amapped-ram"
 timer="\x05timer"
 globalstate="\x0bglobalstate"
 footer="\x7e"
@@ -175,12 +177,16 @@ case "${1:-}" in
     bin=$(build "$target")
     dict=$(make_dictionary "$target")
     out="$work/out/$target"; rm -rf "$out"; mkdir -p "$out"
+    # The seeds, and the findings kept in fuzz/regressions/TARGET: the fuzzer starts from what broke before.
+    in="$work/in/$target"; rm -rf "$in"; mkdir -p "$in"
+    cp "$work/seeds/$target"/* "$in"/
+    if [ -d "fuzz/regressions/$target" ]; then for f in "fuzz/regressions/$target"/*; do cp "$f" "$in/regression-${f##*/}"; done; fi
     scratch=/dev/shm; [ -w "$scratch" ] || scratch=$work
-    echo "fuzzing $target for $seconds s: seeds $work/seeds/$target, findings $out" >&2
+    echo "fuzzing $target for $seconds s: seeds $in, findings $out" >&2
     # A runaway allocation is a finding too: the GC's hard limit turns it into an OutOfMemoryException.
     AFL_SKIP_BIN_CHECK=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
     DOTNET_GCHeapHardLimit=0x40000000 VMSNAP_FUZZ_SCRATCH="$scratch" \
-      nice -n "${FUZZ_NICE:-19}" afl-fuzz -i "$work/seeds/$target" -o "$out" -t "${FUZZ_TIMEOUT_MS:-5000}" -m none \
+      nice -n "${FUZZ_NICE:-19}" afl-fuzz -i "$in" -o "$out" -t "${FUZZ_TIMEOUT_MS:-5000}" -m none \
         -x "$dict" -V "$seconds" -- dotnet "$bin/Vmsnap.Fuzz.dll" "$target" > "$out/afl.log" 2>&1 || {
           echo "afl-fuzz failed; the end of $out/afl.log:" >&2; tail -20 "$out/afl.log" >&2; exit 1; }
     echo "$target: $(stats "$out")"

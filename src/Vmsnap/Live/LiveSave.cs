@@ -101,7 +101,7 @@ internal sealed class LiveSave : LiveSession
         Exception? failure = null;
         Commit? commit = null;
         MigrationStreamInfo? info = null;
-        long vmStateBytes = 0;
+        long vmStateBytes = 0, vmClock = 0;
         double? qemuDowntime = null;
         try
         {
@@ -112,14 +112,13 @@ internal sealed class LiveSave : LiveSession
             {
                 Qmp.Execute("stop");
             }
-            (info, vmStateBytes, qemuDowntime) = Transfer(region, vmDisk, plan);
+            // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
+            (info, vmStateBytes, qemuDowntime, vmClock) = Transfer(region, vmDisk, plan, markRunning: !_options.Live && wasRunning);
             completed = true;
             LiveTrace.Mark("migration completed");
             region.Finish(vmStateBytes, vmInfo.ClusterSize);
             LiveTrace.Mark("region finished");
-            // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
-            if (!_options.Live && wasRunning) GlobalState.MarkRunning(info, (offset, buffer) => region.Read(buffer, offset), region.Patch);
-            commit = CommitSnapshots(disks, vmDisk, before, region, plan, info, vmStateBytes, stopMark);
+            commit = CommitSnapshots(disks, vmDisk, before, plan, vmClock, vmStateBytes, stopMark);
             committed = true;
             LiveTrace.Mark("snapshots committed");
         }
@@ -216,10 +215,11 @@ internal sealed class LiveSave : LiveSession
         string.Join("\n", image.Snapshots.Select(s => $"{s.Id}\t{s.Name}\t{s.L1TableOffset}\t{s.VmStateSize}\t{s.Date.UtcTicks}"));
 
     /// <summary>
-    /// Migrates into the region: returns what the stream held, its length and QEMU's downtime figure,
-    /// once QEMU says the migration completed (its images are then released).
+    /// Migrates into the region: returns what the stream held, its length, QEMU's downtime figure and the guest's clock
+    /// at the stop, once QEMU says the migration completed (its images are then released). <paramref name="markRunning"/>:
+    /// the stream's run state is written as "running".
     /// </summary>
-    private (MigrationStreamInfo Info, long Bytes, double? QemuDowntime) Transfer(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan)
+    private (MigrationStreamInfo Info, long Bytes, double? QemuDowntime, long VmClock) Transfer(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan, bool markRunning)
     {
         (Socket socket, string uri, string fdName) = OpenChannel();
         using var _ = socket;
@@ -239,6 +239,7 @@ internal sealed class LiveSave : LiveSession
         watch.Start();
         MigrationStreamInfo info;
         long bytes;
+        var clock = new GuestClock();
         try
         {
             string? tee = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TEE") is { Length: > 0 } folder ? Path.Combine(folder, Tag + ".stream") : null;
@@ -247,7 +248,8 @@ internal sealed class LiveSave : LiveSession
             // No sync of its own: linking the region flushes the file before any table points there.
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var writer = new VmStateWriter(region, writerOptions);
-            info = MigrationStream.Copy(reader, writer, _progress, Cancellation);
+            info = MigrationStream.CopyStream(reader, null, writer, MigrationStreamFormat.Plain, markRunning ? [GlobalState.MarkRunning, clock] : [clock],
+                _progress, Cancellation);
             LiveTrace.Mark("stream end");
             writer.Close();
             LiveTrace.Mark("writer closed");
@@ -281,7 +283,7 @@ internal sealed class LiveSave : LiveSession
         if (Qmp.IsClosed) throw new LiveSnapshotException(QemuGone("at the end of the migration"));
         if (status != "completed") throw new LiveSnapshotException($"QEMU's migration {status}: {error ?? "QEMU gave no reason (see its log)"}");
         double? downtime = last["downtime"] is JsonValue d && d.TryGetValue(out long ms) ? ms / 1000.0 : null;
-        return (info, bytes, downtime);
+        return (info, bytes, downtime, clock.Nanoseconds ?? 0);
     }
 
     /// <summary>
@@ -358,8 +360,8 @@ internal sealed class LiveSave : LiveSession
     /// With QEMU's images released: checks the region and the images, links the region and creates
     /// the snapshot on every drive; on failure removes every snapshot it created (and the link).
     /// </summary>
-    private Commit CommitSnapshots(List<LiveDisk> disks, LiveDisk vmDisk, List<ImageBefore> before, VmStateRegion region,
-        RegionPlan plan, MigrationStreamInfo info, long vmStateBytes, long stopMark)
+    private Commit CommitSnapshots(List<LiveDisk> disks, LiveDisk vmDisk, List<ImageBefore> before,
+        RegionPlan plan, long vmClock, long vmStateBytes, long stopMark)
     {
         var images = new List<(LiveDisk Disk, Qcow2Image Image)>();
         var created = new List<(Qcow2Image Image, string Id)>();
@@ -396,7 +398,6 @@ internal sealed class LiveSave : LiveSession
                 throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
 
             LiveTrace.Mark("region checked");
-            long vmClock = GuestClock.FromStream(info, (offset, buffer) => region.Read(buffer, offset)) ?? 0;
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
 
             // The drives are independent files: each takes its snapshot at the same time as the others (the

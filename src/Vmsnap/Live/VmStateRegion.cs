@@ -147,9 +147,6 @@ internal sealed class VmStateRegion : VmStateBackend
         }
     }
 
-    /// <summary>Rewrites stream bytes already written (a field of the device state); made durable with the rest when the region is linked.</summary>
-    internal void Patch(long position, byte[] bytes) => _file.Write(bytes, Offset + position);
-
     /// <summary>
     /// Sets the file's length to cover the whole last cluster of the VM state (preallocated space past
     /// it is given back). Not synced here: linking the region flushes the file (refcounts first) before

@@ -5,34 +5,19 @@ namespace Vmsnap.Migration;
 
 /// <summary>
 /// Everything after the RAM section's end: device sections, EOF, and the VM description. vmsnap
-/// carries these bytes verbatim; this type checks their framing and, with the VM description, lists
-/// the device sections one by one.
+/// carries these bytes verbatim; this type checks their framing and, with the VM description, cuts
+/// them into device section records.
 /// </summary>
-internal sealed class DeviceStateTail
+internal static class DeviceStateTail
 {
-    private DeviceStateTail(VmDescription description, IReadOnlyList<MigrationSectionInfo> sections, string? problem)
-    {
-        Description = description;
-        Sections = sections;
-        Problem = problem;
-    }
-
-    /// <summary>The parsed VM description.</summary>
-    public VmDescription Description { get; }
-
-    /// <summary>Device sections walked with the VM description (all of them when <see cref="Problem"/> is null).</summary>
-    public IReadOnlyList<MigrationSectionInfo> Sections { get; }
-
-    /// <summary>Why the walk stopped early, or null.</summary>
-    public string? Problem { get; }
-
     /// <summary>
-    /// Checks that <paramref name="tail"/> (which starts at stream offset <paramref name="offset"/>) ends
-    /// with EOF and the VM description, then walks the device sections. A tail that
-    /// does not end that way is refused (truncated or trailing bytes); a walk that does not fit the
-    /// description is only reported, because QEMU itself does not need the description to load.
+    /// The records of <paramref name="tail"/> (which starts at stream offset <paramref name="offset"/>): the device
+    /// sections walked with the VM description, the rest up to EOF as one record when the walk stopped early, EOF,
+    /// and the VM description. A tail that does not end with EOF and the VM description is refused (truncated or
+    /// trailing bytes); a walk that does not fit the description is only reported, because QEMU itself does not
+    /// need the description to load.
     /// </summary>
-    public static DeviceStateTail Analyze(ReadOnlySpan<byte> tail, long offset)
+    public static List<MigrationRecord> Records(ReadOnlyMemory<byte> tail, long offset)
     {
         if (tail.IsEmpty)
             throw new MigrationStreamException(
@@ -40,45 +25,33 @@ internal sealed class DeviceStateTail
 
         // QEMU writes the description unless the machine suppresses it (no x86 machine does); requiring
         // it is what lets a stream cut short in its device state be told from a complete one.
-        int eof = FindVmDescription(tail);
+        int eof = FindVmDescription(tail.Span);
         if (eof < 0)
             throw new MigrationStreamException(
                 "the stream does not end with EOF (0x00) followed by the VM description (0x06, be32 length, JSON): it is truncated, " +
                 "has bytes after its end, or comes from a machine that suppresses the VM description (not supported)",
                 offset + tail.Length);
-        VmDescription description = VmDescription.Parse(tail[(eof + 6)..], offset + eof + 6);
+        byte[] json = tail[(eof + 6)..].ToArray();
+        VmDescription description = VmDescription.Parse(json, offset + eof + 6);
 
-        var sections = new List<MigrationSectionInfo>();
-        string? problem = Walk(tail[..eof], offset, description, sections);
-        return new DeviceStateTail(description, sections, problem);
+        var records = new List<MigrationRecord>();
+        (string? problem, int stopped) = Walk(tail[..eof], offset, description, MigrationSectionKind.Device, records);
+        if (problem is not null) records.Add(new UnwalkedDeviceStateRecord(offset + stopped, tail[stopped..eof], problem));
+        records.Add(new EofRecord(offset + eof));
+        records.Add(new VmDescriptionRecord(offset + eof + 1, json, description));
+        return records;
     }
 
     /// <summary>
-    /// The tail with its VM description replaced by <paramref name="edit"/>'s result (the device sections and EOF
-    /// unchanged): what a rewrite into another RAM layout writes.
+    /// Checks an early-setup section (found by its footer, as it carries no length; at <paramref name="offset"/>) against
+    /// the VM description: null when its fields take exactly the bytes found, else why not.
     /// </summary>
-    public static byte[] WithDescription(byte[] tail, long offset, Func<byte[], byte[]> edit)
+    public static string? CheckEarlySection(DeviceSectionRecord section, long offset, VmDescription description)
     {
-        int eof = FindVmDescription(tail);
-        if (eof < 0) throw new MigrationStreamException("the stream does not end with EOF (0x00) followed by the VM description (0x06)", offset + tail.Length);
-        byte[] json = edit(tail[(eof + 6)..]);
-        byte[] result = new byte[eof + 6 + json.Length];
-        tail.AsSpan(0, eof + 2).CopyTo(result);
-        BinaryPrimitives.WriteUInt32BigEndian(result.AsSpan(eof + 2), (uint)json.Length);
-        json.CopyTo(result, eof + 6);
-        return result;
-    }
-
-    /// <summary>
-    /// Checks an early-setup section (found by its footer, as it carries no length) against the VM description:
-    /// null when its fields take exactly the bytes found, else why not.
-    /// </summary>
-    public static string? CheckEarlySection(byte[] section, long offset, VmDescription description, string name)
-    {
-        var found = new List<MigrationSectionInfo>();
-        string? problem = Walk(section, offset, description, found);
-        if (problem is not null) return $"early-setup section '{name}': {problem}";
-        return found.Count == 1 ? null : $"early-setup section '{name}' at offset {offset} does not match the VM description";
+        var found = new List<MigrationRecord>();
+        (string? problem, _) = Walk(section.Bytes, offset, description, MigrationSectionKind.EarlySetup, found);
+        if (problem is not null) return $"early-setup section '{section.Name}': {problem}";
+        return found.Count == 1 ? null : $"early-setup section '{section.Name}' at offset {offset} does not match the VM description";
     }
 
     /// <summary>Index of the EOF byte that precedes the VM description, or -1 when the tail does not end with one.</summary>
@@ -96,33 +69,46 @@ internal sealed class DeviceStateTail
         return -1;
     }
 
-    private static string? Walk(ReadOnlySpan<byte> sectionsBytes, long offset, VmDescription description, List<MigrationSectionInfo> result)
+    /// <summary>Cuts device sections off <paramref name="sectionsBytes"/> while they fit the description; returns why it stopped (null at the end) and where.</summary>
+    private static (string? Problem, int Stopped) Walk(ReadOnlyMemory<byte> sectionsBytes, long offset, VmDescription description,
+        MigrationSectionKind kind, List<MigrationRecord> result)
     {
         var byKey = new Dictionary<(string, uint), VmDescription.Layout>();
         foreach (var d in description.Devices) byKey.TryAdd((d.Name, d.Instance), d.State);
 
+        ReadOnlySpan<byte> bytes = sectionsBytes.Span;
         int pos = 0;
-        while (pos < sectionsBytes.Length)
+        while (pos < bytes.Length)
         {
             int start = pos;
-            byte type = sectionsBytes[pos];
-            if (type != MigrationFormat.SectionFull)
-                return $"at offset {offset + pos}: expected a device section (SECTION_FULL 0x04), found {MigrationFormat.DescribeSectionType(type)}";
-            pos++;
-            if (!TryBe32(sectionsBytes, ref pos, out uint id) || !TryId(sectionsBytes, ref pos, out string name)
-                || !TryBe32(sectionsBytes, ref pos, out uint instance) || !TryBe32(sectionsBytes, ref pos, out uint version))
-                return $"at offset {offset + start}: device section header runs past EOF";
-            if (!byKey.TryGetValue((name, instance), out var layout))
-                return $"at offset {offset + start}: device section '{name}' instance {instance} is not in the VM description";
-            string? problem = WalkLayout(sectionsBytes, ref pos, offset, layout, name);
-            if (problem is not null) return problem;
-            if (pos >= sectionsBytes.Length || sectionsBytes[pos] != MigrationFormat.SectionFooter)
-                return $"at offset {offset + pos}: expected the footer of device section '{name}' (id {id}) after the fields the VM description lists";
-            pos++;
-            if (!TryBe32(sectionsBytes, ref pos, out uint footerId) || footerId != id)
-                return $"at offset {offset + pos - 4}: footer of device section '{name}' does not name section id {id}";
-            result.Add(new MigrationSectionInfo(MigrationSectionKind.Device, id, name, instance, version, offset + start, 1, pos - start));
+            string? problem = WalkSection(bytes, ref pos, offset, byKey, out VmDescription.Layout? layout);
+            if (problem is not null) return (problem, start);
+            result.Add(new DeviceSectionRecord(offset + start, kind, sectionsBytes[start..pos], layout));
         }
+        return (null, pos);
+    }
+
+    private static string? WalkSection(ReadOnlySpan<byte> sectionsBytes, ref int pos, long offset,
+        Dictionary<(string, uint), VmDescription.Layout> byKey, out VmDescription.Layout? layout)
+    {
+        layout = null;
+        int start = pos;
+        byte type = sectionsBytes[pos];
+        if (type != MigrationFormat.SectionFull)
+            return $"at offset {offset + pos}: expected a device section (SECTION_FULL 0x04), found {MigrationFormat.DescribeSectionType(type)}";
+        pos++;
+        if (!TryBe32(sectionsBytes, ref pos, out uint id) || !TryId(sectionsBytes, ref pos, out string name)
+            || !TryBe32(sectionsBytes, ref pos, out uint instance) || !TryBe32(sectionsBytes, ref pos, out _))
+            return $"at offset {offset + start}: device section header runs past EOF";
+        if (!byKey.TryGetValue((name, instance), out layout))
+            return $"at offset {offset + start}: device section '{name}' instance {instance} is not in the VM description";
+        string? problem = WalkLayout(sectionsBytes, ref pos, offset, layout, name);
+        if (problem is not null) return problem;
+        if (pos >= sectionsBytes.Length || sectionsBytes[pos] != MigrationFormat.SectionFooter)
+            return $"at offset {offset + pos}: expected the footer of device section '{name}' (id {id}) after the fields the VM description lists";
+        pos++;
+        if (!TryBe32(sectionsBytes, ref pos, out uint footerId) || footerId != id)
+            return $"at offset {offset + pos - 4}: footer of device section '{name}' does not name section id {id}";
         return null;
     }
 

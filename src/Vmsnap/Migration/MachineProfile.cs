@@ -157,25 +157,56 @@ public sealed class MachineProfile : IDisposable
         try
         {
             var sink = new TemplateSink(replacements, scratch);
-            MigrationStreamReader parsed;
+            ConfigurationRecord? configuration = null;
+            RamStartRecord? ram = null;
+            var early = new List<byte[]>();
+            bool switchover = false;
+            var deviceState = new List<MigrationRecord>();
             try
             {
-                parsed = new MigrationStreamReader(template, sink, null, null, cancellationToken);
-                parsed.Read();
+                foreach (MigrationRecord record in MigrationStream.Records(new MigrationRecordReader(template), new MigrationStreamSummary(), null, cancellationToken))
+                {
+                    RamSinkRecords.Write(sink, record);
+                    switch (record)
+                    {
+                        case ConfigurationRecord c: configuration = c; break;
+                        case RamStartRecord start: ram = start; break;
+                        case DeviceSectionRecord { Kind: MigrationSectionKind.EarlySetup } section: early.Add(section.Bytes.ToArray()); break;
+                        case CommandRecord: switchover = true; break;
+                        case DeviceSectionRecord or UnwalkedDeviceStateRecord or EofRecord or VmDescriptionRecord: deviceState.Add(record); break;
+                    }
+                }
+                sink.Complete();
             }
             finally
             {
                 sink.Dispose();
             }
-            var blocks = parsed.Blocks.ToArray();
-            return new MachineProfile(parsed.MachineType, parsed.ConfigurationSubsections, parsed.RamSectionId, parsed.RamInstance,
-                blocks, sink.Sources, parsed.DeviceState, scratch, parsed.EarlySections, parsed.SwitchoverStart);
+            return new MachineProfile(configuration?.MachineType, configuration?.PlainSubsections ?? [], ram!.SectionId, ram.Instance,
+                [.. ram.Blocks], sink.Sources, PlainDeviceState(configuration, deviceState), scratch, early, switchover);
         }
         catch
         {
             DeleteScratch(scratch);
             throw;
         }
+    }
+
+    /// <summary>The device state as a plain stream carries it (a mapped-ram source's VM description without the capability).</summary>
+    private static byte[] PlainDeviceState(ConfigurationRecord? configuration, List<MigrationRecord> deviceState)
+    {
+        using var memory = new MemoryStream();
+        long start = 0;
+        using (var backend = VmStateBackend.ForStream(memory, leaveOpen: true))
+        using (var writer = new VmStateWriter(backend))
+        {
+            var plain = new MigrationRecordWriter(writer, MigrationStreamFormat.Plain);
+            if (configuration is not null) plain.Write(configuration);   // says which source the description comes from
+            start = writer.Tell();
+            foreach (MigrationRecord record in deviceState) plain.Write(record);
+            writer.Close();
+        }
+        return memory.ToArray()[(int)start..];
     }
 
     /// <summary>Deletes the scratch files of a template profile.</summary>

@@ -57,7 +57,7 @@ public static class MigrationStream
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(sink);
-        return new MigrationStreamReader(source, sink, null, ramBytesDone, cancellationToken).Read();
+        return ReadStream(source, null, sink, ramBytesDone, cancellationToken);
     }
 
     /// <summary>Reads a whole stream and says what it holds, skipping page data.</summary>
@@ -65,7 +65,7 @@ public static class MigrationStream
     public static MigrationStreamInfo Inspect(VmStateReader source, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(source);
-        return new MigrationStreamReader(source, null, null, null, cancellationToken).Read();
+        return InspectStream(source, null, cancellationToken);
     }
 
     /// <summary>
@@ -98,7 +98,7 @@ public static class MigrationStream
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(destination);
-        return new MigrationStreamReader(source, null, destination, ramBytesDone, cancellationToken, format).Read();
+        return CopyStream(source, null, destination, format, [], ramBytesDone, cancellationToken);
     }
 
     /// <summary>
@@ -108,5 +108,65 @@ public static class MigrationStream
     /// </summary>
     internal static MigrationStreamInfo Parse(VmStateReader source, long length, IRamSink? sink = null, VmStateWriter? destination = null,
         MigrationStreamFormat format = MigrationStreamFormat.Plain, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
-        new MigrationStreamReader(source, sink, destination, ramBytesDone, cancellationToken, format, length).Read();
+        destination is not null ? CopyStream(source, length, destination, format, [], ramBytesDone, cancellationToken)
+        : sink is not null ? ReadStream(source, length, sink, ramBytesDone, cancellationToken)
+        : InspectStream(source, length, cancellationToken);
+
+    /// <summary>Reads the stream (to <paramref name="length"/>, or to the backend's end) into <paramref name="sink"/>, then completes it.</summary>
+    internal static MigrationStreamInfo ReadStream(VmStateReader source, long? length, IRamSink sink, IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
+    {
+        var summary = new MigrationStreamSummary();
+        foreach (MigrationRecord record in Records(new MigrationRecordReader(source, length), summary, ramBytesDone, cancellationToken))
+            RamSinkRecords.Write(sink, record);
+        sink.Complete();
+        return summary.ToInfo();
+    }
+
+    internal static MigrationStreamInfo InspectStream(VmStateReader source, long? length, CancellationToken cancellationToken)
+    {
+        var summary = new MigrationStreamSummary();
+        foreach (MigrationRecord _ in Records(new MigrationRecordReader(source, length, pageData: false), summary, null, cancellationToken)) { }
+        return summary.ToInfo();
+    }
+
+    /// <summary>
+    /// Copies the stream into <paramref name="format"/>'s layout, each record through <paramref name="transforms"/> on its way
+    /// (a live save's run state and guest clock). Flushes the writer but does not close it.
+    /// </summary>
+    internal static MigrationStreamInfo CopyStream(VmStateReader source, long? length, VmStateWriter destination, MigrationStreamFormat format,
+        IReadOnlyList<IRecordTransform> transforms, IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
+    {
+        var output = new MigrationRecordWriter(destination, format);
+        var summary = new MigrationStreamSummary();
+        var reader = new MigrationRecordReader(source, length, runBytes: MigrationRecordReader.CopyRunBytes);
+        foreach (MigrationRecord record in Records(reader, summary, ramBytesDone, cancellationToken))
+        {
+            output.ThrowIfFailed();
+            MigrationRecord copied = record;
+            foreach (IRecordTransform transform in transforms) copied = transform.Apply(copied);
+            output.Write(copied);
+        }
+        output.Finish();
+        destination.Flush();
+        output.ThrowIfFailed();
+        return summary.ToInfo();
+    }
+
+    /// <summary>
+    /// The records of a whole stream, each counted into <paramref name="summary"/> and the RAM progress, stopping between
+    /// records when cancelled.
+    /// </summary>
+    internal static IEnumerable<MigrationRecord> Records(MigrationRecordReader reader, MigrationStreamSummary summary,
+        IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
+    {
+        var progress = new RamProgress(ramBytesDone);
+        while (reader.Next() is { } record)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            summary.Add(record);
+            progress.Add(record);
+            yield return record;
+        }
+        progress.Done();
+    }
 }

@@ -16,7 +16,7 @@ namespace Vmsnap.Migration;
 /// </remarks>
 internal sealed class MigrationStreamWriter
 {
-    public const long DefaultPartBytes = 64L << 20;
+    public const long DefaultPartBytes = MigrationRecordWriter.DefaultPartBytes;
     public const int DefaultChunkBytes = 2 << 20;
     private const long ProgressStep = 16 << 20;
 
@@ -42,131 +42,32 @@ internal sealed class MigrationStreamWriter
 
     public MigrationStreamInfo Write(MachineProfile profile)
     {
-        var sections = new List<MigrationSectionInfo>();
-        long start = _out.Tell();
-        _out.PutBe32(MigrationFormat.Magic);
-        _out.PutBe32(MigrationFormat.Version);
-
-        if (profile.MachineType is not null)
-        {
-            long at = _out.Tell();
-            byte[] name = Encoding.UTF8.GetBytes(profile.MachineType);
-            _out.PutByte(MigrationFormat.Configuration);
-            _out.PutBe32((uint)name.Length);
-            _out.PutBuffer(name);
-            _out.PutBuffer(profile.ConfigurationSubsections);
-            sections.Add(new MigrationSectionInfo(MigrationSectionKind.Configuration,
-                -1, "configuration", 0, 1, at, 1, _out.Tell() - at));
-        }
-
+        var written = new MigrationStreamSummary();
+        var output = new MigrationRecordWriter(_out, MigrationStreamFormat.Plain, _partBytes, written);
+        output.Write(new StreamHeaderRecord(_out.Tell()));
+        if (profile.MachineType is not null) output.Write(ConfigurationRecord.ForWriting(profile.MachineType, profile.ConfigurationSubsections));
         uint id = profile.RamSectionId;
-        long ramAt = _out.Tell();
-        int records = 1;
-        StartRamSection(id, profile.RamInstance, profile.RamBlocks);
-        long earlyAt = _out.Tell();
-        foreach (byte[] early in profile.EarlySections) _out.PutBuffer(early);
-        sections.AddRange(EarlySections(profile.EarlySections, earlyAt));
-
-        var encoder = new RamPageEncoder(_out);
-        var summaries = new RamBlockSummary[profile.RamBlocks.Count];
-        long inPart = 0;
-        bool partOpen = false;
+        output.Write(RamStartRecord.ForWriting(id, profile.RamInstance, profile.RamBlocks));
+        output.Write(new RamSectionFooterRecord(-1, id));
+        foreach (byte[] early in profile.EarlySections) output.Write(new DeviceSectionRecord(-1, MigrationSectionKind.EarlySetup, early));
+        // The pages, encoded by the writer in RAM section parts of its own (closed by the next record).
         for (int b = 0; b < profile.RamBlocks.Count; b++)
-        {
-            RamBlockInfo block = profile.RamBlocks[b];
-            long pages = encoder.Pages, zeroPages = encoder.ZeroPages;
-            WriteBlock(block, profile.SourceOf(b), encoder, chunkBytes =>
-            {
-                // Called before each chunk: close a full part and open the next, which names its block again.
-                if (partOpen && inPart < _partBytes) return;
-                if (partOpen)
-                {
-                    EndRecords(id);
-                    records++;
-                }
-                _out.PutByte(MigrationFormat.SectionPart);
-                _out.PutBe32(id);
-                encoder.ResetBlock();
-                partOpen = true;
-                inPart = 0;
-            }, chunkBytes => inPart += chunkBytes);
-            long zero = encoder.ZeroPages - zeroPages;
-            summaries[b] = new RamBlockSummary(block.Id, block.Length, encoder.Pages - pages - zero, zero);
-        }
-        if (partOpen)
-        {
-            EndRecords(id);
-            records++;
-        }
-        if (profile.SwitchoverStart)
-        {
-            sections.Add(new MigrationSectionInfo(MigrationSectionKind.Command, MigrationFormat.CommandSwitchoverStart, "SWITCHOVER_START", 0, 0, _out.Tell(), 1, 5));
-            _out.PutByte(MigrationFormat.Command);
-            _out.PutBe16(MigrationFormat.CommandSwitchoverStart);
-            _out.PutBe16(0);
-        }
-        _out.PutByte(MigrationFormat.SectionEnd);
-        _out.PutBe32(id);
-        EndRecords(id);
-        records++;
-        sections.Add(new MigrationSectionInfo(MigrationSectionKind.Ram, id, MigrationFormat.RamSectionName, profile.RamInstance,
-            MigrationFormat.RamSectionVersion, ramAt, records, _out.Tell() - ramAt - profile.EarlySections.Sum(e => e.Length) - (profile.SwitchoverStart ? 5 : 0)));
-
-        long tailAt = _out.Tell();
-        DeviceStateTail tail = DeviceStateTail.Analyze(profile.DeviceState.Span, tailAt);
-        _out.PutBuffer(profile.DeviceState.Span);
-        sections.AddRange(tail.Sections);
+            WriteBlock(profile.RamBlocks[b], profile.SourceOf(b), (offset, chunk, n) => output.Write(RamPagesRecord.ForWriting(b, offset, chunk.Buffer.AsMemory(0, n), chunk)));
+        if (profile.SwitchoverStart) output.Write(new CommandRecord(-1, MigrationFormat.CommandSwitchoverStart, []));
+        output.Write(new RamSectionRecord(-1, MigrationFormat.SectionEnd, id));
+        output.Write(new RamSectionFooterRecord(-1, id));
+        foreach (MigrationRecord record in DeviceStateTail.Records(profile.DeviceState, _out.Tell())) output.Write(record);
+        output.Finish();
 
         // Referenced chunks must be written before the caller's buffers or files go away.
         _out.Flush();
         ThrowIfFailed();
         ReportProgress(force: true);
-        return new MigrationStreamInfo(profile.MachineType, sections.OrderBy(s => s.Offset).ToArray(), summaries, tail.Description.ToDeviceInfos(),
-            _out.Tell() - start, profile.DeviceState.Length, tail.Problem, [], tail.Description.HasConfiguration);
+        return written.ToInfo();
     }
 
-    /// <summary>The early-setup sections of a profile, written one after another from <paramref name="offset"/>, as section entries.</summary>
-    private static IEnumerable<MigrationSectionInfo> EarlySections(IReadOnlyList<byte[]> sections, long offset)
-    {
-        foreach (byte[] bytes in sections)
-        {
-            uint id = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(1));
-            int nameLength = bytes[5];
-            string name = Encoding.UTF8.GetString(bytes, 6, nameLength);
-            uint instance = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(6 + nameLength));
-            uint version = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(bytes.AsSpan(10 + nameLength));
-            yield return new MigrationSectionInfo(MigrationSectionKind.EarlySetup, id, name, instance, version, offset, 1, bytes.Length);
-            offset += bytes.Length;
-        }
-    }
-
-    private void StartRamSection(uint id, uint instance, IReadOnlyList<RamBlockInfo> blocks)
-    {
-        _out.PutByte(MigrationFormat.SectionStart);
-        _out.PutBe32(id);
-        PutId(MigrationFormat.RamSectionName);
-        _out.PutBe32(instance);
-        _out.PutBe32(MigrationFormat.RamSectionVersion);
-        ulong total = 0;
-        foreach (var b in blocks) total += (ulong)b.Length;
-        _out.PutBe64(total | MigrationFormat.RamMemSize);
-        foreach (var b in blocks)
-        {
-            PutId(b.Id);
-            _out.PutBe64((ulong)b.Length);
-        }
-        EndRecords(id);
-    }
-
-    /// <summary>EOS and the section footer: the end of every RAM record (start, part, end).</summary>
-    private void EndRecords(uint id)
-    {
-        _out.PutBe64(MigrationFormat.RamEos);
-        _out.PutByte(MigrationFormat.SectionFooter);
-        _out.PutBe32(id);
-    }
-
-    private void WriteBlock(RamBlockInfo block, string path, RamPageEncoder encoder, Action<int> beforeChunk, Action<int> afterChunk)
+    /// <summary>Reads a block's file in chunks, one read ahead, and hands each chunk to <paramref name="write"/> (offset in the block, chunk, bytes), which owns it from then on.</summary>
+    private void WriteBlock(RamBlockInfo block, string path, Action<long, ChunkPool.Chunk, int> write)
     {
         SafeFileHandle file;
         try
@@ -214,9 +115,7 @@ internal sealed class MigrationStreamWriter
                         next = _pool.Rent();
                         pending = ReadAhead(file, next, following, (int)Math.Min(_pool.ChunkBytes, length - following));
                     }
-                    beforeChunk(n);
-                    encoder.EncodePages(block.Id, offset, chunk.Buffer.AsMemory(0, n), chunk);
-                    afterChunk(n);
+                    write(offset, chunk, n);
                     offset = following;
                     _ramDone += n;
                     _cancellation.ThrowIfCancellationRequested();
@@ -263,12 +162,5 @@ internal sealed class MigrationStreamWriter
     {
         if (_out.Error is { } error)
             throw new VmStateException($"writing the migration stream failed at offset {_out.Tell()}: {error.Message}", error);
-    }
-
-    private void PutId(string id)
-    {
-        byte[] bytes = Encoding.UTF8.GetBytes(id);
-        _out.PutByte((byte)bytes.Length);
-        _out.PutBuffer(bytes);
     }
 }

@@ -23,7 +23,7 @@ internal sealed class RamPageEncoder
     internal const ulong FlagContinue = 0x20;
 
     private readonly VmStateWriter _writer;
-    private string? _block;     // block of the previous page
+    private string? _block;     // block of the previous page (by name), or null
     private byte[] _blockId = [];
     private bool _continue;     // the next page may say CONTINUE instead of repeating the id
 
@@ -48,12 +48,29 @@ internal sealed class RamPageEncoder
     internal void EncodePages(string blockId, long blockOffset, ReadOnlyMemory<byte> pages, IDisposable? mayFree = null)
     {
         ArgumentNullException.ThrowIfNull(blockId);
+        CheckPages(blockOffset, pages);
+        if (blockId != _block) SetBlock(blockId);
+        Encode(blockOffset, pages, mayFree);
+    }
+
+    /// <summary>As <see cref="EncodePages(string, long, ReadOnlyMemory{byte}, IDisposable?)"/> for a block named by its id string's bytes.</summary>
+    internal void EncodePages(byte[] blockId, long blockOffset, ReadOnlyMemory<byte> pages, IDisposable? mayFree = null)
+    {
+        CheckPages(blockOffset, pages);
+        SetBlock(blockId);
+        Encode(blockOffset, pages, mayFree);
+    }
+
+    private static void CheckPages(long blockOffset, ReadOnlyMemory<byte> pages)
+    {
         if (pages.Length % PageSize != 0)
             throw new ArgumentException($"RAM pages come in whole {PageSize}-byte pages; got {pages.Length} bytes", nameof(pages));
         if (blockOffset < 0 || blockOffset % PageSize != 0)
             throw new ArgumentOutOfRangeException(nameof(blockOffset), blockOffset, $"a page offset must be a non-negative multiple of {PageSize}");
-        if (blockId != _block) SetBlock(blockId);
+    }
 
+    private void Encode(long blockOffset, ReadOnlyMemory<byte> pages, IDisposable? mayFree)
+    {
         bool referenced = false;
         for (int at = 0; at < pages.Length; at += PageSize, blockOffset += PageSize)
         {
@@ -78,12 +95,11 @@ internal sealed class RamPageEncoder
     }
 
     /// <summary>Encodes <paramref name="count"/> zero pages of block <paramref name="blockId"/> from <paramref name="blockOffset"/> as ZERO records.</summary>
-    internal void EncodeZeroPages(string blockId, long blockOffset, long count)
+    internal void EncodeZeroPages(byte[] blockId, long blockOffset, long count)
     {
-        ArgumentNullException.ThrowIfNull(blockId);
         if (blockOffset < 0 || blockOffset % PageSize != 0)
             throw new ArgumentOutOfRangeException(nameof(blockOffset), blockOffset, $"a page offset must be a non-negative multiple of {PageSize}");
-        if (blockId != _block) SetBlock(blockId);
+        SetBlock(blockId);
         for (long i = 0; i < count; i++, blockOffset += PageSize)
         {
             PutHeader((ulong)blockOffset | FlagZero);
@@ -98,10 +114,17 @@ internal sealed class RamPageEncoder
 
     private void SetBlock(string blockId)
     {
-        byte[] id = Encoding.UTF8.GetBytes(blockId);
-        if (id.Length is 0 or > 255)
-            throw new ArgumentException($"a RAM block id is 1 to 255 bytes long; '{blockId}' is {id.Length}", nameof(blockId));
+        SetBlock(Encoding.UTF8.GetBytes(blockId));
         _block = blockId;
+    }
+
+    /// <summary>The block of the next pages: a block other than the previous page's is named again.</summary>
+    private void SetBlock(byte[] id)
+    {
+        if (id.Length is 0 or > 255)
+            throw new ArgumentException($"a RAM block id is 1 to 255 bytes long; '{Encoding.UTF8.GetString(id)}' is {id.Length}", nameof(id));
+        if (id.AsSpan().SequenceEqual(_blockId)) return;
+        _block = null;
         _blockId = id;
         _continue = false;
     }
@@ -114,8 +137,7 @@ internal sealed class RamPageEncoder
             return;
         }
         _writer.PutBe64(header);
-        _writer.PutByte((byte)_blockId.Length);
-        _writer.PutBuffer(_blockId);
+        RecordHeaders.WriteId(_writer, _blockId);
         _continue = true;
     }
 }

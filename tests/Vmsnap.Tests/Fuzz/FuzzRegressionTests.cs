@@ -44,6 +44,70 @@ public sealed class FuzzRegressionTests
         Assert.Equal("é", Assert.Single(ReadBytes(good, r => MigrationStream.Inspect(r)).Devices).Name);
     }
 
+    /// <summary>An early-setup section whose id string is five 0xff bytes (not UTF-8), with its footer.</summary>
+    private static byte[] EarlySectionNamedInBadUtf8() =>
+        [.. new StreamBuilder().U8(0x04).Be32(1).U8(5).Raw([0xff, 0xff, 0xff, 0xff, 0xff]).Be32(0).Be32(1).Footer(1).ToArray()];
+
+    [Fact]
+    public void An_early_section_whose_id_string_is_not_utf8_is_kept_byte_for_byte()
+    {
+        // Found by the stream target (issue 16): after the configuration, an early-setup section whose id string
+        // is not UTF-8. The reader decoded the name and encoded it again to rebuild the section's header; the
+        // bytes grew (each bad byte became U+FFFD, three bytes) and writing the header past its array threw
+        // ArgumentOutOfRangeException ("Parameter 'length'") instead of a stream error.
+        byte[] finding = File.ReadAllBytes(Path.Combine(FuzzRegressions.Folder("stream"), "early-section-id-not-utf8.mig"));
+        Assert.Equal([.. new StreamBuilder().Header().Configuration("none").Raw(EarlySectionNamedInBadUtf8()).U8(0x01).Be32(2).Id("ram").ToArray()], finding);
+        var e = Assert.Throws<MigrationStreamException>(() => ReadBytes(finding, r => MigrationStream.Inspect(r)));
+        Assert.Equal(finding.Length, e.Offset);   // the RAM section's start is cut short after its id string
+        Assert.Contains("could not read an instance id", e.Message);
+        using (var scratch = new TempDir())
+            Assert.IsType<MigrationStreamException>(FuzzTargets.Run("stream", finding, scratch.Path));
+
+        // The whole stream around such a section is read, and its copy and its template keep the section's bytes.
+        byte[] early = EarlySectionNamedInBadUtf8();
+        byte[] stream = [.. new StreamBuilder()
+            .Header().Configuration("none").Raw(early)
+            .Start(2).BlockList(("ram0", 4096)).EndOfRecords().Footer(2)
+            .End(2).ZeroRecord(0, "ram0").EndOfRecords().Footer(2)
+            .Tail()
+            .ToArray()];
+        var (copy, info) = WriteBytes(w => ReadBytes(stream, r => MigrationStream.Copy(r, w)));
+        Assert.Equal(stream, copy);
+        MigrationSectionInfo section = Assert.Single(info.Sections, s => s.Kind == MigrationSectionKind.EarlySetup);
+        Assert.Equal((17L, (long)early.Length), (section.Offset, section.Bytes));
+        using var dir = new TempDir();
+        File.WriteAllBytes(dir.File("template.mig"), stream);
+        using MachineProfile profile = MachineProfile.FromTemplate(dir.File("template.mig"), []);
+        Assert.Equal(early, Assert.Single(profile.EarlySections));
+    }
+
+    [Fact]
+    public void The_issues_80_byte_stream_with_a_malformed_early_section_is_a_stream_error_with_its_offset()
+    {
+        // Issue 16 item 5 names an 80-byte finding (configuration, then a malformed early section) that inspect and
+        // import failed with "Specified argument was out of the range of valid values. (Parameter 'length')". Its bytes
+        // were not kept; this input has its shape and size, and main's reader before the fix failed on it with exactly
+        // that message: an early section whose id string is eight 0xff bytes and whose body is 4 bytes (re-encoded,
+        // the id grew from 8 to 24 bytes and the instance id was written past the rebuilt header), then the RAM
+        // section's start, cut short inside its first block's length.
+        byte[] finding = File.ReadAllBytes(Path.Combine(FuzzRegressions.Folder("stream"), "early-section-id-grows-issue-shape-80-bytes.mig"));
+        byte[] early = [.. new StreamBuilder().U8(0x04).Be32(1).U8(8).Raw([.. Enumerable.Repeat((byte)0xff, 8)]).Be32(0).Be32(1)
+            .Raw([1, 1, 1, 1]).Footer(1).ToArray()];
+        Assert.Equal([.. new StreamBuilder().Header().Configuration("none").Raw(early)
+            .Start(2).Be64(4096 | 0x04).Id("ram0").Raw([0, 0]).ToArray()], finding);
+        Assert.Equal(80, finding.Length);
+
+        var inspect = Assert.Throws<MigrationStreamException>(() => ReadBytes(finding, r => MigrationStream.Inspect(r)));
+        var copy = Assert.Throws<MigrationStreamException>(() => WriteBytes(w => ReadBytes(finding, r => MigrationStream.Copy(r, w))));
+        foreach (MigrationStreamException e in new[] { inspect, copy })
+        {
+            Assert.Equal(78, e.Offset);   // where the block's 8-byte length starts, 2 bytes before the end
+            Assert.Contains("could not read the length of RAM block 'ram0'", e.Message);
+        }
+        using var scratch = new TempDir();
+        Assert.IsType<MigrationStreamException>(FuzzTargets.Run("stream", finding, scratch.Path));
+    }
+
     [QemuFact]
     public void Check_of_an_l2_entry_far_past_the_end_of_the_file_reports_it_without_unbounded_memory()
     {

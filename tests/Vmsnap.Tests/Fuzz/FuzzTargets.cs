@@ -88,9 +88,9 @@ internal static class FuzzTargets
     }
 
     /// <summary>
-    /// A migration stream: inspect it from a block device (read-ahead) and from a pipe (sequential), copy it,
-    /// then load it into new RAM files in <paramref name="scratch"/> and once more into those files, now
-    /// existing (written in place).
+    /// A migration stream: inspect it from a block device (read-ahead), index its pages, copy it from a pipe
+    /// (sequential), then load it into new RAM files in <paramref name="scratch"/> and once more into those files,
+    /// now existing (written in place).
     /// </summary>
     public static void Stream(byte[] input, string scratch)
     {
@@ -98,6 +98,18 @@ internal static class FuzzTargets
         using (var backend = VmStateBackend.ForBlockDevice(device))
         using (var reader = new VmStateReader(backend, 4096))
             MigrationStream.Inspect(reader);
+        using (var device = new MemoryBlockDevice(input) { IsReadOnly = true })
+        using (var backend = VmStateBackend.ForBlockDevice(device))
+        using (var reader = new VmStateReader(backend, 4096))
+        {
+            // Where a postcopy source would look for pages: the index, and each block's first and last page.
+            MigrationStreamIndex index = MigrationStreamIndex.Build(reader);
+            for (int b = 0; b < index.Blocks.Count; b++)
+            {
+                index.Find(b, 0);
+                index.Find(b, index.Blocks[b].Length / 4096 - 1);
+            }
+        }
         using (var pipe = new MemoryStream(input, writable: false))
         using (var backend = VmStateBackend.ForStream(pipe))
         using (var reader = new VmStateReader(backend, 4096))

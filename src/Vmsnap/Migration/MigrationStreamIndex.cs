@@ -1,0 +1,129 @@
+using Vmsnap.VmState;
+
+namespace Vmsnap.Migration;
+
+/// <summary>Where a page of a stream's RAM lies.</summary>
+internal enum PageKind
+{
+    /// <summary>The stream does not carry the page (a source that never sent it): zero for a destination.</summary>
+    Missing,
+
+    /// <summary>A ZERO record (or a mapped-ram page whose bit is clear): the page is filled with <see cref="PageLocation.Fill"/>.</summary>
+    Filled,
+
+    /// <summary>The page's 4096 bytes lie at <see cref="PageLocation.Offset"/> of the stream.</summary>
+    Data,
+}
+
+/// <summary>A page's place in a stream: its data's offset, or the byte it is filled with.</summary>
+internal readonly record struct PageLocation(PageKind Kind, long Offset = -1, byte Fill = 0);
+
+/// <summary>
+/// Where each page of a stream's RAM and its device state lie, recorded in one pass over its records without
+/// reading page data: what a source that serves single pages (postcopy) needs before it sends anything. The
+/// last record of a page wins, as when QEMU re-sends a page dirtied during a migration.
+/// </summary>
+/// <remarks>
+/// Memory: 8 bytes per page of RAM the stream carries, in tables of 2^18 pages made when first touched (16 MiB
+/// per 8 GiB of RAM), whatever the blocks' declared lengths.
+/// </remarks>
+internal sealed class MigrationStreamIndex
+{
+    private const int TableShift = 18;
+    private const long TablePages = 1L << TableShift;
+
+    // Per block, per page: 0 = missing, > 0 = data offset + 1, < 0 = filled with (-value - 1).
+    private readonly List<Dictionary<long, long[]>> _pages = new();
+    private long _deviceStateOffset = -1;
+    private long _end;
+
+    /// <summary>The stream's RAM blocks, in its block list's order.</summary>
+    public IReadOnlyList<RamBlockInfo> Blocks { get; private set; } = [];
+
+    /// <summary>True when the RAM is laid out by file offset (mapped-ram).</summary>
+    public bool IsMappedRam { get; private set; }
+
+    /// <summary>Stream offset of the RAM section's start record.</summary>
+    public long RamStartOffset { get; private set; } = -1;
+
+    /// <summary>The early-setup sections (before the RAM section's parts): offset and length of each.</summary>
+    public IReadOnlyList<(long Offset, long Length)> EarlySections => _early;
+    private readonly List<(long, long)> _early = new();
+
+    /// <summary>Where the device state starts: the first byte after the RAM section's end (device sections, EOF, VM description follow).</summary>
+    public long DeviceStateOffset => _deviceStateOffset;
+
+    /// <summary>Bytes from <see cref="DeviceStateOffset"/> to the stream's end.</summary>
+    public long DeviceStateLength => _end - _deviceStateOffset;
+
+    /// <summary>Makes the index of the stream <paramref name="source"/> holds (to <paramref name="length"/>, or to its backend's end).</summary>
+    /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read.</exception>
+    public static MigrationStreamIndex Build(VmStateReader source, long? length = null, CancellationToken cancellationToken = default)
+    {
+        var index = new MigrationStreamIndex();
+        var reader = new MigrationRecordReader(source, length, pageData: false);
+        while (reader.Next() is { } record)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            index.Add(record);
+        }
+        return index;
+    }
+
+    /// <summary>Records what <paramref name="record"/> says about pages and landmarks (records in stream order).</summary>
+    public void Add(MigrationRecord record)
+    {
+        switch (record)
+        {
+            case ConfigurationRecord configuration:
+                IsMappedRam = configuration.MappedRam;
+                break;
+            case RamStartRecord start:
+                RamStartOffset = start.Offset;
+                Blocks = start.Blocks;
+                foreach (var _ in start.Blocks) _pages.Add(new Dictionary<long, long[]>());
+                break;
+            case RamPagesRecord pages:
+                for (long i = 0; i < pages.PageCount; i++) Set(pages.Block, pages.BlockOffset / MigrationFormat.PageSize + i, pages.DataOffsetOf(i) + 1);
+                break;
+            case RamZeroPagesRecord zero:
+                for (long i = 0; i < zero.PageCount; i++) Set(zero.Block, zero.BlockOffset / MigrationFormat.PageSize + i, -zero.Fill - 1);
+                break;
+            case DeviceSectionRecord { Kind: MigrationSectionKind.EarlySetup } early:
+                _early.Add((early.Offset, early.Length));
+                break;
+            case DeviceSectionRecord or UnwalkedDeviceStateRecord or EofRecord:
+                if (_deviceStateOffset < 0) _deviceStateOffset = record.Offset;
+                break;
+            case VmDescriptionRecord description:
+                _end = description.Offset + description.Length;
+                break;
+        }
+    }
+
+    /// <summary>Where page <paramref name="page"/> (its index: byte offset / 4096) of block <paramref name="block"/> lies.</summary>
+    public PageLocation Find(int block, long page)
+    {
+        if ((uint)block >= (uint)_pages.Count) throw new ArgumentOutOfRangeException(nameof(block), block, $"the stream has {_pages.Count} RAM blocks");
+        if (page < 0 || page >= Blocks[block].Length / MigrationFormat.PageSize)
+            throw new ArgumentOutOfRangeException(nameof(page), page, $"RAM block '{Blocks[block].Id}' has {Blocks[block].Length / MigrationFormat.PageSize} pages");
+        long value = _pages[block].TryGetValue(page >> TableShift, out long[]? table) ? table[page & (TablePages - 1)] : 0;
+        return value switch
+        {
+            0 => new PageLocation(PageKind.Missing),
+            > 0 => new PageLocation(PageKind.Data, value - 1),
+            _ => new PageLocation(PageKind.Filled, Fill: (byte)(-value - 1)),
+        };
+    }
+
+    private void Set(int block, long page, long value)
+    {
+        Dictionary<long, long[]> tables = _pages[block];
+        if (!tables.TryGetValue(page >> TableShift, out long[]? table))
+        {
+            table = new long[Math.Min(TablePages, Blocks[block].Length / MigrationFormat.PageSize - (page >> TableShift << TableShift))];
+            tables.Add(page >> TableShift, table);
+        }
+        table[page & (TablePages - 1)] = value;
+    }
+}
