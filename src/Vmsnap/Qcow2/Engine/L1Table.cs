@@ -1,7 +1,21 @@
 namespace Vmsnap.Qcow2;
 
+/// <summary>
+/// A table of cluster offsets that a metadata cache's tables hang off, written entry by entry after
+/// that cache's dirty tables are on disk: the active L1 table (after the L2 tables), the refcount
+/// table (after the refcount blocks).
+/// </summary>
+internal interface ITopTable
+{
+    /// <summary>True when entries changed in memory only.</summary>
+    bool IsDirty { get; }
+
+    /// <summary>Writes the changed entries (whole 512-byte sectors of them, like QEMU).</summary>
+    void WriteDirty(Qcow2File file);
+}
+
 /// <summary>An L1 table in memory: the active one (growable, written back) or a snapshot's (read-only).</summary>
-internal sealed class L1Table
+internal sealed class L1Table : ITopTable
 {
     private int _dirtyFirst = int.MaxValue, _dirtyLast = -1;
 
@@ -16,7 +30,7 @@ internal sealed class L1Table
     internal ulong[] Entries { get; private set; }
     internal bool IsActive { get; }
     internal int Size => Entries.Length;
-    internal bool IsDirty => _dirtyLast >= 0;
+    public bool IsDirty => _dirtyLast >= 0;
 
     internal ulong this[long index] => index < Entries.Length ? Entries[index] : 0;
 
@@ -37,11 +51,30 @@ internal sealed class L1Table
         return (first, last - first + 1);
     }
 
+    public void WriteDirty(Qcow2File file)
+    {
+        (int first, int count) = TakeDirtyRange();
+        if (count == 0) return;
+        byte[] bytes = new byte[count * 8];
+        L1Entry.Encode(Entries.AsSpan(first, count), bytes);
+        file.Write(bytes, Offset + first * 8L, Qcow2Metadata.ActiveL1);
+    }
+
     internal void Replace(long offset, ulong[] entries)
     {
         Offset = offset;
         Entries = entries;
         _dirtyFirst = int.MaxValue;
         _dirtyLast = -1;
+    }
+
+    /// <summary>Reads <paramref name="entries"/> L1 entries at <paramref name="offset"/> (bytes past the end of the file read as zeroes).</summary>
+    internal static ulong[] Read(Storage.IBlockDevice device, long offset, int entries)
+    {
+        if (entries == 0) return [];
+        byte[] raw = new byte[entries * 8L];
+        int n = device.Read(raw, offset);
+        if (n < raw.Length) raw.AsSpan(n).Clear();
+        return L1Entry.Decode(raw);
     }
 }

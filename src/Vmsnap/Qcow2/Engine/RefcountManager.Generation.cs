@@ -41,9 +41,9 @@ internal sealed partial class RefcountManager
         {
             _live = live;
             _g = live._g;
-            _liveTable = live._table.ToArray();
+            _liveTable = live._table.Entries.ToArray();
             _table = (ulong[])_liveTable.Clone();
-            _cursor = Math.Max(1, live._freeHint);
+            _cursor = Math.Max(1, live.FreeHint);
             _excluded = excluded;
         }
 
@@ -245,7 +245,7 @@ internal sealed partial class RefcountManager
         {
             if (_tableBytes is null) throw new InvalidOperationException("the generation was not prepared");
             foreach ((long offset, byte[] data) in NewBlocks) _live.WriteBlock(data, offset);
-            _live._device.Write(_tableBytes, _tableOffset);
+            _live._file.Write(_tableBytes, _tableOffset, Qcow2Metadata.None);
         }
 
         /// <summary>Gives every changed refcount block that still lives where the current generation has it a fresh cluster.</summary>

@@ -41,10 +41,10 @@ internal sealed partial class Qcow2Checker
             foreach (SnapshotEntry sn in _snapshots)
                 if (sn.L1Size > 0 && Hits((ulong)sn.L1TableOffset, sn.L1Size * 8UL)) return "inactive L1 table";
         if ((checks & Metadata.ActiveL2) != 0)
-            foreach (ulong entry in _e.ActiveL1.Entries)
+            foreach (ulong entry in _activeL1.Entries)
                 if ((entry & L1Entry.OffsetMask) != 0 && Hits(entry & L1Entry.OffsetMask, (ulong)ClusterSize)) return "active L2 table";
         if ((checks & Metadata.RefcountBlock) != 0)
-            foreach (ulong entry in _e.Refcounts.Table)
+            foreach (ulong entry in _refcounts.Table)
                 if ((entry & RefcountTableEntry.OffsetMask) != 0 && Hits(entry & RefcountTableEntry.OffsetMask, (ulong)ClusterSize)) return "refcount block";
         if ((checks & Metadata.BitmapDirectory) != 0 && (H.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0
             && H.FindExtension(HeaderExtension.Bitmaps) is { } ext)

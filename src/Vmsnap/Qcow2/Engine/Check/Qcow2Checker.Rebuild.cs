@@ -13,7 +13,7 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void RebuildRefcountStructure()
     {
-        _e.FlushAll();
+        _caches.FlushAll();
         ulong[] table = [];
         bool grown = WriteRefblocks(0, _clusters, ref table);
         if (!grown) throw new InvalidOperationException("a rebuild found no cluster in use");   // the header cluster always is
@@ -36,7 +36,7 @@ internal sealed partial class Qcow2Checker
             _messages.Add("ERROR writing reftable: Input/output error");
             throw new CheckFailedException($"the rebuilt refcount table at 0x{tableOffset:x} would overwrite the {what}");
         }
-        _e.Refcounts.InstallRebuilt(table, tableOffset);
+        _refcounts.InstallRebuilt(table, tableOffset);
     }
 
     /// <summary>
@@ -79,7 +79,7 @@ internal sealed partial class Qcow2Checker
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw RebuildFailed("writing refblock", $"the rebuilt refcount block at 0x{blockOffset:x} would overwrite the {what}");
             }
-            _e.Refcounts.WriteBlock(_e.Refcounts.BuildBlock(index, Count), blockOffset);
+            _refcounts.WriteBlock(_refcounts.BuildBlock(index, Count), blockOffset);
             cluster = blockStart + perBlock - 1;   // this block is done
         }
         return grown;
