@@ -18,7 +18,7 @@
 # rows are what the snapshots cost. `*_used` is the change of the host clusters in use (refcount
 # above 0) across the create alone: the space a snapshot really takes, holes or not. Then those
 # snapshots are deleted.
-# BASELINE (a vmsnap.dll of another build, e.g. main) adds its rows for comparison.
+# BASELINE (a vmsnap.dll of another build, e.g. main) adds its rows (create and save) for comparison.
 # Prints every run, then the medians and vmsnap/QEMU ratios.
 # Usage: bench/snapshot-scale.sh   (env: ROUNDS=5 GROWTH=6 DISK_DIR=bench/.scratch SIZE=1T SNAPSHOTS=64
 #        WRITTEN=8G DIRTY=64M TABLES=256 SAVE_RAM=64M REBUILD=0 BASELINE=/path/to/another/vmsnap.dll)
@@ -72,7 +72,10 @@ echo "# label seconds peak_KiB growth_bytes"
 for round in $(seq "$ROUNDS"); do
   creates=(vmsnap qemu); saves=(vmsnap qemu)
   if [ $((round % 2)) -eq 0 ]; then creates=(qemu vmsnap); saves=(qemu vmsnap); fi
-  [ -n "${BASELINE:-}" ] && creates+=(baseline)
+  if [ -n "${BASELINE:-}" ]; then   # the two builds alternate which goes first
+    if [ $((round % 2)) -eq 0 ]; then creates=(baseline "${creates[@]}"); saves=(baseline "${saves[@]}")
+    else creates+=(baseline); saves+=(baseline); fi
+  fi
   for tool in "${creates[@]}"; do
     dirty "$((round * 10 + ${#tool}))"
     case $tool in
@@ -86,6 +89,7 @@ for round in $(seq "$ROUNDS"); do
   for tool in "${saves[@]}"; do
     case $tool in
       vmsnap) run vmsnap_save "${VMSNAP[@]}" save "$IMG" --name benchsave --machine none --ram "ram0=$RAM" ;;
+      baseline) run baseline_save dotnet "$BASELINE" save "$IMG" --name benchsave --machine none --ram "ram0=$RAM" ;;
       qemu) STDIN=$monitor run qemu_savevm qemu-system-x86_64 -machine none -m "$((ram_bytes >> 20))M" \
               -object "memory-backend-file,id=ram0,size=$ram_bytes,mem-path=$RAM,share=on" -machine memory-backend=ram0 \
               -nodefaults -display none -monitor stdio -S -drive "file=$IMG,if=none,id=d0,format=qcow2" ;;
@@ -121,7 +125,7 @@ awk '
   }
   END {
     printf "%-20s %5s %10s %12s %14s\n", "operation", "runs", "seconds", "peak_MiB", "growth_KiB"
-    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save qemu_savevm vmsnap_create_seq qemu_img_create_seq baseline_create_seq", order, " ")
+    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save baseline_save qemu_savevm vmsnap_create_seq qemu_img_create_seq baseline_create_seq", order, " ")
     for (o = 1; o <= c; o++) {
       k = order[o]; if (!(k in n)) continue
       sec[k] = med(s, k, n[k]); mib[k] = med(m, k, n[k]) / 1024; kib[k] = med(g, k, n[k]) / 1024
@@ -139,6 +143,10 @@ awk '
       printf "file growth per round of %s writes and a snapshot: vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", dirty, kib["vmsnap_growth"], kib["qemu_img_growth"], ("baseline_growth" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_growth"]) : ""
     if (("vmsnap_used" in n) && ("qemu_img_used" in n))
       printf "space one snapshot takes (clusters in use): vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", kib["vmsnap_used"], kib["qemu_img_used"], ("baseline_used" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_used"]) : ""
+    if (("vmsnap_create" in n) && ("baseline_create" in n))
+      printf "create: vmsnap/baseline time %.3f\n", sec["vmsnap_create"] / sec["baseline_create"]
+    if (("vmsnap_save" in n) && ("baseline_save" in n))
+      printf "save: vmsnap/baseline time %.3f\n", sec["vmsnap_save"] / sec["baseline_save"]
     if (("vmsnap_save" in n) && ("qemu_savevm" in n))
       printf "save: vmsnap/QEMU savevm time %.2f, peak memory %.2f\n", sec["vmsnap_save"] / sec["qemu_savevm"], mib["vmsnap_save"] / mib["qemu_savevm"]
   }' dirty="$DIRTY" "$out"

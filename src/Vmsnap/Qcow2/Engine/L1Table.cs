@@ -19,16 +19,28 @@ internal sealed class L1Table : ITopTable
 {
     private int _dirtyFirst = int.MaxValue, _dirtyLast = -1;
 
-    internal L1Table(long offset, ulong[] entries, bool isActive)
+    /// <param name="offset">Where the table lies.</param>
+    /// <param name="entries">Its entries.</param>
+    /// <param name="isActive">The active table (its L2 tables are indexed for the overlap check), or a snapshot's.</param>
+    /// <param name="clusterBits">The image's cluster bits (for the index of an active table).</param>
+    internal L1Table(long offset, ulong[] entries, bool isActive, int clusterBits = 0)
     {
         Offset = offset;
         Entries = entries;
         IsActive = isActive;
+        if (isActive)
+        {
+            L2Tables = new ClusterIndex(clusterBits);
+            foreach (ulong e in entries) L2Tables.Add(L1Entry.L2Offset(e));
+        }
     }
 
     internal long Offset { get; private set; }
     internal ulong[] Entries { get; private set; }
     internal bool IsActive { get; }
+
+    /// <summary>The host clusters of the L2 tables an active table points to (null for a snapshot's).</summary>
+    internal ClusterIndex? L2Tables { get; }
     internal int Size => Entries.Length;
     public bool IsDirty => _dirtyLast >= 0;
 
@@ -36,6 +48,11 @@ internal sealed class L1Table : ITopTable
 
     internal void Set(long index, ulong entry)
     {
+        if (L2Tables is not null && L1Entry.L2Offset(entry) != L1Entry.L2Offset(Entries[index]))
+        {
+            L2Tables.Remove(L1Entry.L2Offset(Entries[index]));
+            L2Tables.Add(L1Entry.L2Offset(entry));
+        }
         Entries[index] = entry;
         _dirtyFirst = Math.Min(_dirtyFirst, (int)index);
         _dirtyLast = Math.Max(_dirtyLast, (int)index);
@@ -64,6 +81,11 @@ internal sealed class L1Table : ITopTable
     {
         Offset = offset;
         Entries = entries;
+        if (L2Tables is not null)
+        {
+            L2Tables.Clear();
+            foreach (ulong e in entries) L2Tables.Add(L1Entry.L2Offset(e));
+        }
         _dirtyFirst = int.MaxValue;
         _dirtyLast = -1;
     }

@@ -1,17 +1,8 @@
 namespace Vmsnap.Qcow2;
 
-/// <summary>Check and repair of the open image (the checker lives in Check/), and the repair a dirty image gets before it is written.</summary>
+/// <summary>Check and repair of the open image (the checker lives in Check/; the repair a dirty image gets before its first change in DirtyRepair).</summary>
 internal sealed partial class Qcow2Engine
 {
-    /// <summary>Repairs refcounts of an image left dirty (lazy refcounts) before anything is written, as QEMU does on open.</summary>
-    private void RepairDirty()
-    {
-        lock (SyncRoot)
-        {
-            Qcow2Checker.Run(CheckedParts, Qcow2RepairMode.All);
-        }
-    }
-
     /// <summary>Checks (and optionally repairs) the image; waits for requests in flight. What it finds decides whether writes are refused.</summary>
     internal Qcow2CheckResult Check(Qcow2RepairMode mode)
     {
@@ -25,6 +16,7 @@ internal sealed partial class Qcow2Engine
             Qcow2CheckResult result = Qcow2Checker.Run(CheckedParts, mode);
             // A repair may have rewritten tables and flags: validate again as they are used.
             Mapping.ForgetValidation();
+            if (mode != Qcow2RepairMode.None) DirtyRepair.Pending = false;   // repaired, or what is left refuses writes below
             if (result.Corruptions > 0 || result.CheckErrors > 0)
             {
                 string first = result.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? result.Messages.FirstOrDefault() ?? "";

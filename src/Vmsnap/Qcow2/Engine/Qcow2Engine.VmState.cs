@@ -48,13 +48,16 @@ internal sealed partial class Qcow2Engine
         lock (SyncRoot) State.VmState.RegisterReader(l1Offset, -1);
     }
 
-    /// <summary>Maps a write of the area (taking reserved clusters); under the lock. No I/O but preallocation.</summary>
+    /// <summary>Maps a write of the area (taking reserved clusters) and checks it against the metadata; under the lock. No I/O but preallocation.</summary>
     internal List<(long Host, int DataOffset, int Length)> MapVmState(VmStateAllocation writer, long offset, int length)
     {
         State.Health.ThrowIfSwitchFailed();
         Guard.EnsureWritable();
         if (!ReferenceEquals(State.VmState.Writer, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
-        return writer.Map(offset, length);
+        List<(long Host, int DataOffset, int Length)> segments = writer.Map(offset, length);
+        // The data goes outside the lock: its clusters are checked against the metadata now.
+        foreach ((long host, _, int n) in segments) State.File.Check(host, n, Qcow2Metadata.None);
+        return segments;
     }
 
     /// <summary>Reads the area being written: what was mapped from its clusters, the rest as zeroes.</summary>

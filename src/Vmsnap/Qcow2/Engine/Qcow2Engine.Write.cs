@@ -153,6 +153,8 @@ internal sealed partial class Qcow2Engine
             for (int k = i; k < j; k++) plans[k].Host = host + (long)(k - i) * cs;
             i = j;
         }
+        // The data goes outside the lock: its clusters are checked against the metadata now (QEMU checks each data write).
+        foreach (ClusterPlan p in plans) State.File.Check(p.Host + p.RegionStart, p.RegionEnd - p.RegionStart, Qcow2Metadata.None);
         return plans;
     }
 

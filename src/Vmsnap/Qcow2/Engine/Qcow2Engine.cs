@@ -18,9 +18,10 @@ internal sealed partial class Qcow2Engine : IDisposable
         State = new Qcow2State(device, path, header, options, ownsDevice);
         Qcow2State s = State;
         Refcounts = new RefcountManager(s.File, s.Geometry, header, s.RefcountTable, s.RefcountBlocks, s.L2Cache, s.Health);
-        Caches = new MetadataCaches(Refcounts, s.L2Cache);
+        Caches = new MetadataCaches(s.File, header, s.ActiveL1, s.L2Cache, Refcounts);
         Gate = new RequestGate(s.Geometry.ClusterBits, Caches);
-        Guard = new WriteGuard(header, s.File, s.Health, s.ReadOnly);
+        DirtyRepair = new DirtyRepair(CheckedParts, s.Health, path);
+        Guard = new WriteGuard(header, s.File, s.Health, s.ReadOnly, DirtyRepair);
         Mapping = new ClusterMapping(s.File, header, s.Geometry, s.ActiveL1, s.L2Cache, Refcounts, Caches, s.Health, s.ValidatedL2, s.ActiveShared);
         SnapshotOps = new SnapshotOperations(s.File, header, s.Geometry, Mapping, Refcounts, Caches, s.Snapshots, s.VmState, Gate, Guard, s.Health);
     }
@@ -36,6 +37,9 @@ internal sealed partial class Qcow2Engine : IDisposable
 
     /// <summary>The metadata lock, requests in flight, disposal.</summary>
     internal RequestGate Gate { get; }
+
+    /// <summary>The repair a dirty image gets before its first change.</summary>
+    internal DirtyRepair DirtyRepair { get; }
 
     /// <summary>Whether the image may change, and what the first change does first.</summary>
     internal WriteGuard Guard { get; }
@@ -56,7 +60,7 @@ internal sealed partial class Qcow2Engine : IDisposable
     private bool ReadOnly => State.ReadOnly;
 
     /// <summary>The parts a check reads and repairs.</summary>
-    private CheckedImage CheckedParts => new(State.File, Header, Geometry, ReadOnly, State.ActiveL1, State.L2Cache, Refcounts, Caches, State.Snapshots);
+    private CheckedImage CheckedParts => new(State.File, Header, Geometry, ReadOnly, State.ActiveL1, State.L2Cache, Refcounts, Caches, State.Snapshots, State.Overlaps);
 
     /// <summary>Guest offset of the VM-state area of a disk of <paramref name="diskSize"/> bytes.</summary>
     internal long VmStateOffsetFor(long diskSize) => Geometry.L1EntriesFor(diskSize) * Geometry.BytesPerL2;
@@ -86,8 +90,9 @@ internal sealed partial class Qcow2Engine : IDisposable
                 engine.State.Backing = BackingStore.Open(header, path, options, depth);
                 engine.Guard.BackingMissing = false;
             }
-            if (!engine.ReadOnly && header.IsDirty && !options.SkipDirtyRepair && !options.ForCheck && !header.IsCorrupt)
-                engine.RepairDirty();
+            // Like QEMU, a dirty image's refcounts are repaired before it is written; unlike QEMU, only
+            // when a change goes ahead (a refused operation leaves the file as it was).
+            engine.DirtyRepair.Pending = !engine.ReadOnly && header.IsDirty && !options.SkipDirtyRepair && !options.ForCheck && !header.IsCorrupt;
             return engine;
         }
         catch (Qcow2FormatException e)

@@ -23,9 +23,11 @@ internal sealed class Qcow2State
         ReadOnly = options.ReadOnly || options.ForceShare || device.IsReadOnly;
         Geometry = new ClusterGeometry(header.ClusterBits, header.HasExtendedL2, header.RefcountOrder);
         Health = new ImageHealth(path);
-        File = new Qcow2File(device);
-        ActiveL1 = new L1Table((long)header.L1TableOffset, L1Table.Read(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true);
+        File = new Qcow2File(device, header, Health);
+        ActiveL1 = new L1Table((long)header.L1TableOffset, L1Table.Read(device, (long)header.L1TableOffset, (int)header.L1Size), isActive: true, header.ClusterBits);
         RefcountTable = new RefcountTable(header, RefcountTable.Read(device, header));
+        Overlaps = new MetadataOverlap(header, ActiveL1, RefcountTable, Snapshots, device, path, MetadataOverlap.ChecksFor(options.OverlapCheck));
+        File.Overlaps = Overlaps;
         int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
         L2Cache = new MetadataCache(File, Geometry.ClusterSize, l2Capacity, "L2 table", Qcow2Metadata.ActiveL2, ActiveL1);
         int blockCapacity = (int)Math.Clamp((4L << 20) / Geometry.ClusterSize, 16, 4096);
@@ -56,6 +58,9 @@ internal sealed class Qcow2State
     internal MetadataCache L2Cache { get; }
 
     internal RefcountTable RefcountTable { get; }
+
+    /// <summary>What every write is checked against before it is made.</summary>
+    internal MetadataOverlap Overlaps { get; }
     internal MetadataCache RefcountBlocks { get; }
 
     /// <summary>The snapshot table (read on open, except for a check, which reads it itself).</summary>

@@ -133,6 +133,7 @@ internal sealed partial class RefcountManager
                 SetTableEntry(index, elsewhere);
                 return block;
             }
+            _live._file.CheckAllocation(c << _g.ClusterBits, _g.ClusterSize);
             RefcountBlock.Set(block, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder, 1);
             SetTableEntry(index, c << _g.ClusterBits);
             NoteAllocated(c, 1);
@@ -172,6 +173,7 @@ internal sealed partial class RefcountManager
                     for (long c = start; c < start + count && stillFree; c++) stillFree = IsFree(c);
                     if (!stillFree) continue;
                 }
+                _live._file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
                 for (long c = start; c < start + count; c++) Add(c, 1);
                 if (start == _cursor) _cursor = start + count;
                 _end = Math.Max(_end, start + count);

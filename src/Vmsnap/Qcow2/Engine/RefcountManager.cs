@@ -266,6 +266,7 @@ internal sealed partial class RefcountManager
         {
             long start = FindFreeRun(count);
             if (EnsureBlocks(start, count)) continue;   // new refcount metadata took clusters: search again
+            _file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
             _mapping.SetDependency(_blocks);
             for (long c = start; c < start + count; c++) Add(c, 1);
             if (start <= _freeHint) _freeHint = start + count;
@@ -311,6 +312,7 @@ internal sealed partial class RefcountManager
         SyncFreed();
         long start = Math.Max(EndOfUsed(HighWater), ReservedEnd);
         foreach (long c in _freedSinceFlush) start = Math.Max(start, c + 1);
+        _file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
         _reserved.Add(start, start + count);
         if (start + count > HighWater) HighWater = start + count;
         return start;
@@ -350,7 +352,7 @@ internal sealed partial class RefcountManager
                 c = skip - 1;   // the loop's c++ lands on the run's end
                 continue;
             }
-            if (c != 0 && IsFree(c))
+            if (IsFree(c))   // the header cluster too, when its refcount says free: the allocation check refuses it
             {
                 if (run == 0) runStart = c;
                 if (++run == count) return runStart;
@@ -404,6 +406,7 @@ internal sealed partial class RefcountManager
                 AllocateBlock(ci);   // c lies in ci's own range: that block describes itself
                 continue;
             }
+            _file.CheckAllocation(c << _g.ClusterBits, _g.ClusterSize);
             _mapping.SetDependency(_blocks);
             if (ci != index) Add(c, 1);
             MetadataCache.Table block = _blocks.GetEmpty(c << _g.ClusterBits);
@@ -450,6 +453,7 @@ internal sealed partial class RefcountManager
         var newTable = new ulong[newEntries];
         _table.Entries.CopyTo(newTable, 0);
         long areaEnd = areaStart + blocks + tableClusters;
+        _file.CheckAllocation(areaStart << _g.ClusterBits, (areaEnd - areaStart) << _g.ClusterBits);
         var blockData = new byte[blocks][];
         for (long k = 0; k < blocks; k++)
         {

@@ -6,19 +6,32 @@ namespace Vmsnap.Qcow2;
 /// The refcount table in memory: its entries (refcount block offsets) and which of them changed;
 /// where it lies is the header's (refcount_table_offset, refcount_table_clusters).
 /// </summary>
-internal sealed class RefcountTable(Qcow2Header header, ulong[] entries) : ITopTable
+internal sealed class RefcountTable : ITopTable
 {
+    private readonly Qcow2Header _header;
     private long _dirtyFirst = long.MaxValue, _dirtyLast = -1;
 
-    internal ulong[] Entries { get; private set; } = entries;
-    internal long Offset => (long)header.RefcountTableOffset;
-    internal int Clusters => (int)header.RefcountTableClusters;
+    internal RefcountTable(Qcow2Header header, ulong[] entries)
+    {
+        _header = header;
+        Blocks = new ClusterIndex(header.ClusterBits);
+        Replace(entries);
+    }
+
+    internal ulong[] Entries { get; private set; } = [];
+
+    /// <summary>The host clusters of the refcount blocks the table points to (for the overlap check).</summary>
+    internal ClusterIndex Blocks { get; }
+    internal long Offset => (long)_header.RefcountTableOffset;
+    internal int Clusters => (int)_header.RefcountTableClusters;
     internal int Length => Entries.Length;
     public bool IsDirty => _dirtyLast >= 0;
 
     /// <summary>Points entry <paramref name="index"/> at the refcount block at <paramref name="blockOffset"/> (in memory).</summary>
     internal void Set(long index, long blockOffset)
     {
+        Blocks.Remove(BlockOffset(Entries[index]));
+        Blocks.Add(blockOffset);
         Entries[index] = (ulong)blockOffset;
         _dirtyFirst = Math.Min(_dirtyFirst, index);
         _dirtyLast = Math.Max(_dirtyLast, index);
@@ -28,9 +41,13 @@ internal sealed class RefcountTable(Qcow2Header header, ulong[] entries) : ITopT
     internal void Replace(ulong[] entries)
     {
         Entries = entries;
+        Blocks.Clear();
+        foreach (ulong e in entries) Blocks.Add(BlockOffset(e));
         _dirtyFirst = long.MaxValue;
         _dirtyLast = -1;
     }
+
+    private static long BlockOffset(ulong entry) => (long)(entry & RefcountTableEntry.OffsetMask);
 
     public void WriteDirty(Qcow2File file)
     {

@@ -4,7 +4,7 @@ namespace Vmsnap.Qcow2;
 /// Whether the image may be changed, checked before anything changes (<see cref="EnsureWritable"/>),
 /// and what the first change does first (<see cref="BeforeFirstChange"/>).
 /// </summary>
-internal sealed class WriteGuard(Qcow2Header header, Qcow2File file, ImageHealth health, bool readOnly)
+internal sealed class WriteGuard(Qcow2Header header, Qcow2File file, ImageHealth health, bool readOnly, DirtyRepair dirtyRepair)
 {
     private bool _autoclearDone;
 
@@ -14,12 +14,16 @@ internal sealed class WriteGuard(Qcow2Header header, Qcow2File file, ImageHealth
     /// <summary>
     /// What every change needs: a writable image that is not marked corrupt (in the header, or by a
     /// corruption found since it was opened), whose backing file is open and which has no persistent
-    /// bitmaps vmsnap would leave stale. Nothing is written here.
+    /// bitmaps vmsnap would leave stale; an image left dirty is repaired first, if that leaves it
+    /// clean (<see cref="DirtyRepair"/>). Nothing else is written here: call it once the operation's
+    /// own refusals are behind it.
     /// </summary>
     internal void EnsureWritable()
     {
         if (readOnly) throw new OperationRefusedException($"'{health.Path}' is open read-only");
         health.ThrowIfSwitchFailed();
+        if (health.WritesStopped is { } stopped)
+            throw health.Corrupt("image", null, $"{stopped}, and the image was marked corrupt; nothing more is written until it is repaired ({ImageHealth.RepairHint})");
         if (header.IsCorrupt)
             throw health.Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
                 "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
@@ -30,6 +34,7 @@ internal sealed class WriteGuard(Qcow2Header header, Qcow2File file, ImageHealth
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
         if (health.Corruption is not null)
             throw health.Corrupt("image", null, $"{health.Corruption}; a write could damage data, so vmsnap refuses it: {ImageHealth.RepairHint}");
+        dirtyRepair.RunIfPending();
     }
 
     /// <summary>Call once an operation has checked what it needs and is about to change the image: clears the autoclear bits vmsnap does not maintain (as QEMU does before its first write).</summary>

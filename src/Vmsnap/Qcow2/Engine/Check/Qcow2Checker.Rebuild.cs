@@ -30,7 +30,7 @@ internal sealed partial class Qcow2Checker
         }
         while (grown);
 
-        if (Overlap(Metadata.None, tableOffset, table.LongLength * 8) is string what)
+        if (Overlap(Qcow2Metadata.None, tableOffset, table.LongLength * 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _messages.Add("ERROR writing reftable: Input/output error");
@@ -74,7 +74,7 @@ internal sealed partial class Qcow2Checker
                 }
                 table[index] = (ulong)blockOffset;
             }
-            if (Overlap(Metadata.None, blockOffset, ClusterSize) is string what)
+            if (Overlap(Qcow2Metadata.None, blockOffset, ClusterSize) is string what)
             {
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw RebuildFailed("writing refblock", $"the rebuilt refcount block at 0x{blockOffset:x} would overwrite the {what}");

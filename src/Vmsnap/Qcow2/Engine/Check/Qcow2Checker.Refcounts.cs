@@ -279,7 +279,7 @@ internal sealed partial class Qcow2Checker
             : new L2Entry(L2Entry.ZeroFlag, 0);
         L2Entry.Write(table, index, extended, zero);
         long at = l2Offset + (long)index * _g.L2EntrySize;
-        if (Overlap(active ? Metadata.ActiveL2 : Metadata.InactiveL2, at, _g.L2EntrySize) is string what)
+        if (Overlap(active ? Qcow2Metadata.ActiveL2 : Qcow2Metadata.InactiveL2, at, _g.L2EntrySize) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _messages.Add("ERROR: Overlap check failed");
@@ -613,7 +613,7 @@ internal sealed partial class Qcow2Checker
                 }
             }
             if (dirty == 0) continue;
-            if (Overlap(Metadata.ActiveL2, l2, ClusterSize) is string what)
+            if (Overlap(Qcow2Metadata.ActiveL2, l2, ClusterSize) is string what)
             {
                 _messages.Add("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
                 _res.CheckErrors++;
@@ -632,7 +632,7 @@ internal sealed partial class Qcow2Checker
     {
         L1Table l1 = _activeL1;
         long at = l1.Offset + index * 8L;
-        if (Overlap(Metadata.ActiveL1, at, 8) is string what)
+        if (Overlap(Qcow2Metadata.ActiveL1, at, 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _res.CheckErrors++;

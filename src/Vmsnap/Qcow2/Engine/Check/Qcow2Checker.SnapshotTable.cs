@@ -208,7 +208,7 @@ internal sealed partial class Qcow2Checker
             long clusters = _g.ClustersFor(bytes.Length);
             offset = _refcounts.Allocate(clusters);
             _caches.FlushAll();
-            if (Overlap(Metadata.None, offset, size) is string what)
+            if (Overlap(Qcow2Metadata.None, offset, size) is string what)
             {
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 _snapshotRes.CheckErrors++;

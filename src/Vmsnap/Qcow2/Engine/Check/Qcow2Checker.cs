@@ -10,8 +10,9 @@ namespace Vmsnap.Qcow2;
 /// <param name="Refcounts">The refcounts compared and repaired.</param>
 /// <param name="Caches">Flushed before the check and after repairs.</param>
 /// <param name="Snapshots">The snapshot list (replaced by what the check reads, when it repairs).</param>
+/// <param name="Overlaps">What repair writes are checked against first.</param>
 internal sealed record CheckedImage(Qcow2File File, Qcow2Header Header, ClusterGeometry Geometry, bool ReadOnly, L1Table ActiveL1,
-    MetadataCache L2Cache, RefcountManager Refcounts, MetadataCaches Caches, SnapshotList Snapshots);
+    MetadataCache L2Cache, RefcountManager Refcounts, MetadataCaches Caches, SnapshotList Snapshots, MetadataOverlap Overlaps);
 
 /// <summary>
 /// Consistency check and repair, done the way <c>qemu-img check</c> does them (QEMU 7.2; the check
@@ -45,6 +46,7 @@ internal sealed partial class Qcow2Checker
     private readonly RefcountManager _refcounts;
     private readonly MetadataCaches _caches;
     private readonly SnapshotList _snapshotList;
+    private readonly MetadataOverlap _overlaps;
     private readonly ClusterGeometry _g;
     private readonly Qcow2RepairMode _mode;
     private readonly List<string> _messages = [];
@@ -64,6 +66,7 @@ internal sealed partial class Qcow2Checker
         _refcounts = image.Refcounts;
         _caches = image.Caches;
         _snapshotList = image.Snapshots;
+        _overlaps = image.Overlaps;
         _g = image.Geometry;
         _mode = image.ReadOnly ? Qcow2RepairMode.None : mode;
     }
