@@ -8,7 +8,7 @@ namespace Vmsnap.Qcow2;
 /// the change is refused with what the rehearsal found (QEMU repairs on open, and fails the open
 /// when its repair fails, having written part of it).
 /// </summary>
-internal sealed class DirtyRepair(CheckedImage image, ImageHealth health, string path)
+internal sealed class DirtyRepair(CheckedImage image, ImageHealth health, string path, Qcow2OverlapCheck overlapCheck)
 {
     /// <summary>True until the repair was made (or found impossible).</summary>
     internal bool Pending { get; set; }
@@ -19,7 +19,7 @@ internal sealed class DirtyRepair(CheckedImage image, ImageHealth health, string
         if (!Pending) return;
         Qcow2CheckResult rehearsal;
         using (var overlay = new ScratchOverlay(image.File.Device))
-        using (Qcow2Engine scratch = Qcow2Engine.Open(overlay, path, new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true }, ownsDevice: false))
+        using (Qcow2Engine scratch = Qcow2Engine.Open(overlay, path, new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, OverlapCheck = overlapCheck }, ownsDevice: false))
         {
             rehearsal = scratch.Check(Qcow2RepairMode.All);
         }

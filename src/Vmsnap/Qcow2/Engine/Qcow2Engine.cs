@@ -20,7 +20,7 @@ internal sealed partial class Qcow2Engine : IDisposable
         Refcounts = new RefcountManager(s.File, s.Geometry, header, s.RefcountTable, s.RefcountBlocks, s.L2Cache, s.Health);
         Caches = new MetadataCaches(s.File, header, s.ActiveL1, s.L2Cache, Refcounts);
         Gate = new RequestGate(s.Geometry.ClusterBits, Caches);
-        DirtyRepair = new DirtyRepair(CheckedParts, s.Health, path);
+        DirtyRepair = new DirtyRepair(CheckedParts, s.Health, path, options.OverlapCheck);
         Guard = new WriteGuard(header, s.File, s.Health, s.ReadOnly, DirtyRepair);
         Mapping = new ClusterMapping(s.File, header, s.Geometry, s.ActiveL1, s.L2Cache, Refcounts, Caches, s.Health, s.ValidatedL2, s.ActiveShared);
         SnapshotOps = new SnapshotOperations(s.File, header, s.Geometry, Mapping, Refcounts, Caches, s.Snapshots, s.VmState, Gate, Guard, s.Health);
