@@ -8,6 +8,7 @@ namespace Vmsnap.Tests;
 /// Vmsnap.slnx, so a violation fails the solution's build). These tests keep that check complete (every
 /// folder is a layer project in the solution) and also scan the text, doc comments included.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class LayeringTests
 {
     private static readonly Dictionary<string, string[]> s_forbidden = new()

@@ -9,10 +9,11 @@ namespace Vmsnap.Tests.Cli;
 /// produced by a case here (130 and 143, by real signals, in <see cref="SignalTests"/>), and
 /// <c>--output=json</c> is accepted wherever <c>--json</c> is.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class ExitCodeTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     [GeneratedRegex(@"^  (\d+) +(\S.*)$", RegexOptions.Multiline)]
     private static partial Regex ExitCodeLine();
@@ -25,11 +26,9 @@ public partial class ExitCodeTests
         return ExitCodeLine().Matches(help[at..]).ToDictionary(m => int.Parse(m.Groups[1].Value), m => m.Groups[2].Value);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with(string version)
+    [QemuFact]
+    public void Help_lists_the_exit_codes_and_each_one_is_what_vmsnap_exits_with()
     {
-        using var qemuScope = QemuInstall.Use(version);
         Tool.Result help = Vmsnap("--help");
         Assert.Equal(0, help.ExitCode);
         Dictionary<int, string> codes = Documented(help.Stdout);
@@ -64,11 +63,9 @@ public partial class ExitCodeTests
         Assert.Contains("'nosuch'", Vmsnap("nosuch").Stderr);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same(string version)
+    [QemuFact]
+    public void Output_json_is_accepted_wherever_json_is_and_prints_the_same()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 4 << 20);

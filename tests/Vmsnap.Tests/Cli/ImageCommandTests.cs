@@ -6,10 +6,11 @@ using Vmsnap.Tests.Qcow2;
 namespace Vmsnap.Tests.Cli;
 
 /// <summary>The vmsnap image commands, run as the real tool: exit codes, output, JSON shape, one-line errors.</summary>
+[Trait("Category", "Unit")]
 public class ImageCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     private static void AssertOneLineError(Tool.Result r, int exitCode, params string[] words)
     {
@@ -20,11 +21,9 @@ public class ImageCommandTests
         foreach (string w in words) Assert.Contains(w, lines[0], StringComparison.OrdinalIgnoreCase);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_makes_the_image_asked_for(string version)
+    [QemuFact]
+    public void Create_makes_the_image_asked_for()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.Result r = Vmsnap("create", image, "64M", "--cluster-size", "4k", "--refcount-bits", "8", "--lazy-refcounts", "--json");
@@ -52,14 +51,12 @@ public class ImageCommandTests
         JsonElement info = Qemu.Info(ext);
         Assert.True(info.GetProperty("format-specific").GetProperty("data").GetProperty("extended-l2").GetBoolean());
         Assert.Equal("a.qcow2", info.GetProperty("backing-filename").GetString());
-        Qemu.AssertClean(ext);
+        QemuImgCheck.AssertClean(ext);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_refuses_bad_options_in_one_line(string version)
+    [QemuFact]
+    public void Create_refuses_bad_options_in_one_line()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "12345"), 1, "multiple of 512");
         AssertOneLineError(Vmsnap("create", dir.File("x.qcow2"), "64M", "--cluster-size", "1000"), 1, "power of two");
@@ -82,11 +79,9 @@ public class ImageCommandTests
         Assert.Equal(hash, Qemu.Hash(keep));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Info_shows_what_qemu_img_info_shows(string version)
+    [QemuFact]
+    public void Info_shows_what_qemu_img_info_shows()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("i.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=16k,extended_l2=on,compression_type=zstd");
@@ -107,11 +102,9 @@ public class ImageCommandTests
         AssertOneLineError(Vmsnap("info", dir.File("junk.qcow2")), 1, "magic");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_exit_codes_and_json_follow_qemu_img_check(string version)
+    [QemuFact]
+    public void Check_exit_codes_and_json_follow_qemu_img_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("k.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -129,11 +122,11 @@ public class ImageCommandTests
         r = Vmsnap("check", image, "--json");
         Assert.Equal(3, r.ExitCode);
         JsonElement ours = JsonDocument.Parse(r.Stdout).RootElement;
-        (JsonElement theirs, int qemuExit) = Qemu.Check(image);
+        (JsonElement theirs, int qemuExit) = QemuImgCheck.Of(image);
         Assert.Equal(qemuExit, r.ExitCode);
-        Assert.Equal(Qemu.Field(theirs, "leaks"), ours.GetProperty("leaks").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "image-end-offset"), ours.GetProperty("image-end-offset").GetInt64());
-        Assert.Equal(Qemu.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated-clusters").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "leaks"), ours.GetProperty("leaks").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "image-end-offset"), ours.GetProperty("image-end-offset").GetInt64());
+        Assert.Equal(QemuImgCheck.Field(theirs, "allocated-clusters"), ours.GetProperty("allocated-clusters").GetInt64());
         Assert.Contains(ours.GetProperty("messages").EnumerateArray(), m => m.GetString()!.StartsWith("Leaked cluster"));
 
         // A refcount too low: a corruption.
@@ -141,22 +134,20 @@ public class ImageCommandTests
         Qemu.WriteRaw(image, block + dataCluster * 2, new byte[] { 0, 0 });
         r = Vmsnap("check", image);
         Assert.Equal(2, r.ExitCode);
-        Assert.Equal(2, Qemu.Check(image).ExitCode);
+        Assert.Equal(2, QemuImgCheck.Of(image).ExitCode);
         Assert.Contains("errors were found on the image", r.Stdout);
 
         r = Vmsnap("check", image, "--repair", "all");
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("The following inconsistencies were found and repaired", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(2, Vmsnap("check", image, "--repair", "everything").ExitCode);   // usage error
         AssertOneLineError(Vmsnap("check", dir.File("none.qcow2")), 1);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Read_and_write_move_bytes_between_files_and_guest_offsets(string version)
+    [QemuFact]
+    public void Read_and_write_move_bytes_between_files_and_guest_offsets()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("rw.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -166,7 +157,7 @@ public class ImageCommandTests
         Tool.Result r = Vmsnap("write", image, "12345", "--from", dir.File("in.bin"));
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("wrote 300001/300001 bytes at offset 12345", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(data, Qemu.ReadRaw(Qemu.ToRaw(image, dir), 12345, data.Length));
 
         r = Vmsnap("read", image, "12345", "300001", "--to", dir.File("out.bin"), "--json");

@@ -14,6 +14,7 @@ namespace Vmsnap.Tests.Cli;
 /// offline) and the installed <c>vmsnap</c> makes an image qemu-img checks clean; the library package
 /// has its id, README, licence, XML docs, repository commit and no machine's paths in its binary.
 /// </summary>
+[Trait("Category", "Interop")]
 public class PackagingTests
 {
     private static readonly string Repo = FindRepo();
@@ -125,11 +126,11 @@ public class PackagingTests
         Run(dir.Path, runEnv, vmsnap, "snapshot", "create", image, "from-the-tool");
         JsonElement info = JsonDocument.Parse(Run(dir.Path, runEnv, vmsnap, "info", image, "--output=json")).RootElement;
         // What the installed tool made, as each QEMU sees it (packing once is enough: it does not depend on QEMU).
-        QemuVersionData.OnEachQemu(_ =>
+        QemuInstall.OnEach(_ =>
         {
             Assert.Equal(Qemu.Info(image).GetProperty("virtual-size").GetInt64(), info.GetProperty("virtual-size").GetInt64());
             Assert.Equal("from-the-tool", Qemu.Info(image).GetProperty("snapshots")[0].GetProperty("name").GetString());
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
         });
 
         // The library package.

@@ -15,6 +15,7 @@ namespace Vmsnap.Tests.Cli;
 /// listed here. Both tools run in the images' folder on relative names, so the file names (and
 /// QEMU's full-backing-filename built from them) must agree too.
 /// </summary>
+[Trait("Category", "Unit")]
 public partial class QemuImgJsonTests
 {
     /// <summary>vmsnap's own keys, by object: anything else vmsnap prints must be qemu-img's.</summary>
@@ -31,7 +32,7 @@ public partial class QemuImgJsonTests
 
     private static Tool.Result Run(string cwd, string program, params string[] args)
     {
-        var psi = new ProcessStartInfo(Tool.Find(program))
+        var psi = new ProcessStartInfo(Path.IsPathRooted(program) ? program : Tool.Find(program))
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
@@ -51,7 +52,7 @@ public partial class QemuImgJsonTests
         return new Tool.Result(p.ExitCode, stdout.Result, stderr.Result);
     }
 
-    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, "dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args]);
+    private static Tool.Result Vmsnap(string cwd, params string[] args) => Run(cwd, VmsnapCli.Command[0], [.. VmsnapCli.Command.Skip(1), .. args]);
 
     private static JsonElement Parse(Tool.Result r, string what)
     {
@@ -158,11 +159,9 @@ public partial class QemuImgJsonTests
         return ours;
     }
 
-    [Theory]
-    [EachQemu]
-    public void Info_and_snapshot_list_print_qemu_img_infos_json_for_every_kind_of_image(string version)
+    [QemuFact]
+    public void Info_and_snapshot_list_print_qemu_img_infos_json_for_every_kind_of_image()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string cwd = dir.Path;
         Directory.CreateDirectory(dir.File("sub"));
@@ -250,11 +249,9 @@ public partial class QemuImgJsonTests
             .GetProperty("flags").EnumerateArray().Select(f => f.GetString()));
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshots_date_and_clock_are_printed_as_stored_whatever_the_bits(string version)
+    [QemuFact]
+    public void A_snapshots_date_and_clock_are_printed_as_stored_whatever_the_bits()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("odd.qcow2");
         Tool.QemuImg("create", "-q", "-f", "qcow2", image, "16M");
@@ -269,11 +266,10 @@ public partial class QemuImgJsonTests
         Assert.Equal((long)(0x8000_0000_0000_1234UL / 1_000_000_000), s.GetProperty("vm-clock-sec").GetInt64());
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_prints_qemu_img_checks_json_and_exit_code_clean_damaged_and_repaired(string version)
+    [QemuFact]
+    public void Check_prints_qemu_img_checks_json_and_exit_code_clean_damaged_and_repaired()
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         string cwd = dir.Path;
 

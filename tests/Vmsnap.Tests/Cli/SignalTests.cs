@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using Vmsnap.Migration;
 using Vmsnap.Tests.Interop;
 using Vmsnap.Tests.Migration;
@@ -14,7 +15,8 @@ namespace Vmsnap.Tests.Cli;
 /// so in one line, and the image is as it was (byte for byte when nothing had been written yet; with
 /// the same disk, snapshots and a clean check when VM state had been written and was freed).
 /// </summary>
-public class SignalTests
+[Trait("Category", "Unit")]
+public partial class SignalTests
 {
     private const long StreamRam = 32 << 20;
 
@@ -34,15 +36,10 @@ public class SignalTests
     /// </summary>
     private static Process StartImport(string image)
     {
-        var psi = new ProcessStartInfo(Tool.Find("env"))
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        foreach (string a in new[] { "--default-signal=INT,TERM", Tool.Find("dotnet"), Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" })
-            psi.ArgumentList.Add(a);
+        ProcessStartInfo psi = VmsnapCli.StartInfo(["import", "-", image, "--name", "cut"], [Tool.Find("env"), "--default-signal=INT,TERM", .. VmsnapCli.Command]);
+        psi.RedirectStandardInput = true;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         return Tool.Start(psi);
     }
 
@@ -59,6 +56,24 @@ public class SignalTests
         }
     }
 
+    /// <summary>Bytes written into the pipe <paramref name="pipe"/> (the write end) that the reader has not read yet (FIONREAD).</summary>
+    private static int Unread(Stream pipe)
+    {
+        SafeHandle handle = pipe switch
+        {
+            System.IO.Pipes.PipeStream s => s.SafePipeHandle,
+            FileStream f => f.SafeFileHandle,
+            _ => throw new InvalidOperationException($"not a pipe: {pipe.GetType()}"),
+        };
+        const nuint Fionread = 0x541B;
+        if (Ioctl((int)handle.DangerousGetHandle(), Fionread, out int unread) != 0)
+            throw new InvalidOperationException($"ioctl FIONREAD failed: errno {Marshal.GetLastPInvokeError()}");
+        return unread;
+    }
+
+    [LibraryImport("libc", EntryPoint = "ioctl", SetLastError = true)]
+    private static partial int Ioctl(int fd, nuint request, out int count);
+
     private static void WaitFor(Func<bool> condition, Process p, string what)
     {
         var clock = Stopwatch.StartNew();
@@ -70,12 +85,11 @@ public class SignalTests
         }
     }
 
-    [Theory]
-    [QemuInlineData("INT", 130)]
-    [QemuInlineData("TERM", 143)]
-    public async Task A_signal_while_the_pipe_stalls_before_any_write_exits_128_plus_it_and_leaves_the_image_byte_for_byte(string version, string signal, int exitCode)
+    [QemuTheory]
+    [InlineData("INT", 130)]
+    [InlineData("TERM", 143)]
+    public async Task A_signal_while_the_pipe_stalls_before_any_write_exits_128_plus_it_and_leaves_the_image_byte_for_byte(string signal, int exitCode)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         Tool.QemuImg("snapshot", "-c", "keep", image);
@@ -89,7 +103,7 @@ public class SignalTests
         p.StandardInput.BaseStream.Write(stream, 0, 64 << 10);
         p.StandardInput.BaseStream.Flush();
         WaitFor(() => HasOpen(p, image), p, "it opened the image");
-        Thread.Sleep(200);   // into its read of the stalled pipe
+        WaitFor(() => Unread(p.StandardInput.BaseStream) == 0, p, "it read all it was given (then it waits on the stalled pipe)");
         Tool.Check("kill", "-" + signal, p.Id.ToString(CultureInfo.InvariantCulture));
         Assert.True(p.WaitForExit(TimeSpan.FromSeconds(30)), $"vmsnap import did not stop on SIG{signal}");
         p.StandardInput.Close();
@@ -100,11 +114,9 @@ public class SignalTests
         Assert.Equal(before, Qemu.Hash(image));
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task A_SIGINT_after_VM_state_was_written_exits_130_and_frees_it_leaving_disk_and_snapshots_as_they_were(string version)
+    [QemuFact]
+    public async Task A_SIGINT_after_VM_state_was_written_exits_130_and_frees_it_leaving_disk_and_snapshots_as_they_were()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         Qemu.Io(image, "write -P 0x5a 0 1M");
@@ -130,7 +142,7 @@ public class SignalTests
         Assert.True(p.ExitCode == 130, $"exit code {p.ExitCode}: {errors}{await stdout}");
         Assert.Equal("vmsnap: cancelled by SIGINT", errors.Trim());
 
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(listing, Tool.QemuImg("snapshot", "-l", image));
         Qemu.AssertSameContent(original, image, "qcow2");
         Qemu.AssertSameRaw(Qemu.ToRaw(original, dir, "keep"), Qemu.ToRaw(image, dir, "keep"));

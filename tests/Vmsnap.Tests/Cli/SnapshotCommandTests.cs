@@ -12,10 +12,11 @@ namespace Vmsnap.Tests.Cli;
 /// prints; row for row and value for value on 10.0, whose table is laid out otherwise); errors are one
 /// line; a running QEMU's image is refused for changes and, without --force-share, for inspection too.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SnapshotCommandTests
 {
     private static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
     private static void AssertOneLineError(Tool.Result r, params string[] words)
     {
@@ -26,11 +27,9 @@ public class SnapshotCommandTests
         foreach (string w in words) Assert.Contains(w, lines[0], StringComparison.OrdinalIgnoreCase);
     }
 
-    [Theory]
-    [EachQemu]
-    public void List_prints_what_qemu_img_snapshot_l_prints_for_every_kind_of_value(string version)
+    [QemuFact]
+    public void List_prints_what_qemu_img_snapshot_l_prints_for_every_kind_of_value()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("l.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -89,11 +88,9 @@ public class SnapshotCommandTests
         Assert.Equal(Tool.QemuImg("snapshot", "-l", empty), Vmsnap("snapshot", "list", empty).Stdout);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Create_delete_apply_change_the_image_like_qemu_img_snapshot(string version)
+    [QemuFact]
+    public void Create_delete_apply_change_the_image_like_qemu_img_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 8 << 20);
@@ -114,14 +111,14 @@ public class SnapshotCommandTests
         r = Vmsnap("snapshot", "apply", image, "1");   // by ID
         Assert.Equal(0, r.ExitCode);
         Assert.Contains("applied snapshot 1 'one'", r.Stdout);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, one);
 
         r = Vmsnap("snapshot", "delete", image, "one", "--json");
         Assert.Equal(0, r.ExitCode);
         Assert.Equal("deleted", JsonDocument.Parse(r.Stdout).RootElement.GetProperty("action").GetString());
         Assert.Equal(["two"], SnapshotKit.QemuList(image).Select(x => x.Tag));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         AssertOneLineError(Vmsnap("snapshot", "delete", image, "one"), "no snapshot with ID or name 'one'");
         AssertOneLineError(Vmsnap("snapshot", "apply", image, "nope"), "no snapshot");
@@ -131,11 +128,9 @@ public class SnapshotCommandTests
         Assert.Equal(2, Vmsnap("snapshot", "frobnicate", image).ExitCode);
     }
 
-    [Theory]
-    [EachQemu]
-    public void With_qemu_holding_the_image_changes_are_refused_and_inspection_needs_force_share(string version)
+    [QemuFact]
+    public void With_qemu_holding_the_image_changes_are_refused_and_inspection_needs_force_share()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("held.qcow2");
         Qemu.Create(image, 8 << 20);

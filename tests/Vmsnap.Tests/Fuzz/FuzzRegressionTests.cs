@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Fuzz;
 /// What the fuzzers (fuzz/run.sh) found, as the smallest inputs that show it: each must now end in one of
 /// the project's own errors, through the parser and through the same fuzzing target that found it.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class FuzzRegressionTests
 {
     /// <summary>A minimal stream (configuration, one RAM block, no pages) ending with <paramref name="description"/>.</summary>
@@ -43,11 +44,9 @@ public sealed class FuzzRegressionTests
         Assert.Equal("é", Assert.Single(ReadBytes(good, r => MigrationStream.Inspect(r)).Devices).Name);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_of_an_l2_entry_far_past_the_end_of_the_file_reports_it_without_unbounded_memory(string version)
+    [QemuFact]
+    public void Check_of_an_l2_entry_far_past_the_end_of_the_file_reports_it_without_unbounded_memory()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // Found by the qcow2 target: the checker's bitmap of clusters the active tables reference grew to the
         // cluster an L2 entry names, however far past the end of the file (the finding's 0x140000000000 asked for
         // 5 GiB; the 1 TiB offset here for 256 MiB).
@@ -58,9 +57,9 @@ public sealed class FuzzRegressionTests
         ulong l1Entry = Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset);
         long l2 = (long)(l1Entry & 0x00fffffffffffe00UL);
         Qemu.WriteBE64(image, l2, 0x8000_0100_0000_0000UL);   // COPIED, host offset 1 TiB
-        (var qemu, int exit) = Qemu.Check(image);
+        (var qemu, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(2, exit);
-        Assert.True(Qemu.Field(qemu, "corruptions") > 0, qemu.ToString());
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions") > 0, qemu.ToString());
 
         byte[] bytes = File.ReadAllBytes(image);
         long before = GC.GetAllocatedBytesForCurrentThread();
@@ -76,11 +75,9 @@ public sealed class FuzzRegressionTests
         _ = FuzzTargets.Run("qcow2", bytes, dir.Path);   // accepted or refused, never a crash
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_whose_disk_size_overflows_the_vm_state_offset_is_a_format_error(string version)
+    [QemuFact]
+    public void A_snapshot_whose_disk_size_overflows_the_vm_state_offset_is_a_format_error()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // Found by the qcow2 target: a snapshot's extra data named a disk size of 0xff00000002000000 (negative as
         // a long); the VM-state offset computed from it went negative, and reading the VM state threw
         // ArgumentOutOfRangeException.

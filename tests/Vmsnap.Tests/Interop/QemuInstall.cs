@@ -6,33 +6,18 @@ namespace Vmsnap.Tests.Interop;
 /// <summary>
 /// One installed QEMU the interop tests run against: the distribution's (7.2, on PATH) and a second one
 /// (10.0 from Debian 12's backports, unpacked by tests/install-deps.sh into tests/.deps/qemu-10.0, found
-/// through <c>VMSNAP_QEMU10</c> or that folder). A test picks one with <see cref="Use"/>; <see cref="Tool"/>
+/// through <c>VMSNAP_QEMU10</c> or that folder). A test gets one from <see cref="QemuTheoryAttribute"/>; <see cref="Tool"/>
 /// and <see cref="QemuVm"/> then start that version's qemu-img, qemu-io and qemu-system-x86_64. Each use
 /// checks the binaries' own <c>--version</c>, so a test that says it ran 10.0 did. Missing: the test fails
 /// (never skips), saying how to install it.
 /// </summary>
 internal sealed partial class QemuInstall
 {
-    /// <summary>The versions every interop test runs against, as theory data.</summary>
-    public static TheoryData<string> Versions => ["7.2", "10.0"];
-
-    /// <summary>The versions that have mapped-ram (QEMU 9.0+) and current machine types, as theory data.</summary>
-    public static TheoryData<string> MappedRamVersions => ["10.0"];
-
     /// <summary>
-    /// Every version with each of <paramref name="values"/>, as theory data:
-    /// <c>[MemberData(nameof(QemuInstall.VersionsAnd), "a", "b", MemberType = typeof(QemuInstall))] void T(string version, string x)</c>.
+    /// The versions every interop test runs against, oldest first: the one place the list is written
+    /// (<see cref="QemuTheoryAttribute"/> runs each test on each).
     /// </summary>
-    public static IEnumerable<object[]> VersionsAnd(object a, object b) => Cross(a, b);
-
-    /// <inheritdoc cref="VersionsAnd(object, object)"/>
-    public static IEnumerable<object[]> VersionsAnd(object a, object b, object c) => Cross(a, b, c);
-
-    private static IEnumerable<object[]> Cross(params object[] values) =>
-        from v in new[] { "7.2", "10.0" } from x in values select new[] { v, x };
-
-    public static readonly QemuInstall Qemu72 = new("7.2", binDir: null);
-    public static readonly QemuInstall Qemu100 = new("10.0", binDir: FindQemu10());
+    public static readonly IReadOnlyList<QemuInstall> All = [new("7.2", binDir: null), new("10.0", binDir: FindQemu10())];
 
     private static readonly AsyncLocal<QemuInstall?> CurrentInstall = new();
     private static readonly ConcurrentDictionary<string, string> CheckedVersions = new();
@@ -48,20 +33,19 @@ internal sealed partial class QemuInstall
     /// <summary>"7.2" or "10.0": the major.minor the binaries must report.</summary>
     public string Version { get; }
 
-    /// <summary>The version this test chose (QemuInstall.Use); a test that chose none fails rather than quietly running one version.</summary>
+    /// <summary>The version of this test ([QemuTheory]); a test without one fails rather than quietly running one version.</summary>
     public static QemuInstall Current => CurrentInstall.Value ?? throw new InvalidOperationException(
-        "this test starts a QEMU program without choosing its QEMU version: every interop test runs on each version " +
-        "([EachQemu] or QemuInstall.Versions, then QemuInstall.Use(version))");
+        "this test starts a QEMU program without a QEMU version: every interop test runs on each version " +
+        "([QemuTheory] with string version as its first parameter)");
 
     /// <summary>The install for "7.2" or "10.0".</summary>
-    public static QemuInstall Get(string version) => version switch
-    {
-        "7.2" => Qemu72,
-        "10.0" => Qemu100,
-        _ => throw new ArgumentOutOfRangeException(nameof(version), version, "tests know QEMU 7.2 and 10.0"),
-    };
+    public static QemuInstall Get(string version) => All.FirstOrDefault(i => i.Version == version)
+        ?? throw new ArgumentOutOfRangeException(nameof(version), version, $"tests know QEMU {string.Join(" and ", All)}");
 
-    /// <summary>Makes <paramref name="version"/> the QEMU of this test (and of tasks it starts) until disposed.</summary>
+    /// <summary>
+    /// Makes <paramref name="version"/> the QEMU of this test (and of tasks it starts) until disposed: for a test that
+    /// switches version on purpose (a stream one version writes and the other reads); [QemuTheory] sets the test's own.
+    /// </summary>
     public static IDisposable Use(string version)
     {
         QemuInstall install = Get(version);
@@ -69,6 +53,32 @@ internal sealed partial class QemuInstall
         QemuInstall? previous = CurrentInstall.Value;
         CurrentInstall.Value = install;
         return new Restore(previous);
+    }
+
+    /// <summary>
+    /// Makes <paramref name="install"/> the QEMU of the calling async flow ([QemuTheory]'s test case, before it runs the
+    /// test); the caller's own flow is untouched once its async method returns.
+    /// </summary>
+    internal static void Enter(QemuInstall? install) => CurrentInstall.Value = install;
+
+    /// <summary>
+    /// Runs <paramref name="check"/> once with each QEMU version in use, for a test whose QEMU part is a small check
+    /// after costly work that does not depend on QEMU; a failure names the version.
+    /// </summary>
+    internal static void OnEach(Action<QemuInstall> check)
+    {
+        foreach (QemuInstall install in All)
+        {
+            using var scope = Use(install.Version);
+            try
+            {
+                check(install);
+            }
+            catch (Exception e)
+            {
+                throw new InvalidOperationException($"on {install}: {e.Message}", e);
+            }
+        }
     }
 
     private sealed class Restore(QemuInstall? previous) : IDisposable

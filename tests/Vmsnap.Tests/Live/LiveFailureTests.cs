@@ -17,15 +17,14 @@ namespace Vmsnap.Tests.Live;
 /// settings as they were, the guest running, the space given back, and at the end qemu-img check
 /// clean and the older snapshot still restores the guest.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveFailureTests
 {
     private const string Slow = "16M";   // --max-bandwidth for saves a failure must catch midway (about 8 s for this guest)
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Each_failure_of_a_live_save_leaves_no_trace_and_the_guest_running(string version)
+    [QemuFact]
+    public void Each_failure_of_a_live_save_leaves_no_trace_and_the_guest_running()
     {
-        using var qemu = QemuInstall.Use(version);
         using var dir = new TempDir();
         var options = new GuestOptions { ShareFirstDisk = true };
         SaveWindow beforeWindow;
@@ -105,7 +104,7 @@ public class LiveFailureTests
             SaveVm(guest, "after", live: true);
             guest.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
         string[] withAfter = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
         for (int i = 0; i < 2; i++) Assert.StartsWith(listings[i] + "\n", Listing(withAfter[i]));
 
@@ -123,7 +122,7 @@ public class LiveFailureTests
             for (int i = 0; i < 2; i++) Assert.Equal(now[i], Listing(withAfter[i]));
             Assert.True(new FileInfo(withAfter[0]).Length <= length, "the VM state's space was not given back after QEMU died");
         }
-        foreach (string disk in withAfter) AssertClean(disk);
+        foreach (string disk in withAfter) QemuImgCheck.AssertClean(disk);
     }
 
     /// <summary>Waits until the save's migration is under way and some RAM has gone.</summary>

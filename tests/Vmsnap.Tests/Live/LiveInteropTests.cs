@@ -10,13 +10,12 @@ namespace Vmsnap.Tests.Live;
 /// savevm loaded by QEMU's HMP loadvm, and the guest clock vmsnap records against the one QEMU's savevm
 /// records for the same stopped guest.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveInteropTests
 {
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void QEMU_savevm_loads_with_vmsnap_loadvm_and_vmsnap_savevm_loads_with_QEMU_loadvm(string version)
+    [QemuFact]
+    public void QEMU_savevm_loads_with_vmsnap_loadvm_and_vmsnap_savevm_loads_with_QEMU_loadvm()
     {
-        using var qemu = QemuInstall.Use(version);
         using var dir = new TempDir();
         SaveWindow qemuWindow;
         using (TestGuest guest = TestGuest.Boot(dir))
@@ -54,7 +53,7 @@ public class LiveInteropTests
             Assert.Equal(TestGuest.ExpectedFillSum, guest.Ticks().Skip(printed).First(t => t.Sum is not null).Sum);
             guest.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
 
         using (TestGuest restored = TestGuest.Restart(dir, new GuestOptions(), "-incoming", "defer"))
         {
@@ -74,7 +73,7 @@ public class LiveInteropTests
             AssertResumes(restored, qemuWindow);
             restored.Vm.Quit();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
     }
 
     /// <summary>The tick line at position <paramref name="index"/> of the serial output, once printed.</summary>

@@ -89,15 +89,6 @@ internal static class LiveKit
         return Convert.ToHexString(hash.GetHashAndReset());
     }
 
-    /// <summary>qemu-img check of a (released) image: no errors, no leaks.</summary>
-    public static void AssertClean(string image)
-    {
-        Tool.Result r = Tool.Run("qemu-img", ["check", image]);
-        Assert.True(r.ExitCode == 0, $"qemu-img check {image} exited {r.ExitCode}: {r.Stdout}{r.Stderr}");
-        Assert.Contains("No errors were found", r.Stdout);
-        Assert.DoesNotContain("leaked", r.Stdout);
-    }
-
     /// <summary>Starts vmsnap as a process without waiting (for failures injected while it runs).</summary>
     public static RunningVmsnap Start(params string[] args) => RunningVmsnap.Start(args);
 
@@ -117,10 +108,10 @@ internal sealed class RunningVmsnap : IDisposable
 
     public static RunningVmsnap Start(string[] args)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "vmsnap.dll");
         // sh sets SIGXFSZ to ignored and execs: an ignored signal stays ignored in the new program.
-        var psi = new ProcessStartInfo("/bin/sh") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (string a in new[] { "-c", "trap '' XFSZ; exec \"$0\" \"$@\"", Tool.Find("dotnet"), dll }.Concat(args)) psi.ArgumentList.Add(a);
+        var psi = VmsnapCli.StartInfo(args, ["/bin/sh", "-c", "trap '' XFSZ; exec \"$0\" \"$@\"", .. VmsnapCli.Command]);
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         var p = new Process { StartInfo = psi };
         var running = new RunningVmsnap(p);
         p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (running._stdout) running._stdout.AppendLine(e.Data); };

@@ -8,16 +8,15 @@ namespace Vmsnap.Tests.Live;
 /// What vmsnap savevm and loadvm refuse before changing anything, on a QEMU that never ran its guest
 /// (-S, no kernel: nothing writes the images, so they must stay byte for byte as they were).
 /// </summary>
+[Trait("Category", "Unit")]
 public class LiveRefusalTests
 {
     private static QemuVm Start(string[] drives, string socket, params string[] more) =>
         QemuVm.Start(["-machine", "pc", "-accel", "tcg", "-m", "64M", .. drives, "-qmp", $"unix:{socket},server=on,wait=off", .. more], paused: true);
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_writable_raw_drive_is_refused_with_nothing_changed(string version)
+    [QemuFact]
+    public void A_writable_raw_drive_is_refused_with_nothing_changed()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string qcow2 = dir.File("a.qcow2"), raw = dir.File("b.raw");
         Tool.QemuImg("create", "-q", "-f", "qcow2", qcow2, "64M");
@@ -37,11 +36,9 @@ public class LiveRefusalTests
         Assert.Equal(hashes, new[] { GuestRam.Hash(qcow2), GuestRam.Hash(raw) });
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_taken_name_a_wrong_drive_and_a_missing_snapshot_are_refused_and_loadvm_wants_incoming_defer(string version)
+    [QemuFact]
+    public void A_taken_name_a_wrong_drive_and_a_missing_snapshot_are_refused_and_loadvm_wants_incoming_defer()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string a = dir.File("a.qcow2"), b = dir.File("b.qcow2"), ro = dir.File("ro.qcow2");
         foreach (string f in new[] { a, b, ro }) Tool.QemuImg("create", "-q", "-f", "qcow2", f, "64M");

@@ -10,22 +10,14 @@ namespace Vmsnap.Tests.Live;
 /// fresh QEMU with -loadvm, and by vmsnap loadvm into a QEMU started with -incoming defer. Machines
 /// pc and q35, on both QEMU versions.
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveSaveLoadTests
 {
-    public static TheoryData<string, string> VersionsAndMachines()
+    [QemuTheory]
+    [InlineData("pc")]
+    [InlineData("q35")]
+    public void A_guest_saved_stopped_and_live_resumes_from_each_snapshot_with_loadvm_and_with_vmsnap_loadvm(string machine)
     {
-        var data = new TheoryData<string, string>();
-        foreach (string v in new[] { "7.2", "10.0" })
-            foreach (string m in new[] { "pc", "q35" })
-                data.Add(v, m);
-        return data;
-    }
-
-    [Theory]
-    [MemberData(nameof(VersionsAndMachines))]
-    public void A_guest_saved_stopped_and_live_resumes_from_each_snapshot_with_loadvm_and_with_vmsnap_loadvm(string version, string machine)
-    {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         SaveWindow stoppedWindow, liveWindow;
         string bootId;
@@ -46,7 +38,7 @@ public class LiveSaveLoadTests
             Assert.Equal("running", guest.RunState());
             guest.Vm.Quit();
 
-            foreach (string disk in guest.Disks) AssertClean(disk);
+            foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
             List<ImageSnapshot> first = LiveKit.Snapshots(guest.Disks[0]), second = LiveKit.Snapshots(guest.Disks[1]);
             Assert.Equal(["stopped", "live"], first.Select(s => s.Name));
             Assert.Equal(["stopped", "live"], second.Select(s => s.Name));
@@ -82,7 +74,7 @@ public class LiveSaveLoadTests
                 restored.Vm.Quit();
             }
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
     }
 
     private static void AssertSaveResult(JsonElement r, string tag, bool live, TestGuest guest)

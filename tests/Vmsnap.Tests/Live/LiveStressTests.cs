@@ -17,21 +17,13 @@ namespace Vmsnap.Tests.Live;
 /// byte for byte what QEMU sent, and QEMU alone loading that stream crashed the guest the same way; 0 of 16
 /// rounds failed on 10.0; see docs/live.md). A CI run would fail on QEMU's defect, not on vmsnap's.</para>
 /// </summary>
+[Trait("Category", "Guest")]
 public class LiveStressTests
 {
-    /// <summary>The QEMU versions the stress runs on (see the class remarks for why 7.2 is opt-in).</summary>
-    public static TheoryData<string> StressVersions()
+    // 10.0, and 7.2 when VMSNAP_LIVE_STRESS_QEMU72=1 (see the class remarks for why 7.2 is opt-in).
+    [QemuFact(Since = "10.0", AllVersionsWhen = "VMSNAP_LIVE_STRESS_QEMU72")]
+    public void Live_saves_of_a_guest_rewriting_its_memory_restore_it_intact_round_after_round()
     {
-        var versions = new TheoryData<string> { "10.0" };
-        if (Environment.GetEnvironmentVariable("VMSNAP_LIVE_STRESS_QEMU72") == "1") versions.Add("7.2");
-        return versions;
-    }
-
-    [Theory]
-    [MemberData(nameof(StressVersions))]
-    public void Live_saves_of_a_guest_rewriting_its_memory_restore_it_intact_round_after_round(string version)
-    {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         var options = new GuestOptions { Churn = true };
         int rounds = int.TryParse(Environment.GetEnvironmentVariable("VMSNAP_LIVE_STRESS_ROUNDS"), out int r) && r > 0 ? r : 3;
@@ -82,7 +74,7 @@ public class LiveStressTests
         {
             guest.Dispose();
         }
-        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) AssertClean(disk);
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
         Assert.Equal(rounds, LiveKit.Snapshots(dir.File("disk0.qcow2")).Count);
     }
 

@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Live;
 
 /// <summary>The QMP client against a real QEMU (no guest): commands, QEMU's errors, events with QEMU's timestamps, a QEMU that goes away.</summary>
+[Trait("Category", "Unit")]
 public class QmpClientTests
 {
     private static (QemuVm Vm, string Socket) Start(TempDir dir)
@@ -13,11 +14,10 @@ public class QmpClientTests
         return (QemuVm.Start(["-machine", "none", "-qmp", $"unix:{socket},server=on,wait=off"], paused: true), socket);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Commands_errors_and_events_come_back_with_QEMUs_words_and_timestamps(string version)
+    [QemuFact]
+    public void Commands_errors_and_events_come_back_with_QEMUs_words_and_timestamps()
     {
-        using var _ = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         (QemuVm vm, string socket) = Start(dir);
         using (vm)

@@ -5,6 +5,7 @@ using Vmsnap.Live;
 namespace Vmsnap.Tests.Live;
 
 /// <summary>The fields a live save reads from the device state: the guest clock in the "timer" section (checked against QEMU's own savevm in LiveInteropTests).</summary>
+[Trait("Category", "Unit")]
 public class StreamFieldTests
 {
     /// <summary>A "timer" section as QEMU writes it: SECTION_FULL, id, "timer", instance 0, version, three be64 fields, then a footer or a subsection.</summary>

@@ -12,6 +12,7 @@ namespace Vmsnap.Tests.Migration;
 /// facts (QEMU's migration/ram.c and savevm.c, checked against QEMU 10.0.2's own files in the interop
 /// tests): read, inspect, and rewritten in both directions.
 /// </summary>
+[Trait("Category", "Unit")]
 public class MappedRamStreamTests
 {
     private const uint RamId = 1;

@@ -6,17 +6,16 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Migration streams against real QEMU 7.2 and 10.0, both directions (64 MiB guests).</summary>
+[Trait("Category", "Unit")]
 public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static readonly string[] PcBlocks =
         ["ram0", "/rom@etc/acpi/tables", "pc.bios", "pc.rom", "/rom@etc/table-loader", "/rom@etc/acpi/rsdp"];
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Qemu_machine_none_stream_reads_back_the_guest_ram(string version)
+    [QemuFact]
+    public void Qemu_machine_none_stream_reads_back_the_guest_ram()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string output = dir.File("ram0.out");
         MigrationStreamInfo info = ReadInto(qemu.NoneStream, ("ram0", output));
@@ -29,12 +28,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal(new FileInfo(qemu.NoneStream).Length, info.TotalBytes);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Inspect_of_a_qemu_machine_none_stream_lists_machine_blocks_counts_and_devices(string version)
+    [QemuFact]
+    public void Inspect_of_a_qemu_machine_none_stream_lists_machine_blocks_counts_and_devices()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         MigrationStreamInfo info = Inspect(qemu.NoneStream);
 
         Assert.Equal("none", info.MachineType);
@@ -63,16 +60,14 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal(info.TotalBytes, info.Sections.Sum(s => s.Bytes) + 8 /* header */ + 1 /* EOF */ + VmDescriptionBytes(qemu.NoneStream));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Our_machine_none_stream_begins_byte_for_byte_as_qemus(string version)
+    [QemuFact]
+    public void Our_machine_none_stream_begins_byte_for_byte_as_qemus()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         // Same machine and RAM size, written for this QEMU: header, configuration and the RAM section's start
         // (block list, section id, footer) are what QEMU writes, and the first part opens the same way; the VM
         // description has this QEMU's shape.
-        using var profile = MachineProfile.Create("none", Ram(("ram0", qemu.NoneRam)), Version.Parse(version));
+        using var profile = MachineProfile.Create("none", Ram(("ram0", qemu.NoneRam)), Version.Parse(QemuInstall.Current.Version));
         var (ours, written) = WriteBytes(w => MigrationStream.Write(w, profile));
         byte[] theirs = File.ReadAllBytes(qemu.NoneStream);
         int firstPage = StartFooterOffset(theirs) + 5 + 5;
@@ -84,11 +79,11 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.StartsWith(ourDescription[..ourDescription.IndexOf("\"devices\"", StringComparison.Ordinal)], theirDescription);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), MigrationStreamWriter.DefaultPartBytes, 1L << 20, MemberType = typeof(QemuInstall))]
-    public void Stream_written_for_machine_none_loads_in_qemu_with_the_same_ram(string version, long partBytes)
+    [QemuTheory]
+    [InlineData(MigrationStreamWriter.DefaultPartBytes)]
+    [InlineData(1L << 20)]
+    public void Stream_written_for_machine_none_loads_in_qemu_with_the_same_ram(long partBytes)
     {
-        using var _ = QemuInstall.Use(version);
         int chunkBytes = partBytes == MigrationStreamWriter.DefaultPartBytes ? MigrationStreamWriter.DefaultChunkBytes : 256 << 10;
         using var dir = new TempDir();
         string source = dir.File("source-ram0");
@@ -109,12 +104,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal(GuestRam.Hash(source), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Template_from_a_pc_guest_lists_its_six_blocks_and_its_devices(string version)
+    [QemuFact]
+    public void Template_from_a_pc_guest_lists_its_six_blocks_and_its_devices()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         MigrationStreamInfo info = Inspect(qemu.PcStream);
 
         Assert.Equal(qemu.PcMachine, info.MachineType);
@@ -134,12 +127,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.InRange(info.DeviceStateBytes, 50_000, 300_000);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Template_write_with_new_ram0_loads_in_qemu_pc_with_the_new_ram(string version)
+    [QemuFact]
+    public void Template_write_with_new_ram0_loads_in_qemu_pc_with_the_new_ram()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string newRam = dir.File("new-ram0");
         GuestRam.Create(newRam, QemuStreams.RamBytes, seed: 31);
@@ -164,12 +155,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal(GuestRam.Hash(newRam), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Copy_of_a_qemu_stream_is_byte_identical_and_qemu_loads_it(string version)
+    [QemuFact]
+    public void Copy_of_a_qemu_stream_is_byte_identical_and_qemu_loads_it()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string copy = dir.File("copy.mig");
         var progress = new List<long>();
@@ -194,12 +183,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal(GuestRam.Hash(qemu.PcRam), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Qemu_refuses_what_we_refuse_a_stream_without_the_ram_section_footer(string version)
+    [QemuFact]
+    public void Qemu_refuses_what_we_refuse_a_stream_without_the_ram_section_footer()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         // The footer rule is QEMU's: drop the RAM start's footer and both sides refuse.
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         int footer = StartFooterOffset(bytes);
@@ -215,12 +202,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Contains("footer", q.Message, StringComparison.OrdinalIgnoreCase);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Corrupt_qemu_streams_are_refused_with_the_offset(string version)
+    [QemuFact]
+    public void Corrupt_qemu_streams_are_refused_with_the_offset()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         byte[] bytes = File.ReadAllBytes(qemu.NoneStream);
         MigrationStreamException Refuse(byte[] b) => Assert.Throws<MigrationStreamException>(() => ReadBytes(b, r => MigrationStream.Inspect(r)));
 
@@ -251,12 +236,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Contains("version 2", v.Message);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Blocks_and_files_that_do_not_match_are_refused_and_leave_files_untouched(string version)
+    [QemuFact]
+    public void Blocks_and_files_that_do_not_match_are_refused_and_leave_files_untouched()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         // A block the stream does not have.
         string other = dir.File("ram1");
@@ -281,12 +264,10 @@ public sealed class MigrationQemuTests(QemuStreams streams) : IClassFixture<Qemu
         Assert.Equal([Path.GetFileName(wrong)], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName)); // no scratch left
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_stream_that_fails_midway_leaves_the_ram_file_as_it_was(string version)
+    [QemuFact]
+    public void A_stream_that_fails_midway_leaves_the_ram_file_as_it_was()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string target = dir.File("ram0");
         File.WriteAllBytes(target, []);   // an existing file is replaced only once the load is complete (see RamFileSinkTests for in place)

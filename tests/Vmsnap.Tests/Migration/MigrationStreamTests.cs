@@ -6,6 +6,7 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Whole streams written and read against hand-built bytes, and round trips.</summary>
+[Trait("Category", "Unit")]
 public class MigrationStreamTests
 {
     /// <summary>QEMU 7.2's VM description of a machine without device sections.</summary>

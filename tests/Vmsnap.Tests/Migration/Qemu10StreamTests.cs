@@ -13,18 +13,19 @@ namespace Vmsnap.Tests.Migration;
 /// current machine types read from a socket, early-setup sections (virtio-mem), and the main channel of a
 /// multifd migration.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class Qemu10StreamTests
 {
     private const long RamBytes = 64 << 20;
 
     /// <summary>The mapped-ram variants QEMU 10 writes: capabilities, and direct-io (mapped-ram + multifd only).</summary>
-    public static TheoryData<string, string, string> MappedRamCases => new()
+    public static TheoryData<string, string> MappedRamCases => new()
     {
-        { "10.0", "none", "mapped-ram" },
-        { "10.0", "none", "mapped-ram,multifd" },
-        { "10.0", "none", "mapped-ram,multifd,direct-io" },
-        { "10.0", "pc", "mapped-ram" },
-        { "10.0", "q35", "mapped-ram,multifd" },
+        { "none", "mapped-ram" },
+        { "none", "mapped-ram,multifd" },
+        { "none", "mapped-ram,multifd,direct-io" },
+        { "pc", "mapped-ram" },
+        { "q35", "mapped-ram,multifd" },
     };
 
     internal static string MachineOf(string kind) => kind switch
@@ -51,11 +52,10 @@ public sealed class Qemu10StreamTests
         return figures?["transferred"]?.GetValue<long>() ?? throw new InvalidOperationException("QEMU gave no transferred figure");
     }
 
-    [Theory]
+    [QemuTheory(Since = "10.0")]
     [MemberData(nameof(MappedRamCases))]
-    public void A_QEMU_mapped_ram_file_lists_its_blocks_and_loads_the_RAM_QEMU_had(string version, string kind, string variant)
+    public void A_QEMU_mapped_ram_file_lists_its_blocks_and_loads_the_RAM_QEMU_had(string kind, string variant)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string machine = MachineOf(kind);
         string ram = dir.File("ram0");
@@ -81,11 +81,9 @@ public sealed class Qemu10StreamTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void A_mapped_ram_file_rewritten_as_a_plain_stream_loads_in_QEMU_with_incoming(string version)
+    [QemuFact(Since = "10.0")]
+    public void A_mapped_ram_file_rewritten_as_a_plain_stream_loads_in_QEMU_with_incoming()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 52);
@@ -105,13 +103,13 @@ public sealed class Qemu10StreamTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), "pc", "q35", MemberType = typeof(QemuInstall))]
-    public async Task A_migrate_stream_of_a_current_machine_type_copies_from_a_socket_and_loads_back(string version, string kind)
+    [QemuTheory]
+    [InlineData("pc")]
+    [InlineData("q35")]
+    public async Task A_migrate_stream_of_a_current_machine_type_copies_from_a_socket_and_loads_back(string kind)
     {
         // What live savevm (issue 9) relies on: MigrationStream.Copy reading QEMU's migrate stream from a socket,
         // SWITCHOVER_START included where QEMU 10 sends it.
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string machine = MachineOf(kind);
         string ram = dir.File("ram0");
@@ -148,13 +146,11 @@ public sealed class Qemu10StreamTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void QEMU_7_2_refuses_SWITCHOVER_START_so_vmsnap_writes_it_only_for_machine_types_that_need_QEMU_10(string version)
+    [QemuFact(Since = "10.0")]
+    public void QEMU_7_2_refuses_SWITCHOVER_START_so_vmsnap_writes_it_only_for_machine_types_that_need_QEMU_10()
     {
         // QEMU 10 puts SWITCHOVER_START into its streams of machine none; QEMU 7.2 has machine none too but does not
         // know the command. This is why vmsnap's own machine-none streams leave it out (QEMU 10 loads them without it).
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, 16 << 20, seed: 54);
@@ -171,7 +167,7 @@ public sealed class Qemu10StreamTests
         string ours = dir.File("ours.mig");
         MigrationStreamInfo written = WriteFile(ours, w => MigrationStream.Write(w, profile));
         Assert.DoesNotContain(written.Sections, s => s.Kind == MigrationSectionKind.Command);
-        foreach (string v in new[] { "7.2", "10.0" })
+        foreach (string v in QemuInstall.All.Select(i => i.Version))
         {
             using var __ = QemuInstall.Use(v);
             string loaded = dir.File("loaded" + v);
@@ -187,11 +183,9 @@ public sealed class Qemu10StreamTests
         "-device", "virtio-mem-pci,id=vmem0,memdev=mem1,requested-size=16M",
     ];
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void A_stream_with_an_early_setup_section_is_read_copied_byte_for_byte_and_loads(string version)
+    [QemuFact(Since = "10.0")]
+    public void A_stream_with_an_early_setup_section_is_read_copied_byte_for_byte_and_loads()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 55);
@@ -219,13 +213,11 @@ public sealed class Qemu10StreamTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public async Task The_main_channel_of_a_multifd_migration_is_refused_naming_multifd(string version)
+    [QemuFact(Since = "10.0")]
+    public async Task The_main_channel_of_a_multifd_migration_is_refused_naming_multifd()
     {
         // QEMU sends MULTIFD_FLUSH records on the main channel and the pages on the multifd channels: a reader of
         // one channel cannot have the RAM.
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string socketPath = Path.Combine("/tmp", "vmsnap-mfd-" + Guid.NewGuid().ToString("N")[..10] + ".sock");
         using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);

@@ -7,7 +7,7 @@ namespace Vmsnap.Tests.Migration;
 /// Migration streams made by real QEMU, once per version for the whole test run: a device-less guest
 /// (<c>-machine none</c>) and a paused PC of that version's current machine type (<c>pc-i440fx-7.2</c>,
 /// <c>pc-i440fx-10.0</c>), each with 64 MiB of seeded RAM held in a memory-backend-file, migrated with
-/// <c>migrate "exec:cat &gt; FILE"</c>. <c>qemu.For(version)</c> gives that version's streams (made on first use,
+/// <c>migrate "exec:cat &gt; FILE"</c>. <c>qemu.ForCurrent()</c> gives the test's version's streams (made on first use,
 /// by that version's QEMU).
 /// </summary>
 public sealed class QemuStreams
@@ -16,7 +16,10 @@ public sealed class QemuStreams
 
     private static readonly ConcurrentDictionary<string, Lazy<VersionStreams>> Made = new();
 
-    /// <summary>The streams of QEMU <paramref name="version"/> ("7.2", "10.0").</summary>
+    /// <summary>The streams of the QEMU this test runs on.</summary>
+    public VersionStreams ForCurrent() => For(QemuInstall.Current.Version);
+
+    /// <summary>The streams of QEMU <paramref name="version"/>.</summary>
     public VersionStreams For(string version) =>
         Made.GetOrAdd(version, v => new Lazy<VersionStreams>(() => new VersionStreams(v), LazyThreadSafetyMode.ExecutionAndPublication)).Value;
 }

@@ -3,13 +3,12 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>The QEMU harness itself: QMP, HMP, failures reported with QEMU's words.</summary>
+[Trait("Category", "Unit")]
 public class QemuVmTests
 {
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Qmp_and_hmp_commands_reach_a_running_qemu(string version)
+    [QemuFact]
+    public void Qmp_and_hmp_commands_reach_a_running_qemu()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         using var vm = QemuVm.Start(QemuVm.MachineNone(dir.File("ram"), 16 << 20), paused: true);
         Assert.Equal("prelaunch", vm.Execute("query-status")?["status"]?.GetValue<string>());
@@ -21,11 +20,9 @@ public class QemuVmTests
         Assert.True(vm.HasExited);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_qemu_that_cannot_start_fails_with_its_own_error(string version)
+    [QemuFact]
+    public void A_qemu_that_cannot_start_fails_with_its_own_error()
     {
-        using var _ = QemuInstall.Use(version);
         var e = Assert.Throws<QemuException>(() => QemuVm.Start(["-machine", "no-such-machine"]));
         Assert.Contains("no-such-machine", e.Message);
     }

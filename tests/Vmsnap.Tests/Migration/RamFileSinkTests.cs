@@ -5,13 +5,13 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>Loading RAM into files that exist already (a QEMU memory-backend-file) and into new ones.</summary>
+[Trait("Category", "Unit")]
 public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStreams>
 {
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void An_existing_file_full_of_other_data_is_loaded_in_place_and_ends_up_as_the_guest_ram_qemu_had(string version)
+    [QemuFact]
+    public void An_existing_file_full_of_other_data_is_loaded_in_place_and_ends_up_as_the_guest_ram_qemu_had()
     {
-        VersionStreams q = qemu.For(version);
+        VersionStreams q = qemu.ForCurrent();
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0xa5);
@@ -97,11 +97,10 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         Assert.Equal(page, read);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void By_default_an_existing_file_is_replaced_by_a_new_one_and_a_failed_stream_leaves_it_as_it_was(string version)
+    [QemuFact]
+    public void By_default_an_existing_file_is_replaced_by_a_new_one_and_a_failed_stream_leaves_it_as_it_was()
     {
-        VersionStreams q = qemu.For(version);
+        VersionStreams q = qemu.ForCurrent();
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0x3c);
@@ -117,11 +116,10 @@ public sealed class RamFileSinkTests(QemuStreams qemu) : IClassFixture<QemuStrea
         Assert.Equal(["ram0"], Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_failed_stream_leaves_no_scratch_file_beside_an_existing_file_written_in_place(string version)
+    [QemuFact]
+    public void A_failed_stream_leaves_no_scratch_file_beside_an_existing_file_written_in_place()
     {
-        VersionStreams q = qemu.For(version);
+        VersionStreams q = qemu.ForCurrent();
         using var dir = new TempDir();
         string target = dir.File("ram0");
         FillFile(target, QemuStreams.RamBytes, 0x3c);

@@ -4,6 +4,7 @@ using static Vmsnap.Tests.Migration.StreamFiles;
 namespace Vmsnap.Tests.Migration;
 
 /// <summary>The RAM page records against byte layouts built by hand from the format facts.</summary>
+[Trait("Category", "Unit")]
 public class RamPageEncodingTests
 {
     private sealed class Owner : IDisposable

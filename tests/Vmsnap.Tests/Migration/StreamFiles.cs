@@ -15,11 +15,11 @@ internal static class StreamFiles
         return read(reader);
     }
 
-    public static T ReadBytes<T>(byte[] bytes, Func<VmStateReader, T> read)
+    public static T ReadBytes<T>(byte[] bytes, Func<VmStateReader, T> read, int bufferSize = 1 << 20)
     {
         using var device = new MemoryBlockDevice(bytes);
         using var backend = VmStateBackend.ForBlockDevice(device);
-        using var reader = new VmStateReader(backend);
+        using var reader = new VmStateReader(backend, bufferSize);
         return read(reader);
     }
 

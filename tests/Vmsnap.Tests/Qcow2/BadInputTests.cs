@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Broken images: a clear error naming the problem and where, no crash, no hang, the file unchanged.</summary>
+[Trait("Category", "Unit")]
 public class BadInputTests
 {
     private static string Good(TempDir dir, string name = "bad.qcow2", string options = "")
@@ -29,11 +30,9 @@ public class BadInputTests
         return last!;
     }
 
-    [Theory]
-    [EachQemu]
-    public void Truncated_headers(string version)
+    [QemuFact]
+    public void Truncated_headers()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         byte[] whole = File.ReadAllBytes(image);
@@ -45,11 +44,9 @@ public class BadInputTests
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bad_magic(string version)
+    [QemuFact]
+    public void Bad_magic()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 0, 0x514649fa);
@@ -57,36 +54,33 @@ public class BadInputTests
         Assert.Equal(0, e.FileOffset);
     }
 
-    [Theory]
-    [QemuInlineData(1u)]
-    [QemuInlineData(4u)]
-    public void Unsupported_versions(string version, uint qcow2Version)
+    [QemuTheory]
+    [InlineData(1u)]
+    [InlineData(4u)]
+    public void Unsupported_versions(uint qcow2Version)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 4, qcow2Version);
         AssertRefused(image, $"version {qcow2Version}");
     }
 
-    [Theory]
-    [QemuInlineData(8u)]
-    [QemuInlineData(22u)]
-    [QemuInlineData(63u)]
-    public void Cluster_bits_out_of_range(string version, uint bits)
+    [QemuTheory]
+    [InlineData(8u)]
+    [InlineData(22u)]
+    [InlineData(63u)]
+    public void Cluster_bits_out_of_range(uint bits)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 20, bits);
         AssertRefused(image, $"cluster_bits {bits}", "out of range");
     }
 
-    [Theory]
-    [EachQemu]
-    public void L1_table_beyond_the_end_of_the_file(string version)
+    [QemuFact]
+    public void L1_table_beyond_the_end_of_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 40, 1UL << 40);
@@ -94,56 +88,47 @@ public class BadInputTests
         Assert.Equal(1L << 40, e.FileOffset);
     }
 
-    [Theory]
-    [EachQemu]
-    public void L1_size_too_large(string version)
+    [QemuFact]
+    public void L1_size_too_large()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE32(image, 36, 0x1000_0000);
         AssertRefused(image, "l1_size", "too large");
     }
 
-    [Theory]
-    [EachQemu]
-    public void L1_size_too_small_for_the_disk(string version)
+    [QemuFact]
+    public void L1_size_too_small_for_the_disk()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 24, 1UL << 40);   // 1 TiB disk with a one-entry L1 table
         AssertRefused(image, "l1_size", "too small");
     }
 
-    [Theory]
-    [QemuInlineData(0UL)]
-    [QemuInlineData(512UL)]
-    public void Refcount_table_overlapping_the_header(string version, ulong offset)
+    [QemuTheory]
+    [InlineData(0UL)]
+    [InlineData(512UL)]
+    public void Refcount_table_overlapping_the_header(ulong offset)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 48, offset);
         AssertRefused(image, "refcount table", offset == 0 ? "header" : "aligned");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcount_table_beyond_the_end_of_the_file(string version)
+    [QemuFact]
+    public void Refcount_table_beyond_the_end_of_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 48, 1UL << 36);
         AssertRefused(image, "refcount table", "beyond the end of the file");
     }
 
-    [Theory]
-    [EachQemu]
-    public void An_L2_entry_pointing_past_the_end_of_the_file(string version)
+    [QemuFact]
+    public void An_L2_entry_pointing_past_the_end_of_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         long l2 = (long)(Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset) & L1Entry.OffsetMask);
@@ -166,11 +151,9 @@ public class BadInputTests
         Assert.Equal(hash, Qemu.Hash(image));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Two_L2_entries_sharing_a_cluster_with_refcount_1_are_detected_and_writes_refused(string version)
+    [QemuFact]
+    public void Two_L2_entries_sharing_a_cluster_with_refcount_1_are_detected_and_writes_refused()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // vmsnap's choice: refuse. Writing in place would silently change the other guest cluster
         // too; copying would need a refcount the image does not have. Repair first.
         using var dir = new TempDir();
@@ -206,14 +189,12 @@ public class BadInputTests
             img.Read(b, shared * 65536 + 100);
             Assert.Equal(new byte[] { 0x11, 0x11, 0x11 }, b);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Unknown_incompatible_features_are_refused_by_name(string version)
+    [QemuFact]
+    public void Unknown_incompatible_features_are_refused_by_name()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qcow2Header h = Qemu.Header(image);
@@ -236,11 +217,9 @@ public class BadInputTests
         AssertRefused(image, "'external data file' (bit 2)");
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_corrupt_image_is_read_only(string version)
+    [QemuFact]
+    public void A_corrupt_image_is_read_only()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteBE64(image, 72, Qcow2Header.IncompatibleCorrupt);
@@ -262,22 +241,18 @@ public class BadInputTests
         Assert.False(Qemu.Info(image).GetProperty("format-specific").GetProperty("data").GetProperty("corrupt").GetBoolean());
     }
 
-    [Theory]
-    [EachQemu]
-    public void Compression_type_without_its_feature_bit(string version)
+    [QemuFact]
+    public void Compression_type_without_its_feature_bit()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Qemu.WriteRaw(image, 104, new byte[] { 1 });
         AssertRefused(image, "compression type");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Snapshot_table_past_the_end_of_the_file(string version)
+    [QemuFact]
+    public void Snapshot_table_past_the_end_of_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         Tool.QemuImg("snapshot", "-c", "s", image);
@@ -285,11 +260,9 @@ public class BadInputTests
         AssertRefused(image, "snapshot table", "beyond the end of the file");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Garbage_files_never_crash_or_hang_and_accepted_writes_stay_consistent(string version)
+    [QemuFact]
+    public void Garbage_files_never_crash_or_hang_and_accepted_writes_stay_consistent()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Good(dir);
         byte[] original = File.ReadAllBytes(image);
@@ -338,11 +311,10 @@ public class BadInputTests
             if (wrote)
             {
                 // vmsnap only writes into images its check finds free of corruption; QEMU must agree afterwards.
-                Tool.Result r = Tool.Run("qemu-img", ["check", "--output=json", path]);
-                if (r.ExitCode is 0 or 2 or 3)
+                QemuImgCheck c = QemuImgCheck.Attempt(path);
+                if (c.ExitCode is 0 or 2 or 3)
                 {
-                    var json = System.Text.Json.JsonDocument.Parse(r.Stdout).RootElement;
-                    Assert.True(Qemu.Field(json, "corruptions") == 0, $"round {round}: {r.Stdout}{r.Stderr}");
+                    Assert.True(c.Corruptions == 0, $"round {round}: {c}");
                     written++;
                 }
             }

@@ -6,6 +6,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Images damaged on purpose: vmsnap's check counts what qemu-img check counts, and its repair leaves qemu-img check clean.</summary>
+[Trait("Category", "Unit")]
 public class CheckAndRepairTests
 {
     /// <summary>Where a cluster's refcount lives, found by walking the refcount table.</summary>
@@ -43,11 +44,11 @@ public class CheckAndRepairTests
 
     private static void AssertSameCounts(string image, Qcow2CheckResult ours)
     {
-        (JsonElement json, int exit) = Qemu.Check(image);
+        (JsonElement json, int exit) = QemuImgCheck.Of(image);
         string why = $"qemu: {json}\nvmsnap: {string.Join("\n", ours.Messages)}";
-        Assert.True(Qemu.Field(json, "corruptions") == ours.Corruptions, why);
-        Assert.True(Qemu.Field(json, "leaks") == ours.Leaks, why);
-        Assert.True(Qemu.Field(json, "check-errors") == ours.CheckErrors, why);
+        Assert.True(QemuImgCheck.Field(json, "corruptions") == ours.Corruptions, why);
+        Assert.True(QemuImgCheck.Field(json, "leaks") == ours.Leaks, why);
+        Assert.True(QemuImgCheck.Field(json, "check-errors") == ours.CheckErrors, why);
         Assert.Equal(exit, ours.Corruptions > 0 ? 2 : ours.Leaks > 0 ? 3 : 0);
     }
 
@@ -124,11 +125,10 @@ public class CheckAndRepairTests
         return image;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Damages))]
-    public void Damage_is_counted_and_repaired_like_qemu_img_check(string version, string damage)
+    [QemuTheory]
+    [MemberData(nameof(Damages))]
+    public void Damage_is_counted_and_repaired_like_qemu_img_check(string damage)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Damage(dir, damage);
         Qcow2CheckResult found = VmsnapCheck(image);
@@ -146,43 +146,40 @@ public class CheckAndRepairTests
     {
         string theirs = dir.File("theirs-" + Path.GetFileName(image));
         File.Copy(image, theirs, overwrite: true);
-        Tool.Result q = Tool.Run("qemu-img", ["check", "-r", mode == Qcow2RepairMode.All ? "all" : "leaks", "--output=json", theirs]);
-        Assert.True(q.ExitCode is 0 or 2 or 3, $"qemu-img check -r: {q.ExitCode} {q.Stderr}");
-        JsonElement qemu = JsonDocument.Parse(q.Stdout).RootElement;
+        QemuImgCheck q = QemuImgCheck.Of(theirs, "-r", mode == Qcow2RepairMode.All ? "all" : "leaks");
+        JsonElement qemu = q.Json;
         Qcow2CheckResult ours = VmsnapCheck(image, mode);
         string why = $"qemu: {qemu}\nvmsnap: {string.Join("\n", ours.Messages)}";
-        Assert.True(Qemu.Field(qemu, "corruptions") == ours.Corruptions, why);
-        Assert.True(Qemu.Field(qemu, "leaks") == ours.Leaks, why);
-        Assert.True(Qemu.Field(qemu, "corruptions-fixed") + Qemu.Field(qemu, "leaks-fixed") == ours.CorruptionsFixed + ours.LeaksFixed, why);
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions") == ours.Corruptions, why);
+        Assert.True(QemuImgCheck.Field(qemu, "leaks") == ours.Leaks, why);
+        Assert.True(QemuImgCheck.Field(qemu, "corruptions-fixed") + QemuImgCheck.Field(qemu, "leaks-fixed") == ours.CorruptionsFixed + ours.LeaksFixed, why);
         if (q.ExitCode == 0)
         {
             Assert.True(ours.IsClean, why);
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
         }
         AssertSameCounts(image, VmsnapCheck(image));
         Qemu.AssertSameContent(image, theirs, "qcow2");
     }
 
-    [Theory]
-    [QemuInlineData("leaked-free-cluster")]
-    [QemuInlineData("data-refcount-too-high")]
-    [QemuInlineData("l2-refcount-too-high")]
-    public void Repairing_leaks_only_frees_leaked_clusters_like_qemu(string version, string damage)
+    [QemuTheory]
+    [InlineData("leaked-free-cluster")]
+    [InlineData("data-refcount-too-high")]
+    [InlineData("l2-refcount-too-high")]
+    public void Repairing_leaks_only_frees_leaked_clusters_like_qemu(string damage)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Damage(dir, damage);
         AssertRepairsLikeQemu(dir, image, Qcow2RepairMode.Leaks);
     }
 
-    [Theory]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64")]
-    [QemuInlineData("extended_l2=on")]
-    [QemuInlineData("compat=0.10")]
-    public void Damage_counts_match_for_other_layouts(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64")]
+    [InlineData("extended_l2=on")]
+    [InlineData("compat=0.10")]
+    public void Damage_counts_match_for_other_layouts(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach (string damage in new[] { "leaked-free-cluster", "data-refcount-zero", "two-entries-one-cluster" })
         {
@@ -193,19 +190,17 @@ public class CheckAndRepairTests
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_dirty_lazy_refcounts_image_left_by_a_killed_qemu_is_repaired_before_writing(string version)
+    [QemuFact]
+    public void A_dirty_lazy_refcounts_image_left_by_a_killed_qemu_is_repaired_before_writing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("dirty.qcow2");
         Qemu.Create(image, 64 << 20, "lazy_refcounts=on");
         Tool.Result r = Tool.Run("qemu-io", ["-c", "write -P 0x5a 0 512", "-c", "write -P 0x5b 1M 70k", "-c", "sigraise 9", image]);
         Assert.NotEqual(0, r.ExitCode);
         Assert.True(Qemu.Info(image).GetProperty("dirty-flag").GetBoolean());
-        (JsonElement before, _) = Qemu.Check(image);
-        Assert.True(Qemu.Field(before, "corruptions") > 0);
+        (JsonElement before, _) = QemuImgCheck.Of(image);
+        Assert.True(QemuImgCheck.Field(before, "corruptions") > 0);
         string expected = Qemu.ToRaw(image, dir);
 
         // Read-only: reads work, nothing is repaired or written.
@@ -228,24 +223,22 @@ public class CheckAndRepairTests
         }
         Qemu.WriteRaw(expected, 4096, new byte[] { 9, 9, 9 });
         Assert.False(Qemu.Info(image).GetProperty("dirty-flag").GetBoolean());
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bitmaps_are_counted_like_qemu_and_block_writes(string version)
+    [QemuFact]
+    public void Bitmaps_are_counted_like_qemu_and_block_writes()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = Populated(dir, "bm.qcow2");
         Tool.QemuImg("bitmap", "--add", image, "b0");
         Qemu.Io(image, "write -P 0x71 5M 1M");
-        (JsonElement json, int exit) = Qemu.Check(image);
+        (JsonElement json, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(0, exit);
         Qcow2CheckResult r = VmsnapCheck(image);
         Assert.True(r.IsClean, string.Join("\n", r.Messages));
-        Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+        Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         string hash = Qemu.Hash(image);
         using (var img = Qcow2Image.Open(image))
         {

@@ -11,6 +11,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// changes no byte; after a repair qemu-img check finds the same in both images, and both files hold
 /// the same bytes in every cluster either of them uses (so the same data, tables and header).
 /// </summary>
+[Trait("Category", "Interop")]
 public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixture<CheckParityTests.Originals>
 {
     /// <summary>Each damaged image, made once per QEMU version by that version's qemu-img and qemu-io, shared by the three modes (which check copies).</summary>
@@ -45,25 +46,24 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         return data;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Cases))]
-    public void Check_and_repair_match_qemu_img(string version, string kind, string mode)
+    [QemuTheory]
+    [MemberData(nameof(Cases))]
+    public void Check_and_repair_match_qemu_img(string kind, string mode)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         AssertMatchesQemu(dir, originals.Get(version, kind), mode);
     }
 
     /// <summary>A few damages in other layouts: small clusters and narrow or wide refcounts, version 2, extended L2.</summary>
-    [Theory]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64")]
-    [QemuInlineData("cluster_size=2M")]
-    [QemuInlineData("compat=0.10")]
-    [QemuInlineData("extended_l2=on")]
-    public void Damage_in_other_layouts_matches_qemu_img(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64")]
+    [InlineData("cluster_size=2M")]
+    [InlineData("compat=0.10")]
+    [InlineData("extended_l2=on")]
+    public void Damage_in_other_layouts_matches_qemu_img(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         var damages = new Dictionary<string, Action<string>>
         {
@@ -98,17 +98,8 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
 
     // ---- the comparison -----------------------------------------------------------------------------
 
-    private sealed record QemuOutcome(int ExitCode, JsonElement? Json, string Stderr);
-
-    private static QemuOutcome QemuCheck(string image, string mode)
-    {
-        var args = new List<string> { "check", "--output=json" };
-        if (mode != "none") args.AddRange(["-r", mode]);
-        args.Add(image);
-        Tool.Result r = Tool.Run("qemu-img", args);
-        JsonElement? json = r.Stdout.TrimStart().StartsWith('{') ? JsonDocument.Parse(r.Stdout).RootElement : null;
-        return new QemuOutcome(r.ExitCode, json, r.Stderr);
-    }
+    private static QemuImgCheck QemuCheck(string image, string mode) =>
+        mode == "none" ? QemuImgCheck.Attempt(image) : QemuImgCheck.Attempt(image, "-r", mode);
 
     private static Qcow2RepairMode Mode(string mode) => mode switch
     {
@@ -145,15 +136,15 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         _ => throw new ArgumentOutOfRangeException(nameof(name)),
     };
 
-    private static void AssertSameFindings(QemuOutcome qemu, Qcow2CheckResult ours, string what)
+    private static void AssertSameFindings(QemuImgCheck qemu, Qcow2CheckResult ours, string what)
     {
-        string why = $"{what}\nqemu-img (exit {qemu.ExitCode}): {qemu.Json?.ToString() ?? "no figures"}\n{Trim(qemu.Stderr)}\n" +
+        string why = $"{what}\nqemu-img (exit {qemu.ExitCode}): {qemu.JsonOrNull?.ToString() ?? "no figures"}\n{Trim(qemu.Stderr)}\n" +
                      $"vmsnap (exit {ExitCode(ours)}): {Describe(ours)}";
         Assert.True(qemu.ExitCode == ExitCode(ours), why);
-        if (qemu.Json is JsonElement json)
+        if (qemu.JsonOrNull is JsonElement json)
         {
             foreach (string field in Fields)
-                Assert.True(Qemu.Field(json, field) == Field(ours, field), $"{field} differs. {why}");
+                Assert.True(QemuImgCheck.Field(json, field) == Field(ours, field), $"{field} differs. {why}");
         }
         else
         {
@@ -172,7 +163,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         string theirs = dir.File($"qemu-{mode}.qcow2"), ours = dir.File($"vmsnap-{mode}.qcow2");
         File.Copy(original, theirs, overwrite: true);
         File.Copy(original, ours, overwrite: true);
-        QemuOutcome qemu = QemuCheck(theirs, mode);
+        QemuImgCheck qemu = QemuCheck(theirs, mode);
         string before = Qemu.Hash(ours);
         Qcow2CheckResult result = VmsnapCheck(ours, Mode(mode));
         AssertSameFindings(qemu, result, $"check {(mode == "none" ? "" : "-r " + mode)} of {Path.GetFileName(original)}");
@@ -183,15 +174,15 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         }
 
         // The repaired images: qemu-img finds the same in both, and they hold the same bytes.
-        QemuOutcome qemuAfter = QemuCheck(theirs, "none"), oursAfter = QemuCheck(ours, "none");
-        string after = $"qemu-img check after -r {mode}:\nqemu's image (exit {qemuAfter.ExitCode}): {qemuAfter.Json}\n{Trim(qemuAfter.Stderr)}\n" +
-                       $"vmsnap's image (exit {oursAfter.ExitCode}): {oursAfter.Json}\n{Trim(oursAfter.Stderr)}";
+        QemuImgCheck qemuAfter = QemuCheck(theirs, "none"), oursAfter = QemuCheck(ours, "none");
+        string after = $"qemu-img check after -r {mode}:\nqemu's image (exit {qemuAfter.ExitCode}): {qemuAfter.JsonOrNull}\n{Trim(qemuAfter.Stderr)}\n" +
+                       $"vmsnap's image (exit {oursAfter.ExitCode}): {oursAfter.JsonOrNull}\n{Trim(oursAfter.Stderr)}";
         Assert.True(qemuAfter.ExitCode == oursAfter.ExitCode, after);
-        if (qemuAfter.Json is JsonElement q && oursAfter.Json is JsonElement v)
+        if (qemuAfter.JsonOrNull is JsonElement q && oursAfter.JsonOrNull is JsonElement v)
             foreach (string field in Fields)
-                Assert.True(Qemu.Field(q, field) == Qemu.Field(v, field), $"{field} differs. {after}");
+                Assert.True(QemuImgCheck.Field(q, field) == QemuImgCheck.Field(v, field), $"{field} differs. {after}");
         else
-            Assert.True(qemuAfter.Json is null && oursAfter.Json is null, after);
+            Assert.True(qemuAfter.JsonOrNull is null && oursAfter.JsonOrNull is null, after);
         AssertSameUsedClusters(theirs, ours);
         Tool.Result compare = Tool.Run("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", theirs, ours]);
         // qemu-img cannot read some damaged images even after its repair (then not even compared
@@ -257,11 +248,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
 
     // ---- single behaviours --------------------------------------------------------------------------
 
-    [Theory]
-    [EachQemu]
-    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots(string version)
+    [QemuFact]
+    public void An_invalid_snapshot_table_offset_is_reported_even_without_snapshots()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-offset-unaligned-without-snapshots"](image);
@@ -286,13 +275,11 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     }
 
     private static Tool.Result Vmsnap(string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(2));
+        VmsnapCli.Run([.. args], TimeSpan.FromMinutes(2));
 
-    [Theory]
-    [EachQemu]
-    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them(string version)
+    [QemuFact]
+    public void Incomplete_snapshot_entries_are_completed_by_repair_all_as_qemu_completes_them()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ours = dir.File("ours.qcow2"), theirs = dir.File("theirs.qcow2");
         CheckParityImages.BotchedV3(ours);
@@ -302,8 +289,8 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         Assert.Contains("ERROR snapshot table entry 2 is incomplete", found.Messages);
         AssertSameFindings(QemuCheck(theirs, "none"), found, "check of the botched v3 image");
         AssertSameFindings(QemuCheck(theirs, "all"), VmsnapCheck(ours, Qcow2RepairMode.All), "check -r all of the botched v3 image");
-        Qemu.AssertClean(theirs);
-        Qemu.AssertClean(ours);
+        QemuImgCheck.AssertClean(theirs);
+        QemuImgCheck.AssertClean(ours);
         Assert.Equal(SnapshotList(theirs), SnapshotList(ours));
         using var img = Qcow2Image.Open(ours, new Qcow2OpenOptions { ReadOnly = true });
         foreach (Qcow2Snapshot s in img.Snapshots)
@@ -317,18 +304,16 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
             Qemu.AssertSameRaw(Qemu.ToRaw(theirs, dir, name), Qemu.ToRaw(ours, dir, name));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete(string version)
+    [QemuFact]
+    public void Writes_go_on_in_an_image_whose_snapshot_entries_are_incomplete()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Kinds["snapshot-entry-incomplete"](image);
         using (var img = Qcow2Image.Open(image)) img.Write(new byte[] { 1, 2, 3 }, 4096);
-        (JsonElement json, _) = Qemu.Check(image);
-        Assert.Equal(1, Qemu.Field(json, "corruptions"));   // still only the incomplete entry, as after a QEMU write
-        Assert.Equal(0, Qemu.Field(json, "leaks"));
+        (JsonElement json, _) = QemuImgCheck.Of(image);
+        Assert.Equal(1, QemuImgCheck.Field(json, "corruptions"));   // still only the incomplete entry, as after a QEMU write
+        Assert.Equal(0, QemuImgCheck.Field(json, "leaks"));
     }
 
     /// <summary>
@@ -336,11 +321,9 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     /// snapshots. (QEMU 7.2's check -r leaks/all rewrites its whole header there, in check mode
     /// with no snapshot read, and so drops the snapshot table and frees its clusters; vmsnap does not follow.)
     /// </summary>
-    [Theory]
-    [EachQemu]
-    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots(string version)
+    [QemuFact]
+    public void A_repair_clears_unknown_autoclear_bits_and_keeps_the_snapshots()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         CheckParityImages.Populated(image);
@@ -355,7 +338,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
             Qcow2CheckResult r = VmsnapCheck(image, mode);
             Assert.True(r.IsClean, Describe(r));
             Assert.Equal(0UL, Qemu.ReadBE64(image, Qcow2Header.AutoclearFeaturesOffset));
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Assert.Equal(before, SnapshotList(image));
             Qemu.AssertSameRaw(s1, Qemu.ToRaw(image, dir, "s1"));
         }
@@ -389,11 +372,10 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
     /// where qemu-img check finds QEMU's image clean, it finds vmsnap's clean too, with the same
     /// snapshots (ID, name, VM-state size) and the same disk in the active image and in each snapshot.
     /// </summary>
-    [Theory]
-    [QemuMemberData(nameof(SnapshotSequences))]
-    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string version, string start, string sequence)
+    [QemuTheory]
+    [MemberData(nameof(SnapshotSequences))]
+    public void Snapshot_operations_leave_an_image_as_clean_as_qemus(string start, string sequence)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string original = dir.File("original.qcow2");
         MakeStart(original, start);
@@ -423,12 +405,12 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
                     break;
             }
         }
-        (JsonElement q, int qExit) = Qemu.Check(theirs);
-        (JsonElement v, int vExit) = Qemu.Check(ours);
+        (JsonElement q, int qExit) = QemuImgCheck.Of(theirs);
+        (JsonElement v, int vExit) = QemuImgCheck.Of(ours);
         string why = $"after {sequence} on {start}:\nqemu's image: {q}\n{Tool.Run("qemu-img", ["check", theirs]).Stderr}\nvmsnap's image: {v}\n{Tool.Run("qemu-img", ["check", ours]).Stderr}";
         if (qExit == 0) Assert.True(vExit == 0, why);
         foreach (string field in new[] { "corruptions", "leaks", "check-errors" })
-            Assert.True(Qemu.Field(v, field) <= Qemu.Field(q, field), $"{field}: {why}");
+            Assert.True(QemuImgCheck.Field(v, field) <= QemuImgCheck.Field(q, field), $"{field}: {why}");
         Assert.Equal(SnapshotList(theirs), SnapshotList(ours));
         Qemu.AssertSameContent(theirs, ours, "qcow2");
         using (var img = Qcow2Image.Open(ours, new Qcow2OpenOptions { ReadOnly = true }))

@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Compressed clusters (qemu-img convert -c, zlib and zstd) and backing chains (qcow2 and raw backings).</summary>
+[Trait("Category", "Unit")]
 public class CompressedAndBackingTests
 {
     /// <summary>A raw disk with incompressible, compressible and zero stretches (QEMU stores the incompressible ones uncompressed).</summary>
@@ -27,18 +28,17 @@ public class CompressedAndBackingTests
         return path;
     }
 
-    [Theory]
-    [QemuInlineData("")]
-    [QemuInlineData("compression_type=zstd")]
-    [QemuInlineData("cluster_size=4k")]
-    [QemuInlineData("cluster_size=4k,compression_type=zstd")]
-    [QemuInlineData("cluster_size=512")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("cluster_size=2M,compression_type=zstd")]
-    [QemuInlineData("compat=0.10")]
-    public void Compressed_images_read_exactly_and_take_writes(string version, string options)
+    [QemuTheory]
+    [InlineData("")]
+    [InlineData("compression_type=zstd")]
+    [InlineData("cluster_size=4k")]
+    [InlineData("cluster_size=4k,compression_type=zstd")]
+    [InlineData("cluster_size=512")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    [InlineData("cluster_size=2M,compression_type=zstd")]
+    [InlineData("compat=0.10")]
+    public void Compressed_images_read_exactly_and_take_writes(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         long size = 48 << 20;
         string source = MixedRaw(dir, "source.raw", size, seed: options.Length);
@@ -46,8 +46,8 @@ public class CompressedAndBackingTests
         var args = new List<string> { "convert", "-c", "-f", "raw", "-O", "qcow2" };
         if (options.Length > 0) args.AddRange(["-o", options]);
         Tool.QemuImg([.. args, source, image]);
-        (var json, _) = Qemu.Check(image);
-        Assert.True(Qemu.Field(json, "compressed-clusters") > 0, "the image should hold compressed clusters");
+        (var json, _) = QemuImgCheck.Of(image);
+        Assert.True(QemuImgCheck.Field(json, "compressed-clusters") > 0, "the image should hold compressed clusters");
 
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
         {
@@ -55,10 +55,10 @@ public class CompressedAndBackingTests
             Qemu.AssertReadsLike(img, source, []);
             Qcow2CheckResult r = img.Check();
             Assert.True(r.IsClean, string.Join("\n", r.Messages));
-            Assert.Equal(Qemu.Field(json, "compressed-clusters"), r.CompressedClusters);
-            Assert.Equal(Qemu.Field(json, "allocated-clusters"), r.AllocatedClusters);
-            Assert.Equal(Qemu.Field(json, "fragmented-clusters"), r.FragmentedClusters);
-            Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+            Assert.Equal(QemuImgCheck.Field(json, "compressed-clusters"), r.CompressedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "allocated-clusters"), r.AllocatedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "fragmented-clusters"), r.FragmentedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         }
 
         // Writing over compressed clusters: partial (merged with the decompressed cluster) and whole.
@@ -67,19 +67,19 @@ public class CompressedAndBackingTests
         OptionSet set = new("compressed", options, new() { ClusterSize = Qemu.Info(image).GetProperty("cluster-size").GetInt32() }, size);
         using (var img = Qcow2Image.Open(image))
             VmsnapWrittenImageTests.RandomWrites(img, expected, set, seed: 99, count: 24);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [QemuInlineData("qcow2", "")]
-    [QemuInlineData("raw", "")]
-    [QemuInlineData("qcow2", "cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("qcow2", "compat=0.10,cluster_size=4k")]
-    [QemuInlineData("raw", "cluster_size=512")]
-    public void Overlays_read_through_and_write_only_into_the_overlay(string version, string baseFormat, string overlayOptions)
+    [QemuTheory]
+    [InlineData("qcow2", "")]
+    [InlineData("raw", "")]
+    [InlineData("qcow2", "cluster_size=16k,extended_l2=on")]
+    [InlineData("qcow2", "compat=0.10,cluster_size=4k")]
+    [InlineData("raw", "cluster_size=512")]
+    public void Overlays_read_through_and_write_only_into_the_overlay(string baseFormat, string overlayOptions)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         using var dir = new TempDir();
         long size = 32 << 20;
         string base_ = dir.File("base." + baseFormat);
@@ -123,15 +123,13 @@ public class CompressedAndBackingTests
             Qemu.AssertReadsLike(img, expected, []);
         }
         Assert.Equal(baseHash, Qemu.Hash(base_));
-        Qemu.AssertClean(overlay);
+        QemuImgCheck.AssertClean(overlay);
         Qemu.AssertSameContent(overlay, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_three_image_chain_with_a_vmsnap_created_overlay_reads_like_qemu(string version)
+    [QemuFact]
+    public void A_three_image_chain_with_a_vmsnap_created_overlay_reads_like_qemu()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string bottom = dir.File("bottom.raw"), middle = dir.File("middle.qcow2"), top = dir.File("top.qcow2");
         File.Copy(MixedRaw(dir, "m.raw", 8 << 20, seed: 2), bottom);
@@ -144,17 +142,15 @@ public class CompressedAndBackingTests
         var info = Qemu.Info(top);
         Assert.Equal("middle.qcow2", info.GetProperty("backing-filename").GetString());
         Assert.Equal("qcow2", info.GetProperty("backing-filename-format").GetString());
-        Qemu.AssertClean(top);
+        QemuImgCheck.AssertClean(top);
         string expected = Qemu.ToRaw(top, dir);
         using var reopened = Qcow2Image.Open(top, new Qcow2OpenOptions { ReadOnly = true });
         Qemu.AssertReadsLike(reopened, expected, []);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_moved_backing_file_can_be_named_at_open_and_a_missing_one_is_a_clear_error(string version)
+    [QemuFact]
+    public void A_moved_backing_file_can_be_named_at_open_and_a_missing_one_is_a_clear_error()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string base_ = dir.File("base.qcow2"), overlay = dir.File("overlay.qcow2");
         Qemu.Create(base_, 8 << 20);
@@ -183,11 +179,9 @@ public class CompressedAndBackingTests
         Assert.Equal(hash, Qemu.Hash(overlay));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcount_table_grows_and_moves_when_the_file_outgrows_it(string version)
+    [QemuFact]
+    public void Refcount_table_grows_and_moves_when_the_file_outgrows_it()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach ((int refcountBits, long written) in new[] { (16, 12L << 20), (64, 9L << 20) })
         {
@@ -214,7 +208,7 @@ public class CompressedAndBackingTests
             Qcow2Header h = Qemu.Header(image);
             Assert.NotEqual(tableBefore, h.RefcountTableOffset);
             Assert.True(h.RefcountTableClusters > 1, $"refcount table still {h.RefcountTableClusters} cluster(s)");
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Qemu.AssertSameContent(image, raw);
         }
     }

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// meanwhile (another thread's Flush, a cache eviction). After a crash at any device operation,
 /// with any subset of the unflushed writes kept, those old bytes must read back.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class CowCrashTests : IDisposable
 {
     private const int ClusterSize = 4096;
@@ -73,12 +74,11 @@ public sealed class CowCrashTests : IDisposable
     private static Qcow2Image Open(CrashDevice device, string name, string? backing) =>
         Qcow2Image.Open(device, name, new Qcow2OpenOptions { BackingFileOverride = backing });
 
-    [Theory]
-    [QemuInlineData(false)]
-    [QemuInlineData(true)]
-    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(string version, bool backing)
+    [QemuTheory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_crash_anywhere_in_a_copy_on_write_keeps_the_flushed_bytes_of_the_cluster(bool backing)
     {
-        using var qemuScope = QemuInstall.Use(version);
         (string image, string? backingFile) = Template(backing);
         byte[] template = File.ReadAllBytes(image);
         byte[] snapshot = backing ? [] : SnapshotKit.QemuSnapshotContent(image, "s", _dir);
@@ -124,7 +124,7 @@ public sealed class CowCrashTests : IDisposable
                 if (!judged.Add(Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(bytes)))) continue;
                 File.WriteAllBytes(copy, bytes);
                 string what = $"crash at operation {k} of {total} ({pending} writes unflushed)";
-                (long corruptions, _, long errors, _, string text) = SnapshotKit.Check(copy);
+                (long corruptions, _, long errors, _, string text) = QemuImgCheck.Of(copy);
                 Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
                 byte[] active = SnapshotKit.QemuActiveContent(copy, _dir);
                 byte[] cluster = active.AsSpan(0, ClusterSize).ToArray();

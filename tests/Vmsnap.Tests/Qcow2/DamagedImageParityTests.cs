@@ -16,6 +16,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// QEMU's, and both read the same. Three classes: writes into damaged metadata, missing refcount
 /// structures, and refusals on dirty images.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposable
 {
     private const ulong Copied = 1UL << 63;
@@ -218,11 +219,10 @@ public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposa
         return data;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(CaseNames))]
-    public void Vmsnap_does_what_qemu_does_with_a_damaged_image(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(CaseNames))]
+    public void Vmsnap_does_what_qemu_does_with_a_damaged_image(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         (string create, Case c) = Cases[name];
         string original = _dir.File("original.qcow2");
         Qemu.Create(original, 1L << 30, create);
@@ -256,10 +256,10 @@ public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposa
         }
 
         // QEMU went ahead: vmsnap's result checks no worse than QEMU's, and reads the same.
-        (JsonElement ours, _) = Qemu.Check(forVmsnap);
-        (JsonElement theirs, _) = Qemu.Check(forQemu);
+        (JsonElement ours, _) = QemuImgCheck.Of(forVmsnap);
+        (JsonElement theirs, _) = QemuImgCheck.Of(forQemu);
         foreach (string field in new[] { "corruptions", "leaks", "check-errors" })
-            Assert.True(Qemu.Field(ours, field) <= Qemu.Field(theirs, field),
+            Assert.True(QemuImgCheck.Field(ours, field) <= QemuImgCheck.Field(theirs, field),
                 $"{field}: vmsnap's result {ours}, QEMU's {theirs}; vmsnap: {(refused is null ? "succeeded" : refused.Message)}");
         Assert.Null(refused);
         Tool.Result compare = Tool.Run("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", forVmsnap, forQemu]);

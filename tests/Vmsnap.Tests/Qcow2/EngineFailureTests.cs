@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// nothing waits forever afterwards), the error reported is the first one, and the VM-state area
 /// never lets a flush run under a data write it issued.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class EngineFailureTests
 {
     private static MemoryBlockDevice NewImage(long size = 16 << 20, int clusterSize = 4096)
@@ -172,11 +173,21 @@ public sealed class EngineFailureTests
         device.CancelOnFirstGatedWrite = cts;
         device.Gating = true;
         Task write = area.WriteAsync(new byte[8192], 0, cts.Token).AsTask();
-        Task flush = Task.Run(area.Flush);
-        await Task.Delay(300);
+        // The first segment is at the gate now (WriteAsync issued it before returning). The flush runs on a thread of
+        // its own, so the gate opens once that thread has either finished (it did not wait for the segment: the
+        // assertion below fails) or blocks (waiting for the segment, as it must), not after a guessed time.
+        Exception? flushError = null;
+        var flush = new Thread(() =>
+        {
+            try { area.Flush(); } catch (Exception e) { flushError = e; }
+        });
+        flush.Start();
+        Assert.True(SpinWait.SpinUntil(() => !flush.IsAlive || flush.ThreadState.HasFlag(ThreadState.WaitSleepJoin), TimeSpan.FromSeconds(30)),
+            "the flush neither finished nor waited");
         device.Open();
         await Assert.ThrowsAnyAsync<OperationCanceledException>(() => write);
-        await flush;
+        Assert.True(flush.Join(TimeSpan.FromSeconds(30)), "the flush did not finish once the segment completed");
+        Assert.Null(flushError);
         Assert.False(device.FlushedWhileWriting, "the area's flush ran while a data write it had issued was still in flight");
     }
 }

@@ -5,13 +5,12 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>The engine's internal API the snapshot work builds on, concurrency, and crash consistency.</summary>
+[Trait("Category", "Unit")]
 public class EngineTests
 {
-    [Theory]
-    [EachQemu]
-    public void The_vm_state_area_past_the_disk_grows_the_L1_table_and_stays_consistent(string version)
+    [QemuFact]
+    public void The_vm_state_area_past_the_disk_grows_the_L1_table_and_stays_consistent()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("vm.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -35,7 +34,7 @@ public class EngineTests
         }
         Qcow2Header h = Qemu.Header(image);
         Assert.True(h.L1Size >= 2);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image))
         {
             byte[] back = new byte[state.Length];
@@ -46,16 +45,14 @@ public class EngineTests
             img.Engine.ReadGuest(back, vmOffset + 12345);
             Assert.All(back, b => Assert.Equal(0, b));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string raw = Qemu.ToRaw(image, dir);
         Assert.All(Qemu.ReadRaw(raw, 0, 1 << 20), b => Assert.Equal(0x31, b));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcount_primitives_allocate_contiguous_runs_and_free_them(string version)
+    [QemuFact]
+    public void Refcount_primitives_allocate_contiguous_runs_and_free_them()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("rc.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -72,9 +69,9 @@ public class EngineTests
                 e.Caches.FlushAll();
             }
         }
-        (var json, int exit) = Qemu.Check(image);
+        (var json, int exit) = QemuImgCheck.Of(image);
         Assert.Equal(3, exit);
-        Assert.Equal(5, Qemu.Field(json, "leaks"));      // allocated, referenced by nothing
+        Assert.Equal(5, QemuImgCheck.Field(json, "leaks"));      // allocated, referenced by nothing
         using (var img = Qcow2Image.Open(image))
         {
             Qcow2Engine e = img.Engine;
@@ -86,16 +83,15 @@ public class EngineTests
                 e.Caches.FlushAll();
             }
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [QemuInlineData("cluster_size=512")]
-    [QemuInlineData("")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    public async Task Concurrent_writers_and_readers_on_disjoint_ranges(string version, string options)
+    [QemuTheory]
+    [InlineData("cluster_size=512")]
+    [InlineData("")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    public async Task Concurrent_writers_and_readers_on_disjoint_ranges(string options)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         long size = 32 << 20;
@@ -130,15 +126,13 @@ public class EngineTests
             await Task.WhenAll(tasks);
         }
         foreach (var list in writes) foreach ((long offset, byte[] data) in list) Qemu.WriteRaw(expected, offset, data);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task Direct_io_and_async_writes_in_flight(string version)
+    [QemuFact]
+    public async Task Direct_io_and_async_writes_in_flight()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("direct.qcow2");
         long size = 64 << 20;
@@ -163,15 +157,13 @@ public class EngineTests
             Assert.True(back.GetSpan().SequenceEqual(buffers[1].GetSpan()));
         }
         foreach (var b in buffers) b.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Copied_flags_can_be_recomputed_from_refcounts(string version)
+    [QemuFact]
+    public void Copied_flags_can_be_recomputed_from_refcounts()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("copied.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -193,9 +185,9 @@ public class EngineTests
                 if ((e & L2Entry.OffsetMask) != 0) Qemu.WriteBE64(image, l2 + j * 8L, e ^ L2Entry.Copied);
             }
         }
-        Assert.True(Qemu.Field(Qemu.Check(image).Json, "corruptions") > 2);
+        Assert.True(QemuImgCheck.Field(QemuImgCheck.Of(image).Json, "corruptions") > 2);
         using (var img = Qcow2Image.Open(image)) img.Check(Qcow2RepairMode.All);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     /// <summary>A device that remembers every write and flush, to rebuild what a crash could leave on disk.</summary>
@@ -245,14 +237,13 @@ public class EngineTests
         }
     }
 
-    [Theory]
-    [QemuInlineData("", 1)]
-    [QemuInlineData("cluster_size=512", 2)]
-    [QemuInlineData("cluster_size=16k,extended_l2=on", 3)]
-    [QemuInlineData("compat=0.10,cluster_size=4k", 4)]
-    public void A_crash_at_any_point_leaves_no_corruption_only_leaks(string version, string options, int seed)
+    [QemuTheory]
+    [InlineData("", 1)]
+    [InlineData("cluster_size=512", 2)]
+    [InlineData("cluster_size=16k,extended_l2=on", 3)]
+    [InlineData("compat=0.10,cluster_size=4k", 4)]
+    public void A_crash_at_any_point_leaves_no_corruption_only_leaks(string options, int seed)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string file = dir.File("crash.qcow2");
         long size = 16 << 20;
@@ -331,8 +322,8 @@ public class EngineTests
                 {
                     string path = dir.File($"state{b}-{variant}.qcow2");
                     File.WriteAllBytes(path, state.ToArray());
-                    (var json, _) = Qemu.Check(path);
-                    Assert.True(Qemu.Field(json, "corruptions") == 0, $"qemu-img check of crash state {b}/{variant}: {json}");
+                    (var json, _) = QemuImgCheck.Of(path);
+                    Assert.True(QemuImgCheck.Field(json, "corruptions") == 0, $"qemu-img check of crash state {b}/{variant}: {json}");
                     qemuChecked++;
                 }
             }

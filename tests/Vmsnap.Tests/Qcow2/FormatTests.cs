@@ -7,6 +7,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Encoders and decoders of the on-disk structures: round trips and known layouts.</summary>
+[Trait("Category", "Unit")]
 public class FormatTests
 {
     [Fact]
@@ -140,11 +141,9 @@ public class FormatTests
         });
     }
 
-    [Theory]
-    [EachQemu]
-    public void Snapshot_tables_qemu_writes_read_like_qemu_img_info_shows_them(string version)
+    [QemuFact]
+    public void Snapshot_tables_qemu_writes_read_like_qemu_img_info_shows_them()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("snaps.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -176,11 +175,9 @@ public class FormatTests
         Assert.Equal(onDisk, SnapshotTable.Encode(ours));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Rewriting_the_header_keeps_unknown_extensions_and_header_fields(string version)
+    [QemuFact]
+    public void Rewriting_the_header_keeps_unknown_extensions_and_header_fields()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("u.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -192,7 +189,7 @@ public class FormatTests
         var unknown = new HeaderExtension(0x1badcafe, [1, 2, 3, 4, 5]);
         h.Extensions.Insert(0, unknown);
         Qemu.WriteRaw(image, 0, h.EncodeCluster());
-        Qemu.AssertClean(image);   // QEMU opens it
+        QemuImgCheck.AssertClean(image);   // QEMU opens it
 
         using (var img = Qcow2Image.Open(image))
         {
@@ -205,7 +202,7 @@ public class FormatTests
         HeaderExtension kept = Assert.Single(back.Extensions, e => e.Type == unknown.Type);
         Assert.Equal(unknown.Data, kept.Data);
         Assert.NotNull(back.FindExtension(HeaderExtension.FeatureNameTable));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     [Fact]

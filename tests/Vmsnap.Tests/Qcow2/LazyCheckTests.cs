@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// on, with the file untouched. No walk of every table on open, so images of any size (more
 /// clusters than an array can count) are writable.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class LazyCheckTests : IDisposable
 {
     private readonly TempDir _dir = new();
@@ -18,17 +19,15 @@ public sealed class LazyCheckTests : IDisposable
     private static long L2Offset(string image, int l1Index) =>
         (long)(Qemu.ReadBE64(image, (long)Qemu.Header(image).L1TableOffset + l1Index * 8L) & L1Entry.OffsetMask);
 
-    [Theory]
-    [EachQemu]
-    public void A_write_into_a_table_where_two_entries_claim_one_cluster_alone_is_refused_without_a_prior_check(string version)
+    [QemuFact]
+    public void A_write_into_a_table_where_two_entries_claim_one_cluster_alone_is_refused_without_a_prior_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("shared.qcow2");
         Qemu.Create(image, 64 << 20);
         Qemu.Io(image, "write -P 0x11 0 128k", "write -P 0x22 3M 64k");
         long l2 = L2Offset(image, 0);
         Qemu.WriteBE64(image, l2 + 48 * 8, Qemu.ReadBE64(image, l2));   // guest cluster 48 gets cluster 0's host cluster (COPIED, refcount 1)
-        Assert.True(Qemu.Field(Qemu.Check(image).Json, "corruptions") > 0);
+        Assert.True(QemuImgCheck.Field(QemuImgCheck.Of(image).Json, "corruptions") > 0);
         string hash = Qemu.Hash(image);
         using (var img = Qcow2Image.Open(image))
         {
@@ -43,11 +42,9 @@ public sealed class LazyCheckTests : IDisposable
         Assert.Equal(hash, Qemu.Hash(image));
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_corrupt_table_no_write_uses_does_not_stop_writes_elsewhere_as_in_QEMU_and_is_refused_once_used(string version)
+    [QemuFact]
+    public void A_corrupt_table_no_write_uses_does_not_stop_writes_elsewhere_as_in_QEMU_and_is_refused_once_used()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // 4 KiB clusters: 2 MiB per L2 table. Table 5's entry for guest cluster 1 points past the end of the file.
         string image = _dir.File("lazy.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
@@ -71,11 +68,9 @@ public sealed class LazyCheckTests : IDisposable
         foreach (string written in new[] { image, qemuCopy }) Qemu.Io(written, "read -P 0x33 0 4k", "read -P 0x11 4k 4k");
     }
 
-    [Theory]
-    [EachQemu]
-    public void An_image_with_more_clusters_than_an_array_can_hold_is_writable_and_QEMU_reads_what_was_written(string version)
+    [QemuFact]
+    public void An_image_with_more_clusters_than_an_array_can_hold_is_writable_and_QEMU_reads_what_was_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // 512-byte clusters, 2-bit refcounts, a sparse file of 1.1 TiB: more than 2^31 host clusters.
         // (qemu-img check refuses such an image: "File too large"; qemu-io reads it.)
         string image = _dir.File("huge.qcow2");

@@ -8,6 +8,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// what the settings (QEMU's overlap-check) let through, that normal work never trips the strictest
 /// setting, and that a dirty image is repaired only for a change that goes ahead.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class OverlapCheckTests : IDisposable
 {
     private readonly TempDir _dir = new();
@@ -31,11 +32,9 @@ public sealed class OverlapCheckTests : IDisposable
         return b;
     }
 
-    [Theory]
-    [EachQemu]
-    public void After_a_refused_write_the_open_image_refuses_every_change_still_reads_and_closes_with_only_the_corrupt_bit_set(string version)
+    [QemuFact]
+    public void After_a_refused_write_the_open_image_refuses_every_change_still_reads_and_closes_with_only_the_corrupt_bit_set()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = L1PointingAtItself("refused.qcow2");
         byte[] before = File.ReadAllBytes(image);
         using (var img = Qcow2Image.Open(image))
@@ -59,11 +58,9 @@ public sealed class OverlapCheckTests : IDisposable
 
     private static bool Corrupt(string image) => Qemu.Info(image).GetProperty("format-specific").GetProperty("data").GetProperty("corrupt").GetBoolean();
 
-    [Theory]
-    [EachQemu]
-    public void Overlap_check_none_lets_the_write_through_as_qemu_does(string version)
+    [QemuFact]
+    public void Overlap_check_none_lets_the_write_through_as_qemu_does()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string ours = L1PointingAtItself("ours.qcow2"), theirs = _dir.File("theirs.qcow2");
         File.Copy(ours, theirs);
         byte[] data = Enumerable.Repeat((byte)0x2a, 512).ToArray();
@@ -75,11 +72,9 @@ public sealed class OverlapCheckTests : IDisposable
         Assert.Equal(Qemu.Hash(theirs), Qemu.Hash(ours));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Overlap_check_constant_does_not_look_at_refcount_blocks_cached_does_and_a_repair_clears_the_corrupt_bit_as_qemu_img_does(string version)
+    [QemuFact]
+    public void Overlap_check_constant_does_not_look_at_refcount_blocks_cached_does_and_a_repair_clears_the_corrupt_bit_as_qemu_img_does()
     {
-        using var qemuScope = QemuInstall.Use(version);
         // A data cluster that is the refcount block (iotest 060): only the cached set knows the blocks.
         string image = _dir.File("refblock.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -107,18 +102,16 @@ public sealed class OverlapCheckTests : IDisposable
         Assert.False(Corrupt(image));
         Assert.True(repaired.IsClean, string.Join("\n", repaired.Messages));
         using (var img = Qcow2Image.Open(image)) img.Write(new byte[512], 0);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         using (var img = Qcow2Image.Open(copy, new Qcow2OpenOptions { OverlapCheck = Qcow2OverlapCheck.Constant }))
             img.Write(Enumerable.Repeat((byte)0x2a, 512).ToArray(), 0);
         Assert.Equal(0x2a, Qemu.ReadRaw(copy, block, 1)[0]);   // written through, as QEMU's constant set lets it
     }
 
-    [Theory]
-    [EachQemu]
-    public void Normal_work_never_trips_the_strictest_check(string version)
+    [QemuFact]
+    public void Normal_work_never_trips_the_strictest_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("all.qcow2");
         Qemu.Create(image, 64 << 20, "cluster_size=4k");
         Qemu.Io(image, "write -P 0x11 0 1M");
@@ -149,7 +142,7 @@ public sealed class OverlapCheckTests : IDisposable
             }
         }
         Assert.False(Qemu.Info(image).GetProperty("format-specific").GetProperty("data").GetProperty("corrupt").GetBoolean());
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
     /// <summary>A lazy-refcounts image QEMU was killed in while writing (dirty, refcounts behind), with a snapshot.</summary>
@@ -174,11 +167,9 @@ public sealed class OverlapCheckTests : IDisposable
         ("open a snapshot's VM state that does not exist", i => i.OpenVmStateAreaForReading("nosuchname")),
     ];
 
-    [Theory]
-    [EachQemu]
-    public void A_dirty_image_is_not_repaired_for_a_refused_operation(string version)
+    [QemuFact]
+    public void A_dirty_image_is_not_repaired_for_a_refused_operation()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Dirty("dirty.qcow2");
         string hash = Qemu.Hash(image);
         foreach ((string what, Action<Qcow2Image> refused) in RefusedOnTheirOwn)
@@ -190,14 +181,12 @@ public sealed class OverlapCheckTests : IDisposable
         // A change that goes ahead repairs it first, and leaves it clean.
         using (var img = Qcow2Image.Open(image)) img.CreateSnapshot("s2");
         Assert.False(Qemu.Info(image).GetProperty("dirty-flag").GetBoolean());
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_dirty_image_its_repair_would_not_leave_clean_refuses_every_change_untouched(string version)
+    [QemuFact]
+    public void A_dirty_image_its_repair_would_not_leave_clean_refuses_every_change_untouched()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Dirty("beyond.qcow2");
         // The first refcount block misaligned: QEMU's repair marks the image corrupt and fails the open (iotest 060).
         long table = (long)Qemu.Header(image).RefcountTableOffset;

@@ -81,24 +81,6 @@ internal static class Qemu
 
     internal static JsonElement Info(string image) => JsonDocument.Parse(Tool.QemuImg("info", "--output=json", image)).RootElement;
 
-    /// <summary>qemu-img check's JSON and exit code (0 clean, 2 corrupt, 3 leaks).</summary>
-    internal static (JsonElement Json, int ExitCode) Check(string image)
-    {
-        Tool.Result r = Tool.Run("qemu-img", ["check", "--output=json", image]);
-        Assert.True(r.ExitCode is 0 or 2 or 3, $"qemu-img check failed ({r.ExitCode}): {r.Stderr}{r.Stdout}");
-        return (JsonDocument.Parse(r.Stdout).RootElement, r.ExitCode);
-    }
-
-    internal static long Field(JsonElement e, string name) => e.TryGetProperty(name, out JsonElement v) ? v.GetInt64() : 0;
-
-    /// <summary>Asserts qemu-img check reports no corruption, no leak, no error.</summary>
-    internal static void AssertClean(string image)
-    {
-        (JsonElement json, int exit) = Check(image);
-        Assert.True(exit == 0 && Field(json, "corruptions") == 0 && Field(json, "leaks") == 0 && Field(json, "check-errors") == 0,
-            $"qemu-img check of {image}: exit {exit}, {json}\n{Tool.Run("qemu-img", ["check", image]).Stderr}");
-    }
-
     /// <summary>Asserts qemu-img compare finds both images identical (content, any format).</summary>
     internal static void AssertSameContent(string a, string b, string formatB = "raw")
     {

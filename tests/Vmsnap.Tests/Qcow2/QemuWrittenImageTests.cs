@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Images QEMU made and filled: vmsnap must read exactly what qemu-img convert -O raw gives.</summary>
+[Trait("Category", "Unit")]
 public class QemuWrittenImageTests
 {
     /// <summary>qemu-io commands for one option set: aligned, unaligned, across an L2 boundary, zero writes, discards, subcluster-sized.</summary>
@@ -28,11 +29,10 @@ public class QemuWrittenImageTests
         return w;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Vmsnap_reads_what_qemu_wrote(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Vmsnap_reads_what_qemu_wrote(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("q.qcow2");
@@ -56,11 +56,9 @@ public class QemuWrittenImageTests
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void Check_of_a_clean_qemu_image_matches_qemu_img_check(string version)
+    [QemuFact]
+    public void Check_of_a_clean_qemu_image_matches_qemu_img_check()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         foreach (string name in new[] { "v3-64k", "v3-512-rc1", "extl2-16k", "v2-512" })
         {
@@ -68,16 +66,16 @@ public class QemuWrittenImageTests
             string image = dir.File(name + ".qcow2");
             Qemu.Create(image, o.VirtualSize, o.QemuOptions);
             Qemu.Io(image, Pattern(o).Select(p => p.Command).ToArray());
-            (var json, int exit) = Qemu.Check(image);
+            (var json, int exit) = QemuImgCheck.Of(image);
             Assert.Equal(0, exit);
             using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
             Qcow2CheckResult r = img.Check();
             Assert.True(r.IsClean, string.Join("\n", r.Messages));
-            Assert.Equal(Qemu.Field(json, "total-clusters"), r.TotalClusters);
-            Assert.Equal(Qemu.Field(json, "allocated-clusters"), r.AllocatedClusters);
-            Assert.Equal(Qemu.Field(json, "fragmented-clusters"), r.FragmentedClusters);
-            Assert.Equal(Qemu.Field(json, "compressed-clusters"), r.CompressedClusters);
-            Assert.Equal(Qemu.Field(json, "image-end-offset"), r.ImageEndOffset);
+            Assert.Equal(QemuImgCheck.Field(json, "total-clusters"), r.TotalClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "allocated-clusters"), r.AllocatedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "fragmented-clusters"), r.FragmentedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "compressed-clusters"), r.CompressedClusters);
+            Assert.Equal(QemuImgCheck.Field(json, "image-end-offset"), r.ImageEndOffset);
         }
     }
 }

@@ -14,6 +14,7 @@ namespace Vmsnap.Tests.Qcow2;
 /// after a save's stream was written are undone by giving the area back: nothing the header
 /// reaches had changed.)
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class RefusalTests : IDisposable
 {
     private readonly TempDir _dir = new();
@@ -61,22 +62,18 @@ public sealed class RefusalTests : IDisposable
         ("open the VM-state area for writing", i => i.OpenVmStateAreaForWriting().Dispose()),
     ];
 
-    [Theory]
-    [EachQemu]
-    public void Every_change_to_an_image_marked_corrupt_is_refused_without_a_byte_written(string version)
+    [QemuFact]
+    public void Every_change_to_an_image_marked_corrupt_is_refused_without_a_byte_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image("corrupt.qcow2");
         Qemu.WriteBE64(image, Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.IncompatibleCorrupt);
         foreach ((string what, Action<Qcow2Image> change) in Changes)
             Assert.Contains("corrupt", AssertRefused<Qcow2FormatException>(image, what, change).Message);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Every_change_to_an_image_with_persistent_bitmaps_is_refused_without_a_byte_written(string version)
+    [QemuFact]
+    public void Every_change_to_an_image_with_persistent_bitmaps_is_refused_without_a_byte_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image("bitmaps.qcow2");
         Qemu.WriteBE64(image, Qcow2Header.AutoclearFeaturesOffset, 0);
         Tool.QemuImg("bitmap", "--add", image, "b0");
@@ -84,11 +81,9 @@ public sealed class RefusalTests : IDisposable
             Assert.Contains("bitmap", AssertRefused<Qcow2FormatException>(image, what, change).Message);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Every_change_to_an_overlay_whose_backing_file_was_not_opened_is_refused_without_a_byte_written(string version)
+    [QemuFact]
+    public void Every_change_to_an_overlay_whose_backing_file_was_not_opened_is_refused_without_a_byte_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string base_ = _dir.File("base.qcow2");
         Qemu.Create(base_, 8 << 20);
         Qemu.Io(base_, "write -P 0x21 0 1M");
@@ -100,11 +95,9 @@ public sealed class RefusalTests : IDisposable
             Assert.Contains("backing file", AssertRefused<OperationRefusedException>(overlay, what, change, options).Message);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Every_change_after_a_corruption_was_found_is_refused_without_a_byte_written(string version)
+    [QemuFact]
+    public void Every_change_after_a_corruption_was_found_is_refused_without_a_byte_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image("found.qcow2");
         long l1 = (long)Qemu.Header(image).L1TableOffset;
         long l2 = (long)(Qemu.ReadBE64(image, l1) & L1Entry.OffsetMask);
@@ -119,11 +112,9 @@ public sealed class RefusalTests : IDisposable
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refused_snapshot_requests_write_nothing(string version)
+    [QemuFact]
+    public void Refused_snapshot_requests_write_nothing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image("requests.qcow2");
         AssertRefused<ArgumentException>(image, "create without a name", i => i.CreateSnapshot(""));
         AssertRefused<ArgumentException>(image, "create with a name QEMU cannot keep", i => i.CreateSnapshot(new string('x', 256)));
@@ -158,11 +149,9 @@ public sealed class RefusalTests : IDisposable
         });
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_that_1_bit_refcounts_cannot_hold_is_refused_by_create_and_by_save_without_a_byte_written(string version)
+    [QemuFact]
+    public void A_snapshot_that_1_bit_refcounts_cannot_hold_is_refused_by_create_and_by_save_without_a_byte_written()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("rc1.qcow2");
         Qemu.Create(image, 1 << 20, "refcount_bits=1");
         Qemu.Io(image, "write -P 1 0 64k");
@@ -189,14 +178,12 @@ public sealed class RefusalTests : IDisposable
         using (var profile = MachineProfile.Create("none", [new("ram0", ram)]))
             Assert.Throws<Qcow2FormatException>(() => VmSnapshots.Save(image, "x", profile));
         Assert.Equal(hash, Qemu.Hash(image));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_save_or_import_refused_after_its_stream_leaves_the_image_byte_for_byte_as_it_was(string version)
+    [QemuFact]
+    public void A_save_or_import_refused_after_its_stream_leaves_the_image_byte_for_byte_as_it_was()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image("save.qcow2");
         string hash = Qemu.Hash(image);
         string ram = _dir.File("ram");

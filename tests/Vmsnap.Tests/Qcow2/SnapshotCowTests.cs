@@ -4,18 +4,18 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>Clusters shared with internal snapshots (made by qemu-img snapshot -c) are copied on write.</summary>
+[Trait("Category", "Unit")]
 public class SnapshotCowTests
 {
-    [Theory]
-    [QemuInlineData("v3-64k")]
-    [QemuInlineData("v2-512")]
-    [QemuInlineData("v3-4k-rc2")]
-    [QemuInlineData("v3-512-rc64")]
-    [QemuInlineData("extl2-16k")]
-    [QemuInlineData("extl2-64k")]
-    public void Writes_after_a_qemu_snapshot_copy_shared_clusters_and_leave_the_snapshot_intact(string version, string name)
+    [QemuTheory]
+    [InlineData("v3-64k")]
+    [InlineData("v2-512")]
+    [InlineData("v3-4k-rc2")]
+    [InlineData("v3-512-rc64")]
+    [InlineData("extl2-16k")]
+    [InlineData("extl2-64k")]
+    public void Writes_after_a_qemu_snapshot_copy_shared_clusters_and_leave_the_snapshot_intact(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("s.qcow2");
@@ -53,7 +53,7 @@ public class SnapshotCowTests
                 Assert.True(want.AsSpan().SequenceEqual(got), $"snapshot {sn.Name} reads differently through vmsnap");
             }
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
         File.Move(before, dir.File("before-copy.raw"));
         File.Move(middle, dir.File("middle-copy.raw"));
@@ -62,15 +62,13 @@ public class SnapshotCowTests
         // Deleting the snapshots with QEMU afterwards leaves no leak: vmsnap's refcounts were exact.
         Tool.QemuImg("snapshot", "-d", "before", image);
         Tool.QemuImg("snapshot", "-d", "middle", image);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Zeroing_and_discarding_shared_clusters_keeps_the_snapshot(string version)
+    [QemuFact]
+    public void Zeroing_and_discarding_shared_clusters_keeps_the_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set("v3-64k");
         using var dir = new TempDir();
         string image = dir.File("z.qcow2");
@@ -86,7 +84,7 @@ public class SnapshotCowTests
             img.Discard(5 * 65536, 2 * 65536);
             Qemu.WriteRaw(expected, 5 * 65536, new byte[2 * 65536]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, expected);
         Assert.Equal(Qemu.Hash(snap), Qemu.Hash(Qemu.ToRaw(image, dir, "s")));
     }

@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2;
 
 /// <summary>vmsnap writes; QEMU judges: qemu-img check is clean and qemu-img compare finds the content a raw file got.</summary>
+[Trait("Category", "Unit")]
 public class VmsnapWrittenImageTests
 {
     /// <summary>Seeded random writes (1 byte to a few MiB), some aimed at L2 boundaries and the disk's end, plus zeroes and discards.</summary>
@@ -54,11 +55,10 @@ public class VmsnapWrittenImageTests
         }
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Qemu_accepts_what_vmsnap_wrote(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Qemu_accepts_what_vmsnap_wrote(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("v.qcow2");
@@ -69,15 +69,14 @@ public class VmsnapWrittenImageTests
             RandomWrites(img, raw, o, seed: name.GetHashCode(StringComparison.Ordinal) & 0xffff);
             Qemu.AssertReadsLike(img, raw, [(0, Math.Min(o.VirtualSize, 64L << 20)), (o.BytesPerL2 - (4 << 20), 8 << 20), (o.VirtualSize - (4 << 20), 4 << 20)]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, raw);
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
-    public void Images_vmsnap_creates_carry_the_requested_options_and_take_writes(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Qemu.MatrixNames), MemberType = typeof(Qemu))]
+    public void Images_vmsnap_creates_carry_the_requested_options_and_take_writes(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
@@ -96,21 +95,20 @@ public class VmsnapWrittenImageTests
             Assert.Equal(o.Vmsnap.ExtendedL2, data.GetProperty("extended-l2").GetBoolean());
             Assert.Equal(o.Vmsnap.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib", data.GetProperty("compression-type").GetString());
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Qemu.AssertSameContent(image, raw);
     }
 
-    [Theory]
-    [QemuInlineData("")]
-    [QemuInlineData("compat=0.10")]
-    [QemuInlineData("cluster_size=512,refcount_bits=1")]
-    [QemuInlineData("cluster_size=4k,refcount_bits=64,lazy_refcounts=on")]
-    [QemuInlineData("cluster_size=16k,extended_l2=on")]
-    [QemuInlineData("cluster_size=2M,extended_l2=on")]
-    [QemuInlineData("compression_type=zstd")]
-    public void A_new_image_is_byte_for_byte_what_qemu_img_create_makes(string version, string qemuOptions)
+    [QemuTheory]
+    [InlineData("")]
+    [InlineData("compat=0.10")]
+    [InlineData("cluster_size=512,refcount_bits=1")]
+    [InlineData("cluster_size=4k,refcount_bits=64,lazy_refcounts=on")]
+    [InlineData("cluster_size=16k,extended_l2=on")]
+    [InlineData("cluster_size=2M,extended_l2=on")]
+    [InlineData("compression_type=zstd")]
+    public void A_new_image_is_byte_for_byte_what_qemu_img_create_makes(string qemuOptions)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Matrix.FirstOrDefault(m => m.QemuOptions == qemuOptions)
             ?? new OptionSet("custom", qemuOptions, new() { ClusterSize = 4096, RefcountBits = 64, LazyRefcounts = true }, 64 << 20);
         using var dir = new TempDir();

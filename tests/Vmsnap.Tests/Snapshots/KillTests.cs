@@ -38,7 +38,6 @@ public sealed class KillFixture : IDisposable
 
     private Images Make(string version)
     {
-        using var qemuScope = QemuInstall.Use(version);
         // A disk with data, a save, a disk-only snapshot by qemu-img, more data, another save.
         string template = Dir.File($"template-{version}.qcow2");
         Qcow2.Qemu.Create(template, 256 << 20);
@@ -47,7 +46,7 @@ public sealed class KillFixture : IDisposable
         Tool.QemuImg("snapshot", "-c", "disk1", template);
         Qcow2.Qemu.Io(template, "write -P 0x13 1M 2M");
         using (var profile = MachineProfile.Create("none", [new("ram0", Ram2)])) VmSnapshots.Save(template, "old2", profile);
-        Qcow2.Qemu.AssertClean(template);
+        QemuImgCheck.AssertClean(template);
         string old1State = VmStateHash(template, "old1");
         string old2State = VmStateHash(template, "old2");
 
@@ -61,7 +60,7 @@ public sealed class KillFixture : IDisposable
             byte[] rc = Qcow2.Qemu.ReadRaw(leaky, block + cluster * 2, 2);
             Qcow2.Qemu.WriteRaw(leaky, block + cluster * 2, [rc[0], (byte)(rc[1] + 1)]);
         }
-        Assert.Equal(3, Qcow2.Qemu.Field(Qcow2.Qemu.Check(leaky).Json, "leaks"));
+        Assert.Equal(3, QemuImgCheck.Field(QemuImgCheck.Of(leaky).Json, "leaks"));
         return new Images(template, leaky, old1State, old2State);
     }
 
@@ -94,6 +93,7 @@ public sealed class KillFixture : IDisposable
 /// their VM state (read back by vmsnap at every point, loaded by QEMU's <c>-loadvm</c> at some),
 /// and the next save reuses the space the killed command left.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
 {
     private const int MaxKillPoints = 10;
@@ -116,14 +116,10 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
     /// <summary>Runs vmsnap with the hook set to <paramref name="pauseAt"/>; kills it once it says it paused there.</summary>
     private static Outcome RunVmsnap(string[] args, long pauseAt)
     {
-        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
-        {
-            RedirectStandardError = true,
-            RedirectStandardOutput = true,
-            UseShellExecute = false,
-        };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"));
-        foreach (string a in args) psi.ArgumentList.Add(a);
+        // The managed program whatever VMSNAP_BIN says: the pause comes from a startup hook.
+        ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
+        psi.RedirectStandardError = true;
+        psi.RedirectStandardOutput = true;
         psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
         psi.Environment[StartupHook.PauseVariable] = pauseAt.ToString(System.Globalization.CultureInfo.InvariantCulture);
         using var p = new Process { StartInfo = psi };
@@ -168,11 +164,11 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
         return int.Parse(line.Split(' ')[3], System.Globalization.CultureInfo.InvariantCulture);
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Commands))]
-    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string version, string command)
+    [QemuTheory]
+    [MemberData(nameof(Commands))]
+    public void A_vmsnap_killed_anywhere_in_a_command_leaves_a_clean_image_whose_snapshots_load_and_whose_space_the_next_save_reuses(string command)
     {
-        using var qemuScope = QemuInstall.Use(version);
+        string version = QemuInstall.Current.Version;
         KillFixture.Images images = fixture.For(version);
         string source = command.StartsWith("check", StringComparison.Ordinal) ? images.Leaky : images.Template;
         long sourceLength = new FileInfo(source).Length;
@@ -190,7 +186,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             string what = $"vmsnap {command} killed before I/O {k} of {total}";
             Assert.True(run.Killed || run.ExitCode == 0, $"{what}: {run.Stderr}");
 
-            (long corruptions, long _, long errors, _, string text) = SnapshotKit.Check(image);
+            (long corruptions, long _, long errors, _, string text) = QemuImgCheck.Of(image);
             Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
 
             // The older snapshots keep their VM state; QEMU loads them with their RAM (at some points: a boot each).
@@ -214,7 +210,7 @@ public sealed class KillTests(KillFixture fixture) : IClassFixture<KillFixture>
             long length = new FileInfo(image).Length;
             long allowed = sourceLength + (tags.Contains("new") ? 2 * nextState : nextState) + (2 << 20);
             Assert.True(length <= allowed, $"{what}: after the next save the file has {length} bytes, more than {allowed}: the killed command's space was not reused");
-            (corruptions, _, errors, _, text) = SnapshotKit.Check(image);
+            (corruptions, _, errors, _, text) = QemuImgCheck.Of(image);
             Assert.True(corruptions == 0 && errors == 0, $"{what}, then a save: qemu-img check: {text}");
             Assert.Equal(images.Old1State, KillFixture.VmStateHash(image, next));
             File.Delete(image);

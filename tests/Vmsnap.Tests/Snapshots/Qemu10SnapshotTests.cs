@@ -13,20 +13,20 @@ namespace Vmsnap.Tests.Snapshots;
 /// direct-io, a snapshot laid out as QEMU 10.2's mapped-ram savevm does it, early-setup sections, and
 /// streams of a machine type both versions have moving between them.
 /// </summary>
+[Trait("Category", "Interop")]
 public sealed class Qemu10SnapshotTests
 {
-    public static TheoryData<string, string, string> ImportCases => new()
+    public static TheoryData<string, string> ImportCases => new()
     {
-        { "10.0", "none", "mapped-ram,multifd" },
-        { "10.0", "pc", "mapped-ram" },
-        { "10.0", "q35", "mapped-ram,multifd,direct-io" },
+        { "none", "mapped-ram,multifd" },
+        { "pc", "mapped-ram" },
+        { "q35", "mapped-ram,multifd,direct-io" },
     };
 
-    [Theory]
+    [QemuTheory(Since = "10.0")]
     [MemberData(nameof(ImportCases))]
-    public void A_QEMU_mapped_ram_file_imported_is_a_plain_snapshot_that_QEMU_loadvm_restores(string version, string kind, string variant)
+    public void A_QEMU_mapped_ram_file_imported_is_a_plain_snapshot_that_QEMU_loadvm_restores(string kind, string variant)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string machine = Qemu10StreamTests.MachineOf(kind);
         string ram = dir.File("ram0");
@@ -37,7 +37,7 @@ public sealed class Qemu10SnapshotTests
         string image = QemuImage(dir);
         VmSnapshotResult imported = VmSnapshots.Import(file, image, "imported");
         Assert.True(imported.Stream.IsMappedRam);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(imported.VmStateBytes, QemuSnapshots(image)["imported"].VmStateSize);
         // Stored as the plain stream savevm writes: no capability left, every page a record.
         MigrationStreamInfo stored = VmSnapshots.Inspect(image, "imported").Stream;
@@ -56,14 +56,13 @@ public sealed class Qemu10SnapshotTests
         Tool.Result load = VmKit.Vmsnap("load", file, "--ram", $"ram0={loaded}");
         Assert.True(load.ExitCode == 0, load.Stderr);
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(loaded));
-        Tool.Result stdin = Tool.Run("sh", ["-c", $"cat {file} | dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")} inspect -"]);
+        Tool.Result stdin = Tool.Run("sh", ["-c", $"cat {file} | {VmsnapCli.Shell} inspect -"]);
         Assert.NotEqual(0, stdin.ExitCode);
         Assert.Contains("placed by file offset", stdin.Stderr);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_QEMU_10_mapped_ram_file_of_machine_pc_i440fx_7_2_imported_loads_in_both_versions(string version)
+    [QemuFact]
+    public void A_QEMU_10_mapped_ram_file_of_machine_pc_i440fx_7_2_imported_loads_in_both_versions()
     {
         using var dir = new TempDir();
         string ram = dir.File("ram0");
@@ -72,26 +71,19 @@ public sealed class Qemu10SnapshotTests
         using (QemuInstall.Use("10.0"))
             Qemu10StreamTests.QemuMappedRamFile("pc-i440fx-7.2", ram, file, "mapped-ram");
 
-        using var _ = QemuInstall.Use(version);
         string image = QemuImage(dir);
         VmSnapshots.Import(file, image, "from10");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachinePc(target, RamBytes, "pc-i440fx-7.2"), image, "from10");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
     }
 
-    public static TheoryData<string, string> IncomingCases => new()
+    [QemuTheory(Since = "10.0")]
+    [InlineData("mapped-ram")]
+    [InlineData("mapped-ram,multifd,direct-io")]
+    public void Export_mapped_ram_is_restored_by_QEMU_migrate_incoming_file(string incoming)
     {
-        { "10.0", "mapped-ram" },
-        { "10.0", "mapped-ram,multifd,direct-io" },
-    };
-
-    [Theory]
-    [MemberData(nameof(IncomingCases))]
-    public void Export_mapped_ram_is_restored_by_QEMU_migrate_incoming_file(string version, string incoming)
-    {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         // Two snapshots: one vmsnap saved (machine none, zero pages among the RAM), one QEMU's savevm of a current PC.
@@ -149,11 +141,9 @@ public sealed class Qemu10SnapshotTests
         img.CreateSnapshot(name, new Qcow2SnapshotCreateOptions { VmStateSize = vmStateSize });
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void A_snapshot_laid_out_as_QEMU_10_2_mapped_ram_savevm_loads_exports_and_inspects(string version)
+    [QemuFact(Since = "10.0")]
+    public void A_snapshot_laid_out_as_QEMU_10_2_mapped_ram_savevm_loads_exports_and_inspects()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 65);
@@ -164,7 +154,7 @@ public sealed class Qemu10SnapshotTests
 
         string image = QemuImage(dir);
         PlaceAsQemu102Snapshot(image, file, "mr", transferred);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(transferred, QemuSnapshots(image)["mr"].VmStateSize);
 
         MigrationStreamInfo info = VmSnapshots.Inspect(image, "mr").Stream;
@@ -203,11 +193,9 @@ public sealed class Qemu10SnapshotTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target3));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void A_stream_with_an_early_setup_section_imported_loads_with_loadvm_and_QEMUs_own_savevm_of_it_loads_in_vmsnap(string version)
+    [QemuFact(Since = "10.0")]
+    public void A_stream_with_an_early_setup_section_imported_loads_with_loadvm_and_QEMUs_own_savevm_of_it_loads_in_vmsnap()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 66);
@@ -222,7 +210,7 @@ public sealed class Qemu10SnapshotTests
         QemuSavevm([.. QemuVm.MachinePc(ram, RamBytes), .. Qemu10StreamTests.VirtioMem], image, "qemu");
         VmSnapshotResult imported = VmSnapshots.Import(stream, image, "imported");
         Assert.Contains(imported.Stream.Sections, s => s.Kind == MigrationSectionKind.EarlySetup);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm([.. QemuVm.MachinePc(target, RamBytes), .. Qemu10StreamTests.VirtioMem], image, "imported");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
@@ -237,40 +225,37 @@ public sealed class Qemu10SnapshotTests
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target2));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_pc_i440fx_7_2_template_of_the_other_version_saved_by_vmsnap_loads_in_this_one(string version)
+    [QemuFact]
+    public void A_pc_i440fx_7_2_template_of_the_other_version_saved_by_vmsnap_loads_in_this_one()
     {
+        string version = QemuInstall.Current.Version;
         // The machine type both versions have: a template from QEMU 10 (machine pc-i440fx-7.2) loads in 7.2, one
         // from 7.2 in 10.0, once vmsnap wrote new RAM into it.
         using var dir = new TempDir();
-        string other = version == "7.2" ? "10.0" : "7.2";
+        string other = QemuInstall.All.Single(i => i.Version != version).Version;
         string templateRam = dir.File("template-ram");
         GuestRam.Create(templateRam, RamBytes, seed: 67);
         string template = dir.File("template.mig");
         using (QemuInstall.Use(other))
             QemuVm.SaveStream(QemuVm.MachinePc(templateRam, RamBytes, "pc-i440fx-7.2"), template);
 
-        using var _ = QemuInstall.Use(version);
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 68);
         string image = QemuImage(dir);
         using (var profile = MachineProfile.FromTemplate(template, [new("ram0", ram)], dir.Path))
             VmSnapshots.Save(image, "saved", profile);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachinePc(target, RamBytes, "pc-i440fx-7.2"), image, "saved");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.MappedRamVersions), MemberType = typeof(QemuInstall))]
-    public void QEMU_10_savevm_writes_SWITCHOVER_START_for_current_machine_types_only_and_its_loadvm_needs_none(string version)
+    [QemuFact(Since = "10.0")]
+    public void QEMU_10_savevm_writes_SWITCHOVER_START_for_current_machine_types_only_and_its_loadvm_needs_none()
     {
         // Measured (QEMU 10.0.2), against what the issue expected: savevm sends the command as migrate does, for
         // machine types 10.0+ (and none), not for older ones. A snapshot without it (vmsnap's save of machine none)
         // loads in QEMU 10 all the same, as the save tests show; with it (QEMU's own) vmsnap loads and exports it.
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 69);

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Snapshots;
 /// Save and load against real QEMU 7.2 and 10.0, both directions: what QEMU saves, vmsnap loads; what vmsnap
 /// saves, QEMU's -loadvm restores; streams move between migrate/-incoming and snapshots through import/export.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     /// <summary>Machine kinds: <c>none</c>, and this version's current i440FX and Q35 types (<c>pc-i440fx-10.0</c>, <c>pc-q35-10.0</c>).</summary>
@@ -23,11 +24,12 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         _ => kind,
     };
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), "none", "pc", "q35", MemberType = typeof(QemuInstall))]
-    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM(string version, string kind)
+    [QemuTheory]
+    [InlineData("none")]
+    [InlineData("pc")]
+    [InlineData("q35")]
+    public void QEMU_savevm_then_vmsnap_load_gives_the_original_RAM(string kind)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 31);
@@ -43,11 +45,11 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.CountZeroPages(ram), r.GetProperty("zero-pages").GetInt64());
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.VersionsAnd), "buffered", "gather", MemberType = typeof(QemuInstall))]
-    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string version, string mode)
+    [QemuTheory]
+    [InlineData("buffered")]
+    [InlineData("gather")]
+    public void vmsnap_save_then_QEMU_loadvm_restores_the_RAM(string mode)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 32);
@@ -59,7 +61,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(mode, r.GetProperty("mode").GetString());
         long vmState = r.GetProperty("vm-state-size").GetInt64();
 
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         var listed = QemuSnapshots(image);
         Assert.Equal(vmState, listed["ours"].VmStateSize);
         Assert.Equal(r.GetProperty("snapshot").GetProperty("id").GetString(), listed["ours"].Id);
@@ -73,7 +75,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         string ram2 = dir.File("ram1");
         GuestRam.Create(ram2, RamBytes, seed: 33);
         VmsnapJson("save", image, "--name", "ours2", "--machine", "none", "--ram", $"ram0={ram2}", "--mode", mode, "--json");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         string target2 = EmptyRam(dir, "target2");
         QemuLoadvm(QemuVm.MachineNone(target2, RamBytes), image, "ours2");
         Assert.Equal(GuestRam.Hash(ram2), GuestRam.Hash(target2));
@@ -82,17 +84,15 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target1));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming(string version)
+    [QemuFact]
+    public void A_QEMU_migration_stream_imported_loads_with_loadvm_and_exported_loads_with_incoming()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         JsonElement imported = VmsnapJson("import", qemu.NoneStream, image, "--name", "imported", "--json");
         Assert.Equal(new FileInfo(qemu.NoneStream).Length, imported.GetProperty("vm-state-size").GetInt64());
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         string target = EmptyRam(dir, "target");
         QemuLoadvm(QemuVm.MachineNone(target, QemuStreams.RamBytes), image, "imported");
@@ -107,11 +107,9 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(qemu.NoneRam), GuestRam.Hash(target2));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways(string version)
+    [QemuFact]
+    public void Export_of_a_QEMU_savevm_snapshot_loads_with_incoming_and_pipes_work_both_ways()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 34);
@@ -119,7 +117,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         QemuSavevm(QemuVm.MachineNone(ram, RamBytes), image, "qs");
 
         // Export to stdout, import from stdin, through shell pipes.
-        string vmsnap = $"dotnet {Path.Combine(AppContext.BaseDirectory, "vmsnap.dll")}";
+        string vmsnap = VmsnapCli.Shell;
         string piped = dir.File("piped.mig");
         Tool.Check("sh", "-c", $"{vmsnap} export {image} qs -o - > {piped}");
         string target = EmptyRam(dir, "target");
@@ -128,18 +126,16 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
 
         string image2 = QemuImage(dir, "second.qcow2");
         Tool.Check("sh", "-c", $"cat {piped} | {vmsnap} import - {image2} --name fromstdin");
-        Qcow2.Qemu.AssertClean(image2);
+        QemuImgCheck.AssertClean(image2);
         string target2 = EmptyRam(dir, "target2");
         QemuLoadvm(QemuVm.MachineNone(target2, RamBytes), image2, "fromstdin");
         Assert.Equal(GuestRam.Hash(ram), GuestRam.Hash(target2));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc(string version)
+    [QemuFact]
+    public void A_pc_machine_template_saved_with_new_ram0_is_restored_by_QEMU_pc()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         JsonElement inspected = VmsnapJson("inspect", qemu.PcStream, "--json").GetProperty("stream");
         var blocks = inspected.GetProperty("ram-blocks").EnumerateArray().Select(b => b.GetProperty("id").GetString()).ToList();
@@ -155,7 +151,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         GuestRam.Create(newRam, QemuStreams.RamBytes, seed: 35);
         string image = QemuImage(dir);
         VmsnapJson("save", image, "--name", "pc1", "--template", qemu.PcStream, "--ram", $"ram0={newRam}", "--json");
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         // Inspecting the snapshot shows the template's machine and devices.
         JsonElement fromImage = VmsnapJson("inspect", image, "pc1", "--json").GetProperty("stream");
@@ -167,14 +163,11 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(GuestRam.Hash(newRam), GuestRam.Hash(target));
     }
 
-    [Theory]
-    [InlineData("7.2", 3, false, 5)]        // EIO, thrown at once, early
-    [InlineData("7.2", 20, true, 28)]       // ENOSPC, reported by the write's completion, later
-    [InlineData("10.0", 3, false, 5)]
-    [InlineData("10.0", 20, true, 28)]
-    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(string version, int failAt, bool async, int errno)
+    [QemuTheory]
+    [InlineData(3, false, 5)]        // EIO, thrown at once, early
+    [InlineData(20, true, 28)]       // ENOSPC, reported by the write's completion, later
+    public void A_save_failing_midway_leaves_no_snapshot_no_leak_and_the_older_snapshots_loadable(int failAt, bool async, int errno)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 36);
@@ -191,7 +184,7 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.Contains("writ", e.Message, StringComparison.OrdinalIgnoreCase);
         }
         Assert.Equal(["older", "ours"], QemuSnapshots(image).Keys.Order());
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
 
         foreach (string tag in new[] { "older", "ours" })
         {
@@ -201,11 +194,9 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
         }
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_cancelled_save_leaves_no_snapshot_and_no_leak(string version)
+    [QemuFact]
+    public void A_cancelled_save_leaves_no_snapshot_and_no_leak()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 38);
@@ -218,15 +209,13 @@ public class SaveLoadQemuTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.ThrowsAny<OperationCanceledException>(() =>
                 VmSnapshots.Save(image, "cancelled", profile, new VmSnapshotOptions { BufferCount = 2 }, progress, cancel.Token));
         Assert.Equal(["kept"], QemuSnapshots(image).Keys);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own(string version)
+    [QemuFact]
+    public void Export_to_a_file_works_beside_a_scratch_file_a_killed_export_left_and_leaves_none_of_its_own()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");

@@ -7,16 +7,15 @@ using static Vmsnap.Tests.Snapshots.VmKit;
 namespace Vmsnap.Tests.Snapshots;
 
 /// <summary>save, load, import, export, inspect as the real tool: refusals are one line, exit non-zero, and leave files as they were.</summary>
+[Trait("Category", "Unit")]
 public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
 {
     private static string Hash(string path) => GuestRam.Hash(path);
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Save_refuses_wrong_arguments_without_touching_the_image(string version)
+    [QemuFact]
+    public void Save_refuses_wrong_arguments_without_touching_the_image()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string ram = dir.File("ram0");
         GuestRam.Create(ram, RamBytes, seed: 41);
@@ -45,12 +44,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(["a"], QemuSnapshots(image).Keys);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Load_refuses_what_it_cannot_do_and_creates_no_file(string version)
+    [QemuFact]
+    public void Load_refuses_what_it_cannot_do_and_creates_no_file()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -72,12 +69,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(Hash(qemu.NoneRam), Hash(target));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Load_of_a_truncated_stream_leaves_an_existing_ram_file_as_it_was_and_in_place_loads_into_the_open_file(string version)
+    [QemuFact]
+    public void Load_of_a_truncated_stream_leaves_an_existing_ram_file_as_it_was_and_in_place_loads_into_the_open_file()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string truncated = dir.File("truncated");
         byte[] stream = File.ReadAllBytes(qemu.NoneStream);
@@ -96,12 +91,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(Hash(qemu.NoneRam), GuestRam.Hash(held));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak(string version)
+    [QemuFact]
+    public void A_damaged_stream_is_refused_by_import_with_its_offset_leaving_no_snapshot_and_no_leak()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "good", "--json");
@@ -113,17 +106,14 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         File.WriteAllBytes(garbage, new byte[4096]);
         VmsnapFails(["import", garbage, image, "--name", "bad"], "offset 0");
         Assert.Equal(["good"], QemuSnapshots(image).Keys);
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [InlineData("7.2", true)]
-    [InlineData("7.2", false)] // the writer stalls: vmsnap waits in a read that only the signal ends
-    [InlineData("10.0", true)]
-    [InlineData("10.0", false)]
-    public async Task An_import_stopped_by_a_termination_signal_frees_what_it_wrote_and_says_so(string version, bool writerGoesOn)
+    [QemuTheory]
+    [InlineData(true)]
+    [InlineData(false)] // the writer stalls: vmsnap waits in a read that only the signal ends
+    public async Task An_import_stopped_by_a_termination_signal_frees_what_it_wrote_and_says_so(bool writerGoesOn)
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = QemuImage(dir);
         string ram = dir.File("ram0");
@@ -135,14 +125,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         long imageBefore = new FileInfo(image).Length;
 
         // The stream comes through a pipe the test feeds: a quarter, the signal once vmsnap writes, then the rest.
-        var psi = new ProcessStartInfo(Tool.Find("dotnet"))
-        {
-            RedirectStandardInput = true,
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-        };
-        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "import", "-", image, "--name", "cut" }) psi.ArgumentList.Add(a);
+        ProcessStartInfo psi = VmsnapCli.StartInfo(["import", "-", image, "--name", "cut"]);
+        psi.RedirectStandardInput = true;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
         using var p = Tool.Start(psi);
         var stderr = p.StandardError.ReadToEndAsync();
         var stdout = p.StandardOutput.ReadToEndAsync();
@@ -179,15 +165,13 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.True(p.ExitCode == 143, $"exit code {p.ExitCode}: {errors}{output}");   // 128 + SIGTERM, as shells expect
         Assert.Equal("vmsnap: cancelled by SIGTERM", errors.Trim());
         Assert.Empty(QemuSnapshots(image));
-        Qcow2.Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Export_and_inspect_refuse_what_they_cannot_do(string version)
+    [QemuFact]
+    public void Export_and_inspect_refuse_what_they_cannot_do()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -209,12 +193,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Contains("ram0", text.Stdout);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void With_QEMU_holding_the_image_save_import_and_load_without_force_share_fail_and_change_nothing(string version)
+    [QemuFact]
+    public void With_QEMU_holding_the_image_save_import_and_load_without_force_share_fail_and_change_nothing()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         using var dir = new TempDir();
         string image = QemuImage(dir);
         VmsnapJson("import", qemu.NoneStream, image, "--name", "vm", "--json");
@@ -234,12 +216,10 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
         Assert.Equal(before, Hash(image));
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void Save_and_load_fall_back_from_O_DIRECT_where_the_file_system_has_none(string version)
+    [QemuFact]
+    public void Save_and_load_fall_back_from_O_DIRECT_where_the_file_system_has_none()
     {
-        using var _ = QemuInstall.Use(version);
-        VersionStreams qemu = streams.For(version);
+        VersionStreams qemu = streams.ForCurrent();
         // tmpfs refuses O_DIRECT; save, load and export must still work there, through the page cache.
         Assert.True(Directory.Exists("/dev/shm"), "this test needs /dev/shm (tmpfs)");
         string dir = Path.Combine("/dev/shm", "vmsnap-test-" + Guid.NewGuid().ToString("N")[..8]);
@@ -254,7 +234,7 @@ public class VmCommandTests(QemuStreams streams) : IClassFixture<QemuStreams>
             Assert.Equal(Hash(qemu.NoneRam), Hash(loaded));
             string exported = Path.Combine(dir, "s.mig");
             VmsnapJson("export", image, "s", "-o", exported, "--json");
-            Qcow2.Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             string target = dir + "/target";
             using (var f = File.Create(target)) f.SetLength(QemuStreams.RamBytes);
             QemuVm.LoadStream(QemuVm.MachineNone(target, QemuStreams.RamBytes), exported);

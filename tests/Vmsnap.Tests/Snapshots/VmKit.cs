@@ -10,7 +10,7 @@ internal static class VmKit
 
     /// <summary>Runs the real vmsnap tool.</summary>
     public static Tool.Result Vmsnap(params string[] args) =>
-        Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), .. args], TimeSpan.FromMinutes(3));
+        VmsnapCli.Run(args, TimeSpan.FromMinutes(3));
 
     /// <summary>Runs vmsnap, requires exit code 0 and returns its JSON (the args must ask for --json).</summary>
     public static JsonElement VmsnapJson(params string[] args)

@@ -3,6 +3,7 @@ using Vmsnap.Tests.Interop;
 
 namespace Vmsnap.Tests.Storage;
 
+[Trait("Category", "Unit")]
 public class FileBlockDeviceTests
 {
     [Theory]

@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Storage;
 
 /// <summary>vmsnap's locks and real QEMU's locks see each other, in both directions.</summary>
+[Trait("Category", "Unit")]
 public class ImageLockTests
 {
     private static Process StartQemuHolding(string image, bool readOnly)
@@ -41,11 +42,9 @@ public class ImageLockTests
         p.Dispose();
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_running_QEMU_blocks_vmsnap_writes_and_reads_but_not_force_share(string version)
+    [QemuFact]
+    public void A_running_QEMU_blocks_vmsnap_writes_and_reads_but_not_force_share()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -64,11 +63,9 @@ public class ImageLockTests
         using (FileBlockDevice.Open(image, new() { Writable = true, Lock = ImageLockMode.Write })) { }
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_read_only_QEMU_blocks_vmsnap_writes_only(string version)
+    [QemuFact]
+    public void A_read_only_QEMU_blocks_vmsnap_writes_only()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -81,11 +78,9 @@ public class ImageLockTests
         finally { Stop(qemu); }
     }
 
-    [Theory]
-    [EachQemu]
-    public void While_vmsnap_writes_QEMU_cannot_open_the_image_for_writing(string version)
+    [QemuFact]
+    public void While_vmsnap_writes_QEMU_cannot_open_the_image_for_writing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");
@@ -102,11 +97,9 @@ public class ImageLockTests
         Assert.Equal(0, Tool.Run("qemu-io", ["-f", "qcow2", "-c", "write 0 4k", image]).ExitCode);
     }
 
-    [Theory]
-    [EachQemu]
-    public void While_vmsnap_reads_QEMU_can_read_but_not_write(string version)
+    [QemuFact]
+    public void While_vmsnap_reads_QEMU_can_read_but_not_write()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
         Tool.QemuImg("create", "-f", "qcow2", image, "16M");

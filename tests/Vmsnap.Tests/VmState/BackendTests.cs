@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.VmState;
 
 /// <summary>Every backend carries a stream from the writer to the reader unchanged.</summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class BackendTests
 {
     private const int Seed = 9001;

@@ -11,6 +11,7 @@ namespace Vmsnap.Tests.VmState;
 /// discard and check clean without waiting forever on a write in flight).
 /// </summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class FaultInjectionTests
 {
     private const int Seed = 4242;

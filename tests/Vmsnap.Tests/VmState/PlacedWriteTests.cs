@@ -11,6 +11,7 @@ namespace Vmsnap.Tests.VmState;
 /// writes complete in.
 /// </summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class PlacedWriteTests
 {
     private const int RegionStart = 2 << 20;

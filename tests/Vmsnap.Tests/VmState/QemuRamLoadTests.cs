@@ -15,6 +15,7 @@ namespace Vmsnap.Tests.VmState;
 /// encoded by <see cref="RamPageEncoder"/> (written by the buffered writer to an O_DIRECT file,
 /// and by the gather writer to a pipe) loads into qemu-system-x86_64 and the guest RAM matches.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class QemuRamLoadTests
 {
     private const int RamSize = 16 << 20;
@@ -93,11 +94,9 @@ public sealed class QemuRamLoadTests
         w.PutBe32(SectionId);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public void QEMU_loads_RAM_pages_written_by_the_buffered_writer_to_an_O_DIRECT_file(string version)
+    [QemuFact]
+    public void QEMU_loads_RAM_pages_written_by_the_buffered_writer_to_an_O_DIRECT_file()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         byte[] ram = GuestRam();
         string stream = dir.File("stream.bin");
@@ -112,11 +111,9 @@ public sealed class QemuRamLoadTests
         AssertQemuLoads(dir, $"exec:cat {stream}", ram);
     }
 
-    [Theory]
-    [MemberData(nameof(QemuInstall.Versions), MemberType = typeof(QemuInstall))]
-    public async Task QEMU_loads_RAM_pages_sent_by_the_gather_writer_through_a_pipe(string version)
+    [QemuFact]
+    public async Task QEMU_loads_RAM_pages_sent_by_the_gather_writer_through_a_pipe()
     {
-        using var _ = QemuInstall.Use(version);
         using var dir = new TempDir();
         byte[] ram = GuestRam();
         string fifo = dir.File("stream.fifo");

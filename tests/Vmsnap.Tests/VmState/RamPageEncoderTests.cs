@@ -5,6 +5,7 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.VmState;
 
 /// <summary>RAM page records byte for byte as QEMU's format has them, built here by hand from the format facts.</summary>
+[Trait("Category", "Unit")]
 public sealed class RamPageEncoderTests
 {
     private const int Page = 4096;

@@ -6,6 +6,7 @@ namespace Vmsnap.Tests.VmState;
 
 /// <summary>Seeking a reader (streams laid out by offset): every position reads the bytes that are there.</summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class ReaderSeekTests
 {
     [Fact]

@@ -6,6 +6,7 @@ namespace Vmsnap.Tests.VmState;
 
 /// <summary>The reader gives back what the writer wrote, in any chunking, and names the offset where data ran out.</summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class ReaderTests
 {
     /// <summary>Readers of every kind over <paramref name="bytes"/>: read-ahead on a positional backend, or sequential on a channel.</summary>

@@ -6,6 +6,7 @@ namespace Vmsnap.Tests.VmState;
 
 /// <summary>Random call sequences give the reference writer's bytes in every mode, with Tell right at every step.</summary>
 [Collection(NativeMemoryCollection.Name)]
+[Trait("Category", "Unit")]
 public sealed class WriterEquivalenceTests
 {
     [Fact]

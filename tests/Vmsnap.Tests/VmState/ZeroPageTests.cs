@@ -3,6 +3,7 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.VmState;
 
 /// <summary>Zero detection is exact in every vector width: one non-zero byte anywhere makes a page non-zero.</summary>
+[Trait("Category", "Unit")]
 public sealed class ZeroPageTests
 {
     private static readonly Func<byte[], bool>[] Widths =

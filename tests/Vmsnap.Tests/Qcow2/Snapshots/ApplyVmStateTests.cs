@@ -9,6 +9,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// snapshot's whole L1, VM-state range included. vmsnap leaves the same bytes there, as QEMU's own
 /// <c>qemu-io read -b</c> (which reads the VM state through the active L1) shows on the same images.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class ApplyVmStateTests : IDisposable
 {
     private const int Range = 256 << 10;   // bytes of the VM-state range compared
@@ -45,8 +46,8 @@ public sealed class ApplyVmStateTests : IDisposable
         string byQemu = Copy(image, "apply-qemu.qcow2"), byVmsnap = Copy(image, "apply-vmsnap.qcow2");
         Tool.QemuImg("snapshot", "-a", tag, byQemu);
         using (var img = Qcow2Image.Open(byVmsnap)) img.ApplySnapshot(tag);
-        Qemu.AssertClean(byQemu);
-        Qemu.AssertClean(byVmsnap);
+        QemuImgCheck.AssertClean(byQemu);
+        QemuImgCheck.AssertClean(byVmsnap);
         string qemuRange = QemuVmRange(byQemu);
         Assert.Contains($"{expected:x2} {expected:x2} {expected:x2}", qemuRange);
         Assert.Equal(qemuRange, QemuVmRange(byVmsnap));
@@ -68,22 +69,18 @@ public sealed class ApplyVmStateTests : IDisposable
         return bytes.ToArray();
     }
 
-    [Theory]
-    [EachQemu]
-    public void Applying_a_QEMU_snapshot_gives_the_active_table_its_VM_state_range_like_qemu_img(string version)
+    [QemuFact]
+    public void Applying_a_QEMU_snapshot_gives_the_active_table_its_VM_state_range_like_qemu_img()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Start("qemu.qcow2");
         Tool.QemuImg("snapshot", "-c", "s", image);
         Qemu.Io(image, "write -b -P 0x77 0 50k", "write -P 0x22 0 4k");   // the active range and disk move on
         AssertApplyLikeQemu(image, "s", 0x5a);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Applying_a_vmsnap_save_gives_the_active_table_its_VM_state_like_qemu_img(string version)
+    [QemuFact]
+    public void Applying_a_vmsnap_save_gives_the_active_table_its_VM_state_like_qemu_img()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Start("saved.qcow2");
         byte[] state = Enumerable.Repeat((byte)0x3c, 150_000).ToArray();
         using (var img = Qcow2Image.Open(image))
@@ -97,24 +94,22 @@ public sealed class ApplyVmStateTests : IDisposable
         AssertApplyLikeQemu(image, "saved", 0x3c);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_disk_only_create_then_apply_leaves_the_VM_state_range_as_QEMU_does(string version)
+    [QemuFact]
+    public void A_disk_only_create_then_apply_leaves_the_VM_state_range_as_QEMU_does()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string start = Start("start.qcow2");
         string byQemu = Copy(start, "qemu-all.qcow2"), byVmsnap = Copy(start, "vmsnap-all.qcow2");
         Tool.QemuImg("snapshot", "-c", "s", byQemu);
         using (var img = Qcow2Image.Open(byVmsnap)) img.CreateSnapshot("s");
         foreach (string image in new[] { byQemu, byVmsnap })
         {
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             Qemu.Io(image, "write -b -P 0x77 0 50k", "write -P 0x22 0 4k");
         }
         Tool.QemuImg("snapshot", "-a", "s", byQemu);
         using (var img = Qcow2Image.Open(byVmsnap)) img.ApplySnapshot("s");
-        Qemu.AssertClean(byQemu);
-        Qemu.AssertClean(byVmsnap);
+        QemuImgCheck.AssertClean(byQemu);
+        QemuImgCheck.AssertClean(byVmsnap);
         Assert.Equal(QemuVmRange(byQemu), QemuVmRange(byVmsnap));
         Qemu.Io(byVmsnap, "read -b -P 0x5a 0 100k", "read -P 0x11 0 64k");
     }

@@ -5,16 +5,15 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Qcow2Image's opens take QEMU's image locks: vmsnap and a running QEMU keep out of each other's way.</summary>
+[Trait("Category", "Unit")]
 public class QemuLockTests
 {
     private static string[] Drive(string image, bool readOnly = false) =>
         ["-machine", "none", "-drive", $"file={image},if=none,id=d0,format=qcow2{(readOnly ? ",read-only=on" : "")}"];
 
-    [Theory]
-    [EachQemu]
-    public void A_running_qemu_keeps_vmsnap_from_changing_the_image(string version)
+    [QemuFact]
+    public void A_running_qemu_keeps_vmsnap_from_changing_the_image()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("q.qcow2");
         Qemu.Create(image, 8 << 20);
@@ -36,14 +35,12 @@ public class QemuLockTests
         Assert.Equal(hash, Qemu.Hash(image));
         vm.Quit();
         using (var img = Qcow2Image.Open(image)) img.CreateSnapshot("after");   // free again once QEMU is gone
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void While_vmsnap_writes_an_image_qemu_cannot_open_it_for_writing(string version)
+    [QemuFact]
+    public void While_vmsnap_writes_an_image_qemu_cannot_open_it_for_writing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("v.qcow2");
         Qemu.Create(image, 8 << 20);
@@ -66,11 +63,9 @@ public class QemuLockTests
         using (var vm = QemuVm.Start(Drive(image), paused: true)) vm.Quit();
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_backing_file_is_locked_for_reading(string version)
+    [QemuFact]
+    public void A_backing_file_is_locked_for_reading()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string base_ = dir.File("base.qcow2"), overlay = dir.File("overlay.qcow2");
         Qemu.Create(base_, 8 << 20);

@@ -5,6 +5,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Damaged snapshot tables and snapshot L1 tables: clear errors that say what and where, and nothing written.</summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotBadInputTests : IDisposable
 {
     private readonly TempDir _dir = new();
@@ -63,11 +64,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_table_past_the_end_of_the_file_is_refused_at_open(string version)
+    [QemuFact]
+    public void A_snapshot_table_past_the_end_of_the_file_is_refused_at_open()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         Qemu.WriteBE64(image, Qcow2Header.SnapshotFieldsOffset + 4, (ulong)((new FileInfo(image).Length + (1 << 20)) & ~0xffffL));
         string hash = Qemu.Hash(image);
@@ -78,11 +77,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         Assert.Equal(hash, Qemu.Hash(image));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Entries_whose_lengths_run_past_the_table_are_refused_at_open(string version)
+    [QemuFact]
+    public void Entries_whose_lengths_run_past_the_table_are_refused_at_open()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         long second = EntryOffset(image, 1);
         // A name of 65535 bytes runs past the end of the file (the table is the last thing in it).
@@ -103,11 +100,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         Assert.Contains("more than the 65536", Assert.Throws<Qcow2FormatException>(() => Qcow2Image.Open(many, new Qcow2OpenOptions { ReadOnly = true })).Message);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Duplicate_ids_are_listed_but_no_snapshot_operation_runs(string version)
+    [QemuFact]
+    public void Duplicate_ids_are_listed_but_no_snapshot_operation_runs()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         long second = EntryOffset(image, 1);
         int extra = (int)System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(Qemu.ReadRaw(image, second + 36, 4));
@@ -118,22 +113,18 @@ public sealed class SnapshotBadInputTests : IDisposable
         AssertEveryChangeRefused<Qcow2FormatException>(image, "second", "snapshot table entry 1", "ID '1', the same as entry 0");
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_l1_table_outside_the_file_is_refused(string version)
+    [QemuFact]
+    public void A_snapshot_l1_table_outside_the_file_is_refused()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         long first = EntryOffset(image, 0);
         Qemu.WriteBE64(image, first, (ulong)((new FileInfo(image).Length + (4 << 20)) & ~0xffffL));
         AssertEveryChangeRefused<Qcow2FormatException>(image, "first", "snapshot table entry 0", "snapshot 1 ('first')", "beyond the end of the file");
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_l1_entry_pointing_outside_the_file_is_refused(string version)
+    [QemuFact]
+    public void A_snapshot_l1_entry_pointing_outside_the_file_is_refused()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         long l1 = (long)Qemu.ReadBE64(image, EntryOffset(image, 0));
         Qemu.WriteBE64(image, l1, 0x7000_0000_0000UL);
@@ -151,11 +142,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         }
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bad_l1_sizes_and_offsets_are_refused(string version)
+    [QemuFact]
+    public void Bad_l1_sizes_and_offsets_are_refused()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = Image();
         Qemu.WriteBE32(image, EntryOffset(image, 1) + 8, 0x1000_0000);
         AssertEveryChangeRefused<Qcow2FormatException>(image, "second", "snapshot 2 ('second')", "larger than the 4194304 qcow2 allows");
@@ -166,11 +155,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         AssertEveryChangeRefused<Qcow2FormatException>(unaligned, "first", "snapshot 1 ('first')", "not aligned to a cluster");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Refcounts_too_narrow_to_share_a_cluster_refuse_a_snapshot_and_write_nothing(string version)
+    [QemuFact]
+    public void Refcounts_too_narrow_to_share_a_cluster_refuse_a_snapshot_and_write_nothing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("rc1.qcow2");
         Qemu.Create(image, 1 << 20, "refcount_bits=1");
         Qemu.Io(image, "write -P 1 0 64k");
@@ -182,14 +169,12 @@ public sealed class SnapshotBadInputTests : IDisposable
             Assert.Empty(img.Snapshots);
         }
         Assert.Equal(hash, Qemu.Hash(image));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Names_are_checked_and_lookups_go_by_id_first_then_name(string version)
+    [QemuFact]
+    public void Names_are_checked_and_lookups_go_by_id_first_then_name()
     {
-        using var qemuScope = QemuInstall.Use(version);
         string image = _dir.File("names.qcow2");
         Qemu.Create(image, 1 << 20);
         using var img = Qcow2Image.Open(image);
@@ -208,11 +193,9 @@ public sealed class SnapshotBadInputTests : IDisposable
         Assert.Equal("3", img.CreateSnapshot("c").Id);   // highest ID + 1
     }
 
-    [Theory]
-    [EachQemu]
-    public void New_ids_follow_qemu_even_after_odd_ids(string version)
+    [QemuFact]
+    public void New_ids_follow_qemu_even_after_odd_ids()
     {
-        using var qemuScope = QemuInstall.Use(version);
         Assert.Equal(0UL, SnapshotOperations.ParseIdLikeStrtoul("abc"));
         Assert.Equal(12UL, SnapshotOperations.ParseIdLikeStrtoul("  12abc"));
         Assert.Equal(7UL, SnapshotOperations.ParseIdLikeStrtoul("+7"));
@@ -229,6 +212,6 @@ public sealed class SnapshotBadInputTests : IDisposable
         using (var img = Qcow2Image.Open(image)) Assert.Equal("5", img.CreateSnapshot("next").Id);
         Tool.QemuImg("snapshot", "-c", "byqemu", image);
         Assert.Equal(["4", "5", "6"], SnapshotKit.QemuList(image).Select(r => r.Id));
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

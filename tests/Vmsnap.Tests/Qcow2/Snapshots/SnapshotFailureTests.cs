@@ -20,7 +20,6 @@ public sealed class SnapshotFailureTemplates : IDisposable
 
     private Template Make(string version)
     {
-        using var qemuScope = QemuInstall.Use(version);
         // 4 KiB clusters, 2 MiB per L2 table: a 6 MiB disk has three L2 tables.
         string template = _dir.File($"template-{version}.qcow2");
         Qemu.Create(template, 6 << 20, "cluster_size=4k");
@@ -41,7 +40,7 @@ public sealed class SnapshotFailureTemplates : IDisposable
         // Written since the last snapshot, in two of the three L2 tables: a create must clear their
         // COPIED flags (in place, through an intermediate generation), a delete or apply deal with them.
         Qemu.Io(template, "write -P 0x41 1M 4k", "write -P 0x42 4M 8k");
-        Qemu.AssertClean(template);
+        QemuImgCheck.AssertClean(template);
         return new Template(template, SnapshotKit.QemuActiveContent(template, _dir),
             SnapshotKit.QemuSnapshotContent(template, "old1", _dir), SnapshotKit.QemuSnapshotContent(template, "old2", _dir), old2State);
     }
@@ -54,19 +53,18 @@ public sealed class SnapshotFailureTemplates : IDisposable
 /// VM-state save: qemu-img check finds no error, the older snapshots are intact, and the image is
 /// either as before or as after the operation, on each QEMU version.
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : IClassFixture<SnapshotFailureTemplates>, IDisposable
 {
     private readonly TempDir _dir = new();
     private string _template = "";
     private byte[] _active = [], _old1 = [], _old2 = [], _old2State = [];
 
-    /// <summary>Makes <paramref name="version"/> this test's QEMU and takes that version's template.</summary>
-    private IDisposable UseQemu(string version)
+    /// <summary>Takes the template of <paramref name="version"/> (this test's QEMU).</summary>
+    private void TakeTemplate(string version)
     {
-        IDisposable scope = QemuInstall.Use(version);
         SnapshotFailureTemplates.Template t = templates.For(version);
         (_template, _active, _old1, _old2, _old2State) = (t.Path, t.Active, t.Old1, t.Old2, t.Old2State);
-        return scope;
     }
 
     public void Dispose() => _dir.Dispose();
@@ -126,7 +124,7 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
 
     private void AssertIntactOldOrNew(string image, string operation, string what, bool allowLeaks = false)
     {
-        (long corruptions, long leaks, long errors, _, string text) = SnapshotKit.Check(image);
+        (long corruptions, long leaks, long errors, _, string text) = QemuImgCheck.Of(image);
         Assert.True(corruptions == 0 && errors == 0, $"{what}: qemu-img check: {text}");
         // The switch to new metadata is one header write, so even a cut operation leaks nothing.
         Assert.True(allowLeaks || leaks == 0, $"{what}: {leaks} leaked clusters: {text}");
@@ -173,11 +171,12 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
         Assert.True(_old2State.AsSpan().SequenceEqual(state), $"{what}: VM state of old2");
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Operations))]
-    public void A_write_error_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string version, string operation)
+    [QemuTheory]
+    [MemberData(nameof(Operations))]
+    public void A_write_error_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string operation)
     {
-        using var qemuScope = UseQemu(version);
+        string version = QemuInstall.Current.Version;
+        TakeTemplate(version);
         string copy = _dir.File($"{operation}.qcow2");
         (int total, bool threw) = Attempt(copy, operation, int.MaxValue, false);
         Assert.False(threw);
@@ -196,11 +195,12 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
 
     public static TheoryData<string> CrashCases() => ["create", "delete old1", "delete old2", "apply old1", "apply old2", "save"];
 
-    [Theory]
-    [QemuMemberData(nameof(CrashCases))]
-    public void A_crash_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string version, string operation)
+    [QemuTheory]
+    [MemberData(nameof(CrashCases))]
+    public void A_crash_anywhere_in_a_snapshot_operation_leaves_a_consistent_image(string operation)
     {
-        using var qemuScope = UseQemu(version);
+        string version = QemuInstall.Current.Version;
+        TakeTemplate(version);
         byte[] template = File.ReadAllBytes(_template);
         var dry = new CrashDevice(template);
         using (var img = Qcow2Image.Open(dry, "dry")) Run(img, operation);
@@ -291,11 +291,11 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
         return (device.Flushes, threw);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_flush_failing_once_anywhere_in_a_save_then_its_discard_leaves_a_consistent_image(string version)
+    [QemuFact]
+    public void A_flush_failing_once_anywhere_in_a_save_then_its_discard_leaves_a_consistent_image()
     {
-        using var qemuScope = UseQemu(version);
+        string version = QemuInstall.Current.Version;
+        TakeTemplate(version);
         string copy = _dir.File("flaky.qcow2");
         (int total, bool threw) = AttemptSave(_template, copy, int.MaxValue);
         Assert.False(threw);
@@ -308,12 +308,13 @@ public sealed class SnapshotFailureTests(SnapshotFailureTemplates templates) : I
         }
     }
 
-    [Theory]
-    [QemuInlineData(false)]
-    [QemuInlineData(true)]
-    public void A_failed_save_discarded_leaves_no_leak_and_the_snapshots_intact(string version, bool diskDies)
+    [QemuTheory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_failed_save_discarded_leaves_no_leak_and_the_snapshots_intact(bool diskDies)
     {
-        using var qemuScope = UseQemu(version);
+        string version = QemuInstall.Current.Version;
+        TakeTemplate(version);
         byte[] stream = new byte[(3 << 20) + 5];
         new Random(8).NextBytes(stream);
         foreach (int failingDataWrite in new[] { 0, 1, 3 })

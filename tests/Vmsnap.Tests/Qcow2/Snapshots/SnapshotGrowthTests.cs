@@ -8,18 +8,18 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// flags in place, as QEMU does: the file grows by a few clusters of metadata per snapshot, however
 /// many tables were written since the previous one (a copy of each would grow it by that many).
 /// </summary>
+[Trait("Category", "Unit")]
 public sealed class SnapshotGrowthTests : IDisposable
 {
     private readonly TempDir _dir = new();
 
     public void Dispose() => _dir.Dispose();
 
-    [Theory]
-    [QemuInlineData(1)]
-    [QemuInlineData(64)]
-    public void The_file_grows_by_the_same_few_clusters_per_snapshot_whatever_was_written_since_the_last(string version, int tablesWritten)
+    [QemuTheory]
+    [InlineData(1)]
+    [InlineData(64)]
+    public void The_file_grows_by_the_same_few_clusters_per_snapshot_whatever_was_written_since_the_last(int tablesWritten)
     {
-        using var qemuScope = QemuInstall.Use(version);
         // 4 KiB clusters: 2 MiB per L2 table, 64 tables for a 128 MiB disk.
         string image = _dir.File($"grow-{tablesWritten}.qcow2");
         Qemu.Create(image, 128 << 20, "cluster_size=4k");
@@ -38,7 +38,7 @@ public sealed class SnapshotGrowthTests : IDisposable
         Tool.QemuImg("snapshot", "-c", "second", byQemu);
         long qemuGrowth = new FileInfo(byQemu).Length - qemuBefore;
 
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuSnapshotContent(image, "second", _dir), "the new snapshot");
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuActiveContent(image, _dir), "the active disk");
         // The snapshot's L1 table, the active L1 table, refcount blocks and table, snapshot table: a handful of clusters.
@@ -46,7 +46,7 @@ public sealed class SnapshotGrowthTests : IDisposable
 
         // And the tables are the active disk's and the snapshot's at once: a write now copies the table, the snapshot keeps its bytes.
         using (var img = Qcow2Image.Open(image)) img.Write([0xee], 0);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(active, SnapshotKit.QemuSnapshotContent(image, "second", _dir), "the new snapshot after a write");
     }
 }

@@ -4,6 +4,7 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>Snapshots vmsnap makes, deletes and applies, judged by qemu-img (list, info, check, convert).</summary>
+[Trait("Category", "Unit")]
 public class SnapshotInteropTests
 {
     public static TheoryData<string> Configurations() =>
@@ -16,11 +17,10 @@ public class SnapshotInteropTests
         return b;
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Configurations))]
-    public void Create_delete_apply_agree_with_qemu(string version, string name)
+    [QemuTheory]
+    [MemberData(nameof(Configurations))]
+    public void Create_delete_apply_agree_with_qemu(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         long size = Math.Min(o.VirtualSize, 8L << 20);
         int cs = o.ClusterSize;
@@ -54,7 +54,7 @@ public class SnapshotInteropTests
         SnapshotKit.AssertEqualBytes(first, SnapshotKit.QemuSnapshotContent(image, "first", dir), "snapshot first");
         SnapshotKit.AssertEqualBytes(second, SnapshotKit.QemuSnapshotContent(image, "second", dir), "snapshot second");
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk");
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
             SnapshotKit.AssertSameAsQemuInfo(img.Snapshots, image);
 
@@ -64,13 +64,13 @@ public class SnapshotInteropTests
             model = (byte[])first.Clone();
             Write(img, cs + 1, Pattern(2 * cs, 6));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk after apply");
         SnapshotKit.AssertEqualBytes(first, SnapshotKit.QemuSnapshotContent(image, "first", dir), "snapshot first after apply");
 
         using (var img = Qcow2Image.Open(image))
             Assert.Equal("first", img.DeleteSnapshot("1").Name);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(second, SnapshotKit.QemuSnapshotContent(image, "second", dir), "snapshot second after delete");
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk after delete");
         using (var img = Qcow2Image.Open(image))
@@ -80,15 +80,13 @@ public class SnapshotInteropTests
             img.DeleteSnapshot("third");
             Assert.Empty(img.Snapshots);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotKit.AssertEqualBytes(model, SnapshotKit.QemuActiveContent(image, dir), "active disk at the end");
     }
 
-    [Theory]
-    [EachQemu]
-    public void Snapshots_of_an_overlay_and_of_compressed_clusters_agree_with_qemu(string version)
+    [QemuFact]
+    public void Snapshots_of_an_overlay_and_of_compressed_clusters_agree_with_qemu()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string raw = dir.File("source.raw");
         byte[] source = new byte[4 << 20];
@@ -108,23 +106,21 @@ public class SnapshotInteropTests
                 img.CreateSnapshot("v");
                 img.Write(Pattern(70_000, 9), 100_000);   // copy-on-write of compressed or backing data
             }
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuSnapshotContent(image, "v", dir), $"{Path.GetFileName(image)}: snapshot v");
             using (var img = Qcow2Image.Open(image)) img.ApplySnapshot("v");
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after apply");
             using (var img = Qcow2Image.Open(image)) img.DeleteSnapshot("v");
-            Qemu.AssertClean(image);
+            QemuImgCheck.AssertClean(image);
             SnapshotKit.AssertEqualBytes(before, SnapshotKit.QemuActiveContent(image, dir), $"{Path.GetFileName(image)}: after delete");
         }
         using (var img = Qcow2Image.Open(compressed)) img.DeleteSnapshot("q");
-        Qemu.AssertClean(compressed);
+        QemuImgCheck.AssertClean(compressed);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Extra_data_vmsnap_does_not_know_survives_table_rewrites_by_vmsnap_and_qemu(string version)
+    [QemuFact]
+    public void Extra_data_vmsnap_does_not_know_survives_table_rewrites_by_vmsnap_and_qemu()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("x.qcow2");
         Qemu.Create(image, 4 << 20);
@@ -135,7 +131,7 @@ public class SnapshotInteropTests
             img.Engine.State.Snapshots.Entries[0].UnknownExtraData = unknown;   // as if a newer QEMU had written it
             img.CreateSnapshot("b");                              // vmsnap rewrites the table
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Tool.QemuImg("snapshot", "-c", "c", image);              // QEMU rewrites it too
         Tool.QemuImg("snapshot", "-d", "b", image);
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
@@ -144,6 +140,6 @@ public class SnapshotInteropTests
             Assert.Equal(unknown, img.Engine.State.Snapshots.Entries[0].UnknownExtraData);
             Assert.Equal(4 << 20, img.Snapshots[0].DiskSize);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

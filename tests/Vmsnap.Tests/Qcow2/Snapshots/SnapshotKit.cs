@@ -139,15 +139,6 @@ internal static class SnapshotKit
         return bytes;
     }
 
-    /// <summary>qemu-img check's counts: (corruptions, leaks, check errors, exit code, text).</summary>
-    internal static (long Corruptions, long Leaks, long Errors, int Exit, string Text) Check(string image)
-    {
-        Tool.Result r = Tool.Run("qemu-img", ["check", "--output=json", image]);
-        Assert.True(r.ExitCode is 0 or 2 or 3, $"qemu-img check failed ({r.ExitCode}): {r.Stderr}{r.Stdout}");
-        JsonElement json = JsonDocument.Parse(r.Stdout).RootElement;
-        return (Qemu.Field(json, "corruptions"), Qemu.Field(json, "leaks"), Qemu.Field(json, "check-errors"), r.ExitCode, r.Stderr + r.Stdout);
-    }
-
     internal static void AssertEqualBytes(byte[] expected, byte[] actual, string what)
     {
         Assert.True(expected.Length == actual.Length, $"{what}: {actual.Length} bytes, expected {expected.Length}");

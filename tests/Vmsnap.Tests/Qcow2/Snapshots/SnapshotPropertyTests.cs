@@ -10,6 +10,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// each snapshot's disk (qemu-img convert -l) is the disk at its creation, the active disk is the
 /// model's, and each snapshot's VM state reads back as written.
 /// </summary>
+[Trait("Category", "Unit")]
 public class SnapshotPropertyTests
 {
     public static TheoryData<string, int> Cases()
@@ -27,11 +28,10 @@ public class SnapshotPropertyTests
         public readonly List<(string Name, byte[] Disk, byte[]? State)> Snapshots = [];
     }
 
-    [Theory]
-    [QemuMemberData(nameof(Cases))]
-    public void Random_snapshot_sequences_keep_the_image_consistent_and_every_snapshot_exact(string version, string config, int seed)
+    [QemuTheory]
+    [MemberData(nameof(Cases))]
+    public void Random_snapshot_sequences_keep_the_image_consistent_and_every_snapshot_exact(string config, int seed)
     {
-        using var qemuScope = QemuInstall.Use(version);
         var random = new Random(seed * 7919 + config.Length);
         OptionSet o = config == "v3-4k-rc4"
             ? new OptionSet("v3-4k-rc4", "cluster_size=4k,refcount_bits=4", new Qcow2CreateOptions { ClusterSize = 4096, RefcountBits = 4 }, 0)
@@ -142,7 +142,7 @@ public class SnapshotPropertyTests
             {
                 Close();
                 string where = $"{config} seed {seed} after step {step} ({what})";
-                (long corruptions, long leaks, long errors, _, string text) = SnapshotKit.Check(image);
+                (long corruptions, long leaks, long errors, _, string text) = QemuImgCheck.Of(image);
                 Assert.True(corruptions == 0 && leaks == 0 && errors == 0, $"{where}: {text}");
                 Assert.Equal(model.Snapshots.Select(s => s.Name), SnapshotKit.QemuList(image).Select(r => r.Tag));
                 if (step % 8 == 7 || step == Steps - 1)

@@ -6,6 +6,7 @@ using Vmsnap.VmState;
 namespace Vmsnap.Tests.Qcow2.Snapshots;
 
 /// <summary>The VM-state area: what is written reads back through the snapshot, nothing leaks, metadata goes out in batches.</summary>
+[Trait("Category", "Unit")]
 public class VmStateAreaTests
 {
     private static byte[] Random(int length, int seed)
@@ -52,15 +53,14 @@ public class VmStateAreaTests
         return clusters;
     }
 
-    [Theory]
-    [QemuInlineData("v3-64k")]
-    [QemuInlineData("v2-512")]
-    [QemuInlineData("extl2-16k")]
-    [QemuInlineData("v3-2m")]
-    [QemuInlineData("v3-4k-rc2")]
-    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string version, string name)
+    [QemuTheory]
+    [InlineData("v3-64k")]
+    [InlineData("v2-512")]
+    [InlineData("extl2-16k")]
+    [InlineData("v3-2m")]
+    [InlineData("v3-4k-rc2")]
+    public void Vm_state_written_reads_back_through_each_snapshot_and_deleting_frees_it(string name)
     {
-        using var qemuScope = QemuInstall.Use(version);
         OptionSet o = Qemu.Set(name);
         using var dir = new TempDir();
         string image = dir.File("a.qcow2");
@@ -82,7 +82,7 @@ public class VmStateAreaTests
             // The second save wrote fresh clusters: nothing of the first snapshot's VM state was shared or copied.
             Assert.Empty(HostClusters(img, img.FindSnapshot("one")!).Intersect(HostClusters(img, img.FindSnapshot("two")!)));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal([(long)first.Length, second.Length], SnapshotKit.QemuInfo(image).Select(s => s.VmStateSize));
         using (var img = Qcow2Image.Open(image))
         {
@@ -91,16 +91,14 @@ public class VmStateAreaTests
             img.DeleteSnapshot("one");
             Assert.True(second.AsSpan().SequenceEqual(ReadVmState(img, "two")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         using (var img = Qcow2Image.Open(image)) img.DeleteSnapshot("two");
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Discarding_a_failed_save_frees_everything_and_trims_the_file(string version)
+    [QemuFact]
+    public void Discarding_a_failed_save_frees_everything_and_trims_the_file()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("d.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -115,16 +113,14 @@ public class VmStateAreaTests
             Assert.Equal(0, area.Length);
             Assert.Equal(0UL, img.Engine.State.ActiveL1[img.Engine.State.Geometry.L1EntriesFor(img.VirtualSize)]);   // its L2 table went too
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.InRange(new FileInfo(image).Length, 0, before + 4 * 65536);
         Assert.Equal(["keep"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
-    [Theory]
-    [EachQemu]
-    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero(string version)
+    [QemuFact]
+    public void Bytes_of_a_reused_cluster_that_no_write_covered_read_as_zero()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("z.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -155,14 +151,12 @@ public class VmStateAreaTests
             expected.AsSpan(3 * cs + 5, 50).Fill(2);
             SnapshotKit.AssertEqualBytes(expected, back, "VM state with gaps");
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Metadata_is_written_in_batches_not_per_write(string version)
+    [QemuFact]
+    public void Metadata_is_written_in_batches_not_per_write()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("b.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -194,14 +188,12 @@ public class VmStateAreaTests
             Assert.True(smallCreate is >= 4 and <= 16, $"{smallCreate} small writes for the snapshot: {string.Join(", ", device.SmallLog)}");
             Assert.True(data.AsSpan().SequenceEqual(ReadVmState(img, "b")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public async Task Writes_completing_in_any_order_land_where_they_belong(string version)
+    [QemuFact]
+    public async Task Writes_completing_in_any_order_land_where_they_belong()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("o.qcow2");
         Qemu.Create(image, 16 << 20, "cluster_size=4k");
@@ -227,14 +219,12 @@ public class VmStateAreaTests
             }
             Assert.True(data.AsSpan().SequenceEqual(ReadVmState(img, "o")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected(string version)
+    [QemuFact]
+    public void The_area_belongs_to_one_writer_and_snapshots_in_use_are_protected()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("r.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -257,11 +247,9 @@ public class VmStateAreaTests
         Assert.Throws<SnapshotNotFoundException>(() => img.OpenVmStateAreaForReading("with-state"));
     }
 
-    [Theory]
-    [EachQemu]
-    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save(string version)
+    [QemuFact]
+    public void What_an_abandoned_save_or_a_qemu_apply_left_in_the_active_table_is_dropped_by_the_next_save()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("l.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -271,10 +259,10 @@ public class VmStateAreaTests
             using (Save(img, kept)) img.CreateSnapshot("kept", new Qcow2SnapshotCreateOptions { VmStateSize = kept.Length });
             using (Save(img, Random(3 << 20, 9))) { }   // abandoned: still mapped by the active table
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         // QEMU's apply copies the snapshot's whole L1 table, VM-state area included, into the active one.
         Tool.QemuImg("snapshot", "-a", "kept", image);
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         byte[] next = Random(1 << 20, 10);
         using (var img = Qcow2Image.Open(image))
         {
@@ -282,14 +270,12 @@ public class VmStateAreaTests
             Assert.True(kept.AsSpan().SequenceEqual(ReadVmState(img, "kept")));
             Assert.True(next.AsSpan().SequenceEqual(ReadVmState(img, "next")));
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer(string version)
+    [QemuFact]
+    public void A_snapshot_create_that_fails_leaves_the_area_to_its_writer()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("f.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -305,14 +291,12 @@ public class VmStateAreaTests
             area.Discard(0, area.Length);                   // ...or be given up without a trace
         }
         device.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 
-    [Theory]
-    [EachQemu]
-    public void Closing_the_image_with_the_area_still_open_leaks_nothing(string version)
+    [QemuFact]
+    public void Closing_the_image_with_the_area_still_open_leaks_nothing()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("c.qcow2");
         Qemu.Create(image, 16 << 20);
@@ -321,6 +305,6 @@ public class VmStateAreaTests
         area.Write(Random(100_000, 12), 0);   // a reservation of several MiB, little of it used
         img.Dispose();
         area.Dispose();
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }

@@ -13,6 +13,7 @@ namespace Vmsnap.Tests.Qcow2.Snapshots;
 /// QEMU's loadvm. VM-state streams are compared by meaning (DESIGN.md measured that a savevm stream
 /// and a migration stream of the same state are equivalent but not byte-identical).
 /// </summary>
+[Trait("Category", "Unit")]
 public class VmStateQemuTests
 {
     private const long RamBytes = 32 << 20;
@@ -42,11 +43,9 @@ public class VmStateQemuTests
     private static string[] DeviceSections(MigrationStreamInfo info) =>
         info.Sections.Where(s => s.Kind == MigrationSectionKind.Device).Select(s => s.Name).ToArray();
 
-    [Theory]
-    [EachQemu]
-    public void Vmsnap_reads_the_vm_state_of_a_qemu_savevm_snapshot(string version)
+    [QemuFact]
+    public void Vmsnap_reads_the_vm_state_of_a_qemu_savevm_snapshot()
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("vm.qcow2");
         Qemu.Create(image, 64 << 20);
@@ -93,7 +92,7 @@ public class VmStateQemuTests
             Assert.Equal(before.VmStateSize, MigrationStream.Inspect(reader).TotalBytes);
         }
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), ours);
-        Tool.Result cli = Tool.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "vmsnap.dll"), "snapshot", "list", image]);
+        Tool.Result cli = VmsnapCli.Run(["snapshot", "list", image]);
         SnapshotKit.AssertSameListing(Tool.QemuImg("snapshot", "-l", image), cli.Stdout);
 
         // What QEMU streams for the same state: -loadvm, then migrate to a file.
@@ -127,17 +126,16 @@ public class VmStateQemuTests
             img.DeleteSnapshot("before");
             img.DeleteSnapshot("second");
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         Assert.Equal(["diskonly"], SnapshotKit.QemuList(image).Select(r => r.Tag));
     }
 
-    [Theory]
-    [QemuInlineData("", false)]
-    [QemuInlineData("cluster_size=2M", true)]
-    [QemuInlineData("cluster_size=4k,extended_l2=off,refcount_bits=8", false)]
-    public void Qemu_loadvm_takes_a_snapshot_whose_vm_state_vmsnap_wrote(string version, string options, bool direct)
+    [QemuTheory]
+    [InlineData("", false)]
+    [InlineData("cluster_size=2M", true)]
+    [InlineData("cluster_size=4k,extended_l2=off,refcount_bits=8", false)]
+    public void Qemu_loadvm_takes_a_snapshot_whose_vm_state_vmsnap_wrote(string options, bool direct)
     {
-        using var qemuScope = QemuInstall.Use(version);
         using var dir = new TempDir();
         string image = dir.File("ours.qcow2");
         Qemu.Create(image, 64 << 20, options);
@@ -171,7 +169,7 @@ public class VmStateQemuTests
             Qcow2Engine e = img.Engine;
             for (long i = e.State.Geometry.L1EntriesFor(e.State.VirtualSize); i < e.State.ActiveL1.Size; i++) Assert.Equal(0UL, e.State.ActiveL1[i]);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
         SnapshotRow row = Assert.Single(SnapshotKit.QemuList(image));
         Assert.Equal(SnapshotCommands.FormatVmSize((ulong)streamBytes), row.VmSize);
         Assert.Equal(SnapshotKit.ListedClock("00:00:02.345"), row.VmClock);
@@ -195,6 +193,6 @@ public class VmStateQemuTests
             }
             img.DeleteSnapshot(made.Id);
         }
-        Qemu.AssertClean(image);
+        QemuImgCheck.AssertClean(image);
     }
 }
