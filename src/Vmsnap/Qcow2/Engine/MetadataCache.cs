@@ -126,9 +126,11 @@ internal sealed class MetadataCache
         _tables.Add(offset, new Table(offset, data) { LastUse = ++_clock });
     }
 
+    /// <summary>Marks a table changed in memory. It is checked against the other metadata now, so that an overlap refuses the change before anything of it reaches the disk (and again when it is written back).</summary>
     internal void MarkDirty(Table table)
     {
         if (table.Dirty) return;
+        _file.Check(table.Offset, _clusterSize, _kind);
         table.Dirty = true;
         _dirtyCount++;
     }

@@ -265,6 +265,16 @@ internal sealed partial class Qcow2Engine
         long last = end & ~(long)(cs - 1);
         BackingStore? backing = State.Backing;
         bool v2WithBacking = Header.Version < 3 && backing is not null;
+        if (!discard)
+        {
+            // Zeroes go in several writes: everything the whole range relies on is checked before the first.
+            lock (SyncRoot)
+            {
+                ThrowIfDisposed();
+                Guard.EnsureWritable();
+                Mapping.ValidateForWrite(offset, length);
+            }
+        }
         if (!discard && (first >= last || v2WithBacking))
         {
             WriteZeroBytes(offset, length);

@@ -253,6 +253,7 @@ internal sealed partial class RefcountManager
     /// </summary>
     internal void TrimFreeTail()
     {
+        if (_file.Stopped) return;   // the refcounts in memory may be what made a write hit metadata: nothing is cut by them
         long clusters = _g.ClustersFor(_file.Device.Length);
         long end = Math.Max(EndOfUsed(clusters), ReservedEnd);
         if (end < clusters) _file.Device.SetLength(end << _g.ClusterBits);
