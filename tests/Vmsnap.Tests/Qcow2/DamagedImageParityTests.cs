@@ -78,6 +78,27 @@ public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposa
         Assert.NotEqual(0, r.ExitCode);
     }
 
+    /// <summary>
+    /// An image with data and a snapshot 'test', one field of whose table entry (<paramref name="field"/>: 0 the L1
+    /// table's offset, 8 its size) holds <paramref name="value"/>; QEMU's <c>qemu-img snapshot <paramref name="qemuOption"/> test</c>
+    /// against vmsnap's <paramref name="vmsnap"/>.
+    /// </summary>
+    private static (string, Case) SnapshotDamaged(int field, ulong value, string qemuOption, Action<Qcow2Image> vmsnap) => ("", new(
+        image =>
+        {
+            Qemu.Io(image, "write -P 1 0 512");
+            Tool.QemuImg("snapshot", "-c", "test", image);
+            long entry = (long)Qemu.Header(image).SnapshotsOffset + field;
+            if (field == 0) Qemu.WriteBE64(image, entry, value);
+            else Qemu.WriteBE32(image, entry, (uint)value);
+        },
+        image => Tool.Run("qemu-img", ["snapshot", qemuOption, "test", image]),
+        image =>
+        {
+            using var img = Qcow2Image.Open(image);
+            vmsnap(img);
+        }));
+
     private static readonly Dictionary<string, (string Create, Case Case)> Cases = new()
     {
         // ---- writes into damaged metadata (060) ----
@@ -170,6 +191,32 @@ public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposa
             image => Qemu.WriteBE64(image, Qcow2Header.RefcountTableFieldsOffset, 0),
             image => QemuIo(image, "write -P 0x2a 0 64k"),
             VmsnapWrite(0, 65536))),
+
+        // ---- invalid tables met by a change (080) ----
+        ["the refcount table is larger than QEMU allows; write"] = ("", new(
+            image => Qemu.WriteBE32(image, Qcow2Header.RefcountTableFieldsOffset + 8, 0x0002_0001),
+            image => QemuIo(image, "write -P 0x2a 0 512"),
+            VmsnapWrite(0, 512))),
+        ["the L1 table is larger than QEMU allows; write"] = ("", new(
+            image => Qemu.WriteBE32(image, Qcow2Header.L1SizeOffset, 0x7fff_ffff),
+            image => QemuIo(image, "write -P 0x2a 0 512"),
+            VmsnapWrite(0, 512))),
+        ["the snapshot table lies past the end of the file; snapshot create"] = ("", new(
+            image =>
+            {
+                Qemu.WriteBE64(image, Qcow2Header.SnapshotFieldsOffset + 4, 16 << 20);
+                Qemu.WriteBE32(image, Qcow2Header.SnapshotFieldsOffset, 0x1_0000);
+            },
+            image => Tool.Run("qemu-img", ["snapshot", "-c", "test", image]),
+            image =>
+            {
+                using var img = Qcow2Image.Open(image);
+                img.CreateSnapshot("test");
+            })),
+        ["a snapshot's L1 table is misaligned; apply it"] = SnapshotDamaged(0, 0x400200, "-a", img => img.ApplySnapshot("test")),
+        ["a snapshot's L1 table is misaligned; delete it"] = SnapshotDamaged(0, 0x400200, "-d", img => img.DeleteSnapshot("test")),
+        ["a snapshot's L1 table is larger than QEMU allows; apply it"] = SnapshotDamaged(8, 0x1000_0000, "-a", img => img.ApplySnapshot("test")),
+        ["a snapshot's L1 table is larger than QEMU allows; delete it"] = SnapshotDamaged(8, 0x1000_0000, "-d", img => img.DeleteSnapshot("test")),
 
         // ---- dirty images (the refusals leave every byte; a repair only for a change that goes ahead) ----
         ["dirty, a refcount block far past the end; delete a snapshot that does not exist"] = ("lazy_refcounts=on", new(
