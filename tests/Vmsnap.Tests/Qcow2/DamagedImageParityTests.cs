@@ -291,9 +291,11 @@ public sealed class DamagedImageParityTests(ITestOutputHelper output) : IDisposa
         {
             Assert.True(refused is VmsnapException, $"QEMU refuses ({qemuSays.Trim()}); vmsnap: {(refused is null ? "succeeded" : refused.ToString())}");
             byte[] after = File.ReadAllBytes(forVmsnap);
+            bool qemuMarked = (Qemu.ReadBE64(forQemu, Qcow2Header.IncompatibleFeaturesOffset) & Qcow2Header.IncompatibleCorrupt) != 0;
+            output.WriteLine($"QEMU's copy {(qemuMarked ? "marked corrupt" : File.ReadAllBytes(forQemu).AsSpan().SequenceEqual(before) ? "unchanged" : "changed")}; vmsnap's {(after.AsSpan().SequenceEqual(before) ? "unchanged" : "changed")}");
             if (after.AsSpan().SequenceEqual(before)) return;
             // Else only the corrupt bit, and only where QEMU marks its copy corrupt too.
-            Assert.True((Qemu.ReadBE64(forQemu, Qcow2Header.IncompatibleFeaturesOffset) & Qcow2Header.IncompatibleCorrupt) != 0,
+            Assert.True(qemuMarked,
                 $"vmsnap refused ({refused!.Message}) but changed the file, and QEMU did not mark its copy corrupt ({qemuSays.Trim()})");
             byte[] marked = (byte[])before.Clone();
             ulong features = BinaryPrimitives.ReadUInt64BigEndian(marked.AsSpan(Qcow2Header.IncompatibleFeaturesOffset)) | Qcow2Header.IncompatibleCorrupt;
