@@ -9,4 +9,12 @@ qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
 "$VMSNAP_QEMU10/qemu-system-x86_64" --version | head -1
 echo "guest kernel $(cat "$VMSNAP_GUEST/version")"
-dotnet test Vmsnap.slnx -c Release --logger "console;verbosity=normal" "$@"
+# The log is kept so that the end of the output names every failed test with its message (CI shows the tail).
+log=$(mktemp)
+status=0
+dotnet test Vmsnap.slnx -c Release --logger "console;verbosity=normal" "$@" 2>&1 | tee "$log" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "=== failed tests (from $log)"
+    awk '/^  Failed /{p=1; n=0} /^  (Passed|Skipped) /{p=0} p && n++ < 25' "$log"
+fi
+exit "$status"

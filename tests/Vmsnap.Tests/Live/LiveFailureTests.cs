@@ -33,7 +33,7 @@ public class LiveFailureTests
         using (TestGuest guest = TestGuest.Boot(dir, options))
         {
             guest.WaitForTick(t => t.N >= 3);
-            (_, beforeWindow) = SaveVm(guest, "before", live: true);
+            (_, beforeWindow) = SaveVm(guest, "before", live: LiveSaveRestoresExactly);   // restored at the end
             listings = guest.Disks.Select(Listing).ToArray();
             beforeState = VmStateHash(guest.Disks[0], "before");
             long bandwidth = MaxBandwidth(guest.Vm);

@@ -42,7 +42,7 @@ public class LiveInteropTests
             qemuWindow = new SaveWindow(before.N, guest.WaitForTick(t => t.N > returned).N, before.Boot);
 
             // vmsnap's live savevm, then QEMU's own HMP loadvm of it in the same QEMU: the guest goes back.
-            (_, SaveWindow vmsnapWindow) = SaveVm(guest, "vmsnap-live", live: true);
+            (_, SaveWindow vmsnapWindow) = SaveVm(guest, "vmsnap-live", live: LiveSaveRestoresExactly);
             guest.WaitForTick(t => t.N > vmsnapWindow.After + 2);
             int printed = guest.Ticks().Count;
             Assert.Equal("", guest.Vm.Hmp("loadvm vmsnap-live").Trim());

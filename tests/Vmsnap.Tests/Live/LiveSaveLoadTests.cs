@@ -55,7 +55,8 @@ public class LiveSaveLoadTests
             Assert.True(first[1].VmClockNanoseconds > first[0].VmClockNanoseconds);
         }
 
-        foreach ((string tag, SaveWindow window) in new[] { ("stopped", stoppedWindow), ("live", liveWindow) })
+        // The live save is restored where QEMU's live migration of a TCG guest is consistent (not 7.2: see LiveSaveRestoresExactly).
+        foreach ((string tag, SaveWindow window) in new[] { ("stopped", stoppedWindow), ("live", liveWindow) }.Where(s => s.Item1 != "live" || LiveSaveRestoresExactly))
         {
             using (TestGuest restored = RestartOn(dir, machine, "-loadvm", tag))
             {
