@@ -18,10 +18,11 @@
 # rows are what the snapshots cost. `*_used` is the change of the host clusters in use (refcount
 # above 0) across the create alone: the space a snapshot really takes, holes or not. Then those
 # snapshots are deleted.
-# BASELINE (a vmsnap.dll of another build, e.g. main) adds its rows for comparison.
+# BASELINE (a vmsnap.dll of another build, e.g. main) adds its rows (create and save) for comparison.
 # Prints every run, then the medians and vmsnap/QEMU ratios.
 # Usage: bench/snapshot-scale.sh   (env: ROUNDS=5 GROWTH=6 DISK_DIR=bench/.scratch SIZE=1T SNAPSHOTS=64
-#        WRITTEN=8G DIRTY=64M TABLES=256 SAVE_RAM=64M REBUILD=0 BASELINE=/path/to/another/vmsnap.dll)
+#        WRITTEN=8G DIRTY=64M TABLES=256 SAVE_RAM=64M REBUILD=0 BASELINE=/path/to/another/vmsnap.dll QEMU=1)
+# QEMU=0 leaves QEMU's rows out (vmsnap against BASELINE only, for more rounds in the time). cpu_s: user + system time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
@@ -57,10 +58,10 @@ run() {
   local label=$1; shift
   local before after
   before=$(stat -c %s "$IMG")
-  /usr/bin/time -f "%e %M" -o "$times" "$@" >/dev/null 2>&1 < "${STDIN:-/dev/null}"
+  /usr/bin/time -f "%e %M %U %S" -o "$times" "$@" >/dev/null 2>&1 < "${STDIN:-/dev/null}"
   after=$(stat -c %s "$IMG")
-  read -r secs kib < "$times"
-  echo "$label $secs $kib $((after - before))" | tee -a "$out" | sed 's/^/# /'
+  read -r secs kib user sys < "$times"
+  echo "$label $secs $kib $((after - before)) $(echo "$user + $sys" | bc)" | tee -a "$out" | sed 's/^/# /'
 }
 cleanup() { "${VMSNAP[@]}" snapshot delete "$IMG" "$1" >/dev/null; }
 dirty() { "${BENCH[@]}" dirty --image "$IMG" --bytes "$DIRTY" --tables "$TABLES" --seed "$1" 2>/dev/null; }
@@ -72,7 +73,11 @@ echo "# label seconds peak_KiB growth_bytes"
 for round in $(seq "$ROUNDS"); do
   creates=(vmsnap qemu); saves=(vmsnap qemu)
   if [ $((round % 2)) -eq 0 ]; then creates=(qemu vmsnap); saves=(qemu vmsnap); fi
-  [ -n "${BASELINE:-}" ] && creates+=(baseline)
+  if [ "${QEMU:-1}" = 0 ]; then creates=(vmsnap); saves=(vmsnap); fi
+  if [ -n "${BASELINE:-}" ]; then   # the two builds alternate which goes first
+    if [ $((round % 2)) -eq 0 ]; then creates=(baseline "${creates[@]}"); saves=(baseline "${saves[@]}")
+    else creates+=(baseline); saves+=(baseline); fi
+  fi
   for tool in "${creates[@]}"; do
     dirty "$((round * 10 + ${#tool}))"
     case $tool in
@@ -86,6 +91,7 @@ for round in $(seq "$ROUNDS"); do
   for tool in "${saves[@]}"; do
     case $tool in
       vmsnap) run vmsnap_save "${VMSNAP[@]}" save "$IMG" --name benchsave --machine none --ram "ram0=$RAM" ;;
+      baseline) run baseline_save dotnet "$BASELINE" save "$IMG" --name benchsave --machine none --ram "ram0=$RAM" ;;
       qemu) STDIN=$monitor run qemu_savevm qemu-system-x86_64 -machine none -m "$((ram_bytes >> 20))M" \
               -object "memory-backend-file,id=ram0,size=$ram_bytes,mem-path=$RAM,share=on" -machine memory-backend=ram0 \
               -nodefaults -display none -monitor stdio -S -drive "file=$IMG,if=none,id=d0,format=qcow2" ;;
@@ -94,6 +100,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 growth_tools=(vmsnap qemu)
+[ "${QEMU:-1}" = 0 ] && growth_tools=(vmsnap)
 [ -n "${BASELINE:-}" ] && growth_tools+=(baseline)
 for tool in "${growth_tools[@]}"; do
   for i in $(seq "$GROWTH"); do
@@ -113,19 +120,19 @@ done
 qemu-img check "$IMG" >/dev/null && echo "# qemu-img check: clean"
 
 awk '
-  { n[$1]++; s[$1, n[$1]] = $2; m[$1, n[$1]] = $3; g[$1, n[$1]] = $4 }
+  { n[$1]++; s[$1, n[$1]] = $2; m[$1, n[$1]] = $3; g[$1, n[$1]] = $4; u[$1, n[$1]] = $5 }
   function med(a, k, c,   i, j, t, v) {
     for (i = 1; i <= c; i++) v[i] = a[k, i]
     for (i = 2; i <= c; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
     return c % 2 ? v[(c + 1) / 2] : (v[c / 2] + v[c / 2 + 1]) / 2
   }
   END {
-    printf "%-20s %5s %10s %12s %14s\n", "operation", "runs", "seconds", "peak_MiB", "growth_KiB"
-    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save qemu_savevm vmsnap_create_seq qemu_img_create_seq baseline_create_seq", order, " ")
+    printf "%-20s %5s %10s %12s %14s %8s\n", "operation", "runs", "seconds", "peak_MiB", "growth_KiB", "cpu_s"
+    c = split("vmsnap_startup vmsnap_create qemu_img_create baseline_create vmsnap_save baseline_save qemu_savevm vmsnap_create_seq qemu_img_create_seq baseline_create_seq", order, " ")
     for (o = 1; o <= c; o++) {
       k = order[o]; if (!(k in n)) continue
-      sec[k] = med(s, k, n[k]); mib[k] = med(m, k, n[k]) / 1024; kib[k] = med(g, k, n[k]) / 1024
-      printf "%-20s %5d %10.3f %12.1f %14.1f\n", k, n[k], sec[k], mib[k], kib[k]
+      sec[k] = med(s, k, n[k]); mib[k] = med(m, k, n[k]) / 1024; kib[k] = med(g, k, n[k]) / 1024; cpu[k] = med(u, k, n[k])
+      printf "%-20s %5d %10.3f %12.1f %14.1f %8.2f\n", k, n[k], sec[k], mib[k], kib[k], cpu[k]
     }
     c = split("vmsnap_growth qemu_img_growth baseline_growth vmsnap_used qemu_img_used baseline_used", order, " ")
     for (o = 1; o <= c; o++) {
@@ -139,6 +146,10 @@ awk '
       printf "file growth per round of %s writes and a snapshot: vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", dirty, kib["vmsnap_growth"], kib["qemu_img_growth"], ("baseline_growth" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_growth"]) : ""
     if (("vmsnap_used" in n) && ("qemu_img_used" in n))
       printf "space one snapshot takes (clusters in use): vmsnap %.0f KiB, qemu-img %.0f KiB%s\n", kib["vmsnap_used"], kib["qemu_img_used"], ("baseline_used" in n) ? sprintf(", baseline %.0f KiB", kib["baseline_used"]) : ""
+    if (("vmsnap_create" in n) && ("baseline_create" in n))
+      printf "create: vmsnap/baseline time %.3f, cpu %.3f\n", sec["vmsnap_create"] / sec["baseline_create"], cpu["vmsnap_create"] / cpu["baseline_create"]
+    if (("vmsnap_save" in n) && ("baseline_save" in n))
+      printf "save: vmsnap/baseline time %.3f, cpu %.3f\n", sec["vmsnap_save"] / sec["baseline_save"], cpu["vmsnap_save"] / cpu["baseline_save"]
     if (("vmsnap_save" in n) && ("qemu_savevm" in n))
       printf "save: vmsnap/QEMU savevm time %.2f, peak memory %.2f\n", sec["vmsnap_save"] / sec["qemu_savevm"], mib["vmsnap_save"] / mib["qemu_savevm"]
   }' dirty="$DIRTY" "$out"

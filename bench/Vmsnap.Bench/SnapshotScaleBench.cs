@@ -89,13 +89,13 @@ internal static class SnapshotScaleBench
     {
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true, ForceShare = true });
         Qcow2Engine e = img.Engine;
-        long clusters = e.Geometry.ClustersFor(e.Device.Length), used = 0;
+        long clusters = e.State.Geometry.ClustersFor(e.State.Device.Length), used = 0;
         lock (e.SyncRoot)
         {
             var reader = new RefcountManager.Reader(e.Refcounts);
             for (long c = 0; c < clusters; c++) if (reader.Get(c) > 0) used++;
         }
-        return used * e.Geometry.ClusterSize;
+        return used * e.State.Geometry.ClusterSize;
     }
 
     private static long ParseSize(string s)

@@ -12,7 +12,7 @@ public sealed partial class Qcow2Image
         get
         {
             lock (Engine.SyncRoot)
-                return Engine.Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Engine.Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0;
+                return Engine.State.Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Engine.State.Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0;
         }
     }
 
@@ -20,7 +20,7 @@ public sealed partial class Qcow2Image
     internal List<(long Offset, long Length)> FreeRuns(long end, long minLength) => Engine.FreeRuns(end, minLength);
 
     /// <summary>Bytes of the file the refcount table can describe without growing.</summary>
-    internal long RefcountReach => (long)Engine.Refcounts.Table.Length * Engine.Geometry.RefcountBlockEntries << Engine.Geometry.ClusterBits;
+    internal long RefcountReach => (long)Engine.Refcounts.Table.Length * Engine.State.Geometry.RefcountBlockEntries << Engine.State.Geometry.ClusterBits;
 
     /// <summary>
     /// Why the file region from <paramref name="offset"/> (<paramref name="length"/> bytes written there)

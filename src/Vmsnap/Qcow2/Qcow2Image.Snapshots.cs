@@ -11,7 +11,7 @@ public sealed partial class Qcow2Image
             lock (Engine.SyncRoot)
             {
                 Engine.ThrowIfDisposed();
-                return Engine.Snapshots.Select(ToPublic).ToArray();
+                return Engine.State.Snapshots.Entries.Select(ToPublic).ToArray();
             }
         }
     }
@@ -24,9 +24,9 @@ public sealed partial class Qcow2Image
         lock (Engine.SyncRoot)
         {
             Engine.ThrowIfDisposed();
-            Engine.ValidateSnapshotTable();
-            int index = Engine.FindSnapshotIndex(idOrName);
-            return index < 0 ? null : ToPublic(Engine.Snapshots[index]);
+            Engine.SnapshotOps.ValidateSnapshotTable();
+            int index = Engine.SnapshotOps.FindSnapshotIndex(idOrName);
+            return index < 0 ? null : ToPublic(Engine.State.Snapshots[index]);
         }
     }
 
@@ -46,7 +46,7 @@ public sealed partial class Qcow2Image
     /// <exception cref="Qcow2FormatException">The image is corrupt.</exception>
     public Qcow2Snapshot CreateSnapshot(string name, Qcow2SnapshotCreateOptions? options = null)
     {
-        SnapshotEntry entry = Run(() => Engine.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
+        SnapshotEntry entry = Run(() => Engine.SnapshotOps.CreateSnapshot(name, options ?? new Qcow2SnapshotCreateOptions()));
         return ToPublic(entry);
     }
 
@@ -56,7 +56,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     /// <returns>The snapshot deleted.</returns>
     /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
-    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.DeleteSnapshot(idOrName)));
+    public Qcow2Snapshot DeleteSnapshot(string idOrName) => ToPublic(Run(() => Engine.SnapshotOps.DeleteSnapshot(idOrName)));
 
     /// <summary>
     /// Reverts the active disk to the snapshot with this ID or name (like <c>qemu-img snapshot -a</c>);
@@ -65,7 +65,7 @@ public sealed partial class Qcow2Image
     /// <returns>The snapshot applied.</returns>
     /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     /// <exception cref="OperationRefusedException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
-    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.ApplySnapshot(idOrName)));
+    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.SnapshotOps.ApplySnapshot(idOrName)));
 
     /// <summary>
     /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's
@@ -93,7 +93,7 @@ public sealed partial class Qcow2Image
         lock (Engine.SyncRoot)
         {
             Engine.ThrowIfDisposed();
-            entry = Engine.Snapshots.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
+            entry = Engine.State.Snapshots.Entries.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
                 ?? throw new SnapshotNotFoundException(snapshot.Id, Path);
         }
         return Engine.OpenVmStateForReading(entry, ToPublic(entry), wholeArea);
@@ -113,7 +113,7 @@ public sealed partial class Qcow2Image
         DateSeconds = s.DateSeconds,
         DateNanoseconds = s.DateNanoseconds,
         VmClock = unchecked((long)s.VmClockNanoseconds),
-        DiskSize = s.DiskSize is ulong d ? (long)Math.Min(d, long.MaxValue) : Engine.VirtualSize,
+        DiskSize = s.DiskSize is ulong d ? (long)Math.Min(d, long.MaxValue) : Engine.State.VirtualSize,
         Icount = s.Icount ?? -1,
         L1TableOffset = s.L1TableOffset,
         L1Size = (int)Math.Min(s.L1Size, int.MaxValue),

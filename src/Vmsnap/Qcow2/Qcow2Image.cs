@@ -89,16 +89,16 @@ public sealed partial class Qcow2Image : IDisposable
         new(Qcow2Engine.Create(device, name, virtualSize, options ?? new Qcow2CreateOptions(), ownsDevice: false));
 
     /// <summary>Path of the image file.</summary>
-    public string Path => Engine.Path;
+    public string Path => Engine.State.Path;
 
     /// <summary>Size of the virtual disk in bytes.</summary>
-    public long VirtualSize => Engine.VirtualSize;
+    public long VirtualSize => Engine.State.VirtualSize;
 
     /// <summary>Cluster size in bytes.</summary>
-    public int ClusterSize => Engine.Geometry.ClusterSize;
+    public int ClusterSize => Engine.State.Geometry.ClusterSize;
 
     /// <summary>True when the image was opened read-only.</summary>
-    public bool IsReadOnly => Engine.ReadOnly;
+    public bool IsReadOnly => Engine.State.ReadOnly;
 
     /// <summary>The image's settings as stored in its header, and its file size.</summary>
     public Qcow2ImageInfo Info
@@ -108,12 +108,12 @@ public sealed partial class Qcow2Image : IDisposable
             lock (Engine.SyncRoot)
             {
                 Engine.ThrowIfDisposed();
-                return Describe(Engine);
+                return Describe(Engine.State);
             }
         }
     }
 
-    private static Qcow2ImageInfo Describe(Qcow2Engine engine)
+    private static Qcow2ImageInfo Describe(Qcow2State engine)
     {
         Qcow2Header h = engine.Header;
         return new Qcow2ImageInfo
@@ -140,7 +140,7 @@ public sealed partial class Qcow2Image : IDisposable
         };
     }
 
-    private static IReadOnlyList<Qcow2BitmapInfo> DescribeBitmaps(Qcow2Engine engine)
+    private static IReadOnlyList<Qcow2BitmapInfo> DescribeBitmaps(Qcow2State engine)
     {
         Qcow2Header h = engine.Header;
         // Without the autoclear bit a program unaware of bitmaps wrote the image: QEMU ignores the extension.
@@ -266,7 +266,7 @@ public sealed partial class Qcow2Image : IDisposable
     {
         ArgumentOutOfRangeException.ThrowIfNegative(offset);
         ArgumentOutOfRangeException.ThrowIfNegative(length);
-        if (offset > Engine.VirtualSize - length)
-            throw new ArgumentOutOfRangeException(nameof(offset), offset, $"range of {length} bytes at offset {offset} lies beyond the virtual disk ({Engine.VirtualSize} bytes)");
+        if (offset > Engine.State.VirtualSize - length)
+            throw new ArgumentOutOfRangeException(nameof(offset), offset, $"range of {length} bytes at offset {offset} lies beyond the virtual disk ({Engine.State.VirtualSize} bytes)");
     }
 }

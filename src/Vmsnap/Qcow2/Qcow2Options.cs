@@ -41,6 +41,26 @@ public sealed record Qcow2CreateOptions
     public bool FailIfExists { get; init; }
 }
 
+/// <summary>
+/// Which metadata every write is checked against before it is made (QEMU's qcow2 <c>overlap-check</c>
+/// option). A write that would overwrite metadata means the image's metadata is inconsistent: it is
+/// refused, nothing of it is written, and the image is marked corrupt, as QEMU marks it.
+/// </summary>
+public enum Qcow2OverlapCheck
+{
+    /// <summary>QEMU's "cached", the default: the header, the active L1 table and its L2 tables, the refcount table and its blocks, the snapshot table, the snapshots' L1 tables and the bitmap directory.</summary>
+    Cached = 0,
+
+    /// <summary>QEMU's "none": no check.</summary>
+    None,
+
+    /// <summary>QEMU's "constant": the header, the active L1 table, the refcount table, the snapshot table and the bitmap directory.</summary>
+    Constant,
+
+    /// <summary>QEMU's "all": what "cached" checks, and the snapshots' L2 tables.</summary>
+    All,
+}
+
 /// <summary>How to open a qcow2 image.</summary>
 public sealed record Qcow2OpenOptions
 {
@@ -69,7 +89,10 @@ public sealed record Qcow2OpenOptions
     /// </summary>
     public bool ForceShare { get; init; }
 
-    /// <summary>Skip the refcount repair a dirty image (lazy refcounts) gets on a writable open; check uses it.</summary>
+    /// <summary>Which metadata each write is checked against first (QEMU's overlap-check; default <see cref="Qcow2OverlapCheck.Cached"/>).</summary>
+    public Qcow2OverlapCheck OverlapCheck { get; init; } = Qcow2OverlapCheck.Cached;
+
+    /// <summary>Skip the refcount repair a dirty image (lazy refcounts) gets before its first change; check uses it.</summary>
     internal bool SkipDirtyRepair { get; init; }
 
     /// <summary>

@@ -67,16 +67,16 @@ public sealed class Qcow2VmStateArea : IBlockDevice
     public bool IsReadOnly => _allocation is null;
 
     /// <inheritdoc/>
-    public int Alignment => _engine.Device.Alignment;
+    public int Alignment => _engine.State.Device.Alignment;
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
     private VmStateAllocation Allocation()
     {
         ThrowIfDisposed();
-        if (_allocation is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.Path}' is open for reading only");
+        if (_allocation is null) throw new StorageException($"the VM state of snapshot {Snapshot!.Id} ('{Snapshot.Name}') in '{_engine.State.Path}' is open for reading only");
         if (_allocation.CapturedBy is { } snapshot)
-            throw new OperationRefusedException($"the VM-state area of '{_engine.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
+            throw new OperationRefusedException($"the VM-state area of '{_engine.State.Path}' was taken over by snapshot '{snapshot}'; open a new one to write more");
         return _allocation;
     }
 
@@ -115,7 +115,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         List<(long Host, int DataOffset, int Length)> segments = Map(allocation, offset, buffer.Length);
         try
         {
-            foreach ((long host, int at, int n) in segments) _engine.Device.Write(buffer.Slice(at, n), host);
+            foreach ((long host, int at, int n) in segments) _engine.State.Device.Write(buffer.Slice(at, n), host);
         }
         catch (Exception e) when (_engine.NoteFailure(e))
         {
@@ -140,7 +140,7 @@ public sealed class Qcow2VmStateArea : IBlockDevice
         try
         {
             foreach ((long host, int at, int n) in segments)
-                issued.Add(_engine.Device.WriteAsync(buffer.Slice(at, n), host, cancellationToken).AsTask());
+                issued.Add(_engine.State.Device.WriteAsync(buffer.Slice(at, n), host, cancellationToken).AsTask());
         }
         catch (Exception e)
         {

@@ -225,7 +225,7 @@ public static class VmSnapshots
     {
         try
         {
-            Qcow2Engine.CheckSnapshotName(name);   // before the stream is written, not after
+            SnapshotOperations.CheckSnapshotName(name);   // before the stream is written, not after
         }
         catch (ArgumentException e)
         {

@@ -36,7 +36,7 @@ public sealed class CacheEvictionCrashTests : IDisposable
             for (int i = 0; i < Populated; i++) img.Write(Fill(ClusterSize, 0x11), i * BytesPerL2);
             img.Flush();
             var extents = new List<Qcow2Engine.Extent>();
-            lock (img.Engine.SyncRoot) img.Engine.MapRange(img.Engine.ActiveL1, 0, ClusterSize, extents);
+            lock (img.Engine.SyncRoot) img.Engine.Mapping.MapRange(img.Engine.State.ActiveL1, 0, ClusterSize, extents);
             long host0 = Assert.Single(extents).Host;
             byte[] fake = new byte[ClusterSize];
             for (int j = 0; j < ClusterSize / 8; j++) BinaryPrimitives.WriteUInt64BigEndian(fake.AsSpan(j * 8), (ulong)host0 | L2Entry.Copied);
@@ -58,7 +58,7 @@ public sealed class CacheEvictionCrashTests : IDisposable
     /// <summary>A write that needs a new L2 table, reads that push it out of a small cache, then a flush.</summary>
     private static void Run(Qcow2Image img)
     {
-        img.Engine.L2Cache.Capacity = 4;
+        img.Engine.State.L2Cache.Capacity = 4;
         img.Write([0x22], 40 << 20);
         byte[] one = new byte[1];
         for (int i = 0; i < Populated; i++) img.Read(one, i * BytesPerL2);

@@ -295,7 +295,7 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
         using var img = Qcow2Image.Open(ours, new Qcow2OpenOptions { ReadOnly = true });
         foreach (Qcow2Snapshot s in img.Snapshots)
         {
-            SnapshotEntry e = img.Engine.Snapshots.Single(x => x.Id == s.Id);
+            SnapshotEntry e = img.Engine.State.Snapshots.Entries.Single(x => x.Id == s.Id);
             Assert.NotNull(e.Icount);
             // QEMU fills in the current disk size where there was none (sn1's 50 bytes of extra data held a 0).
             Assert.Equal(s.Name == "sn1" ? 0 : (ulong)img.VirtualSize, e.DiskSize);

@@ -192,7 +192,7 @@ public class CompressedAndBackingTests
             ulong tableBefore;
             using (var img = Qcow2Image.Create(image, size, options))
             {
-                tableBefore = img.Engine.Header.RefcountTableOffset;
+                tableBefore = img.Engine.State.Header.RefcountTableOffset;
                 var random = new Random(refcountBits);
                 for (long done = 0; done < written;)
                 {

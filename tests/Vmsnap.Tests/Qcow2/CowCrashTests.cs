@@ -56,7 +56,7 @@ public sealed class CowCrashTests : IDisposable
     /// </summary>
     private static void Run(Qcow2Image img, CrashDevice device)
     {
-        img.Engine.L2Cache.Capacity = 4;
+        img.Engine.State.L2Cache.Capacity = 4;
         bool armed = true;
         device.BeforeWrite = (data, _) =>
         {

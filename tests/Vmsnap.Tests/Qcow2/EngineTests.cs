@@ -24,11 +24,11 @@ public class EngineTests
             Qcow2Engine e = img.Engine;
             vmOffset = e.VmStateOffset;
             Assert.Equal(512L << 20, vmOffset);   // one L1 entry maps the 64 MiB disk; the VM state starts at the next
-            oldL1 = e.Header.L1TableOffset;
-            Assert.Equal(1, e.ActiveL1.Size);
+            oldL1 = e.State.Header.L1TableOffset;
+            Assert.Equal(1, e.State.ActiveL1.Size);
             e.WriteGuest(state, vmOffset + 12345);
-            Assert.True(e.ActiveL1.Size >= 2);
-            Assert.NotEqual(oldL1, e.Header.L1TableOffset);
+            Assert.True(e.State.ActiveL1.Size >= 2);
+            Assert.NotEqual(oldL1, e.State.Header.L1TableOffset);
             Assert.Throws<ArgumentOutOfRangeException>(() => img.Read(new byte[1], 64 << 20));
             Assert.Throws<ArgumentOutOfRangeException>(() => img.Write(new byte[1], vmOffset));
         }
@@ -65,8 +65,8 @@ public class EngineTests
             {
                 run = e.Refcounts.Allocate(5);
                 for (int i = 0; i < 5; i++) Assert.Equal(1UL, e.Refcounts.Get((run >> 12) + i));
-                e.Device.Write(new byte[5 * 4096], run);   // check only sees clusters inside the file
-                e.FlushAll();
+                e.State.Device.Write(new byte[5 * 4096], run);   // check only sees clusters inside the file
+                e.Caches.FlushAll();
             }
         }
         (var json, int exit) = QemuImgCheck.Of(image);
@@ -80,7 +80,7 @@ public class EngineTests
                 e.Refcounts.Free(run, 5 * 4096);
                 Assert.Equal(0UL, e.Refcounts.Get(run >> 12));
                 Assert.Throws<Qcow2FormatException>(() => e.Refcounts.Update(run, 1, -1));   // below zero: refused
-                e.FlushAll();
+                e.Caches.FlushAll();
             }
         }
         QemuImgCheck.AssertClean(image);
@@ -146,7 +146,7 @@ public class EngineTests
         }).ToArray();
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { Direct = true }))
         {
-            Assert.True(((FileBlockDevice)img.Engine.Device).IsDirect);
+            Assert.True(((FileBlockDevice)img.Engine.State.Device).IsDirect);
             // Aligned 1 MiB writes (the O_DIRECT path), eight or more in flight at once.
             await Task.WhenAll(buffers.Select((b, i) => img.Engine.WriteGuestAsync(b.Memory, (long)i * (3 << 20)).AsTask()));
             for (int i = 0; i < buffers.Length; i++) Qemu.WriteRaw(expected, (long)i * (3 << 20), buffers[i].GetSpan());
@@ -260,7 +260,7 @@ public class EngineTests
         var touched = new List<(int Op, long Offset, int Length)>();
         using (var img = Qcow2Image.Open(device, "crash"))
         {
-            img.Engine.L2Cache.Capacity = 4;   // evictions write tables back between operations
+            img.Engine.State.L2Cache.Capacity = 4;   // evictions write tables back between operations
             Qcow2Engine e = img.Engine;
             for (int i = 0; i < 40; i++)
             {

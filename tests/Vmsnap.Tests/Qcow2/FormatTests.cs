@@ -155,7 +155,7 @@ public class FormatTests
         Tool.QemuImg("snapshot", "-d", "first", image);
         JsonElement[] qemu = Qemu.Info(image).GetProperty("snapshots").EnumerateArray().ToArray();
         using var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true });
-        List<SnapshotEntry> ours = img.Engine.Snapshots;
+        List<SnapshotEntry> ours = img.Engine.State.Snapshots.Entries;
         Assert.Equal(qemu.Length, ours.Count);
         Assert.Equal(2, img.Info.SnapshotCount);
         for (int i = 0; i < ours.Count; i++)
@@ -167,11 +167,11 @@ public class FormatTests
             Assert.Equal(qemu[i].GetProperty("date-nsec").GetInt64(), ours[i].DateNanoseconds);
             Assert.Equal(qemu[i].GetProperty("vm-clock-sec").GetInt64() * 1_000_000_000 + qemu[i].GetProperty("vm-clock-nsec").GetInt64(), (long)ours[i].VmClockNanoseconds);
             Assert.Equal((ulong)(64 << 20), ours[i].DiskSize);
-            Assert.Equal(img.Engine.ActiveL1.Size, (int)ours[i].L1Size);
+            Assert.Equal(img.Engine.State.ActiveL1.Size, (int)ours[i].L1Size);
         }
         // Re-encoding the table gives QEMU's bytes back.
-        Qcow2Header h = img.Engine.Header;
-        byte[] onDisk = Qemu.ReadRaw(image, (long)h.SnapshotsOffset, (int)img.Engine.SnapshotTableBytes);
+        Qcow2Header h = img.Engine.State.Header;
+        byte[] onDisk = Qemu.ReadRaw(image, (long)h.SnapshotsOffset, (int)img.Engine.State.Snapshots.TableBytes);
         Assert.Equal(onDisk, SnapshotTable.Encode(ours));
     }
 

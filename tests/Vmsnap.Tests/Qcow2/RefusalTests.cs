@@ -144,7 +144,7 @@ public sealed class RefusalTests : IDisposable
         AssertRefused<OperationRefusedException>(image, "a snapshot of another disk size", i =>
         {
             // A snapshot entry claiming another disk size (QEMU refuses to apply those too).
-            i.Engine.Snapshots[0].DiskSize = 4 << 20;
+            i.Engine.State.Snapshots.Entries[0].DiskSize = 4 << 20;
             i.ApplySnapshot("disk");
         });
     }

@@ -31,8 +31,8 @@ public class SnapshotCowTests
         using (var img = Qcow2Image.Open(image))
         {
             Qcow2Engine e = img.Engine;
-            Assert.Equal(["before", "middle"], e.Snapshots.Select(s => s.Name));
-            Assert.Equal(["1", "2"], e.Snapshots.Select(s => s.Id));
+            Assert.Equal(["before", "middle"], e.State.Snapshots.Entries.Select(s => s.Name));
+            Assert.Equal(["1", "2"], e.State.Snapshots.Entries.Select(s => s.Id));
             VmsnapWrittenImageTests.RandomWrites(img, expected, o, seed: 11, count: 24);
             // Whole-cluster, partial-cluster and subcluster writes over data both snapshots share.
             byte[] data = new byte[o.ClusterSize + 1];
@@ -44,9 +44,9 @@ public class SnapshotCowTests
             img.Flush();
 
             // vmsnap reads each snapshot through its own L1 table.
-            foreach ((SnapshotEntry sn, string raw) in new[] { (e.Snapshots[0], before), (e.Snapshots[1], middle) })
+            foreach ((SnapshotEntry sn, string raw) in new[] { (e.State.Snapshots.Entries[0], before), (e.State.Snapshots.Entries[1], middle) })
             {
-                L1Table l1 = e.ReadL1Table(sn.L1TableOffset, sn.L1Size, "snapshot L1 table");
+                L1Table l1 = e.Mapping.ReadL1Table(sn.L1TableOffset, sn.L1Size, "snapshot L1 table");
                 byte[] want = Qemu.ReadRaw(raw, 0, (int)Math.Min(o.VirtualSize, 32 << 20));
                 byte[] got = new byte[want.Length];
                 e.ReadGuest(got, 0, l1);

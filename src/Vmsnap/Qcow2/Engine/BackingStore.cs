@@ -24,17 +24,17 @@ internal abstract class BackingStore : IDisposable
 
     public abstract void Dispose();
 
-    /// <summary>Opens the backing file named in <paramref name="overlay"/>'s header (relative names against the overlay's folder).</summary>
-    internal static BackingStore Open(Qcow2Engine overlay, Qcow2OpenOptions options, int depth)
+    /// <summary>Opens the backing file named in an overlay's header (relative names against the overlay's folder).</summary>
+    internal static BackingStore Open(Qcow2Header overlay, string overlayPath, Qcow2OpenOptions options, int depth)
     {
-        string name = options.BackingFileOverride ?? overlay.Header.BackingFile!;
+        string name = options.BackingFileOverride ?? overlay.BackingFile!;
         if (depth + 1 >= Qcow2Engine.MaxBackingDepth)
             throw new Qcow2FormatException("header", 8, $"backing chain deeper than {Qcow2Engine.MaxBackingDepth} images (a loop?) at '{name}'");
         if (name.Contains("://", StringComparison.Ordinal) || name.StartsWith("json:", StringComparison.Ordinal))
             throw new Qcow2FormatException("header", 8, $"backing file '{name}' is not a plain file name; vmsnap opens only local files");
         string path = options.BackingFileOverride is not null || System.IO.Path.IsPathRooted(name)
             ? name
-            : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(overlay.Path)) ?? ".", name);
+            : System.IO.Path.Combine(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(overlayPath)) ?? ".", name);
         FileBlockDevice device;
         try
         {
@@ -47,7 +47,7 @@ internal abstract class BackingStore : IDisposable
         }
         try
         {
-            string? format = overlay.Header.BackingFormat;
+            string? format = overlay.BackingFormat;
             if (format is null)
             {
                 Span<byte> magic = stackalloc byte[4];
@@ -90,7 +90,7 @@ internal abstract class BackingStore : IDisposable
     {
         internal override string Path => path;
         internal override string Format => "qcow2";
-        internal override long Size => engine.VirtualSize;
+        internal override long Size => engine.State.VirtualSize;
 
         protected override void ReadWithin(Span<byte> buffer, long offset) => engine.ReadGuest(buffer, offset);
 

@@ -1,47 +1,59 @@
-using Vmsnap.Storage;
-
 namespace Vmsnap.Qcow2;
 
 /// <summary>
 /// Cluster mapping (QEMU's qcow2-cluster.c): L1 → L2 → host cluster lookups, allocation and
-/// copy-on-write of L2 tables, L1 growth. Owns the active L1 table, the L2 table cache and the
-/// set of active L2 tables validated since they were loaded; runs under the engine's lock.
+/// copy-on-write of L2 tables, L1 growth, dropping the references of replaced entries, and the
+/// lazy validation of active L2 tables before a write relies on them. Works on the active L1
+/// table, the L2 cache and the validation memos of the engine's state; runs under the engine's lock.
 /// </summary>
 internal sealed class ClusterMapping
 {
-    private readonly Qcow2Engine _e;
+    private readonly Qcow2File _file;
+    private readonly Qcow2Header _header;
+    private readonly ClusterGeometry _g;
+    private readonly RefcountManager _refcounts;
+    private readonly MetadataCaches _caches;
+    private readonly ImageHealth _health;
+    private readonly HashSet<long> _validated;
+    private readonly Dictionary<long, List<long>> _activeShared;
 
-    internal ClusterMapping(Qcow2Engine engine, L1Table activeL1)
+    /// <param name="file">The image file (L1 growth writes a new table and the header).</param>
+    /// <param name="header">The header (L1 fields).</param>
+    /// <param name="geometry">The image's geometry.</param>
+    /// <param name="activeL1">The active L1 table.</param>
+    /// <param name="l2Cache">Cached L2 tables.</param>
+    /// <param name="refcounts">Allocation, freeing and refcounts.</param>
+    /// <param name="caches">Flushed before the L1 table moves.</param>
+    /// <param name="health">Where corruption found is recorded.</param>
+    /// <param name="validated">Active L2 tables validated since they were loaded (<see cref="Qcow2State.ValidatedL2"/>).</param>
+    /// <param name="activeShared">Host clusters several active L2 entries share (<see cref="Qcow2State.ActiveShared"/>).</param>
+    internal ClusterMapping(Qcow2File file, Qcow2Header header, ClusterGeometry geometry, L1Table activeL1, MetadataCache l2Cache,
+        RefcountManager refcounts, MetadataCaches caches, ImageHealth health, HashSet<long> validated, Dictionary<long, List<long>> activeShared)
     {
-        _e = engine;
+        _file = file;
+        _header = header;
+        _g = geometry;
         ActiveL1 = activeL1;
-        int l2Capacity = (int)Math.Clamp((32L << 20) / Geometry.ClusterSize, 16, 65536);
-        L2Cache = new MetadataCache(engine.Device, Geometry.ClusterSize, l2Capacity, "L2 table");
+        L2Cache = l2Cache;
+        _refcounts = refcounts;
+        _caches = caches;
+        _health = health;
+        _validated = validated;
+        _activeShared = activeShared;
     }
 
-    /// <summary>The active L1 table (in memory; dirty entries are written by the engine's flush).</summary>
+    /// <summary>The active L1 table.</summary>
     internal L1Table ActiveL1 { get; }
 
     /// <summary>Cached L2 tables, active and snapshot ones.</summary>
     internal MetadataCache L2Cache { get; }
 
-    /// <summary>
-    /// Active L2 tables checked since they were loaded. Like QEMU, a clean image is trusted and
-    /// checked lazily: each active L2 table is validated the first time a write uses it (entries,
-    /// COPIED flags against refcounts, clusters shared inside it; see the engine's ValidateActiveL2).
-    /// </summary>
-    internal HashSet<long> ValidatedL2 { get; } = [];
-
-    // What the mapping uses of the engine (the coordinator owning device, header, refcounts and lock).
-    private IBlockDevice Device => _e.Device;
-    private Qcow2Header Header => _e.Header;
-    private ClusterGeometry Geometry => _e.Geometry;
-    private RefcountManager Refcounts => _e.Refcounts;
-    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _e.Corrupt(structure, offset, problem);
-    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem) => _e.CorruptionFound(structure, offset, problem);
+    private ClusterGeometry Geometry => _g;
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _health.Corrupt(structure, offset, problem);
+    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem) => _health.Found(structure, offset, problem);
 
     /// <summary>End of what the file holds or vmsnap has allocated: host offsets at or past it are bad references.</summary>
-    internal long HostLimit => Refcounts.HighWater << Geometry.ClusterBits;
+    internal long HostLimit => _refcounts.HighWater << Geometry.ClusterBits;
 
     /// <summary>The L2 table an L1 entry points to, or null when the entry is empty.</summary>
     internal MetadataCache.Table? GetL2Table(L1Table l1, long l1Index)
@@ -102,10 +114,10 @@ internal sealed class ClusterMapping
         {
             ValidateL2Offset(ActiveL1, l1Index, old);
             MetadataCache.Table current = L2Cache.Get(old);
-            _e.ValidateActiveL2(l1Index, current);   // before it is written or copied
+            ValidateActiveL2(l1Index, current);   // before it is written or copied
             if (L1Entry.IsCopied(entry)) return current;
         }
-        long fresh = Refcounts.Allocate(1);
+        long fresh = _refcounts.Allocate(1);
         MetadataCache.Table table;
         if (old == 0)
         {
@@ -118,12 +130,12 @@ internal sealed class ClusterMapping
             source.CopyTo(table.Data, 0);
         }
         ActiveL1.Set(l1Index, L1Entry.Make(fresh, copied: true));
-        ValidatedL2.Add(fresh);   // empty, or a copy of a table just validated
+        _validated.Add(fresh);   // empty, or a copy of a table just validated
         if (old != 0)
         {
-            _e.FreeOrOwe(old, Geometry.ClusterSize);   // reference dropped in memory first
+            _refcounts.FreeOrOwe(old, Geometry.ClusterSize);   // reference dropped in memory first
             // Another active L1 entry may share the old table (after check repaired such sharing): the last one owns it now.
-            if (Refcounts.Get(old >> Geometry.ClusterBits) == 1)
+            if (_refcounts.Get(old >> Geometry.ClusterBits) == 1)
             {
                 for (long i = 0; i < ActiveL1.Size; i++)
                     if (L1Entry.L2Offset(ActiveL1[i]) == old && !L1Entry.IsCopied(ActiveL1[i])) ActiveL1.Set(i, ActiveL1[i] | L1Entry.Copied);
@@ -153,22 +165,22 @@ internal sealed class ClusterMapping
             throw Corrupt("L1 table", ActiveL1.Offset, $"would need {minEntries} entries, more than the {maxEntries} qcow2 allows (guest offset too large)");
 
         long bytes = newSize * 8;
-        long newOffset = Refcounts.Allocate(Geometry.ClustersFor(bytes));
-        _e.FlushAll();
+        long newOffset = _refcounts.Allocate(Geometry.ClustersFor(bytes));
+        _caches.FlushAll();
         var entries = new ulong[newSize];
         ActiveL1.Entries.CopyTo(entries, 0);
         byte[] raw = new byte[bytes];
         L1Entry.Encode(entries, raw);
-        Device.Write(raw, newOffset);
-        Device.Flush();
+        _file.Write(raw, newOffset, Qcow2Metadata.None);
+        _file.Flush();
 
         long oldOffset = ActiveL1.Offset;
-        Header.L1Size = (uint)newSize;
-        Header.L1TableOffset = (ulong)newOffset;
-        _e.WriteHeaderBytes(Qcow2Header.L1SizeOffset, Header.EncodeL1Fields());
-        Device.Flush();
+        _header.L1Size = (uint)newSize;
+        _header.L1TableOffset = (ulong)newOffset;
+        _file.WriteHeader(_header.EncodeL1Fields(), Qcow2Header.L1SizeOffset);
+        _file.Flush();
         ActiveL1.Replace(newOffset, entries);
-        if (size > 0) _e.FreeOrOwe(oldOffset, size * 8);
+        if (size > 0) _refcounts.FreeOrOwe(oldOffset, size * 8);
     }
 
     /// <summary>Reads an L1 table (a snapshot's) into memory, validated against the file.</summary>
@@ -183,7 +195,7 @@ internal sealed class ClusterMapping
             if (offset < Geometry.ClusterSize || offset >= HostLimit)
                 throw Corrupt(what, offset, $"lies outside the file (0x{HostLimit:x} bytes) or in the header cluster");
         }
-        return new L1Table(offset, Qcow2Engine.ReadL1(Device, offset, (int)entries), isActive: false);
+        return new L1Table(offset, L1Table.Read(_file.Device, offset, (int)entries), isActive: false);
     }
 
     /// <summary>Describes [offset, offset + length) through <paramref name="l1"/> as extents (adjacent ones merged).</summary>
@@ -261,5 +273,193 @@ internal sealed class ClusterMapping
             }
         }
         extents.Add(x);
+    }
+
+    // ---- validation of active L2 tables before a write relies on them ------------------------------
+
+    /// <summary>Validates the active L2 tables a write of guest range [offset, offset + length) will use (each once per open).</summary>
+    internal void ValidateForWrite(long offset, long length)
+    {
+        long firstIndex = Geometry.L1Index(offset), lastIndex = Geometry.L1Index(offset + length - 1);
+        for (long i = firstIndex; i <= Math.Min(lastIndex, ActiveL1.Size - 1); i++)
+        {
+            long l2 = L1Entry.L2Offset(ActiveL1[i]);
+            if (l2 == 0 || _validated.Contains(l2)) continue;
+            ValidateL2Offset(ActiveL1, i, l2);
+            ValidateActiveL2(i, L2Cache.Get(l2));
+        }
+    }
+
+    /// <summary>
+    /// What QEMU's check would find wrong in one active L2 table and would make a write damage data:
+    /// bad entries, a COPIED flag (on the table or an entry) whose refcount is not 1, a referenced
+    /// cluster whose refcount is 0, two entries sharing a cluster one of them claims alone. Clusters
+    /// the table's entries share legally (refcount high enough) are noted, to give the last one left
+    /// its COPIED flag back.
+    /// </summary>
+    private void ValidateActiveL2(long l1Index, MetadataCache.Table table)
+    {
+        if (_validated.Contains(table.Offset)) return;
+        long at = ActiveL1.Offset + l1Index * 8;
+        ulong l1Entry = ActiveL1[l1Index];
+        ulong tableRefcount = _refcounts.Get(table.Offset >> Geometry.ClusterBits);
+        if (tableRefcount == 0)
+            throw _health.WriteRefused($"L1 table entry {l1Index}", at, $"points to the L2 table at 0x{table.Offset:x}, whose refcount is 0");
+        if (L1Entry.IsCopied(l1Entry) && tableRefcount != 1)
+            throw _health.WriteRefused($"L1 table entry {l1Index}", at, $"marks the L2 table at 0x{table.Offset:x} COPIED (not shared), but its refcount is {tableRefcount}");
+        bool extended = Geometry.ExtendedL2;
+        int entries = Geometry.L2Entries;
+        long[] hosts = new long[entries];
+        int count = 0;
+        var reader = new RefcountManager.Reader(_refcounts);
+        for (int j = 0; j < entries; j++)
+        {
+            L2Entry e = L2Entry.Read(table.Data, j, extended);
+            ClusterKind kind = e.Kind(extended);
+            ValidateEntry(e, kind, table.Offset, j);
+            long entryAt = table.Offset + (long)j * Geometry.L2EntrySize;
+            switch (kind)
+            {
+                case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                    long cluster = e.HostOffset >> Geometry.ClusterBits;
+                    ulong refcount = reader.Get(cluster);
+                    if (refcount == 0)
+                        throw _health.WriteRefused($"L2 table entry {j}", entryAt, $"points to host cluster 0x{e.HostOffset:x}, whose refcount is 0");
+                    if (e.IsCopied && refcount != 1)
+                        throw _health.WriteRefused($"L2 table entry {j}", entryAt, $"marks host cluster 0x{e.HostOffset:x} COPIED (not shared), but its refcount is {refcount}");
+                    hosts[count++] = (cluster << 1) | (e.IsCopied ? 1L : 0L);
+                    break;
+                case ClusterKind.Compressed:
+                    (long offset, int length) = e.CompressedRange(Geometry);
+                    for (long c = offset >> Geometry.ClusterBits; c <= (offset + length - 1) >> Geometry.ClusterBits; c++)
+                        if (reader.Get(c) == 0)
+                            throw _health.WriteRefused($"L2 table entry {j}", entryAt, $"holds compressed data in host cluster 0x{c << Geometry.ClusterBits:x}, whose refcount is 0");
+                    break;
+            }
+        }
+        Array.Sort(hosts, 0, count);
+        for (int k = 1; k < count; k++)
+        {
+            if (hosts[k] >> 1 != hosts[k - 1] >> 1) continue;
+            long cluster = hosts[k] >> 1;
+            if (((hosts[k] | hosts[k - 1]) & 1) != 0)
+                throw _health.WriteRefused($"L2 table at 0x{table.Offset:x}", table.Offset,
+                    $"two entries point to host cluster 0x{cluster << Geometry.ClusterBits:x}, and one of them marks it COPIED (refcount {_refcounts.Get(cluster)})");
+            NoteSharedInTable(l1Index, table, cluster);
+            while (k + 1 < count && hosts[k + 1] >> 1 == cluster) k++;
+        }
+        _validated.Add(table.Offset);
+    }
+
+    /// <summary>Records the guest offsets whose entries in one active L2 table share a host cluster.</summary>
+    private void NoteSharedInTable(long l1Index, MetadataCache.Table table, long cluster)
+    {
+        if (_activeShared.ContainsKey(cluster)) return;
+        var guests = new List<long>();
+        for (int j = 0; j < Geometry.L2Entries; j++)
+        {
+            L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+            if (e.Kind(Geometry.ExtendedL2) is ClusterKind.Normal or ClusterKind.ZeroAllocated && e.HostOffset >> Geometry.ClusterBits == cluster)
+                guests.Add((l1Index * Geometry.L2Entries + j) * Geometry.ClusterSize);
+        }
+        _activeShared[cluster] = guests;
+    }
+
+    /// <summary>Forgets which L2 tables were validated, after the tables were replaced (a header switch).</summary>
+    internal void ForgetValidatedTables() => _validated.Clear();
+
+    /// <summary>Forgets what was validated and which clusters active entries share, after a repair may have rewritten tables and flags.</summary>
+    internal void ForgetValidation()
+    {
+        _validated.Clear();
+        _activeShared.Clear();
+    }
+
+    /// <summary>Recomputes which active L2 entries share host clusters among <paramref name="clusters"/>, after the active tables changed (a snapshot apply).</summary>
+    internal void RefreshActiveSharing(IReadOnlySet<long> clusters)
+    {
+        _activeShared.Clear();
+        if (clusters.Count == 0) return;
+        for (long i = 0; i < ActiveL1.Size; i++)
+        {
+            MetadataCache.Table? table = GetL2Table(ActiveL1, i);
+            if (table is null) continue;
+            for (int j = 0; j < Geometry.L2Entries; j++)
+            {
+                L2Entry e = L2Entry.Read(table.Data, j, Geometry.ExtendedL2);
+                if (e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) continue;
+                long cluster = e.HostOffset >> Geometry.ClusterBits;
+                if (!clusters.Contains(cluster)) continue;
+                if (!_activeShared.TryGetValue(cluster, out List<long>? guests)) _activeShared[cluster] = guests = [];
+                guests.Add((i * Geometry.L2Entries + j) * Geometry.ClusterSize);
+            }
+        }
+    }
+
+    // ---- dropping the references of replaced entries ------------------------------------------------
+
+    /// <summary>Drops the storage of several replaced entries; if one fails on the device, the rest are owed.</summary>
+    internal void DropAll(List<(L2Entry Old, ClusterKind Kind, long Guest)> dropped)
+    {
+        for (int k = 0; k < dropped.Count; k++)
+        {
+            try
+            {
+                DropStorage(dropped[k].Old, dropped[k].Kind, dropped[k].Guest);
+            }
+            catch (Exception e) when (e is Storage.StorageException or IOException)
+            {
+                for (int m = k + 1; m < dropped.Count; m++) OweStorage(dropped[m].Old, dropped[m].Kind);
+                throw;
+            }
+        }
+    }
+
+    /// <summary>Lowers the refcount of the host storage an old L2 entry (of guest cluster <paramref name="guest"/>) referenced.</summary>
+    private void DropStorage(L2Entry old, ClusterKind kind, long guest)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                _refcounts.FreeOrOwe(old.HostOffset, Geometry.ClusterSize);
+                long cluster = old.HostOffset >> Geometry.ClusterBits;
+                if (_activeShared.TryGetValue(cluster, out List<long>? guests))
+                {
+                    guests.Remove(guest);
+                    if (guests.Count == 1 && _refcounts.Get(cluster) == 1) RestoreCopied(guests[0], old.HostOffset);
+                    if (guests.Count <= 1) _activeShared.Remove(cluster);
+                }
+                break;
+            case ClusterKind.Compressed:
+                (long offset, int length) = old.CompressedRange(Geometry);
+                _refcounts.FreeOrOwe(offset, length);
+                break;
+        }
+    }
+
+    /// <summary>The decrement <see cref="DropStorage"/> would make, owed instead (after an earlier one failed).</summary>
+    private void OweStorage(L2Entry old, ClusterKind kind)
+    {
+        switch (kind)
+        {
+            case ClusterKind.Normal or ClusterKind.ZeroAllocated:
+                _refcounts.Owe(old.HostOffset, Geometry.ClusterSize);
+                break;
+            case ClusterKind.Compressed:
+                (long offset, int length) = old.CompressedRange(Geometry);
+                _refcounts.Owe(offset, length);
+                break;
+        }
+    }
+
+    /// <summary>Sets COPIED on the active L2 entry of <paramref name="guest"/> if it still maps to <paramref name="host"/>.</summary>
+    private void RestoreCopied(long guest, long host)
+    {
+        MetadataCache.Table table = GetWritableL2(Geometry.L1Index(guest));
+        int index = Geometry.L2Index(guest);
+        L2Entry e = L2Entry.Read(table.Data, index, Geometry.ExtendedL2);
+        if (e.HostOffset != host || e.IsCopied || e.Kind(Geometry.ExtendedL2) is not (ClusterKind.Normal or ClusterKind.ZeroAllocated)) return;
+        L2Entry.Write(table.Data, index, Geometry.ExtendedL2, e with { Word = e.Word | L2Entry.Copied });
+        L2Cache.MarkDirty(table);
     }
 }

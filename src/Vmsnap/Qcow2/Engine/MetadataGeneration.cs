@@ -1,5 +1,3 @@
-using Vmsnap.Storage;
-
 namespace Vmsnap.Qcow2;
 
 /// <summary>
@@ -19,7 +17,7 @@ namespace Vmsnap.Qcow2;
 /// entry (of the active and of each snapshot L1 table) that reaches an L2 table referencing it.
 /// Writes here may also go to clusters the current generation uses only in ways the image check
 /// ignores (COPIED flags of snapshot L2 tables that are not active), queued with
-/// <see cref="Write"/>. The engine's lock is held and its caches are clean (flushed) throughout.
+/// <see cref="RewriteInactiveL2"/>. The engine's lock is held and its caches are clean (flushed) throughout.
 /// </remarks>
 internal sealed class MetadataGeneration
 {
@@ -29,16 +27,17 @@ internal sealed class MetadataGeneration
     /// <summary>Length of the header bytes switched in one write (36..71).</summary>
     internal const int SwitchLength = Qcow2Header.SnapshotFieldsOffset + 12 - Qcow2Header.L1SizeOffset;
 
-    private readonly Qcow2Engine _e;
-    private readonly List<(long Offset, byte[] Data)> _writes = [];
+    private readonly Qcow2File _file;
+    private readonly List<(long Offset, byte[] Data, Qcow2Metadata Own)> _writes = [];
 
     /// <summary>A new generation of the engine's current metadata.</summary>
-    /// <param name="engine">The engine (its lock held, caches clean).</param>
+    /// <param name="file">The image file the generation is written to.</param>
+    /// <param name="refcounts">The live refcounts (the engine's lock held, its caches clean).</param>
     /// <param name="excluded">Clusters this generation must not allocate (another generation's, built alongside).</param>
-    internal MetadataGeneration(Qcow2Engine engine, Func<long, bool>? excluded = null)
+    internal MetadataGeneration(Qcow2File file, RefcountManager refcounts, Func<long, bool>? excluded = null)
     {
-        _e = engine;
-        Refcounts = engine.Refcounts.BeginGeneration(excluded);
+        _file = file;
+        Refcounts = refcounts.BeginGeneration(excluded);
     }
 
     /// <summary>The new generation's refcounts, kept by the refcount owner (<see cref="RefcountManager"/>).</summary>
@@ -62,8 +61,11 @@ internal sealed class MetadataGeneration
     /// </summary>
     internal long Allocate(long count) => Refcounts.Allocate(count);
 
-    /// <summary>Queues a write done before the switch: new tables in clusters allocated here, or COPIED flags of non-active snapshot L2 tables.</summary>
-    internal void Write(long offset, byte[] data) => _writes.Add((offset, data));
+    /// <summary>Queues a write done before the switch: a new table in clusters allocated here.</summary>
+    internal void Write(long offset, byte[] data) => _writes.Add((offset, data, Qcow2Metadata.None));
+
+    /// <summary>Queues a rewrite of a snapshot's L2 table that the current generation does not use as active (its COPIED flags).</summary>
+    internal void RewriteInactiveL2(long offset, byte[] data) => _writes.Add((offset, data, Qcow2Metadata.InactiveL2));
 
     /// <summary>
     /// Moves every changed refcount block to a fresh cluster and places the new refcount table:
@@ -81,9 +83,8 @@ internal sealed class MetadataGeneration
     internal void WriteOut()
     {
         Refcounts.WriteOut();
-        IBlockDevice device = _e.Device;
-        foreach ((long offset, byte[] data) in _writes) device.Write(data, offset);
-        device.Flush();
+        foreach ((long offset, byte[] data, Qcow2Metadata own) in _writes) _file.Write(data, offset, own);
+        _file.Flush();
     }
 
     /// <summary>The 36 header bytes at <see cref="SwitchOffset"/> for <paramref name="h"/>'s L1, refcount table and snapshot table fields.</summary>

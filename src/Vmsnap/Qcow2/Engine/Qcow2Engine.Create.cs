@@ -41,14 +41,14 @@ internal sealed partial class Qcow2Engine
         Qcow2Engine engine = Open(device, path, new Qcow2OpenOptions { OpenBackingFile = false }, ownsDevice);
         try
         {
-            lock (engine._lock)
+            lock (engine.SyncRoot)
             {
-                engine.GrowL1(engine.Geometry.L1EntriesFor(virtualSize), exact: true);
-                engine.FlushAll();
-                device.Flush();
+                engine.Mapping.GrowL1(engine.Geometry.L1EntriesFor(virtualSize), exact: true);
+                engine.Caches.FlushAll();
+                engine.State.File.Flush();
                 engine.Header.Size = (ulong)virtualSize;
-                engine.WriteHeaderBytes(SizeOffset, Qcow2Header.EncodeUInt64((ulong)virtualSize));
-                device.Flush();
+                engine.State.File.WriteHeader(Qcow2Header.EncodeUInt64((ulong)virtualSize), SizeOffset);
+                engine.State.File.Flush();
             }
             return engine;
         }

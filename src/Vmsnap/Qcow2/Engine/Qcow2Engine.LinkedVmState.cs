@@ -19,7 +19,7 @@ internal sealed partial class Qcow2Engine
     /// <summary>One past the highest cluster whose refcount is not 0, in bytes: where the image's metadata says its used space ends.</summary>
     internal long UsedEnd()
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
             ReadOnlySpan<ulong> table = Refcounts.Table;
@@ -41,7 +41,7 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     internal List<(long Offset, long Length)> FreeRuns(long end, long minLength)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
             var runs = new List<(long, long)>();
@@ -69,7 +69,7 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     internal string? CheckVmStateRegion(long offset, long length, long reserveBelow)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
             return RegionProblem(offset, length, reserveBelow);
@@ -116,45 +116,45 @@ internal sealed partial class Qcow2Engine
     /// tail, past the region) in its one header switch, as it does for an area written through
     /// <see cref="OpenVmStateForWriting"/>. A crash before that switch leaves the image as it was.
     /// </summary>
-    internal void LinkVmStateRegion(long offset, long length, long reserveBelow) => RunExclusive(() =>
+    internal void LinkVmStateRegion(long offset, long length, long reserveBelow) => Gate.RunExclusive(() =>
     {
-        ThrowIfSwitchFailed();
-        EnsureWritable();
-        if (VmStateWriter is not null)
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        if (State.VmState.Writer is not null)
             throw new OperationRefusedException($"'{Path}' has its VM-state area open for writing");
-        ValidateSnapshotTable();
-        if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
+        SnapshotOps.ValidateSnapshotTable();
+        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
         if (RegionProblem(offset, length, reserveBelow) is { } problem)
             throw new OperationRefusedException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
-        VmStateWriter = VmStateAllocation.ForRegion(this, offset >> Geometry.ClusterBits, length);
+        State.VmState.Writer = VmStateAllocation.ForRegion(State.File, Geometry, Refcounts, VmStateOffset, offset >> Geometry.ClusterBits, length);
         return true;
     });
 
     /// <summary>Gives up a linked VM-state area no snapshot took over (its clusters were never counted), then trims the file.</summary>
-    internal void DropLinkedVmState() => RunExclusive(() =>
+    internal void DropLinkedVmState() => Gate.RunExclusive(() =>
     {
-        ThrowIfSwitchFailed();
-        EnsureWritable();
-        if (VmStateWriter is { CapturedBy: null } writer)
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        if (State.VmState.Writer is { CapturedBy: null } writer)
         {
             writer.ReleaseReservation();
-            VmStateWriter = null;
+            State.VmState.Writer = null;
         }
-        FlushAll();
-        TrimFreeTail();
-        Device.Flush();
+        Caches.FlushAll();
+        Refcounts.TrimFreeTail();
+        State.File.Flush();
         return true;
     });
 
     /// <summary>Shortens the file to the end of its last used cluster (a region written but never linked is given back).</summary>
-    internal void TrimUnusedTail() => RunExclusive(() =>
+    internal void TrimUnusedTail() => Gate.RunExclusive(() =>
     {
-        ThrowIfSwitchFailed();
-        EnsureWritable();
-        FlushAll();
-        TrimFreeTail();
-        Device.Flush();
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        Caches.FlushAll();
+        Refcounts.TrimFreeTail();
+        State.File.Flush();
         return true;
     });
 }

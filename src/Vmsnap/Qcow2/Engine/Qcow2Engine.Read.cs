@@ -8,10 +8,6 @@ internal sealed partial class Qcow2Engine
     /// <summary>A run of guest bytes with one source. For compressed runs, Host is the offset inside the cluster.</summary>
     internal record struct Extent(ExtentKind Kind, long Guest, long Length, long Host, ulong CompressedWord);
 
-    private readonly object _decompressLock = new();
-    private ulong _lastCompressedWord;
-    private byte[]? _lastDecompressed;
-
     /// <summary>
     /// Reads guest bytes through <paramref name="l1"/> (the active L1 table when null) at any offset:
     /// past the virtual disk too (the VM-state area). Unmapped bytes come from the backing file or are zero.
@@ -22,20 +18,20 @@ internal sealed partial class Qcow2Engine
         if (offset < 0 || offset > ClusterGeometry.MaxGuestOffset - buffer.Length)
             throw new ArgumentOutOfRangeException(nameof(offset), offset, "guest offset out of range");
         var extents = new List<Extent>(4);
-        InFlight? registration = null;
-        lock (_lock)
+        RequestGate.Request? registration = null;
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
-            l1 ??= ActiveL1;
-            if (l1.IsActive) registration = Enter(offset, buffer.Length, write: false);
+            l1 ??= State.ActiveL1;
+            if (l1.IsActive) registration = Gate.Enter(offset, buffer.Length, write: false);
             try
             {
-                MapRange(l1, offset, buffer.Length, extents);
-                TrimCaches();
+                Mapping.MapRange(l1, offset, buffer.Length, extents);
+                Caches.Trim();
             }
             catch
             {
-                if (registration is not null) Leave(registration);
+                if (registration is not null) Gate.Leave(registration);
                 throw;
             }
         }
@@ -46,7 +42,7 @@ internal sealed partial class Qcow2Engine
         }
         finally
         {
-            if (registration is not null) lock (_lock) Leave(registration);
+            if (registration is not null) lock (SyncRoot) Gate.Leave(registration);
         }
     }
 
@@ -66,8 +62,8 @@ internal sealed partial class Qcow2Engine
                 destination.Clear();
                 break;
             case ExtentKind.Backing:
-                if (Backing is null) destination.Clear();
-                else Backing.ReadAt(destination, x.Guest);
+                if (State.Backing is null) destination.Clear();
+                else State.Backing.ReadAt(destination, x.Guest);
                 break;
             case ExtentKind.Data:
                 int n = Device.Read(destination, x.Host);
@@ -82,9 +78,10 @@ internal sealed partial class Qcow2Engine
     /// <summary>The decompressed content of a compressed cluster (the last one is kept for sequential small reads).</summary>
     internal byte[] Decompress(ulong word)
     {
-        lock (_decompressLock)
+        lock (State.DecompressLock)
         {
-            if (_lastDecompressed is not null && _lastCompressedWord == word) return _lastDecompressed;
+            (ulong lastWord, byte[]? last) = State.LastDecompressed;
+            if (last is not null && lastWord == word) return last;
         }
         var e = new L2Entry(word, 0);
         (long offset, int length) = e.CompressedRange(Geometry);
@@ -96,11 +93,7 @@ internal sealed partial class Qcow2Engine
         var type = (Qcow2CompressionType)Header.CompressionType;
         if (!ClusterDecompressor.TryDecompress(type, input.AsSpan(0, n), output, out string? problem))
             throw Corrupt("compressed cluster", offset, $"cannot be decompressed ({type.ToString().ToLowerInvariant()}): {problem}");
-        lock (_decompressLock)
-        {
-            _lastCompressedWord = word;
-            _lastDecompressed = output;
-        }
+        lock (State.DecompressLock) State.LastDecompressed = (word, output);
         return output;
     }
 }

@@ -7,61 +7,64 @@ internal sealed partial class Qcow2Engine
     /// Opens the VM-state area for writing. Nothing on disk changes until a snapshot takes it over:
     /// refusals that a snapshot create would make anyway come here, before a stream is written.
     /// </summary>
-    internal Qcow2VmStateArea OpenVmStateForWriting() => RunExclusive(() =>
+    internal Qcow2VmStateArea OpenVmStateForWriting() => Gate.RunExclusive(() =>
     {
-        ThrowIfSwitchFailed();
-        EnsureWritable();
-        if (VmStateWriter is not null)
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        if (State.VmState.Writer is not null)
             throw new OperationRefusedException($"'{Path}' already has its VM-state area open for writing");
-        ValidateSnapshotTable();
-        if (Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new OperationRefusedException($"'{Path}' already has {Snapshots.Count} snapshots, the most qcow2 allows");
-        var writer = new VmStateAllocation(this);
-        VmStateWriter = writer;
+        SnapshotOps.ValidateSnapshotTable();
+        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
+        var writer = new VmStateAllocation(State.File, Geometry, Refcounts, VmStateOffset);
+        State.VmState.Writer = writer;
         return Qcow2VmStateArea.ForWriting(this, writer);
     });
 
     /// <summary>Opens a snapshot's VM state for reading.</summary>
     internal Qcow2VmStateArea OpenVmStateForReading(SnapshotEntry sn, Qcow2Snapshot snapshot, bool wholeArea = false)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
-            ValidateSnapshotTable();
-            L1Table l1 = ReadSnapshotL1(sn);
-            ulong diskSize = sn.DiskSize ?? (ulong)VirtualSize;
+            SnapshotOps.ValidateSnapshotTable();
+            L1Table l1 = SnapshotOps.ReadSnapshotL1(sn);
+            ulong diskSize = sn.DiskSize ?? (ulong)State.VirtualSize;
             // A larger disk size would overflow the VM-state offset (found by fuzzing).
             if (diskSize > ClusterGeometry.MaxGuestOffset)
-                throw Corrupt($"snapshot table entry {Snapshots.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
-                    $"{Describe(sn)}: disk size {diskSize} is beyond what an image can map");
+                throw Corrupt($"snapshot table entry {State.Snapshots.Entries.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
+                    $"{SnapshotOperations.Describe(sn)}: disk size {diskSize} is beyond what an image can map");
             long start = VmStateOffsetFor((long)diskSize);
             if (sn.VmStateSize > ClusterGeometry.MaxGuestOffset - start)
-                throw Corrupt($"snapshot table entry {Snapshots.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
-                    $"{Describe(sn)}: VM-state size {sn.VmStateSize} is beyond what an image can map");
-            RegisterVmStateReader(l1.Offset, +1);
+                throw Corrupt($"snapshot table entry {State.Snapshots.Entries.IndexOf(sn)}", sn.FileOffset >= 0 ? sn.FileOffset : null,
+                    $"{SnapshotOperations.Describe(sn)}: VM-state size {sn.VmStateSize} is beyond what an image can map");
+            State.VmState.RegisterReader(l1.Offset, +1);
             return Qcow2VmStateArea.ForReading(this, l1, start, snapshot, wholeArea ? ClusterGeometry.MaxGuestOffset - start : null);
         }
     }
 
     internal void CloseVmStateReader(long l1Offset)
     {
-        lock (_lock) RegisterVmStateReader(l1Offset, -1);
+        lock (SyncRoot) State.VmState.RegisterReader(l1Offset, -1);
     }
 
-    /// <summary>Maps a write of the area (taking reserved clusters); under the lock. No I/O but preallocation.</summary>
+    /// <summary>Maps a write of the area (taking reserved clusters) and checks it against the metadata; under the lock. No I/O but preallocation.</summary>
     internal List<(long Host, int DataOffset, int Length)> MapVmState(VmStateAllocation writer, long offset, int length)
     {
-        ThrowIfSwitchFailed();
-        EnsureWritable();
-        if (!ReferenceEquals(VmStateWriter, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
-        return writer.Map(offset, length);
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        if (!ReferenceEquals(State.VmState.Writer, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
+        List<(long Host, int DataOffset, int Length)> segments = writer.Map(offset, length);
+        // The data goes outside the lock: its clusters are checked against the metadata now.
+        foreach ((long host, _, int n) in segments) State.File.Check(host, n, Qcow2Metadata.None);
+        return segments;
     }
 
     /// <summary>Reads the area being written: what was mapped from its clusters, the rest as zeroes.</summary>
     internal void ReadVmState(VmStateAllocation writer, Span<byte> buffer, long offset)
     {
         List<(long Host, int DataOffset, int Length)> segments;
-        lock (_lock)
+        lock (SyncRoot)
         {
             ThrowIfDisposed();
             segments = writer.MapForRead(offset, buffer.Length);
@@ -85,23 +88,23 @@ internal sealed partial class Qcow2Engine
     /// <summary>Makes the area's data durable (what was mapped but never written reads as zero). No metadata is written: none refers to the area yet.</summary>
     internal void FlushVmState(VmStateAllocation writer)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             writer.WaitIdle();
             ThrowIfDisposed();
-            if (writer.CapturedBy is not null || !ReferenceEquals(VmStateWriter, writer)) return;
+            if (writer.CapturedBy is not null || !ReferenceEquals(State.VmState.Writer, writer)) return;
             writer.ZeroUnwritten();
-            Device.Flush();
+            State.File.Flush();
         }
     }
 
     internal void DiscardVmState(VmStateAllocation writer, long offset, long length)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             writer.WaitIdle();
             ThrowIfDisposed();
-            if (!ReferenceEquals(VmStateWriter, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
+            if (!ReferenceEquals(State.VmState.Writer, writer)) throw new OperationRefusedException($"the VM-state area of '{Path}' is closed");
             writer.Discard(offset, length);
             if (writer.Length == 0) GiveBackTail();
         }
@@ -109,12 +112,12 @@ internal sealed partial class Qcow2Engine
 
     internal void CloseVmStateWriter(VmStateAllocation writer)
     {
-        lock (_lock)
+        lock (SyncRoot)
         {
             writer.WaitIdle();
-            if (!ReferenceEquals(VmStateWriter, writer)) return;
-            VmStateWriter = null;
-            if (_disposed || writer.CapturedBy is not null) return;
+            if (!ReferenceEquals(State.VmState.Writer, writer)) return;
+            State.VmState.Writer = null;
+            if (Gate.Disposed || writer.CapturedBy is not null) return;
             writer.ReleaseReservation();
             try
             {
@@ -130,20 +133,7 @@ internal sealed partial class Qcow2Engine
     /// <summary>After the area's reservation went back: the file ends again after the last cluster in use.</summary>
     private void GiveBackTail()
     {
-        FlushAll();
-        TrimFreeTail();
-    }
-
-    /// <summary>
-    /// Shortens the file to the end of the last cluster in use when the clusters after it are free
-    /// (a VM-state area given up or taken over, preallocated but unused). Call under the lock with
-    /// the metadata flushed.
-    /// </summary>
-    internal void TrimFreeTail()
-    {
-        if (ReadOnly) return;
-        long clusters = Geometry.ClustersFor(Device.Length);
-        long end = Math.Max(Refcounts.EndOfUsed(clusters), Refcounts.ReservedEnd);
-        if (end < clusters) Device.SetLength(end << Geometry.ClusterBits);
+        Caches.FlushAll();
+        Refcounts.TrimFreeTail();
     }
 }

@@ -41,9 +41,9 @@ internal sealed partial class RefcountManager
         {
             _live = live;
             _g = live._g;
-            _liveTable = live._table.ToArray();
+            _liveTable = live._table.Entries.ToArray();
             _table = (ulong[])_liveTable.Clone();
-            _cursor = Math.Max(1, live._freeHint);
+            _cursor = Math.Max(1, live.FreeHint);
             _excluded = excluded;
         }
 
@@ -133,6 +133,7 @@ internal sealed partial class RefcountManager
                 SetTableEntry(index, elsewhere);
                 return block;
             }
+            _live._file.CheckAllocation(c << _g.ClusterBits, _g.ClusterSize);
             RefcountBlock.Set(block, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder, 1);
             SetTableEntry(index, c << _g.ClusterBits);
             NoteAllocated(c, 1);
@@ -172,6 +173,7 @@ internal sealed partial class RefcountManager
                     for (long c = start; c < start + count && stillFree; c++) stillFree = IsFree(c);
                     if (!stillFree) continue;
                 }
+                _live._file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
                 for (long c = start; c < start + count; c++) Add(c, 1);
                 if (start == _cursor) _cursor = start + count;
                 _end = Math.Max(_end, start + count);
@@ -245,7 +247,7 @@ internal sealed partial class RefcountManager
         {
             if (_tableBytes is null) throw new InvalidOperationException("the generation was not prepared");
             foreach ((long offset, byte[] data) in NewBlocks) _live.WriteBlock(data, offset);
-            _live._device.Write(_tableBytes, _tableOffset);
+            _live._file.Write(_tableBytes, _tableOffset, Qcow2Metadata.None);
         }
 
         /// <summary>Gives every changed refcount block that still lives where the current generation has it a fresh cluster.</summary>

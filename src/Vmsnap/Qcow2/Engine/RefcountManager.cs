@@ -3,71 +3,79 @@ using Vmsnap.Storage;
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// Reference counts, the one owner of every refcount write: the refcount table (kept in memory),
-/// refcount blocks (cached), cluster allocation, freeing, and growing the refcount table when the
-/// file outgrows it; the refcounts of a new metadata generation (<see cref="Generation"/>, for
-/// snapshot create, delete and apply); and installing a rebuilt structure (the check's repair).
-/// Not thread-safe: the engine calls it under its metadata lock.
+/// Reference counts, the one owner of every refcount write: the refcount table and the refcount
+/// blocks (kept in the engine's state, <see cref="Qcow2State"/>), cluster allocation, freeing, and
+/// growing the refcount table when the file outgrows it; the refcounts of a new metadata generation
+/// (<see cref="Generation"/>, for snapshot create, delete and apply); and installing a rebuilt
+/// structure (the check's repair). Not thread-safe: the engine calls it under its metadata lock.
 /// </summary>
+/// <remarks>
+/// Write order: a new reference needs its refcount increment on disk first, so an increment makes
+/// the L2 cache depend on the refcount block cache; a dropped reference must be on disk before the
+/// decrement, so a decrement makes the refcount block cache depend on the L2 cache (see
+/// <see cref="MetadataCache.SetDependency"/>: dirty refcount blocks hold either pending increments or
+/// pending decrements, never both). A crash can then leak clusters but never leave a referenced
+/// cluster counted free. A cluster freed is not handed out again until the L2 cache was flushed
+/// after the free (the references to it are gone on disk by then).
+/// </remarks>
 internal sealed partial class RefcountManager
 {
-    private readonly IBlockDevice _device;
+    private readonly Qcow2File _file;
     private readonly ClusterGeometry _g;
     private readonly Qcow2Header _header;
-    private readonly WriteOrder _order;
+    private readonly RefcountTable _table;
     private readonly MetadataCache _blocks;
+    private readonly MetadataCache _mapping;
+    private readonly ImageHealth _health;
     private readonly HashSet<long> _freedSinceFlush = [];
-    private ulong[] _table;
-    private long _tableDirtyFirst = long.MaxValue, _tableDirtyLast = -1;
+    private long _freedAtMappingFlush;   // the L2 cache's flush count when _freedSinceFlush was filled
+    // Refcount decrements owed for references already dropped in memory (the clusters of a failed
+    // data write, or an old reference whose decrement failed on the device): done at the next flush.
+    private readonly List<(long Offset, long Length)> _owed = [];
     private long _freeHint;
     private long _lowestFreed = long.MaxValue;
 
-    internal RefcountManager(IBlockDevice device, ClusterGeometry geometry, Qcow2Header header, WriteOrder order, ulong[] table, string imageName)
+    /// <param name="file">The image file, for refcount blocks and table writes.</param>
+    /// <param name="geometry">The image's geometry.</param>
+    /// <param name="header">The header (its refcount table fields change when the table moves).</param>
+    /// <param name="table">The refcount table in memory.</param>
+    /// <param name="blocks">The refcount block cache.</param>
+    /// <param name="mapping">The L2 table cache: the cache an increment's new reference lives in, and a decrement waits for.</param>
+    /// <param name="health">Where a corruption found is recorded.</param>
+    internal RefcountManager(Qcow2File file, ClusterGeometry geometry, Qcow2Header header, RefcountTable table, MetadataCache blocks,
+        MetadataCache mapping, ImageHealth health)
     {
-        _device = device;
+        _file = file;
         _g = geometry;
         _header = header;
-        _order = order;
         _table = table;
-        ImageName = imageName;
-        _blocks = new MetadataCache(device, geometry.ClusterSize, (int)Math.Clamp((4L << 20) / geometry.ClusterSize, 16, 4096), "refcount block");
-        HighWater = geometry.ClustersFor(device.Length);
+        _blocks = blocks;
+        _mapping = mapping;
+        _health = health;
+        HighWater = geometry.ClustersFor(file.Device.Length);
     }
 
-    internal string ImageName { get; }
     internal MetadataCache Blocks => _blocks;
-    internal long TableOffset => (long)_header.RefcountTableOffset;
-    internal int TableClusters => (int)_header.RefcountTableClusters;
-    internal ReadOnlySpan<ulong> Table => _table;
-    internal bool HasDirty => _blocks.HasDirty || _tableDirtyLast >= 0;
+    internal long TableOffset => _table.Offset;
+    internal int TableClusters => _table.Clusters;
+    internal ReadOnlySpan<ulong> Table => _table.Entries;
 
     /// <summary>No cluster below this one is free (where allocation starts looking).</summary>
-    internal long FreeHint => _freeHint;
+    internal long FreeHint
+    {
+        get
+        {
+            SyncFreed();
+            return _freeHint;
+        }
+    }
 
     /// <summary>One past the highest cluster index allocated or present in the file.</summary>
     internal long HighWater { get; private set; }
 
-    /// <summary>Reads the refcount table the header points to.</summary>
-    internal static ulong[] ReadTable(IBlockDevice device, Qcow2Header header)
-    {
-        long bytes = (long)header.RefcountTableClusters * header.ClusterSize;
-        byte[] raw = new byte[bytes];
-        int n = device.Read(raw, (long)header.RefcountTableOffset);
-        if (n < raw.Length) raw.AsSpan(n).Clear();
-        return L1Entry.Decode(raw);
-    }
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _health.Corrupt(structure, offset, problem);
 
-    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, ImageName);
-
-    /// <summary>Called with every corruption found here (the engine then refuses writes).</summary>
-    internal Action<Qcow2FormatException>? OnCorruption { get; set; }
-
-    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem)
-    {
-        Qcow2FormatException e = Corrupt(structure, offset, problem);
-        OnCorruption?.Invoke(e);
-        return e;
-    }
+    private Qcow2FormatException CorruptionFound(string structure, long? offset, string problem) => _health.Found(structure, offset, problem);
 
     /// <summary>Reads refcounts of many clusters, looking each refcount block up once per run of clusters it covers.</summary>
     internal struct Reader(RefcountManager refcounts)
@@ -91,7 +99,7 @@ internal sealed partial class RefcountManager
     private long BlockOffset(long tableIndex)
     {
         if (tableIndex >= _table.Length) return 0;
-        ulong e = _table[tableIndex];
+        ulong e = _table.Entries[tableIndex];
         long offset = (long)(e & RefcountTableEntry.OffsetMask);
         if ((offset & (_g.ClusterSize - 1)) != 0)
             throw CorruptionFound("refcount table", TableOffset + tableIndex * 8, $"entry {tableIndex} points to unaligned refcount block offset 0x{offset:x}");
@@ -140,11 +148,11 @@ internal sealed partial class RefcountManager
         if (delta > 0)
         {
             EnsureBlocks(first, last - first + 1);
-            _order.BeforeIncrement();
+            _mapping.SetDependency(_blocks);
         }
         else
         {
-            _order.BeforeDecrement();
+            _blocks.SetDependency(_mapping);
         }
         for (long c = first; c <= last; c++) Add(c, delta);
     }
@@ -159,6 +167,8 @@ internal sealed partial class RefcountManager
         _blocks.MarkDirty(block);
         if (value == 0)
         {
+            SyncFreed();
+            _freedAtMappingFlush = _mapping.Flushes;
             _freedSinceFlush.Add(cluster);
             _lowestFreed = Math.Min(_lowestFreed, cluster);
         }
@@ -197,6 +207,58 @@ internal sealed partial class RefcountManager
     /// <summary>Lowers the refcount of every cluster touched by the range (freeing those that reach 0).</summary>
     internal void Free(long offset, long length) => Update(offset, length, -1);
 
+    /// <summary>Lowers a refcount for a reference dropped in memory; if the device fails meanwhile, the decrement is owed (not lost) and the error goes on.</summary>
+    internal void FreeOrOwe(long offset, long length)
+    {
+        try
+        {
+            Free(offset, length);
+        }
+        catch (Exception e) when (e is StorageException or IOException)
+        {
+            _owed.Add((offset, length));
+            throw;
+        }
+    }
+
+    /// <summary>Owes the decrement of a range whose reference was dropped in memory (made by the next <see cref="FreeOwed"/>).</summary>
+    internal void Owe(long offset, long length) => _owed.Add((offset, length));
+
+    /// <summary>Makes the owed refcount decrements; one that fails stays owed.</summary>
+    internal void FreeOwed()
+    {
+        while (_owed.Count > 0)
+        {
+            (long offset, long length) = _owed[^1];
+            Free(offset, length);
+            _owed.RemoveAt(_owed.Count - 1);
+        }
+    }
+
+    /// <summary>
+    /// A repair's refcount change (the check's): nothing in memory depends on it, so no write order
+    /// is declared and nothing is flushed; like QEMU's, the change stays cached until the repair ends.
+    /// </summary>
+    internal void Repair(long cluster, long delta)
+    {
+        Update(cluster << _g.ClusterBits, 1, delta);
+        _mapping.ForgetDependency();
+        _blocks.ForgetDependency();
+    }
+
+    /// <summary>
+    /// Shortens the file to the end of the last cluster in use when the clusters after it are free
+    /// (a VM-state area given up or taken over, preallocated but unused). Call with the metadata
+    /// flushed, on an image open for writing.
+    /// </summary>
+    internal void TrimFreeTail()
+    {
+        if (_file.Stopped) return;   // the refcounts in memory may be what made a write hit metadata: nothing is cut by them
+        long clusters = _g.ClustersFor(_file.Device.Length);
+        long end = Math.Max(EndOfUsed(clusters), ReservedEnd);
+        if (end < clusters) _file.Device.SetLength(end << _g.ClusterBits);
+    }
+
     /// <summary>Allocates <paramref name="count"/> contiguous clusters (refcount 1 each); returns the host offset of the first.</summary>
     internal long Allocate(long count)
     {
@@ -205,7 +267,8 @@ internal sealed partial class RefcountManager
         {
             long start = FindFreeRun(count);
             if (EnsureBlocks(start, count)) continue;   // new refcount metadata took clusters: search again
-            _order.BeforeIncrement();
+            _file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
+            _mapping.SetDependency(_blocks);
             for (long c = start; c < start + count; c++) Add(c, 1);
             if (start <= _freeHint) _freeHint = start + count;
             return start << _g.ClusterBits;
@@ -247,8 +310,10 @@ internal sealed partial class RefcountManager
     /// </summary>
     internal long ReserveTail(long count)
     {
+        SyncFreed();
         long start = Math.Max(EndOfUsed(HighWater), ReservedEnd);
         foreach (long c in _freedSinceFlush) start = Math.Max(start, c + 1);
+        _file.CheckAllocation(start << _g.ClusterBits, count << _g.ClusterBits);
         _reserved.Add(start, start + count);
         if (start + count > HighWater) HighWater = start + count;
         return start;
@@ -271,6 +336,7 @@ internal sealed partial class RefcountManager
 
     private long FindFreeRun(long count)
     {
+        SyncFreed();
         long run = 0, runStart = _freeHint;
         for (long c = _freeHint; ; c++)
         {
@@ -287,7 +353,7 @@ internal sealed partial class RefcountManager
                 c = skip - 1;   // the loop's c++ lands on the run's end
                 continue;
             }
-            if (c != 0 && IsFree(c))
+            if (IsFree(c))   // the header cluster too, when its refcount says free: the allocation check refuses it
             {
                 if (run == 0) runStart = c;
                 if (++run == count) return runStart;
@@ -341,13 +407,12 @@ internal sealed partial class RefcountManager
                 AllocateBlock(ci);   // c lies in ci's own range: that block describes itself
                 continue;
             }
-            _order.BeforeIncrement();
+            _file.CheckAllocation(c << _g.ClusterBits, _g.ClusterSize);
+            _mapping.SetDependency(_blocks);
             if (ci != index) Add(c, 1);
             MetadataCache.Table block = _blocks.GetEmpty(c << _g.ClusterBits);
             if (ci == index) RefcountBlock.Set(block.Data, c & (_g.RefcountBlockEntries - 1), _g.RefcountOrder, 1);
-            _table[index] = (ulong)(c << _g.ClusterBits);
-            _tableDirtyFirst = Math.Min(_tableDirtyFirst, index);
-            _tableDirtyLast = Math.Max(_tableDirtyLast, index);
+            _table.Set(index, c << _g.ClusterBits);
             if (c >= HighWater) HighWater = c + 1;
             if (c == _freeHint) _freeHint = c + 1;
             return;
@@ -361,10 +426,10 @@ internal sealed partial class RefcountManager
     /// </summary>
     private void GrowTable(long neededIndex)
     {
-        _order.FlushRefcountSide();
+        _blocks.Flush();
         long oldEntries = _table.Length;
         long entriesPerCluster = _g.ClusterSize / 8;
-        long areaStart = Math.Max(Math.Max(HighWater, _g.ClustersFor(_device.Length)), oldEntries << _g.RefcountBlockBits);
+        long areaStart = Math.Max(Math.Max(HighWater, _g.ClustersFor(_file.Device.Length)), oldEntries << _g.RefcountBlockBits);
         long newEntries = RoundUp(Math.Max(neededIndex + 1, oldEntries * 2), entriesPerCluster);
         long tableClusters, blocks, firstIndex;
         while (true)
@@ -387,8 +452,9 @@ internal sealed partial class RefcountManager
             throw Corrupt("refcount table", TableOffset, $"would need {newEntries * 8} bytes, more than QEMU's limit of {ClusterGeometry.MaxRefcountTableBytes}");
 
         var newTable = new ulong[newEntries];
-        _table.CopyTo(newTable, 0);
+        _table.Entries.CopyTo(newTable, 0);
         long areaEnd = areaStart + blocks + tableClusters;
+        _file.CheckAllocation(areaStart << _g.ClusterBits, (areaEnd - areaStart) << _g.ClusterBits);
         var blockData = new byte[blocks][];
         for (long k = 0; k < blocks; k++)
         {
@@ -400,7 +466,7 @@ internal sealed partial class RefcountManager
         long oldOffset = TableOffset;
         long oldClusters = TableClusters;
         SwitchTable(newTable, (areaStart + blocks) << _g.ClusterBits);
-        _table = newTable;
+        _table.Replace(newTable);
         for (long k = 0; k < blocks; k++) _blocks.PutClean((areaStart + k) << _g.ClusterBits, blockData[k]);
         HighWater = Math.Max(HighWater, areaEnd);
         Free(oldOffset, oldClusters << _g.ClusterBits);
@@ -433,7 +499,7 @@ internal sealed partial class RefcountManager
     }
 
     /// <summary>Writes a refcount block that the refcount table is about to reference (or already does, for a block being replaced whole).</summary>
-    internal void WriteBlock(byte[] data, long offset) => _device.Write(data, offset);
+    internal void WriteBlock(byte[] data, long offset) => _file.Write(data, offset, Qcow2Metadata.None);
 
     /// <summary>
     /// Writes <paramref name="table"/> (whole clusters of entries, its blocks written already) at
@@ -442,12 +508,12 @@ internal sealed partial class RefcountManager
     /// </summary>
     internal void SwitchTable(ulong[] table, long offset)
     {
-        _device.Write(EncodeTable(table), offset);
-        _device.Flush();
+        _file.Write(EncodeTable(table), offset, Qcow2Metadata.None);
+        _file.Flush();
         _header.RefcountTableOffset = (ulong)offset;
         _header.RefcountTableClusters = (uint)TableClustersFor(table.LongLength);
-        _device.Write(_header.EncodeRefcountTableFields(), Qcow2Header.RefcountTableFieldsOffset);
-        _device.Flush();
+        _file.WriteHeader(_header.EncodeRefcountTableFields(), Qcow2Header.RefcountTableFieldsOffset);
+        _file.Flush();
     }
 
     /// <summary>
@@ -459,30 +525,16 @@ internal sealed partial class RefcountManager
     {
         SwitchTable(table, offset);
         Reload(table);
-        NoteHighWater(_g.ClustersFor(_device.Length));
+        NoteHighWater(_g.ClustersFor(_file.Device.Length));
     }
 
-    /// <summary>Writes dirty refcount blocks, then (after a device flush) dirty refcount table entries.</summary>
-    internal bool WriteDirty()
+    /// <summary>Clusters freed earlier may be reused once the references to them are gone on disk: after the L2 cache's next flush.</summary>
+    private void SyncFreed()
     {
-        bool wrote = _blocks.WriteDirty();
-        if (_tableDirtyLast >= 0)
-        {
-            if (wrote) _device.Flush();
-            // Whole 512-byte sectors of the table, like QEMU.
-            long first = _tableDirtyFirst & ~63L, last = Math.Min(_tableDirtyLast | 63L, _table.Length - 1);
-            byte[] bytes = new byte[(last - first + 1) * 8];
-            L1Entry.Encode(_table.AsSpan((int)first, (int)(last - first + 1)), bytes);
-            _device.Write(bytes, TableOffset + first * 8);
-            _tableDirtyFirst = long.MaxValue;
-            _tableDirtyLast = -1;
-            wrote = true;
-        }
-        return wrote;
+        if (_freedSinceFlush.Count > 0 && _mapping.Flushes != _freedAtMappingFlush) ReleaseFreed();
     }
 
-    /// <summary>Clusters freed earlier may be reused once the references to them are gone on disk.</summary>
-    internal void ReleaseFreed()
+    private void ReleaseFreed()
     {
         _freedSinceFlush.Clear();
         if (_lowestFreed < _freeHint) _freeHint = _lowestFreed;
@@ -493,13 +545,11 @@ internal sealed partial class RefcountManager
     internal void Reload(ulong[] table)
     {
         _blocks.Clear();
-        _table = table;
-        _tableDirtyFirst = long.MaxValue;
-        _tableDirtyLast = -1;
+        _table.Replace(table);
         _freedSinceFlush.Clear();
         _freeHint = 0;
         _lowestFreed = long.MaxValue;
-        HighWater = Math.Max(HighWater, _g.ClustersFor(_device.Length));
+        HighWater = Math.Max(HighWater, _g.ClustersFor(_file.Device.Length));
     }
 
     /// <summary>Records that clusters up to <paramref name="endCluster"/> exist (e.g. after the file grew).</summary>

@@ -7,42 +7,62 @@ namespace Vmsnap.Qcow2;
 /// Internal snapshots (QEMU's qcow2-snapshot.c): create, delete, apply, the snapshot table's
 /// lookups and checks, and the header switch. Each operation builds a <see cref="MetadataGeneration"/>
 /// (refcounts counted per path as QEMU counts them, COPIED flags of the active tables exact for the
-/// new counts) and switches to it with one header write. Owns the state of those switches and the
-/// open VM-state readers; runs under the engine's lock.
+/// new counts) and switches to it with one header write. Each operation runs exclusively (no
+/// request in flight) under the engine's lock.
 /// </summary>
-internal sealed class SnapshotOperations(Qcow2Engine engine)
+internal sealed class SnapshotOperations
 {
     internal const int MaxSnapshotNameBytes = 255;   // what QEMU keeps of a name (QEMUSnapshotInfo.name)
 
-    private readonly Qcow2Engine _e = engine;
+    private readonly Qcow2File _file;
+    private readonly Qcow2Header _header;
+    private readonly ClusterGeometry _g;
+    private readonly ClusterMapping _mapping;
+    private readonly RefcountManager _refcounts;
+    private readonly MetadataCaches _caches;
+    private readonly SnapshotList _snapshots;
+    private readonly VmStateSlots _vmState;
+    private readonly RequestGate _gate;
+    private readonly WriteGuard _guard;
+    private readonly ImageHealth _health;
 
-    // What the operations use of the engine (the coordinator owning device, header, tables and lock).
-    private string Path => _e.Path;
-    private IBlockDevice Device => _e.Device;
-    private Qcow2Header Header => _e.Header;
-    private ClusterGeometry Geometry => _e.Geometry;
-    private L1Table ActiveL1 => _e.ActiveL1;
-    private RefcountManager Refcounts => _e.Refcounts;
-    private MetadataCache L2Cache => _e.L2Cache;
-    private List<SnapshotEntry> Snapshots => _e.Snapshots;
-    private long SnapshotTableBytes => _e.SnapshotTableBytes;
-    private long VirtualSize => _e.VirtualSize;
-    private VmStateAllocation? VmStateWriter { get => _e.VmStateWriter; set => _e.VmStateWriter = value; }
-    private T RunExclusive<T>(Func<T> action) => _e.RunExclusive(action);
-    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _e.Corrupt(structure, offset, problem);
-    private Qcow2FormatException WriteRefused(string structure, long? offset, string problem) => _e.WriteRefused(structure, offset, problem);
-
-    // Set when a header switch failed in a way that leaves the on-disk state unknown.
-    private string? _switchFailure;
-
-    // Open VM-state readers, by the L1 table offset of the snapshot they read.
-    private readonly Dictionary<long, int> _vmStateReaders = [];
-
-    internal void ThrowIfSwitchFailed()
+    /// <param name="file">The image file.</param>
+    /// <param name="header">The header (switched in one write).</param>
+    /// <param name="geometry">The image's geometry.</param>
+    /// <param name="mapping">The active L1 table, the L2 cache, lookups and validation.</param>
+    /// <param name="refcounts">Refcounts; each operation counts a new generation of them.</param>
+    /// <param name="caches">Flushed before a generation is built.</param>
+    /// <param name="snapshots">The snapshot list, replaced by each switch.</param>
+    /// <param name="vmState">The VM-state area a create takes over, and the areas open for reading.</param>
+    /// <param name="gate">Runs each operation with no request in flight.</param>
+    /// <param name="guard">Whether the image may change, and what the first change does.</param>
+    /// <param name="health">Corruption found, and a switch that failed.</param>
+    internal SnapshotOperations(Qcow2File file, Qcow2Header header, ClusterGeometry geometry, ClusterMapping mapping, RefcountManager refcounts,
+        MetadataCaches caches, SnapshotList snapshots, VmStateSlots vmState, RequestGate gate, WriteGuard guard, ImageHealth health)
     {
-        if (_switchFailure is not null)
-            throw new OperationRefusedException($"'{Path}': {_switchFailure}; reopen the image before changing it");
+        _file = file;
+        _header = header;
+        _g = geometry;
+        _mapping = mapping;
+        _refcounts = refcounts;
+        _caches = caches;
+        _snapshots = snapshots;
+        _vmState = vmState;
+        _gate = gate;
+        _guard = guard;
+        _health = health;
     }
+
+    private string Path => _health.Path;
+    private IBlockDevice Device => _file.Device;
+    private Qcow2Header Header => _header;
+    private ClusterGeometry Geometry => _g;
+    private L1Table ActiveL1 => _mapping.ActiveL1;
+    private RefcountManager Refcounts => _refcounts;
+    private MetadataCache L2Cache => _mapping.L2Cache;
+    private List<SnapshotEntry> Snapshots => _snapshots.Entries;
+    private long VirtualSize => (long)_header.Size;
+    private Qcow2FormatException Corrupt(string structure, long? offset, string problem) => _health.Corrupt(structure, offset, problem);
 
     // ---- lookup and validation ----------------------------------------------------------------
 
@@ -96,14 +116,14 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     {
         int index = Snapshots.IndexOf(s);
         CheckSnapshotL1(s, index, Device.Length);
-        L1Table l1 = _e.ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
+        L1Table l1 = _mapping.ReadL1Table(s.L1TableOffset, s.L1Size, $"{Describe(s)} L1 table");
         for (long i = 0; i < l1.Size; i++)
         {
             ulong entry = l1[i];
             if (entry == 0) continue;
             if ((entry & L1Entry.ReservedMask) != 0)
                 throw Corrupt($"{Describe(s)} L1 table entry {i}", l1.Offset + i * 8, $"has reserved bits set (0x{entry:x16})");
-            _e.ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
+            _mapping.ValidateL2Offset(l1, i, L1Entry.L2Offset(entry));
         }
         return l1;
     }
@@ -160,7 +180,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     /// <summary>An L2 table's bytes for a walk: the cached copy when there is one, else read without caching. Never modify.</summary>
     private byte[] ReadL2ForWalk(L1Table l1, long l1Index, long l2)
     {
-        _e.ValidateL2Offset(l1, l1Index, l2);
+        _mapping.ValidateL2Offset(l1, l1Index, l2);
         MetadataCache.Table? cached = L2Cache.Peek(l2);
         if (cached is not null) return cached.Data;
         byte[] data = new byte[Geometry.ClusterSize];
@@ -177,7 +197,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         {
             L2Entry e = L2Entry.Read(table, j, extended);
             ClusterKind kind = e.Kind(extended);
-            _e.ValidateEntry(e, kind, l2Offset, j);
+            _mapping.ValidateEntry(e, kind, l2Offset, j);
             switch (kind)
             {
                 case ClusterKind.Normal or ClusterKind.ZeroAllocated:
@@ -234,7 +254,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
             if (corrected is null) continue;
             if (mayRewriteInPlace?.Invoke(l2) == true)
             {
-                gen.Write(l2, corrected);
+                gen.RewriteInactiveL2(l2, corrected);
                 rewritten.Add(l2);
             }
             else
@@ -274,8 +294,8 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     /// <summary>Writes the snapshot table for <paramref name="list"/> into fresh clusters (nothing when empty) and frees the current one.</summary>
     private (long Offset, long Bytes) WriteNewSnapshotTable(MetadataGeneration gen, List<SnapshotEntry> list)
     {
-        if (Header.SnapshotCount > 0 && SnapshotTableBytes > 0)
-            gen.AddRange((long)Header.SnapshotsOffset, SnapshotTableBytes, -1);
+        if (Header.SnapshotCount > 0 && _snapshots.TableBytes > 0)
+            gen.AddRange((long)Header.SnapshotsOffset, _snapshots.TableBytes, -1);
         if (list.Count == 0) return (0, 0);
         byte[] bytes = SnapshotTable.Encode(list);
         long clusters = Geometry.ClustersFor(bytes.Length);
@@ -323,13 +343,13 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     private void CompleteSwitch(MetadataGeneration gen, Qcow2Header h, ulong[]? newActive, long newActiveOffset, List<SnapshotEntry>? newSnapshots,
         (long Offset, long Bytes) newTable, Action? adopted = null, bool trim = true)
     {
-        _e.BeforeFirstChange();
+        _guard.BeforeFirstChange();
         gen.WriteOut();
         byte[] before = MetadataGeneration.SwitchBytes(Header);
         byte[] after = MetadataGeneration.SwitchBytes(h);
         try
         {
-            Device.Write(after, MetadataGeneration.SwitchOffset);
+            _file.WriteHeader(after, MetadataGeneration.SwitchOffset);
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
@@ -346,7 +366,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         Refcounts.Adopt(gen.Refcounts);
         if (newSnapshots is not null)
         {
-            _e.SetSnapshots(newSnapshots, newTable.Bytes);
+            _snapshots.Set(newSnapshots, newTable.Bytes);
             long at = newTable.Offset;
             foreach (SnapshotEntry e in newSnapshots)
             {
@@ -355,11 +375,11 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
             }
         }
         L2Cache.Clear();   // clean since the flush that started the operation; tables may have moved or changed
-        _e.ForgetValidatedL2();
+        _mapping.ForgetValidatedTables();
         adopted?.Invoke();
-        Device.Flush();
+        _file.Flush();
         // Only now: until the switch is durable the old generation may still use the clusters at the end.
-        if (trim) _e.TrimFreeTail();
+        if (trim) _refcounts.TrimFreeTail();
     }
 
     /// <summary>After a failed header write: true when the new bytes are there anyway, false when the old ones are; otherwise the image is left alone.</summary>
@@ -372,27 +392,27 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
-            _switchFailure = $"the header switch failed ({error.Message}) and the header cannot be read back ({e.Message})";
+            _health.SwitchFailure = $"the header switch failed ({error.Message}) and the header cannot be read back ({e.Message})";
             return false;
         }
         if (now.AsSpan().SequenceEqual(after)) return true;
         if (!now.AsSpan().SequenceEqual(before))
-            _switchFailure = $"the header switch failed halfway ({error.Message})";
+            _health.SwitchFailure = $"the header switch failed halfway ({error.Message})";
         return false;
     }
 
     /// <summary>What every snapshot operation needs first: a writable image, metadata on disk (a VM-state area being written keeps its reservation: generations do not allocate there).</summary>
     private void PrepareGeneration()
     {
-        ThrowIfSwitchFailed();
-        _e.EnsureWritable();
-        _e.FlushAll();
+        _health.ThrowIfSwitchFailed();
+        _guard.EnsureWritable();
+        _caches.FlushAll();
     }
 
     // ---- operations ---------------------------------------------------------------------------
 
     /// <summary>Creates a snapshot of the active disk (and of the VM state written so far, up to <see cref="Qcow2SnapshotCreateOptions.VmStateSize"/>).</summary>
-    internal SnapshotEntry CreateSnapshot(string name, Qcow2SnapshotCreateOptions options) => RunExclusive(() =>
+    internal SnapshotEntry CreateSnapshot(string name, Qcow2SnapshotCreateOptions options) => _gate.RunExclusive(() =>
     {
         CheckSnapshotName(name);
         ArgumentOutOfRangeException.ThrowIfNegative(options.VmStateSize, "options.VmStateSize");
@@ -408,7 +428,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
             throw new ArgumentOutOfRangeException(nameof(options), date, "the date must lie between 1970 and 2106 (qcow2 keeps 32-bit seconds)");
         PrepareGeneration();
         bool withVmState = options.VmStateSize > 0;
-        VmStateAllocation? captured = withVmState ? VmStateWriter : null;
+        VmStateAllocation? captured = withVmState ? _vmState.Writer : null;
         captured?.Quiesce();   // its data complete and zero-filled before the snapshot can point to it
 
         var entry = new SnapshotEntry
@@ -428,7 +448,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         // for a disk-only snapshot, the VM-state range too (QEMU's snapshot takes the whole table).
         // Every new path through a shared table is counted; the active disk continues in a new L1
         // table whose entries are not COPIED any more.
-        var gen = new MetadataGeneration(_e);
+        var gen = new MetadataGeneration(_file, _refcounts);
         long diskEntries = Math.Min(Geometry.L1EntriesFor(VirtualSize), ActiveL1.Size);
         long sharedEnd = withVmState ? diskEntries : ActiveL1.Size;
         List<long> changed = CountSharedPaths(gen, sharedEnd);
@@ -467,7 +487,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         {
             if (captured is null) return;
             captured.MarkCaptured(name);   // its clusters are the snapshot's now
-            VmStateWriter = null;
+            _vmState.Writer = null;
             Refcounts.ReleaseReserved();
         });
         return entry;
@@ -498,7 +518,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
             if (!anyCopied) continue;
             // COPIED entries say the table is this L1 entry's alone.
             if (!L1Entry.IsCopied(ActiveL1[i]) || Refcounts.Get(l2 >> Geometry.ClusterBits) != 1)
-                throw WriteRefused($"L1 table entry {i}", ActiveL1.Offset + i * 8,
+                throw _health.WriteRefused($"L1 table entry {i}", ActiveL1.Offset + i * 8,
                     $"points to the L2 table at 0x{l2:x}, which has COPIED entries but is shared (refcount {Refcounts.Get(l2 >> Geometry.ClusterBits)})");
             changed.Add(i);
         }
@@ -515,7 +535,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     /// </summary>
     private void ClearCopiedInPlace(MetadataGeneration final, List<long> indices)
     {
-        var detour = new MetadataGeneration(_e, final.AllocatedHere);
+        var detour = new MetadataGeneration(_file, _refcounts, final.AllocatedHere);
         var moved = (ulong[])ActiveL1.Entries.Clone();
         var tables = new List<(long Original, long Copy)>();
         foreach (long i in indices)
@@ -529,7 +549,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         detour.AddRange(ActiveL1.Offset, ActiveL1.Size * 8L, -1);
         long movedOffset = WriteNewL1(detour, moved);
         Qcow2Header h = PrepareSwitch(detour, moved, movedOffset, null, default);
-        foreach ((long original, long copy) in tables) Device.Write(ReadCluster(original), copy);   // free until the switch
+        foreach ((long original, long copy) in tables) _file.Write(ReadCluster(original), copy, Qcow2Metadata.None);   // free until the switch
         CompleteSwitch(detour, h, moved, movedOffset, null, default, trim: false);
 
         bool extended = Geometry.ExtendedL2;
@@ -542,7 +562,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
                 if (e.IsCopied && e.Kind(extended) is ClusterKind.Normal or ClusterKind.ZeroAllocated)
                     L2Entry.Write(data, j, extended, e with { Word = e.Word & ~L2Entry.Copied });
             }
-            Device.Write(data, original);
+            _file.Write(data, original, Qcow2Metadata.None);   // free in the generation now live
         }
     }
 
@@ -555,15 +575,15 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     }
 
     /// <summary>Deletes a snapshot: the table without it, then everything only it used is free (its VM state included).</summary>
-    internal SnapshotEntry DeleteSnapshot(string idOrName) => RunExclusive(() =>
+    internal SnapshotEntry DeleteSnapshot(string idOrName) => _gate.RunExclusive(() =>
     {
         SnapshotEntry sn = Lookup(idOrName);
-        if (_vmStateReaders.GetValueOrDefault(sn.L1TableOffset) > 0)
+        if (_vmState.Readers.GetValueOrDefault(sn.L1TableOffset) > 0)
             throw new OperationRefusedException($"'{Path}': {Describe(sn)} cannot be deleted while its VM state is open for reading");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
         PrepareGeneration();
 
-        var gen = new MetadataGeneration(_e);
+        var gen = new MetadataGeneration(_file, _refcounts);
         CountL1Paths(gen, l1, 0, l1.Size, -1);
         if (sn.L1Size > 0) gen.AddRange(sn.L1TableOffset, sn.L1Size * 8L, -1);
         var active = (ulong[])ActiveL1.Entries.Clone();
@@ -584,10 +604,10 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
     });
 
     /// <summary>Makes a snapshot's disk the active disk (like <c>qemu-img snapshot -a</c>); the snapshot stays.</summary>
-    internal SnapshotEntry ApplySnapshot(string idOrName) => RunExclusive(() =>
+    internal SnapshotEntry ApplySnapshot(string idOrName) => _gate.RunExclusive(() =>
     {
         SnapshotEntry sn = Lookup(idOrName);
-        if (VmStateWriter is not null)
+        if (_vmState.Writer is not null)
             throw new OperationRefusedException($"'{Path}': close the VM-state area open for writing before applying {Describe(sn)}");
         long diskSize = sn.DiskSize is ulong d ? (long)d : VirtualSize;
         if (diskSize != VirtualSize)
@@ -597,7 +617,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
 
         // The new active table is the snapshot's whole L1 table, VM-state range included, as QEMU's
         // apply makes it (padded with zeroes to the current size when the snapshot's is smaller).
-        var gen = new MetadataGeneration(_e);
+        var gen = new MetadataGeneration(_file, _refcounts);
         var active = new ulong[Math.Max(ActiveL1.Size, l1.Size)];
         for (long i = 0; i < l1.Size; i++) active[i] = l1[i] & ~L1Entry.Copied;
         // Only the final counts reach the disk, so the old active paths go first: a narrow refcount
@@ -611,7 +631,7 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
         // The snapshot's own tables are not active yet: their COPIED flags may be corrected in place.
         FixActiveFlags(gen, l1, active, l2 => !current.Contains(l2));
         long activeOffset = WriteNewL1(gen, active);
-        Switch(gen, active, activeOffset, null, default, () => _e.RefreshActiveSharing(FindActiveDuplicates()));
+        Switch(gen, active, activeOffset, null, default, () => _mapping.RefreshActiveSharing(FindActiveDuplicates()));
         return sn;
     });
 
@@ -634,12 +654,5 @@ internal sealed class SnapshotOperations(Qcow2Engine engine)
             }
         }
         return duplicates;
-    }
-
-    internal void RegisterVmStateReader(long l1Offset, int delta)
-    {
-        int n = _vmStateReaders.GetValueOrDefault(l1Offset) + delta;
-        if (n <= 0) _vmStateReaders.Remove(l1Offset);
-        else _vmStateReaders[l1Offset] = n;
     }
 }

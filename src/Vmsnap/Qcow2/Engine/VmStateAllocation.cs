@@ -17,8 +17,9 @@ internal sealed class VmStateAllocation
     private const long MaxReservationBytes = 512L << 20;
     private const long PreallocateAheadBytes = 64L << 20;
 
-    private readonly Qcow2Engine _e;
+    private readonly Qcow2File _file;
     private readonly ClusterGeometry _g;
+    private readonly RefcountManager _refcounts;
     private readonly List<Run> _map = [];                      // area cluster runs (area-relative), sorted
     private readonly SortedList<long, long> _written = [];      // written byte ranges (area-relative): start -> end
     private readonly SortedList<long, long> _tables = [];       // L1 index -> host cluster of the area's L2 table there
@@ -32,11 +33,16 @@ internal sealed class VmStateAllocation
     /// <summary>A run of area clusters mapped to contiguous host clusters.</summary>
     private record struct Run(long Guest, long Host, long Count);
 
-    internal VmStateAllocation(Qcow2Engine engine)
+    /// <param name="file">The image file the area's data and tables are written to.</param>
+    /// <param name="geometry">The image's geometry.</param>
+    /// <param name="refcounts">Where the area's clusters are reserved (in memory only).</param>
+    /// <param name="start">Guest offset of the area (after the virtual disk).</param>
+    internal VmStateAllocation(Qcow2File file, ClusterGeometry geometry, RefcountManager refcounts, long start)
     {
-        _e = engine;
-        _g = engine.Geometry;
-        Start = engine.VmStateOffset;
+        _file = file;
+        _g = geometry;
+        _refcounts = refcounts;
+        Start = start;
         _nextReservation = Math.Max(1, FirstReservationBytes >> _g.ClusterBits);
     }
 
@@ -46,17 +52,16 @@ internal sealed class VmStateAllocation
     /// clusters are reserved in memory, mapped in order, and counted as written; the L2 tables get
     /// clusters reserved at the free tail, past the region. Call under the engine's lock.
     /// </summary>
-    internal static VmStateAllocation ForRegion(Qcow2Engine engine, long firstHost, long length)
+    internal static VmStateAllocation ForRegion(Qcow2File file, ClusterGeometry g, RefcountManager refcounts, long start, long firstHost, long length)
     {
-        var area = new VmStateAllocation(engine);
-        ClusterGeometry g = area._g;
+        var area = new VmStateAllocation(file, g, refcounts, start);
         long count = g.ClustersFor(length);
-        engine.Refcounts.ReserveRange(firstHost, count);
+        refcounts.ReserveRange(firstHost, count);
         area._map.Add(new Run(0, firstHost, count));
         area.AddWritten(0, length);
         area.Length = length;
         long firstL1 = g.L1Index(area.Start), lastL1 = g.L1Index(area.Start + (count << g.ClusterBits) - 1);
-        long tables = engine.Refcounts.ReserveTail(lastL1 - firstL1 + 1);
+        long tables = refcounts.ReserveTail(lastL1 - firstL1 + 1);
         for (long i = firstL1; i <= lastL1; i++) area._tables.Add(i, tables + (i - firstL1));
         return area;
     }
@@ -171,7 +176,7 @@ internal sealed class VmStateAllocation
     private void Reserve()
     {
         long count = _nextReservation;
-        long first = _e.Refcounts.ReserveTail(count);
+        long first = _refcounts.ReserveTail(count);
         _reservedNext = first;
         _reservedEnd = first + count;
         _preallocatedEnd = first << _g.ClusterBits;
@@ -188,7 +193,7 @@ internal sealed class VmStateAllocation
         long start = host << _g.ClusterBits;
         long to = Math.Min(_reservedEnd << _g.ClusterBits, Math.Max(start + PreallocateAheadBytes, (host + 1) << _g.ClusterBits));
         _preallocatedEnd = to;
-        if (_preallocateUnsupported || _e.Device is not Storage.FileBlockDevice file) return;
+        if (_preallocateUnsupported || _file.Device is not Storage.FileBlockDevice file) return;
         long length = file.Length;
         if (to <= length) return;
         long from = Math.Max(length, start);
@@ -198,7 +203,7 @@ internal sealed class VmStateAllocation
     /// <summary>Gives every reserved cluster back, the ones mapped included (nothing was counted on disk). Call under the engine's lock.</summary>
     internal void ReleaseReservation()
     {
-        _e.Refcounts.ReleaseReserved();
+        _refcounts.ReleaseReserved();
         _reservedNext = _reservedEnd = 0;
         _preallocatedEnd = 0;
     }
@@ -251,7 +256,7 @@ internal sealed class VmStateAllocation
                     for (long p = pos; p < gapEnd; p += zeros.Length)
                     {
                         int n = (int)Math.Min(zeros.Length, gapEnd - p);
-                        _e.Device.Write(zeros.AsSpan(0, n), (r.Host << _g.ClusterBits) + (p - start));
+                        _file.Write(zeros.AsSpan(0, n), (r.Host << _g.ClusterBits) + (p - start), Qcow2Metadata.None);
                     }
                 }
                 if (i >= _written.Count) break;
@@ -352,7 +357,7 @@ internal sealed class VmStateAllocation
                     L2Entry.Write(table, (int)(g - firstArea), _g.ExtendedL2, new L2Entry(word, bitmap));
                 }
             }
-            _e.Device.Write(table, t.Value << _g.ClusterBits);
+            _file.Write(table, t.Value << _g.ClusterBits, Qcow2Metadata.None);
         }
     }
 

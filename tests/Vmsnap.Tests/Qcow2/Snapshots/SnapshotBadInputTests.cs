@@ -196,11 +196,11 @@ public sealed class SnapshotBadInputTests : IDisposable
     [QemuFact]
     public void New_ids_follow_qemu_even_after_odd_ids()
     {
-        Assert.Equal(0UL, Qcow2Engine.ParseIdLikeStrtoul("abc"));
-        Assert.Equal(12UL, Qcow2Engine.ParseIdLikeStrtoul("  12abc"));
-        Assert.Equal(7UL, Qcow2Engine.ParseIdLikeStrtoul("+7"));
-        Assert.Equal(ulong.MaxValue, Qcow2Engine.ParseIdLikeStrtoul("99999999999999999999999"));
-        Assert.Equal(ulong.MaxValue, Qcow2Engine.ParseIdLikeStrtoul("-1"));
+        Assert.Equal(0UL, SnapshotOperations.ParseIdLikeStrtoul("abc"));
+        Assert.Equal(12UL, SnapshotOperations.ParseIdLikeStrtoul("  12abc"));
+        Assert.Equal(7UL, SnapshotOperations.ParseIdLikeStrtoul("+7"));
+        Assert.Equal(ulong.MaxValue, SnapshotOperations.ParseIdLikeStrtoul("99999999999999999999999"));
+        Assert.Equal(ulong.MaxValue, SnapshotOperations.ParseIdLikeStrtoul("-1"));
         // An image whose only snapshot has the ID "4": vmsnap picks 5, then QEMU picks 6.
         string image = _dir.File("ids.qcow2");
         Qemu.Create(image, 1 << 20);

@@ -128,7 +128,7 @@ public class SnapshotInteropTests
         byte[] unknown = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
         using (var img = Qcow2Image.Open(image))
         {
-            img.Engine.Snapshots[0].UnknownExtraData = unknown;   // as if a newer QEMU had written it
+            img.Engine.State.Snapshots.Entries[0].UnknownExtraData = unknown;   // as if a newer QEMU had written it
             img.CreateSnapshot("b");                              // vmsnap rewrites the table
         }
         QemuImgCheck.AssertClean(image);
@@ -137,7 +137,7 @@ public class SnapshotInteropTests
         using (var img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true }))
         {
             Assert.Equal(["a", "c"], img.Snapshots.Select(s => s.Name));
-            Assert.Equal(unknown, img.Engine.Snapshots[0].UnknownExtraData);
+            Assert.Equal(unknown, img.Engine.State.Snapshots.Entries[0].UnknownExtraData);
             Assert.Equal(4 << 20, img.Snapshots[0].DiskSize);
         }
         QemuImgCheck.AssertClean(image);

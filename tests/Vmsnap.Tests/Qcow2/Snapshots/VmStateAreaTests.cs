@@ -44,12 +44,12 @@ public class VmStateAreaTests
     private static HashSet<long> HostClusters(Qcow2Image image, Qcow2Snapshot s)
     {
         Qcow2Engine e = image.Engine;
-        L1Table l1 = e.ReadL1Table(s.L1TableOffset, (uint)s.L1Size, "test");
+        L1Table l1 = e.Mapping.ReadL1Table(s.L1TableOffset, (uint)s.L1Size, "test");
         var extents = new List<Qcow2Engine.Extent>();
-        lock (e.SyncRoot) e.MapRange(l1, e.VmStateOffsetFor(s.DiskSize), s.VmStateSize, extents);
+        lock (e.SyncRoot) e.Mapping.MapRange(l1, e.VmStateOffsetFor(s.DiskSize), s.VmStateSize, extents);
         var clusters = new HashSet<long>();
         foreach (Qcow2Engine.Extent x in extents.Where(x => x.Kind == Qcow2Engine.ExtentKind.Data))
-            for (long h = x.Host >> e.Geometry.ClusterBits; h <= (x.Host + x.Length - 1) >> e.Geometry.ClusterBits; h++) clusters.Add(h);
+            for (long h = x.Host >> e.State.Geometry.ClusterBits; h <= (x.Host + x.Length - 1) >> e.State.Geometry.ClusterBits; h++) clusters.Add(h);
         return clusters;
     }
 
@@ -111,7 +111,7 @@ public class VmStateAreaTests
             Assert.True(new FileInfo(image).Length > before + (8 << 20));
             area.Discard(0, area.Length);
             Assert.Equal(0, area.Length);
-            Assert.Equal(0UL, img.Engine.ActiveL1[img.Engine.Geometry.L1EntriesFor(img.VirtualSize)]);   // its L2 table went too
+            Assert.Equal(0UL, img.Engine.State.ActiveL1[img.Engine.State.Geometry.L1EntriesFor(img.VirtualSize)]);   // its L2 table went too
         }
         QemuImgCheck.AssertClean(image);
         Assert.InRange(new FileInfo(image).Length, 0, before + 4 * 65536);
@@ -131,7 +131,7 @@ public class VmStateAreaTests
             img.Write(Enumerable.Repeat((byte)0xee, 8 * cs).ToArray(), 0);
             img.Flush();
             var extents = new List<Qcow2Engine.Extent>();
-            lock (img.Engine.SyncRoot) img.Engine.MapRange(img.Engine.ActiveL1, 0, 8 * cs, extents);
+            lock (img.Engine.SyncRoot) img.Engine.Mapping.MapRange(img.Engine.State.ActiveL1, 0, 8 * cs, extents);
             foreach (var x in extents) for (long h = x.Host / cs; h < (x.Host + x.Length) / cs; h++) garbage.Add(h);
             img.Discard(0, 8 * cs);   // freed; the file still holds 0xee there
             img.Flush();

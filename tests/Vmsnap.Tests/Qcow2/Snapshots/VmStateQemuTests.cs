@@ -167,7 +167,7 @@ public class VmStateQemuTests
             Assert.Throws<OperationRefusedException>(() => area.Write(new byte[4096], 0));   // the snapshot owns it now
             // The active disk no longer maps the VM-state area: the next save writes fresh clusters.
             Qcow2Engine e = img.Engine;
-            for (long i = e.Geometry.L1EntriesFor(e.VirtualSize); i < e.ActiveL1.Size; i++) Assert.Equal(0UL, e.ActiveL1[i]);
+            for (long i = e.State.Geometry.L1EntriesFor(e.State.VirtualSize); i < e.State.ActiveL1.Size; i++) Assert.Equal(0UL, e.State.ActiveL1[i]);
         }
         QemuImgCheck.AssertClean(image);
         SnapshotRow row = Assert.Single(SnapshotKit.QemuList(image));

@@ -13,7 +13,7 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void RebuildRefcountStructure()
     {
-        _e.FlushAll();
+        _caches.FlushAll();
         ulong[] table = [];
         bool grown = WriteRefblocks(0, _clusters, ref table);
         if (!grown) throw new InvalidOperationException("a rebuild found no cluster in use");   // the header cluster always is
@@ -30,13 +30,13 @@ internal sealed partial class Qcow2Checker
         }
         while (grown);
 
-        if (Overlap(Metadata.None, tableOffset, table.LongLength * 8) is string what)
+        if (Overlap(Qcow2Metadata.None, tableOffset, table.LongLength * 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _messages.Add("ERROR writing reftable: Input/output error");
             throw new CheckFailedException($"the rebuilt refcount table at 0x{tableOffset:x} would overwrite the {what}");
         }
-        _e.Refcounts.InstallRebuilt(table, tableOffset);
+        _refcounts.InstallRebuilt(table, tableOffset);
     }
 
     /// <summary>
@@ -74,12 +74,12 @@ internal sealed partial class Qcow2Checker
                 }
                 table[index] = (ulong)blockOffset;
             }
-            if (Overlap(Metadata.None, blockOffset, ClusterSize) is string what)
+            if (Overlap(Qcow2Metadata.None, blockOffset, ClusterSize) is string what)
             {
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw RebuildFailed("writing refblock", $"the rebuilt refcount block at 0x{blockOffset:x} would overwrite the {what}");
             }
-            _e.Refcounts.WriteBlock(_e.Refcounts.BuildBlock(index, Count), blockOffset);
+            _refcounts.WriteBlock(_refcounts.BuildBlock(index, Count), blockOffset);
             cluster = blockStart + perBlock - 1;   // this block is done
         }
         return grown;

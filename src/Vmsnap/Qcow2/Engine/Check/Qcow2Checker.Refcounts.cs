@@ -16,9 +16,9 @@ internal sealed partial class Qcow2Checker
 
     private void CheckRefcounts()
     {
-        _fileLength = _e.Device.Length;
+        _fileLength = _file.Device.Length;
         long clusters = _g.ClustersFor(_fileLength);
-        _totalClusters = _g.ClustersFor(_e.VirtualSize);
+        _totalClusters = _g.ClustersFor((long)H.Size);
         if (clusters > int.MaxValue)
         {
             _res.CheckErrors++;
@@ -42,7 +42,7 @@ internal sealed partial class Qcow2Checker
             // The header points to the new structure: count again (the old one is now leaked, and freed below).
             _rebuild = false;
             _counts.Clear();
-            _fileLength = _e.Device.Length;
+            _fileLength = _file.Device.Length;
             CalculateRefcounts(Qcow2RepairMode.None);
             Tally saved = _res;
             _res = new Tally();
@@ -279,7 +279,7 @@ internal sealed partial class Qcow2Checker
             : new L2Entry(L2Entry.ZeroFlag, 0);
         L2Entry.Write(table, index, extended, zero);
         long at = l2Offset + (long)index * _g.L2EntrySize;
-        if (Overlap(active ? Metadata.ActiveL2 : Metadata.InactiveL2, at, _g.L2EntrySize) is string what)
+        if (Overlap(active ? Qcow2Metadata.ActiveL2 : Qcow2Metadata.InactiveL2, at, _g.L2EntrySize) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _messages.Add("ERROR: Overlap check failed");
@@ -288,8 +288,8 @@ internal sealed partial class Qcow2Checker
         }
         try
         {
-            _e.Device.Write(table.AsSpan(index * _g.L2EntrySize, _g.L2EntrySize), at);
-            _e.Device.Flush();
+            _file.Write(table.AsSpan(index * _g.L2EntrySize, _g.L2EntrySize), at, active ? Qcow2Metadata.ActiveL2 : Qcow2Metadata.InactiveL2);
+            _file.Flush();
         }
         catch (Exception ex) when (ex is VmsnapException or IOException)
         {
@@ -306,7 +306,7 @@ internal sealed partial class Qcow2Checker
     /// <summary>Drops cached L2 tables a direct write touched (they are clean: the check started with a flush).</summary>
     private void ForgetCachedTables(long offset, long length)
     {
-        for (long c = offset & ~(long)(ClusterSize - 1); c < offset + length; c += ClusterSize) _e.L2Cache.Remove(c);
+        for (long c = offset & ~(long)(ClusterSize - 1); c < offset + length; c += ClusterSize) _l2Cache.Remove(c);
     }
 
     /// <summary>Remembers host clusters the active tables reference more than once.</summary>
@@ -341,7 +341,7 @@ internal sealed partial class Qcow2Checker
         BitmapDirectory dir;
         try
         {
-            dir = BitmapDirectory.Read(_e.Device, ext.Data, _fileLength);
+            dir = BitmapDirectory.Read(_file.Device, ext.Data, _fileLength);
         }
         catch (Qcow2FormatException ex)
         {
@@ -397,7 +397,7 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void CheckRefblocks(Qcow2RepairMode mode)
     {
-        ReadOnlySpan<ulong> table = _e.Refcounts.Table;
+        ReadOnlySpan<ulong> table = _refcounts.Table;
         bool fix = mode == Qcow2RepairMode.All;
         for (int i = 0; i < table.Length; i++)
         {
@@ -459,15 +459,15 @@ internal sealed partial class Qcow2Checker
         if (!_counts.TryReserve(cluster + 1)) return $"checking it would need a reference count for each of {cluster + 1} clusters, more than vmsnap can hold in memory";
         try
         {
-            _e.Device.SetLength(offset + ClusterSize);
+            _file.Device.SetLength(offset + ClusterSize);
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
             return e.Message;
         }
-        _fileLength = _e.Device.Length;
+        _fileLength = _file.Device.Length;
         Grow(_g.ClustersFor(_fileLength));
-        _e.Refcounts.NoteHighWater(_g.ClustersFor(_fileLength));
+        _refcounts.NoteHighWater(_g.ClustersFor(_fileLength));
         return cluster < _clusters ? null : "Invalid argument";
     }
 
@@ -478,13 +478,13 @@ internal sealed partial class Qcow2Checker
     {
         try
         {
-            refcount = _e.Refcounts.Get(cluster);
+            refcount = _refcounts.Get(cluster);
             return true;
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
             long index = cluster >> _g.RefcountBlockBits;
-            ulong offset = index < _e.Refcounts.Table.Length ? _e.Refcounts.Table[(int)index] & RefcountTableEntry.OffsetMask : 0;
+            ulong offset = index < _refcounts.Table.Length ? _refcounts.Table[(int)index] & RefcountTableEntry.OffsetMask : 0;
             if ((offset & (ulong)(ClusterSize - 1)) != 0)
                 SignalCorruption($"Refblock offset 0x{offset:x} unaligned (reftable index: {(index == 0 ? "0" : $"0x{index:x}")})");
             refcount = 0;
@@ -500,7 +500,7 @@ internal sealed partial class Qcow2Checker
         for (long i = 0; i < _clusters; i++)
         {
             // Memory stays bounded by the cache: blocks read for the comparison are evicted as it goes.
-            if ((i & blockMask) == 0 && _e.Refcounts.Blocks.Count > 2 * _e.Refcounts.Blocks.Capacity) _e.Refcounts.Blocks.Trim();
+            if ((i & blockMask) == 0 && _refcounts.Blocks.Count > 2 * _refcounts.Blocks.Capacity) _refcounts.Blocks.Trim();
             if (!TryGetRefcount(i, out ulong stored))
             {
                 _messages.Add($"Can't get refcount for cluster {i}: Input/output error");
@@ -544,19 +544,17 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void UpdateRefcount(long cluster, long delta)
     {
-        _e.Refcounts.Update(cluster << _g.ClusterBits, 1, delta);
-        _e.Order.MappingDependsOnRefcounts = false;
-        _e.Order.RefcountsDependOnMapping = false;
-        if (delta < 0 && _e.Refcounts.Get(cluster) == 0) DiscardCluster(cluster);
+        _refcounts.Repair(cluster, delta);
+        if (delta < 0 && _refcounts.Get(cluster) == 0) DiscardCluster(cluster);
     }
 
     private void DiscardCluster(long cluster)
     {
         long offset = cluster << _g.ClusterBits;
-        if (offset >= _e.Device.Length) return;
+        if (offset >= _file.Device.Length) return;
         try
         {
-            _e.Device.Discard(offset, Math.Min(ClusterSize, _e.Device.Length - offset));
+            _file.Device.Discard(offset, Math.Min(ClusterSize, _file.Device.Length - offset));
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
@@ -572,7 +570,7 @@ internal sealed partial class Qcow2Checker
     private void CheckOflagCopied()
     {
         bool repair = FixErrors || (FixLeaks && _res.CheckErrors == 0 && _res.Corruptions == 0 && _res.Leaks == 0);
-        L1Table l1 = _e.ActiveL1;
+        L1Table l1 = _activeL1;
         bool extended = _g.ExtendedL2;
         for (int i = 0; i < l1.Size; i++)
         {
@@ -615,14 +613,14 @@ internal sealed partial class Qcow2Checker
                 }
             }
             if (dirty == 0) continue;
-            if (Overlap(Metadata.ActiveL2, l2, ClusterSize) is string what)
+            if (Overlap(Qcow2Metadata.ActiveL2, l2, ClusterSize) is string what)
             {
                 _messages.Add("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
                 _res.CheckErrors++;
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw new CheckFailedException($"repairing COPIED flags of the L2 table at 0x{l2:x} would overwrite the {what}");
             }
-            _e.Device.Write(table, l2);
+            _file.Write(table, l2, Qcow2Metadata.ActiveL2);
             ForgetCachedTables(l2, ClusterSize);
             _res.Corruptions -= dirty;
             _res.CorruptionsFixed += dirty;
@@ -632,9 +630,9 @@ internal sealed partial class Qcow2Checker
     /// <summary>Writes one entry of the active L1 table in place (QEMU's qcow2_write_l1_entry), unless that would hit other metadata.</summary>
     private void WriteActiveL1Entry(int index, ulong entry)
     {
-        L1Table l1 = _e.ActiveL1;
+        L1Table l1 = _activeL1;
         long at = l1.Offset + index * 8L;
-        if (Overlap(Metadata.ActiveL1, at, 8) is string what)
+        if (Overlap(Qcow2Metadata.ActiveL1, at, 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
             _res.CheckErrors++;
@@ -642,8 +640,8 @@ internal sealed partial class Qcow2Checker
         }
         byte[] bytes = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(bytes, entry);
-        _e.Device.Write(bytes, at);
-        _e.Device.Flush();
+        _file.Write(bytes, at, Qcow2Metadata.ActiveL1);
+        _file.Flush();
         l1.Entries[index] = entry;   // in place: the engine's copy matches the disk, nothing left to write back
     }
 }

@@ -138,13 +138,13 @@ internal sealed partial class Qcow2Checker
             // check then frees), because the refcount check must see the table the header describes.
             byte[] bytes = new byte[4];
             BinaryPrimitives.WriteUInt32BigEndian(bytes, count);
-            _e.WriteHeaderBytes(Qcow2Header.SnapshotFieldsOffset, bytes);
-            _e.Device.Flush();
+            _file.WriteHeader(bytes, Qcow2Header.SnapshotFieldsOffset);
+            _file.Flush();
             H.SnapshotCount = count;
             _snapshotRes.CorruptionsFixed += reduced;
             _snapshotRes.Corruptions -= reduced;
         }
-        if (_mode != Qcow2RepairMode.None) _e.SetSnapshots(list, _snapshotsSize);
+        if (_mode != Qcow2RepairMode.None) _snapshotList.Set(list, _snapshotsSize);
 
         // Version 3 needs the 64-bit VM-state size and the disk size in every entry's extra data.
         if (H.Version >= 3 && _incompleteEntriesAreCorrupt)
@@ -191,7 +191,7 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void WriteSnapshotTable()
     {
-        var list = _snapshots.ConvertAll(s => s.WithCompleteExtraData(_e.VirtualSize));
+        var list = _snapshots.ConvertAll(s => s.WithCompleteExtraData((long)H.Size));
         long size = 0;
         foreach (SnapshotEntry s in list) size = ((size + 7) & ~7L) + s.UnpaddedLength;
         if (size > SnapshotTable.MaxTableBytes)
@@ -200,15 +200,15 @@ internal sealed partial class Qcow2Checker
             _messages.Add("ERROR failed to update snapshot table: File too large");
             throw new CheckFailedException($"the repaired snapshot table would take {size} bytes, more than the {SnapshotTable.MaxTableBytes} qcow2 allows");
         }
-        _e.FlushAll();   // clusters freed by the refcount repair may be used again
+        _caches.FlushAll();   // clusters freed by the refcount repair may be used again
         long offset = 0;
         if (list.Count > 0)
         {
             byte[] bytes = SnapshotTable.Encode(list);
             long clusters = _g.ClustersFor(bytes.Length);
-            offset = _e.Refcounts.Allocate(clusters);
-            _e.FlushAll();
-            if (Overlap(Metadata.None, offset, size) is string what)
+            offset = _refcounts.Allocate(clusters);
+            _caches.FlushAll();
+            if (Overlap(Qcow2Metadata.None, offset, size) is string what)
             {
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 _snapshotRes.CheckErrors++;
@@ -216,18 +216,18 @@ internal sealed partial class Qcow2Checker
                 throw new CheckFailedException($"the new snapshot table at 0x{offset:x} would overlap the {what}");
             }
             // Exactly the table, as QEMU writes it (a table at the end of the file ends the file).
-            _e.Device.Write(bytes.AsSpan(0, (int)size), offset);
-            _e.Device.Flush();
+            _file.Write(bytes.AsSpan(0, (int)size), offset, Qcow2Metadata.None);
+            _file.Flush();
         }
         Qcow2Header h = H.Clone();
         h.SnapshotCount = (uint)list.Count;
         h.SnapshotsOffset = (ulong)offset;
-        _e.WriteHeaderBytes(Qcow2Header.SnapshotFieldsOffset, h.EncodeSnapshotFields());
-        _e.Device.Flush();
+        _file.WriteHeader(h.EncodeSnapshotFields(), Qcow2Header.SnapshotFieldsOffset);
+        _file.Flush();
         long oldOffset = _snapshotsOffset, oldSize = _snapshotsSize;
         H.SnapshotCount = h.SnapshotCount;
         H.SnapshotsOffset = h.SnapshotsOffset;
-        _e.SetSnapshots(list, size);
+        _snapshotList.Set(list, size);
         _snapshots = list;
         _snapshotsOffset = offset;
         _snapshotsSize = size;
@@ -245,7 +245,7 @@ internal sealed partial class Qcow2Checker
         try
         {
             for (long c = first; c <= last; c++)
-                if (_e.Refcounts.Get(c) == 0) throw new Qcow2FormatException("refcount", c << _g.ClusterBits, "the cluster is already free");
+                if (_refcounts.Get(c) == 0) throw new Qcow2FormatException("refcount", c << _g.ClusterBits, "the cluster is already free");
             for (long c = first; c <= last; c++) UpdateRefcount(c, -1);
         }
         catch (Qcow2FormatException e)

@@ -1,5 +1,19 @@
 namespace Vmsnap.Qcow2;
 
+/// <summary>The parts of an open image a check reads and repairs.</summary>
+/// <param name="File">The image file.</param>
+/// <param name="Header">The header (the check clears its dirty and corrupt bits, and may move the tables it points to).</param>
+/// <param name="Geometry">The image's geometry.</param>
+/// <param name="ReadOnly">True when nothing may be repaired.</param>
+/// <param name="ActiveL1">The active L1 table (COPIED flags repaired in place).</param>
+/// <param name="L2Cache">Cached L2 tables (dropped when tables were rewritten directly).</param>
+/// <param name="Refcounts">The refcounts compared and repaired.</param>
+/// <param name="Caches">Flushed before the check and after repairs.</param>
+/// <param name="Snapshots">The snapshot list (replaced by what the check reads, when it repairs).</param>
+/// <param name="Overlaps">What repair writes are checked against first.</param>
+internal sealed record CheckedImage(Qcow2File File, Qcow2Header Header, ClusterGeometry Geometry, bool ReadOnly, L1Table ActiveL1,
+    MetadataCache L2Cache, RefcountManager Refcounts, MetadataCaches Caches, SnapshotList Snapshots, MetadataOverlap Overlaps);
+
 /// <summary>
 /// Consistency check and repair, done the way <c>qemu-img check</c> does them (QEMU 7.2; the check
 /// is unchanged through 10.2), so that both tools count the same findings and repair the same
@@ -24,7 +38,15 @@ internal sealed partial class Qcow2Checker
     /// <summary>The check cannot go on; qemu-img then prints "Check failed" and no figures.</summary>
     private sealed class CheckFailedException(string reason) : Exception(reason);
 
-    private readonly Qcow2Engine _e;
+    private readonly Qcow2File _file;
+    private readonly Qcow2Header _header;
+    private readonly bool _readOnly;
+    private readonly L1Table _activeL1;
+    private readonly MetadataCache _l2Cache;
+    private readonly RefcountManager _refcounts;
+    private readonly MetadataCaches _caches;
+    private readonly SnapshotList _snapshotList;
+    private readonly MetadataOverlap _overlaps;
     private readonly ClusterGeometry _g;
     private readonly Qcow2RepairMode _mode;
     private readonly List<string> _messages = [];
@@ -34,34 +56,42 @@ internal sealed partial class Qcow2Checker
     private bool _incompleteEntriesAreCorrupt = true;
     private bool _madeCorrupt;   // this check set the corrupt bit: a repair write would have hit metadata
 
-    private Qcow2Checker(Qcow2Engine engine, Qcow2RepairMode mode)
+    private Qcow2Checker(CheckedImage image, Qcow2RepairMode mode)
     {
-        _e = engine;
-        _g = engine.Geometry;
-        _mode = engine.ReadOnly ? Qcow2RepairMode.None : mode;
+        _file = image.File;
+        _header = image.Header;
+        _readOnly = image.ReadOnly;
+        _activeL1 = image.ActiveL1;
+        _l2Cache = image.L2Cache;
+        _refcounts = image.Refcounts;
+        _caches = image.Caches;
+        _snapshotList = image.Snapshots;
+        _overlaps = image.Overlaps;
+        _g = image.Geometry;
+        _mode = image.ReadOnly ? Qcow2RepairMode.None : mode;
     }
 
-    private Qcow2Header H => _e.Header;
+    private Qcow2Header H => _header;
     private int ClusterSize => _g.ClusterSize;
     private bool FixErrors => _mode == Qcow2RepairMode.All;
     private bool FixLeaks => _mode != Qcow2RepairMode.None;
 
     /// <summary>Checks, repairs what <paramref name="mode"/> allows, and (after repairs) checks again like qemu-img does.</summary>
-    internal static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode) => Run(engine, mode, out _, forWrites: false);
+    internal static Qcow2CheckResult Run(CheckedImage image, Qcow2RepairMode mode) => Run(image, mode, out _, forWrites: false);
 
     /// <summary>
-    /// The check the engine runs before it writes: like <see cref="Run(Qcow2Engine, Qcow2RepairMode)"/>,
+    /// The check the engine runs before it writes: like <see cref="Run(CheckedImage, Qcow2RepairMode)"/>,
     /// but version 3 snapshot table entries without the disk size do not count as corruptions
     /// (they do not make writes unsafe, and QEMU writes such images too; a table written anew gets
     /// complete entries). Also returns the host clusters that more than one entry of the active L2
     /// tables references (legal once their refcount says so).
     /// </summary>
-    internal static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode, out IReadOnlySet<long> activeDuplicates) =>
-        Run(engine, mode, out activeDuplicates, forWrites: true);
+    internal static Qcow2CheckResult Run(CheckedImage image, Qcow2RepairMode mode, out IReadOnlySet<long> activeDuplicates) =>
+        Run(image, mode, out activeDuplicates, forWrites: true);
 
-    private static Qcow2CheckResult Run(Qcow2Engine engine, Qcow2RepairMode mode, out IReadOnlySet<long> activeDuplicates, bool forWrites)
+    private static Qcow2CheckResult Run(CheckedImage image, Qcow2RepairMode mode, out IReadOnlySet<long> activeDuplicates, bool forWrites)
     {
-        var first = new Qcow2Checker(engine, mode) { _incompleteEntriesAreCorrupt = !forWrites };
+        var first = new Qcow2Checker(image, mode) { _incompleteEntriesAreCorrupt = !forWrites };
         Qcow2CheckResult result = first.Execute();
         activeDuplicates = first._activeDuplicates;
         // qemu-img checks a repaired image once more and reports that, with the numbers repaired.
@@ -73,7 +103,7 @@ internal sealed partial class Qcow2Checker
                 const string reason = "the image was marked corrupt during the repair (a write would have hit metadata), so it cannot be checked again";
                 return result with { Failure = reason, CheckErrors = Math.Max(1, result.CheckErrors), Messages = [.. result.Messages, $"Check failed: {reason}"] };
             }
-            var second = new Qcow2Checker(engine, Qcow2RepairMode.None) { _incompleteEntriesAreCorrupt = !forWrites };
+            var second = new Qcow2Checker(image, Qcow2RepairMode.None) { _incompleteEntriesAreCorrupt = !forWrites };
             Qcow2CheckResult again = second.Execute();
             activeDuplicates = second._activeDuplicates;
             result = again with
@@ -89,7 +119,7 @@ internal sealed partial class Qcow2Checker
     /// <summary>One check (QEMU's qcow2_co_check_locked): snapshot table, refcounts, snapshot table repair, clean bits.</summary>
     private Qcow2CheckResult Execute()
     {
-        if (!_e.ReadOnly) _e.FlushAll();
+        if (!_readOnly) _caches.FlushAll();
         string? failure = null;
         try
         {
@@ -135,14 +165,14 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void FinishRepairs()
     {
-        _e.FlushAll();
-        _e.Device.Flush();
-        _e.L2Cache.Clear();   // clean after the flush; L2 tables may have been rewritten directly
+        _caches.FlushAll();
+        _file.Flush();
+        _l2Cache.Clear();   // clean after the flush; L2 tables may have been rewritten directly
         if (H.Version >= 3 && H.IsDirty)
         {
             H.IncompatibleFeatures &= ~Qcow2Header.IncompatibleDirty;
-            _e.WriteHeaderBytes(Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.EncodeUInt64(H.IncompatibleFeatures));
-            _e.Device.Flush();
+            _file.WriteHeader(Qcow2Header.EncodeUInt64(H.IncompatibleFeatures), Qcow2Header.IncompatibleFeaturesOffset);
+            _file.Flush();
         }
         // A writer clears the autoclear bits of features it does not know (QEMU does on its writable
         // open). Only those 8 bytes: QEMU 7.2 rewrites its whole header then, and in check mode that
@@ -151,8 +181,8 @@ internal sealed partial class Qcow2Checker
         if (H.Version >= 3 && (H.AutoclearFeatures & ~known) != 0)
         {
             H.AutoclearFeatures &= known;
-            _e.WriteHeaderBytes(Qcow2Header.AutoclearFeaturesOffset, Qcow2Header.EncodeUInt64(H.AutoclearFeatures));
-            _e.Device.Flush();
+            _file.WriteHeader(Qcow2Header.EncodeUInt64(H.AutoclearFeatures), Qcow2Header.AutoclearFeaturesOffset);
+            _file.Flush();
         }
     }
 
@@ -162,9 +192,9 @@ internal sealed partial class Qcow2Checker
     /// </summary>
     private void DiscardPendingMetadata()
     {
-        _e.Refcounts.Reload(RefcountManager.ReadTable(_e.Device, H));
-        _e.L2Cache.Clear();
-        _e.Device.Flush();
+        _refcounts.Reload(RefcountTable.Read(_file.Device, H));
+        _l2Cache.Clear();
+        _file.Flush();
     }
 
     // ---- reading and writing the file the way QEMU's check does ---------------------------------
@@ -176,8 +206,8 @@ internal sealed partial class Qcow2Checker
     private bool TryRead(long offset, Span<byte> buffer)
     {
         if (offset < 0 || offset > MaxRequestEnd - buffer.Length) return false;
-        long fileLength = _e.Device.Length;
-        int n = offset < fileLength ? _e.Device.Read(buffer, offset) : 0;
+        long fileLength = _file.Device.Length;
+        int n = offset < fileLength ? _file.Device.Read(buffer, offset) : 0;
         if (n < buffer.Length) buffer[n..].Clear();
         return true;
     }
@@ -204,8 +234,8 @@ internal sealed partial class Qcow2Checker
         if (fatal && H.Version >= 3 && !H.IsCorrupt)
         {
             H.IncompatibleFeatures |= Qcow2Header.IncompatibleCorrupt;
-            _e.WriteHeaderBytes(Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.EncodeUInt64(H.IncompatibleFeatures));
-            _e.Device.Flush();
+            _file.WriteHeader(Qcow2Header.EncodeUInt64(H.IncompatibleFeatures), Qcow2Header.IncompatibleFeaturesOffset);
+            _file.Flush();
         }
         _signaledCorruption = true;
     }
@@ -215,10 +245,10 @@ internal sealed partial class Qcow2Checker
     {
         ulong bits = Qcow2Header.IncompatibleDirty | Qcow2Header.IncompatibleCorrupt;
         if (H.Version < 3 || (H.IncompatibleFeatures & bits) == 0) return;
-        _e.FlushAll();
-        _e.Device.Flush();
+        _caches.FlushAll();
+        _file.Flush();
         H.IncompatibleFeatures &= ~bits;
-        _e.WriteHeaderBytes(Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.EncodeUInt64(H.IncompatibleFeatures));
-        _e.Device.Flush();
+        _file.WriteHeader(Qcow2Header.EncodeUInt64(H.IncompatibleFeatures), Qcow2Header.IncompatibleFeaturesOffset);
+        _file.Flush();
     }
 }

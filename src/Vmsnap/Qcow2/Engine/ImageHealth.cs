@@ -1,0 +1,45 @@
+namespace Vmsnap.Qcow2;
+
+/// <summary>
+/// What the engine has found wrong with the image since it was opened, and so whether it may still
+/// change it: the first corruption found (by a validation, a read, a walk or a check), a header
+/// switch that failed so that the state on disk is unknown, and a write that would have hit
+/// metadata (the image was then marked corrupt and nothing more is written).
+/// </summary>
+internal sealed class ImageHealth(string path)
+{
+    internal const string RepairHint = "run 'vmsnap check --repair all' first";
+
+    /// <summary>The image file's path, for messages.</summary>
+    internal string Path { get; } = path;
+
+    /// <summary>The first corruption found; writes are refused while it is set.</summary>
+    internal string? Corruption { get; set; }
+
+    /// <summary>Set when a header switch failed in a way that leaves the on-disk state unknown.</summary>
+    internal string? SwitchFailure { get; set; }
+
+    /// <summary>Set once a write would have overwritten metadata: the image was marked corrupt, and the engine writes nothing more (QEMU makes such an image unusable).</summary>
+    internal string? WritesStopped { get; set; }
+
+    /// <summary>An error about a structure of this image.</summary>
+    internal Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, Path);
+
+    /// <summary>Records a corruption found (writes are refused from now on) and returns its exception.</summary>
+    internal Qcow2FormatException Found(string structure, long? offset, string problem)
+    {
+        Qcow2FormatException e = Corrupt(structure, offset, problem);
+        Corruption ??= e.Message;
+        return e;
+    }
+
+    /// <summary>A corruption a write would make worse: recorded, with what to do about it.</summary>
+    internal Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
+        Found(structure, offset, $"{problem}; a write could damage data, so vmsnap refuses it: {RepairHint}");
+
+    internal void ThrowIfSwitchFailed()
+    {
+        if (SwitchFailure is not null)
+            throw new OperationRefusedException($"'{Path}': {SwitchFailure}; reopen the image before changing it");
+    }
+}
