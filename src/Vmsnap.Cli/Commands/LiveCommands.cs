@@ -3,13 +3,14 @@ using Vmsnap.Live;
 
 namespace Vmsnap.Cli.Commands;
 
-/// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
+/// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket, and recover after a killed save.</summary>
 internal static class LiveCommands
 {
     internal static IEnumerable<Command> Build()
     {
         yield return SaveVmCommand();
         yield return LoadVmCommand();
+        yield return RecoverCommand();
     }
 
     private static Option<string> QmpOption() => new("--qmp")
@@ -40,6 +41,7 @@ internal static class LiveCommands
                 VmStateDisk = p.GetValue(vmStateDisk),
                 MaxBandwidth = p.GetValue(maxBandwidth) is { } b ? Cli.ParseSize(b) : 0,
                 Direct = !p.GetValue(noDirect),
+                Recovered = Note,
             };
             LiveSaveResult r;
             using (var progress = ProgressLine.Start("saving", 0, asJson))
@@ -90,7 +92,7 @@ internal static class LiveCommands
             bool asJson = p.GetValue(json);
             LiveLoadResult r;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
-                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk) }, progress, ct));
+                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct));
             if (asJson)
             {
                 Cli.WriteJson(keepNulls: true, value: new
@@ -114,6 +116,51 @@ internal static class LiveCommands
             return Cli.ExitOk;
         });
         return command;
+    }
+
+    private static Command RecoverCommand()
+    {
+        var qmp = QmpOption();
+        var json = Cli.JsonOption();
+        var command = new Command("recover", "Undo what a killed live save left in a running QEMU: its migration settings, a stopped guest, a half-made snapshot " +
+            "(savevm and loadvm do this first on their own)")
+        {
+            qmp, json,
+        };
+        command.SetHandler((p, ct) =>
+        {
+            LiveRecoveryResult r = LiveSnapshots.Recover(p.GetValue(qmp)!, ct);
+            if (p.GetValue(json))
+            {
+                Cli.WriteJson(keepNulls: true, value: new
+                {
+                    Operation = "recover",
+                    r.Found,
+                    r.Tag,
+                    r.ProcessId,
+                    r.Stage,
+                    r.Snapshot,
+                    r.Resumed,
+                    r.RestoredSettings,
+                    r.KeptSettings,
+                    r.Actions,
+                    r.RunState,
+                    r.Description,
+                });
+            }
+            else
+            {
+                Console.Out.WriteLine(r.Found ? $"recovered: {r.Summary}; guest {r.RunState}" : r.Description);
+            }
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    /// <summary>Says on stderr what a save or load undid first of an earlier, killed save (the command's own output stays as it is).</summary>
+    private static void Note(LiveRecoveryResult r)
+    {
+        if (r.Actions.Count > 0) Console.Error.WriteLine($"vmsnap: recovered first: {r.Summary}");
     }
 
     private static object Disk(LiveDiskSnapshot d) => new { d.Drive, d.Image, SnapshotId = d.SnapshotId, d.VmState };

@@ -1,0 +1,310 @@
+using System.Diagnostics;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Vmsnap.Tests.Interop;
+using static Vmsnap.Tests.Live.LiveKit;
+using Vmsnap.Tests.Snapshots;
+using Xunit.Abstractions;
+using static Vmsnap.Tests.Snapshots.VmKit;
+
+namespace Vmsnap.Tests.Live;
+
+/// <summary>
+/// A real <c>vmsnap savevm</c> of a real guest killed with SIGKILL at every phase of a save, the stop window
+/// included (the test's startup hook stops the process at a phase, or at the Nth file write after it, see
+/// <see cref="LiveKillHook"/>; one kill is timed, without the hook, while QEMU sends the VM state). After each kill
+/// the next vmsnap command on that QEMU (<c>vmsnap recover</c>, <c>savevm</c> or <c>loadvm</c>) finds the save's record in
+/// QEMU and undoes what it left. Then: the guest runs and keeps counting in the same boot, QEMU's migration parameters
+/// and capabilities are exactly what they were before the first save (the whole query-migrate-parameters and
+/// query-migrate-capabilities answers), QEMU holds no record, the killed save's snapshot is on every drive or on none,
+/// the older snapshot's VM state is unchanged, qemu-img check (with the guest stopped, so that QEMU has flushed its
+/// metadata) finds nothing, and the file holds no unsaved VM state past what the image uses. At the end, with QEMU gone,
+/// qemu-img check is clean, the older snapshot restores the guest, and so does a snapshot the recovery finished.
+/// One guest for every kill.
+/// </summary>
+[Trait("Category", "Guest")]
+public class LiveKillTests(ITestOutputHelper output)
+{
+    private const string Slow = "16M";   // --max-bandwidth for the timed kill, so that the migration lasts a few seconds
+
+    /// <summary>What the test does after the kill.</summary>
+    private enum Next
+    {
+        Recover,
+        SaveVm,
+        LoadVm,
+    }
+
+    /// <summary>
+    /// One kill: the save's kind, the phase (and I/O after it) where the hook stops it (null: killed by the clock while
+    /// QEMU sends), the command that follows, and the recovery's stage and snapshot outcome when the test can know them.
+    /// </summary>
+    private sealed record KillPoint(string Phase, bool Live, Next Next, string? Stage = null, string? Snapshot = null)
+    {
+        /// <summary>Stop the guest before the save (a save of a paused guest).</summary>
+        public bool PausedGuest { get; init; }
+
+        /// <summary>Delete the snapshot from this disk with qemu-img after the kill (QEMU has released the images): a snapshot cut short on some drives.</summary>
+        public int? DeleteFromDisk { get; init; }
+
+        public override string ToString() => $"{(Live ? "--live" : "stopped")} save killed at '{Phase}'{(PausedGuest ? " (guest paused)" : "")}" +
+            $"{(DeleteFromDisk is int d ? $", snapshot then deleted from disk {d}" : "")}, then {Next}";
+    }
+
+    [QemuFact]
+    public void A_live_save_killed_anywhere_leaves_nothing_behind_once_the_next_vmsnap_command_ran()
+    {
+        bool qemu10 = QemuInstall.Current.AtLeast(10, 0);
+        // QEMU 7.2's own live migration of a TCG guest is at times inconsistent (docs/live.md): the snapshots this test
+        // restores are saved stopped on 7.2; the kills of live saves restore nothing.
+        bool liveRestored = qemu10;
+        KillPoint[] points =
+        [
+            new("settings applied", Live: true, Next.Recover, "preparing", "none"),
+            new("settings applied+3", Live: true, Next.SaveVm),
+            new("guest stopped", Live: false, Next.Recover, "preparing", "none"),
+            new("guest stopped+3", Live: false, Next.SaveVm),
+            new("clock", Live: true, Next.Recover, "migrating", "none"),
+            new("migration completed", Live: true, Next.Recover, "stopped", "none"),
+            new("images opened", Live: true, Next.LoadVm),
+            new("region checked+1", Live: true, Next.Recover),
+            new("region checked+3", Live: false, Next.SaveVm),
+            new("snapshots committed", Live: true, Next.Recover, "committed", "kept"),
+            new("snapshots committed", Live: liveRestored, Next.Recover, "stopped", "finished") { DeleteFromDisk = 1 },
+            new("snapshots committed", Live: true, Next.Recover, "stopped", "undone") { DeleteFromDisk = 0 },
+            new("resumed", Live: true, Next.SaveVm),
+            new("settings restored", Live: true, Next.Recover, "resumed", "kept"),
+            new("migration completed", Live: true, Next.Recover, "stopped", "none") { PausedGuest = true },
+        ];
+
+        using var dir = new TempDir();
+        var options = new GuestOptions();
+        SaveWindow beforeWindow;
+        SaveWindow? finishedWindow = null;
+        string? finishedTag = null;
+        var outcomes = new List<string>();
+        using (TestGuest guest = TestGuest.Boot(dir, options))
+        {
+            guest.WaitForTick(t => t.N >= 3);
+            JsonNode parameters = guest.Vm.Execute("query-migrate-parameters")!;
+            JsonNode capabilities = guest.Vm.Execute("query-migrate-capabilities")!;
+            (_, beforeWindow) = SaveVm(guest, "before", live: liveRestored);
+            string beforeLine = Listing(guest.Disks[0]).Split('\n').Single();
+            string beforeState = VmStateHash(guest.Disks[0], "before");
+            AssertSettings(guest, parameters, capabilities, "after a save that ran to its end");
+
+            for (int i = 0; i < points.Length; i++)
+            {
+                KillPoint point = points[i];
+                string tag = $"killed{i}", what = $"kill {i}: {point}";
+                if (point.PausedGuest) guest.Vm.Execute("stop");
+                GuestTick before = guest.LastTick();
+
+                string[] args = ["savevm", "--qmp", guest.VmsnapSocket, tag, .. point.Live ? new[] { "--live" } : [], .. point.Phase == "clock" ? new[] { "--max-bandwidth", Slow } : []];
+                using (HookedVmsnap save = point.Phase == "clock" ? HookedVmsnap.Start(args, null) : HookedVmsnap.Start(args, point.Phase))
+                {
+                    if (point.Phase == "clock") WaitMigrating(guest, save, what);
+                    else save.WaitPaused(what);
+                    save.Kill();
+                }
+                string stateAfterKill = guest.RunState();
+                string tagged = string.Join(",", guest.Disks.Select((d, n) => LiveKit.Snapshots(d).Any(s => s.Name == tag) ? n.ToString() : "").Where(s => s.Length > 0));
+                if (point.DeleteFromDisk is int disk)
+                {
+                    Assert.Equal("postmigrate", stateAfterKill);
+                    Tool.QemuImg("snapshot", "-d", tag, guest.Disks[disk]);   // QEMU released the images: qemu-img may write them
+                }
+
+                string? stage = null, snapshot = null;
+                switch (point.Next)
+                {
+                    case Next.Recover:
+                        JsonElement r = VmsnapJson("recover", "--qmp", guest.VmsnapSocket, "--json");
+                        Assert.True(r.GetProperty("found").GetBoolean(), $"{what}: vmsnap recover found nothing: {r}");
+                        Assert.Equal(tag, r.GetProperty("tag").GetString());
+                        stage = r.GetProperty("stage").GetString();
+                        snapshot = r.GetProperty("snapshot").GetString();
+                        if (point.Stage is not null) Assert.True(point.Stage == stage, $"{what}: stage '{stage}', expected '{point.Stage}': {r}");
+                        if (point.Snapshot is not null) Assert.True(point.Snapshot == snapshot, $"{what}: snapshot '{snapshot}', expected '{point.Snapshot}': {r}");
+                        Assert.Equal(!point.PausedGuest && stateAfterKill != "running", r.GetProperty("resumed").GetBoolean());
+                        break;
+                    case Next.SaveVm:
+                        Tool.Result s = VmKit.Vmsnap("savevm", "--qmp", guest.VmsnapSocket, tag + "-next", "--live", "--json");
+                        Assert.True(s.ExitCode == 0, $"{what}: the next savevm failed: {s.Stderr}");
+                        Assert.Contains("recovered first: a vmsnap save of '" + tag + "'", s.Stderr);
+                        break;
+                    case Next.LoadVm:
+                        Tool.Result l = VmKit.Vmsnap("loadvm", "--qmp", guest.VmsnapSocket, "before");
+                        Assert.True(l.ExitCode != 0, $"{what}: loadvm into a running QEMU should be refused");
+                        Assert.Contains("recovered first: a vmsnap save of '" + tag + "'", l.Stderr);
+                        Assert.Contains("not waiting for an incoming migration", l.Stderr);
+                        break;
+                }
+                outcomes.Add($"{what}: QEMU {stateAfterKill} after the kill, snapshot on disk(s) [{tagged}], recovery stage {stage ?? "-"}, snapshot {snapshot ?? "-"}");
+                output.WriteLine(outcomes[^1]);
+
+                if (point.PausedGuest)
+                {
+                    // A guest paused before the save stays paused; the images are QEMU's again (10.0: blockdev-set-active; 7.2: with cont).
+                    Assert.True(guest.RunState() is "paused" or "postmigrate", $"{what}: a guest paused before the save is {guest.RunState()} after the recovery");
+                    guest.Vm.Execute("cont");
+                }
+                AssertNothingLeft(guest, what, tag, parameters, capabilities, beforeLine, beforeState);
+                if (snapshot == "finished")
+                {
+                    finishedTag = tag;
+                    finishedWindow = new SaveWindow(before.N, guest.LastTick().N, before.Boot);
+                }
+            }
+
+            // After all that a save works (this QEMU's migration settings and the images all in order).
+            SaveVm(guest, "after", live: true);
+            AssertSettings(guest, parameters, capabilities, "after the last save");
+            guest.Vm.Quit();
+        }
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
+
+        using (TestGuest restored = TestGuest.Restart(dir, options, "-loadvm", "before"))
+        {
+            AssertResumes(restored, beforeWindow);
+            restored.Vm.Quit();
+        }
+        Assert.True(finishedTag is not null, "no kill left a snapshot the recovery finished:\n" + string.Join("\n", outcomes));
+        using (TestGuest restored = TestGuest.Restart(dir, options, "-incoming", "defer"))
+        {
+            VmsnapJson("loadvm", "--qmp", restored.VmsnapSocket, finishedTag!, "--json");
+            AssertResumes(restored, finishedWindow!);
+            restored.Vm.Quit();
+        }
+        foreach (string disk in new[] { dir.File("disk0.qcow2"), dir.File("disk1.qcow2") }) QemuImgCheck.AssertClean(disk);
+    }
+
+    /// <summary>After a kill and the command that followed it: nothing of the killed save is left anywhere.</summary>
+    private static void AssertNothingLeft(TestGuest guest, string what, string tag, JsonNode parameters, JsonNode capabilities, string beforeLine, string beforeState)
+    {
+        Assert.True(guest.RunState() == "running", $"{what}: the guest is {guest.RunState()}");
+        long at = guest.LastTick().N;
+        guest.WaitForTick(t => t.N > at + 1);
+        Assert.All(guest.Ticks(), t => Assert.Equal("ok", t.Disks));
+        AssertSettings(guest, parameters, capabilities, what);
+        Assert.DoesNotContain(guest.Vm.Execute("qom-list", new { path = "/objects" })!.AsArray(), o => o!["name"]!.GetValue<string>() == "vmsnap-save");
+
+        // The snapshot is on every drive or on none; every other snapshot too; the older one is as it was.
+        string[][] names = guest.Disks.Select(d => LiveKit.Snapshots(d).Select(s => s.Name).ToArray()).ToArray();
+        Assert.True(names[0].SequenceEqual(names[1]), $"{what}: the drives' snapshots differ: [{string.Join(", ", names[0])}] and [{string.Join(", ", names[1])}]");
+        Assert.Equal(beforeLine, Listing(guest.Disks[0]).Split('\n')[0]);
+        Assert.True(VmStateHash(guest.Disks[0], "before") == beforeState, $"{what}: the VM state of the older snapshot changed");
+
+        // qemu-img check with the guest stopped (QEMU flushes its metadata when it stops), and no unsaved VM state lingering
+        // in the file past what the image uses (at most the guard a save keeps above QEMU's writes while QEMU holds the image).
+        guest.Vm.Execute("stop");
+        try
+        {
+            foreach (string disk in guest.Disks)
+            {
+                QemuImgCheck check = QemuImgCheck.Of(disk, "-U");
+                Assert.True(check.ExitCode == 0 && check.Corruptions == 0 && check.Leaks == 0 && check.CheckErrors == 0, $"{what}: qemu-img check {disk}: {check.Json}");
+                long end = check.Field("image-end-offset"), length = new FileInfo(disk).Length;
+                Assert.True(length <= end + (33L << 20), $"{what}: {disk} is {length} bytes long, its clusters end at {end}: unsaved VM state was left in the file");
+            }
+        }
+        finally
+        {
+            guest.Vm.Execute("cont");
+        }
+    }
+
+    private static void AssertSettings(TestGuest guest, JsonNode parameters, JsonNode capabilities, string what)
+    {
+        JsonNode p = guest.Vm.Execute("query-migrate-parameters")!, c = guest.Vm.Execute("query-migrate-capabilities")!;
+        Assert.True(JsonNode.DeepEquals(parameters, p), $"{what}: QEMU's migration parameters are\n{p.ToJsonString()}\nwere\n{parameters.ToJsonString()}");
+        Assert.True(JsonNode.DeepEquals(capabilities, c), $"{what}: QEMU's migration capabilities are\n{c.ToJsonString()}\nwere\n{capabilities.ToJsonString()}");
+    }
+
+    /// <summary>Waits until the save's migration is under way and some RAM has gone.</summary>
+    private static void WaitMigrating(TestGuest guest, HookedVmsnap save, string what)
+    {
+        var clock = Stopwatch.StartNew();
+        while (true)
+        {
+            JsonNode? m = guest.Vm.Execute("query-migrate");
+            if (m?["status"]?.GetValue<string>() == "active" && (m["ram"]?["transferred"]?.GetValue<long>() ?? 0) > 16L << 20) return;
+            Assert.False(save.HasExited, $"{what}: vmsnap exited before the kill: {save.Output}");
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"{what}: the migration never got under way");
+            Thread.Sleep(20);
+        }
+    }
+
+    /// <summary>A vmsnap process (the managed program: the hook needs it) that the test kills.</summary>
+    private sealed class HookedVmsnap : IDisposable
+    {
+        private readonly Process _process;
+        private readonly StringBuilder _output = new();
+        private readonly ManualResetEventSlim _paused = new();
+
+        private HookedVmsnap(Process process) => _process = process;
+
+        public bool HasExited => _process.HasExited;
+
+        public string Output
+        {
+            get
+            {
+                lock (_output) return _output.ToString();
+            }
+        }
+
+        /// <summary>Starts vmsnap; with <paramref name="pauseAt"/> the hook stops it there (see <see cref="LiveKillHook"/>).</summary>
+        public static HookedVmsnap Start(string[] args, string? pauseAt)
+        {
+            ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
+            psi.RedirectStandardError = true;
+            psi.RedirectStandardOutput = true;
+            if (pauseAt is not null)
+            {
+                psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
+                psi.Environment[LiveKillHook.PauseVariable] = pauseAt;
+            }
+            var running = new HookedVmsnap(new Process { StartInfo = psi });
+            void Line(string? line)
+            {
+                if (line is null) return;
+                lock (running._output) running._output.AppendLine(line);
+                if (line.StartsWith(LiveKillHook.PausedLine, StringComparison.Ordinal)) running._paused.Set();
+            }
+            running._process.ErrorDataReceived += (_, e) => Line(e.Data);
+            running._process.OutputDataReceived += (_, e) => Line(e.Data);
+            Tool.Start(running._process);
+            running._process.BeginErrorReadLine();
+            running._process.BeginOutputReadLine();
+            return running;
+        }
+
+        /// <summary>Waits until the hook says the process stopped where asked.</summary>
+        public void WaitPaused(string what)
+        {
+            var clock = Stopwatch.StartNew();
+            while (!_paused.Wait(100))
+            {
+                Assert.False(_process.HasExited, $"{what}: vmsnap ended before the hook stopped it (exit {(_process.HasExited ? _process.ExitCode : 0)}): {Output}");
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"{what}: the hook did not stop vmsnap: {Output}");
+            }
+        }
+
+        /// <summary>SIGKILL, and waits until the process is gone (its descriptors and locks with it).</summary>
+        public void Kill()
+        {
+            Assert.False(_process.HasExited, $"vmsnap ended before the kill: {Output}");
+            _process.Kill();
+            _process.WaitForExit();
+        }
+
+        public void Dispose()
+        {
+            if (!_process.HasExited) _process.Kill(entireProcessTree: true);
+            _process.Dispose();
+            _paused.Dispose();
+        }
+    }
+}
