@@ -71,14 +71,18 @@ internal sealed class LiveRecovery : LiveSession
         {
             int tagged = _record.Drives.Count(d => HasTag(d.Image));
             snapshot = tagged == _record.Drives.Count ? "kept" : tagged > 0 ? "partial" : "none";
+            if (snapshot == "partial")
+                _actions.Add($"left snapshot '{Tag}', which is on some drives only: QEMU holds the images again; QEMU's HMP 'delvm {Tag}' deletes it");
             GiveBackHeldRegion(disks);
         }
         bool complete = snapshot == "kept";   // complete before the recovery
+        // From what QEMU says: its last migration failed (the channel closed under it) or completed (it released the images).
         string stage = !_record.Migrating ? "preparing"
             : migration is "failed" or "cancelled" ? "migrating"
-            : state == "postmigrate" ? (complete ? "committed" : "stopped")
-            : migration == "completed" && complete ? "resumed"
-            : "preparing";
+            : migration != "completed" ? "preparing"
+            : !complete ? "stopped"
+            : state == "postmigrate" ? "committed"
+            : "resumed";
 
         bool resumed = ResumeGuest(state);
         (List<string> restored, List<string> kept) = ([], []);
@@ -96,7 +100,7 @@ internal sealed class LiveRecovery : LiveSession
         if (_problems.Count == 0) SaveRecord.Delete(Qmp);
 
         string after = RunState();
-        string description = $"a vmsnap save of '{Tag}' (process {_record.ProcessId}{(_record.Live ? ", --live" : "")}) was killed " + stage switch
+        string description = $"a vmsnap save of '{Tag}' (process {_record.ProcessId}{(_record.Live ? ", --live" : "")}) was cut short " + stage switch
         {
             "migrating" => "while QEMU sent the VM state (QEMU's migration failed when the channel closed)",
             "stopped" => "after QEMU had sent the whole VM state and released the images, before the snapshot was complete",

@@ -45,6 +45,9 @@ public class LiveKillTests(ITestOutputHelper output)
         /// <summary>Stop the guest before the save (a save of a paused guest).</summary>
         public bool PausedGuest { get; init; }
 
+        /// <summary>Before the kill, while the hook holds the save: vmsnap recover must refuse and leave it alone.</summary>
+        public bool RecoverWhileItRuns { get; init; }
+
         /// <summary>Delete the snapshot from this disk with qemu-img after the kill (QEMU has released the images): a snapshot cut short on some drives.</summary>
         public int? DeleteFromDisk { get; init; }
 
@@ -62,11 +65,10 @@ public class LiveKillTests(ITestOutputHelper output)
         KillPoint[] points =
         [
             new("settings applied", Live: true, Next.Recover, "preparing", "none"),
-            new("settings applied+3", Live: true, Next.SaveVm),
             new("guest stopped", Live: false, Next.Recover, "preparing", "none"),
             new("guest stopped+3", Live: false, Next.SaveVm),
             new("clock", Live: true, Next.Recover, "migrating", "none"),
-            new("migration completed", Live: true, Next.Recover, "stopped", "none"),
+            new("migration completed", Live: true, Next.Recover, "stopped", "none") { RecoverWhileItRuns = true },
             new("images opened", Live: true, Next.LoadVm),
             new("region checked+1", Live: true, Next.Recover),
             new("region checked+3", Live: false, Next.SaveVm),
@@ -79,11 +81,14 @@ public class LiveKillTests(ITestOutputHelper output)
         ];
 
         using var dir = new TempDir();
-        var options = new GuestOptions();
+        // A second QMP socket for vmsnap: the first is taken while the hook holds a save (QMP serves one client at a time).
+        string second = dir.File("second.qmp");
+        var options = new GuestOptions { Extra = ["-qmp", $"unix:{second},server=on,wait=off"] };
         SaveWindow beforeWindow;
         SaveWindow? finishedWindow = null;
         string? finishedTag = null;
         var outcomes = new List<string>();
+        int partialKills = 0;
         using (TestGuest guest = TestGuest.Boot(dir, options))
         {
             guest.WaitForTick(t => t.N >= 3);
@@ -93,6 +98,9 @@ public class LiveKillTests(ITestOutputHelper output)
             string beforeLine = Listing(guest.Disks[0]).Split('\n').Single();
             string beforeState = VmStateHash(guest.Disks[0], "before");
             AssertSettings(guest, parameters, capabilities, "after a save that ran to its end");
+            JsonElement nothing = VmsnapJson("recover", "--qmp", guest.VmsnapSocket, "--json");
+            Assert.False(nothing.GetProperty("found").GetBoolean());
+            Assert.Equal("running", nothing.GetProperty("run-state").GetString());
 
             for (int i = 0; i < points.Length; i++)
             {
@@ -106,10 +114,19 @@ public class LiveKillTests(ITestOutputHelper output)
                 {
                     if (point.Phase == "clock") WaitMigrating(guest, save, what);
                     else save.WaitPaused(what);
+                    // Stopped in one drive's snapshot creation: the others go on; kill once one of them has its snapshot.
+                    if (point.Phase.StartsWith("region checked+", StringComparison.Ordinal))
+                        WaitUntil(() => guest.Disks.Any(d => LiveKit.Snapshots(d).Any(s => s.Name == tag)), TimeSpan.FromSeconds(20));
+                    if (point.RecoverWhileItRuns)
+                    {
+                        VmsnapFails(["recover", "--qmp", second], $"a vmsnap save of '{tag}' (process {save.Pid}", "under way", "nothing was done");
+                        Assert.Contains(guest.Vm.Execute("qom-list", new { path = "/objects" })!.AsArray(), o => o!["name"]!.GetValue<string>() == "vmsnap-save");
+                    }
                     save.Kill();
                 }
                 string stateAfterKill = guest.RunState();
-                string tagged = string.Join(",", guest.Disks.Select((d, n) => LiveKit.Snapshots(d).Any(s => s.Name == tag) ? n.ToString() : "").Where(s => s.Length > 0));
+                int[] taggedDisks = Enumerable.Range(0, guest.Disks.Length).Where(n => LiveKit.Snapshots(guest.Disks[n]).Any(s => s.Name == tag)).ToArray();
+                string tagged = string.Join(",", taggedDisks);
                 if (point.DeleteFromDisk is int disk)
                 {
                     Assert.Equal("postmigrate", stateAfterKill);
@@ -141,6 +158,7 @@ public class LiveKillTests(ITestOutputHelper output)
                         Assert.Contains("not waiting for an incoming migration", l.Stderr);
                         break;
                 }
+                if (point.DeleteFromDisk is null && taggedDisks.Length > 0 && taggedDisks.Length < guest.Disks.Length) partialKills++;
                 outcomes.Add($"{what}: QEMU {stateAfterKill} after the kill, snapshot on disk(s) [{tagged}], recovery stage {stage ?? "-"}, snapshot {snapshot ?? "-"}");
                 output.WriteLine(outcomes[^1]);
 
@@ -157,6 +175,9 @@ public class LiveKillTests(ITestOutputHelper output)
                     finishedWindow = new SaveWindow(before.N, guest.LastTick().N, before.Boot);
                 }
             }
+
+            // The drives take their snapshots side by side: a kill inside that leaves the snapshot on one drive only, which the recovery settled.
+            Assert.True(partialKills > 0, "no kill left a snapshot on one drive only:\n" + string.Join("\n", outcomes));
 
             // After all that a save works (this QEMU's migration settings and the images all in order).
             SaveVm(guest, "after", live: true);
@@ -222,6 +243,12 @@ public class LiveKillTests(ITestOutputHelper output)
         Assert.True(JsonNode.DeepEquals(capabilities, c), $"{what}: QEMU's migration capabilities are\n{c.ToJsonString()}\nwere\n{capabilities.ToJsonString()}");
     }
 
+    private static void WaitUntil(Func<bool> condition, TimeSpan timeout)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!condition() && clock.Elapsed < timeout) Thread.Sleep(100);
+    }
+
     /// <summary>Waits until the save's migration is under way and some RAM has gone.</summary>
     private static void WaitMigrating(TestGuest guest, HookedVmsnap save, string what)
     {
@@ -246,6 +273,8 @@ public class LiveKillTests(ITestOutputHelper output)
         private HookedVmsnap(Process process) => _process = process;
 
         public bool HasExited => _process.HasExited;
+
+        public int Pid => _process.Id;
 
         public string Output
         {
