@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Vmsnap.Migration;
@@ -200,7 +201,19 @@ internal sealed class LiveSave : LiveSession
     /// </summary>
     private static void Rehearse(Qcow2ImageInfo geometry)
     {
-        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-rehearsal-" + Guid.NewGuid().ToString("N")[..12]);
+        // Named by the process (id and start time), so that the folder of a vmsnap killed while it rehearsed is swept by the next.
+        const string prefix = "vmsnap-rehearsal-";
+        int pid = Environment.ProcessId;
+        string folder = Path.Combine(Path.GetTempPath(), $"{prefix}{pid}-{SaveRecord.StartTime(pid)}-{Guid.NewGuid().ToString("N")[..8]}");
+        foreach (string old in Directory.EnumerateDirectories(Path.GetTempPath(), prefix + "*"))
+        {
+            string[] parts = Path.GetFileName(old)[prefix.Length..].Split('-');
+            if (parts.Length != 3 || !int.TryParse(parts[0], CultureInfo.InvariantCulture, out int p) || !long.TryParse(parts[1], CultureInfo.InvariantCulture, out long start)
+                || SaveRecord.StartTime(p) == start) continue;
+            try { Directory.Delete(old, recursive: true); }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
         try
         {
             Directory.CreateDirectory(folder);

@@ -194,7 +194,7 @@ internal sealed record SaveRecord
     private static string Abbreviate(string s) => s.Length <= 80 ? s : s[..80] + "...";
 
     /// <summary>A process's start time in clock ticks after boot (field 22 of /proc/PID/stat), or null when it does not run (or is a zombie).</summary>
-    private static long? StartTime(int pid)
+    internal static long? StartTime(int pid)
     {
         string stat;
         try
