@@ -119,15 +119,19 @@ internal sealed record SaveRecord
         {
             return null;
         }
+        catch (QmpException e) when (e.ErrorClass == "GenericError" && !qmp.IsClosed)
+        {
+            throw new LiveSnapshotException($"QEMU holds an object '/objects/{ObjectId}' that is not a vmsnap save record ({e.Message}); remove it with object-del if nothing else uses it; nothing was done", e);
+        }
         string text = QemuBlockDevices.Str(identity) ?? "";
         try
         {
             return FromJson(JsonNode.Parse(text) as JsonObject)
-                ?? throw new LiveSnapshotException($"QEMU holds an object '/objects/{ObjectId}' that is not a vmsnap save record ('{Abbreviate(text)}'); remove it with object-del if nothing else uses it");
+                ?? throw new LiveSnapshotException($"QEMU holds an object '/objects/{ObjectId}' that is not a vmsnap save record ('{Abbreviate(text)}'); remove it with object-del if nothing else uses it; nothing was done");
         }
         catch (JsonException e)
         {
-            throw new LiveSnapshotException($"QEMU holds an object '/objects/{ObjectId}' whose record vmsnap cannot read ({e.Message}); remove it with object-del if nothing else uses it", e);
+            throw new LiveSnapshotException($"QEMU holds an object '/objects/{ObjectId}' that is not a vmsnap save record ({e.Message}); remove it with object-del if nothing else uses it; nothing was done", e);
         }
     }
 
