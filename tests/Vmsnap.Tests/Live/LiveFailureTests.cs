@@ -33,7 +33,8 @@ public class LiveFailureTests
         using (TestGuest guest = TestGuest.Boot(dir, options))
         {
             guest.WaitForTick(t => t.N >= 3);
-            (_, beforeWindow) = SaveVm(guest, "before", live: true);
+            // The snapshot the test restores is saved stopped on QEMU 7.2: its own live migration of a TCG guest is at times inconsistent (docs/live.md).
+            (_, beforeWindow) = SaveVm(guest, "before", live: QemuInstall.Current.AtLeast(10, 0));
             listings = guest.Disks.Select(Listing).ToArray();
             beforeState = VmStateHash(guest.Disks[0], "before");
             long bandwidth = MaxBandwidth(guest.Vm);
