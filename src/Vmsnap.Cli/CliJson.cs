@@ -39,6 +39,7 @@ internal sealed partial class CliJson : JsonSerializerContext;
     DefaultIgnoreCondition = JsonIgnoreCondition.Never)]
 [JsonSerializable(typeof(LiveCommands.SaveVmJson))]
 [JsonSerializable(typeof(LiveCommands.LoadVmJson))]
+[JsonSerializable(typeof(LiveCommands.RecoverJson))]
 internal sealed partial class CliJsonWithNulls : JsonSerializerContext;
 
 /// <summary>Enum values as kebab-case strings (<c>buffered</c>, <c>early-setup</c>).</summary>

@@ -3,10 +3,10 @@ using Vmsnap.Live;
 
 namespace Vmsnap.Cli.Commands;
 
-/// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket.</summary>
+/// <summary>The live commands: savevm and loadvm of a running QEMU over its QMP socket, and recover after a killed save.</summary>
 internal static class LiveCommands
 {
-    internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand)];
+    internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand), new("recover", RecoverCommand)];
 
     private static Option<string> QmpOption() => new("--qmp")
     {
@@ -36,6 +36,7 @@ internal static class LiveCommands
                 VmStateDisk = p.GetValue(vmStateDisk),
                 MaxBandwidth = p.GetValue(maxBandwidth) is { } b ? Cli.ParseSize(b) : 0,
                 Direct = !p.GetValue(noDirect),
+                Recovered = Note,
             };
             LiveSaveResult r;
             using (var progress = ProgressLine.Start("saving", 0, asJson))
@@ -84,7 +85,7 @@ internal static class LiveCommands
             bool asJson = p.GetValue(json);
             LiveLoadResult r;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
-                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk) }, progress, ct));
+                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct));
             if (asJson)
             {
                 Cli.WriteJson(new LoadVmJson(
@@ -115,6 +116,42 @@ internal static class LiveCommands
     /// <summary>JSON of <c>loadvm --json</c>.</summary>
     internal sealed record LoadVmJson(string Operation, string Tag, double Seconds, long Bytes, long RamBytes, double MibPerSecond,
         string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
+
+    /// <summary>JSON of <c>recover --json</c>.</summary>
+    internal sealed record RecoverJson(string Operation, bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,
+        IReadOnlyList<string> RestoredSettings, IReadOnlyList<string> KeptSettings, IReadOnlyList<string> Actions, string RunState, string Description);
+
+    private static Command RecoverCommand()
+    {
+        var qmp = QmpOption();
+        var json = Cli.JsonOption();
+        var command = new Command("recover", "Undo what a killed live save left in a running QEMU: its migration settings, a stopped guest, a half-made snapshot " +
+            "(savevm and loadvm do this first on their own)")
+        {
+            qmp, json,
+        };
+        command.SetHandler((p, ct) =>
+        {
+            LiveRecoveryResult r = LiveSnapshots.Recover(p.GetValue(qmp)!, ct);
+            if (p.GetValue(json))
+            {
+                Cli.WriteJson(new RecoverJson("recover", r.Found, r.Tag, r.ProcessId, r.Stage, r.Snapshot, r.Resumed,
+                    r.RestoredSettings, r.KeptSettings, r.Actions, r.RunState, r.Description), CliJsonWithNulls.Default.RecoverJson);
+            }
+            else
+            {
+                Console.Out.WriteLine(r.Found ? $"recovered: {r.Summary}; guest {r.RunState}" : r.Description);
+            }
+            return Cli.ExitOk;
+        });
+        return command;
+    }
+
+    /// <summary>Says on stderr what a save or load undid first of an earlier, killed save (the command's own output stays as it is).</summary>
+    private static void Note(LiveRecoveryResult r)
+    {
+        if (r.Actions.Count > 0) Console.Error.WriteLine($"vmsnap: recovered first: {r.Summary}");
+    }
 
     /// <summary>A cancelled live operation says what it did about it (the command's own handler would print only "cancelled").</summary>
     private static T Run<T>(Func<T> operation)

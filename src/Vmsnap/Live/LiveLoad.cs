@@ -33,6 +33,9 @@ internal sealed class LiveLoad : LiveSession
     internal LiveLoadResult Run()
     {
         var clock = Stopwatch.StartNew();
+        // A QEMU a save was killed on (the wrong socket for a load, or a load tried right after): that save's leftovers are undone first.
+        LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
+        if (recovery is not null) _options.Recovered?.Invoke(recovery);
         string state = RunState();
         if (state != "inmigrate")
             throw new OperationRefusedException(
@@ -87,7 +90,7 @@ internal sealed class LiveLoad : LiveSession
         LiveTrace.Mark("stream sent");
         string after = WaitLoaded();
         LiveTrace.Mark("loaded");
-        return new LiveLoadResult(Tag, reverted, bytes, info.RamBytes, clock.Elapsed.TotalSeconds, after, info);
+        return new LiveLoadResult(Tag, reverted, bytes, info.RamBytes, clock.Elapsed.TotalSeconds, after, info) { Recovery = recovery };
     }
 
     /// <summary>The machine type QEMU runs (QOM's <c>/machine</c> type without its "-machine" suffix), or null.</summary>

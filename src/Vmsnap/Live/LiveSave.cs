@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Vmsnap.Migration;
@@ -48,6 +49,9 @@ internal sealed class LiveSave : LiveSession
     internal LiveSaveResult Run()
     {
         var clock = Stopwatch.StartNew();
+        // What an earlier, killed save left is undone first (its record is in QEMU): its settings, a stopped guest, its images.
+        LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
+        if (recovery is not null) _options.Recovered?.Invoke(recovery);
         string state = RunState();
         if (state is "inmigrate" or "postmigrate" or "finish-migrate" or "colo" or "save-vm" or "restore-vm")
             throw new OperationRefusedException(state switch
@@ -95,6 +99,7 @@ internal sealed class LiveSave : LiveSession
 
         long stopMark = Qmp.EventMark;
         MigrationSettings? settings = null;
+        bool recorded = false;
         VmStateRegion? region = null;
         bool completed = false, committed = false;
         string? cleanupNote = null;
@@ -106,12 +111,21 @@ internal sealed class LiveSave : LiveSession
         try
         {
             if (_options.Live) Rehearse(vmInfo);
-            settings = MigrationSettings.Apply(Qmp, _options.Live);
+            // The record first, so that a kill from here on leaves in QEMU what the next vmsnap command needs to undo it.
+            settings = MigrationSettings.Plan(Qmp, _options.Live);
+            SaveRecord record = SaveRecord.ForThisProcess(Tag, _options.Live, wasRunning, disks.Select(d => new RecordedDrive(d.Label, d.ImagePath!, d == vmDisk)).ToList(),
+                plan, fileLengthBefore, settings);
+            record.Write(Qmp);
+            recorded = true;
+            settings.Apply();
+            LiveTrace.Mark("settings applied");
             region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
             {
                 Qmp.Execute("stop");
+                LiveTrace.Mark("guest stopped");
             }
+            record.MarkMigrating(Qmp);
             // Stopped by vmsnap, not by its user: the snapshot says "running", as QEMU's savevm writes it.
             (info, vmStateBytes, qemuDowntime, vmClock) = Transfer(region, vmDisk, plan, markRunning: !_options.Live && wasRunning);
             completed = true;
@@ -139,10 +153,13 @@ internal sealed class LiveSave : LiveSession
         if (!Qmp.IsClosed) resumeProblem = Resume(wasRunning, failure is not null && !completed);
         LiveTrace.Mark("resumed");
         string? restoreProblem = Qmp.IsClosed ? null : settings?.Restore();
+        LiveTrace.Mark("settings restored");
+        // Kept while the guest could not be resumed or the settings not restored: vmsnap recover (or the next save) does it later.
+        if (recorded && !Qmp.IsClosed && resumeProblem is null && restoreProblem is null) restoreProblem = Forget();
 
         if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
         if (resumeProblem is not null)
-            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem}");
+            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem} (vmsnap recover --qmp {Qmp.Path} resumes it once that is fixed)");
 
         double? downtime = null;
         if (wasRunning)
@@ -154,10 +171,24 @@ internal sealed class LiveSave : LiveSession
         }
         string after = Qmp.IsClosed ? "unknown" : RunState();
         var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
-            downtime, qemuDowntime, commit.VmClock, commit.Date, after, info);
+            downtime, qemuDowntime, commit.VmClock, commit.Date, after, info) { Recovery = recovery };
         if (restoreProblem is not null)
             throw new LiveSnapshotException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
         return result;
+    }
+
+    /// <summary>Removes the save's record from QEMU; returns why it could not, or null.</summary>
+    private string? Forget()
+    {
+        try
+        {
+            SaveRecord.Delete(Qmp);
+            return null;
+        }
+        catch (QmpException e)
+        {
+            return $"its record in QEMU could not be removed ({e.Message})";
+        }
     }
 
     /// <summary>
@@ -171,7 +202,19 @@ internal sealed class LiveSave : LiveSession
     /// </summary>
     private static void Rehearse(Qcow2ImageInfo geometry)
     {
-        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-rehearsal-" + Guid.NewGuid().ToString("N")[..12]);
+        // Named by the process (id and start time), so that the folder of a vmsnap killed while it rehearsed is swept by the next.
+        const string prefix = "vmsnap-rehearsal-";
+        int pid = Environment.ProcessId;
+        string folder = Path.Combine(Path.GetTempPath(), $"{prefix}{pid}-{SaveRecord.StartTime(pid)}-{Guid.NewGuid().ToString("N")[..8]}");
+        foreach (string old in Directory.EnumerateDirectories(Path.GetTempPath(), prefix + "*"))
+        {
+            string[] parts = Path.GetFileName(old)[prefix.Length..].Split('-');
+            if (parts.Length != 3 || !int.TryParse(parts[0], CultureInfo.InvariantCulture, out int p) || !long.TryParse(parts[1], CultureInfo.InvariantCulture, out long start)
+                || SaveRecord.StartTime(p) == start) continue;
+            try { Directory.Delete(old, recursive: true); }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
         try
         {
             Directory.CreateDirectory(folder);
@@ -563,7 +606,7 @@ internal sealed class LiveSave : LiveSession
             message = failure.Message.EndsWith("nothing was saved", StringComparison.Ordinal) ? failure.Message : failure.Message + "; nothing was saved";
         }
         if (cleanupNote is not null) message += "; " + cleanupNote;
-        if (resumeProblem is not null) message += $"; the guest could not be resumed: {resumeProblem}";
+        if (resumeProblem is not null) message += $"; the guest could not be resumed: {resumeProblem} (vmsnap recover --qmp {Qmp.Path} resumes it once that is fixed)";
         if (restoreProblem is not null) message += "; " + restoreProblem;
         return failure is OperationCanceledException && message.StartsWith("cancelled", StringComparison.Ordinal)
             ? new OperationCanceledException(message, inner)

@@ -62,13 +62,20 @@ internal abstract class LiveSession(QmpClient qmp, string tag, CancellationToken
     protected static Qcow2Image OpenShared(LiveDisk disk) => Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions { ForceShare = true });
 
     /// <summary>
-    /// Creates the migration channel: a socket pair whose other end QEMU receives (QMP getfd) under a
-    /// fresh name; returns our end and the URI (<c>fd:NAME</c>) for migrate or migrate-incoming.
+    /// The name QEMU keeps the channel's descriptor under until migrate takes it. One fixed name: QEMU keeps a
+    /// descriptor per QMP monitor and name, and replaces it when the name comes again, so one that a killed vmsnap
+    /// handed over but never used is closed by the next getfd on that socket (or by the recovery's closefd).
+    /// </summary>
+    protected const string ChannelName = "vmsnap-channel";
+
+    /// <summary>
+    /// Creates the migration channel: a socket pair whose other end QEMU receives (QMP getfd) as
+    /// <see cref="ChannelName"/>; returns our end and the URI (<c>fd:NAME</c>) for migrate or migrate-incoming.
     /// </summary>
     protected (System.Net.Sockets.Socket Socket, string Uri, string FdName) OpenChannel()
     {
         (System.Net.Sockets.Socket ours, int theirs) = UnixSocket.Pair(ChannelBufferBytes);
-        string name = "vmsnap-" + Guid.NewGuid().ToString("N")[..12];
+        const string name = ChannelName;
         try
         {
             Qmp.Execute("getfd", new JsonObject { ["fdname"] = name }, fd: theirs);

@@ -39,6 +39,22 @@ public static class LiveSnapshots
     }
 
     /// <summary>
+    /// Undoes what a live save killed part way (SIGKILL, a crash) left in the QEMU whose QMP socket is
+    /// <paramref name="qmpSocket"/>: QEMU's migration settings as that save set them, a guest it stopped or left in
+    /// <c>postmigrate</c> with its images released, a snapshot on some drives only, the unsaved VM state at the end of
+    /// the image. <see cref="SaveVm"/> and <see cref="LoadVm"/> do the same first, on their own; this does it alone.
+    /// </summary>
+    /// <returns>What the killed save had left and what was done; <see cref="LiveRecoveryResult.Found"/> is false when there was nothing.</returns>
+    /// <exception cref="VmsnapException">The save is still running (<see cref="OperationRefusedException"/>), QEMU refused a command
+    /// (<see cref="QmpException"/>), or something could not be undone (<see cref="LiveSnapshotException"/>, saying what was done and what not).</exception>
+    public static LiveRecoveryResult Recover(string qmpSocket, CancellationToken cancellationToken = default)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(qmpSocket);
+        using QmpClient qmp = QmpClient.Connect(qmpSocket, QmpClient.DefaultTimeout, cancellationToken);
+        return LiveRecovery.Explicit(qmp, cancellationToken);
+    }
+
+    /// <summary>
     /// Restores snapshot <paramref name="tag"/> into the QEMU whose QMP socket is <paramref name="qmpSocket"/>,
     /// which must have been started with <c>-incoming defer</c>: every qcow2 drive is reverted to the
     /// snapshot, then the VM state is fed to QEMU's <c>migrate-incoming</c>. The guest then runs, or stays
@@ -78,6 +94,9 @@ public sealed record LiveSaveOptions
 
     /// <summary>How long the migration may send nothing before the save fails.</summary>
     public TimeSpan StallTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>Called when the save found and undid what an earlier, killed save left (<see cref="LiveSnapshots.Recover"/>), before it goes on.</summary>
+    public Action<LiveRecoveryResult>? Recovered { get; init; }
 }
 
 /// <summary>How <see cref="LiveSnapshots.LoadVm"/> loads.</summary>
@@ -91,6 +110,9 @@ public sealed record LiveLoadOptions
 
     /// <summary>How long QEMU may take to finish loading once the whole VM state was sent.</summary>
     public TimeSpan LoadTimeout { get; init; } = TimeSpan.FromSeconds(120);
+
+    /// <summary>Called when the load found and undid what an earlier, killed save left (<see cref="LiveSnapshots.Recover"/>), before it goes on.</summary>
+    public Action<LiveRecoveryResult>? Recovered { get; init; }
 }
 
 /// <summary>A drive's part of a live save or load.</summary>
@@ -119,6 +141,9 @@ public sealed record LiveSaveResult(string Tag, bool Live, IReadOnlyList<LiveDis
 {
     /// <summary>VM-state bytes per second of the whole save, in MiB/s.</summary>
     public double MiBPerSecond => Seconds > 0 ? VmStateBytes / Seconds / (1 << 20) : 0;
+
+    /// <summary>What the save undid first of an earlier, killed save; null when there was none.</summary>
+    public LiveRecoveryResult? Recovery { get; init; }
 }
 
 /// <summary>What a live load did.</summary>
@@ -134,4 +159,30 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 {
     /// <summary>VM-state bytes per second, in MiB/s.</summary>
     public double MiBPerSecond => Seconds > 0 ? VmStateBytes / Seconds / (1 << 20) : 0;
+
+    /// <summary>What the load undid first of an earlier, killed save; null when there was none.</summary>
+    public LiveRecoveryResult? Recovery { get; init; }
+}
+
+/// <summary>What <see cref="LiveSnapshots.Recover"/> (or the start of a save or load) found of a killed live save, and what it did.</summary>
+/// <param name="Found">True when a save had been killed on this QEMU (its record was there).</param>
+/// <param name="Tag">That save's snapshot name.</param>
+/// <param name="ProcessId">The killed vmsnap's process id.</param>
+/// <param name="Stage">How far the save had come: <c>preparing</c> (QEMU had not begun sending), <c>migrating</c>,
+/// <c>stopped</c> (QEMU had sent everything and released the images), <c>committed</c> (the snapshot was complete, the guest not
+/// resumed), <c>resumed</c> (only the settings were left); <c>none</c> when nothing was found.</param>
+/// <param name="Snapshot">What became of its snapshot: <c>none</c> (on no drive), <c>kept</c> (complete on every drive),
+/// <c>finished</c> (created on the drives that lacked it, the VM-state drive having it), <c>undone</c> (deleted from the drives that had
+/// it), <c>partial</c> (on some drives, which QEMU holds again: see <see cref="Actions"/>).</param>
+/// <param name="Resumed">True when the guest was resumed (it ran before the save).</param>
+/// <param name="RestoredSettings">QEMU's migration parameters and capabilities put back to their values before the save.</param>
+/// <param name="KeptSettings">Those someone changed after the save, left as they are.</param>
+/// <param name="Actions">What was done, one sentence each.</param>
+/// <param name="RunState">QEMU's run state afterwards.</param>
+/// <param name="Description">What the kill had left, in a sentence.</param>
+public sealed record LiveRecoveryResult(bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,
+    IReadOnlyList<string> RestoredSettings, IReadOnlyList<string> KeptSettings, IReadOnlyList<string> Actions, string RunState, string Description)
+{
+    /// <summary>One line: what the kill had left and what was done about it.</summary>
+    public string Summary => Actions.Count == 0 ? Description : $"{Description}; {string.Join("; ", Actions)}";
 }

@@ -14,8 +14,15 @@ internal static class LiveTrace
 
     internal static bool On => s_on;
 
+    /// <summary>
+    /// Called with every phase's name, traced or not: the seam for tests that stop a real vmsnap at a phase (a startup hook
+    /// sets it) and kill it there.
+    /// </summary>
+    internal static Action<string>? AtMark;
+
     internal static void Mark(string what)
     {
+        AtMark?.Invoke(what);
         if (!s_on) return;
         Console.Error.WriteLine($"vmsnap trace {s_clock.Elapsed.TotalMilliseconds,10:0.0} ms {DateTimeOffset.UtcNow:HH:mm:ss.fff} {what}");
     }

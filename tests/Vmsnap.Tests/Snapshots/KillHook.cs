@@ -24,6 +24,7 @@ public static class StartupHook
     /// <summary>Installs the counter when the variable is set; does nothing otherwise.</summary>
     public static void Initialize()
     {
+        Vmsnap.Tests.Live.LiveKillHook.Install();
         string? value = Environment.GetEnvironmentVariable(PauseVariable);
         if (value is null || !long.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out s_pauseAt)) return;
         AppDomain.CurrentDomain.ProcessExit += (_, _) => Console.Error.WriteLine($"vmsnap test hook: {Interlocked.Read(ref s_count)} I/O operations");

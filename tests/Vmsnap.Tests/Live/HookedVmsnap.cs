@@ -1,0 +1,79 @@
+using System.Diagnostics;
+using System.Text;
+using Vmsnap.Tests.Interop;
+
+namespace Vmsnap.Tests.Live;
+
+/// <summary>A vmsnap process (the managed program: the hook needs it) that the test kills.</summary>
+internal sealed class HookedVmsnap : IDisposable
+{
+    private readonly Process _process;
+    private readonly StringBuilder _output = new();
+    private readonly ManualResetEventSlim _paused = new();
+
+    private HookedVmsnap(Process process) => _process = process;
+
+    public bool HasExited => _process.HasExited;
+
+    public int Pid => _process.Id;
+
+    public string Output
+    {
+        get
+        {
+            lock (_output) return _output.ToString();
+        }
+    }
+
+    /// <summary>Starts vmsnap; with <paramref name="pauseAt"/> the hook stops it there (see <see cref="LiveKillHook"/>).</summary>
+    public static HookedVmsnap Start(string[] args, string? pauseAt)
+    {
+        ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
+        psi.RedirectStandardError = true;
+        psi.RedirectStandardOutput = true;
+        if (pauseAt is not null)
+        {
+            psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
+            psi.Environment[LiveKillHook.PauseVariable] = pauseAt;
+        }
+        var running = new HookedVmsnap(new Process { StartInfo = psi });
+        void Line(string? line)
+        {
+            if (line is null) return;
+            lock (running._output) running._output.AppendLine(line);
+            if (line.StartsWith(LiveKillHook.PausedLine, StringComparison.Ordinal)) running._paused.Set();
+        }
+        running._process.ErrorDataReceived += (_, e) => Line(e.Data);
+        running._process.OutputDataReceived += (_, e) => Line(e.Data);
+        Tool.Start(running._process);
+        running._process.BeginErrorReadLine();
+        running._process.BeginOutputReadLine();
+        return running;
+    }
+
+    /// <summary>Waits until the hook says the process stopped where asked.</summary>
+    public void WaitPaused(string what)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!_paused.Wait(100))
+        {
+            Assert.False(_process.HasExited, $"{what}: vmsnap ended before the hook stopped it (exit {(_process.HasExited ? _process.ExitCode : 0)}): {Output}");
+            Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"{what}: the hook did not stop vmsnap: {Output}");
+        }
+    }
+
+    /// <summary>SIGKILL, and waits until the process is gone (its descriptors and locks with it).</summary>
+    public void Kill()
+    {
+        Assert.False(_process.HasExited, $"vmsnap ended before the kill: {Output}");
+        _process.Kill();
+        _process.WaitForExit();
+    }
+
+    public void Dispose()
+    {
+        if (!_process.HasExited) _process.Kill(entireProcessTree: true);
+        _process.Dispose();
+        _paused.Dispose();
+    }
+}

@@ -1,0 +1,55 @@
+using System.Globalization;
+using Vmsnap.Live;
+using Vmsnap.Storage;
+
+namespace Vmsnap.Tests.Live;
+
+/// <summary>
+/// The live kill tests' hook into a real vmsnap process, installed by the test assembly's startup hook
+/// (<c>DOTNET_STARTUP_HOOKS</c>, see <c>KillHook.cs</c>) when <see cref="PauseVariable"/> is set: <c>PHASE</c> stops the
+/// thread that reaches the live save's phase mark PHASE (<see cref="LiveTrace"/>: "settings applied", "guest stopped",
+/// "migration completed", "images opened", "region checked", "snapshots committed", "resumed", "settings restored"), and
+/// <c>PHASE+N</c> the thread that makes the Nth write, flush or resize of a file after it. The process prints
+/// <c>vmsnap test hook: paused at PHASE[+N]</c> on stderr and that thread blocks for good, so the test can kill the
+/// process (SIGKILL) exactly there. The library keeps only the seams (<see cref="LiveTrace.AtMark"/>,
+/// <see cref="FileBlockDevice.BeforeMutatingIo"/>).
+/// </summary>
+public static class LiveKillHook
+{
+    internal const string PauseVariable = "VMSNAP_TEST_HOOK_PAUSE_AT_PHASE";
+    internal const string PausedLine = "vmsnap test hook: paused at ";
+
+    private static string s_phase = "";
+    private static long s_afterIo;
+    private static long s_count;
+
+    /// <summary>Installs the hook when the variable is set; does nothing otherwise.</summary>
+    public static void Install()
+    {
+        string? value = Environment.GetEnvironmentVariable(PauseVariable);
+        if (string.IsNullOrEmpty(value)) return;
+        int plus = value.LastIndexOf('+');
+        s_phase = plus < 0 ? value : value[..plus];
+        s_afterIo = plus < 0 ? 0 : long.Parse(value[(plus + 1)..], NumberStyles.None, CultureInfo.InvariantCulture);
+        LiveTrace.AtMark = AtMark;
+    }
+
+    private static void AtMark(string phase)
+    {
+        if (phase != s_phase) return;
+        if (s_afterIo == 0) Pause(phase);
+        else FileBlockDevice.BeforeMutatingIo = BeforeIo;
+    }
+
+    private static void BeforeIo()
+    {
+        if (Interlocked.Increment(ref s_count) == s_afterIo) Pause($"{s_phase}+{s_afterIo}");
+    }
+
+    private static void Pause(string where)
+    {
+        Console.Error.WriteLine(PausedLine + where);
+        Console.Error.Flush();
+        Thread.Sleep(Timeout.Infinite);
+    }
+}
