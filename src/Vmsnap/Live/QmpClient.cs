@@ -166,6 +166,8 @@ internal sealed class QmpClient : IDisposable
         catch (IOException e)
         {
             Forget(id);
+            // A send that fails means the connection is gone, whether or not the reader has seen its end yet.
+            lock (_stateLock) _closedBecause ??= $"sending failed ({e.Message})";
             throw new QmpException($"QMP command '{command}' could not be sent to '{Path}': {e.Message} (did QEMU exit?)", null, e);
         }
         TimeSpan limit = timeout ?? DefaultTimeout;
