@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 

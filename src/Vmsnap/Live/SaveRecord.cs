@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 
 namespace Vmsnap.Live;
