@@ -114,13 +114,7 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     internal void AttachDetachedVmState(long offset, long length, long reserveBelow) => Gate.RunExclusive(() =>
     {
-        State.Health.ThrowIfSwitchFailed();
-        Guard.EnsureWritable();
-        if (State.VmState.Writer is not null)
-            throw new OperationRefusedException($"'{Path}' has its VM-state area open for writing");
-        SnapshotOps.ValidateSnapshotTable();
-        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
+        RefuseNewVmStateArea($"'{Path}' has its VM-state area open for writing");
         if (RegionProblem(offset, length, reserveBelow) is { } problem)
             throw new OperationRefusedException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
         State.VmState.Writer = VmStateAllocation.ForDetached(State.File, Geometry, Refcounts, VmStateOffset, offset >> Geometry.ClusterBits, length);
