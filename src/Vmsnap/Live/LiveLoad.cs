@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Net.Sockets;
 using System.Text;
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;

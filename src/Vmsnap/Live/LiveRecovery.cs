@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 
@@ -179,7 +180,7 @@ internal sealed class LiveRecovery : LiveSession
             RecordedDrive vmDrive = _record.VmStateDrive;
             Qcow2Image vmImage = images.First(i => i.Drive == vmDrive).Image;
             long before = new FileInfo(vmDrive.Image).Length;
-            vmImage.TrimUnusedTail();
+            DetachedVmStateArea.Discard(vmImage);
             long after = new FileInfo(vmDrive.Image).Length;
             if (after < before) _actions.Add($"gave back {before - after} bytes of unsaved VM state at the end of '{vmDrive.Image}'");
             return true;
@@ -246,7 +247,7 @@ internal sealed class LiveRecovery : LiveSession
             long reach = Math.Max(used, QemuBlockDevices.HighestWrite(Qmp, disk)) + _record.Region.Guard;
             long keep = Math.Max(_record.FileLengthBefore, (reach + (1L << 20) - 1) & ~((1L << 20) - 1));
             if (keep >= _record.Region.Offset || length <= keep) return;
-            using (VmStateRegion region = VmStateRegion.Open(vm.Image, _record.Region, direct: false)) region.GiveBack(keep);
+            using (DetachedVmStateArea region = DetachedVmStateArea.Open(vm.Image, _record.Region, direct: false)) region.GiveBack(keep);
             _actions.Add($"gave back {length - keep} bytes of unsaved VM state at the end of '{vm.Image}'");
         }
         catch (Exception e) when (e is VmsnapException or IOException)

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;
@@ -14,7 +15,7 @@ namespace Vmsnap.Live;
 /// <item>Refuse up front what QEMU's savevm refuses (a writable drive that cannot take a snapshot, no
 /// writable qcow2 drive, a taken name) and what vmsnap cannot do; read each image's snapshot table
 /// (shared, read-only) to compare it with later.</item>
-/// <item>Plan the VM-state region of the drive that keeps the VM state (<see cref="VmStateRegion"/>),
+/// <item>Plan the detached VM-state area of the drive that keeps the VM state (<see cref="DetachedVmStateArea"/>),
 /// unthrottle QEMU's migration (<see cref="MigrationSettings"/>), stop the guest unless live.</item>
 /// <item>Migrate into a socket pair vmsnap owns; copy the stream, checked record by record, through
 /// the buffered writer into the region, while a watch polls QEMU's highest write to the image.</item>
@@ -69,9 +70,7 @@ internal sealed class LiveSave : LiveSession
 
         (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "saved");
         var before = new List<ImageBefore>();
-        Qcow2ImageInfo vmInfo = null!;
-        long usedEnd = 0, reach = 0;
-        List<(long, long)> freeRuns = [];
+        DetachedVmStateSurvey survey = null!;
         foreach (LiveDisk disk in disks)
         {
             using Qcow2Image image = OpenShared(disk);
@@ -85,22 +84,17 @@ internal sealed class LiveSave : LiveSession
                 throw new OperationRefusedException($"drive '{disk.Label}' ({disk.ImagePath}) has persistent dirty bitmaps, which vmsnap does not keep up to date; " +
                     "remove them (block-dirty-bitmap-remove) or use QEMU's savevm; nothing was saved");
             before.Add(new ImageBefore(disk, image.VirtualSize, DescribeSnapshots(image)));
-            if (disk == vmDisk)
-            {
-                vmInfo = image.Info;
-                usedEnd = image.UsedEnd();
-                reach = image.RefcountReach;
-                freeRuns = image.FreeRuns(usedEnd, RegionPlan.RunMinimum);
-            }
+            if (disk == vmDisk) survey = DetachedVmStateArea.Survey(image);
         }
+        Qcow2ImageInfo vmInfo = survey.Image;
         long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
-        RegionPlan plan = RegionPlan.For(vmInfo, usedEnd, reach, highest, vmDisk.DirtyBitmaps, freeRuns);
+        DetachedVmStatePlan plan = DetachedVmStatePlan.For(survey, highest, vmDisk.DirtyBitmaps.Select(b => (b.Granularity, b.Persistent)));
         long fileLengthBefore = new FileInfo(vmDisk.ImagePath!).Length;
 
         long stopMark = Qmp.EventMark;
         MigrationSettings? settings = null;
         bool recorded = false;
-        VmStateRegion? region = null;
+        DetachedVmStateArea? region = null;
         bool completed = false, committed = false;
         string? cleanupNote = null;
         Exception? failure = null;
@@ -119,7 +113,7 @@ internal sealed class LiveSave : LiveSession
             recorded = true;
             settings.Apply();
             LiveTrace.Mark("settings applied");
-            region = VmStateRegion.Open(vmDisk.ImagePath!, plan, _options.Direct);
+            region = DetachedVmStateArea.Open(vmDisk.ImagePath!, plan, _options.Direct);
             if (!_options.Live && wasRunning)
             {
                 Qmp.Execute("stop");
@@ -236,9 +230,8 @@ internal sealed class LiveSave : LiveSession
                 file.Write(new byte[length]);
             }
             using Qcow2Image image = Qcow2Image.Open(path, new Qcow2OpenOptions());
-            long reserve = RegionPlan.ReserveBelow(length, cs, geometry.RefcountBits);
-            if (image.CheckVmStateRegion(offset, length, reserve) is not null) return;
-            image.LinkVmStateRegion(offset, length, reserve);
+            if (DetachedVmStateArea.Check(image, offset, length) is not null) return;
+            DetachedVmStateArea.Attach(image, offset, length);
             image.CreateSnapshot("rehearsal", new Qcow2SnapshotCreateOptions { VmStateSize = length, VmClock = 1, Date = DateTimeOffset.UtcNow, Icount = -1 });
             LiveTrace.Mark("rehearsed");
         }
@@ -262,7 +255,7 @@ internal sealed class LiveSave : LiveSession
     /// at the stop, once QEMU says the migration completed (its images are then released). <paramref name="markRunning"/>:
     /// the stream's run state is written as "running".
     /// </summary>
-    private (MigrationStreamInfo Info, long Bytes, double? QemuDowntime, long VmClock) Transfer(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan, bool markRunning)
+    private (MigrationStreamInfo Info, long Bytes, double? QemuDowntime, long VmClock) Transfer(DetachedVmStateArea region, LiveDisk vmDisk, DetachedVmStatePlan plan, bool markRunning)
     {
         (Socket socket, string uri, string fdName) = OpenChannel();
         using var _ = socket;
@@ -290,7 +283,8 @@ internal sealed class LiveSave : LiveSession
             using var reader = new VmStateReader(backend, ReadBufferSize);
             // No sync of its own: linking the region flushes the file before any table points there.
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
-            using var writer = new VmStateWriter(region, writerOptions);
+            using var area = new DetachedAreaBackend(region);
+            using var writer = new VmStateWriter(area, writerOptions);
             info = MigrationStream.CopyStream(reader, null, writer, MigrationStreamFormat.Plain, markRunning ? [GlobalState.MarkRunning, clock] : [clock],
                 _progress, Cancellation);
             LiveTrace.Mark("stream end");
@@ -333,7 +327,7 @@ internal sealed class LiveSave : LiveSession
     /// Runs beside the copy: stops the save (by closing the channel, which ends the copy) when vmsnap is
     /// cancelled, when QEMU goes away, or when QEMU's writes come near the region.
     /// </summary>
-    private void Watch(Socket socket, LiveDisk vmDisk, RegionPlan plan, CancellationToken stop)
+    private void Watch(Socket socket, LiveDisk vmDisk, DetachedVmStatePlan plan, CancellationToken stop)
     {
         while (!stop.WaitHandle.WaitOne(WatchInterval))
         {
@@ -404,11 +398,11 @@ internal sealed class LiveSave : LiveSession
     /// the snapshot on every drive; on failure removes every snapshot it created (and the link).
     /// </summary>
     private Commit CommitSnapshots(List<LiveDisk> disks, LiveDisk vmDisk, List<ImageBefore> before,
-        RegionPlan plan, long vmClock, long vmStateBytes, long stopMark)
+        DetachedVmStatePlan plan, long vmClock, long vmStateBytes, long stopMark)
     {
         var images = new List<(LiveDisk Disk, Qcow2Image Image)>();
         var created = new List<(Qcow2Image Image, string Id)>();
-        bool linked = false, done = false;
+        bool done = false;
         try
         {
             // Opened side by side: each open reads the image's tables, and the guest is stopped meanwhile.
@@ -436,8 +430,7 @@ internal sealed class LiveSave : LiveSession
                     throw new OperationRefusedException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save; nothing was saved");
             }
             Qcow2Image vmImage = images.First(i => i.Disk == vmDisk).Image;
-            long reserve = RegionPlan.ReserveBelow(vmStateBytes, vmImage.ClusterSize, vmImage.Info.RefcountBits);
-            if (vmImage.CheckVmStateRegion(plan.Offset, vmStateBytes, reserve) is { } problem)
+            if (DetachedVmStateArea.Check(vmImage, plan.Offset, vmStateBytes) is { } problem)
                 throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
 
             LiveTrace.Mark("region checked");
@@ -453,11 +446,7 @@ internal sealed class LiveSave : LiveSession
                 bool withState = disk == vmDisk;
                 try
                 {
-                    if (withState)
-                    {
-                        image.LinkVmStateRegion(plan.Offset, vmStateBytes, reserve);
-                        linked = true;
-                    }
+                    if (withState) DetachedVmStateArea.Attach(image, plan.Offset, vmStateBytes);
                     snapshots[i] = image.CreateSnapshot(Tag, new Qcow2SnapshotCreateOptions
                     {
                         VmStateSize = withState ? vmStateBytes : 0,
@@ -465,7 +454,6 @@ internal sealed class LiveSave : LiveSession
                         Date = date,
                         Icount = -1,
                     });
-                    if (withState) linked = false;   // the snapshot owns the area now
                 }
                 catch (Exception e) when (e is VmsnapException or IOException or ArgumentException)
                 {
@@ -504,8 +492,7 @@ internal sealed class LiveSave : LiveSession
                 {
                     try
                     {
-                        if (disk == vmDisk && linked) image.DropLinkedVmState();
-                        else if (disk == vmDisk) image.TrimUnusedTail();
+                        if (disk == vmDisk) DetachedVmStateArea.Discard(image);   // the attached area, if any, and the file's free tail
                     }
                     catch (VmsnapException) { }
                     catch (IOException) { }
@@ -525,7 +512,7 @@ internal sealed class LiveSave : LiveSession
     /// With QEMU's images released (or QEMU gone) the engine trims the file to its last used cluster;
     /// with QEMU active again the file is cut back to just past QEMU's highest write plus the guard.
     /// </summary>
-    private string? GiveBack(VmStateRegion region, LiveDisk vmDisk, RegionPlan plan, long fileLengthBefore, bool migrationCompleted)
+    private string? GiveBack(DetachedVmStateArea region, LiveDisk vmDisk, DetachedVmStatePlan plan, long fileLengthBefore, bool migrationCompleted)
     {
         if (region.FileLength <= fileLengthBefore && region.Written == 0) return null;
         try
@@ -535,7 +522,7 @@ internal sealed class LiveSave : LiveSession
             {
                 // QEMU released the image or is gone: the engine knows exactly what is used.
                 using Qcow2Image image = OpenWritable(vmDisk, "to give back the space of the unsaved VM state");
-                image.TrimUnusedTail();
+                DetachedVmStateArea.Discard(image);
                 return null;
             }
             if (_regionThreatened) return $"the {region.Written} bytes written at offset {plan.Offset} of '{vmDisk.ImagePath}' were left in place (QEMU's writes reached near them)";

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 

@@ -1,3 +1,4 @@
+using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
 
 namespace Vmsnap.Live;

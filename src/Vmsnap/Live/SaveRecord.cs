@@ -1,6 +1,8 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
+using Vmsnap.Qcow2;
 
 namespace Vmsnap.Live;
 
@@ -54,7 +56,7 @@ internal sealed record SaveRecord
     internal required IReadOnlyList<RecordedDrive> Drives { get; init; }
 
     /// <summary>Where the VM state goes in the VM-state drive's image file, and the file's length before the save.</summary>
-    internal required RegionPlan Region { get; init; }
+    internal required DetachedVmStatePlan Region { get; init; }
 
     internal long FileLengthBefore { get; init; }
 
@@ -68,7 +70,7 @@ internal sealed record SaveRecord
     internal RecordedDrive VmStateDrive => Drives.First(d => d.VmState);
 
     /// <summary>A record for this process.</summary>
-    internal static SaveRecord ForThisProcess(string tag, bool live, bool wasRunning, IReadOnlyList<RecordedDrive> drives, RegionPlan region,
+    internal static SaveRecord ForThisProcess(string tag, bool live, bool wasRunning, IReadOnlyList<RecordedDrive> drives, DetachedVmStatePlan region,
         long fileLengthBefore, MigrationSettings settings)
     {
         int pid = Environment.ProcessId;
@@ -185,7 +187,7 @@ internal sealed record SaveRecord
             Started = DateTimeOffset.FromUnixTimeMilliseconds(Long(o["started"])),
             Migrating = Bool(o["migrating"]),
             Drives = drives,
-            Region = new RegionPlan(Long(region["base"]), Long(region["bound"]), Long(region["offset"]), Long(region["guard"])),
+            Region = new DetachedVmStatePlan(Long(region["base"]), Long(region["bound"]), Long(region["offset"]), Long(region["guard"])),
             FileLengthBefore = Long(region["file-length-before"]),
             Settings = o["settings"] as JsonObject ?? [],
         };

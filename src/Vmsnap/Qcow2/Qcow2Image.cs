@@ -269,4 +269,17 @@ public sealed partial class Qcow2Image : IDisposable
         if (offset > Engine.State.VirtualSize - length)
             throw new ArgumentOutOfRangeException(nameof(offset), offset, $"range of {length} bytes at offset {offset} lies beyond the virtual disk ({Engine.State.VirtualSize} bytes)");
     }
+
+    /// <summary>One past the highest cluster the image's refcounts say is in use, in bytes.</summary>
+    internal long UsedEnd() => Engine.UsedEnd();
+
+    /// <summary>True when the image keeps persistent dirty bitmaps (which the engine does not maintain, so it refuses to write such an image).</summary>
+    internal bool HasPersistentBitmaps
+    {
+        get
+        {
+            lock (Engine.SyncRoot)
+                return Engine.State.Header.FindExtension(HeaderExtension.Bitmaps) is not null && (Engine.State.Header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0;
+        }
+    }
 }

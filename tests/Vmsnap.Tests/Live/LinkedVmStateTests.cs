@@ -1,5 +1,4 @@
 using System.Security.Cryptography;
-using Vmsnap.Live;
 using Vmsnap.Qcow2;
 using Vmsnap.Tests.Interop;
 
@@ -49,9 +48,9 @@ public class LinkedVmStateTests
 
         using (Qcow2Image img = Qcow2Image.Open(image))
         {
-            long reserve = RegionPlan.ReserveBelow(state.Length, clusterSize, refcountBits);
-            Assert.Null(img.CheckVmStateRegion(offset, state.Length, reserve));
-            img.LinkVmStateRegion(offset, state.Length, reserve);
+            long reserve = DetachedVmStatePlan.ReserveBelow(state.Length, clusterSize, refcountBits);
+            Assert.Null(DetachedVmStateArea.Check(img, offset, state.Length, reserve));
+            DetachedVmStateArea.Attach(img, offset, state.Length, reserve);
             img.CreateSnapshot("live", new Qcow2SnapshotCreateOptions { VmStateSize = state.Length, VmClock = 12345 });
         }
         QemuImgCheck.AssertClean(image);
@@ -92,17 +91,17 @@ public class LinkedVmStateTests
         using (Qcow2Image img = Qcow2Image.Open(image))
         {
             // Overlapping the used clusters.
-            string? problem = img.CheckVmStateRegion(used - 65536, 1 << 20, 0);
+            string? problem = DetachedVmStateArea.Check(img, used - 65536, 1 << 20, 0);
             Assert.NotNull(problem);
             Assert.Contains("refcount", problem);
-            var e = Assert.Throws<OperationRefusedException>(() => img.LinkVmStateRegion(used - 65536, 1 << 20, 0));
+            var e = Assert.Throws<OperationRefusedException>(() => DetachedVmStateArea.Attach(img, used - 65536, 1 << 20, 0));
             Assert.Contains("cannot be linked", e.Message);
             // Room needed below it for refcount blocks reaches into the used clusters.
-            Assert.NotNull(img.CheckVmStateRegion(offset, 1 << 20, offset - used + 65536));
+            Assert.NotNull(DetachedVmStateArea.Check(img, offset, 1 << 20, offset - used + 65536));
             // Longer than what the file holds.
-            Assert.Contains("truncated", img.CheckVmStateRegion(offset, 2 << 20, 0));
+            Assert.Contains("truncated", DetachedVmStateArea.Check(img, offset, 2 << 20, 0));
             // Not aligned to a cluster.
-            Assert.NotNull(img.CheckVmStateRegion(offset + 512, 4096, 0));
+            Assert.NotNull(DetachedVmStateArea.Check(img, offset + 512, 4096, 0));
         }
         Assert.Equal(before, Hash(image));
     }
@@ -126,7 +125,7 @@ public class LinkedVmStateTests
         WriteAt(image, offset, state);
         using (Qcow2Image img = Qcow2Image.Open(image))
         {
-            img.LinkVmStateRegion(offset, state.Length, 4 << 16);
+            DetachedVmStateArea.Attach(img, offset, state.Length, 4 << 16);
             img.CreateSnapshot("s", new Qcow2SnapshotCreateOptions { VmStateSize = state.Length });
             using Qcow2VmStateArea area = img.OpenVmStateAreaForReading("s");
             byte[] back = new byte[state.Length];
@@ -148,8 +147,8 @@ public class LinkedVmStateTests
         WriteAt(image, offset, Random(3 << 20, 1));
         using (Qcow2Image img = Qcow2Image.Open(image))
         {
-            img.LinkVmStateRegion(offset, 3 << 20, 4 << 16);
-            img.DropLinkedVmState();
+            DetachedVmStateArea.Attach(img, offset, 3 << 20, 4 << 16);
+            DetachedVmStateArea.Discard(img);
         }
         // The VM state's 3 MiB are gone; what linking allocated for its tables (a larger L1 table, a
         // refcount block) may stay, in use and counted.
@@ -160,14 +159,14 @@ public class LinkedVmStateTests
         // A region written but never linked goes with a trim.
         long linkedLength = new FileInfo(image).Length;
         WriteAt(image, linkedLength + (8L << 20), Random(1 << 20, 2));
-        using (Qcow2Image img = Qcow2Image.Open(image)) img.TrimUnusedTail();
+        using (Qcow2Image img = Qcow2Image.Open(image)) DetachedVmStateArea.Discard(img);
         Assert.True(new FileInfo(image).Length <= linkedLength);
     }
 }
 
 /// <summary>Where a live save puts the VM state: past what QEMU may allocate, less the large free runs QEMU fills first.</summary>
 [Trait("Category", "Unit")]
-public class RegionPlanTests
+public class DetachedVmStatePlanTests
 {
     private static Qcow2ImageInfo Image(long virtualSize, int clusterSize = 65536, int refcountBits = 16) => new()
     {
@@ -179,20 +178,20 @@ public class RegionPlanTests
     [Fact]
     public void A_fresh_image_gets_its_region_past_the_whole_virtual_disk_and_its_metadata()
     {
-        RegionPlan p = RegionPlan.For(Image(10L << 30), usedEnd: 1 << 20, refcountReach: 1L << 44, highestWrite: 3 << 20, bitmaps: [], freeRuns: []);
+        DetachedVmStatePlan p = DetachedVmStatePlan.For(Image(10L << 30), usedEnd: 1 << 20, refcountReach: 1L << 44, highestWrite: 3 << 20, dirtyBitmaps: [], freeRuns: []);
         Assert.Equal(3 << 20, p.Base);
         Assert.True(p.Bound >= 10L << 30, $"bound {p.Bound}");
-        Assert.True(p.Offset >= p.Base + p.Bound + VmStateRegion.Margin);
+        Assert.True(p.Offset >= p.Base + p.Bound + DetachedVmStatePlan.Margin);
         Assert.Equal(0, p.Offset % (1 << 20));
     }
 
     [Fact]
     public void Persistent_bitmaps_and_a_refcount_table_that_must_grow_widen_the_bound()
     {
-        var plain = RegionPlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [], []);
-        var bitmaps = RegionPlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [new LiveDirtyBitmap("b", 512, true)], []);
-        var volatileOnly = RegionPlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [new LiveDirtyBitmap("b", 512, false)], []);
-        var growing = RegionPlan.For(Image(1L << 30), 1 << 20, 4L << 20, 0, [], []);
+        var plain = DetachedVmStatePlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [], []);
+        var bitmaps = DetachedVmStatePlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [(512, true)], []);
+        var volatileOnly = DetachedVmStatePlan.For(Image(1L << 30), 1 << 20, 1L << 44, 0, [(512, false)], []);
+        var growing = DetachedVmStatePlan.For(Image(1L << 30), 1 << 20, 4L << 20, 0, [], []);
         Assert.True(bitmaps.Bound >= plain.Bound + ((1L << 30) / 512 / 8), "a persistent bitmap of 512-byte granularity: 256 KiB per GiB");
         Assert.Equal(plain.Bound, volatileOnly.Bound);
         Assert.True(growing.Bound > plain.Bound + (2L << 30), "a refcount table move lands at the next refcount-block boundary (2 GiB here)");
@@ -203,12 +202,12 @@ public class RegionPlanTests
     {
         Qcow2ImageInfo image = Image(1L << 30);
         long used = 4L << 30;
-        RegionPlan none = RegionPlan.For(image, used, 1L << 44, 0, bitmaps: [], freeRuns: []);
-        RegionPlan small = RegionPlan.For(image, used, 1L << 44, 0, bitmaps: [], freeRuns: [(1L << 30, RegionPlan.RunMinimum - 65536)]);
-        RegionPlan big = RegionPlan.For(image, used, 1L << 44, 0, bitmaps: [], freeRuns: [(1L << 30, 600L << 20)]);
-        RegionPlan huge = RegionPlan.For(image, used, 1L << 44, 0, bitmaps: [], freeRuns: [(1L << 30, 3L << 30)]);
+        DetachedVmStatePlan none = DetachedVmStatePlan.For(image, used, 1L << 44, 0, dirtyBitmaps: [], freeRuns: []);
+        DetachedVmStatePlan small = DetachedVmStatePlan.For(image, used, 1L << 44, 0, dirtyBitmaps: [], freeRuns: [(1L << 30, DetachedVmStatePlan.RunMinimum - 65536)]);
+        DetachedVmStatePlan big = DetachedVmStatePlan.For(image, used, 1L << 44, 0, dirtyBitmaps: [], freeRuns: [(1L << 30, 600L << 20)]);
+        DetachedVmStatePlan huge = DetachedVmStatePlan.For(image, used, 1L << 44, 0, dirtyBitmaps: [], freeRuns: [(1L << 30, 3L << 30)]);
         Assert.Equal(none.Offset, small.Offset);
-        Assert.Equal(none.Offset - (600L << 20) + RegionPlan.RunSlack, big.Offset);
-        Assert.Equal(used + RegionPlan.MinimumGap, huge.Offset);   // never closer than the minimum gap
+        Assert.Equal(none.Offset - (600L << 20) + DetachedVmStatePlan.RunSlack, big.Offset);
+        Assert.Equal(used + DetachedVmStatePlan.MinimumGap, huge.Offset);   // never closer than the minimum gap
     }
 }

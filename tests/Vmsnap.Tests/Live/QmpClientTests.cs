@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using Vmsnap.Live.Qmp;
 using Vmsnap.Live;
 using Vmsnap.Tests.Interop;
 

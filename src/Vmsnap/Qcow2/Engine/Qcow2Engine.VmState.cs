@@ -9,17 +9,26 @@ internal sealed partial class Qcow2Engine
     /// </summary>
     internal Qcow2VmStateArea OpenVmStateForWriting() => Gate.RunExclusive(() =>
     {
-        State.Health.ThrowIfSwitchFailed();
-        Guard.EnsureWritable();
-        if (State.VmState.Writer is not null)
-            throw new OperationRefusedException($"'{Path}' already has its VM-state area open for writing");
-        SnapshotOps.ValidateSnapshotTable();
-        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
+        RefuseNewVmStateArea($"'{Path}' already has its VM-state area open for writing");
         var writer = new VmStateAllocation(State.File, Geometry, Refcounts, VmStateOffset);
         State.VmState.Writer = writer;
         return Qcow2VmStateArea.ForWriting(this, writer);
     });
+
+    /// <summary>
+    /// The refusals before a VM-state area opens for writing (written here or attached from outside):
+    /// a failed switch, a read-only image, an area already open (<paramref name="busy"/>), a damaged
+    /// snapshot table, or no room for another snapshot. Call under the gate.
+    /// </summary>
+    private void RefuseNewVmStateArea(string busy)
+    {
+        State.Health.ThrowIfSwitchFailed();
+        Guard.EnsureWritable();
+        if (State.VmState.Writer is not null) throw new OperationRefusedException(busy);
+        SnapshotOps.ValidateSnapshotTable();
+        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
+            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
+    }
 
     /// <summary>Opens a snapshot's VM state for reading.</summary>
     internal Qcow2VmStateArea OpenVmStateForReading(SnapshotEntry sn, Qcow2Snapshot snapshot, bool wholeArea = false)

@@ -15,7 +15,6 @@ internal sealed class VmStateAllocation
 {
     private const long FirstReservationBytes = 8L << 20;
     private const long MaxReservationBytes = 512L << 20;
-    private const long PreallocateAheadBytes = 64L << 20;
 
     private readonly Qcow2File _file;
     private readonly ClusterGeometry _g;
@@ -27,7 +26,7 @@ internal sealed class VmStateAllocation
     private long _reservedNext, _reservedEnd;                   // host clusters [next, end) reserved, not handed out yet
     private long _nextReservation;
     private long _preallocatedEnd;                              // file offset up to which reserved clusters past the old end have blocks
-    private bool _preallocateUnsupported;
+    private readonly Preallocation _preallocation = new();
     private int _inFlight;
 
     /// <summary>A run of area clusters mapped to contiguous host clusters.</summary>
@@ -48,13 +47,13 @@ internal sealed class VmStateAllocation
 
     /// <summary>
     /// An area whose data was written outside the engine into the host clusters from
-    /// <paramref name="firstHost"/> on, <paramref name="length"/> bytes (a live save's region): the
+    /// <paramref name="firstHost"/> on, <paramref name="length"/> bytes (a <see cref="DetachedVmStateArea"/>): the
     /// clusters are reserved in memory, mapped in order, and counted as written; the L2 tables get
     /// clusters reserved at the free tail, past the region. Call under the engine's lock.
     /// </summary>
-    internal static VmStateAllocation ForRegion(Qcow2File file, ClusterGeometry g, RefcountManager refcounts, long start, long firstHost, long length)
+    internal static VmStateAllocation ForDetached(Qcow2File file, ClusterGeometry g, RefcountManager refcounts, long start, long firstHost, long length)
     {
-        var area = new VmStateAllocation(file, g, refcounts, start);
+        var area = new VmStateAllocation(file, g, refcounts, start) { IsDetached = true };
         long count = g.ClustersFor(length);
         refcounts.ReserveRange(firstHost, count);
         area._map.Add(new Run(0, firstHost, count));
@@ -68,6 +67,9 @@ internal sealed class VmStateAllocation
 
     /// <summary>Guest offset of the area's first byte.</summary>
     internal long Start { get; }
+
+    /// <summary>True for an area written outside the engine and attached (<see cref="ForDetached"/>).</summary>
+    internal bool IsDetached { get; private init; }
 
     /// <summary>One past the highest byte written (or the length set).</summary>
     internal long Length { get; set; }
@@ -183,21 +185,16 @@ internal sealed class VmStateAllocation
         _nextReservation = Math.Min(count * 2, Math.Max(1, MaxReservationBytes >> _g.ClusterBits));
     }
 
-    /// <summary>
-    /// Gives the reserved clusters from <paramref name="host"/> on (up to a limit) disk blocks when
-    /// they lie past the end of the file: O_DIRECT writes that extend a file are serialized by ext4,
-    /// writes into allocated blocks run in parallel (as fio's preallocated file does).
-    /// </summary>
+    /// <summary>Gives the reserved clusters from <paramref name="host"/> on (up to a limit) disk blocks when they lie past the end of the file (<see cref="Preallocation"/>).</summary>
     private void Preallocate(long host)
     {
         long start = host << _g.ClusterBits;
-        long to = Math.Min(_reservedEnd << _g.ClusterBits, Math.Max(start + PreallocateAheadBytes, (host + 1) << _g.ClusterBits));
+        long to = Math.Min(_reservedEnd << _g.ClusterBits, Math.Max(start + Preallocation.AheadBytes, (host + 1) << _g.ClusterBits));
         _preallocatedEnd = to;
-        if (_preallocateUnsupported || _file.Device is not Storage.FileBlockDevice file) return;
+        if (_preallocation.Unsupported || _file.Device is not Storage.FileBlockDevice file) return;
         long length = file.Length;
         if (to <= length) return;
-        long from = Math.Max(length, start);
-        if (!file.Preallocate(from, to - from)) _preallocateUnsupported = true;
+        _preallocation.Allocate(file, Math.Max(length, start), to);
     }
 
     /// <summary>Gives every reserved cluster back, the ones mapped included (nothing was counted on disk). Call under the engine's lock.</summary>

@@ -5,7 +5,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace Vmsnap.Live;
+namespace Vmsnap.Live.Qmp;
 
 /// <summary>A QMP event as QEMU sent it, with QEMU's own timestamp (its wall clock when the event happened).</summary>
 /// <param name="Sequence">Order of arrival on this connection, from 0.</param>
@@ -13,16 +13,6 @@ namespace Vmsnap.Live;
 /// <param name="Timestamp">QEMU's timestamp.</param>
 /// <param name="Data">The event's data, if any.</param>
 internal sealed record QmpEvent(long Sequence, string Name, DateTimeOffset Timestamp, JsonObject? Data);
-
-/// <summary>QEMU refused a QMP command, or the QMP connection failed; the message has QEMU's own words.</summary>
-public sealed class QmpException : VmsnapException
-{
-    /// <summary>Creates the error.</summary>
-    public QmpException(string message, string? errorClass = null, Exception? inner = null) : base(message, inner) => ErrorClass = errorClass;
-
-    /// <summary>QEMU's error class (<c>GenericError</c>, <c>CommandNotFound</c>, ...), or null when the connection failed.</summary>
-    public string? ErrorClass { get; }
-}
 
 /// <summary>
 /// A client of QEMU's machine protocol (QMP) on a Unix socket: capabilities negotiated on connect,

@@ -1,19 +1,9 @@
 namespace Vmsnap.Qcow2;
 
 /// <summary>
-/// A VM-state area written outside the engine, then linked in: a live save (the Live layer) streams the
-/// VM state into a region of the image FILE while a running QEMU still owns the image, past anything
-/// QEMU can allocate before it releases the image; once QEMU has released it, these methods check
-/// that the region is still unused and make it the active VM-state area, so that a snapshot created
-/// next takes it over (see docs/live.md).
+/// The engine's side of a detached VM-state area (<see cref="DetachedVmStateArea"/>, which has the
+/// whole story): what planning it reads, and checking, attaching and discarding it under the engine's lock.
 /// </summary>
-/// <remarks>
-/// Why the region's bytes are safe from the engine itself while it links them: <see cref="LinkVmStateRegion"/>
-/// reserves their clusters in memory, and the allocator skips reserved clusters; the refcount blocks the
-/// snapshot create may need for the region's range come from free clusters below it (which
-/// <see cref="CheckVmStateRegion"/> required) or past the end of the file, and the area's own L2 tables
-/// from a reservation past the region.
-/// </remarks>
 internal sealed partial class Qcow2Engine
 {
     /// <summary>One past the highest cluster whose refcount is not 0, in bytes: where the image's metadata says its used space ends.</summary>
@@ -33,6 +23,12 @@ internal sealed partial class Qcow2Engine
             }
             return Geometry.ClusterSize;
         }
+    }
+
+    /// <summary>Bytes of the file the refcount table can describe without growing.</summary>
+    internal long RefcountReach()
+    {
+        lock (SyncRoot) return (long)Refcounts.Table.Length * Geometry.RefcountBlockEntries << Geometry.ClusterBits;
     }
 
     /// <summary>
@@ -67,7 +63,7 @@ internal sealed partial class Qcow2Engine
     /// refcount 0 (nothing the image uses lies there or after it, and the engine has room below the
     /// region for the refcount blocks that linking it may need).
     /// </summary>
-    internal string? CheckVmStateRegion(long offset, long length, long reserveBelow)
+    internal string? CheckDetachedVmState(long offset, long length, long reserveBelow)
     {
         lock (SyncRoot)
         {
@@ -110,48 +106,31 @@ internal sealed partial class Qcow2Engine
     /// Makes host bytes [<paramref name="offset"/>, + <paramref name="length"/>) of the file, written
     /// outside the engine, the VM-state area open for writing (area cluster N is host cluster
     /// offset/cluster + N), so that the next snapshot create with VM state takes it over. Refuses with
-    /// <see cref="VmsnapException"/> when <see cref="CheckVmStateRegion"/> finds a problem. Nothing on
+    /// <see cref="VmsnapException"/> when <see cref="CheckDetachedVmState"/> finds a problem. Nothing on
     /// disk changes here: the region's clusters are reserved in memory (no allocation can hand them
     /// out), and the snapshot create counts them and writes the area's L2 tables (reserved at the free
     /// tail, past the region) in its one header switch, as it does for an area written through
     /// <see cref="OpenVmStateForWriting"/>. A crash before that switch leaves the image as it was.
     /// </summary>
-    internal void LinkVmStateRegion(long offset, long length, long reserveBelow) => Gate.RunExclusive(() =>
+    internal void AttachDetachedVmState(long offset, long length, long reserveBelow) => Gate.RunExclusive(() =>
     {
-        State.Health.ThrowIfSwitchFailed();
-        Guard.EnsureWritable();
-        if (State.VmState.Writer is not null)
-            throw new OperationRefusedException($"'{Path}' has its VM-state area open for writing");
-        SnapshotOps.ValidateSnapshotTable();
-        if (State.Snapshots.Count >= SnapshotTable.MaxSnapshots)
-            throw new OperationRefusedException($"'{Path}' already has {State.Snapshots.Count} snapshots, the most qcow2 allows");
+        RefuseNewVmStateArea($"'{Path}' has its VM-state area open for writing");
         if (RegionProblem(offset, length, reserveBelow) is { } problem)
             throw new OperationRefusedException($"'{Path}': the VM state at file offset 0x{offset:x} cannot be linked: {problem}");
-        State.VmState.Writer = VmStateAllocation.ForRegion(State.File, Geometry, Refcounts, VmStateOffset, offset >> Geometry.ClusterBits, length);
+        State.VmState.Writer = VmStateAllocation.ForDetached(State.File, Geometry, Refcounts, VmStateOffset, offset >> Geometry.ClusterBits, length);
         return true;
     });
 
-    /// <summary>Gives up a linked VM-state area no snapshot took over (its clusters were never counted), then trims the file.</summary>
-    internal void DropLinkedVmState() => Gate.RunExclusive(() =>
+    /// <summary>Gives up an attached detached VM-state area no snapshot took over (its clusters were never counted), if there is one, then trims the file to its last used cluster.</summary>
+    internal void DiscardDetachedVmState() => Gate.RunExclusive(() =>
     {
         State.Health.ThrowIfSwitchFailed();
         Guard.EnsureWritable();
-        if (State.VmState.Writer is { CapturedBy: null } writer)
+        if (State.VmState.Writer is { CapturedBy: null, IsDetached: true } writer)
         {
             writer.ReleaseReservation();
             State.VmState.Writer = null;
         }
-        Caches.FlushAll();
-        Refcounts.TrimFreeTail();
-        State.File.Flush();
-        return true;
-    });
-
-    /// <summary>Shortens the file to the end of its last used cluster (a region written but never linked is given back).</summary>
-    internal void TrimUnusedTail() => Gate.RunExclusive(() =>
-    {
-        State.Health.ThrowIfSwitchFailed();
-        Guard.EnsureWritable();
         Caches.FlushAll();
         Refcounts.TrimFreeTail();
         State.File.Flush();

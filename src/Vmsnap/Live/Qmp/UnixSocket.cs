@@ -1,7 +1,7 @@
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 
-namespace Vmsnap.Live;
+namespace Vmsnap.Live.Qmp;
 
 /// <summary>
 /// What .NET's socket API does not offer for talking to QEMU: a connected pair of Unix stream sockets
