@@ -43,6 +43,39 @@ mirror_of() {
     | awk -v c="$codename" '$2 == c && $3 == "Debian" { print $1; exit }'
 }
 
+# A clean Debian 12 root without .NET (debootstrap --variant=minbase from this machine's mirror), kept as a tarball
+# that each package test unpacks afresh. Apt's downloaded packages and lists are left out of it: the package needs none.
+debian_root() {
+  local tarball="$deps/debian12-minbase.tar.gz" dir="$deps/debian12-minbase.tmp" mirror
+  if [ ! -s "$tarball" ]; then
+    as_root "debootstrap a Debian 12 root"
+    [ -z "$(mirror_of)" ] && apt_update
+    mirror="$(mirror_of)"
+    if [ -z "$mirror" ]; then
+      echo "tests/install-deps.sh: cannot find this machine's Debian mirror for '$codename' in apt's configuration" >&2
+      exit 1
+    fi
+    rm -rf --one-file-system "$dir"
+    # In a mount namespace of its own: what debootstrap mounts inside the root (proc, sys) goes away with it.
+    unshare --mount --propagation private -- debootstrap --variant=minbase bookworm "$dir" "$mirror" >&2
+    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+    mkdir -p "$dir/var/lib/apt/lists/partial"
+    tar -C "$dir" --numeric-owner -cf - . | gzip -1 > "$tarball.tmp"
+    mv "$tarball.tmp" "$tarball"
+    rm -rf --one-file-system "$dir"
+    echo "Debian 12 root in $tarball" >&2
+  fi
+  echo "VMSNAP_DEBIAN_ROOT=$tarball"
+}
+
+# --debian-root: only the root (tests/run.sh makes it in the background while the native vmsnap builds, after a call
+# with --without-debian-root has installed the rest: debootstrap waits mostly on the network, the build on the CPU).
+if [ "${1:-}" = --debian-root ]; then
+  command -v debootstrap >/dev/null || { echo "tests/install-deps.sh --debian-root: debootstrap is missing (run tests/install-deps.sh first)" >&2; exit 1; }
+  debian_root >/dev/null
+  exit 0
+fi
+
 # Runs apt-get/apt-cache against one extra suite only, with state in a private folder
 # (the system's sources and lists stay as they are).
 extra_apt() {
@@ -131,9 +164,8 @@ if [ ! -s "$guest/vmlinuz" ]; then
 fi
 
 # ---- The native build and the package tests (packaging/build-deb.sh, tests/Vmsnap.Tests/Native) -----------
-# A C toolchain for the AOT compiler to link with, dpkg-deb and objdump for the package; and a clean Debian 12
-# root without .NET (debootstrap --variant=minbase from this machine's mirror), kept as a tarball that each
-# package test unpacks afresh. Apt's downloaded packages and lists are left out of it: the package needs none.
+# A C toolchain for the AOT compiler to link with, dpkg-deb and objdump for the package, debootstrap for the clean
+# Debian 12 root (debian_root above).
 native_deps() {
   local need=()
   command -v gcc >/dev/null || command -v clang >/dev/null || need+=(gcc)
@@ -146,36 +178,7 @@ native_deps() {
   fi
 }
 
-debian_root() {
-  local tarball="$deps/debian12-minbase.tar.gz" dir="$deps/debian12-minbase.tmp" mirror
-  if [ ! -s "$tarball" ]; then
-    as_root "debootstrap a Debian 12 root"
-    [ -z "$(mirror_of)" ] && apt_update
-    mirror="$(mirror_of)"
-    if [ -z "$mirror" ]; then
-      echo "tests/install-deps.sh: cannot find this machine's Debian mirror for '$codename' in apt's configuration" >&2
-      exit 1
-    fi
-    rm -rf --one-file-system "$dir"
-    # In a mount namespace of its own: what debootstrap mounts inside the root (proc, sys) goes away with it.
-    unshare --mount --propagation private -- debootstrap --variant=minbase bookworm "$dir" "$mirror" >&2
-    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-    mkdir -p "$dir/var/lib/apt/lists/partial"
-    tar -C "$dir" --numeric-owner -cf - . | gzip -1 > "$tarball.tmp"
-    mv "$tarball.tmp" "$tarball"
-    rm -rf --one-file-system "$dir"
-    echo "Debian 12 root in $tarball" >&2
-  fi
-  echo "VMSNAP_DEBIAN_ROOT=$tarball"
-}
-
 native_deps
-# --without-debian-root: the root is made later by a second call with --debian-root (tests/run.sh makes it while
-# the native vmsnap builds: debootstrap waits mostly on the network, the build on the CPU).
-case "${1:-}" in
-  --without-debian-root) echo "VMSNAP_DEBIAN_ROOT=$deps/debian12-minbase.tar.gz" ;;
-  --debian-root) debian_root >/dev/null; exit 0 ;;
-  *) debian_root ;;
-esac
+if [ "${1:-}" = --without-debian-root ]; then echo "VMSNAP_DEBIAN_ROOT=$deps/debian12-minbase.tar.gz"; else debian_root; fi
 echo "VMSNAP_QEMU10=$q10/bin"
 echo "VMSNAP_GUEST=$guest"
