@@ -24,6 +24,7 @@ internal sealed class QemuVm : IDisposable
     private Socket? _socket;
     private StreamReader? _qmpIn;
     private Stream? _qmpOut;
+    private long _nextId;
 
     private QemuVm(Process process, string socketDir, string commandLine)
     {
@@ -130,8 +131,13 @@ internal sealed class QemuVm : IDisposable
     /// <summary>Sends one QMP message given as JSON text (e.g. <c>{"execute": "query-status"}</c>) and returns its "return" value.</summary>
     public JsonNode? ExecuteJson(string json)
     {
-        string command = JsonNode.Parse(json)?["execute"]?.GetValue<string>() ?? json;
-        byte[] bytes = Encoding.UTF8.GetBytes(json.ReplaceLineEndings(" ") + "\n");
+        JsonObject message = JsonNode.Parse(json)!.AsObject();
+        string command = message["execute"]?.GetValue<string>() ?? json;
+        // Every command carries its own id, and only the reply with that id answers it: events, the
+        // greeting and any reply left over from an earlier command are skipped, never taken for this reply.
+        string id = "vmsnap-test-" + Interlocked.Increment(ref _nextId);
+        message["id"] = id;
+        byte[] bytes = Encoding.UTF8.GetBytes(message.ToJsonString() + "\n");
         try
         {
             _qmpOut!.Write(bytes);
@@ -139,7 +145,8 @@ internal sealed class QemuVm : IDisposable
             while (true)
             {
                 JsonObject reply = ReadMessage();
-                if (reply.ContainsKey("event")) continue;
+                if (reply["id"] is not JsonValue replyId || replyId.GetValueKind() != JsonValueKind.String
+                    || replyId.GetValue<string>() != id) continue;
                 if (reply["error"] is JsonNode error)
                     throw Failure($"QMP {command} failed: {error["desc"]}");
                 return reply["return"];
