@@ -27,6 +27,11 @@ MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMSNAP = ["dotnet", os.path.join(ROOT, "src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll")]
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+# BASELINE=DIR: a checkout of another commit, built with `dotnet build src/Vmsnap.Cli -c Release`; its
+# vmsnap savevm, savevm --live and loadvm then run in every round beside this build's, for before/after
+# figures in one run.
+BASELINE = os.environ.get("BASELINE", "")
+VMSNAP_BASE = ["dotnet", os.path.join(os.path.abspath(BASELINE), "src/Vmsnap.Cli/bin/Release/net10.0/vmsnap.dll")] if BASELINE else None
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 
 
@@ -106,10 +111,10 @@ class Guest:
                 os.unlink(s)
 
 
-def vmsnap(*args):
-    """vmsnap with --json: (result, wall seconds, peak RSS MiB)."""
+def vmsnap(*args, exe=None):
+    """vmsnap (or the baseline's, with exe) with --json: (result, wall seconds, peak RSS MiB)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(VMSNAP + list(args) + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen((exe or VMSNAP) + list(args) + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read()
     err = p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
@@ -166,12 +171,12 @@ def op_qemu_snapshot_save(work, ram, image):
         g.quit()
 
 
-def op_vmsnap_savevm(work, ram, image, live, keep_image=False):
+def op_vmsnap_savevm(work, ram, image, live, exe=None):
     fresh_image(image)
     g = Guest(work, ram, image)
     try:
         time.sleep(0.3)
-        r, wall, rss = vmsnap("savevm", "--qmp", g.vsock, "bench", *(["--live"] if live else []))
+        r, wall, rss = vmsnap("savevm", "--qmp", g.vsock, "bench", *(["--live"] if live else []), exe=exe)
         return r, wall, rss
     finally:
         g.quit()
@@ -219,12 +224,12 @@ def op_qemu_load(work, image, size, source, how):
         os.unlink(target)
 
 
-def op_vmsnap_load(work, image, size, source, tag):
+def op_vmsnap_load(work, image, size, source, tag, exe=None):
     target = os.path.join(os.path.dirname(source), "loaded.ram")
     blank(target, size)
     g = Guest(work, target, image, extra=["-incoming", "defer", "-S"])
     try:
-        r, wall, rss = vmsnap("loadvm", "--qmp", g.vsock, tag)
+        r, wall, rss = vmsnap("loadvm", "--qmp", g.vsock, tag, exe=exe)
         return r["seconds"], wall, rss, same(source, target)
     finally:
         g.quit()
@@ -256,7 +261,8 @@ def main():
     image = os.path.join(disk, "live-bench.qcow2")
     stream = os.path.join(disk, "live-bench.stream")
     t = {k: [] for k in ("qemu_none", "qemu_wb", "qemu_job", "vmsnap", "vmsnap_wall", "live", "live_wall", "live_down", "live_qemu_down",
-                         "migrate", "qemu_loadvm", "qemu_load_job", "vmsnap_load", "vmsnap_load_wall")}
+                         "migrate", "qemu_loadvm", "qemu_load_job", "vmsnap_load", "vmsnap_load_wall",
+                         "base", "base_live", "base_live_down", "base_load")}
     notes = []
     try:
         make_ram(ram, size)
@@ -272,6 +278,11 @@ def main():
             res, wall, rss = op_vmsnap_savevm(work, ram, image, live=True)
             t["live"].append(res["seconds"]); t["live_wall"].append(wall); t["live_down"].append(res["downtime-seconds"]); t["live_qemu_down"].append(res["qemu-downtime-seconds"])
             t["qemu_job"].append(op_qemu_snapshot_save(work, ram, image))
+            if VMSNAP_BASE:
+                res, _, _ = op_vmsnap_savevm(work, ram, image, live=False, exe=VMSNAP_BASE)
+                t["base"].append(res["seconds"])
+                res, _, _ = op_vmsnap_savevm(work, ram, image, live=True, exe=VMSNAP_BASE)
+                t["base_live"].append(res["seconds"]); t["base_live_down"].append(res["downtime-seconds"])
             print(f"# round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in t.items() if v) + f"; load {loadavg()}", flush=True)
 
         # Loads: one image with QEMU's snapshot "qemu" and vmsnap's "vmsnap" of the same guest, stopped
@@ -299,6 +310,10 @@ def main():
             secs, wall, rss, ok = op_vmsnap_load(work, image, size, ram, "vmsnap")
             t["vmsnap_load"].append(secs); t["vmsnap_load_wall"].append(wall)
             if not ok: notes.append("vmsnap loadvm: RAM differs")
+            if VMSNAP_BASE:
+                secs, _, _, ok = op_vmsnap_load(work, image, size, ram, "vmsnap", exe=VMSNAP_BASE)
+                t["base_load"].append(secs)
+                if not ok: notes.append("vmsnap loadvm (baseline): RAM differs")
             print(f"# load round {r + 1}: qemu_loadvm {t['qemu_loadvm'][-1]:.3f}, qemu_load_job {t['qemu_load_job'][-1]:.3f}, "
                   f"vmsnap_load {t['vmsnap_load'][-1]:.3f}; load {loadavg()}", flush=True)
         check = subprocess.run([QEMU_IMG, "check", image], capture_output=True, text=True)
@@ -332,6 +347,12 @@ def report(size, vm_bytes, limit, t, clean, notes):
     row("qemu loadvm (HMP, as -loadvm) none", "qemu_loadvm")
     row("qemu snapshot-load job, cache=none", "qemu_load_job")
     row("vmsnap loadvm (-incoming defer)", "vmsnap_load", f"process {m['vmsnap_load_wall']:.2f} s")
+    if VMSNAP_BASE:
+        row(f"baseline savevm (stopped)", "base")
+        row(f"baseline savevm --live", "base_live", f"guest stopped {m['base_live_down']:.3f} s (median)")
+        row(f"baseline loadvm (-incoming defer)", "base_load")
+        print(f"this build / baseline: savevm {m['vmsnap'] / m['base']:.2f} x, savevm --live {m['live'] / m['base_live']:.2f} x "
+              f"(stopped {m['live_down'] / m['base_live_down']:.2f} x), loadvm {m['vmsnap_load'] / m['base_load']:.2f} x")
     print(f"worst --live downtime {max(t['live_down']):.3f} s; load average at the end {loadavg()}")
     print()
     print("## targets")
