@@ -3,6 +3,7 @@ using System.Text.Json.Serialization;
 using Vmsnap.Cli.Commands;
 using Vmsnap.Migration;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Cli;
 

@@ -6,7 +6,8 @@ namespace Vmsnap.Tests;
 /// The folders of the library are layers; a lower layer never names a higher one. The compiler enforces
 /// it: tests/Layering builds each folder as its own assembly referencing only the layers below (part of
 /// Vmsnap.slnx, so a violation fails the solution's build). These tests keep that check complete (every
-/// folder is a layer project in the solution) and also scan the text, doc comments included.
+/// folder is a layer project in the solution, no layer sees another's internals) and also scan the text,
+/// doc comments included.
 /// </summary>
 [Trait("Category", "Unit")]
 public partial class LayeringTests
@@ -65,6 +66,18 @@ public partial class LayeringTests
             string text = File.ReadAllText(Path.Combine(root, project));
             foreach (string above in s_forbidden[layer!])
                 Assert.DoesNotContain($"Vmsnap.Layer.{above}.csproj", text);
+        }
+    }
+
+    [Fact]
+    public void No_layer_sees_another_layers_internals()
+    {
+        string layering = Path.Combine(RepositoryRoot(), "tests", "Layering");
+        foreach (string file in Directory.EnumerateFiles(layering, "*.props").Concat(Directory.EnumerateFiles(layering, "*.csproj", SearchOption.AllDirectories)))
+        {
+            var granted = Regex.Matches(File.ReadAllText(file), "<InternalsVisibleTo\\s+Include=\"([^\"]*)\"")
+                .SelectMany(m => m.Groups[1].Value.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+            Assert.All(granted, name => Assert.Equal("Vmsnap.Tests", name));
         }
     }
 }

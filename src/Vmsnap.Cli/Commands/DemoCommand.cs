@@ -5,6 +5,7 @@ using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.Snapshots;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Cli.Commands;
 

@@ -5,6 +5,7 @@ using Vmsnap.Migration;
 using Vmsnap.Snapshots;
 using Vmsnap.Storage;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Cli.Commands;
 

@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Live;
 

@@ -1,5 +1,7 @@
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Live;
 

@@ -7,6 +7,8 @@ using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Live;
 
@@ -125,7 +127,7 @@ internal sealed class LiveLoad : LiveSession
         {
             return Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions { ForceShare = true, Direct = true });
         }
-        catch (Vmsnap.Storage.StorageException e) when (e.ErrorCode == Vmsnap.Storage.NativeFile.EINVAL)   // tmpfs: no O_DIRECT
+        catch (Vmsnap.Storage.StorageException e) when (e.IsInvalidArgument)   // tmpfs: no O_DIRECT
         {
             return OpenShared(disk);
         }

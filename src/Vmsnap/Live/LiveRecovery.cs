@@ -2,6 +2,7 @@ using System.Text.Json.Nodes;
 using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Live;
 

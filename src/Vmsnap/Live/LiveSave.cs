@@ -6,6 +6,8 @@ using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Live;
 
@@ -275,7 +277,7 @@ internal sealed class LiveSave : LiveSession
         watch.Start();
         MigrationStreamInfo info;
         long bytes;
-        var clock = new GuestClock();
+        long? vmClock = null;
         try
         {
             string? tee = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TEE") is { Length: > 0 } folder ? Path.Combine(folder, Tag + ".stream") : null;
@@ -285,8 +287,7 @@ internal sealed class LiveSave : LiveSession
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var area = new DetachedAreaBackend(region);
             using var writer = new VmStateWriter(area, writerOptions);
-            info = MigrationStream.CopyStream(reader, null, writer, MigrationStreamFormat.Plain, markRunning ? [GlobalState.MarkRunning, clock] : [clock],
-                _progress, Cancellation);
+            info = MigrationStream.CopyAsSaved(reader, writer, markRunning, out vmClock, _progress, Cancellation);
             LiveTrace.Mark("stream end");
             writer.Close();
             LiveTrace.Mark("writer closed");
@@ -320,7 +321,7 @@ internal sealed class LiveSave : LiveSession
         if (Qmp.IsClosed) throw new LiveSnapshotException(QemuGone("at the end of the migration"));
         if (status != "completed") throw new LiveSnapshotException($"QEMU's migration {status}: {error ?? "QEMU gave no reason (see its log)"}");
         double? downtime = last["downtime"] is JsonValue d && d.TryGetValue(out long ms) ? ms / 1000.0 : null;
-        return (info, bytes, downtime, clock.Nanoseconds ?? 0);
+        return (info, bytes, downtime, vmClock ?? 0);
     }
 
     /// <summary>

@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Live;
 

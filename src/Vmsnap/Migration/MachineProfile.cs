@@ -1,6 +1,8 @@
 using System.Text;
 using Vmsnap.Storage;
 using Vmsnap.VmState;
+using Vmsnap.Storage.LowLevel;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 

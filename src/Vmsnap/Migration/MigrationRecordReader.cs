@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 using System.Text;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 

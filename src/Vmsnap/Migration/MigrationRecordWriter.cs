@@ -1,4 +1,5 @@
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 

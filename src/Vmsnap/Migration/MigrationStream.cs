@@ -1,4 +1,5 @@
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 
@@ -106,11 +107,32 @@ public static class MigrationStream
     /// for a stream whose backend may reach past it (a snapshot's VM-state area): <paramref name="length"/> is what the
     /// stream's writer counted (the snapshot's VM-state size), which for a mapped-ram stream is less than its extent.
     /// </summary>
-    internal static MigrationStreamInfo Parse(VmStateReader source, long length, IRamSink? sink = null, VmStateWriter? destination = null,
+    public static MigrationStreamInfo Parse(VmStateReader source, long length, IRamSink? sink = null, VmStateWriter? destination = null,
         MigrationStreamFormat format = MigrationStreamFormat.Plain, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
         destination is not null ? CopyStream(source, length, destination, format, [], ramBytesDone, cancellationToken)
         : sink is not null ? ReadStream(source, length, sink, ramBytesDone, cancellationToken)
         : InspectStream(source, length, cancellationToken);
+
+    /// <summary>
+    /// Copies a stream that a running QEMU migrates out into the plain layout, as QEMU's savevm stores it in a
+    /// snapshot (a live save): with <paramref name="markRunning"/> the global run state "paused" is written as the
+    /// "running" savevm writes for a guest that runs on, and <paramref name="guestClockNanoseconds"/> gets the guest's
+    /// virtual clock at the stop, read from the "timer" device section (null when the stream has no usable one).
+    /// Flushes the writer but does not close it.
+    /// </summary>
+    /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read.</exception>
+    /// <exception cref="VmStateException">The destination failed.</exception>
+    public static MigrationStreamInfo CopyAsSaved(VmStateReader source, VmStateWriter destination, bool markRunning, out long? guestClockNanoseconds,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ArgumentNullException.ThrowIfNull(destination);
+        var clock = new GuestClock();
+        MigrationStreamInfo info = CopyStream(source, null, destination, MigrationStreamFormat.Plain,
+            markRunning ? [GlobalState.MarkRunning, clock] : [clock], ramBytesDone, cancellationToken);
+        guestClockNanoseconds = clock.Nanoseconds;
+        return info;
+    }
 
     /// <summary>Reads the stream (to <paramref name="length"/>, or to the backend's end) into <paramref name="sink"/>, then completes it.</summary>
     internal static MigrationStreamInfo ReadStream(VmStateReader source, long? length, IRamSink sink, IProgress<long>? ramBytesDone, CancellationToken cancellationToken)

@@ -1,5 +1,6 @@
 using System.Text;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 

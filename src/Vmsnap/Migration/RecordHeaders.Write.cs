@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Migration;
 

@@ -1,6 +1,7 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.Qcow2;
+namespace Vmsnap.Qcow2.LowLevel;
 
 /// <summary>
 /// A VM-state area written into the image FILE while another program (a running QEMU, for a live save)
@@ -18,7 +19,7 @@ namespace Vmsnap.Qcow2;
 /// create may need for the area's range come from free clusters below it (which the check required)
 /// or past the end of the file, and the area's own L2 tables from a reservation past the area.
 /// </remarks>
-internal sealed class DetachedVmStateArea : IDisposable
+public sealed class DetachedVmStateArea : IDisposable
 {
     /// <summary>Every this many bytes a background fdatasync starts, so that the sync that attaching needs (while the guest is stopped) has little left to do.</summary>
     private const long SyncBehind = 128L << 20;
@@ -41,7 +42,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     // ---- planning ------------------------------------------------------------------------------
 
     /// <summary>What planning an area in <paramref name="image"/> needs: its geometry, used end, large free runs below that end, and its refcount table's reach.</summary>
-    internal static DetachedVmStateSurvey Survey(Qcow2Image image)
+    public static DetachedVmStateSurvey Survey(Qcow2Image image)
     {
         Qcow2ImageInfo info = image.Info;
         long usedEnd = image.Engine.UsedEnd();
@@ -52,13 +53,13 @@ internal sealed class DetachedVmStateArea : IDisposable
     // ---- writing -------------------------------------------------------------------------------
 
     /// <summary>Where the area is and why.</summary>
-    internal DetachedVmStatePlan Plan { get; }
+    public DetachedVmStatePlan Plan { get; }
 
     /// <summary>File offset of the VM state's first byte.</summary>
-    internal long Offset => Plan.Offset;
+    public long Offset => Plan.Offset;
 
     /// <summary>One past the highest VM-state byte written so far.</summary>
-    internal long Written
+    public long Written
     {
         get
         {
@@ -67,17 +68,17 @@ internal sealed class DetachedVmStateArea : IDisposable
     }
 
     /// <summary>The image file's current length.</summary>
-    internal long FileLength => _file.Length;
+    public long FileLength => _file.Length;
 
     /// <summary>The alignment the area's buffers, positions and lengths keep for O_DIRECT.</summary>
-    internal int Alignment => Math.Max(4096, _file.Alignment);
+    public int Alignment => Math.Max(4096, _file.Alignment);
 
     /// <summary>
     /// Opens the image file for writing the area, without taking or checking locks (the other program
     /// holds the image; only bytes past everything it can reach are written). O_DIRECT where the file
     /// system allows it.
     /// </summary>
-    internal static DetachedVmStateArea Open(string imagePath, DetachedVmStatePlan plan, bool direct)
+    public static DetachedVmStateArea Open(string imagePath, DetachedVmStatePlan plan, bool direct)
     {
         var options = new FileBlockDeviceOptions { Writable = true, Direct = direct, Lock = ImageLockMode.None };
         FileBlockDevice file;
@@ -85,7 +86,7 @@ internal sealed class DetachedVmStateArea : IDisposable
         {
             file = FileBlockDevice.Open(imagePath, options);
         }
-        catch (StorageException e) when (direct && e.ErrorCode == NativeFile.EINVAL)
+        catch (StorageException e) when (direct && e.IsInvalidArgument)
         {
             file = FileBlockDevice.Open(imagePath, options with { Direct = false });   // tmpfs: no O_DIRECT
         }
@@ -93,24 +94,24 @@ internal sealed class DetachedVmStateArea : IDisposable
     }
 
     /// <summary>Writes VM-state bytes at <paramref name="position"/> of the VM state.</summary>
-    internal void Write(ReadOnlySpan<byte> buffer, long position)
+    public void Write(ReadOnlySpan<byte> buffer, long position)
     {
         Prepare(position, buffer.Length);
         _file.Write(buffer, Offset + position);
     }
 
     /// <summary>Writes VM-state bytes at <paramref name="position"/> of the VM state.</summary>
-    internal ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, long position, CancellationToken cancellationToken = default)
+    public ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, long position, CancellationToken cancellationToken = default)
     {
         Prepare(position, buffer.Length);
         return _file.WriteAsync(buffer, Offset + position, cancellationToken);
     }
 
     /// <summary>Reads VM-state bytes from <paramref name="position"/> of the VM state.</summary>
-    internal int Read(Span<byte> buffer, long position) => _file.Read(buffer, Offset + position);
+    public int Read(Span<byte> buffer, long position) => _file.Read(buffer, Offset + position);
 
     /// <summary>Syncs the file.</summary>
-    internal void Flush() => _file.Flush();
+    public void Flush() => _file.Flush();
 
     /// <summary>
     /// Gives the next stretch of the area disk blocks before it is written (<see cref="Preallocation"/>).
@@ -143,7 +144,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     /// it is given back). Not synced here: attaching the area flushes the file (refcounts first) before
     /// any table points at it.
     /// </summary>
-    internal void Finish(long vmStateBytes, int clusterSize)
+    public void Finish(long vmStateBytes, int clusterSize)
     {
         WaitForSync();
         long end = Offset + (vmStateBytes + clusterSize - 1) / clusterSize * clusterSize;
@@ -158,7 +159,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     }
 
     /// <summary>Cuts the file back to <paramref name="length"/> bytes (the area was never attached and the other program's writes are known to be far below that).</summary>
-    internal void GiveBack(long length)
+    public void GiveBack(long length)
     {
         if (_file.Length > length) _file.SetLength(length);
     }
@@ -178,7 +179,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     /// nothing the image uses may lie there, after it, or in the bytes below it that attaching needs
     /// for refcount blocks (<see cref="DetachedVmStatePlan.ReserveBelow"/>).
     /// </summary>
-    internal static string? Check(Qcow2Image image, long offset, long length) => Check(image, offset, length, ReserveBelow(image, length));
+    public static string? Check(Qcow2Image image, long offset, long length) => Check(image, offset, length, ReserveBelow(image, length));
 
     /// <summary>As <see cref="Check(Qcow2Image, long, long)"/>, with <paramref name="reserveBelow"/> bytes below the area required free.</summary>
     internal static string? Check(Qcow2Image image, long offset, long length, long reserveBelow) => image.Engine.CheckDetachedVmState(offset, length, reserveBelow);
@@ -188,7 +189,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     /// VM-state area open for writing, so that <see cref="Qcow2Image.CreateSnapshot"/> with that VM-state
     /// size takes it over. Refuses (nothing changed) when <see cref="Check(Qcow2Image, long, long)"/> finds a problem.
     /// </summary>
-    internal static void Attach(Qcow2Image image, long offset, long length) => Attach(image, offset, length, ReserveBelow(image, length));
+    public static void Attach(Qcow2Image image, long offset, long length) => Attach(image, offset, length, ReserveBelow(image, length));
 
     /// <summary>As <see cref="Attach(Qcow2Image, long, long)"/>, with <paramref name="reserveBelow"/> bytes below the area required free.</summary>
     internal static void Attach(Qcow2Image image, long offset, long length, long reserveBelow) => image.Engine.AttachDetachedVmState(offset, length, reserveBelow);
@@ -197,7 +198,7 @@ internal sealed class DetachedVmStateArea : IDisposable
     /// Gives back the space of a detached area no snapshot took over: drops it if it was attached, then
     /// shortens the file to its last used cluster.
     /// </summary>
-    internal static void Discard(Qcow2Image image) => image.Engine.DiscardDetachedVmState();
+    public static void Discard(Qcow2Image image) => image.Engine.DiscardDetachedVmState();
 
     private static long ReserveBelow(Qcow2Image image, long length)
     {

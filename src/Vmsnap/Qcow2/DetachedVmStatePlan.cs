@@ -1,4 +1,4 @@
-namespace Vmsnap.Qcow2;
+namespace Vmsnap.Qcow2.LowLevel;
 
 /// <summary>
 /// Where a detached VM-state area goes: an area of the image FILE written while another program (a
@@ -25,7 +25,7 @@ namespace Vmsnap.Qcow2;
 /// counted. After the first live save of an image, the gap below its VM state is such a run, so the next
 /// save's VM state can follow right after.</para>
 /// </remarks>
-internal sealed record DetachedVmStatePlan(long Base, long Bound, long Offset, long Guard)
+public sealed record DetachedVmStatePlan(long Base, long Bound, long Offset, long Guard)
 {
     /// <summary>Space left between the bound and the area.</summary>
     internal const long Margin = 64L << 20;
@@ -46,7 +46,7 @@ internal sealed record DetachedVmStatePlan(long Base, long Bound, long Offset, l
     /// <param name="survey">The image's geometry and used space (<see cref="DetachedVmStateArea.Survey"/>).</param>
     /// <param name="highestWrite">The highest file offset QEMU has written.</param>
     /// <param name="dirtyBitmaps">QEMU's dirty bitmaps on the drive; the persistent ones are stored into the image when QEMU releases it.</param>
-    internal static DetachedVmStatePlan For(DetachedVmStateSurvey survey, long highestWrite, IEnumerable<(long Granularity, bool Persistent)> dirtyBitmaps) =>
+    public static DetachedVmStatePlan For(DetachedVmStateSurvey survey, long highestWrite, IEnumerable<(long Granularity, bool Persistent)> dirtyBitmaps) =>
         For(survey.Image, survey.UsedEnd, survey.RefcountReach, highestWrite, dirtyBitmaps, survey.FreeRuns);
 
     /// <summary>
@@ -103,4 +103,4 @@ internal sealed record DetachedVmStatePlan(long Base, long Bound, long Offset, l
 }
 
 /// <summary>What planning a detached VM-state area needs to know of the image: its geometry, where its used space ends, the large free runs below that end, and how far its refcount table reaches.</summary>
-internal sealed record DetachedVmStateSurvey(Qcow2ImageInfo Image, long UsedEnd, long RefcountReach, IReadOnlyList<(long Offset, long Length)> FreeRuns);
+public sealed record DetachedVmStateSurvey(Qcow2ImageInfo Image, long UsedEnd, long RefcountReach, IReadOnlyList<(long Offset, long Length)> FreeRuns);

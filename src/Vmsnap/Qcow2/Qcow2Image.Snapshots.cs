@@ -1,3 +1,5 @@
+using Vmsnap.Qcow2.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>Internal snapshots and the VM-state area.</summary>
@@ -29,6 +31,10 @@ public sealed partial class Qcow2Image
             return index < 0 ? null : ToPublic(Engine.State.Snapshots[index]);
         }
     }
+
+    /// <summary>Refuses a snapshot name QEMU cannot keep (empty, longer than 255 bytes, a NUL), as <see cref="CreateSnapshot"/> would.</summary>
+    /// <exception cref="ArgumentException">The name is one QEMU cannot keep.</exception>
+    public static void CheckSnapshotName(string name) => SnapshotOperations.CheckSnapshotName(name);
 
     /// <summary>
     /// Creates a snapshot of the active disk, named <paramref name="name"/> (unique in the image),
@@ -86,7 +92,9 @@ public sealed partial class Qcow2Image
     /// rather than <see cref="Qcow2Snapshot.VmStateSize"/> bytes: QEMU 10.2's savevm with mapped-ram lays the VM
     /// state out by offset, and its recorded size (the bytes it wrote) is less than how far the layout reaches.
     /// </summary>
-    internal Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot, bool wholeArea)
+    /// <exception cref="SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
+    /// <exception cref="Qcow2FormatException">The snapshot's L1 table is unusable.</exception>
+    public Qcow2VmStateArea OpenVmStateAreaForReading(Qcow2Snapshot snapshot, bool wholeArea)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
         SnapshotEntry entry;

@@ -1,4 +1,5 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
 namespace Vmsnap.Qcow2;
 
@@ -270,11 +271,11 @@ public sealed partial class Qcow2Image : IDisposable
             throw new ArgumentOutOfRangeException(nameof(offset), offset, $"range of {length} bytes at offset {offset} lies beyond the virtual disk ({Engine.State.VirtualSize} bytes)");
     }
 
-    /// <summary>One past the highest cluster the image's refcounts say is in use, in bytes.</summary>
-    internal long UsedEnd() => Engine.UsedEnd();
+    /// <summary>One past the highest cluster the image's refcounts say is in use, in bytes (low-level: where a detached VM-state area may be planned from).</summary>
+    public long UsedEnd() => Engine.UsedEnd();
 
     /// <summary>True when the image keeps persistent dirty bitmaps (which the engine does not maintain, so it refuses to write such an image).</summary>
-    internal bool HasPersistentBitmaps
+    public bool HasPersistentBitmaps
     {
         get
         {

@@ -1,6 +1,7 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.Qcow2;
+namespace Vmsnap.Qcow2.LowLevel;
 
 /// <summary>
 /// The VM-state area of a qcow2 image as a block device: offset 0 is the first byte of the VM

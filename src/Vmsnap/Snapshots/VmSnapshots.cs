@@ -3,6 +3,8 @@ using Vmsnap.Migration;
 using Vmsnap.Qcow2;
 using Vmsnap.Storage;
 using Vmsnap.VmState;
+using Vmsnap.Storage.LowLevel;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Snapshots;
 
@@ -225,7 +227,7 @@ public static class VmSnapshots
     {
         try
         {
-            SnapshotOperations.CheckSnapshotName(name);   // before the stream is written, not after
+            Qcow2Image.CheckSnapshotName(name);   // before the stream is written, not after
         }
         catch (ArgumentException e)
         {
@@ -307,7 +309,7 @@ public static class VmSnapshots
         {
             return Qcow2Image.Open(path, open);
         }
-        catch (StorageException e) when (e.ErrorCode == NativeFile.EINVAL) // no O_DIRECT on this file system (tmpfs)
+        catch (StorageException e) when (e.IsInvalidArgument) // no O_DIRECT on this file system (tmpfs)
         {
             return Qcow2Image.Open(path, open with { Direct = false });
         }
@@ -321,7 +323,7 @@ public static class VmSnapshots
         {
             return FileBlockDevice.Open(path, create);
         }
-        catch (StorageException e) when (e.ErrorCode == NativeFile.EINVAL)
+        catch (StorageException e) when (e.IsInvalidArgument)
         {
             File.Delete(path);
             return FileBlockDevice.Open(path, create with { Direct = false });

@@ -1,13 +1,13 @@
 using System.Buffers;
 using System.Runtime.InteropServices;
 
-namespace Vmsnap.Storage;
+namespace Vmsnap.Storage.LowLevel;
 
 /// <summary>
 /// Native memory aligned for direct I/O (O_DIRECT needs the memory address aligned too), owned by
 /// exactly one holder and freed on <see cref="Dispose()"/>.
 /// </summary>
-internal sealed unsafe class AlignedBuffer : MemoryManager<byte>
+public sealed unsafe class AlignedBuffer : MemoryManager<byte>
 {
     private static long s_live;
     private byte* _pointer;
@@ -27,7 +27,7 @@ internal sealed unsafe class AlignedBuffer : MemoryManager<byte>
     }
 
     /// <summary>Number of aligned buffers allocated and not yet disposed in this process (for leak checks).</summary>
-    public static long LiveCount => Interlocked.Read(ref s_live);
+    internal static long LiveCount => Interlocked.Read(ref s_live);
 
     /// <summary>Alignment of the start address in bytes.</summary>
     public int Alignment { get; }

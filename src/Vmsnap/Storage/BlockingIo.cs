@@ -1,20 +1,21 @@
 using System.Collections.Concurrent;
 
-namespace Vmsnap.Storage;
+namespace Vmsnap.Storage.LowLevel;
 
 /// <summary>
 /// A small set of dedicated threads that run blocking positional I/O (pread/pwrite), so that
 /// several requests are really in flight at once. The .NET thread pool adds threads slowly when
 /// they block in system calls, which would cap the queue depth at the number of cores.
 /// </summary>
-internal static class BlockingIo
+public static class BlockingIo
 {
     private const int MaxThreads = 32;
     private static readonly BlockingCollection<Action> s_queue = new();
     private static int s_threads;
     private static int s_idle;
 
-    internal static ValueTask Run(Action work)
+    /// <summary>Runs <paramref name="work"/> on one of the I/O threads; the task completes when it has.</summary>
+    public static ValueTask Run(Action work)
     {
         var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         Enqueue(() =>
@@ -25,7 +26,8 @@ internal static class BlockingIo
         return new ValueTask(tcs.Task);
     }
 
-    internal static ValueTask<T> Run<T>(Func<T> work)
+    /// <summary>Runs <paramref name="work"/> on one of the I/O threads; the task gives its result.</summary>
+    public static ValueTask<T> Run<T>(Func<T> work)
     {
         var tcs = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
         Enqueue(() =>

@@ -1,9 +1,25 @@
 using Microsoft.Win32.SafeHandles;
 
-namespace Vmsnap.Storage;
+namespace Vmsnap.Storage.LowLevel;
+
+/// <summary>How a file is locked against other users, the way QEMU locks its images.</summary>
+public enum ImageLockMode
+{
+    /// <summary>No locks taken or checked.</summary>
+    None,
+
+    /// <summary>Read, tolerating writers (like qemu-img's --force-share): only conflicts with a holder that forbids readers.</summary>
+    ForceShare,
+
+    /// <summary>Read while forbidding writers (like a read-only QEMU drive or qemu-img info): fails if someone writes.</summary>
+    Read,
+
+    /// <summary>Read and write, forbidding other writers (like a running QEMU's drive): fails if anyone else reads consistently with write or writes.</summary>
+    Write,
+}
 
 /// <summary>How to open a <see cref="FileBlockDevice"/>.</summary>
-internal sealed record FileBlockDeviceOptions
+public sealed record FileBlockDeviceOptions
 {
     /// <summary>Open for reading and writing (default: read-only).</summary>
     public bool Writable { get; init; }
@@ -28,7 +44,7 @@ internal sealed record FileBlockDeviceOptions
 }
 
 /// <summary>A regular file (or block device node) as an <see cref="IBlockDevice"/>: pread/pwrite, fdatasync, hole punching, optional O_DIRECT.</summary>
-internal sealed class FileBlockDevice : IBlockDevice
+public sealed class FileBlockDevice : IBlockDevice
 {
     private readonly SafeFileHandle _handle;
     private readonly SafeFileHandle? _direct;
@@ -191,7 +207,7 @@ internal sealed class FileBlockDevice : IBlockDevice
     /// writes there run in parallel where writes that extend a file or fill holes are serialized
     /// (ext4). False when the file system cannot preallocate; nothing changes then.
     /// </summary>
-    internal bool Preallocate(long offset, long length)
+    public bool Preallocate(long offset, long length)
     {
         ThrowIfReadOnly();
         if (length <= 0) return false;

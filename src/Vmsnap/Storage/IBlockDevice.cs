@@ -1,4 +1,4 @@
-namespace Vmsnap.Storage;
+namespace Vmsnap.Storage.LowLevel;
 
 /// <summary>
 /// Positional block I/O: the one interface the layers above meet at. A file, a window of a qcow2

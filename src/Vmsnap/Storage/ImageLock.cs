@@ -1,22 +1,7 @@
 using Microsoft.Win32.SafeHandles;
+using Vmsnap.Storage.LowLevel;
 
 namespace Vmsnap.Storage;
-
-/// <summary>How a file is locked against other users, the way QEMU locks its images.</summary>
-internal enum ImageLockMode
-{
-    /// <summary>No locks taken or checked.</summary>
-    None,
-
-    /// <summary>Read, tolerating writers (like qemu-img's --force-share): only conflicts with a holder that forbids readers.</summary>
-    ForceShare,
-
-    /// <summary>Read while forbidding writers (like a read-only QEMU drive or qemu-img info): fails if someone writes.</summary>
-    Read,
-
-    /// <summary>Read and write, forbidding other writers (like a running QEMU's drive): fails if anyone else reads consistently with write or writes.</summary>
-    Write,
-}
 
 /// <summary>
 /// QEMU's image locking (block/file-posix.c), so vmsnap and QEMU see each other: open-file-description

@@ -11,4 +11,7 @@ public sealed class StorageException : VmsnapException
 
     /// <summary>True when the device ran out of space (ENOSPC).</summary>
     public bool IsOutOfSpace => ErrorCode == NativeFile.ENOSPC;
+
+    /// <summary>True for EINVAL: what opening a file with O_DIRECT gets on a file system without it (tmpfs).</summary>
+    public bool IsInvalidArgument => ErrorCode == NativeFile.EINVAL;
 }

@@ -1,7 +1,8 @@
 using System.Buffers;
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// A VM-state file on a block device (a file, or a qcow2 image's VM-state area): positional,

@@ -1,6 +1,7 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// Buffered mode (block targets): every byte is copied into one of K aligned buffers of B bytes;

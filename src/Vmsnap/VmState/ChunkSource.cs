@@ -1,6 +1,7 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// Hands a <see cref="VmStateReader"/> the stream's bytes in order, one chunk at a time. A chunk

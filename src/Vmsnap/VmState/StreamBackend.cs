@@ -1,6 +1,6 @@
 using System.Buffers;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// A VM-state file on a sequential channel (pipe, stdin/stdout, socket): writes and reads must

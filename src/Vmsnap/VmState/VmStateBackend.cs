@@ -1,7 +1,8 @@
 using System.Net.Sockets;
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// Where a VM-state file's bytes go to or come from: a block device (positional, prefers the

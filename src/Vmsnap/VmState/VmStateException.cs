@@ -1,3 +1,5 @@
+using Vmsnap.VmState.LowLevel;
+
 namespace Vmsnap.VmState;
 
 /// <summary>

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// Reads a VM-state file: typed big-endian gets, exact reads, peek, skip, and a zero-copy
@@ -132,14 +132,14 @@ public sealed class VmStateReader : IDisposable
     }
 
     /// <summary>True when <see cref="Seek"/> may go backwards or far ahead cheaply (positional backends).</summary>
-    internal bool CanSeek => _source.CanRestart;
+    public bool CanSeek => _source.CanRestart;
 
     /// <summary>
     /// Continues reading at stream offset <paramref name="position"/> (a file laid out by offset, such as
     /// QEMU's mapped-ram). Short hops forward read through; others drop the read-ahead and restart there.
     /// </summary>
     /// <exception cref="VmStateException">A channel cannot go back, or the stream ended first.</exception>
-    internal void Seek(long position)
+    public void Seek(long position)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentOutOfRangeException.ThrowIfNegative(position);

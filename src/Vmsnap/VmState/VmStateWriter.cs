@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// Writes a VM-state file with QEMU's QEMUFile semantics: typed big-endian puts, buffers (copied,
@@ -109,7 +109,7 @@ public sealed class VmStateWriter : IDisposable
     }
 
     /// <summary>Disposes <paramref name="owner"/> once every byte put so far has been written (gather) or copied (buffered).</summary>
-    internal void ReleaseWhenWritten(IDisposable owner)
+    public void ReleaseWhenWritten(IDisposable owner)
     {
         ThrowIfClosed();
         _sink.ReleaseWhenWritten(owner);
@@ -119,7 +119,7 @@ public sealed class VmStateWriter : IDisposable
     public long Tell() => _sink.Tell;
 
     /// <summary>True when the backend takes writes at any position (<see cref="Seek"/>, <see cref="PutAt"/>): block devices, not channels.</summary>
-    internal bool CanSeek => _backend.IsPositional;
+    public bool CanSeek => _backend.IsPositional;
 
     /// <summary>
     /// Continues the stream at <paramref name="position"/>, leaving what lies between untouched (a file
@@ -127,7 +127,7 @@ public sealed class VmStateWriter : IDisposable
     /// first; the next one starts at <paramref name="position"/>.
     /// </summary>
     /// <exception cref="InvalidOperationException">The backend is a channel.</exception>
-    internal void Seek(long position)
+    public void Seek(long position)
     {
         ThrowIfClosed();
         ArgumentOutOfRangeException.ThrowIfNegative(position);
@@ -144,7 +144,7 @@ public sealed class VmStateWriter : IDisposable
     /// flight waits for it, so the last bytes put at a position are the ones that stay.
     /// </summary>
     /// <exception cref="InvalidOperationException">The backend is a channel.</exception>
-    internal void PutAt(long position, ReadOnlySpan<byte> data, bool zeroGap = false)
+    public void PutAt(long position, ReadOnlySpan<byte> data, bool zeroGap = false)
     {
         ThrowIfClosed();
         ArgumentOutOfRangeException.ThrowIfNegative(position);

@@ -1,6 +1,6 @@
 using System.Diagnostics;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.VmState.LowLevel;
 
 /// <summary>
 /// How a <see cref="VmStateWriter"/> moves bytes to its backend (gather or buffered). Holds the

@@ -528,7 +528,7 @@ internal static class CheckParityImages
         Qcow2Header h = Header(f);
         HeaderExtension ext = h.FindExtension(HeaderExtension.Bitmaps)!;
         BitmapDirectory dir;
-        using (var device = Vmsnap.Storage.FileBlockDevice.Open(f)) dir = BitmapDirectory.Read(device, ext.Data, new FileInfo(f).Length);
+        using (var device = FileBlockDevice.Open(f)) dir = BitmapDirectory.Read(device, ext.Data, new FileInfo(f).Length);
         BitmapDirectory.Entry bm = dir.Entries[0];
         for (long i = 0; i < bm.TableSize; i++)
         {

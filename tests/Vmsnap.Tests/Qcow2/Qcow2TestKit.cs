@@ -166,7 +166,7 @@ internal static class Qemu
     /// <summary>Parsed header of an image (to find tables when damaging images on purpose).</summary>
     internal static Qcow2Header Header(string path)
     {
-        using var device = Vmsnap.Storage.FileBlockDevice.Open(path);
+        using var device = FileBlockDevice.Open(path);
         return Qcow2Header.Read(device);
     }
 

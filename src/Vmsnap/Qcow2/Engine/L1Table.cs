@@ -1,3 +1,5 @@
+using Vmsnap.Storage.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>
@@ -91,7 +93,7 @@ internal sealed class L1Table : ITopTable
     }
 
     /// <summary>Reads <paramref name="entries"/> L1 entries at <paramref name="offset"/> (bytes past the end of the file read as zeroes).</summary>
-    internal static ulong[] Read(Storage.IBlockDevice device, long offset, int entries)
+    internal static ulong[] Read(IBlockDevice device, long offset, int entries)
     {
         if (entries == 0) return [];
         byte[] raw = new byte[entries * 8L];

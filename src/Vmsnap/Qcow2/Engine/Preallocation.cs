@@ -1,4 +1,6 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
+using Vmsnap.Qcow2.LowLevel;
 
 namespace Vmsnap.Qcow2;
 

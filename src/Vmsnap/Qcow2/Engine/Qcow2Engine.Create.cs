@@ -1,4 +1,5 @@
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
 namespace Vmsnap.Qcow2;
 

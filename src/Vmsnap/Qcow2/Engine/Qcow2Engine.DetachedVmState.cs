@@ -1,3 +1,5 @@
+using Vmsnap.Qcow2.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>

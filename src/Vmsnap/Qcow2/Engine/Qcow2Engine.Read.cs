@@ -1,3 +1,5 @@
+using Vmsnap.Storage.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>Guest reads: map the range under the lock, then read outside it.</summary>
@@ -48,11 +50,11 @@ internal sealed partial class Qcow2Engine
 
     /// <summary><see cref="ReadGuest"/> on an I/O thread (several can be in flight).</summary>
     internal ValueTask ReadGuestAsync(Memory<byte> buffer, long offset, L1Table? l1 = null) =>
-        Storage.BlockingIo.Run(() => ReadGuest(buffer.Span, offset, l1));
+        BlockingIo.Run(() => ReadGuest(buffer.Span, offset, l1));
 
     /// <summary><see cref="WriteGuest"/> on an I/O thread (several can be in flight on disjoint ranges).</summary>
     internal ValueTask WriteGuestAsync(ReadOnlyMemory<byte> data, long offset) =>
-        Storage.BlockingIo.Run(() => WriteGuest(data.Span, offset));
+        BlockingIo.Run(() => WriteGuest(data.Span, offset));
 
     private void ReadExtent(Extent x, Span<byte> destination)
     {

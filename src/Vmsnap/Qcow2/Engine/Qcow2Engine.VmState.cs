@@ -1,3 +1,5 @@
+using Vmsnap.Qcow2.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>The VM-state area: opening it for writing (kept apart until a snapshot takes it) or reading (a snapshot's L1), mapping, flush, discard.</summary>

@@ -1,5 +1,6 @@
 using System.Text;
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
 namespace Vmsnap.Qcow2;
 

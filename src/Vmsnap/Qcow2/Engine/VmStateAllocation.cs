@@ -1,3 +1,6 @@
+using Vmsnap.Storage.LowLevel;
+using Vmsnap.Qcow2.LowLevel;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>
@@ -191,7 +194,7 @@ internal sealed class VmStateAllocation
         long start = host << _g.ClusterBits;
         long to = Math.Min(_reservedEnd << _g.ClusterBits, Math.Max(start + Preallocation.AheadBytes, (host + 1) << _g.ClusterBits));
         _preallocatedEnd = to;
-        if (_preallocation.Unsupported || _file.Device is not Storage.FileBlockDevice file) return;
+        if (_preallocation.Unsupported || _file.Device is not FileBlockDevice file) return;
         long length = file.Length;
         if (to <= length) return;
         _preallocation.Allocate(file, Math.Max(length, start), to);

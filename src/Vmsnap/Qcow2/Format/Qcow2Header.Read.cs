@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 
 namespace Vmsnap.Qcow2;
 

@@ -2,7 +2,7 @@ using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
-namespace Vmsnap.VmState;
+namespace Vmsnap.Migration;
 
 /// <summary>
 /// Zero-page detection for RAM encoding: SIMD over the widest hardware vector (512, 256 or 128
