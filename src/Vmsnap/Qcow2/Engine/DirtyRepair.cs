@@ -39,9 +39,7 @@ internal sealed class DirtyRepair(CheckedImage image, ImageHealth health, string
 
     private static string Remains(Qcow2CheckResult r)
     {
-        string first = r.Failure
-            ?? r.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal))
-            ?? r.Messages.FirstOrDefault() ?? "";
+        string first = r.Failure ?? r.FirstError();
         return $"{r.Corruptions} corruption(s) and {r.CheckErrors} check error(s) remain (first: {first})";
     }
 }
