@@ -62,7 +62,7 @@ internal sealed partial class Qcow2Checker
             {
                 Report(Kind.Error, "ERROR need to rebuild refcount structures");
                 _res.CheckErrors++;
-                throw new CheckFailedException("the refcount structure needs to be rebuilt, which only --repair all does");
+                throw new CheckFailedException("the refcount structure needs to be rebuilt, which only a repair of all errors does");
             }
             if (_res.Leaks > 0 || _res.Corruptions > 0)
             {

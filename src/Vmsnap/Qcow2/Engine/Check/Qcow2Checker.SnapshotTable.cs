@@ -39,7 +39,7 @@ internal sealed partial class Qcow2Checker
             _snapshotRes.CheckErrors++;
             Report(Kind.Error, $"ERROR snapshot table too large: {count} snapshots, more than the {SnapshotTable.MaxSnapshots} qcow2 allows");
             Report(Kind.Note, $"You can force-remove all {count - SnapshotTable.MaxSnapshots} overhanging snapshots with qemu-img check -r all");
-            throw new CheckFailedException($"header: nb_snapshots {count} is more than the {SnapshotTable.MaxSnapshots} snapshots qcow2 allows (--repair all drops the ones past the limit)");
+            throw new CheckFailedException($"header: nb_snapshots {count} is more than the {SnapshotTable.MaxSnapshots} snapshots qcow2 allows (a repair of all errors drops the ones past the limit)");
         }
         // QEMU validates the pointer even when there are no snapshots.
         if (offset > (ulong)long.MaxValue - count * (ulong)SnapshotEntry.FixedSize || (offset & (ulong)(ClusterSize - 1)) != 0)
@@ -81,7 +81,7 @@ internal sealed partial class Qcow2Checker
                     _snapshotRes.CheckErrors++;
                     Report(Kind.Error, $"ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}");
                     Report(Kind.Note, "You can force-remove this extra metadata with qemu-img check -r all");
-                    throw new CheckFailedException($"snapshot table entry {i} at file offset 0x{fixedAt:x}: {extraSize} bytes of extra data, more than the {SnapshotEntry.MaxExtraDataSize} qcow2 allows (--repair all drops the excess)");
+                    throw new CheckFailedException($"snapshot table entry {i} at file offset 0x{fixedAt:x}: {extraSize} bytes of extra data, more than the {SnapshotEntry.MaxExtraDataSize} qcow2 allows (a repair of all errors drops the excess)");
                 }
                 Report(Kind.Repair, $"Discarding too much extra metadata in snapshot table entry {i} ({extraSize} > {SnapshotEntry.MaxExtraDataSize})");
                 dropped++;
@@ -119,7 +119,7 @@ internal sealed partial class Qcow2Checker
                     _snapshotRes.CheckErrors++;
                     Report(Kind.Error, "ERROR failed to read the snapshot table: Snapshot table is too big");
                     Report(Kind.Note, $"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all");
-                    throw new CheckFailedException($"snapshot table at file offset 0x{start:x}: larger than {SnapshotTable.MaxTableBytes} bytes from entry {i} on (--repair all drops the snapshots past the limit)");
+                    throw new CheckFailedException($"snapshot table at file offset 0x{start:x}: larger than {SnapshotTable.MaxTableBytes} bytes from entry {i} on (a repair of all errors drops the snapshots past the limit)");
                 }
                 Report(Kind.Repair, $"Discarding {count - i} overhanging snapshots (snapshot table is too big)");
                 reduced += (int)(count - i);
