@@ -6,6 +6,7 @@ using System.Runtime.CompilerServices;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization.Metadata;
+using Vmsnap.Qcow2;
 
 namespace Vmsnap.Cli;
 
@@ -92,10 +93,11 @@ internal static class Cli
         ParseResult parsed = root.Parse(args);
         if (parsed.Errors.Count > 0 && parsed.Action is not HelpAction and not HelpWithExitCodes)
         {
-            // The most specific message (an unknown word rather than "required command was not
-            // provided"), on one line: the parser's messages may list choices on several lines.
-            ParseError error = parsed.Errors.FirstOrDefault(e => e.Message.StartsWith("Unrecognized", StringComparison.Ordinal)) ?? parsed.Errors[0];
-            string message = string.Join(' ', error.Message.Split((char[])['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(p => p.Trim()));
+            // The most specific message: an unknown word (in the parser's words) rather than "required command was
+            // not provided"; on one line: the parser's messages may list choices on several lines. The parser's error
+            // for an unknown word carries no type of its own, but the word itself is in UnmatchedTokens.
+            string said = parsed.UnmatchedTokens is [string unknown, ..] ? $"Unrecognized command or argument '{unknown}'." : parsed.Errors[0].Message;
+            string message = string.Join(' ', said.Split((char[])['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries).Select(p => p.Trim()));
             Console.Error.WriteLine($"vmsnap: {message}");
             return ExitUsage;
         }
@@ -160,10 +162,18 @@ internal static class Cli
                 Console.Error.WriteLine($"vmsnap: cancelled by {t.SignalName}");
                 return code;
             }
-            string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ");
+            string message = e is OperationCanceledException ? "cancelled" : e.Message.ReplaceLineEndings(" ") + Hint(e);
             Console.Error.WriteLine($"vmsnap: {message}");
             return ExitFailure;
         }
+    }
+
+    /// <summary>What to do about an error, in the command line's words, when its properties say: an image to repair first.</summary>
+    private static string Hint(Exception e)
+    {
+        for (Exception? cause = e; cause is not null; cause = cause.InnerException)
+            if (cause is Qcow2FormatException { RepairNeeded: true }) return " (run 'vmsnap check --repair all')";
+        return "";
     }
 
     /// <summary>Prints <paramref name="value"/> as qemu-img-style JSON, with the generated serialiser <paramref name="type"/> (of <see cref="CliJson"/> or <see cref="CliJsonWithNulls"/>).</summary>

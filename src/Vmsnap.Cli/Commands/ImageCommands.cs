@@ -144,6 +144,7 @@ internal static class ImageCommands
             Qcow2RepairMode mode = parse.GetValue(repair) switch { "leaks" => Qcow2RepairMode.Leaks, "all" => Qcow2RepairMode.All, _ => Qcow2RepairMode.None };
             string path = parse.GetValue(image)!;
             bool shared = parse.GetValue(forceShare);
+            if (shared && mode != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
             Qcow2CheckResult r = Qcow2Image.Check(path, mode, shared);
             if (parse.GetValue(json)) Cli.WriteJson(QemuImgJson.Check(path, r), CliJson.Default.ImageCheck);
             else PrintCheck(r);

@@ -40,7 +40,7 @@ internal static class LiveCommands
             };
             LiveSaveResult r;
             using (var progress = ProgressLine.Start("saving", 0, asJson))
-                r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct));
+                r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct), p.GetValue(qmp)!);
             if (asJson)
             {
                 Cli.WriteJson(new SaveVmJson(
@@ -85,7 +85,7 @@ internal static class LiveCommands
             bool asJson = p.GetValue(json);
             LiveLoadResult r;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
-                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct));
+                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct), p.GetValue(qmp)!);
             if (asJson)
             {
                 Cli.WriteJson(new LoadVmJson(
@@ -132,7 +132,7 @@ internal static class LiveCommands
         };
         command.SetHandler((p, ct) =>
         {
-            LiveRecoveryResult r = LiveSnapshots.Recover(p.GetValue(qmp)!, ct);
+            LiveRecoveryResult r = Run(() => LiveSnapshots.Recover(p.GetValue(qmp)!, ct), p.GetValue(qmp)!);
             if (p.GetValue(json))
             {
                 Cli.WriteJson(new RecoverJson("recover", r.Found, r.Tag, r.ProcessId, r.Stage, r.Snapshot, r.Resumed,
@@ -153,16 +153,29 @@ internal static class LiveCommands
         if (r.Actions.Count > 0) Console.Error.WriteLine($"vmsnap: recovered first: {r.Summary}");
     }
 
-    /// <summary>A cancelled live operation says what it did about it (the command's own handler would print only "cancelled").</summary>
-    private static T Run<T>(Func<T> operation)
+    /// <summary>
+    /// A cancelled live operation says what it did about it (the command's own handler would print only "cancelled"),
+    /// and a failure that left the save's record in QEMU says how to finish the job once its cause is fixed.
+    /// </summary>
+    private static T Run<T>(Func<T> operation, string qmpSocket)
     {
         try
         {
             return operation();
         }
-        catch (OperationCanceledException e) when (e.Message.StartsWith("cancelled", StringComparison.Ordinal))
+        catch (OperationCanceledException e) when (e.InnerException is LiveSnapshotException undone)
         {
-            throw new Vmsnap.Live.LiveSnapshotException(e.Message, e);
+            throw WithHint(undone, qmpSocket);
+        }
+        catch (LiveSnapshotException e) when (e.RecoveryPending)
+        {
+            throw WithHint(e, qmpSocket);
         }
     }
+
+    /// <summary>The error as the command line words it: what vmsnap recover does for it, when it can.</summary>
+    private static LiveSnapshotException WithHint(LiveSnapshotException e, string qmpSocket) =>
+        !e.RecoveryPending ? new LiveSnapshotException(e.Message, e)
+        : e.ResumeProblem is not null ? new LiveSnapshotException($"{e.Message} (vmsnap recover --qmp {qmpSocket} resumes it once that is fixed)", e)
+        : new LiveSnapshotException($"{e.Message}; run 'vmsnap recover --qmp {qmpSocket}' once that is fixed", e);
 }

@@ -43,10 +43,10 @@ internal sealed class LiveLoad : LiveSession
         if (state != "inmigrate")
             throw new OperationRefusedException(
                 $"QEMU is not waiting for an incoming migration (its run state is '{state}'): start it with -incoming defer " +
-                "(add -S to keep the guest paused after the load), then run vmsnap loadvm; nothing was loaded");
+                "(add -S to keep the guest paused after the load), then load again; nothing was loaded");
         (string migration, _, _) = MigrationStatus();
         if (migration != "none")
-            throw new OperationRefusedException($"QEMU's incoming migration has already begun (status '{migration}'): start QEMU with -incoming defer for vmsnap loadvm; nothing was loaded");
+            throw new OperationRefusedException($"QEMU's incoming migration has already begun (status '{migration}'): start QEMU with -incoming defer for a live load; nothing was loaded");
 
         (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "loaded");
         string? machine = CurrentMachine();
@@ -153,7 +153,7 @@ internal sealed class LiveLoad : LiveSession
         catch (QmpException e)
         {
             CloseFd(fdName);
-            throw new QmpException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
+            throw new QmpException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for a live load); " +
                 "the drives were reverted to the snapshot", e.ErrorClass, e);
         }
         using var registration = Cancellation.Register(() =>

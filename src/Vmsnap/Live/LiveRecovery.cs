@@ -112,8 +112,8 @@ internal sealed class LiveRecovery : LiveSession
         };
         var result = new LiveRecoveryResult(true, Tag, _record.ProcessId, stage, snapshot, resumed, restored, kept, _actions.ToArray(), after, description);
         if (_problems.Count > 0)
-            throw new LiveSnapshotException($"{description}; {(_actions.Count > 0 ? string.Join("; ", _actions) + "; but " : "")}{string.Join("; ", _problems)}; " +
-                $"run 'vmsnap recover --qmp {Qmp.Path}' again once that is fixed");
+            throw LiveSnapshotException.RecoveryIncomplete($"{description}; {(_actions.Count > 0 ? string.Join("; ", _actions) + "; but " : "")}{string.Join("; ", _problems)}",
+                guestRunning: after == "running");
         return result;
     }
 
@@ -131,7 +131,7 @@ internal sealed class LiveRecovery : LiveSession
         }, MigrationEndTimeout);
         if (!ended)
             throw new OperationRefusedException($"QEMU is migrating (status '{status}') although the vmsnap save of '{Tag}' that began on it (process {_record.ProcessId}) " +
-                "is gone: that is not vmsnap's migration; run vmsnap recover once it has ended; nothing was done");
+                "is gone: that is not vmsnap's migration; recover once it has ended; nothing was done");
         return status;
     }
 

@@ -153,9 +153,10 @@ internal sealed class LiveSave : LiveSession
         // Kept while the guest could not be resumed or the settings not restored: vmsnap recover (or the next save) does it later.
         if (recorded && !Qmp.IsClosed && resumeProblem is null && restoreProblem is null) restoreProblem = Forget();
 
-        if (failure is not null) throw Explain(failure, resumeProblem, restoreProblem, cleanupNote);
+        bool? guestRunning = Qmp.IsClosed ? null : wasRunning && resumeProblem is null;
+        if (failure is not null) throw Explain(failure, guestRunning, resumeProblem, restoreProblem, cleanupNote);
         if (resumeProblem is not null)
-            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved, but the guest could not be resumed: {resumeProblem} (vmsnap recover --qmp {Qmp.Path} resumes it once that is fixed)");
+            throw LiveSnapshotException.SaveFailed($"the snapshot '{Tag}' was saved", nothingSaved: false, guestRunning, resumeProblem: resumeProblem, restoreProblem: restoreProblem);
 
         double? downtime = null;
         if (wasRunning)
@@ -169,7 +170,7 @@ internal sealed class LiveSave : LiveSession
         var result = new LiveSaveResult(Tag, _options.Live, commit!.Disks, vmStateBytes, info!.RamBytes, clock.Elapsed.TotalSeconds,
             downtime, qemuDowntime, commit.VmClock, commit.Date, after, info) { Recovery = recovery };
         if (restoreProblem is not null)
-            throw new LiveSnapshotException($"the snapshot '{Tag}' was saved and the guest is {after}, but {restoreProblem}");
+            throw LiveSnapshotException.SaveFailed($"the snapshot '{Tag}' was saved and the guest is {after}", nothingSaved: false, guestRunning, restoreProblem: restoreProblem);
         return result;
     }
 
@@ -345,7 +346,7 @@ internal sealed class LiveSave : LiveSession
                     _regionThreatened = true;
                     _watchFailure = $"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', within {plan.Guard >> 20} MiB of the VM state vmsnap " +
                         $"was writing at offset {plan.Offset} (QEMU's image grew by more than vmsnap's bound of {plan.Bound >> 20} MiB during the save); " +
-                        "the save was stopped and nothing was saved";
+                        "the save was stopped";
                     Shut(socket);
                     return;
                 }
@@ -357,7 +358,7 @@ internal sealed class LiveSave : LiveSession
             }
             catch (QmpException e)
             {
-                _watchFailure = $"watching QEMU's writes failed: {e.Message}; the save was stopped and nothing was saved";
+                _watchFailure = $"watching QEMU's writes failed: {e.Message}; the save was stopped";
                 Shut(socket);
                 return;
             }
@@ -421,18 +422,18 @@ internal sealed class LiveSave : LiveSession
 
             long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
             if (highest > plan.Offset)
-                throw new OperationRefusedException($"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', past the start of the VM state vmsnap wrote at offset {plan.Offset}; nothing was saved");
+                throw new OperationRefusedException($"QEMU wrote up to offset {highest} of '{vmDisk.ImagePath}', past the start of the VM state vmsnap wrote at offset {plan.Offset}");
             foreach ((LiveDisk disk, Qcow2Image image) in images)
             {
                 ImageBefore was = before.First(b => b.Disk == disk);
                 if (image.VirtualSize != was.VirtualSize)
-                    throw new OperationRefusedException($"drive '{disk.Label}' was resized during the save ({was.VirtualSize} to {image.VirtualSize} bytes); nothing was saved");
+                    throw new OperationRefusedException($"drive '{disk.Label}' was resized during the save ({was.VirtualSize} to {image.VirtualSize} bytes)");
                 if (DescribeSnapshots(image) != was.Snapshots)
-                    throw new OperationRefusedException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save; nothing was saved");
+                    throw new OperationRefusedException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save");
             }
             Qcow2Image vmImage = images.First(i => i.Disk == vmDisk).Image;
             if (DetachedVmStateArea.Check(vmImage, plan.Offset, vmStateBytes) is { } problem)
-                throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}; nothing was saved");
+                throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}");
 
             LiveTrace.Mark("region checked");
             DateTimeOffset date = Qmp.EventsSince(stopMark).FirstOrDefault(e => e.Name == "STOP")?.Timestamp ?? DateTimeOffset.UtcNow;
@@ -474,7 +475,7 @@ internal sealed class LiveSave : LiveSession
             if (failures.FirstOrDefault(f => f is not null) is { } first)
             {
                 int at = Array.IndexOf(failures, first);
-                throw new LiveSnapshotException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}; nothing was saved", first);
+                throw new LiveSnapshotException($"creating snapshot '{Tag}' on drive '{images[at].Disk.Label}' failed: {first.Message}", first);
             }
             done = true;
             return new Commit(results, vmClock, date);
@@ -562,42 +563,43 @@ internal sealed class LiveSave : LiveSession
         }
     }
 
-    /// <summary>The error to report for a failed save: what happened first, with what the cleanup could not do.</summary>
-    private Exception Explain(Exception failure, string? resumeProblem, string? restoreProblem, string? cleanupNote)
+    /// <summary>
+    /// The error to report for a failed save: what happened first, with what the cleanup could not do. Nothing was
+    /// saved (the commit removes what it created when it fails). A cancel stays a cancel: an <see cref="OperationCanceledException"/>
+    /// whose <see cref="Exception.InnerException"/> is the <see cref="LiveSnapshotException"/> that says what was undone.
+    /// </summary>
+    private Exception Explain(Exception failure, bool? guestRunning, string? resumeProblem, string? restoreProblem, string? cleanupNote)
     {
-        string message;
-        Exception? inner = failure;
+        string cause;
+        bool cancelled = false;
         if (Cancellation.IsCancellationRequested && failure is OperationCanceledException or MigrationStreamException or VmStateException or IOException)
         {
-            message = "cancelled; nothing was saved";
+            cause = "cancelled";
+            cancelled = failure is OperationCanceledException;
         }
         else if (_watchFailure is { } watch)
         {
-            message = watch;
+            cause = watch;
         }
         else if (Qmp.IsClosed)
         {
-            message = QemuGone("during the save") + $"; nothing was saved ({failure.Message})";
+            cause = QemuGone("during the save") + $" ({failure.Message})";
         }
         else if (failure is MigrationStreamException or IOException && MigrationStatus() is { Status: "failed" or "cancelled" } m)
         {
-            message = m.Status == "failed"
-                ? $"QEMU's migration failed: {m.Error ?? "QEMU gave no reason (see its log)"}; nothing was saved"
-                : "QEMU's migration was cancelled (migrate_cancel from another QMP client?); nothing was saved";
+            cause = m.Status == "failed"
+                ? $"QEMU's migration failed: {m.Error ?? "QEMU gave no reason (see its log)"}"
+                : "QEMU's migration was cancelled (migrate_cancel from another QMP client?)";
         }
         else if (failure is IOException { InnerException: SocketException { SocketErrorCode: SocketError.TimedOut } })
         {
-            message = $"QEMU sent no migration data for {_options.StallTimeout.TotalSeconds:0} s; nothing was saved";
+            cause = $"QEMU sent no migration data for {_options.StallTimeout.TotalSeconds:0} s";
         }
         else
         {
-            message = failure.Message.EndsWith("nothing was saved", StringComparison.Ordinal) ? failure.Message : failure.Message + "; nothing was saved";
+            cause = failure is LiveSnapshotException live ? live.Cause : failure.Message;
         }
-        if (cleanupNote is not null) message += "; " + cleanupNote;
-        if (resumeProblem is not null) message += $"; the guest could not be resumed: {resumeProblem} (vmsnap recover --qmp {Qmp.Path} resumes it once that is fixed)";
-        if (restoreProblem is not null) message += "; " + restoreProblem;
-        return failure is OperationCanceledException && message.StartsWith("cancelled", StringComparison.Ordinal)
-            ? new OperationCanceledException(message, inner)
-            : new LiveSnapshotException(message, inner);
+        var error = LiveSnapshotException.SaveFailed(cause, nothingSaved: true, guestRunning, cleanupNote, resumeProblem, restoreProblem, failure);
+        return cancelled ? new OperationCanceledException(error.Message, error) : error;
     }
 }

@@ -25,10 +25,13 @@ public static class LiveSnapshots
     /// <param name="tag">The snapshot's name.</param>
     /// <param name="options">Live or stopped, which drive keeps the VM state, I/O settings.</param>
     /// <param name="ramBytesDone">Receives the bytes of RAM saved so far; an <see cref="IRamProgress"/> also gets the guest's RAM size.</param>
-    /// <param name="cancellationToken">Stops the save; nothing is left behind and the guest runs again.</param>
+    /// <param name="cancellationToken">Stops the save; nothing is left behind and the guest runs again. The save then throws
+    /// <see cref="OperationCanceledException"/>, whose <see cref="Exception.InnerException"/> is the <see cref="LiveSnapshotException"/>
+    /// that says what was undone.</param>
     /// <exception cref="VmsnapException">The save was refused or failed; the message says why, and nothing was saved:
     /// <see cref="OperationRefusedException"/> or <see cref="Qcow2.SnapshotExistsException"/> up front, <see cref="QmpException"/>
-    /// when QEMU refused a command, <see cref="LiveSnapshotException"/> when the save failed part way.</exception>
+    /// when QEMU refused a command, <see cref="LiveSnapshotException"/> when the save failed part way (its properties say whether
+    /// anything was saved and whether the guest runs).</exception>
     public static LiveSaveResult SaveVm(string qmpSocket, string tag, LiveSaveOptions? options = null,
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {

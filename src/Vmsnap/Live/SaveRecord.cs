@@ -87,7 +87,7 @@ internal sealed record SaveRecord
 
     /// <summary>
     /// Stores the record in QEMU. Fails with <see cref="OperationRefusedException"/> when QEMU already has one: another save is
-    /// under way on this QEMU (the caller has just recovered any left by a dead vmsnap).
+    /// under way on this QEMU (the caller has just recovered any left by a dead vmsnap, and says that nothing was saved).
     /// </summary>
     internal void Write(QmpClient qmp)
     {
@@ -97,7 +97,7 @@ internal sealed record SaveRecord
         }
         catch (QmpException e) when (e.ErrorClass == "GenericError" && Read(qmp) is { } other)
         {
-            throw new OperationRefusedException($"another vmsnap save (process {other.ProcessId}, snapshot '{other.Tag}') began on this QEMU meanwhile; nothing was saved", e);
+            throw new OperationRefusedException($"another vmsnap save (process {other.ProcessId}, snapshot '{other.Tag}') began on this QEMU meanwhile", e);
         }
     }
 

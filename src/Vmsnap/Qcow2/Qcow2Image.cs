@@ -226,7 +226,7 @@ public sealed partial class Qcow2Image : IDisposable
     /// <exception cref="ImageInUseException">Another process holds the image in a conflicting way.</exception>
     public static Qcow2CheckResult Check(string path, Qcow2RepairMode repair = Qcow2RepairMode.None, bool forceShare = false)
     {
-        if (forceShare && repair != Qcow2RepairMode.None) throw new ArgumentException("--force-share cannot be used with --repair");
+        if (forceShare && repair != Qcow2RepairMode.None) throw new ArgumentException("forceShare is only for reading; a repair writes the image", nameof(forceShare));
         var options = repair == Qcow2RepairMode.None
             ? new Qcow2OpenOptions { ReadOnly = true, ForceShare = forceShare, OpenBackingFile = false, ForCheck = true }
             : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };

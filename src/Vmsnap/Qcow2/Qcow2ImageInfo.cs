@@ -119,17 +119,48 @@ public sealed record Qcow2CheckResult
     /// <summary>End of the last used cluster in the file.</summary>
     public long ImageEndOffset { get; init; }
 
-    /// <summary>One line per finding, in qemu-img's words ("Leaked cluster 5 refcount=1 reference=0").</summary>
-    public IReadOnlyList<string> Messages { get; init; } = [];
+    /// <summary>What the check found and did, line by line, each with its kind, in the order <c>qemu-img check</c> reports them.</summary>
+    public IReadOnlyList<Qcow2CheckFinding> Findings { get; init; } = [];
+
+    /// <summary>One line per finding, in qemu-img's words ("Leaked cluster 5 refcount=1 reference=0"): the texts of <see cref="Findings"/>.</summary>
+    public IReadOnlyList<string> Messages => [.. Findings.Select(f => f.Text)];
 
     /// <summary>
     /// Why the check could not be completed (qemu-img then says "Check failed" and gives no figures),
-    /// or null when it was: a snapshot table it cannot read, a refcount structure only --repair all
-    /// may rebuild, a repair write that would have hit other metadata. <see cref="CheckErrors"/> is
+    /// or null when it was: a snapshot table it cannot read, a refcount structure only a repair of
+    /// <see cref="Qcow2RepairMode.All"/> may rebuild, a repair write that would have hit other metadata. <see cref="CheckErrors"/> is
     /// then at least 1; the other figures are those found up to that point.
     /// </summary>
     public string? Failure { get; init; }
 
+    /// <summary>The first error found, else the first line of the report, else an empty string: what a refusal quotes.</summary>
+    internal string FirstError() =>
+        (Findings.FirstOrDefault(f => f.Kind == Qcow2CheckFindingKind.Error) ?? Findings.FirstOrDefault())?.Text ?? "";
+
     /// <summary>No corruptions, leaks or check errors remain.</summary>
     public bool IsClean => Corruptions == 0 && Leaks == 0 && CheckErrors == 0 && Failure is null;
 }
+
+/// <summary>What one line of a check's report is, as <c>qemu-img check</c> words it.</summary>
+public enum Qcow2CheckFindingKind
+{
+    /// <summary>A corruption or check error left as it is ("ERROR cluster 5 refcount=0 reference=1"); qemu-img's lines that begin with "ERROR".</summary>
+    Error,
+
+    /// <summary>A leaked cluster left as it is ("Leaked cluster 5 refcount=2 reference=1").</summary>
+    Leak,
+
+    /// <summary>Something being repaired ("Repairing cluster 5 refcount=2 reference=1", "Discarding 3 overhanging snapshots", "Rebuilding refcount structure").</summary>
+    Repair,
+
+    /// <summary>Why the check could not be completed ("Check failed: ..."); <see cref="Qcow2CheckResult.Failure"/> says the same.</summary>
+    Failure,
+
+    /// <summary>Anything else: an advice, an error the check met on its way, the image marked corrupt.</summary>
+    Note,
+}
+
+/// <summary>One line of a check's report: its kind and its text, in qemu-img's words.</summary>
+/// <param name="Kind">What the line reports.</param>
+/// <param name="Text">The line as <c>qemu-img check</c> prints it.</param>
+public sealed record Qcow2CheckFinding(Qcow2CheckFindingKind Kind, string Text);

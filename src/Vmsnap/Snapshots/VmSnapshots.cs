@@ -196,8 +196,8 @@ public static class VmSnapshots
     internal static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
         Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
     {
-        if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (--name TAG)");
-        if (options.ForceShare) throw new OperationRefusedException("--force-share is only for reading; a save writes the image");
+        if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (TAG)");
+        if (options.ForceShare) throw new OperationRefusedException("ForceShare is only for reading; a save writes the image");
         var clock = Stopwatch.StartNew();
         Qcow2Image image = OpenImage(imagePath, writable: true, options);
         VmSnapshotResult result;

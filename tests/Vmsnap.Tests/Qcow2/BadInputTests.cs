@@ -168,10 +168,11 @@ public class BadInputTests
             Qcow2CheckResult r = img.Check();
             Assert.Equal(1, r.Corruptions);
             Assert.Contains(r.Messages, m => m.StartsWith("ERROR cluster", StringComparison.Ordinal) && m.EndsWith("refcount=1 reference=2", StringComparison.Ordinal));
+            Assert.Contains(r.Findings, f => f.Kind == Qcow2CheckFindingKind.Error && f.Text.EndsWith("refcount=1 reference=2", StringComparison.Ordinal));
             foreach (long offset in new[] { 100L, shared * 65536 + 100, 10L << 20 })
             {
                 var e = Assert.Throws<Qcow2FormatException>(() => img.Write(new byte[] { 1, 2, 3 }, offset));
-                Assert.Contains("check --repair all", e.Message);
+                Assert.True(e.RepairNeeded, e.Message);
             }
             byte[] a = new byte[65536], b = new byte[65536];
             img.Read(a, 0);

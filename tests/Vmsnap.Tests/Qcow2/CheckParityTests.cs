@@ -115,7 +115,25 @@ public class CheckParityTests(CheckParityTests.Originals originals) : IClassFixt
             ? new Qcow2OpenOptions { ReadOnly = true, OpenBackingFile = false, ForCheck = true }
             : new Qcow2OpenOptions { OpenBackingFile = false, SkipDirtyRepair = true, ForCheck = true };
         using var img = Qcow2Image.Open(image, options);
-        return img.Check(mode);
+        Qcow2CheckResult result = img.Check(mode);
+        AssertKindsMatchTheWords(result);
+        return result;
+    }
+
+    /// <summary>Each finding's kind is what its line says in qemu-img's words, which begin with the kind.</summary>
+    private static void AssertKindsMatchTheWords(Qcow2CheckResult r)
+    {
+        foreach (Qcow2CheckFinding f in r.Findings)
+        {
+            Qcow2CheckFindingKind said = f.Text.StartsWith("ERROR", StringComparison.Ordinal) ? Qcow2CheckFindingKind.Error
+                : f.Text.StartsWith("Leaked cluster", StringComparison.Ordinal) ? Qcow2CheckFindingKind.Leak
+                : f.Text.StartsWith("Repairing", StringComparison.Ordinal) || f.Text.StartsWith("Discarding", StringComparison.Ordinal)
+                  || f.Text.StartsWith("Rebuilding", StringComparison.Ordinal) ? Qcow2CheckFindingKind.Repair
+                : f.Text.StartsWith("Check failed: ", StringComparison.Ordinal) ? Qcow2CheckFindingKind.Failure
+                : Qcow2CheckFindingKind.Note;
+            Assert.True(said == f.Kind, $"'{f.Text}' is reported as {f.Kind}");
+        }
+        Assert.Equal(r.Findings.Select(f => f.Text), r.Messages);
     }
 
     /// <summary>The exit code <c>vmsnap check</c> gives (qemu-img's: 1 check failed, 2 corruptions, 3 leaks only).</summary>

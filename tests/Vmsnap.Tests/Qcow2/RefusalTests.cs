@@ -68,7 +68,11 @@ public sealed class RefusalTests : IDisposable
         string image = Image("corrupt.qcow2");
         Qemu.WriteBE64(image, Qcow2Header.IncompatibleFeaturesOffset, Qcow2Header.IncompatibleCorrupt);
         foreach ((string what, Action<Qcow2Image> change) in Changes)
-            Assert.Contains("corrupt", AssertRefused<Qcow2FormatException>(image, what, change).Message);
+        {
+            Qcow2FormatException e = AssertRefused<Qcow2FormatException>(image, what, change);
+            Assert.Contains("corrupt", e.Message);
+            Assert.True(e.RepairNeeded, $"{what}: {e.Message}");
+        }
     }
 
     [QemuFact]
@@ -78,7 +82,11 @@ public sealed class RefusalTests : IDisposable
         Qemu.WriteBE64(image, Qcow2Header.AutoclearFeaturesOffset, 0);
         Tool.QemuImg("bitmap", "--add", image, "b0");
         foreach ((string what, Action<Qcow2Image> change) in Changes)
-            Assert.Contains("bitmap", AssertRefused<Qcow2FormatException>(image, what, change).Message);
+        {
+            Qcow2FormatException e = AssertRefused<Qcow2FormatException>(image, what, change);
+            Assert.Contains("bitmap", e.Message);
+            Assert.False(e.RepairNeeded, $"{what}: a repair does not remove bitmaps: {e.Message}");
+        }
     }
 
     [QemuFact]

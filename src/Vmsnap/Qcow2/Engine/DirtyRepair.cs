@@ -25,23 +25,21 @@ internal sealed class DirtyRepair(CheckedImage image, ImageHealth health, string
         }
         Pending = false;
         if (!IsClean(rehearsal))
-            throw health.Found("header", Qcow2Header.IncompatibleFeaturesOffset,
+            throw health.FoundRepairFirst("header", Qcow2Header.IncompatibleFeaturesOffset,
                 $"the image is dirty (refcounts not written back by the program that last wrote it), and repairing it would not leave it clean: "
-                + $"{Remains(rehearsal)}; nothing was changed; {ImageHealth.RepairHint}");
+                + $"{Remains(rehearsal)}; nothing was changed");
         Qcow2CheckResult repaired = Qcow2Checker.Run(image, Qcow2RepairMode.All);
         // The file itself may refuse what the rehearsal could do (growing it that far, say).
         if (!IsClean(repaired))
-            throw health.Found("header", Qcow2Header.IncompatibleFeaturesOffset,
-                $"the image was dirty and its repair did not leave it clean: {Remains(repaired)}; {ImageHealth.RepairHint}");
+            throw health.FoundRepairFirst("header", Qcow2Header.IncompatibleFeaturesOffset,
+                $"the image was dirty and its repair did not leave it clean: {Remains(repaired)}");
     }
 
     private static bool IsClean(Qcow2CheckResult r) => r.Failure is null && r.Corruptions == 0 && r.CheckErrors == 0;
 
     private static string Remains(Qcow2CheckResult r)
     {
-        string first = r.Failure
-            ?? r.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal))
-            ?? r.Messages.FirstOrDefault() ?? "";
+        string first = r.Failure ?? r.FirstError();
         return $"{r.Corruptions} corruption(s) and {r.CheckErrors} check error(s) remain (first: {first})";
     }
 }

@@ -8,8 +8,6 @@ namespace Vmsnap.Qcow2;
 /// </summary>
 internal sealed class ImageHealth(string path)
 {
-    internal const string RepairHint = "run 'vmsnap check --repair all' first";
-
     /// <summary>The image file's path, for messages.</summary>
     internal string Path { get; } = path;
 
@@ -25,17 +23,25 @@ internal sealed class ImageHealth(string path)
     /// <summary>An error about a structure of this image.</summary>
     internal Qcow2FormatException Corrupt(string structure, long? offset, string problem) => new(structure, offset, problem, Path);
 
+    /// <summary>An error about a structure of this image that refuses changes until the image is repaired.</summary>
+    internal Qcow2FormatException RepairFirst(string structure, long? offset, string problem) =>
+        Qcow2FormatException.NeedingRepair(structure, offset, problem, Path);
+
     /// <summary>Records a corruption found (writes are refused from now on) and returns its exception.</summary>
-    internal Qcow2FormatException Found(string structure, long? offset, string problem)
+    internal Qcow2FormatException Found(string structure, long? offset, string problem) => Record(Corrupt(structure, offset, problem));
+
+    /// <summary>A corruption a write would make worse: recorded; changes are refused until the image is repaired.</summary>
+    internal Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
+        Record(RepairFirst(structure, offset, $"{problem}; a write could damage data, so vmsnap refuses it"));
+
+    /// <summary>A corruption that leaves the image unfit for changes until it is repaired: recorded.</summary>
+    internal Qcow2FormatException FoundRepairFirst(string structure, long? offset, string problem) => Record(RepairFirst(structure, offset, problem));
+
+    private Qcow2FormatException Record(Qcow2FormatException e)
     {
-        Qcow2FormatException e = Corrupt(structure, offset, problem);
-        Corruption ??= e.Message;
+        Corruption ??= e.Found;
         return e;
     }
-
-    /// <summary>A corruption a write would make worse: recorded, with what to do about it.</summary>
-    internal Qcow2FormatException WriteRefused(string structure, long? offset, string problem) =>
-        Found(structure, offset, $"{problem}; a write could damage data, so vmsnap refuses it: {RepairHint}");
 
     internal void ThrowIfSwitchFailed()
     {

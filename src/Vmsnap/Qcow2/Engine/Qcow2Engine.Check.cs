@@ -19,7 +19,7 @@ internal sealed partial class Qcow2Engine
             if (mode != Qcow2RepairMode.None) DirtyRepair.Pending = false;   // repaired, or what is left refuses writes below
             if (result.Corruptions > 0 || result.CheckErrors > 0)
             {
-                string first = result.Messages.FirstOrDefault(m => m.StartsWith("ERROR", StringComparison.Ordinal)) ?? result.Messages.FirstOrDefault() ?? "";
+                string first = result.FirstError();
                 State.Health.Corruption = $"'{Path}': check finds {result.Corruptions} corruption(s) and {result.CheckErrors} error(s) (first: {first})";
             }
             else

@@ -92,6 +92,6 @@ internal sealed class Qcow2File(IBlockDevice device, Qcow2Header header, ImageHe
                 problem += $"; marking the image corrupt failed too ({e.Message})";
             }
         }
-        return health.Corrupt(hit == Qcow2Metadata.MainHeader ? "header" : name, offset, $"{problem}; run 'vmsnap check --repair all' (or qemu-img check -r all) to repair it");
+        return health.RepairFirst(hit == Qcow2Metadata.MainHeader ? "header" : name, offset, problem);
     }
 }

@@ -189,8 +189,8 @@ internal sealed partial class RefcountManager
         {
             if (old < (ulong)-delta)
             {
-                string problem = $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt (run check --repair all)";
-                throw reportCorruption ? CorruptionFound("refcount block", blockOffset, problem) : Corrupt("refcount block", blockOffset, problem);
+                string problem = $"refcount of cluster {cluster} (offset 0x{cluster << _g.ClusterBits:x}) is {old} and cannot be lowered by {-delta}; the image is corrupt";
+                throw reportCorruption ? _health.FoundRepairFirst("refcount block", blockOffset, problem) : _health.RepairFirst("refcount block", blockOffset, problem);
             }
             value = old - (ulong)-delta;
         }

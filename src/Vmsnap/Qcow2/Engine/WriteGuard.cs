@@ -23,17 +23,17 @@ internal sealed class WriteGuard(Qcow2Header header, Qcow2File file, ImageHealth
         if (readOnly) throw new OperationRefusedException($"'{health.Path}' is open read-only");
         health.ThrowIfSwitchFailed();
         if (health.WritesStopped is { } stopped)
-            throw health.Corrupt("image", null, $"{stopped}, and the image was marked corrupt; nothing more is written until it is repaired ({ImageHealth.RepairHint})");
+            throw health.RepairFirst("image", null, $"{stopped}, and the image was marked corrupt; nothing more is written until it is repaired");
         if (header.IsCorrupt)
-            throw health.Corrupt("header", Qcow2Header.IncompatibleFeaturesOffset,
-                "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it; run 'vmsnap check --repair all' to repair it");
+            throw health.RepairFirst("header", Qcow2Header.IncompatibleFeaturesOffset,
+                "the image is marked corrupt (incompatible feature 'corrupt bit'), so vmsnap only reads it");
         if (BackingMissing)
             throw new OperationRefusedException($"'{health.Path}' has a backing file that was not opened; writes are refused");
         if (header.FindExtension(HeaderExtension.Bitmaps) is not null && (header.AutoclearFeatures & Qcow2Header.AutoclearBitmaps) != 0)
             throw health.Corrupt("bitmaps extension", null,
                 "the image has persistent dirty bitmaps, which vmsnap does not keep up to date; writing would make them wrong (remove them with 'qemu-img bitmap --remove')");
         if (health.Corruption is not null)
-            throw health.Corrupt("image", null, $"{health.Corruption}; a write could damage data, so vmsnap refuses it: {ImageHealth.RepairHint}");
+            throw health.RepairFirst("image", null, $"{health.Corruption}; a write could damage data, so vmsnap refuses it");
         dirtyRepair.RunIfPending();
     }
 

@@ -1,3 +1,5 @@
+using Kind = Vmsnap.Qcow2.Qcow2CheckFindingKind;
+
 namespace Vmsnap.Qcow2;
 
 // A new refcount structure written from the in-memory counts, placed as QEMU's
@@ -33,7 +35,7 @@ internal sealed partial class Qcow2Checker
         if (Overlap(Qcow2Metadata.None, tableOffset, table.LongLength * 8) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
-            _messages.Add("ERROR writing reftable: Input/output error");
+            Report(Kind.Error, "ERROR writing reftable: Input/output error");
             throw new CheckFailedException($"the rebuilt refcount table at 0x{tableOffset:x} would overwrite the {what}");
         }
         _refcounts.InstallRebuilt(table, tableOffset);
@@ -87,7 +89,7 @@ internal sealed partial class Qcow2Checker
 
     private CheckFailedException RebuildFailed(string what, string reason)
     {
-        _messages.Add($"ERROR {what}: Input/output error");
+        Report(Kind.Error, $"ERROR {what}: Input/output error");
         _res.CheckErrors++;
         return new CheckFailedException(reason);
     }

@@ -1,3 +1,5 @@
+using Kind = Vmsnap.Qcow2.Qcow2CheckFindingKind;
+
 using System.Buffers.Binary;
 
 namespace Vmsnap.Qcow2;
@@ -35,7 +37,7 @@ internal sealed partial class Qcow2Checker
         if (_rebuild && FixErrors)
         {
             Tally old = _res.Copy();
-            _messages.Add("Rebuilding refcount structure");
+            Report(Kind.Repair, "Rebuilding refcount structure");
             RebuildRefcountStructure();
             _res.Corruptions = 0;
             _res.Leaks = 0;
@@ -47,7 +49,7 @@ internal sealed partial class Qcow2Checker
             Tally saved = _res;
             _res = new Tally();
             CompareRefcounts(Qcow2RepairMode.Leaks);
-            if (_rebuild) _messages.Add("ERROR rebuilt refcount structure is still broken");
+            if (_rebuild) Report(Kind.Error, "ERROR rebuilt refcount structure is still broken");
             int freshLeaks = _res.Leaks;   // leaks the rebuild made and could not free
             _res = saved;
             if (_res.Corruptions < old.Corruptions) _res.CorruptionsFixed += old.Corruptions - _res.Corruptions;
@@ -58,9 +60,9 @@ internal sealed partial class Qcow2Checker
         {
             if (_rebuild)
             {
-                _messages.Add("ERROR need to rebuild refcount structures");
+                Report(Kind.Error, "ERROR need to rebuild refcount structures");
                 _res.CheckErrors++;
-                throw new CheckFailedException("the refcount structure needs to be rebuilt, which only --repair all does");
+                throw new CheckFailedException("the refcount structure needs to be rebuilt, which only a repair of all errors does");
             }
             if (_res.Leaks > 0 || _res.Corruptions > 0)
             {
@@ -82,7 +84,7 @@ internal sealed partial class Qcow2Checker
         // The file's last cluster may be partly missing; a reference a whole cluster past the end is not.
         if (offset < 0 || (Int128)offset + size - _fileLength >= ClusterSize)
         {
-            _messages.Add($"ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{(ulong)offset:x} size 0x{size:x}");
+            Report(Kind.Error, $"ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{(ulong)offset:x} size 0x{size:x}");
             _res.Corruptions++;
             return;
         }
@@ -93,8 +95,8 @@ internal sealed partial class Qcow2Checker
             ulong count = _counts[k];
             if (count == _g.RefcountMax)
             {
-                _messages.Add($"ERROR: overflow cluster offset=0x{k << _g.ClusterBits:x}");
-                _messages.Add("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
+                Report(Kind.Error, $"ERROR: overflow cluster offset=0x{k << _g.ClusterBits:x}");
+                Report(Kind.Note, "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
                 _res.Corruptions++;
                 continue;
             }
@@ -127,13 +129,13 @@ internal sealed partial class Qcow2Checker
         {
             if ((sn.L1TableOffset & (ClusterSize - 1)) != 0)
             {
-                _messages.Add($"ERROR snapshot {sn.Id} ({sn.Name}) l1_offset=0x{(ulong)sn.L1TableOffset:x}: L1 table is not cluster aligned; snapshot table entry corrupted");
+                Report(Kind.Error, $"ERROR snapshot {sn.Id} ({sn.Name}) l1_offset=0x{(ulong)sn.L1TableOffset:x}: L1 table is not cluster aligned; snapshot table entry corrupted");
                 _res.Corruptions++;
                 continue;
             }
             if ((long)sn.L1Size * 8 > ClusterGeometry.MaxL1Bytes)
             {
-                _messages.Add($"ERROR snapshot {sn.Id} ({sn.Name}) l1_size=0x{sn.L1Size:x}: L1 table is too large; snapshot table entry corrupted");
+                Report(Kind.Error, $"ERROR snapshot {sn.Id} ({sn.Name}) l1_size=0x{sn.L1Size:x}: L1 table is too large; snapshot table entry corrupted");
                 _res.Corruptions++;
                 continue;
             }
@@ -153,7 +155,7 @@ internal sealed partial class Qcow2Checker
         byte[]? raw = TryRead(offset, size * 8L);
         if (raw is null)
         {
-            _messages.Add("ERROR: I/O error in check_refcounts_l1");
+            Report(Kind.Error, "ERROR: I/O error in check_refcounts_l1");
             _res.CheckErrors++;
             throw new CheckFailedException($"the {(active ? "active" : "snapshot")} L1 table at 0x{(ulong)offset:x} cannot be read");
         }
@@ -163,14 +165,14 @@ internal sealed partial class Qcow2Checker
             if (entry == 0) continue;
             if ((entry & L1Entry.ReservedMask) != 0)
             {
-                _messages.Add($"ERROR found L1 entry with reserved bits set: {entry:x}");
+                Report(Kind.Error, $"ERROR found L1 entry with reserved bits set: {entry:x}");
                 _res.Corruptions++;
             }
             long l2 = L1Entry.L2Offset(entry);
             Inc(l2, ClusterSize);
             if ((l2 & (ClusterSize - 1)) != 0)
             {
-                _messages.Add($"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
+                Report(Kind.Error, $"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
                 _res.Corruptions++;
             }
             CheckL2(l2, mode, active);
@@ -183,7 +185,7 @@ internal sealed partial class Qcow2Checker
         byte[]? table = TryRead(l2Offset, ClusterSize);
         if (table is null)
         {
-            _messages.Add("ERROR: I/O error in check_refcounts_l2");
+            Report(Kind.Error, "ERROR: I/O error in check_refcounts_l2");
             _res.CheckErrors++;
             throw new CheckFailedException($"the L2 table at 0x{l2Offset:x} cannot be read");
         }
@@ -195,7 +197,7 @@ internal sealed partial class Qcow2Checker
             ClusterKind kind = e.Kind(extended);
             if (kind != ClusterKind.Compressed && (e.Word & L2Entry.StandardReservedMask) != 0)
             {
-                _messages.Add($"ERROR found l2 entry with reserved bits set: {e.Word:x}");
+                Report(Kind.Error, $"ERROR found l2 entry with reserved bits set: {e.Word:x}");
                 _res.Corruptions++;
             }
             switch (kind)
@@ -203,13 +205,13 @@ internal sealed partial class Qcow2Checker
                 case ClusterKind.Compressed:
                     if (e.IsCopied)
                     {
-                        _messages.Add($"ERROR: coffset=0x{e.Word & _g.CompressedOffsetMask:x}: copied flag must never be set for compressed clusters");
+                        Report(Kind.Error, $"ERROR: coffset=0x{e.Word & _g.CompressedOffsetMask:x}: copied flag must never be set for compressed clusters");
                         e = e with { Word = e.Word & ~L2Entry.Copied };
                         _res.Corruptions++;
                     }
                     if (e.Bitmap != 0)
                     {
-                        _messages.Add($"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{e.Word:x}");
+                        Report(Kind.Error, $"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{e.Word:x}");
                         _res.Corruptions++;
                         break;
                     }
@@ -229,7 +231,7 @@ internal sealed partial class Qcow2Checker
                     if (((e.Bitmap >> 32) & e.Bitmap) != 0)
                     {
                         _res.Corruptions++;
-                        _messages.Add($"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap");
+                        Report(Kind.Error, $"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap");
                     }
                     if ((offset & (ClusterSize - 1)) != 0)
                     {
@@ -238,13 +240,13 @@ internal sealed partial class Qcow2Checker
                         if (!containsData)
                         {
                             bool fix = mode == Qcow2RepairMode.All;
-                            _messages.Add($"{(fix ? "Repairing" : "ERROR")} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                            RepairingOrError(fix, $"offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
                             // Nothing is lost by making it a plain zero cluster; the cluster it pointed into is then a leak.
                             if (fix && FixL2EntryByZero(l2Offset, table, i, active)) continue;
                         }
                         else
                         {
-                            _messages.Add($"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                            Report(Kind.Error, $"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.");
                         }
                     }
                     if (active)
@@ -259,7 +261,7 @@ internal sealed partial class Qcow2Checker
 
                 case ClusterKind.Unallocated when (e.Bitmap & L2Entry.AllAllocated) != 0:
                     _res.Corruptions++;
-                    _messages.Add("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+                    Report(Kind.Error, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
                     break;
             }
         }
@@ -282,7 +284,7 @@ internal sealed partial class Qcow2Checker
         if (Overlap(active ? Qcow2Metadata.ActiveL2 : Qcow2Metadata.InactiveL2, at, _g.L2EntrySize) is string what)
         {
             SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
-            _messages.Add("ERROR: Overlap check failed");
+            Report(Kind.Error, "ERROR: Overlap check failed");
             _res.CheckErrors++;
             throw new CheckFailedException($"repairing the L2 entry at 0x{at:x} would overwrite the {what}");
         }
@@ -293,7 +295,7 @@ internal sealed partial class Qcow2Checker
         }
         catch (Exception ex) when (ex is VmsnapException or IOException)
         {
-            _messages.Add($"ERROR: Failed to overwrite L2 table entry: {ex.Message}");
+            Report(Kind.Error, $"ERROR: Failed to overwrite L2 table entry: {ex.Message}");
             _res.CheckErrors++;
             return false;
         }
@@ -345,7 +347,7 @@ internal sealed partial class Qcow2Checker
         }
         catch (Qcow2FormatException ex)
         {
-            _messages.Add($"ERROR {ex.Message}");
+            Report(Kind.Error, $"ERROR {ex.Message}");
             _res.Corruptions++;
             throw new CheckFailedException($"the bitmap directory cannot be read: {ex.Problem}");
         }
@@ -357,7 +359,7 @@ internal sealed partial class Qcow2Checker
             // QEMU's directory check: a table too large or past the end of the file (it then refuses to open the image).
             if (bm.TableSize > 0x800_0000 || bm.TableOffset < 0 || bm.TableOffset + bm.TableSize * 8L > _fileLength)
             {
-                _messages.Add($"ERROR bitmap '{bm.Name}': table of {bm.TableSize} entries at 0x{bm.TableOffset:x} does not lie within the file");
+                Report(Kind.Error, $"ERROR bitmap '{bm.Name}': table of {bm.TableSize} entries at 0x{bm.TableOffset:x} does not lie within the file");
                 _res.Corruptions++;
                 throw new CheckFailedException($"bitmap '{bm.Name}': table of {bm.TableSize} entries at file offset 0x{bm.TableOffset:x} does not lie within the file, so QEMU cannot open the image");
             }
@@ -378,7 +380,7 @@ internal sealed partial class Qcow2Checker
                     long index = (done + i) / 8;
                     if ((entry & reservedMask) != 0 || (offset != 0 && ((entry & 1) != 0 || (offset & (ClusterSize - 1)) != 0)))
                     {
-                        _messages.Add($"ERROR bitmap '{bm.Name}' table entry {index} is invalid: 0x{entry:x}");
+                        Report(Kind.Error, $"ERROR bitmap '{bm.Name}' table entry {index} is invalid: 0x{entry:x}");
                         _res.Corruptions++;
                         invalid ??= $"bitmap '{bm.Name}': table entry {index} at file offset 0x{bm.TableOffset + done + i:x} is invalid (0x{entry:x}), so QEMU cannot load the bitmap nor open the image";
                         continue;
@@ -406,14 +408,14 @@ internal sealed partial class Qcow2Checker
             ulong cluster = offset >> _g.ClusterBits;
             if ((entry & RefcountTableEntry.ReservedMask) != 0)
             {
-                _messages.Add($"ERROR refcount table entry {i} has reserved bits set");
+                Report(Kind.Error, $"ERROR refcount table entry {i} has reserved bits set");
                 _res.Corruptions++;
                 _rebuild = true;
                 continue;
             }
             if ((offset & (ulong)(ClusterSize - 1)) != 0)
             {
-                _messages.Add($"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted");
+                Report(Kind.Error, $"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted");
                 _res.Corruptions++;
                 _rebuild = true;
                 continue;
@@ -421,7 +423,7 @@ internal sealed partial class Qcow2Checker
             if (cluster >= (ulong)_clusters)
             {
                 _res.Corruptions++;
-                _messages.Add($"{(fix ? "Repairing" : "ERROR")} refcount block {i} is outside image");
+                RepairingOrError(fix, $"refcount block {i} is outside image");
                 if (fix)
                 {
                     string? failed = ReachRefblock((long)offset, offset > (ulong)(long.MaxValue - ClusterSize));
@@ -433,7 +435,7 @@ internal sealed partial class Qcow2Checker
                         continue;
                     }
                     _rebuild = true;
-                    _messages.Add($"ERROR could not resize image: {failed}");
+                    Report(Kind.Error, $"ERROR could not resize image: {failed}");
                 }
                 continue;
             }
@@ -442,7 +444,7 @@ internal sealed partial class Qcow2Checker
                 Inc((long)offset, ClusterSize);
                 if (Count((long)cluster) != 1)
                 {
-                    _messages.Add($"ERROR refcount block {i} refcount={Count((long)cluster)}");
+                    Report(Kind.Error, $"ERROR refcount block {i} refcount={Count((long)cluster)}");
                     _res.Corruptions++;
                     _rebuild = true;
                 }
@@ -503,7 +505,7 @@ internal sealed partial class Qcow2Checker
             if ((i & blockMask) == 0 && _refcounts.Blocks.Count > 2 * _refcounts.Blocks.Capacity) _refcounts.Blocks.Trim();
             if (!TryGetRefcount(i, out ulong stored))
             {
-                _messages.Add($"Can't get refcount for cluster {i}: Input/output error");
+                Report(Kind.Note, $"Can't get refcount for cluster {i}: Input/output error");
                 _res.CheckErrors++;
                 continue;
             }
@@ -514,8 +516,10 @@ internal sealed partial class Qcow2Checker
             if (stored == 0) _rebuild = true;
             else if (stored > reference && mode != Qcow2RepairMode.None) fixLeak = true;
             else if (stored < reference && mode == Qcow2RepairMode.All) fixCorruption = true;
-            string what = fixLeak || fixCorruption ? "Repairing" : stored < reference ? "ERROR" : "Leaked";
-            _messages.Add($"{what} cluster {i} refcount={stored} reference={reference}");
+            string text = $"cluster {i} refcount={stored} reference={reference}";
+            if (fixLeak || fixCorruption) Report(Kind.Repair, "Repairing " + text);
+            else if (stored < reference) Report(Kind.Error, "ERROR " + text);
+            else Report(Kind.Leak, "Leaked " + text);
             if (fixLeak || fixCorruption)
             {
                 try
@@ -528,7 +532,7 @@ internal sealed partial class Qcow2Checker
                 }
                 catch (Exception ex) when (ex is VmsnapException or IOException)
                 {
-                    _messages.Add($"ERROR could not repair cluster {i}: {ex.Message}");
+                    Report(Kind.Error, $"ERROR could not repair cluster {i}: {ex.Message}");
                 }
             }
             if (stored < reference) _res.Corruptions++;
@@ -581,7 +585,7 @@ internal sealed partial class Qcow2Checker
             if ((refcount == 1) != L1Entry.IsCopied(l1Entry))
             {
                 _res.Corruptions++;
-                _messages.Add($"{(repair ? "Repairing" : "ERROR")} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1Entry:x} refcount={refcount}");
+                RepairingOrError(repair, $"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1Entry:x} refcount={refcount}");
                 if (repair)
                 {
                     WriteActiveL1Entry(i, refcount == 1 ? l1Entry | L1Entry.Copied : l1Entry & ~L1Entry.Copied);
@@ -593,7 +597,7 @@ internal sealed partial class Qcow2Checker
             byte[]? table = TryRead(l2, ClusterSize);
             if (table is null)
             {
-                _messages.Add("ERROR: Could not read L2 table: Input/output error");
+                Report(Kind.Error, "ERROR: Could not read L2 table: Input/output error");
                 _res.CheckErrors++;
                 throw new CheckFailedException($"the L2 table at 0x{l2:x} cannot be read");
             }
@@ -605,7 +609,7 @@ internal sealed partial class Qcow2Checker
                 if (!TryGetRefcount(e.HostOffset >> _g.ClusterBits, out refcount)) continue;
                 if ((refcount == 1) == e.IsCopied) continue;
                 _res.Corruptions++;
-                _messages.Add($"{(repair ? "Repairing" : "ERROR")} OFLAG_COPIED data cluster: l2_entry={e.Word:x} refcount={refcount}");
+                RepairingOrError(repair, $"OFLAG_COPIED data cluster: l2_entry={e.Word:x} refcount={refcount}");
                 if (repair)
                 {
                     L2Entry.Write(table, j, extended, e with { Word = refcount == 1 ? e.Word | L2Entry.Copied : e.Word & ~L2Entry.Copied });
@@ -615,7 +619,7 @@ internal sealed partial class Qcow2Checker
             if (dirty == 0) continue;
             if (Overlap(Qcow2Metadata.ActiveL2, l2, ClusterSize) is string what)
             {
-                _messages.Add("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
+                Report(Kind.Error, "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
                 _res.CheckErrors++;
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 throw new CheckFailedException($"repairing COPIED flags of the L2 table at 0x{l2:x} would overwrite the {what}");

@@ -1,3 +1,5 @@
+using Kind = Vmsnap.Qcow2.Qcow2CheckFindingKind;
+
 using System.Buffers.Binary;
 using System.Text;
 
@@ -28,22 +30,22 @@ internal sealed partial class Qcow2Checker
 
         if (count > SnapshotTable.MaxSnapshots && FixErrors)
         {
-            _messages.Add($"Discarding {count - SnapshotTable.MaxSnapshots} overhanging snapshots");
+            Report(Kind.Repair, $"Discarding {count - SnapshotTable.MaxSnapshots} overhanging snapshots");
             reduced += (int)(count - SnapshotTable.MaxSnapshots);
             count = SnapshotTable.MaxSnapshots;
         }
         if (count > SnapshotTable.MaxSnapshots)
         {
             _snapshotRes.CheckErrors++;
-            _messages.Add($"ERROR snapshot table too large: {count} snapshots, more than the {SnapshotTable.MaxSnapshots} qcow2 allows");
-            _messages.Add($"You can force-remove all {count - SnapshotTable.MaxSnapshots} overhanging snapshots with check --repair all");
-            throw new CheckFailedException($"header: nb_snapshots {count} is more than the {SnapshotTable.MaxSnapshots} snapshots qcow2 allows (--repair all drops the ones past the limit)");
+            Report(Kind.Error, $"ERROR snapshot table too large: {count} snapshots, more than the {SnapshotTable.MaxSnapshots} qcow2 allows");
+            Report(Kind.Note, $"You can force-remove all {count - SnapshotTable.MaxSnapshots} overhanging snapshots with qemu-img check -r all");
+            throw new CheckFailedException($"header: nb_snapshots {count} is more than the {SnapshotTable.MaxSnapshots} snapshots qcow2 allows (a repair of all errors drops the ones past the limit)");
         }
         // QEMU validates the pointer even when there are no snapshots.
         if (offset > (ulong)long.MaxValue - count * (ulong)SnapshotEntry.FixedSize || (offset & (ulong)(ClusterSize - 1)) != 0)
         {
             _snapshotRes.CheckErrors++;
-            _messages.Add($"ERROR snapshot table offset invalid: 0x{offset:x}");
+            Report(Kind.Error, $"ERROR snapshot table offset invalid: 0x{offset:x}");
             throw new CheckFailedException($"header: snapshot table offset 0x{offset:x} is invalid ({((offset & (ulong)(ClusterSize - 1)) != 0 ? "not aligned to a cluster" : "beyond any file")})");
         }
 
@@ -77,11 +79,11 @@ internal sealed partial class Qcow2Checker
                 if (!FixErrors)
                 {
                     _snapshotRes.CheckErrors++;
-                    _messages.Add($"ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}");
-                    _messages.Add("You can force-remove this extra metadata with check --repair all");
-                    throw new CheckFailedException($"snapshot table entry {i} at file offset 0x{fixedAt:x}: {extraSize} bytes of extra data, more than the {SnapshotEntry.MaxExtraDataSize} qcow2 allows (--repair all drops the excess)");
+                    Report(Kind.Error, $"ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry {i}");
+                    Report(Kind.Note, "You can force-remove this extra metadata with qemu-img check -r all");
+                    throw new CheckFailedException($"snapshot table entry {i} at file offset 0x{fixedAt:x}: {extraSize} bytes of extra data, more than the {SnapshotEntry.MaxExtraDataSize} qcow2 allows (a repair of all errors drops the excess)");
                 }
-                _messages.Add($"Discarding too much extra metadata in snapshot table entry {i} ({extraSize} > {SnapshotEntry.MaxExtraDataSize})");
+                Report(Kind.Repair, $"Discarding too much extra metadata in snapshot table entry {i} ({extraSize} > {SnapshotEntry.MaxExtraDataSize})");
                 dropped++;
                 truncateExtra = true;
             }
@@ -115,11 +117,11 @@ internal sealed partial class Qcow2Checker
                 if (!FixErrors)
                 {
                     _snapshotRes.CheckErrors++;
-                    _messages.Add("ERROR failed to read the snapshot table: Snapshot table is too big");
-                    _messages.Add($"You can force-remove all {count - i} overhanging snapshots with check --repair all");
-                    throw new CheckFailedException($"snapshot table at file offset 0x{start:x}: larger than {SnapshotTable.MaxTableBytes} bytes from entry {i} on (--repair all drops the snapshots past the limit)");
+                    Report(Kind.Error, "ERROR failed to read the snapshot table: Snapshot table is too big");
+                    Report(Kind.Note, $"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all");
+                    throw new CheckFailedException($"snapshot table at file offset 0x{start:x}: larger than {SnapshotTable.MaxTableBytes} bytes from entry {i} on (a repair of all errors drops the snapshots past the limit)");
                 }
-                _messages.Add($"Discarding {count - i} overhanging snapshots (snapshot table is too big)");
+                Report(Kind.Repair, $"Discarding {count - i} overhanging snapshots (snapshot table is too big)");
                 reduced += (int)(count - i);
                 count = (uint)i;
                 pos = entryStart;
@@ -153,7 +155,7 @@ internal sealed partial class Qcow2Checker
             {
                 if (list[i].DiskSize is not null) continue;
                 _snapshotRes.Corruptions++;
-                _messages.Add($"{(FixErrors ? "Repairing" : "ERROR")} snapshot table entry {i} is incomplete");
+                RepairingOrError(FixErrors, $"snapshot table entry {i} is incomplete");
             }
         }
     }
@@ -172,7 +174,7 @@ internal sealed partial class Qcow2Checker
     private CheckFailedException SnapshotReadFailure(Tally tally, string message, string reason)
     {
         tally.CheckErrors++;
-        _messages.Add(message);
+        Report(Kind.Error, message);
         return new CheckFailedException(reason);
     }
 
@@ -197,7 +199,7 @@ internal sealed partial class Qcow2Checker
         if (size > SnapshotTable.MaxTableBytes)
         {
             _snapshotRes.CheckErrors++;
-            _messages.Add("ERROR failed to update snapshot table: File too large");
+            Report(Kind.Error, "ERROR failed to update snapshot table: File too large");
             throw new CheckFailedException($"the repaired snapshot table would take {size} bytes, more than the {SnapshotTable.MaxTableBytes} qcow2 allows");
         }
         _caches.FlushAll();   // clusters freed by the refcount repair may be used again
@@ -212,7 +214,7 @@ internal sealed partial class Qcow2Checker
             {
                 SignalCorruption($"Preventing invalid write on metadata (overlaps with {what})");
                 _snapshotRes.CheckErrors++;
-                _messages.Add("ERROR failed to update snapshot table: Input/output error");
+                Report(Kind.Error, "ERROR failed to update snapshot table: Input/output error");
                 throw new CheckFailedException($"the new snapshot table at 0x{offset:x} would overlap the {what}");
             }
             // Exactly the table, as QEMU writes it (a table at the end of the file ends the file).
@@ -250,7 +252,7 @@ internal sealed partial class Qcow2Checker
         }
         catch (Qcow2FormatException e)
         {
-            _messages.Add($"freeing the old clusters at 0x{offset:x} failed: {e.Problem}");
+            Report(Kind.Note, $"freeing the old clusters at 0x{offset:x} failed: {e.Problem}");
         }
     }
 }

@@ -1,3 +1,5 @@
+using Kind = Vmsnap.Qcow2.Qcow2CheckFindingKind;
+
 namespace Vmsnap.Qcow2;
 
 /// <summary>The parts of an open image a check reads and repairs.</summary>
@@ -49,7 +51,7 @@ internal sealed partial class Qcow2Checker
     private readonly MetadataOverlap _overlaps;
     private readonly ClusterGeometry _g;
     private readonly Qcow2RepairMode _mode;
-    private readonly List<string> _messages = [];
+    private readonly List<Qcow2CheckFinding> _findings = [];
     private readonly Tally _snapshotRes = new();
     private Tally _res = new();   // the refcount part; replaced while comparisons are tried and redone
     private bool _signaledCorruption;
@@ -101,7 +103,7 @@ internal sealed partial class Qcow2Checker
             if (first._madeCorrupt)
             {
                 const string reason = "the image was marked corrupt during the repair (a write would have hit metadata), so it cannot be checked again";
-                return result with { Failure = reason, CheckErrors = Math.Max(1, result.CheckErrors), Messages = [.. result.Messages, $"Check failed: {reason}"] };
+                return result with { Failure = reason, CheckErrors = Math.Max(1, result.CheckErrors), Findings = [.. result.Findings, new Qcow2CheckFinding(Kind.Failure, $"Check failed: {reason}")] };
             }
             var second = new Qcow2Checker(image, Qcow2RepairMode.None) { _incompleteEntriesAreCorrupt = !forWrites };
             Qcow2CheckResult again = second.Execute();
@@ -110,13 +112,20 @@ internal sealed partial class Qcow2Checker
             {
                 CorruptionsFixed = result.CorruptionsFixed,
                 LeaksFixed = result.LeaksFixed,
-                Messages = [.. result.Messages, .. again.Messages],
+                Findings = [.. result.Findings, .. again.Findings],
             };
         }
         return result;
     }
 
     /// <summary>One check (QEMU's qcow2_co_check_locked): snapshot table, refcounts, snapshot table repair, clean bits.</summary>
+    /// <summary>Adds a line to the report.</summary>
+    private void Report(Kind kind, string text) => _findings.Add(new Qcow2CheckFinding(kind, text));
+
+    /// <summary>A finding a repair mends ("Repairing ...") or that stays ("ERROR ..."), as qemu-img words the two.</summary>
+    private void RepairingOrError(bool repairing, string what) =>
+        Report(repairing ? Kind.Repair : Kind.Error, (repairing ? "Repairing " : "ERROR ") + what);
+
     private Qcow2CheckResult Execute()
     {
         if (!_readOnly) _caches.FlushAll();
@@ -132,7 +141,7 @@ internal sealed partial class Qcow2Checker
         catch (CheckFailedException e)
         {
             failure = e.Message;
-            _messages.Add($"Check failed: {failure}");
+            Report(Kind.Failure, $"Check failed: {failure}");
         }
         finally
         {
@@ -153,7 +162,7 @@ internal sealed partial class Qcow2Checker
             FragmentedClusters = _fragmented,
             CompressedClusters = _compressed,
             ImageEndOffset = _imageEnd,
-            Messages = _messages.ToArray(),
+            Findings = _findings.ToArray(),
             Failure = failure,
         };
     }
@@ -227,7 +236,7 @@ internal sealed partial class Qcow2Checker
     {
         bool fatal = _mode != Qcow2RepairMode.None;
         if (_signaledCorruption && (!fatal || H.IsCorrupt)) return;
-        _messages.Add(fatal
+        Report(Kind.Note, fatal
             ? $"qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"
             : $"qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed");
         if (fatal) _madeCorrupt = true;
