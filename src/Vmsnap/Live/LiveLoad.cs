@@ -17,7 +17,7 @@ namespace Vmsnap.Live;
 /// state (read through the image's VM-state area) into <c>migrate-incoming</c> over a socket pair it
 /// owns; QEMU then starts the guest, or leaves it paused when started with <c>-S</c>.
 /// </summary>
-internal sealed class LiveLoad : LiveSession
+internal sealed partial class LiveLoad : LiveSession
 {
     private const int ReadBufferSize = 4 << 20;
 
@@ -69,6 +69,8 @@ internal sealed class LiveLoad : LiveSession
             snapshots.Add((disk, s));
         }
 
+        Qcow2Snapshot vmSnapshot = snapshots.First(x => x.Disk == vmDisk).Snapshot;
+        PostcopyPlan? postcopy = _options.Postcopy ? PreparePostcopy(vmDisk, vmSnapshot) : null;
         LiveTrace.Mark("checked");
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((LiveDisk disk, Qcow2Snapshot s) in snapshots)
@@ -81,13 +83,15 @@ internal sealed class LiveLoad : LiveSession
             }
             catch (Exception e) when (e is VmsnapException or IOException)
             {
+                if (postcopy is not null) RestorePostcopyCapability(postcopy);
                 string done = reverted.Count == 0 ? "no drive was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
                 throw new LiveSnapshotException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
             }
         }
 
         LiveTrace.Mark("reverted");
-        (MigrationStreamInfo info, long bytes) = Feed(vmDisk, snapshots.First(x => x.Disk == vmDisk).Snapshot);
+        if (postcopy is not null) return FeedPostcopy(vmDisk, vmSnapshot, postcopy, reverted, recovery, clock);
+        (MigrationStreamInfo info, long bytes) = Feed(vmDisk, vmSnapshot);
         LiveTrace.Mark("stream sent");
         string after = WaitLoaded();
         LiveTrace.Mark("loaded");
