@@ -94,8 +94,13 @@ internal sealed partial class LiveLoad
                     throw new OperationRefusedException($"memory backend '{name}' is a file mapped without share=on: postcopy would punch holes in that file; " +
                         "use share=on (or anonymous RAM), or load without --postcopy; nothing was loaded");
                 string? memPath = QemuBlockDevices.Str(QomGet(path, "mem-path"));
-                if (memPath is not null && FileSystemOf(memPath) == "hugetlbfs")
+                string? fileSystem = memPath is null ? null : FileSystemOf(memPath);
+                if (fileSystem == "hugetlbfs")
                     throw new OperationRefusedException($"not supported yet: postcopy into huge pages (memory backend '{name}' is on hugetlbfs); load without --postcopy; nothing was loaded");
+                // QEMU 10.0 refuses this when postcopy-ram is set; QEMU 7.2 only once the load has begun (measured).
+                if (fileSystem is not null && fileSystem != "tmpfs")
+                    throw new OperationRefusedException($"memory backend '{name}' is a file on {fileSystem} ({memPath}): postcopy needs RAM that is anonymous or " +
+                        "on tmpfs or hugetlbfs (QEMU's rule); load without --postcopy; nothing was loaded");
             }
             else if (type == "child<memory-backend-memfd>" && QomBool(path, "hugetlb") == true)
             {
