@@ -91,8 +91,10 @@ internal static class LiveCommands
             bool isPostcopy = p.GetValue(postcopy);
             using (var progress = ProgressLine.Start(isPostcopy ? "pages delivered" : "loading", 0, asJson))
                 r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!,
-                    new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note, Postcopy = isPostcopy }, progress, ct));
+                    new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note, Postcopy = isPostcopy, ServingPages = HoldSignals }, progress, ct));
             LivePostcopyResult? pc = r.Postcopy;
+            if (pc is not null && Termination.Current is { Signal: > 0 } signalled)
+                Console.Error.WriteLine($"vmsnap: {signalled.SignalName} received during the postcopy load: finished sending every page first; the guest runs");
             if (asJson)
             {
                 Cli.WriteJson(new LoadVmJson(
@@ -124,6 +126,20 @@ internal static class LiveCommands
             return Cli.ExitOk;
         });
         return command;
+    }
+
+    /// <summary>While a postcopy load serves the guest's pages, SIGINT and SIGTERM wait for the last page.</summary>
+    private static void HoldSignals(bool serving)
+    {
+        if (Termination.Current is not { } t) return;
+        if (!serving)
+        {
+            t.Release();
+            return;
+        }
+        t.Hold("the guest runs on pages vmsnap is still sending: finishing that first (the load then ends normally)",
+            "stopping now would leave the guest paused (QEMU's postcopy-paused) until its missing pages come; vmsnap is finishing " +
+            "the load instead (SIGKILL stops it anyway, with that cost)");
     }
 
     /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>

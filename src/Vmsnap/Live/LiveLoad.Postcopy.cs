@@ -213,11 +213,13 @@ internal sealed partial class LiveLoad
         double lastPageAt;
         try
         {
+            // From here the guest runs on the pages this process serves: a cancellation would leave it paused, so the pages go out whole.
+            _options.ServingPages?.Invoke(true);
             source.SendDeviceState();
             LiveTrace.Mark("device state sent");
-            // From here the guest runs on the pages this process serves: a cancellation would leave it paused, so the pages go out whole.
             sent = source.SendPages(reader, current.VmStateSize);
             lastPageAt = clock.Elapsed.TotalSeconds;
+            _options.ServingPages?.Invoke(false);
             LiveTrace.Mark("last page sent");
         }
         catch (Exception e) when (e is VmsnapException or IOException or SocketException)

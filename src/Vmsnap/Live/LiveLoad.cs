@@ -37,6 +37,9 @@ internal sealed partial class LiveLoad : LiveSession
         // A QEMU a save was killed on (the wrong socket for a load, or a load tried right after): that save's leftovers are undone first.
         LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
         if (recovery is not null) _options.Recovered?.Invoke(recovery);
+        if (_options.Postcopy && MigrationStatus().Status is { } cut && cut.StartsWith("postcopy-", StringComparison.Ordinal))
+            throw new OperationRefusedException($"not supported yet: resuming a postcopy load that was cut off (QEMU's incoming migration is '{cut}'); " +
+                "the guest waits for its missing pages; nothing was loaded");
         string state = RunState();
         if (state != "inmigrate")
             throw new OperationRefusedException(

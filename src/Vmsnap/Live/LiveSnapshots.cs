@@ -118,6 +118,12 @@ public sealed record LiveLoadOptions
     /// </summary>
     public bool Postcopy { get; init; }
 
+    /// <summary>
+    /// Postcopy: called once the guest runs on the pages this process serves (true), and once the last page is sent
+    /// (false). Between the two, stopping the process pauses the guest until its pages come: a caller defers signals there.
+    /// </summary>
+    public Action<bool>? ServingPages { get; init; }
+
     /// <summary>Called when the load found and undid what an earlier, killed save left (<see cref="LiveSnapshots.Recover"/>), before it goes on.</summary>
     public Action<LiveRecoveryResult>? Recovered { get; init; }
 }
