@@ -182,6 +182,32 @@ internal sealed partial class LiveLoad
     /// <summary>Serves the snapshot as a postcopy source: device state first, then every page; returns once QEMU has them all.</summary>
     private LiveLoadResult FeedPostcopy(LiveDisk vmDisk, Qcow2Snapshot snapshot, PostcopyPlan plan, List<LiveDiskSnapshot> reverted, LiveRecoveryResult? recovery, Stopwatch clock)
     {
+        try
+        {
+            return ServePostcopy(vmDisk, snapshot, plan, reverted, recovery, clock);
+        }
+        catch (Exception) when (!Qmp.IsClosed && MigrationStatusOrNone() == "none")
+        {
+            // Failed before QEMU's incoming migration began: QEMU still waits in inmigrate, as it was but for the drives.
+            RestorePostcopyCapability(plan);
+            throw;
+        }
+    }
+
+    private string MigrationStatusOrNone()
+    {
+        try
+        {
+            return MigrationStatus().Status;
+        }
+        catch (QmpException)
+        {
+            return "unknown";
+        }
+    }
+
+    private LiveLoadResult ServePostcopy(LiveDisk vmDisk, Qcow2Snapshot snapshot, PostcopyPlan plan, List<LiveDiskSnapshot> reverted, LiveRecoveryResult? recovery, Stopwatch clock)
+    {
         // Two opens: single pages read at their place (what the guest asks for), and the whole stream read in order.
         using Qcow2Image pages = OpenShared(vmDisk);
         Qcow2Snapshot current = pages.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
@@ -203,7 +229,6 @@ internal sealed partial class LiveLoad
         catch (QmpException e)
         {
             CloseFd(fdName);
-            RestorePostcopyCapability(plan);
             throw new QmpException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
                 "the drives were reverted to the snapshot", e.ErrorClass, e);
         }
