@@ -17,7 +17,9 @@ internal sealed class Termination : IDisposable
     private readonly TimeSpan _grace;
     private readonly PosixSignalRegistration[] _registrations;
     private int _signal;
+    private int _signals;
     private Timer? _deadline;
+    private volatile string? _holding;
 
     private Termination(TimeSpan grace)
     {
@@ -47,10 +49,32 @@ internal sealed class Termination : IDisposable
     /// <summary>The signal's name for messages ("SIGINT").</summary>
     internal string SignalName => Signal switch { SigInt => "SIGINT", SigTerm => "SIGTERM", _ => "a signal" };
 
+    /// <summary>
+    /// From now until <see cref="Release"/>, a signal does not stop the command: the first one is noted and answered with
+    /// <paramref name="why"/> (what the command finishes first), later ones with <paramref name="cost"/> (what stopping
+    /// now would do).
+    /// </summary>
+    internal void Hold(string why, string cost)
+    {
+        _holding = why + "\n" + cost;
+    }
+
+    /// <summary>Ends <see cref="Hold"/>: a signal received meanwhile is reported by the command, which ends normally.</summary>
+    internal void Release() => _holding = null;
+
     private void OnSignal(PosixSignalContext context)
     {
         context.Cancel = true;   // no default termination: the command cleans up first
         int signal = context.Signal == PosixSignal.SIGINT ? SigInt : SigTerm;
+        if (_holding is string holding)
+        {
+            Interlocked.CompareExchange(ref _signal, signal, 0);
+            string[] parts = holding.Split('\n', 2);
+            Console.Error.WriteLine(Interlocked.Increment(ref _signals) == 1
+                ? $"vmsnap: {(signal == SigInt ? "SIGINT" : "SIGTERM")}: {parts[0]}"
+                : $"vmsnap: {parts[1]}");
+            return;
+        }
         if (Interlocked.CompareExchange(ref _signal, signal, 0) != 0) return;
         _deadline = new Timer(_ => Environment.Exit(128 + signal), null, _grace, Timeout.InfiniteTimeSpan);
         _cancel.Cancel();

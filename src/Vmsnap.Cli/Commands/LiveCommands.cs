@@ -75,17 +75,26 @@ internal static class LiveCommands
         var qmp = QmpOption();
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive whose snapshot holds the VM state; default: the first writable qcow2 drive" };
+        var postcopy = new Option<bool>("--postcopy")
+        {
+            Description = "Postcopy: the device state first, so the guest runs at once, then every page, those it touches first (QEMU's postcopy-ram, needs userfaultfd)",
+        };
         var json = Cli.JsonOption();
         var command = new Command("loadvm", "Load a snapshot into a QEMU started with -incoming defer: revert its qcow2 drives, feed it the VM state")
         {
-            qmp, tag, vmStateDisk, json,
+            qmp, tag, vmStateDisk, postcopy, json,
         };
         command.SetHandler((p, ct) =>
         {
             bool asJson = p.GetValue(json);
             LiveLoadResult r;
-            using (var progress = ProgressLine.Start("loading", 0, asJson))
-                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct), p.GetValue(qmp)!);
+            bool isPostcopy = p.GetValue(postcopy);
+            using (var progress = ProgressLine.Start(isPostcopy ? "pages delivered" : "loading", 0, asJson))
+                r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!,
+                    new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note, Postcopy = isPostcopy, ServingPages = HoldSignals }, progress, ct), p.GetValue(qmp)!);
+            LivePostcopyResult? pc = r.Postcopy;
+            if (pc is not null && Termination.Current is { Signal: > 0 } signalled)
+                Console.Error.WriteLine($"vmsnap: {signalled.SignalName} received during the postcopy load: finished sending every page first; the guest runs");
             if (asJson)
             {
                 Cli.WriteJson(new LoadVmJson(
@@ -97,7 +106,17 @@ internal static class LiveCommands
                     MibPerSecond: Math.Round(r.MiBPerSecond, 1),
                     r.RunState,
                     r.Disks,
-                    Machine: r.Stream.MachineType), CliJsonWithNulls.Default.LoadVmJson);
+                    Machine: r.Stream.MachineType,
+                    Postcopy: pc is null ? null : new PostcopyJson(
+                        pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null,
+                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6))), CliJsonWithNulls.Default.LoadVmJson);
+            }
+            else if (pc is not null)
+            {
+                string resumed = pc.SecondsToResume is double t ? $"guest ran after {t:0.000} s" : "guest left paused (-S)";
+                Console.Out.WriteLine($"loaded snapshot '{r.Tag}' with postcopy from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                    $"{resumed}, last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
+                    $"{pc.ScanSeconds:0.000} s to index the snapshot); guest {r.RunState}");
             }
             else
             {
@@ -109,13 +128,30 @@ internal static class LiveCommands
         return command;
     }
 
+    /// <summary>While a postcopy load serves the guest's pages, SIGINT and SIGTERM wait for the last page.</summary>
+    private static void HoldSignals(bool serving)
+    {
+        if (Termination.Current is not { } t) return;
+        if (!serving)
+        {
+            t.Release();
+            return;
+        }
+        t.Hold("the guest runs on pages vmsnap is still sending: finishing that first (the load then ends normally)",
+            "stopping now would leave the guest paused (QEMU's postcopy-paused) until its missing pages come; vmsnap is finishing " +
+            "the load instead (SIGKILL stops it anyway, with that cost)");
+    }
+
     /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>
     internal sealed record SaveVmJson(string Operation, string Tag, bool Live, double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds,
         long Bytes, long RamBytes, double MibPerSecond, long VmClockNsec, double Date, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
 
     /// <summary>JSON of <c>loadvm --json</c>.</summary>
     internal sealed record LoadVmJson(string Operation, string Tag, double Seconds, long Bytes, long RamBytes, double MibPerSecond,
-        string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
+        string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine, PostcopyJson? Postcopy);
+
+    /// <summary>The <c>postcopy</c> object of <c>loadvm --postcopy --json</c> (null without --postcopy).</summary>
+    internal sealed record PostcopyJson(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double IndexSeconds);
 
     /// <summary>JSON of <c>recover --json</c>.</summary>
     internal sealed record RecoverJson(string Operation, bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,

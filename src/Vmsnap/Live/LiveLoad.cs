@@ -19,7 +19,7 @@ namespace Vmsnap.Live;
 /// state (read through the image's VM-state area) into <c>migrate-incoming</c> over a socket pair it
 /// owns; QEMU then starts the guest, or leaves it paused when started with <c>-S</c>.
 /// </summary>
-internal sealed class LiveLoad : LiveSession
+internal sealed partial class LiveLoad : LiveSession
 {
     private const int ReadBufferSize = 4 << 20;
 
@@ -39,6 +39,9 @@ internal sealed class LiveLoad : LiveSession
         // A QEMU a save was killed on (the wrong socket for a load, or a load tried right after): that save's leftovers are undone first.
         LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
         if (recovery is not null) _options.Recovered?.Invoke(recovery);
+        if (_options.Postcopy && MigrationStatus().Status is { } cut && cut.StartsWith("postcopy-", StringComparison.Ordinal))
+            throw new OperationRefusedException($"not supported yet: resuming a postcopy load that was cut off (QEMU's incoming migration is '{cut}'); " +
+                "the guest waits for its missing pages; nothing was loaded");
         string state = RunState();
         if (state != "inmigrate")
             throw new OperationRefusedException(
@@ -71,6 +74,8 @@ internal sealed class LiveLoad : LiveSession
             snapshots.Add((disk, s));
         }
 
+        Qcow2Snapshot vmSnapshot = snapshots.First(x => x.Disk == vmDisk).Snapshot;
+        PostcopyPlan? postcopy = _options.Postcopy ? PreparePostcopy(vmDisk, vmSnapshot) : null;
         LiveTrace.Mark("checked");
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((LiveDisk disk, Qcow2Snapshot s) in snapshots)
@@ -83,13 +88,15 @@ internal sealed class LiveLoad : LiveSession
             }
             catch (Exception e) when (e is VmsnapException or IOException)
             {
+                if (postcopy is not null) RestorePostcopyCapability(postcopy);
                 string done = reverted.Count == 0 ? "no drive was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
                 throw new LiveSnapshotException($"reverting drive '{disk.Label}' to snapshot '{Tag}' failed: {e.Message}; {done}", e);
             }
         }
 
         LiveTrace.Mark("reverted");
-        (MigrationStreamInfo info, long bytes) = Feed(vmDisk, snapshots.First(x => x.Disk == vmDisk).Snapshot);
+        if (postcopy is not null) return FeedPostcopy(vmDisk, vmSnapshot, postcopy, reverted, recovery, clock);
+        (MigrationStreamInfo info, long bytes) = Feed(vmDisk, vmSnapshot);
         LiveTrace.Mark("stream sent");
         string after = WaitLoaded();
         LiveTrace.Mark("loaded");

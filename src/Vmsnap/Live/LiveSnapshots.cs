@@ -115,6 +115,18 @@ public sealed record LiveLoadOptions
     /// <summary>How long QEMU may take to finish loading once the whole VM state was sent.</summary>
     public TimeSpan LoadTimeout { get; init; } = TimeSpan.FromSeconds(120);
 
+    /// <summary>
+    /// Postcopy: send the device state first, so QEMU runs the guest at once, then serve every page, those the guest asks
+    /// for first (QEMU's <c>postcopy-ram</c>, which this sets on QEMU for the load).
+    /// </summary>
+    public bool Postcopy { get; init; }
+
+    /// <summary>
+    /// Postcopy: called once the guest runs on the pages this process serves (true), and once the last page is sent
+    /// (false). Between the two, stopping the process pauses the guest until its pages come: a caller defers signals there.
+    /// </summary>
+    public Action<bool>? ServingPages { get; init; }
+
     /// <summary>Called when the load found and undid what an earlier, killed save left (<see cref="LiveSnapshots.Recover"/>), before it goes on.</summary>
     public Action<LiveRecoveryResult>? Recovered { get; init; }
 }
@@ -166,7 +178,18 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 
     /// <summary>What the load undid first of an earlier, killed save; null when there was none.</summary>
     public LiveRecoveryResult? Recovery { get; init; }
+
+    /// <summary>How a postcopy load went; null for a plain load.</summary>
+    public LivePostcopyResult? Postcopy { get; init; }
 }
+
+/// <summary>How a postcopy load (<see cref="LiveLoadOptions.Postcopy"/>) went; seconds count from the load's first QMP command.</summary>
+/// <param name="SecondsToResume">When QEMU started the guest (its RESUME event); null when it did not (started with -S).</param>
+/// <param name="SecondsToLastPage">When the last page was sent.</param>
+/// <param name="PagesOnDemand">Pages QEMU asked for (the guest touched them) before they were sent.</param>
+/// <param name="PagesStreamed">Pages sent in the background.</param>
+/// <param name="ScanSeconds">Seconds spent reading the snapshot once to find its pages and device state, before anything changed.</param>
+public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds);
 
 /// <summary>What <see cref="LiveSnapshots.Recover"/> (or the start of a save or load) found of a killed live save, and what it did.</summary>
 /// <param name="Found">True when a save had been killed on this QEMU (its record was there).</param>

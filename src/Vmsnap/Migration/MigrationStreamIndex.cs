@@ -47,6 +47,18 @@ internal sealed class MigrationStreamIndex
     /// <summary>Stream offset of the RAM section's start record.</summary>
     public long RamStartOffset { get; private set; } = -1;
 
+    /// <summary>The RAM section's start record (section id, instance, version, block list), or null.</summary>
+    public RamStartRecord? RamStart { get; private set; }
+
+    /// <summary>The RAM section's id.</summary>
+    public uint RamSectionId => RamStart?.SectionId ?? 0;
+
+    /// <summary>Where the configuration section ends (the stream's header and configuration come before), or -1.</summary>
+    public long ConfigurationEnd { get; private set; } = -1;
+
+    /// <summary>Stream offset of the EOF byte after the device sections, or -1.</summary>
+    public long EofOffset { get; private set; } = -1;
+
     /// <summary>The early-setup sections (before the RAM section's parts): offset and length of each.</summary>
     public IReadOnlyList<(long Offset, long Length)> EarlySections => _early;
     private readonly List<(long, long)> _early = new();
@@ -78,9 +90,11 @@ internal sealed class MigrationStreamIndex
         {
             case ConfigurationRecord configuration:
                 IsMappedRam = configuration.MappedRam;
+                ConfigurationEnd = configuration.Offset + configuration.Length;
                 break;
             case RamStartRecord start:
                 RamStartOffset = start.Offset;
+                RamStart = start;
                 Blocks = start.Blocks;
                 foreach (var _ in start.Blocks) _pages.Add(new Dictionary<long, long[]>());
                 break;
@@ -95,6 +109,7 @@ internal sealed class MigrationStreamIndex
                 break;
             case DeviceSectionRecord or UnwalkedDeviceStateRecord or EofRecord:
                 if (_deviceStateOffset < 0) _deviceStateOffset = record.Offset;
+                if (record is EofRecord) EofOffset = record.Offset;
                 break;
             case VmDescriptionRecord description:
                 _end = description.Offset + description.Length;
