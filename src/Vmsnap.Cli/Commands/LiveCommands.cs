@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Vmsnap.Live;
+using Vmsnap.Live.Libvirt;
 
 namespace Vmsnap.Cli.Commands;
 
@@ -8,15 +9,30 @@ internal static class LiveCommands
 {
     internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand), new("recover", RecoverCommand)];
 
-    private static Option<string> QmpOption() => new("--qmp")
+    private static Option<string> QmpOption(bool orDomain = false) => new("--qmp")
     {
-        Description = "QEMU's QMP Unix socket (QEMU: -qmp unix:PATH,server=on,wait=off; one client at a time)",
-        Required = true,
+        Description = "QEMU's QMP Unix socket (QEMU: -qmp unix:PATH,server=on,wait=off; one client at a time)" + (orDomain ? "; or --domain" : ""),
+        Required = !orDomain,
     };
+
+    private static Option<string?> DomainOption() => new("--domain") { Description = "A libvirt domain instead of a QMP socket (through libvirt's own monitor; see docs/libvirt.md)" };
+
+    private static Option<string?> ConnectOption() => new("--connect", "-c") { Description = "libvirt's URI with --domain; default as virsh's (LIBVIRT_DEFAULT_URI, else qemu:///system for root)" };
+
+    /// <summary>The QMP socket or the libvirt domain, exactly one of them.</summary>
+    private static (string? Socket, string? Domain) Target(ParseResult p, Option<string> qmp, Option<string?> domain)
+    {
+        (string? socket, string? name) = (p.GetValue(qmp), p.GetValue(domain));
+        if ((socket is null) == (name is null))
+            throw new OperationRefusedException("say which QEMU: --qmp SOCKET or --domain NAME (one of them)");
+        return (socket, name);
+    }
 
     private static Command SaveVmCommand()
     {
-        var qmp = QmpOption();
+        var qmp = QmpOption(orDomain: true);
+        var domain = DomainOption();
+        var connect = ConnectOption();
         var tag = new Argument<string>("TAG") { Description = "Name of the snapshot every writable qcow2 drive gets" };
         var live = new Option<bool>("--live") { Description = "Keep the guest running while its RAM is saved; it stops only for the final switchover" };
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive that keeps the VM state (drive name, node name or device id); default: the first writable qcow2 drive" };
@@ -25,7 +41,7 @@ internal static class LiveCommands
         var json = Cli.JsonOption();
         var command = new Command("savevm", "Save a running QEMU's VM as an internal snapshot of its qcow2 drives (QEMU's savevm, at disk speed)")
         {
-            qmp, tag, live, vmStateDisk, maxBandwidth, noDirect, json,
+            qmp, domain, connect, tag, live, vmStateDisk, maxBandwidth, noDirect, json,
         };
         command.SetHandler((p, ct) =>
         {
@@ -40,7 +56,12 @@ internal static class LiveCommands
             };
             LiveSaveResult r;
             using (var progress = ProgressLine.Start("saving", 0, asJson))
-                r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct));
+            {
+                (string? socket, string? name) = Target(p, qmp, domain);
+                r = Run(() => name is not null
+                    ? LibvirtSnapshots.SaveVm(name, p.GetValue(tag)!, p.GetValue(connect), options, progress, ct)
+                    : LiveSnapshots.SaveVm(socket!, p.GetValue(tag)!, options, progress, ct));
+            }
             if (asJson)
             {
                 Cli.WriteJson(new SaveVmJson(

@@ -24,7 +24,7 @@ internal sealed class LiveLoad : LiveSession
     private readonly LiveLoadOptions _options;
     private readonly IProgress<long>? _progress;
 
-    internal LiveLoad(QmpClient qmp, string tag, LiveLoadOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
+    internal LiveLoad(IQmpConnection qmp, string tag, LiveLoadOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
         : base(qmp, tag, cancellationToken)
     {
         _options = options;

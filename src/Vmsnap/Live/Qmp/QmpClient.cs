@@ -20,7 +20,7 @@ internal sealed record QmpEvent(long Sequence, string Name, DateTimeOffset Times
 /// timestamps, a time limit on every command, and clear errors when QEMU refuses a command or goes
 /// away. Safe for use from several threads (commands are serialized).
 /// </summary>
-internal sealed class QmpClient : IDisposable
+internal sealed class QmpClient : IQmpConnection, IDisposable
 {
     /// <summary>How long a command may take unless the caller says otherwise.</summary>
     internal static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
@@ -306,6 +306,16 @@ internal sealed class QmpClient : IDisposable
         {
         }
     }
+
+    // The interface's view of the members above (they stay internal, as the class's own callers use them).
+    string IQmpConnection.Path => Path;
+    bool IQmpConnection.IsClosed => IsClosed;
+    int? IQmpConnection.PeerProcessId => PeerProcessId;
+    bool IQmpConnection.IsAtLeast(int major, int minor) => IsAtLeast(major, minor);
+    JsonNode? IQmpConnection.Execute(string command, JsonObject? arguments, TimeSpan? timeout, int fd) => Execute(command, arguments, timeout, fd);
+    long IQmpConnection.EventMark => EventMark;
+    IReadOnlyList<QmpEvent> IQmpConnection.EventsSince(long mark) => EventsSince(mark);
+    QmpEvent? IQmpConnection.WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken) => WaitForEvent(name, mark, timeout, cancellationToken);
 
     public void Dispose()
     {
