@@ -93,17 +93,22 @@ internal static class LiveCommands
 
     private static Command LoadVmCommand()
     {
-        var qmp = QmpOption();
+        var qmp = QmpOption(orDomain: true);
+        var domain = DomainOption();
+        var connect = ConnectOption();
+        var force = new Option<bool>("--force") { Description = "With --domain: stop a running domain at once (virsh destroy) instead of refusing" };
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive whose snapshot holds the VM state; default: the first writable qcow2 drive" };
         var json = Cli.JsonOption();
         var command = new Command("loadvm", "Load a snapshot into a QEMU started with -incoming defer: revert its qcow2 drives, feed it the VM state")
         {
-            qmp, tag, vmStateDisk, json,
+            qmp, domain, connect, force, tag, vmStateDisk, json,
         };
         command.SetHandler((p, ct) =>
         {
             bool asJson = p.GetValue(json);
+            if (Target(p, qmp, domain).Domain is { } name)
+                return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), asJson, ct);
             LiveLoadResult r;
             using (var progress = ProgressLine.Start("loading", 0, asJson))
                 r = Run(() => LiveSnapshots.LoadVm(p.GetValue(qmp)!, p.GetValue(tag)!, new LiveLoadOptions { VmStateDisk = p.GetValue(vmStateDisk), Recovered = Note }, progress, ct));
@@ -129,6 +134,23 @@ internal static class LiveCommands
         });
         return command;
     }
+
+    /// <summary>loadvm --domain: the domain reverted to the snapshot and restored by libvirt.</summary>
+    private static int LoadDomain(string name, string tag, string? connect, bool force, bool asJson, CancellationToken ct)
+    {
+        LibvirtLoadResult r;
+        using (var progress = ProgressLine.Start("loading", 0, asJson))
+            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct));
+        if (asJson)
+            Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks), CliJsonWithNulls.Default.DomainLoadVmJson);
+        else
+            Console.Out.WriteLine($"loaded snapshot '{r.Tag}' into domain '{name}' from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                $"{Cli.FormatSize(r.VmStateBytes)} of VM state in {r.Seconds:0.000} s; domain {r.RunState}");
+        return Cli.ExitOk;
+    }
+
+    /// <summary>JSON of <c>loadvm --domain --json</c>.</summary>
+    internal sealed record DomainLoadVmJson(string Operation, string Domain, string Tag, double Seconds, long Bytes, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks);
 
     /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>
     internal sealed record SaveVmJson(string Operation, string Tag, bool Live, double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds,

@@ -116,6 +116,9 @@ internal static unsafe partial class LibvirtNative
     [LibraryImport("libc")]
     internal static partial void free(nint pointer);
 
+    [LibraryImport("libc", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    internal static partial int mkfifo(string path, uint mode);
+
     /// <summary>A string libvirt allocated for the caller: copied, then freed.</summary>
     internal static string? TakeString(nint p)
     {

@@ -69,6 +69,26 @@ public static class LibvirtSnapshots
     }
 
     /// <summary>
+    /// Reverts libvirt domain <paramref name="domain"/> to snapshot <paramref name="tag"/> (made by vmsnap or by virsh snapshot-create-as):
+    /// with the domain shut off, its disks are reverted, then libvirt restores the domain from a save image vmsnap serves through a
+    /// FIFO (the snapshot's domain XML and VM state; nothing copied to disk first). TAG becomes libvirt's current snapshot.
+    /// </summary>
+    /// <param name="domain">The domain's name.</param>
+    /// <param name="tag">The snapshot's name, as libvirt lists it.</param>
+    /// <param name="connectUri">libvirt's URI; null for libvirt's default.</param>
+    /// <param name="force">Stop a running domain at once (virsh destroy) instead of refusing.</param>
+    /// <param name="ramBytesDone">Receives the bytes of VM state sent so far.</param>
+    /// <param name="cancellationToken">Stops the load.</param>
+    /// <exception cref="VmsnapException">The load was refused (nothing changed) or failed (the message says what was done).</exception>
+    public static LibvirtLoadResult LoadVm(string domain, string tag, string? connectUri = null, bool force = false,
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+    {
+        if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("say which snapshot to load (TAG)");
+        using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
+        return new LibvirtLoad(dom, tag, force, ramBytesDone, cancellationToken).Run();
+    }
+
+    /// <summary>
     /// The snapshot's XML as libvirt writes it for an internal snapshot with memory: name, state, parent, creation time,
     /// memory and disks internal (read-only and non-qcow2 disks: no), and the domain's definition at the time.
     /// </summary>
