@@ -50,6 +50,12 @@ public class LibvirtSnapshotTests
         string info = LibvirtGuest.Virsh("snapshot-info", guest.Name, "s2");
         Assert.Contains("Location:       internal", info);
         foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], DiskSnapshotNames(disk));
+        JsonElement listing = VmsnapJson("snapshot", "list", "--domain", guest.Name, "--json");
+        var rows = listing.GetProperty("snapshots").EnumerateArray().ToList();
+        Assert.Equal(["s1", "s2"], rows.Select(x => x.GetProperty("name").GetString()));
+        Assert.All(rows, x => Assert.Equal(JsonValueKind.Null, x.GetProperty("problem").ValueKind));
+        Assert.True(rows[1].GetProperty("current").GetBoolean());
+        Assert.Equal("1", rows[0].GetProperty("disks").GetProperty("vdb").GetString());
 
         int mark = guest.MarkBeforeRestore(window);
         LibvirtGuest.Virsh("snapshot-revert", guest.Name, "s1");
@@ -117,6 +123,12 @@ public class LibvirtSnapshotTests
         VmsnapFails(["savevm", "--domain", guest.Name, "ondisk"], "already has a snapshot named 'ondisk'", "nothing was saved");
         Assert.Empty(guest.SnapshotNames());
         foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], DiskSnapshotNames(disk));
+        // ... and snapshot list --domain flags the disagreement, with exit code 1.
+        Tool.Result listed = Snapshots.VmKit.Vmsnap("snapshot", "list", "--domain", guest.Name, "--json");
+        Assert.Equal(1, listed.ExitCode);
+        JsonElement row = JsonDocument.Parse(listed.Stdout).RootElement.GetProperty("snapshots").EnumerateArray().Single();
+        Assert.False(row.GetProperty("in-libvirt").GetBoolean());
+        Assert.Contains("not in libvirt", row.GetProperty("problem").GetString());
 
         // The domain stopped in the middle of a save: no snapshot anywhere.
         using (RunningVmsnap save = LiveKit.Start("savevm", "--domain", guest.Name, "cut", "--max-bandwidth", "8M"))

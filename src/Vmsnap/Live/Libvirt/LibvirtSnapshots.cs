@@ -89,6 +89,19 @@ public static class LibvirtSnapshots
     }
 
     /// <summary>
+    /// libvirt's snapshots of domain <paramref name="domain"/> beside those of its qcow2 disks, name by name, with every disagreement
+    /// named (metadata without the snapshot on a disk, a snapshot on disks that libvirt does not know).
+    /// </summary>
+    /// <param name="domain">The domain's name.</param>
+    /// <param name="connectUri">libvirt's URI; null for libvirt's default.</param>
+    /// <exception cref="VmsnapException">libvirt cannot be reached, has no such domain, or an image cannot be read.</exception>
+    public static IReadOnlyList<LibvirtSnapshotView> List(string domain, string? connectUri = null)
+    {
+        using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
+        return LibvirtListing.Of(dom);
+    }
+
+    /// <summary>
     /// The snapshot's XML as libvirt writes it for an internal snapshot with memory: name, state, parent, creation time,
     /// memory and disks internal (read-only and non-qcow2 disks: no), and the domain's definition at the time.
     /// </summary>
