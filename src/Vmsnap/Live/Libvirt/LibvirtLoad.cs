@@ -3,7 +3,9 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Xml.Linq;
+using Vmsnap.Migration;
 using Vmsnap.Qcow2;
+using Vmsnap.VmState;
 using static Vmsnap.Live.Libvirt.LibvirtNative;
 
 namespace Vmsnap.Live.Libvirt;
@@ -153,10 +155,15 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
 
     private long Serve(string fifo, string xml, bool running, string vmImage, Qcow2Snapshot vmSnapshot)
     {
-        using Qcow2Image image = Qcow2Image.Open(vmImage, new Qcow2OpenOptions { ForceShare = true });
+        // Shared (QEMU takes the image back once the stream is in) and O_DIRECT where the file system allows it; the reader reads ahead
+        // while the writer fills the FIFO, whose buffer is made as large as the kernel allows a user (1 MiB by default).
+        using Qcow2Image image = OpenForReading(vmImage);
         Qcow2Snapshot current = image.FindSnapshot(vmSnapshot.Id) ?? throw new SnapshotNotFoundException(tag, vmImage);
         using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
+        using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
+        using var reader = new VmStateReader(source, CopyBufferBytes);
         using var output = new FileStream(fifo, FileMode.Open, FileAccess.Write, FileShare.ReadWrite, 1, FileOptions.None);
+        fcntl(output.SafeFileHandle.DangerousGetHandle(), F_SETPIPE_SZ, 1 << 20);
         byte[] data = Encoding.UTF8.GetBytes(xml + "\0");
         byte[] header = new byte[HeaderBytes];
         Encoding.ASCII.GetBytes(SaveMagic).CopyTo(header, 0);
@@ -166,18 +173,23 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         // compressed (raw) and cookieOffset (no cookie) stay 0
         output.Write(header);
         output.Write(data);
-        byte[] buffer = new byte[CopyBufferBytes];
-        long position = 0, total = current.VmStateSize;
-        while (position < total)
+        using var backend = VmStateBackend.ForStream(output, leaveOpen: true);
+        using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
+        MigrationStream.Copy(reader, writer, progress, cancellationToken);
+        writer.Close();
+        return writer.BytesTransferred;
+    }
+
+    private static Qcow2Image OpenForReading(string path)
+    {
+        try
         {
-            cancellationToken.ThrowIfCancellationRequested();
-            int n = area.Read(buffer.AsSpan(0, (int)Math.Min(buffer.Length, total - position)), position);
-            if (n <= 0) break;
-            output.Write(buffer, 0, n);
-            position += n;
-            progress?.Report(position);
+            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true, Direct = true });
         }
-        return position;
+        catch (Vmsnap.Storage.StorageException e) when (e.ErrorCode == Vmsnap.Storage.NativeFile.EINVAL)   // tmpfs: no O_DIRECT
+        {
+            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true });
+        }
     }
 }
 

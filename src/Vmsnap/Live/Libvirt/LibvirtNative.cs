@@ -119,6 +119,12 @@ internal static unsafe partial class LibvirtNative
     [LibraryImport("libc", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
     internal static partial int mkfifo(string path, uint mode);
 
+    /// <summary>fcntl's F_SETPIPE_SZ: a pipe's buffer size (Linux).</summary>
+    internal const int F_SETPIPE_SZ = 1031;
+
+    [LibraryImport("libc", SetLastError = true)]
+    internal static partial int fcntl(nint fd, int command, int argument);
+
     /// <summary>A string libvirt allocated for the caller: copied, then freed.</summary>
     internal static string? TakeString(nint p)
     {
