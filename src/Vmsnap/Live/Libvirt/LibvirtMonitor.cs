@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -15,14 +14,10 @@ namespace Vmsnap.Live.Libvirt;
 /// </summary>
 internal sealed class LibvirtMonitor : IQmpConnection, IDisposable
 {
-    private const int MaxEventsKept = 4096;
-
     private readonly LibvirtDomain _domain;
-    private readonly object _stateLock = new();
-    private readonly List<QmpEvent> _events = [];
+    private readonly QmpEventLog _events = new();
     private GCHandle _self;
     private int _callbackId = -1;
-    private long _eventCount;
     private volatile bool _closed;
     private Version _qemuVersion = new(0, 0, 0);
 
@@ -116,43 +111,20 @@ internal sealed class LibvirtMonitor : IQmpConnection, IDisposable
 
     private void AddEvent(string name, DateTimeOffset at, JsonObject? data)
     {
-        lock (_stateLock)
+        _events.Add(name, at, data);
+        if (name == "SHUTDOWN")
         {
-            _events.Add(new QmpEvent(_eventCount++, name, at, data));
-            if (_events.Count > MaxEventsKept) _events.RemoveRange(0, _events.Count - MaxEventsKept);
-            if (name == "SHUTDOWN") _closed = true;
-            Monitor.PulseAll(_stateLock);
+            _closed = true;
+            _events.Close();
         }
     }
 
-    public long EventMark
-    {
-        get
-        {
-            lock (_stateLock) return _eventCount;
-        }
-    }
+    public long EventMark => _events.Mark;
 
-    public IReadOnlyList<QmpEvent> EventsSince(long mark)
-    {
-        lock (_stateLock) return _events.Where(e => e.Sequence >= mark).ToArray();
-    }
+    public IReadOnlyList<QmpEvent> EventsSince(long mark) => _events.Since(mark);
 
-    public QmpEvent? WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken = default)
-    {
-        var clock = Stopwatch.StartNew();
-        lock (_stateLock)
-        {
-            while (true)
-            {
-                QmpEvent? found = _events.FirstOrDefault(e => e.Sequence >= mark && e.Name == name);
-                if (found is not null) return found;
-                TimeSpan left = timeout - clock.Elapsed;
-                if (left <= TimeSpan.Zero || _closed || cancellationToken.IsCancellationRequested) return null;
-                Monitor.Wait(_stateLock, TimeSpan.FromMilliseconds(Math.Min(left.TotalMilliseconds, 100)));
-            }
-        }
-    }
+    public QmpEvent? WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken = default) =>
+        _events.WaitFor(name, mark, timeout, cancellationToken);
 
     public void Dispose()
     {
