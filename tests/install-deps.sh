@@ -7,6 +7,7 @@
 #   - the guest for real-guest tests: the kernel of linux-image-cloud-amd64 (downloaded and unpacked,
 #     not installed) with its virtio modules in tests/.deps/guest, and busybox-static (the tests build
 #     their initramfs from /bin/busybox themselves);
+#   - libvirt (libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients) for the libvirt tests;
 #   - for the native build and its package tests: a C toolchain, debootstrap, and a clean Debian 12 root
 #     (see native_deps and debian_root below).
 # The Debian mirror is the one this machine's apt already uses (read from apt at run time).
@@ -30,6 +31,9 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
+# libvirt's daemon with its QEMU driver and virsh, for the libvirt tests (tests/libvirtd.sh starts it without systemd).
+command -v libvirtd >/dev/null || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need+=(libvirt-clients)
 if [ ${#need[@]} -gt 0 ]; then
   as_root "install ${need[*]}"
   apt_update

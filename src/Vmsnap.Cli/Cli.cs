@@ -6,6 +6,7 @@ using System.Runtime.CompilerServices;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization.Metadata;
+using Vmsnap.Live.Libvirt;
 using Vmsnap.Qcow2;
 
 namespace Vmsnap.Cli;
@@ -168,11 +169,12 @@ internal static class Cli
         }
     }
 
-    /// <summary>What to do about an error, in the command line's words, when its properties say: an image to repair first.</summary>
+    /// <summary>What to do about an error, in the command line's words, when its type and properties say: an image to repair first, a domain to stop.</summary>
     private static string Hint(Exception e)
     {
         for (Exception? cause = e; cause is not null; cause = cause.InnerException)
             if (cause is Qcow2FormatException { RepairNeeded: true }) return " (run 'vmsnap check --repair all')";
+            else if (cause is DomainNotShutOffException) return " (loadvm --force stops it at once)";
         return "";
     }
 

@@ -41,6 +41,8 @@ internal sealed partial class CliJson : JsonSerializerContext;
 [JsonSerializable(typeof(LiveCommands.SaveVmJson))]
 [JsonSerializable(typeof(LiveCommands.LoadVmJson))]
 [JsonSerializable(typeof(LiveCommands.RecoverJson))]
+[JsonSerializable(typeof(LiveCommands.DomainLoadVmJson))]
+[JsonSerializable(typeof(DomainList.DomainListJson))]
 internal sealed partial class CliJsonWithNulls : JsonSerializerContext;
 
 /// <summary>Enum values as kebab-case strings (<c>buffered</c>, <c>early-setup</c>).</summary>

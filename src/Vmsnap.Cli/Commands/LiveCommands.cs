@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Vmsnap.Live;
+using Vmsnap.Live.Libvirt;
 
 namespace Vmsnap.Cli.Commands;
 
@@ -8,15 +9,30 @@ internal static class LiveCommands
 {
     internal static IEnumerable<CommandFactory> Build() => [new("savevm", SaveVmCommand), new("loadvm", LoadVmCommand), new("recover", RecoverCommand)];
 
-    private static Option<string> QmpOption() => new("--qmp")
+    private static Option<string> QmpOption(bool orDomain = false) => new("--qmp")
     {
-        Description = "QEMU's QMP Unix socket (QEMU: -qmp unix:PATH,server=on,wait=off; one client at a time)",
-        Required = true,
+        Description = "QEMU's QMP Unix socket (QEMU: -qmp unix:PATH,server=on,wait=off; one client at a time)" + (orDomain ? "; or --domain" : ""),
+        Required = !orDomain,
     };
+
+    private static Option<string?> DomainOption() => new("--domain") { Description = "A libvirt domain instead of a QMP socket (through libvirt's own monitor; see docs/libvirt.md)" };
+
+    private static Option<string?> ConnectOption() => new("--connect", "-c") { Description = "libvirt's URI with --domain; default as virsh's (LIBVIRT_DEFAULT_URI, else qemu:///system for root)" };
+
+    /// <summary>The QMP socket or the libvirt domain, exactly one of them.</summary>
+    private static (string? Socket, string? Domain) Target(ParseResult p, Option<string> qmp, Option<string?> domain)
+    {
+        (string? socket, string? name) = (p.GetValue(qmp), p.GetValue(domain));
+        if ((socket is null) == (name is null))
+            throw new OperationRefusedException("say which QEMU: --qmp SOCKET or --domain NAME (one of them)");
+        return (socket, name);
+    }
 
     private static Command SaveVmCommand()
     {
-        var qmp = QmpOption();
+        var qmp = QmpOption(orDomain: true);
+        var domain = DomainOption();
+        var connect = ConnectOption();
         var tag = new Argument<string>("TAG") { Description = "Name of the snapshot every writable qcow2 drive gets" };
         var live = new Option<bool>("--live") { Description = "Keep the guest running while its RAM is saved; it stops only for the final switchover" };
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive that keeps the VM state (drive name, node name or device id); default: the first writable qcow2 drive" };
@@ -25,7 +41,7 @@ internal static class LiveCommands
         var json = Cli.JsonOption();
         var command = new Command("savevm", "Save a running QEMU's VM as an internal snapshot of its qcow2 drives (QEMU's savevm, at disk speed)")
         {
-            qmp, tag, live, vmStateDisk, maxBandwidth, noDirect, json,
+            qmp, domain, connect, tag, live, vmStateDisk, maxBandwidth, noDirect, json,
         };
         command.SetHandler((p, ct) =>
         {
@@ -40,7 +56,12 @@ internal static class LiveCommands
             };
             LiveSaveResult r;
             using (var progress = ProgressLine.Start("saving", 0, asJson))
-                r = Run(() => LiveSnapshots.SaveVm(p.GetValue(qmp)!, p.GetValue(tag)!, options, progress, ct), p.GetValue(qmp)!);
+            {
+                (string? socket, string? name) = Target(p, qmp, domain);
+                r = Run(() => name is not null
+                    ? LibvirtSnapshots.SaveVm(name, p.GetValue(tag)!, p.GetValue(connect), options, progress, ct)
+                    : LiveSnapshots.SaveVm(socket!, p.GetValue(tag)!, options, progress, ct), socket);
+            }
             if (asJson)
             {
                 Cli.WriteJson(new SaveVmJson(
@@ -72,7 +93,10 @@ internal static class LiveCommands
 
     private static Command LoadVmCommand()
     {
-        var qmp = QmpOption();
+        var qmp = QmpOption(orDomain: true);
+        var domain = DomainOption();
+        var connect = ConnectOption();
+        var force = new Option<bool>("--force") { Description = "With --domain: stop a running domain at once (virsh destroy) instead of refusing" };
         var tag = new Argument<string>("TAG") { Description = "The snapshot's ID or name" };
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive whose snapshot holds the VM state; default: the first writable qcow2 drive" };
         var postcopy = new Option<bool>("--postcopy")
@@ -82,11 +106,17 @@ internal static class LiveCommands
         var json = Cli.JsonOption();
         var command = new Command("loadvm", "Load a snapshot into a QEMU started with -incoming defer: revert its qcow2 drives, feed it the VM state")
         {
-            qmp, tag, vmStateDisk, postcopy, json,
+            qmp, domain, connect, force, tag, vmStateDisk, postcopy, json,
         };
         command.SetHandler((p, ct) =>
         {
             bool asJson = p.GetValue(json);
+            if (Target(p, qmp, domain).Domain is { } name)
+            {
+                if (p.GetValue(postcopy))
+                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt restores the domain from a plain stream; nothing was loaded");
+                return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), asJson, ct);
+            }
             LiveLoadResult r;
             bool isPostcopy = p.GetValue(postcopy);
             using (var progress = ProgressLine.Start(isPostcopy ? "pages delivered" : "loading", 0, asJson))
@@ -142,6 +172,23 @@ internal static class LiveCommands
             "the load instead (SIGKILL stops it anyway, with that cost)");
     }
 
+    /// <summary>loadvm --domain: the domain reverted to the snapshot and restored by libvirt.</summary>
+    private static int LoadDomain(string name, string tag, string? connect, bool force, bool asJson, CancellationToken ct)
+    {
+        LibvirtLoadResult r;
+        using (var progress = ProgressLine.Start("loading", 0, asJson))
+            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct), null);
+        if (asJson)
+            Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks), CliJsonWithNulls.Default.DomainLoadVmJson);
+        else
+            Console.Out.WriteLine($"loaded snapshot '{r.Tag}' into domain '{name}' from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                $"{Cli.FormatSize(r.VmStateBytes)} of VM state in {r.Seconds:0.000} s; domain {r.RunState}");
+        return Cli.ExitOk;
+    }
+
+    /// <summary>JSON of <c>loadvm --domain --json</c>.</summary>
+    internal sealed record DomainLoadVmJson(string Operation, string Domain, string Tag, double Seconds, long Bytes, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks);
+
     /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>
     internal sealed record SaveVmJson(string Operation, string Tag, bool Live, double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds,
         long Bytes, long RamBytes, double MibPerSecond, long VmClockNsec, double Date, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine);
@@ -193,7 +240,9 @@ internal static class LiveCommands
     /// A cancelled live operation says what it did about it (the command's own handler would print only "cancelled"),
     /// and a failure that left the save's record in QEMU says how to finish the job once its cause is fixed.
     /// </summary>
-    private static T Run<T>(Func<T> operation, string qmpSocket)
+    /// <param name="qmpSocket">The QMP socket <c>vmsnap recover</c> would take; null for a libvirt domain (its next
+    /// <c>savevm --domain</c> finishes what a cut-off save left, as recover would).</param>
+    private static T Run<T>(Func<T> operation, string? qmpSocket)
     {
         try
         {
@@ -210,8 +259,9 @@ internal static class LiveCommands
     }
 
     /// <summary>The error as the command line words it: what vmsnap recover does for it, when it can.</summary>
-    private static LiveSnapshotException WithHint(LiveSnapshotException e, string qmpSocket) =>
+    private static LiveSnapshotException WithHint(LiveSnapshotException e, string? qmpSocket) =>
         !e.RecoveryPending ? new LiveSnapshotException(e.Message, e)
+        : qmpSocket is null ? new LiveSnapshotException($"{e.Message}; the next vmsnap savevm --domain of this domain finishes the cleanup", e)
         : e.ResumeProblem is not null ? new LiveSnapshotException($"{e.Message} (vmsnap recover --qmp {qmpSocket} resumes it once that is fixed)", e)
         : new LiveSnapshotException($"{e.Message}; run 'vmsnap recover --qmp {qmpSocket}' once that is fixed", e);
 }

@@ -30,13 +30,19 @@ internal static class SnapshotCommands
 
     private static Command ListCommand()
     {
-        var image = new Argument<string>("IMAGE") { Description = "The qcow2 image" };
+        var image = new Argument<string?>("IMAGE") { Description = "The qcow2 image (or --domain)", Arity = ArgumentArity.ZeroOrOne };
         var forceShare = ForceShareOption();
+        var domain = new Option<string?>("--domain") { Description = "A libvirt domain: libvirt's snapshots beside its disks', disagreements flagged" };
+        var connect = new Option<string?>("--connect", "-c") { Description = "libvirt's URI with --domain; default as virsh's" };
         var json = Cli.JsonOption();
-        var command = new Command("list", "List the snapshots (columns as qemu-img snapshot -l: ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT)") { image, forceShare, json };
+        var command = new Command("list", "List the snapshots (columns as qemu-img snapshot -l: ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT)") { image, forceShare, domain, connect, json };
         command.SetHandler((parse, ct) =>
         {
-            string path = parse.GetValue(image)!;
+            if (parse.GetValue(domain) is { } name)
+                return parse.GetValue(image) is null
+                    ? DomainList.Print(name, parse.GetValue(connect), parse.GetValue(json))
+                    : throw new OperationRefusedException("give an IMAGE or --domain NAME, not both");
+            string path = parse.GetValue(image) ?? throw new OperationRefusedException("say which image (IMAGE) or which libvirt domain (--domain NAME)");
             using Qcow2Image img = Qcow2Image.Open(path, new Qcow2OpenOptions { ReadOnly = true, ForceShare = parse.GetValue(forceShare), OpenBackingFile = false });
             IReadOnlyList<Qcow2Snapshot> snapshots = img.Snapshots;
             if (parse.GetValue(json))

@@ -26,7 +26,7 @@ internal sealed partial class LiveLoad : LiveSession
     private readonly LiveLoadOptions _options;
     private readonly IProgress<long>? _progress;
 
-    internal LiveLoad(QmpClient qmp, string tag, LiveLoadOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
+    internal LiveLoad(IQmpConnection qmp, string tag, LiveLoadOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
         : base(qmp, tag, cancellationToken)
     {
         _options = options;

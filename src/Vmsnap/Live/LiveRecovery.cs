@@ -38,15 +38,15 @@ internal sealed class LiveRecovery : LiveSession
     private readonly List<string> _actions = [];
     private readonly List<string> _problems = [];
 
-    private LiveRecovery(QmpClient qmp, SaveRecord record, CancellationToken cancellationToken)
+    private LiveRecovery(IQmpConnection qmp, SaveRecord record, CancellationToken cancellationToken)
         : base(qmp, record.Tag, cancellationToken) => _record = record;
 
     /// <summary>What a save or load runs first: recovers after a killed save, or returns null when QEMU holds no record.</summary>
-    internal static LiveRecoveryResult? IfNeeded(QmpClient qmp, CancellationToken cancellationToken) =>
+    internal static LiveRecoveryResult? IfNeeded(IQmpConnection qmp, CancellationToken cancellationToken) =>
         SaveRecord.Read(qmp) is { } record ? new LiveRecovery(qmp, record, cancellationToken).Run() : null;
 
     /// <summary><c>vmsnap recover</c>: recovers after a killed save, or says that there was none and what state QEMU is in.</summary>
-    internal static LiveRecoveryResult Explicit(QmpClient qmp, CancellationToken cancellationToken)
+    internal static LiveRecoveryResult Explicit(IQmpConnection qmp, CancellationToken cancellationToken)
     {
         if (IfNeeded(qmp, cancellationToken) is { } done) return done;
         string state = QemuBlockDevices.Str(qmp.Execute("query-status")?["status"]) ?? "unknown";

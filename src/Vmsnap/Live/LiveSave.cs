@@ -39,7 +39,7 @@ internal sealed class LiveSave : LiveSession
     private volatile string? _watchFailure;
     private volatile bool _regionThreatened;
 
-    internal LiveSave(QmpClient qmp, string tag, LiveSaveOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
+    internal LiveSave(IQmpConnection qmp, string tag, LiveSaveOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
         : base(qmp, tag, cancellationToken)
     {
         _options = options;

@@ -7,9 +7,9 @@ using Vmsnap.Storage;
 namespace Vmsnap.Live;
 
 /// <summary>What a live save and a live load share: QEMU's run state and migration status, the drives, opening images, the migration channel.</summary>
-internal abstract class LiveSession(QmpClient qmp, string tag, CancellationToken cancellationToken)
+internal abstract class LiveSession(IQmpConnection qmp, string tag, CancellationToken cancellationToken)
 {
-    protected QmpClient Qmp { get; } = qmp;
+    protected IQmpConnection Qmp { get; } = qmp;
     protected string Tag { get; } = tag;
     protected CancellationToken Cancellation { get; } = cancellationToken;
 

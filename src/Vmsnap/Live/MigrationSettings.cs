@@ -32,20 +32,20 @@ internal sealed class MigrationSettings
         "x-colo", "rdma-pin-all", "release-ram", "validate-uuid",
     ];
 
-    private readonly QmpClient _qmp;
+    private readonly IQmpConnection _qmp;
 
     // Each changed value: what QEMU had, and what vmsnap sets.
     private readonly Dictionary<string, (JsonNode Was, JsonNode Set)> _parameters = [];
     private readonly Dictionary<string, (bool Was, bool Set)> _capabilities = [];
     private bool _applied;
 
-    private MigrationSettings(QmpClient qmp) => _qmp = qmp;
+    private MigrationSettings(IQmpConnection qmp) => _qmp = qmp;
 
     /// <summary>True when the save needs no change to QEMU's settings.</summary>
     internal bool IsEmpty => _parameters.Count == 0 && _capabilities.Count == 0;
 
     /// <summary>Works out what the save needs changed, from QEMU's current values; changes nothing.</summary>
-    internal static MigrationSettings Plan(QmpClient qmp, bool live)
+    internal static MigrationSettings Plan(IQmpConnection qmp, bool live)
     {
         var s = new MigrationSettings(qmp);
         var parameters = qmp.Execute("query-migrate-parameters") as JsonObject ?? [];
@@ -168,7 +168,7 @@ internal sealed class MigrationSettings
     }
 
     /// <summary>The changes a save's record holds (<see cref="ToJson"/>); unreadable entries are skipped.</summary>
-    internal static MigrationSettings FromJson(QmpClient qmp, JsonObject? json)
+    internal static MigrationSettings FromJson(IQmpConnection qmp, JsonObject? json)
     {
         var s = new MigrationSettings(qmp);
         foreach ((string name, JsonNode? value) in json?["parameters"] as JsonObject ?? [])

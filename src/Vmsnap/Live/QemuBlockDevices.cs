@@ -49,7 +49,7 @@ internal sealed record LiveDisk(string Device, string? Qdev, string? NodeName, s
 internal static class QemuBlockDevices
 {
     /// <summary>Asks QEMU for its drives.</summary>
-    internal static IReadOnlyList<LiveDisk> Query(QmpClient qmp)
+    internal static IReadOnlyList<LiveDisk> Query(IQmpConnection qmp)
     {
         var blocks = qmp.Execute("query-block") as JsonArray ?? [];
         var stats = qmp.Execute("query-blockstats", new JsonObject { ["query-nodes"] = false }) as JsonArray ?? [];
@@ -120,7 +120,7 @@ internal static class QemuBlockDevices
     }
 
     /// <summary>The highest host offset QEMU ever wrote to a drive's image file (query-blockstats wr_highest_offset of its protocol node).</summary>
-    internal static long HighestWrite(QmpClient qmp, LiveDisk disk)
+    internal static long HighestWrite(IQmpConnection qmp, LiveDisk disk)
     {
         var stats = qmp.Execute("query-blockstats", new JsonObject { ["query-nodes"] = true }) as JsonArray ?? [];
         foreach (JsonNode? s in stats)
@@ -146,7 +146,7 @@ internal static class QemuBlockDevices
     }
 
     /// <summary>QEMU's working folder (to resolve relative image paths), from the peer process of the QMP socket.</summary>
-    private static string? QemuWorkingFolder(QmpClient qmp)
+    private static string? QemuWorkingFolder(IQmpConnection qmp)
     {
         if (qmp.PeerProcessId is not int pid) return null;
         try

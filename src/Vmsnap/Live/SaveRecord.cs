@@ -89,7 +89,7 @@ internal sealed record SaveRecord
     /// Stores the record in QEMU. Fails with <see cref="OperationRefusedException"/> when QEMU already has one: another save is
     /// under way on this QEMU (the caller has just recovered any left by a dead vmsnap, and says that nothing was saved).
     /// </summary>
-    internal void Write(QmpClient qmp)
+    internal void Write(IQmpConnection qmp)
     {
         try
         {
@@ -102,7 +102,7 @@ internal sealed record SaveRecord
     }
 
     /// <summary>Notes in QEMU's record that the migration starts now (one qom-set, before the migrate command).</summary>
-    internal SaveRecord MarkMigrating(QmpClient qmp)
+    internal SaveRecord MarkMigrating(IQmpConnection qmp)
     {
         SaveRecord next = this with { Migrating = true };
         qmp.Execute("qom-set", new JsonObject { ["path"] = "/objects/" + ObjectId, ["property"] = "identity", ["value"] = next.ToJson().ToJsonString() });
@@ -111,7 +111,7 @@ internal sealed record SaveRecord
 
     /// <summary>The record QEMU holds, or null when it holds none.</summary>
     /// <exception cref="LiveSnapshotException">QEMU holds an object with the record's id that vmsnap cannot read.</exception>
-    internal static SaveRecord? Read(QmpClient qmp)
+    internal static SaveRecord? Read(IQmpConnection qmp)
     {
         JsonNode? identity;
         try
@@ -139,7 +139,7 @@ internal sealed record SaveRecord
     }
 
     /// <summary>Removes the record from QEMU (one that is already gone is fine).</summary>
-    internal static void Delete(QmpClient qmp)
+    internal static void Delete(IQmpConnection qmp)
     {
         try
         {

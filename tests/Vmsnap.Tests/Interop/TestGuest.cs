@@ -142,12 +142,18 @@ internal sealed partial class TestGuest : IDisposable
     }
 
     /// <summary>Every tick line printed so far (lines cut by a restore are skipped).</summary>
-    public IReadOnlyList<GuestTick> Ticks()
+    public IReadOnlyList<GuestTick> Ticks() => TicksIn(Serial);
+
+    /// <summary>The initramfs the guest boots (built once, named by its content).</summary>
+    public static string Initramfs => s_initramfs.Value;
+
+    /// <summary>Every tick line in the serial output file <paramref name="serial"/> (lines cut by a restore are skipped).</summary>
+    public static IReadOnlyList<GuestTick> TicksIn(string serial)
     {
         string text;
         try
         {
-            using var f = new FileStream(Serial, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+            using var f = new FileStream(serial, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
             using var r = new StreamReader(f, Encoding.Latin1);
             text = r.ReadToEnd();
         }

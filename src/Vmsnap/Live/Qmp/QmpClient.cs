@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Globalization;
 using System.Net.Sockets;
 using System.Text;
@@ -20,22 +19,19 @@ internal sealed record QmpEvent(long Sequence, string Name, DateTimeOffset Times
 /// timestamps, a time limit on every command, and clear errors when QEMU refuses a command or goes
 /// away. Safe for use from several threads (commands are serialized).
 /// </summary>
-internal sealed class QmpClient : IDisposable
+internal sealed class QmpClient : IQmpConnection, IDisposable
 {
     /// <summary>How long a command may take unless the caller says otherwise.</summary>
     internal static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
-
-    private const int MaxEventsKept = 4096;
 
     private readonly Socket _socket;
     private readonly StreamReader _in;
     private readonly object _sendLock = new();
     private readonly object _stateLock = new();
     private readonly Dictionary<string, (string Command, TaskCompletionSource<JsonObject> Reply)> _pending = [];
-    private readonly List<QmpEvent> _events = [];
+    private readonly QmpEventLog _events = new();
     private readonly Thread _reader;
     private long _nextId;
-    private long _eventCount;
     private string? _closedBecause;
     private bool _disposed;
 
@@ -192,39 +188,17 @@ internal sealed class QmpClient : IDisposable
     }
 
     /// <summary>Sequence number the next event will get: pass it to <see cref="EventsSince"/> to see what came after.</summary>
-    internal long EventMark
-    {
-        get
-        {
-            lock (_stateLock) return _eventCount;
-        }
-    }
+    internal long EventMark => _events.Mark;
 
     /// <summary>The events kept that arrived at or after <paramref name="mark"/>, oldest first.</summary>
-    internal IReadOnlyList<QmpEvent> EventsSince(long mark)
-    {
-        lock (_stateLock) return _events.Where(e => e.Sequence >= mark).ToArray();
-    }
+    internal IReadOnlyList<QmpEvent> EventsSince(long mark) => _events.Since(mark);
 
     /// <summary>
     /// Waits until an event named <paramref name="name"/> arrived at or after <paramref name="mark"/>;
     /// null when <paramref name="timeout"/> passed or the connection closed first.
     /// </summary>
-    internal QmpEvent? WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken = default)
-    {
-        var clock = Stopwatch.StartNew();
-        lock (_stateLock)
-        {
-            while (true)
-            {
-                QmpEvent? found = _events.FirstOrDefault(e => e.Sequence >= mark && e.Name == name);
-                if (found is not null) return found;
-                TimeSpan left = timeout - clock.Elapsed;
-                if (left <= TimeSpan.Zero || _closedBecause is not null || cancellationToken.IsCancellationRequested) return null;
-                Monitor.Wait(_stateLock, TimeSpan.FromMilliseconds(Math.Min(left.TotalMilliseconds, 100)));
-            }
-        }
-    }
+    internal QmpEvent? WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken = default) =>
+        _events.WaitFor(name, mark, timeout, cancellationToken);
 
     private void ReadLoop()
     {
@@ -260,8 +234,8 @@ internal sealed class QmpClient : IDisposable
             _closedBecause ??= why;
             foreach ((string command, TaskCompletionSource<JsonObject> reply) in _pending.Values) reply.TrySetException(Closed(command, _closedBecause));
             _pending.Clear();
-            Monitor.PulseAll(_stateLock);
         }
+        _events.Close();
     }
 
     private void AddEvent(string name, JsonObject message)
@@ -271,12 +245,7 @@ internal sealed class QmpClient : IDisposable
             && ts["seconds"] is JsonValue sec && sec.TryGetValue(out long seconds)
             && ts["microseconds"] is JsonValue usec && usec.TryGetValue(out long micros))
             at = DateTimeOffset.FromUnixTimeSeconds(seconds).AddTicks(micros * 10);
-        lock (_stateLock)
-        {
-            _events.Add(new QmpEvent(_eventCount++, name, at, message["data"] as JsonObject));
-            if (_events.Count > MaxEventsKept) _events.RemoveRange(0, _events.Count - MaxEventsKept);
-            Monitor.PulseAll(_stateLock);
-        }
+        _events.Add(name, at, message["data"] as JsonObject);
     }
 
     private QmpException Closed(string command, string why) =>
@@ -306,6 +275,16 @@ internal sealed class QmpClient : IDisposable
         {
         }
     }
+
+    // The interface's view of the members above (they stay internal, as the class's own callers use them).
+    string IQmpConnection.Path => Path;
+    bool IQmpConnection.IsClosed => IsClosed;
+    int? IQmpConnection.PeerProcessId => PeerProcessId;
+    bool IQmpConnection.IsAtLeast(int major, int minor) => IsAtLeast(major, minor);
+    JsonNode? IQmpConnection.Execute(string command, JsonObject? arguments, TimeSpan? timeout, int fd) => Execute(command, arguments, timeout, fd);
+    long IQmpConnection.EventMark => EventMark;
+    IReadOnlyList<QmpEvent> IQmpConnection.EventsSince(long mark) => EventsSince(mark);
+    QmpEvent? IQmpConnection.WaitForEvent(string name, long mark, TimeSpan timeout, CancellationToken cancellationToken) => WaitForEvent(name, mark, timeout, cancellationToken);
 
     public void Dispose()
     {

@@ -1,0 +1,204 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Xml.Linq;
+using Vmsnap.Migration;
+using Vmsnap.Qcow2;
+using Vmsnap.Qcow2.LowLevel;
+using Vmsnap.VmState;
+using Vmsnap.VmState.LowLevel;
+using static Vmsnap.Live.Libvirt.LibvirtNative;
+
+namespace Vmsnap.Live.Libvirt;
+
+/// <summary>
+/// A libvirt domain reverted the fast way: with the domain shut off, every disk of the snapshot is reverted to it by vmsnap's
+/// engine, then libvirt restores the domain (virDomainRestoreFlags) from a libvirt save image that vmsnap serves on the fly
+/// through a FIFO: libvirt's header (<c>LibvirtQemudSave</c>, version 2), the snapshot's domain XML, then QEMU's migration
+/// stream read straight out of the snapshot's VM state. Nothing is copied to disk first. Then TAG is made libvirt's current snapshot.
+/// </summary>
+internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, IProgress<long>? progress, CancellationToken cancellationToken)
+{
+    // libvirt's save image header (src/qemu/qemu_saveimage.h): magic, then uint32 version, data_len, was_running, compressed (format),
+    // cookieOffset and 14 unused, in the host's byte order.
+    private const string SaveMagic = "LibvirtQemudSave";
+    private const int SaveVersion = 2;
+    private const int HeaderBytes = 16 + 4 * 5 + 4 * 14;
+    private const int CopyBufferBytes = 4 << 20;
+
+    internal LibvirtLoadResult Run()
+    {
+        var clock = Stopwatch.StartNew();
+        string snapshotXml = domain.SnapshotXml(tag)
+            ?? throw new OperationRefusedException($"libvirt has no snapshot '{tag}' of domain '{domain.Name}' (virsh snapshot-list {domain.Name}); nothing was loaded");
+        var snapshot = XElement.Parse(snapshotXml);
+        string state = snapshot.Element("state")?.Value ?? "";
+        if (snapshot.Element("memory")?.Attribute("snapshot")?.Value != "internal" || state is not ("running" or "paused"))
+            throw new OperationRefusedException($"not supported yet: snapshot '{tag}' of domain '{domain.Name}' has no internal memory state (state '{state}'); use virsh snapshot-revert; nothing was loaded");
+        XElement domainXml = snapshot.Element("domain")
+            ?? throw new OperationRefusedException($"libvirt's snapshot '{tag}' of domain '{domain.Name}' has no domain definition; use virsh snapshot-revert; nothing was loaded");
+        List<(string Target, string Image)> disks = InternalDisks(snapshot, domainXml);
+
+        int domainState = domain.State;
+        if (domainState != DomainShutoff)
+        {
+            if (!force)
+                throw new DomainNotShutOffException(domain.Name);
+            domain.Destroy();
+        }
+
+        // Every disk checked before any is reverted.
+        var found = new List<(string Target, string Image, Qcow2Snapshot Snapshot)>();
+        foreach ((string target, string image) in disks)
+        {
+            using Qcow2Image img = Qcow2Image.Open(image, new Qcow2OpenOptions());
+            Qcow2Snapshot s = img.FindSnapshot(tag)
+                ?? throw new SnapshotNotFoundException(tag, image, $"disk '{target}' ({image}) has no snapshot '{tag}', which libvirt lists; nothing was loaded");
+            if (s.DiskSize != img.VirtualSize)
+                throw new OperationRefusedException($"snapshot '{tag}' of disk '{target}' was taken of a disk of {s.DiskSize} bytes; the disk now has {img.VirtualSize}; nothing was loaded");
+            found.Add((target, image, s));
+        }
+        (string vmTarget, string vmImage, Qcow2Snapshot vmSnapshot) = found.FirstOrDefault(f => f.Snapshot.VmStateSize > 0);
+        if (vmImage is null)
+            throw new OperationRefusedException($"no disk of snapshot '{tag}' holds its VM state; nothing was loaded");
+
+        var reverted = new List<LiveDiskSnapshot>();
+        foreach ((string target, string image, Qcow2Snapshot s) in found)
+        {
+            try
+            {
+                using Qcow2Image img = Qcow2Image.Open(image, new Qcow2OpenOptions());
+                Qcow2Snapshot applied = img.ApplySnapshot(s.Id);
+                reverted.Add(new LiveDiskSnapshot(target, image, applied.Id, image == vmImage));
+            }
+            catch (Exception e) when (e is VmsnapException or IOException)
+            {
+                string done = reverted.Count == 0 ? "no disk was reverted" : $"already reverted: {string.Join(", ", reverted.Select(r => r.Drive))}";
+                throw new LiveSnapshotException($"reverting disk '{target}' to snapshot '{tag}' failed: {e.Message}; {done}; the domain is shut off", e);
+            }
+        }
+
+        long bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot);
+        double seconds = clock.Elapsed.TotalSeconds;
+        // The snapshot as libvirt's current one, as virsh snapshot-revert leaves it.
+        domain.Redefine(snapshotXml, current: true);
+        int after = domain.State;
+        return new LibvirtLoadResult(tag, reverted, bytes, seconds, after == DomainRunning ? "running" : after == DomainPaused ? "paused" : $"state {after}");
+    }
+
+    /// <summary>The snapshot's internal disks (target and image), from its disk list and the domain definition it holds.</summary>
+    private List<(string Target, string Image)> InternalDisks(XElement snapshot, XElement domainXml)
+    {
+        var sources = new Dictionary<string, (string? File, string? Format)>(StringComparer.Ordinal);
+        foreach (XElement disk in domainXml.Element("devices")?.Elements("disk") ?? [])
+            if (disk.Element("target")?.Attribute("dev")?.Value is { } dev)
+                sources[dev] = (disk.Element("source")?.Attribute("file")?.Value, disk.Element("driver")?.Attribute("type")?.Value);
+        var disks = new List<(string, string)>();
+        foreach (XElement disk in snapshot.Element("disks")?.Elements("disk") ?? [])
+        {
+            if (disk.Attribute("snapshot")?.Value != "internal") continue;
+            string name = disk.Attribute("name")?.Value ?? "";
+            if (!sources.TryGetValue(name, out var source) || source.File is null || source.Format != "qcow2")
+                throw new OperationRefusedException($"not supported yet: disk '{name}' of snapshot '{tag}' is not a qcow2 file; use virsh snapshot-revert; nothing was loaded");
+            disks.Add((name, source.File));
+        }
+        if (disks.Count == 0)
+            throw new OperationRefusedException($"snapshot '{tag}' of domain '{domain.Name}' has no internal disk snapshot; nothing was loaded");
+        return disks;
+    }
+
+    /// <summary>Serves the save image through a FIFO while libvirt restores the domain from it; returns the VM-state bytes sent.</summary>
+    private long Restore(XElement domainXml, bool running, string vmImage, Qcow2Snapshot vmSnapshot)
+    {
+        string folder = Path.Combine(Path.GetTempPath(), "vmsnap-libvirt-" + Guid.NewGuid().ToString("N")[..12]);
+        Directory.CreateDirectory(folder);
+        string fifo = Path.Combine(folder, "restore.save");
+        try
+        {
+            if (mkfifo(fifo, 0x180) != 0)
+                throw new LiveSnapshotException($"cannot create the FIFO '{fifo}': error {Marshal.GetLastPInvokeError()}; the disks were reverted to snapshot '{tag}' and the domain is shut off");
+            long sent = 0;
+            Exception? serveFailure = null;
+            var server = new Thread(() =>
+            {
+                try { sent = Serve(fifo, domainXml.ToString(SaveOptions.DisableFormatting), running, vmImage, vmSnapshot); }
+                catch (Exception e) when (e is IOException or VmsnapException or UnauthorizedAccessException) { serveFailure = e; }
+            }) { IsBackground = true, Name = "vmsnap libvirt save image" };
+            server.Start();
+            using var registration = cancellationToken.Register(() => Unblock(fifo));
+            int rc = virDomainRestoreFlags(domain.Connection, fifo, null, running ? SaveRunning : SavePaused);
+            string? why = rc == 0 ? null : LastError();
+            if (rc != 0) Unblock(fifo);   // a libvirt that never opened the FIFO leaves the server waiting for a reader
+            server.Join();
+            if (rc != 0)
+                throw new LiveSnapshotException($"libvirt could not restore domain '{domain.Name}' from snapshot '{tag}': {why}" +
+                    (serveFailure is null ? "" : $" (serving the VM state: {serveFailure.Message})") + $"; the disks were reverted to the snapshot and the domain is shut off");
+            return sent;
+        }
+        finally
+        {
+            try { Directory.Delete(folder, recursive: true); }
+            catch (IOException) { }
+        }
+    }
+
+    /// <summary>Opens the FIFO for reading and drains it, so that a server blocked in open or write gets its end.</summary>
+    private static void Unblock(string fifo)
+    {
+        try
+        {
+            using var reader = new FileStream(fifo, FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1, FileOptions.None);
+            reader.CopyTo(Stream.Null);
+        }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+    }
+
+    private long Serve(string fifo, string xml, bool running, string vmImage, Qcow2Snapshot vmSnapshot)
+    {
+        // Shared (QEMU takes the image back once the stream is in) and O_DIRECT where the file system allows it; the reader reads ahead
+        // while the writer fills the FIFO, whose buffer is made as large as the kernel allows a user (1 MiB by default).
+        using Qcow2Image image = OpenForReading(vmImage);
+        Qcow2Snapshot current = image.FindSnapshot(vmSnapshot.Id) ?? throw new SnapshotNotFoundException(tag, vmImage);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
+        using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
+        using var reader = new VmStateReader(source, CopyBufferBytes);
+        using var output = new FileStream(fifo, FileMode.Open, FileAccess.Write, FileShare.ReadWrite, 1, FileOptions.None);
+        fcntl(output.SafeFileHandle.DangerousGetHandle(), F_SETPIPE_SZ, 1 << 20);
+        byte[] data = Encoding.UTF8.GetBytes(xml + "\0");
+        byte[] header = new byte[HeaderBytes];
+        Encoding.ASCII.GetBytes(SaveMagic).CopyTo(header, 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(16), SaveVersion);
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(20), (uint)data.Length);
+        BinaryPrimitives.WriteUInt32LittleEndian(header.AsSpan(24), running ? 1u : 0u);
+        // compressed (raw) and cookieOffset (no cookie) stay 0
+        output.Write(header);
+        output.Write(data);
+        using var backend = VmStateBackend.ForStream(output, leaveOpen: true);
+        using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
+        MigrationStream.Copy(reader, writer, progress, cancellationToken);
+        writer.Close();
+        return writer.BytesTransferred;
+    }
+
+    private static Qcow2Image OpenForReading(string path)
+    {
+        try
+        {
+            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true, Direct = true });
+        }
+        catch (Vmsnap.Storage.StorageException e) when (e.IsInvalidArgument)   // tmpfs: no O_DIRECT
+        {
+            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true });
+        }
+    }
+}
+
+/// <summary>What <see cref="LibvirtSnapshots.LoadVm"/> did.</summary>
+/// <param name="Tag">The snapshot's name.</param>
+/// <param name="Disks">The disks reverted to the snapshot.</param>
+/// <param name="VmStateBytes">Bytes of VM state sent to QEMU.</param>
+/// <param name="Seconds">Wall time, until libvirt had restored the domain (its guest running, or paused).</param>
+/// <param name="RunState">The domain's state afterwards.</param>
+public sealed record LibvirtLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, double Seconds, string RunState);

@@ -1,0 +1,180 @@
+using System.Diagnostics;
+using System.Security;
+using Vmsnap.Tests.Interop;
+
+namespace Vmsnap.Tests.Libvirt;
+
+/// <summary>
+/// The test guest (<see cref="TestGuest"/>'s kernel and initramfs) as a persistent libvirt domain of type qemu (TCG) with direct kernel
+/// boot and two qcow2 virtio disks, on the system's libvirtd (qemu:///system; tests/libvirtd.sh starts it when it does not answer).
+/// Its serial port goes to a file libvirt appends to, so ticks printed before and after a restore are both there. Disposing destroys and
+/// undefines the domain with its snapshot metadata, through libvirt.
+/// </summary>
+internal sealed class LibvirtGuest : IDisposable
+{
+    public const string Uri = "qemu:///system";
+    public const int RamMiB = 256;
+
+    /// <summary>The QEMU libvirt runs (the distribution's, /usr/bin/qemu-system-x86_64): the tests' qemu-img is that version's.</summary>
+    public const string QemuVersion = "7.2";
+
+    private static readonly Lazy<bool> s_daemon = new(StartDaemon, LazyThreadSafetyMode.ExecutionAndPublication);
+
+    private LibvirtGuest(TempDir dir, string name, string serial, string[] disks)
+    {
+        Dir = dir;
+        Name = name;
+        Serial = serial;
+        Disks = disks;
+    }
+
+    public TempDir Dir { get; }
+    public string Name { get; }
+    public string Serial { get; }
+    public string[] Disks { get; }
+
+    /// <summary>Defines and starts the domain in <paramref name="dir"/>; returns once the guest printed its first tick.</summary>
+    public static LibvirtGuest Boot(TempDir dir)
+    {
+        _ = s_daemon.Value;
+        string name = "vmsnap-test-" + Guid.NewGuid().ToString("N")[..10];
+        string[] disks = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
+        foreach (string d in disks) Tool.QemuImg("create", "-q", "-f", "qcow2", d, TestGuest.DiskBytes.ToString());
+        string serial = dir.File("serial.log");
+        string x(string s) => SecurityElement.Escape(s);
+        string xml = $"""
+            <domain type='qemu'>
+              <name>{name}</name>
+              <memory unit='MiB'>{RamMiB}</memory>
+              <vcpu>1</vcpu>
+              <os>
+                <type arch='x86_64' machine='pc'>hvm</type>
+                <kernel>{x(Path.Combine(TestDeps.Guest, "vmlinuz"))}</kernel>
+                <initrd>{x(TestGuest.Initramfs)}</initrd>
+                <cmdline>console=ttyS0 quiet panic=-1</cmdline>
+              </os>
+              <on_reboot>destroy</on_reboot>
+              <devices>
+                <emulator>/usr/bin/qemu-system-x86_64</emulator>
+                <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{x(disks[0])}'/><target dev='vda' bus='virtio'/></disk>
+                <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{x(disks[1])}'/><target dev='vdb' bus='virtio'/></disk>
+                <serial type='file'><source path='{x(serial)}' append='on'/><target port='0'/></serial>
+                <memballoon model='none'/>
+              </devices>
+            </domain>
+            """;
+        string file = dir.File("domain.xml");
+        File.WriteAllText(file, xml);
+        Virsh("define", file);
+        var guest = new LibvirtGuest(dir, name, serial, disks);
+        try
+        {
+            Virsh("start", name);
+            guest.WaitForTick(_ => true, TimeSpan.FromMinutes(3));
+            return guest;
+        }
+        catch
+        {
+            guest.Dispose();
+            throw;
+        }
+    }
+
+    private static bool StartDaemon()
+    {
+        string script = Path.Combine(Path.GetDirectoryName(TestDeps.Folder)!, "libvirtd.sh");
+        Tool.Result r = Tool.RunPath(script, [], TimeSpan.FromMinutes(1));
+        if (r.ExitCode != 0) throw new InvalidOperationException($"{script} could not start libvirtd (tests/run.sh installs it): {r.Stderr}");
+        return true;
+    }
+
+    /// <summary>Runs virsh on <see cref="Uri"/>; requires success and returns its output.</summary>
+    public static string Virsh(params string[] args)
+    {
+        Tool.Result r = TryVirsh(args);
+        Assert.True(r.ExitCode == 0, $"virsh {string.Join(' ', args)} exited {r.ExitCode}: {r.Stderr}");
+        return r.Stdout;
+    }
+
+    /// <summary>Runs virsh on <see cref="Uri"/>.</summary>
+    public static Tool.Result TryVirsh(params string[] args) => Tool.RunPath(Tool.Find("virsh"), ["-c", Uri, .. args], TimeSpan.FromMinutes(3));
+
+    /// <summary>virsh domstate: running, paused, shut off, ...</summary>
+    public string State() => Virsh("domstate", Name).Trim();
+
+    /// <summary>The names of the domain's snapshots in libvirt.</summary>
+    public string[] SnapshotNames() => Virsh("snapshot-list", Name, "--name").Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+
+    /// <summary>Every tick in the serial output, across restores.</summary>
+    public IReadOnlyList<GuestTick> Ticks() => TestGuest.TicksIn(Serial);
+
+    /// <summary>
+    /// Before a restore to a snapshot taken in <paramref name="window"/>: waits until the guest has counted past the window, and returns
+    /// how many ticks there are, so that the restored guest's ticks (back inside the window) are told from those printed before.
+    /// </summary>
+    public int MarkBeforeRestore(Live.SaveWindow window)
+    {
+        WaitForTick(t => t.N > window.After + 2);
+        return Ticks().Count;
+    }
+
+    /// <summary>The ticks printed since <paramref name="mark"/> from the first one back inside <paramref name="window"/> on: the restored guest's.</summary>
+    private List<GuestTick> RestoredTicks(int mark, Live.SaveWindow window) =>
+        Ticks().Skip(mark).SkipWhile(t => t.N > window.After + 1).ToList();
+
+    public GuestTick LastTick() => Ticks().LastOrDefault() ?? throw new InvalidOperationException("the guest printed no tick yet");
+
+    /// <summary>Waits for a tick matching <paramref name="predicate"/> among <paramref name="source"/> (default: all ticks).</summary>
+    public GuestTick WaitForTick(Func<GuestTick, bool> predicate, TimeSpan? timeout = null, Func<IReadOnlyList<GuestTick>>? source = null)
+    {
+        var clock = Stopwatch.StartNew();
+        TimeSpan limit = timeout ?? TimeSpan.FromSeconds(90);
+        while (true)
+        {
+            GuestTick? t = (source ?? Ticks)().FirstOrDefault(predicate);
+            if (t is not null) return t;
+            if (clock.Elapsed > limit)
+                throw new InvalidOperationException($"domain {Name}: the guest did not print the tick awaited within {limit.TotalSeconds:0} s (state {State()}); serial:\n{Tail()}");
+            Thread.Sleep(100);
+        }
+    }
+
+    private string Tail()
+    {
+        try
+        {
+            using var f = new FileStream(Serial, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            string s = new StreamReader(f).ReadToEnd();
+            return s.Length > 2000 ? s[^2000..] : s;
+        }
+        catch (FileNotFoundException)
+        {
+            return "(no serial output)";
+        }
+    }
+
+    /// <summary>
+    /// Checks the guest restored from a snapshot taken in <paramref name="window"/>: its first tick after the restore inside the window,
+    /// the same boot, the disks reading back right, the memory region's checksum, and consecutive ticks. <paramref name="mark"/>: from <see cref="MarkBeforeRestore"/>.
+    /// </summary>
+    public void AssertResumes(Live.SaveWindow window, int mark)
+    {
+        WaitForTick(_ => true, source: () => RestoredTicks(mark, window));
+        window.AssertResumedIn(RestoredTicks(mark, window)[0]);
+        GuestTick summed = WaitForTick(t => t.Sum is not null, source: () => RestoredTicks(mark, window));
+        Assert.Equal(TestGuest.ExpectedFillSum, summed.Sum);
+        var ticks = RestoredTicks(mark, window);
+        foreach (GuestTick t in ticks)
+        {
+            Assert.Equal(window.Boot, t.Boot);
+            Assert.True(t.Disks == "ok", $"tick {t.N} after the restore: the disks did not read back what the guest wrote ({t.Disks})");
+        }
+        for (int i = 1; i < ticks.Count; i++) Assert.Equal(ticks[i - 1].N + 1, ticks[i].N);
+    }
+
+    public void Dispose()
+    {
+        TryVirsh("destroy", Name);
+        TryVirsh("undefine", Name, "--snapshots-metadata");
+    }
+}
