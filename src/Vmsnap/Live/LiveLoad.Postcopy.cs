@@ -42,7 +42,7 @@ internal sealed partial class LiveLoad
 
         var clock = Stopwatch.StartNew();
         PostcopyIndex index;
-        using (Qcow2Image image = OpenSharedDirect(vmDisk))
+        using (Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!))
         using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
         using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
         using (var reader = new VmStateReader(source, ReadBufferSize))
@@ -213,7 +213,7 @@ internal sealed partial class LiveLoad
         using Qcow2Image pages = OpenShared(vmDisk);
         Qcow2Snapshot current = pages.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
         using Qcow2VmStateArea pageArea = pages.OpenVmStateAreaForReading(current);
-        using Qcow2Image image = OpenSharedDirect(vmDisk);
+        using Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!);
         using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? current);
         using VmStateBackend backend = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
         using var reader = new VmStateReader(backend, ReadBufferSize);

@@ -128,24 +128,10 @@ internal sealed partial class LiveLoad : LiveSession
         return length <= n - 13 ? Encoding.UTF8.GetString(head, 13, length) : null;
     }
 
-    private static Qcow2Image OpenSharedDirect(LiveDisk disk)
-    {
-        try
-        {
-            return Qcow2Image.Open(disk.ImagePath!, new Qcow2OpenOptions { ForceShare = true, Direct = true });
-        }
-        catch (Vmsnap.Storage.StorageException e) when (e.IsInvalidArgument)   // tmpfs: no O_DIRECT
-        {
-            return OpenShared(disk);
-        }
-    }
-
     /// <summary>Streams the snapshot's VM state into QEMU's incoming migration; returns what it held and its length.</summary>
     private (MigrationStreamInfo Info, long Bytes) Feed(LiveDisk vmDisk, Qcow2Snapshot snapshot)
     {
-        // Shared: QEMU takes its images back (write locks) as soon as the stream is in, possibly before this
-        // closes. O_DIRECT where the file system allows it: large aligned reads, several in flight.
-        using Qcow2Image image = OpenSharedDirect(vmDisk);
+        using Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!);
         Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
         using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
         using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);

@@ -159,7 +159,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
     {
         // Shared (QEMU takes the image back once the stream is in) and O_DIRECT where the file system allows it; the reader reads ahead
         // while the writer fills the FIFO, whose buffer is made as large as the kernel allows a user (1 MiB by default).
-        using Qcow2Image image = OpenForReading(vmImage);
+        using Qcow2Image image = LiveSession.OpenSharedDirect(vmImage);
         Qcow2Snapshot current = image.FindSnapshot(vmSnapshot.Id) ?? throw new SnapshotNotFoundException(tag, vmImage);
         using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
         using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
@@ -180,18 +180,6 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         MigrationStream.Copy(reader, writer, progress, cancellationToken);
         writer.Close();
         return writer.BytesTransferred;
-    }
-
-    private static Qcow2Image OpenForReading(string path)
-    {
-        try
-        {
-            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true, Direct = true });
-        }
-        catch (Vmsnap.Storage.StorageException e) when (e.IsInvalidArgument)   // tmpfs: no O_DIRECT
-        {
-            return Qcow2Image.Open(path, new Qcow2OpenOptions { ForceShare = true });
-        }
     }
 }
 
