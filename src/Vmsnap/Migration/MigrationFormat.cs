@@ -32,6 +32,10 @@ internal static class MigrationFormat
     /// </summary>
     public const ushort CommandSwitchoverStart = 0x0b;
 
+    /// <summary>Commands of the postcopy protocol (QEMU's MIG_CMD_*), as a postcopy source sends them.</summary>
+    public const ushort CommandOpenReturnPath = 1, CommandPing = 2, CommandPostcopyAdvise = 3, CommandPostcopyListen = 4,
+        CommandPostcopyRun = 5, CommandPostcopyRamDiscard = 6, CommandPackaged = 7;
+
     /// <summary>The capability that lays RAM out by file offset (QEMU 9.0+, <c>migrate file:</c>).</summary>
     public const string CapabilityMappedRam = "mapped-ram";
 
@@ -86,13 +90,13 @@ internal static class MigrationFormat
     /// <summary>QEMU's name of a migration command (a COMMAND record), for messages.</summary>
     public static string DescribeCommand(ushort command) => command switch
     {
-        1 => "OPEN_RETURN_PATH (1)",
-        2 => "PING (2)",
-        3 => "POSTCOPY_ADVISE (3)",
-        4 => "POSTCOPY_LISTEN (4)",
-        5 => "POSTCOPY_RUN (5)",
-        6 => "POSTCOPY_RAM_DISCARD (6)",
-        7 => "PACKAGED (7)",
+        CommandOpenReturnPath => "OPEN_RETURN_PATH (1)",
+        CommandPing => "PING (2)",
+        CommandPostcopyAdvise => "POSTCOPY_ADVISE (3)",
+        CommandPostcopyListen => "POSTCOPY_LISTEN (4)",
+        CommandPostcopyRun => "POSTCOPY_RUN (5)",
+        CommandPostcopyRamDiscard => "POSTCOPY_RAM_DISCARD (6)",
+        CommandPackaged => "PACKAGED (7)",
         8 => "ENABLE_COLO (8)",
         9 => "POSTCOPY_RESUME (9)",
         10 => "RECV_BITMAP (10)",

@@ -57,13 +57,6 @@ public sealed class PostcopyIndex
 /// </remarks>
 public sealed class PostcopySource
 {
-    private const ushort CommandOpenReturnPath = 1;
-    private const ushort CommandPostcopyAdvise = 3;
-    private const ushort CommandPostcopyListen = 4;
-    private const ushort CommandPostcopyRun = 5;
-    private const ushort CommandPostcopyRamDiscard = 6;
-    private const ushort CommandPackaged = 7;
-
     private const ushort ReturnShut = 1;
     private const ushort ReturnPong = 2;
     private const ushort ReturnRequestPagesId = 3;
@@ -161,11 +154,11 @@ public sealed class PostcopySource
     {
         // Header and configuration (and whatever else precedes the RAM section's start) as recorded.
         Copy(0, _index.ConfigurationEnd, "the stream's header and configuration");
-        PutCommand(CommandOpenReturnPath, []);
+        PutCommand(MigrationFormat.CommandOpenReturnPath, []);
         byte[] advise = new byte[16];
         BinaryPrimitives.WriteUInt64BigEndian(advise, MigrationFormat.PageSize);   // every block's page size: 4 KiB
         BinaryPrimitives.WriteUInt64BigEndian(advise.AsSpan(8), MigrationFormat.PageSize);
-        PutCommand(CommandPostcopyAdvise, advise);
+        PutCommand(MigrationFormat.CommandPostcopyAdvise, advise);
         foreach ((long offset, long length) in _index.EarlySections) Copy(offset, length, "an early-setup section");
         PutRamStart();
         PutDiscard();
@@ -177,12 +170,12 @@ public sealed class PostcopySource
         // The package: LISTEN, the device sections as recorded (up to the stream's EOF), RUN.
         long deviceBytes = _index.EofOffset - _index.DeviceStateOffset;
         byte[] package = new byte[5 + deviceBytes + 5];
-        WriteCommand(package, CommandPostcopyListen);
+        WriteCommand(package, MigrationFormat.CommandPostcopyListen);
         ReadExactly(package.AsSpan(5, (int)deviceBytes), _index.DeviceStateOffset, "the device state");
-        WriteCommand(package.AsSpan(5 + (int)deviceBytes), CommandPostcopyRun);
+        WriteCommand(package.AsSpan(5 + (int)deviceBytes), MigrationFormat.CommandPostcopyRun);
         Span<byte> head = stackalloc byte[7];
         head[0] = MigrationFormat.Command;
-        BinaryPrimitives.WriteUInt16BigEndian(head[1..], CommandPackaged);
+        BinaryPrimitives.WriteUInt16BigEndian(head[1..], MigrationFormat.CommandPackaged);
         BinaryPrimitives.WriteUInt16BigEndian(head[3..], 4);
         Put(head[..5]);
         Span<byte> packageLength = stackalloc byte[4];
@@ -382,7 +375,7 @@ public sealed class PostcopySource
         payload[1] = (byte)id.Length;
         id.CopyTo(payload, 2);
         BinaryPrimitives.WriteUInt64BigEndian(payload.AsSpan(3 + id.Length + 8), MigrationFormat.PageSize);
-        PutCommand(CommandPostcopyRamDiscard, payload);
+        PutCommand(MigrationFormat.CommandPostcopyRamDiscard, payload);
     }
 
     private void PutSectionHeader(byte type)
