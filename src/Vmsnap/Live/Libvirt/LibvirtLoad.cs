@@ -40,19 +40,16 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
             ?? throw new OperationRefusedException($"libvirt's snapshot '{tag}' of domain '{domain.Name}' has no domain definition; use virsh snapshot-revert; nothing was loaded");
         List<(string Target, string Image)> disks = InternalDisks(snapshot, domainXml);
 
-        int domainState = domain.State;
-        if (domainState != DomainShutoff)
-        {
-            if (!force)
-                throw new DomainNotShutOffException(domain.Name);
-            domain.Destroy();
-        }
+        bool shutOff = domain.State == DomainShutoff;
+        if (!shutOff && !force)
+            throw new DomainNotShutOffException(domain.Name);
 
-        // Every disk checked before any is reverted.
+        // Every disk checked before the domain is stopped or any disk reverted, so that a refusal leaves a running
+        // domain running: read shared, as QEMU may still hold the images.
         var found = new List<(string Target, string Image, Qcow2Snapshot Snapshot)>();
         foreach ((string target, string image) in disks)
         {
-            using Qcow2Image img = Qcow2Image.Open(image, new Qcow2OpenOptions());
+            using Qcow2Image img = Qcow2Image.Open(image, new Qcow2OpenOptions { ReadOnly = true, ForceShare = true });
             Qcow2Snapshot s = img.FindSnapshot(tag)
                 ?? throw new SnapshotNotFoundException(tag, image, $"disk '{target}' ({image}) has no snapshot '{tag}', which libvirt lists; nothing was loaded");
             if (s.DiskSize != img.VirtualSize)
@@ -62,6 +59,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         (string vmTarget, string vmImage, Qcow2Snapshot vmSnapshot) = found.FirstOrDefault(f => f.Snapshot.VmStateSize > 0);
         if (vmImage is null)
             throw new OperationRefusedException($"no disk of snapshot '{tag}' holds its VM state; nothing was loaded");
+        if (!shutOff) domain.Destroy();
 
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((string target, string image, Qcow2Snapshot s) in found)
