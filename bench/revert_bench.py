@@ -311,10 +311,10 @@ def vmsnap(*args):
 
 def below_4g(q, size):
     """The bytes of RAM the pc machine maps below 4 GiB (the file's first part), from `info mtree`."""
-    out = q.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
+    out = q.cmd("human-monitor-command", **{"command-line": "info mtree"})
     for line in out.splitlines():
-        if "ram-below-4g" in line:
-            rng = line.split()[0]
+        if "alias ram-below-4g " in line:
+            rng = line.split()[-1]
             lo, hi = (int(x, 16) for x in rng.split("-"))
             return hi - lo + 1
     return size  # no split: all of it is below 4 GiB
