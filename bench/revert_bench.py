@@ -14,6 +14,7 @@ fresh QEMU and a fresh (empty) RAM file:
   qemu HMP loadvm      QEMU started paused (-S); t0 = HMP `loadvm TAG`, then `cont`
   vmsnap loadvm        QEMU started -incoming defer (no -S); t0 = vmsnap's start (dotnet start-up included)
   vmsnap --postcopy    the same, `vmsnap loadvm --postcopy`
+  (QEMU_SNAPSHOT=1)    the same, of QEMU's own HMP savevm snapshot of the guest (saved right after vmsnap's)
 
 Per load, all from t0: resume = QEMU's RESUME event (its own timestamp); for -loadvm, whose RESUME comes before QMP
 answers, the first `query-status` answer "running" (an upper bound); first tick = the first tick line the guest
@@ -42,7 +43,13 @@ GUEST_MEM_MIB = 256
 FILL_START = int(os.environ.get("FILL_START_MIB", "320")) * MiB
 FIRMWARE_MARGIN = 64 * MiB
 TAG = "revert"
+QEMU_TAG = "revert-qemu"
+POSTCOPY_QEMU = "vmsnap --postcopy, QEMU's snapshot"
 METHODS = ["qemu -loadvm", "qemu HMP loadvm", "vmsnap loadvm", "vmsnap --postcopy"]
+# QEMU_SNAPSHOT=1: QEMU's own HMP savevm of the same guest too, loaded with --postcopy (a snapshot vmsnap did not save
+# carries no index of vmsnap's: what postcopy costs on it).
+if os.environ.get("QEMU_SNAPSHOT", "0") == "1":
+    METHODS.append(POSTCOPY_QEMU)
 
 
 def loadavg():
@@ -413,7 +420,8 @@ def load_once(method, ctx):
         else:
             q = g.connect()
             r["qemu_start"] = time.time() - g.started
-            args = ["loadvm", "--qmp", g.vsock, TAG] + (["--postcopy"] if method == "vmsnap --postcopy" else [])
+            tag = QEMU_TAG if method == POSTCOPY_QEMU else TAG
+            args = ["loadvm", "--qmp", g.vsock, tag] + (["--postcopy"] if "--postcopy" in method else [])
             res, t0, end, rss = vmsnap(*args)
             r["rss"] = rss
             resume = q.event("RESUME", after=t0)
@@ -491,6 +499,10 @@ def prepare(size_gib, work, shm, disk, initrd):
         res, start, end, _ = vmsnap("savevm", "--qmp", g.vsock, TAG)
         wall = end - start
         g.serial.wait_tick(saved_tick + 2, timeout=60)  # and after the save
+        if POSTCOPY_QEMU in METHODS:
+            t = time.time()
+            q.hmp(f"savevm {QEMU_TAG}")
+            print(f"#   QEMU's HMP savevm {QEMU_TAG}: {time.time() - t:.2f} s", flush=True)
         print(f"#   vmsnap savevm: {res['seconds']:.2f} s (process {wall:.2f} s), VM state {res['bytes'] / MiB:.0f} MiB; guest ticks on", flush=True)
         bad = check_pages(ram, samples)
         if bad:
