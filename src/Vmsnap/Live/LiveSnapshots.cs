@@ -189,7 +189,15 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 /// <param name="PagesOnDemand">Pages QEMU asked for (the guest touched them) before they were sent.</param>
 /// <param name="PagesStreamed">Pages sent in the background.</param>
 /// <param name="ScanSeconds">Seconds spent reading the snapshot once to find its pages and device state, before anything changed.</param>
-public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds);
+public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds)
+{
+    /// <summary>True when this load resumed one that was cut off (QEMU's <c>postcopy-paused</c>): no drive was reverted, and
+    /// <see cref="SecondsToResume"/> is null (the guest had started in the first load).</summary>
+    public bool Resumed { get; init; }
+
+    /// <summary>On a resume: the pages QEMU had received before the cut (not sent again).</summary>
+    public long PagesAlreadyThere { get; init; }
+}
 
 /// <summary>What <see cref="LiveSnapshots.Recover"/> (or the start of a save or load) found of a killed live save, and what it did.</summary>
 /// <param name="Found">True when a save had been killed on this QEMU (its record was there).</param>
