@@ -315,7 +315,12 @@ internal sealed partial class LiveLoad
                 "the drives were reverted to the snapshot", e.ErrorClass, e);
         }
 
-        var source = new PostcopySource(index, new ServedReads(pageArea), socket, new PagesAsBytes(_progress)) { GuestStarted = () => LiveTrace.Mark("guest started") };
+        PostcopySource? served = null;
+        var source = new PostcopySource(index, new ServedReads(pageArea), socket, new PagesAsBytes(_progress, () => served?.GuestStartConfirmed == true))
+        {
+            GuestStarted = () => LiveTrace.Mark("guest started"),
+        };
+        served = source;
         PostcopySourceResult sent;
         double lastPageAt;
         try
@@ -364,12 +369,15 @@ internal sealed partial class LiveLoad
         return new LiveLoadResult(Tag, record.Drives, current.VmStateSize, info.RamBytes, seconds, after, info) { Recovery = recovery, Postcopy = postcopy };
     }
 
-    /// <summary>Reports pages as bytes of RAM, for a progress that counts bytes; marks each report (a test's kill hook stops there, pages left).</summary>
-    private sealed class PagesAsBytes(IProgress<long>? bytes) : IProgress<long>
+    /// <summary>
+    /// Reports pages as bytes of RAM, for a progress that counts bytes; marks each report once the guest has started (a test's
+    /// kill hook stops there, with pages left and QEMU able to pause).
+    /// </summary>
+    private sealed class PagesAsBytes(IProgress<long>? bytes, Func<bool> guestStarted) : IProgress<long>
     {
         public void Report(long value)
         {
-            LiveTrace.Mark("pages sent");
+            if (guestStarted()) LiveTrace.Mark("pages sent");
             bytes?.Report(value * PostcopySource.PageBytes);
         }
     }

@@ -78,7 +78,10 @@ public sealed class PostcopySource
     /// <summary>RESUME_ACK's value (QEMU's MIGRATION_RESUME_ACK_VALUE).</summary>
     private const uint ResumeAckValue = 1;
 
-    /// <summary>The PING inside the package, after RUN: its PONG says the device state is loaded and the guest started.</summary>
+    /// <summary>
+    /// The PING inside the package, between the device state and RUN: its PONG says the device state is loaded (which may
+    /// have needed pages: QEMU reads virtio rings in guest RAM while loading devices) and RUN is next in the same buffer.
+    /// </summary>
     private const uint RunPing = 0x766d736e;
 
     /// <summary>The size of the pages served (the target page size: only 4 KiB pages are served).</summary>
@@ -131,9 +134,9 @@ public sealed class PostcopySource
     }
 
     /// <summary>
-    /// Called on the return path's thread once the destination has loaded the device state and started the guest (the
-    /// PONG to the PING after RUN): from then on a lost channel leaves it in <c>postcopy-paused</c>, which a new source can
-    /// resume; before, QEMU fails the load and exits.
+    /// Called on the return path's thread once the destination has loaded the device state (the PONG to the PING just
+    /// before RUN, which QEMU reads next from the package it holds whole): from RUN on a lost channel leaves it in
+    /// <c>postcopy-paused</c>, which a new source can resume; before, QEMU fails the load and exits.
     /// </summary>
     public Action? GuestStarted { get; init; }
 
@@ -177,7 +180,7 @@ public sealed class PostcopySource
 
     /// <summary>
     /// Sends everything up to the device state's package: after it the destination loads the devices and starts the
-    /// guest, asking for each page it touches. Starts reading the return path. The package ends with a PING after RUN,
+    /// guest, asking for each page it touches. Starts reading the return path. The package has a PING just before RUN,
     /// whose PONG tells when the destination reached the state a lost channel can be resumed from (<see cref="GuestStarted"/>).
     /// </summary>
     /// <exception cref="IOException">Reading the snapshot failed.</exception>
@@ -199,14 +202,15 @@ public sealed class PostcopySource
         _returnPath = new Thread(ReadReturnPath) { IsBackground = true, Name = "postcopy return path" };
         _returnPath.Start();
 
-        // The package: LISTEN, the device sections as recorded (up to the stream's EOF), RUN, PING.
+        // The package: LISTEN, the device sections as recorded (up to the stream's EOF), PING, RUN. The PING goes before RUN:
+        // QEMU stops reading the package at RUN (LOADVM_QUIT), so a command after it is never read.
         long deviceBytes = _index.EofOffset - _index.DeviceStateOffset;
-        byte[] package = new byte[5 + deviceBytes + 5 + 9];
+        byte[] package = new byte[5 + deviceBytes + 9 + 5];
         WriteCommand(package, MigrationFormat.CommandPostcopyListen, 0);
         ReadExactly(package.AsSpan(5, (int)deviceBytes), _index.DeviceStateOffset, "the device state");
-        WriteCommand(package.AsSpan(5 + (int)deviceBytes), MigrationFormat.CommandPostcopyRun, 0);
-        WriteCommand(package.AsSpan(10 + (int)deviceBytes), MigrationFormat.CommandPing, 4);
-        BinaryPrimitives.WriteUInt32BigEndian(package.AsSpan(15 + (int)deviceBytes), RunPing);
+        WriteCommand(package.AsSpan(5 + (int)deviceBytes), MigrationFormat.CommandPing, 4);
+        BinaryPrimitives.WriteUInt32BigEndian(package.AsSpan(10 + (int)deviceBytes), RunPing);
+        WriteCommand(package.AsSpan(14 + (int)deviceBytes), MigrationFormat.CommandPostcopyRun, 0);
         Span<byte> head = stackalloc byte[7];
         head[0] = MigrationFormat.Command;
         BinaryPrimitives.WriteUInt16BigEndian(head[1..], MigrationFormat.CommandPackaged);
