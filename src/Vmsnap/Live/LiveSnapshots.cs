@@ -47,6 +47,8 @@ public static class LiveSnapshots
     /// <paramref name="qmpSocket"/>: QEMU's migration settings as that save set them, a guest it stopped or left in
     /// <c>postmigrate</c> with its images released, a snapshot on some drives only, the unsaved VM state at the end of
     /// the image. <see cref="SaveVm"/> and <see cref="LoadVm"/> do the same first, on their own; this does it alone.
+    /// A postcopy load that was cut off (QEMU in <c>postcopy-paused</c>) is resumed from the record it left in QEMU, as
+    /// <see cref="LoadVm"/> with the same snapshot and <see cref="LiveLoadOptions.Postcopy"/> would.
     /// </summary>
     /// <returns>What the killed save had left and what was done; <see cref="LiveRecoveryResult.Found"/> is false when there was nothing.</returns>
     /// <exception cref="VmsnapException">The save is still running (<see cref="OperationRefusedException"/>), QEMU refused a command
@@ -205,7 +207,8 @@ public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsT
 /// <param name="ProcessId">The killed vmsnap's process id.</param>
 /// <param name="Stage">How far the save had come: <c>preparing</c> (QEMU had not begun sending), <c>migrating</c>,
 /// <c>stopped</c> (QEMU had sent everything and released the images), <c>committed</c> (the snapshot was complete, the guest not
-/// resumed), <c>resumed</c> (only the settings were left); <c>none</c> when nothing was found.</param>
+/// resumed), <c>resumed</c> (only the settings were left), <c>postcopy</c> (a <c>loadvm --postcopy</c> cut off, now resumed);
+/// <c>none</c> when nothing was found.</param>
 /// <param name="Snapshot">What became of its snapshot: <c>none</c> (on no drive), <c>kept</c> (complete on every drive),
 /// <c>finished</c> (created on the drives that lacked it, the VM-state drive having it), <c>undone</c> (deleted from the drives that had
 /// it), <c>partial</c> (on some drives, which QEMU holds again: see <see cref="Actions"/>).</param>

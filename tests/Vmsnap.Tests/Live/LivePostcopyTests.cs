@@ -81,8 +81,9 @@ public class LivePostcopyTests
         VmKit.Vmsnap("load", dir.File("disk0.qcow2"), "s", "--ram", $"ram0={expected}");
         string[] disks = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
 
-        // First vmsnap SIGKILLed while it streams pages (the guest started, pages left); then the image's reads failing there.
-        foreach (bool kill in new[] { true, false })
+        // vmsnap SIGKILLed while it streams pages (the guest started, pages left), resumed by the same command; the image's
+        // reads failing there, resumed by the same command; SIGKILLed again, resumed by vmsnap recover.
+        foreach ((bool kill, bool byRecover) in new[] { (true, false), (false, false), (true, true) })
         {
             using TestGuest restored = TestGuest.Restart(dir, options, "-incoming", "defer", "-S");
             string[] args = ["loadvm", "--qmp", restored.VmsnapSocket, "s", "--postcopy"];
@@ -108,13 +109,23 @@ public class LivePostcopyTests
             VmsnapFails(["loadvm", "--qmp", restored.VmsnapSocket, "other", "--postcopy"], "serves snapshot 's'", "nothing was changed");
             Assert.Equal("postcopy-paused", MigrationStatus(restored));
 
-            // The same command resumes it: only the pages QEMU lacks, and no drive reverted again.
-            JsonElement r = VmsnapJson([.. args, "--json"]);
-            JsonElement pc = r.GetProperty("postcopy");
-            Assert.True(pc.GetProperty("resumed").GetBoolean());
-            long there = pc.GetProperty("pages-already-there").GetInt64();
-            Assert.True(there > 0, "QEMU had received pages before the cut");
-            Assert.Equal(r.GetProperty("ram-bytes").GetInt64() / 4096, there + pc.GetProperty("pages-on-demand").GetInt64() + pc.GetProperty("pages-streamed").GetInt64());
+            // The same command (or recover) resumes it: only the pages QEMU lacks, and no drive reverted again.
+            if (byRecover)
+            {
+                JsonElement rec = VmsnapJson("recover", "--qmp", restored.VmsnapSocket, "--json");
+                Assert.True(rec.GetProperty("found").GetBoolean());
+                Assert.Equal("postcopy", rec.GetProperty("stage").GetString());
+                Assert.Equal("s", rec.GetProperty("tag").GetString());
+            }
+            else
+            {
+                JsonElement r = VmsnapJson([.. args, "--json"]);
+                JsonElement pc = r.GetProperty("postcopy");
+                Assert.True(pc.GetProperty("resumed").GetBoolean());
+                long there = pc.GetProperty("pages-already-there").GetInt64();
+                Assert.True(there > 0, "QEMU had received pages before the cut");
+                Assert.Equal(r.GetProperty("ram-bytes").GetInt64() / 4096, there + pc.GetProperty("pages-on-demand").GetInt64() + pc.GetProperty("pages-streamed").GetInt64());
+            }
             Assert.Equal("completed", MigrationStatus(restored));
             Assert.DoesNotContain(restored.Vm.Execute("query-migrate-capabilities")!.AsArray(),
                 c => c!["capability"]!.GetValue<string>() == "postcopy-ram" && c["state"]!.GetValue<bool>());
