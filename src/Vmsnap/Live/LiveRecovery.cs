@@ -27,6 +27,8 @@ namespace Vmsnap.Live;
 /// <item>With QEMU holding the images again: the VM-state image's tail past QEMU's writes (plus the guard)
 /// and past what the image uses is cut, as a failed save cuts it.</item>
 /// <item>The channel's descriptor QEMU was handed but never used (a kill between getfd and migrate).</item>
+/// <item>For <c>vmsnap recover</c> only: a <c>loadvm --postcopy</c> cut off after its guest started (QEMU in
+/// <c>postcopy-paused</c>) is resumed from its own record (<see cref="PostcopyRecord"/>) through QEMU's postcopy recovery.</item>
 /// </list>
 /// Every step can be repeated: a recovery killed itself leaves the record, and the next one goes on.
 /// </remarks>
