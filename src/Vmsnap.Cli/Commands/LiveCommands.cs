@@ -139,7 +139,14 @@ internal static class LiveCommands
                     Machine: r.Stream.MachineType,
                     Postcopy: pc is null ? null : new PostcopyJson(
                         pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null,
-                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6))), CliJsonWithNulls.Default.LoadVmJson);
+                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Resumed, pc.PagesAlreadyThere)),
+                    CliJsonWithNulls.Default.LoadVmJson);
+            }
+            else if (pc is { Resumed: true })
+            {
+                Console.Out.WriteLine($"resumed the postcopy load of snapshot '{r.Tag}' that was cut off (no drive reverted again): {pc.PagesAlreadyThere} pages were in QEMU already; " +
+                    $"last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
+                    $"{pc.ScanSeconds:0.000} s to index the snapshot); guest {r.RunState}");
             }
             else if (pc is not null)
             {
@@ -198,7 +205,8 @@ internal static class LiveCommands
         string RunState, IReadOnlyList<LiveDiskSnapshot> Disks, string? Machine, PostcopyJson? Postcopy);
 
     /// <summary>The <c>postcopy</c> object of <c>loadvm --postcopy --json</c> (null without --postcopy).</summary>
-    internal sealed record PostcopyJson(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double IndexSeconds);
+    internal sealed record PostcopyJson(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double IndexSeconds,
+        bool Resumed, long PagesAlreadyThere);
 
     /// <summary>JSON of <c>recover --json</c>.</summary>
     internal sealed record RecoverJson(string Operation, bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,

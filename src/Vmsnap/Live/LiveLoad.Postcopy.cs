@@ -6,6 +6,8 @@ using Vmsnap.Migration;
 using Vmsnap.Migration.LowLevel;
 using Vmsnap.Qcow2;
 using Vmsnap.Qcow2.LowLevel;
+using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
 using Vmsnap.VmState;
 using Vmsnap.VmState.LowLevel;
 
@@ -41,25 +43,8 @@ internal sealed partial class LiveLoad
         }
 
         var clock = Stopwatch.StartNew();
-        PostcopyIndex index;
-        using (Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!))
-        using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
-        using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
-        using (var reader = new VmStateReader(source, ReadBufferSize))
-        {
-            try
-            {
-                index = PostcopySource.Scan(reader, snapshot.VmStateSize, Cancellation);
-            }
-            catch (MigrationStreamException e)
-            {
-                throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded: its VM state does not read ({e.Message}); nothing was loaded", e);
-            }
-        }
+        PostcopyIndex index = IndexSnapshot(vmDisk.ImagePath!, snapshot);
         double scanSeconds = clock.Elapsed.TotalSeconds;
-        LiveTrace.Mark("indexed");
-        if (index.Problem is { } problem)
-            throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded with --postcopy: {problem}; load it without --postcopy; nothing was loaded");
 
         bool wasOff = !capabilities.GetValueOrDefault(PostcopyCapability);
         if (wasOff)
@@ -74,6 +59,30 @@ internal sealed partial class LiveLoad
             }
         }
         return new PostcopyPlan(index, index.Info, scanSeconds, wasOff);
+    }
+
+    /// <summary>Where the snapshot's pages and device state lie (one scan of its VM state); refused when postcopy cannot serve it.</summary>
+    private PostcopyIndex IndexSnapshot(string imagePath, Qcow2Snapshot snapshot)
+    {
+        PostcopyIndex index;
+        using (Qcow2Image image = OpenSharedDirect(imagePath))
+        using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
+        using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
+        using (var reader = new VmStateReader(source, ReadBufferSize))
+        {
+            try
+            {
+                index = PostcopySource.Scan(reader, snapshot.VmStateSize, Cancellation);
+            }
+            catch (MigrationStreamException e)
+            {
+                throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded: its VM state does not read ({e.Message}); nothing was loaded", e);
+            }
+        }
+        LiveTrace.Mark("indexed");
+        if (index.Problem is { } problem)
+            throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded with --postcopy: {problem}; load it without --postcopy; nothing was loaded");
+        return index;
     }
 
     /// <summary>
@@ -168,9 +177,11 @@ internal sealed partial class LiveLoad
         });
 
     /// <summary>Puts <c>postcopy-ram</c> back off when the load set it (best effort: a QEMU that refuses keeps it).</summary>
-    private void RestorePostcopyCapability(PostcopyPlan plan)
+    private void RestorePostcopyCapability(PostcopyPlan plan) => RestorePostcopyCapability(plan.CapabilityWasOff);
+
+    private void RestorePostcopyCapability(bool wasOff)
     {
-        if (!plan.CapabilityWasOff || Qmp.IsClosed) return;
+        if (!wasOff || Qmp.IsClosed) return;
         try
         {
             SetPostcopyCapability(false);
@@ -209,13 +220,71 @@ internal sealed partial class LiveLoad
 
     private LiveLoadResult ServePostcopy(LiveDisk vmDisk, Qcow2Snapshot snapshot, PostcopyPlan plan, List<LiveDiskSnapshot> reverted, LiveRecoveryResult? recovery, Stopwatch clock)
     {
+        var record = PostcopyRecord.ForThisProcess(Tag, vmDisk.ImagePath!, snapshot, plan.CapabilityWasOff, reverted);
+        return Serve(record, plan.Index, plan.Info, plan.ScanSeconds, resume: false, recovery, clock);
+    }
+
+    /// <summary>
+    /// The rerun of <c>loadvm --postcopy</c> on a QEMU whose postcopy load was cut off (vmsnap killed, an image read failed):
+    /// QEMU's guest waits in <c>postcopy-paused</c>. Nothing of the first load is done again (no check of the drives, no
+    /// revert: the guest has run on them since); the snapshot must be the one QEMU's record names, unchanged; then QEMU's
+    /// postcopy recovery (<c>migrate-recover</c> on a new channel) and every page QEMU has not received.
+    /// </summary>
+    private LiveLoadResult ResumePostcopy(string status, LiveRecoveryResult? recovery, Stopwatch clock)
+    {
+        const string nothing = "nothing was changed";
+        PostcopyRecord record = PostcopyRecord.Read(Qmp)
+            ?? throw new OperationRefusedException($"QEMU's incoming migration is '{status}' (a postcopy load under way or cut off), but QEMU holds no vmsnap record " +
+                $"of it: it was not begun by vmsnap loadvm --postcopy, so vmsnap does not know what to serve; {nothing}");
+        if (record.Tag != Tag && record.SnapshotId != Tag)
+            throw new OperationRefusedException($"the postcopy load on this QEMU serves snapshot '{record.Tag}' of {record.Image}, not '{Tag}': " +
+                $"run the same command with '{record.Tag}' to resume it; {nothing}");
+        if (record.OwnerRuns)
+            throw new OperationRefusedException($"vmsnap process {record.ProcessId} still serves the postcopy load of '{record.Tag}' on this QEMU " +
+                $"(QEMU's incoming migration is '{status}'); {nothing}");
+        // A resume whose own channel was cut goes back to postcopy-paused by itself once QEMU sees the channel close.
+        if (status != "postcopy-paused")
+        {
+            WaitUntil(() => Qmp.IsClosed || MigrationStatus().Status is not ("postcopy-recover" or "postcopy-recover-setup" or "postcopy-active"), TimeSpan.FromSeconds(10));
+            status = MigrationStatus().Status;
+        }
+        if (status != "postcopy-paused")
+            throw new OperationRefusedException($"QEMU's incoming migration is '{status}', not postcopy-paused: a postcopy load can be resumed only from there; {nothing}");
+
+        Qcow2Snapshot snapshot;
+        try
+        {
+            using Qcow2Image image = OpenSharedDirect(record.Image);
+            Qcow2Snapshot? found = image.FindSnapshot(record.SnapshotId);
+            snapshot = found is not null && record.Matches(found) ? found
+                : throw new OperationRefusedException($"snapshot '{record.Tag}' (ID {record.SnapshotId}) of {record.Image} is {(found is null ? "gone" : "another snapshot now")}: " +
+                    $"the postcopy load cut off on this QEMU served it, and its guest's missing pages cannot come from anything else; {nothing}");
+        }
+        catch (Exception e) when (e is VmsnapException or IOException && e is not OperationRefusedException)
+        {
+            throw new OperationRefusedException($"the image {record.Image} that the cut-off postcopy load served does not open ({e.Message}); " +
+                $"fix that and run the same command again; {nothing}", e);
+        }
+        var indexClock = Stopwatch.StartNew();
+        PostcopyIndex index = IndexSnapshot(record.Image, snapshot);
+        return Serve(record.TakenOver(), index, index.Info, indexClock.Elapsed.TotalSeconds, resume: true, recovery, clock);
+    }
+
+    /// <summary>
+    /// Serves the snapshot as a postcopy source: on a first load, device state first, then every page; on a resume, the
+    /// recovery handshake, then every page QEMU lacks. Returns once QEMU has them all. QEMU holds <paramref name="record"/>
+    /// meanwhile: a load cut off after the guest started leaves it paused, and the same command resumes it.
+    /// </summary>
+    private LiveLoadResult Serve(PostcopyRecord record, PostcopyIndex index, MigrationStreamInfo info, double scanSeconds, bool resume,
+        LiveRecoveryResult? recovery, Stopwatch clock)
+    {
         // Two opens: single pages read at their place (what the guest asks for), and the whole stream read in order.
-        using Qcow2Image pages = OpenShared(vmDisk);
-        Qcow2Snapshot current = pages.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
+        using Qcow2Image pages = Qcow2Image.Open(record.Image, new Qcow2OpenOptions { ForceShare = true });
+        Qcow2Snapshot current = pages.FindSnapshot(record.SnapshotId) ?? throw new SnapshotNotFoundException(Tag, record.Image, $"snapshot '{Tag}' of {record.Image} is gone");
         using Qcow2VmStateArea pageArea = pages.OpenVmStateAreaForReading(current);
-        using Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!);
-        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? current);
-        using VmStateBackend backend = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
+        using Qcow2Image image = OpenSharedDirect(record.Image);
+        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(record.SnapshotId) ?? current);
+        using VmStateBackend backend = VmStateBackend.ForBlockDevice(new ServedReads(area), 0, current.VmStateSize);
         using var reader = new VmStateReader(backend, ReadBufferSize);
 
         (Socket socket, string uri, string fdName) = OpenChannel();
@@ -225,24 +294,49 @@ internal sealed partial class LiveLoad
         DateTimeOffset started = DateTimeOffset.Now - clock.Elapsed;
         try
         {
-            Qmp.Execute("migrate-incoming", new JsonObject { ["uri"] = uri });
+            if (resume)
+            {
+                record.Update(Qmp);
+                Qmp.Execute("migrate-recover", new JsonObject { ["uri"] = uri });
+            }
+            else
+            {
+                record.Write(Qmp);
+                Qmp.Execute("migrate-incoming", new JsonObject { ["uri"] = uri });
+            }
         }
         catch (QmpException e)
         {
             CloseFd(fdName);
+            if (resume)
+                throw new LiveSnapshotException($"QEMU refused to resume the postcopy load (migrate-recover): {e.Message}; the guest still waits in postcopy-paused", e);
+            PostcopyRecord.Delete(Qmp);
             throw new QmpException($"QEMU refused the incoming migration: {e.Message} (start QEMU with -incoming defer for vmsnap loadvm); " +
                 "the drives were reverted to the snapshot", e.ErrorClass, e);
         }
 
-        var source = new PostcopySource(plan.Index, pageArea, socket, _progress is null ? null : new PagesAsBytes(_progress));
+        PostcopySource? served = null;
+        var source = new PostcopySource(index, new ServedReads(pageArea), socket, new PagesAsBytes(_progress, () => served?.GuestStartConfirmed == true))
+        {
+            GuestStarted = () => LiveTrace.Mark("guest started"),
+        };
+        served = source;
         PostcopySourceResult sent;
         double lastPageAt;
         try
         {
             // From here the guest runs on the pages this process serves: a cancellation would leave it paused, so the pages go out whole.
             _options.ServingPages?.Invoke(true);
-            source.SendDeviceState();
-            LiveTrace.Mark("device state sent");
+            if (resume)
+            {
+                source.Resume(_options.LoadTimeout);
+                LiveTrace.Mark("resumed");
+            }
+            else
+            {
+                source.SendDeviceState();
+                LiveTrace.Mark("device state sent");
+            }
             sent = source.SendPages(reader, current.VmStateSize);
             lastPageAt = clock.Elapsed.TotalSeconds;
             _options.ServingPages?.Invoke(false);
@@ -250,29 +344,78 @@ internal sealed partial class LiveLoad
         }
         catch (Exception e) when (e is VmsnapException or IOException or SocketException)
         {
+            socket.Dispose();   // QEMU sees the channel close: a started guest pauses in postcopy-paused, fed nothing more
             if (Qmp.IsClosed)
                 throw new LiveSnapshotException(QemuGone("during the postcopy load: QEMU refused the stream (see its error output)") + "; the drives were reverted to the snapshot", e);
             string why = source.ReturnPathProblem is { } p ? $" ({p})" : "";
-            throw new LiveSnapshotException($"serving the snapshot's pages to QEMU failed: {e.Message}{why}; the guest waits in postcopy-paused for the missing pages " +
-                "(not supported yet: resuming it; see QEMU's migrate-recover)", e);
+            throw new LiveSnapshotException($"serving snapshot '{record.Tag}' to QEMU failed: {e.Message}{why}; the guest waits in postcopy-paused for its missing pages: " +
+                $"run the same command again (vmsnap loadvm --qmp {Qmp.Path} {record.Tag} --postcopy) to resume it", e);
         }
         string? shut = source.WaitForShut(_options.LoadTimeout);
         string after = WaitLoaded();
         if (shut is not null && !Qmp.IsClosed && MigrationStatus().Status != "completed")
             throw new LiveSnapshotException($"QEMU did not confirm the postcopy load: {shut}");
-        RestorePostcopyCapability(plan);
+        RestorePostcopyCapability(record.CapabilityWasOff);
+        PostcopyRecord.Delete(Qmp);
         LiveTrace.Mark("loaded");
 
-        QmpEvent? resume = Qmp.EventsSince(mark).FirstOrDefault(e => e.Name == "RESUME");
-        double? toResume = resume is null ? null : (resume.Timestamp - started).TotalSeconds;
+        QmpEvent? resumeEvent = resume ? null : Qmp.EventsSince(mark).FirstOrDefault(e => e.Name == "RESUME");
+        double? toResume = resumeEvent is null ? null : (resumeEvent.Timestamp - started).TotalSeconds;
         double seconds = clock.Elapsed.TotalSeconds;
-        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, plan.ScanSeconds);
-        return new LiveLoadResult(Tag, reverted, current.VmStateSize, plan.Info.RamBytes, seconds, after, plan.Info) { Recovery = recovery, Postcopy = postcopy };
+        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, scanSeconds)
+        {
+            Resumed = resume, PagesAlreadyThere = sent.PagesAlreadyThere,
+        };
+        return new LiveLoadResult(Tag, record.Drives, current.VmStateSize, info.RamBytes, seconds, after, info) { Recovery = recovery, Postcopy = postcopy };
     }
 
-    /// <summary>Reports pages as bytes of RAM, for a progress that counts bytes.</summary>
-    private sealed class PagesAsBytes(IProgress<long> bytes) : IProgress<long>
+    /// <summary>
+    /// Reports pages as bytes of RAM, for a progress that counts bytes; marks each report once the guest has started (a test's
+    /// kill hook stops there, with pages left and QEMU able to pause).
+    /// </summary>
+    private sealed class PagesAsBytes(IProgress<long>? bytes, Func<bool> guestStarted) : IProgress<long>
     {
-        public void Report(long value) => bytes.Report(value * PostcopySource.PageBytes);
+        public void Report(long value)
+        {
+            if (guestStarted()) LiveTrace.Mark("pages sent");
+            bytes?.Report(value * PostcopySource.PageBytes);
+        }
+    }
+
+    /// <summary>The snapshot's reads while pages are served, through the test seam <see cref="LiveTrace.BeforeServedRead"/> (which may throw).</summary>
+    private sealed class ServedReads(IBlockDevice inner) : IBlockDevice
+    {
+        public long Length => inner.Length;
+
+        public bool IsReadOnly => inner.IsReadOnly;
+
+        public int Alignment => inner.Alignment;
+
+        public int Read(Span<byte> buffer, long offset)
+        {
+            LiveTrace.BeforeServedRead?.Invoke();
+            return inner.Read(buffer, offset);
+        }
+
+        public ValueTask<int> ReadAsync(Memory<byte> buffer, long offset, CancellationToken cancellationToken = default)
+        {
+            LiveTrace.BeforeServedRead?.Invoke();
+            return inner.ReadAsync(buffer, offset, cancellationToken);
+        }
+
+        public void Write(ReadOnlySpan<byte> buffer, long offset) => inner.Write(buffer, offset);
+
+        public ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, long offset, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, offset, cancellationToken);
+
+        public void Flush() => inner.Flush();
+
+        public void SetLength(long length) => inner.SetLength(length);
+
+        public void Discard(long offset, long length) => inner.Discard(offset, length);
+
+        public void Dispose()
+        {
+            // The reads' owner disposes the device.
+        }
     }
 }

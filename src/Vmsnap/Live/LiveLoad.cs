@@ -39,9 +39,13 @@ internal sealed partial class LiveLoad : LiveSession
         // A QEMU a save was killed on (the wrong socket for a load, or a load tried right after): that save's leftovers are undone first.
         LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
         if (recovery is not null) _options.Recovered?.Invoke(recovery);
-        if (_options.Postcopy && MigrationStatus().Status is { } cut && cut.StartsWith("postcopy-", StringComparison.Ordinal))
-            throw new OperationRefusedException($"not supported yet: resuming a postcopy load that was cut off (QEMU's incoming migration is '{cut}'); " +
-                "the guest waits for its missing pages; nothing was loaded");
+        if (MigrationStatus().Status is { } cut && cut.StartsWith("postcopy-", StringComparison.Ordinal))
+        {
+            // A postcopy load under way or cut off: the rerun of the same command resumes it, and changes nothing else.
+            if (_options.Postcopy) return ResumePostcopy(cut, recovery, clock);
+            throw new OperationRefusedException($"QEMU's incoming migration is '{cut}': a postcopy load{(PostcopyRecord.Read(Qmp) is { } r ? $" of snapshot '{r.Tag}'" : "")} " +
+                "is under way or was cut off; its guest waits for pages; resume it with the same command (loadvm --postcopy); nothing was loaded");
+        }
         string state = RunState();
         if (state != "inmigrate")
             throw new OperationRefusedException(

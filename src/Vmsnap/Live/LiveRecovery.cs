@@ -27,6 +27,8 @@ namespace Vmsnap.Live;
 /// <item>With QEMU holding the images again: the VM-state image's tail past QEMU's writes (plus the guard)
 /// and past what the image uses is cut, as a failed save cuts it.</item>
 /// <item>The channel's descriptor QEMU was handed but never used (a kill between getfd and migrate).</item>
+/// <item>For <c>vmsnap recover</c> only: a <c>loadvm --postcopy</c> cut off after its guest started (QEMU in
+/// <c>postcopy-paused</c>) is resumed from its own record (<see cref="PostcopyRecord"/>) through QEMU's postcopy recovery.</item>
 /// </list>
 /// Every step can be repeated: a recovery killed itself leaves the record, and the next one goes on.
 /// </remarks>
@@ -49,6 +51,7 @@ internal sealed class LiveRecovery : LiveSession
     internal static LiveRecoveryResult Explicit(IQmpConnection qmp, CancellationToken cancellationToken)
     {
         if (IfNeeded(qmp, cancellationToken) is { } done) return done;
+        if (ResumePostcopy(qmp, cancellationToken) is { } resumed) return resumed;
         string state = QemuBlockDevices.Str(qmp.Execute("query-status")?["status"]) ?? "unknown";
         string description = state == "postmigrate"
             ? "no vmsnap save was interrupted on this QEMU, but it is in run state postmigrate: a migration completed and its images " +
@@ -56,6 +59,27 @@ internal sealed class LiveRecovery : LiveSession
               (qmp.IsAtLeast(10, 0) ? " (blockdev-set-active takes them back without running it)" : "")
             : $"no vmsnap save was interrupted on this QEMU (run state '{state}')";
         return new LiveRecoveryResult(false, null, null, "none", "none", false, [], [], [], state, description);
+    }
+
+    /// <summary>
+    /// A postcopy load that was cut off (QEMU's guest waits in <c>postcopy-paused</c>): resumed from the record it left in QEMU,
+    /// as its own command run again would (<see cref="PostcopyRecord"/>). Null when QEMU runs no postcopy migration.
+    /// </summary>
+    private static LiveRecoveryResult? ResumePostcopy(IQmpConnection qmp, CancellationToken cancellationToken)
+    {
+        string status = QemuBlockDevices.Str(qmp.Execute("query-migrate")?["status"]) ?? "none";
+        if (!status.StartsWith("postcopy-", StringComparison.Ordinal)) return null;
+        if (PostcopyRecord.Read(qmp) is not { } record)
+        {
+            string state = QemuBlockDevices.Str(qmp.Execute("query-status")?["status"]) ?? "unknown";
+            return new LiveRecoveryResult(false, null, null, "none", "none", false, [], [], [], state,
+                $"QEMU's incoming migration is '{status}', a postcopy migration no vmsnap began (QEMU holds no vmsnap record of it): its own source must resume it (migrate-recover)");
+        }
+        LiveLoadResult r = new LiveLoad(qmp, record.Tag, new LiveLoadOptions { Postcopy = true }, null, cancellationToken).Run();
+        LivePostcopyResult pc = r.Postcopy!;
+        return new LiveRecoveryResult(true, record.Tag, record.ProcessId, "postcopy", "kept", true, [], [],
+            [$"resumed it from {record.Image}: {pc.PagesAlreadyThere} pages were in QEMU already, {pc.PagesOnDemand + pc.PagesStreamed} sent (no drive reverted again)"], r.RunState,
+            $"a vmsnap loadvm --postcopy of '{record.Tag}' (process {record.ProcessId}) was cut off; QEMU's guest waited in {status} for its missing pages");
     }
 
     private LiveRecoveryResult Run()

@@ -47,6 +47,8 @@ public static class LiveSnapshots
     /// <paramref name="qmpSocket"/>: QEMU's migration settings as that save set them, a guest it stopped or left in
     /// <c>postmigrate</c> with its images released, a snapshot on some drives only, the unsaved VM state at the end of
     /// the image. <see cref="SaveVm"/> and <see cref="LoadVm"/> do the same first, on their own; this does it alone.
+    /// A postcopy load that was cut off (QEMU in <c>postcopy-paused</c>) is resumed from the record it left in QEMU, as
+    /// <see cref="LoadVm"/> with the same snapshot and <see cref="LiveLoadOptions.Postcopy"/> would.
     /// </summary>
     /// <returns>What the killed save had left and what was done; <see cref="LiveRecoveryResult.Found"/> is false when there was nothing.</returns>
     /// <exception cref="VmsnapException">The save is still running (<see cref="OperationRefusedException"/>), QEMU refused a command
@@ -189,7 +191,15 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 /// <param name="PagesOnDemand">Pages QEMU asked for (the guest touched them) before they were sent.</param>
 /// <param name="PagesStreamed">Pages sent in the background.</param>
 /// <param name="ScanSeconds">Seconds spent reading the snapshot once to find its pages and device state, before anything changed.</param>
-public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds);
+public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds)
+{
+    /// <summary>True when this load resumed one that was cut off (QEMU's <c>postcopy-paused</c>): no drive was reverted, and
+    /// <see cref="SecondsToResume"/> is null (the guest had started in the first load).</summary>
+    public bool Resumed { get; init; }
+
+    /// <summary>On a resume: the pages QEMU had received before the cut (not sent again).</summary>
+    public long PagesAlreadyThere { get; init; }
+}
 
 /// <summary>What <see cref="LiveSnapshots.Recover"/> (or the start of a save or load) found of a killed live save, and what it did.</summary>
 /// <param name="Found">True when a save had been killed on this QEMU (its record was there).</param>
@@ -197,7 +207,8 @@ public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsT
 /// <param name="ProcessId">The killed vmsnap's process id.</param>
 /// <param name="Stage">How far the save had come: <c>preparing</c> (QEMU had not begun sending), <c>migrating</c>,
 /// <c>stopped</c> (QEMU had sent everything and released the images), <c>committed</c> (the snapshot was complete, the guest not
-/// resumed), <c>resumed</c> (only the settings were left); <c>none</c> when nothing was found.</param>
+/// resumed), <c>resumed</c> (only the settings were left), <c>postcopy</c> (a <c>loadvm --postcopy</c> cut off, now resumed);
+/// <c>none</c> when nothing was found.</param>
 /// <param name="Snapshot">What became of its snapshot: <c>none</c> (on no drive), <c>kept</c> (complete on every drive),
 /// <c>finished</c> (created on the drives that lacked it, the VM-state drive having it), <c>undone</c> (deleted from the drives that had
 /// it), <c>partial</c> (on some drives, which QEMU holds again: see <see cref="Actions"/>).</param>

@@ -20,6 +20,12 @@ internal static class LiveTrace
     /// </summary>
     internal static Action<string>? AtMark;
 
+    /// <summary>
+    /// Called before each read of the snapshot a postcopy load serves pages from: the seam for tests that make the image's
+    /// reads fail in the middle of serving (a startup hook sets it to throw an <see cref="IOException"/>).
+    /// </summary>
+    internal static Action? BeforeServedRead;
+
     internal static void Mark(string what)
     {
         AtMark?.Invoke(what);

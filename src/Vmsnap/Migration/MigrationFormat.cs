@@ -34,7 +34,7 @@ internal static class MigrationFormat
 
     /// <summary>Commands of the postcopy protocol (QEMU's MIG_CMD_*), as a postcopy source sends them.</summary>
     public const ushort CommandOpenReturnPath = 1, CommandPing = 2, CommandPostcopyAdvise = 3, CommandPostcopyListen = 4,
-        CommandPostcopyRun = 5, CommandPostcopyRamDiscard = 6, CommandPackaged = 7;
+        CommandPostcopyRun = 5, CommandPostcopyRamDiscard = 6, CommandPackaged = 7, CommandPostcopyResume = 9, CommandRecvBitmap = 10;
 
     /// <summary>The capability that lays RAM out by file offset (QEMU 9.0+, <c>migrate file:</c>).</summary>
     public const string CapabilityMappedRam = "mapped-ram";
@@ -98,8 +98,8 @@ internal static class MigrationFormat
         CommandPostcopyRamDiscard => "POSTCOPY_RAM_DISCARD (6)",
         CommandPackaged => "PACKAGED (7)",
         8 => "ENABLE_COLO (8)",
-        9 => "POSTCOPY_RESUME (9)",
-        10 => "RECV_BITMAP (10)",
+        CommandPostcopyResume => "POSTCOPY_RESUME (9)",
+        CommandRecvBitmap => "RECV_BITMAP (10)",
         CommandSwitchoverStart => "SWITCHOVER_START (11)",
         _ => $"unknown command {command}",
     };

@@ -25,17 +25,19 @@ internal sealed class HookedVmsnap : IDisposable
         }
     }
 
-    /// <summary>Starts vmsnap; with <paramref name="pauseAt"/> the hook stops it there (see <see cref="LiveKillHook"/>).</summary>
-    public static HookedVmsnap Start(string[] args, string? pauseAt)
+    /// <summary>
+    /// Starts vmsnap; with <paramref name="pauseAt"/> the hook stops it there, with <paramref name="failReadsAt"/> the snapshot's
+    /// served reads fail from there on (see <see cref="LiveKillHook"/>).
+    /// </summary>
+    public static HookedVmsnap Start(string[] args, string? pauseAt, string? failReadsAt = null)
     {
         ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
         psi.RedirectStandardError = true;
         psi.RedirectStandardOutput = true;
-        if (pauseAt is not null)
-        {
+        if (pauseAt is not null || failReadsAt is not null)
             psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
-            psi.Environment[LiveKillHook.PauseVariable] = pauseAt;
-        }
+        if (pauseAt is not null) psi.Environment[LiveKillHook.PauseVariable] = pauseAt;
+        if (failReadsAt is not null) psi.Environment[LiveKillHook.FailReadsVariable] = failReadsAt;
         var running = new HookedVmsnap(new Process { StartInfo = psi });
         void Line(string? line)
         {
@@ -60,6 +62,14 @@ internal sealed class HookedVmsnap : IDisposable
             Assert.False(_process.HasExited, $"{what}: vmsnap ended before the hook stopped it (exit {(_process.HasExited ? _process.ExitCode : 0)}): {Output}");
             Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"{what}: the hook did not stop vmsnap: {Output}");
         }
+    }
+
+    /// <summary>Waits for the process to end by itself (at most two minutes); returns its exit code.</summary>
+    public int WaitExit()
+    {
+        Assert.True(_process.WaitForExit(TimeSpan.FromMinutes(2)), $"vmsnap did not end: {Output}");
+        _process.WaitForExit();   // and its output is read to the end
+        return _process.ExitCode;
     }
 
     /// <summary>SIGKILL, and waits until the process is gone (its descriptors and locks with it).</summary>

@@ -11,21 +11,36 @@ namespace Vmsnap.Tests.Live;
 /// "migration completed", "images opened", "region checked", "snapshots committed", "resumed", "settings restored"), and
 /// <c>PHASE+N</c> the thread that makes the Nth write, flush or resize of a file after it. The process prints
 /// <c>vmsnap test hook: paused at PHASE[+N]</c> on stderr and that thread blocks for good, so the test can kill the
-/// process (SIGKILL) exactly there. The library keeps only the seams (<see cref="LiveTrace.AtMark"/>,
+/// process (SIGKILL) exactly there. With <see cref="FailReadsVariable"/> set to a phase instead, every read of the snapshot a
+/// postcopy load serves fails from that phase on (an <see cref="IOException"/>, as an unreadable image file gives).
+/// The library keeps only the seams (<see cref="LiveTrace.AtMark"/>, <see cref="LiveTrace.BeforeServedRead"/>,
 /// <see cref="FileBlockDevice.BeforeMutatingIo"/>).
 /// </summary>
 public static class LiveKillHook
 {
     internal const string PauseVariable = "VMSNAP_TEST_HOOK_PAUSE_AT_PHASE";
     internal const string PausedLine = "vmsnap test hook: paused at ";
+    internal const string FailReadsVariable = "VMSNAP_TEST_HOOK_FAIL_READS_AT_PHASE";
+    internal const string InjectedReadFailure = "test hook: injected read failure";
 
     private static string s_phase = "";
     private static long s_afterIo;
     private static long s_count;
+    private static volatile bool s_failing;
 
-    /// <summary>Installs the hook when the variable is set; does nothing otherwise.</summary>
+    /// <summary>Installs the hook when a variable is set; does nothing otherwise.</summary>
     public static void Install()
     {
+        string? failAt = Environment.GetEnvironmentVariable(FailReadsVariable);
+        if (!string.IsNullOrEmpty(failAt))
+        {
+            LiveTrace.AtMark = phase => s_failing |= phase == failAt;
+            LiveTrace.BeforeServedRead = () =>
+            {
+                if (s_failing) throw new IOException(InjectedReadFailure);
+            };
+            return;
+        }
         string? value = Environment.GetEnvironmentVariable(PauseVariable);
         if (string.IsNullOrEmpty(value)) return;
         int plus = value.LastIndexOf('+');

@@ -64,6 +64,95 @@ public class LivePostcopyTests
     }
 
     [QemuFact]
+    public void A_postcopy_load_killed_or_failing_midway_leaves_the_guest_paused_and_the_same_command_resumes_it()
+    {
+        using var dir = new TempDir();
+        using var ram = new ShmFile();
+        GuestOptions options = SharedRam("pc", ram.Path);
+        SaveWindow window;
+        using (TestGuest guest = TestGuest.Boot(dir, options))
+        {
+            guest.WaitForTick(t => t.N >= 3);
+            (_, window) = SaveVm(guest, "s", live: false);
+            Assert.Equal("", guest.Vm.Hmp("savevm other").Trim());
+            guest.Vm.Quit();
+        }
+        string expected = dir.File("expected.ram");
+        VmKit.Vmsnap("load", dir.File("disk0.qcow2"), "s", "--ram", $"ram0={expected}");
+        string[] disks = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
+
+        // vmsnap SIGKILLed while it streams pages (the guest started, pages left), resumed by the same command; the image's
+        // reads failing there, resumed by the same command; SIGKILLed again, resumed by vmsnap recover.
+        foreach ((bool kill, bool byRecover) in new[] { (true, false), (false, false), (true, true) })
+        {
+            using TestGuest restored = TestGuest.Restart(dir, options, "-incoming", "defer", "-S");
+            string[] args = ["loadvm", "--qmp", restored.VmsnapSocket, "s", "--postcopy"];
+            using (HookedVmsnap first = HookedVmsnap.Start(args, pauseAt: kill ? "pages sent" : null, failReadsAt: kill ? null : "pages sent"))
+            {
+                if (kill)
+                {
+                    first.WaitPaused("streaming pages");
+                    first.Kill();
+                }
+                else
+                {
+                    Assert.NotEqual(0, first.WaitExit());
+                    foreach (string words in new[] { LiveKillHook.InjectedReadFailure, "waits in postcopy-paused", "run the same command again" })
+                        Assert.Contains(words, first.Output);
+                }
+            }
+            WaitForMigrationStatus(restored, "postcopy-paused");
+            string[] hashes = disks.Select(GuestRam.Hash).ToArray();
+            string[] listings = disks.Select(Listing).ToArray();
+
+            // Another snapshot is refused, and nothing changes.
+            VmsnapFails(["loadvm", "--qmp", restored.VmsnapSocket, "other", "--postcopy"], "serves snapshot 's'", "nothing was changed");
+            Assert.Equal("postcopy-paused", MigrationStatus(restored));
+
+            // The same command (or recover) resumes it: only the pages QEMU lacks, and no drive reverted again.
+            if (byRecover)
+            {
+                JsonElement rec = VmsnapJson("recover", "--qmp", restored.VmsnapSocket, "--json");
+                Assert.True(rec.GetProperty("found").GetBoolean());
+                Assert.Equal("postcopy", rec.GetProperty("stage").GetString());
+                Assert.Equal("s", rec.GetProperty("tag").GetString());
+            }
+            else
+            {
+                JsonElement r = VmsnapJson([.. args, "--json"]);
+                JsonElement pc = r.GetProperty("postcopy");
+                Assert.True(pc.GetProperty("resumed").GetBoolean());
+                long there = pc.GetProperty("pages-already-there").GetInt64();
+                Assert.True(there > 0, "QEMU had received pages before the cut");
+                Assert.Equal(r.GetProperty("ram-bytes").GetInt64() / 4096, there + pc.GetProperty("pages-on-demand").GetInt64() + pc.GetProperty("pages-streamed").GetInt64());
+            }
+            Assert.Equal("completed", MigrationStatus(restored));
+            Assert.DoesNotContain(restored.Vm.Execute("query-migrate-capabilities")!.AsArray(),
+                c => c!["capability"]!.GetValue<string>() == "postcopy-ram" && c["state"]!.GetValue<bool>());
+            Assert.Equal(hashes, disks.Select(GuestRam.Hash).ToArray());
+            Assert.Equal(listings, disks.Select(Listing).ToArray());
+
+            Assert.Equal(GuestRam.Hash(expected), GuestRam.Hash(ram.Path));
+            restored.Vm.Execute("cont");
+            AssertResumes(restored, window);
+            restored.Vm.Quit();
+        }
+        foreach (string disk in disks) QemuImgCheck.AssertClean(disk);
+    }
+
+    private static string MigrationStatus(TestGuest guest) => guest.Vm.Execute("query-migrate")!["status"]?.GetValue<string>() ?? "none";
+
+    private static void WaitForMigrationStatus(TestGuest guest, string status)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (MigrationStatus(guest) != status)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromMinutes(1), $"QEMU's migration is '{MigrationStatus(guest)}', not '{status}'");
+            Thread.Sleep(50);
+        }
+    }
+
+    [QemuFact]
     public void A_running_guest_resumes_at_once_and_pages_follow()
     {
         using var dir = new TempDir();

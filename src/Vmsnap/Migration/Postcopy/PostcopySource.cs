@@ -13,8 +13,9 @@ namespace Vmsnap.Migration.LowLevel;
 /// <summary>What a postcopy source did: pages sent because the destination asked for them, pages sent in the background, and when.</summary>
 /// <param name="PagesOnDemand">Pages the destination asked for (REQ_PAGES) before they had been sent.</param>
 /// <param name="PagesStreamed">Pages sent in the background, in the snapshot's order.</param>
-/// <param name="SecondsToLastPage">Seconds from the device state's package to the last page written.</param>
-public sealed record PostcopySourceResult(long PagesOnDemand, long PagesStreamed, double SecondsToLastPage);
+/// <param name="SecondsToLastPage">Seconds from the device state's package (or the resume) to the last page written.</param>
+/// <param name="PagesAlreadyThere">On a resume (<see cref="PostcopySource.Resume"/>): pages the destination had received before the cut.</param>
+public sealed record PostcopySourceResult(long PagesOnDemand, long PagesStreamed, double SecondsToLastPage, long PagesAlreadyThere = 0);
 
 /// <summary>
 /// Where a snapshot's pages and device state lie, from one pass over its stream (<see cref="PostcopySource.Scan"/>):
@@ -53,7 +54,14 @@ public sealed class PostcopyIndex
 /// placement fails with EEXIST) and refuses a ZERO record whose fill byte is not 0.</para>
 /// <para>Return path messages: be16 type, be16 length, then SHUT (1, be32 error), PONG (2, be32), REQ_PAGES_ID (3: be64
 /// offset, be32 length, u8 length and the block's id) and REQ_PAGES (4: be64 offset, be32 length, the block of the
-/// previous request).</para>
+/// previous request), RECV_BITMAP (5: u8 length and the block's id, then outside the message's length be64 the bitmap's
+/// bytes, the bitmap as little-endian 64-bit words, be64 0x0123456789abcdef) and RESUME_ACK (6, be32 1).</para>
+/// <para>Recovery (<see cref="Resume"/>), from QEMU's postcopy_do_resume, ram_dirty_bitmap_sync_all and
+/// loadvm_postcopy_handle_resume: a destination whose source went away after RUN waits in <c>postcopy-paused</c>; given a
+/// new channel (<c>migrate-recover</c>) it reads commands again where a section begins, with no stream header. The source
+/// asks for each RAM block's received bitmap (RECV_BITMAP, command 10: u8 length and the block's id), sends
+/// POSTCOPY_RESUME (9), gets RESUME_ACK, then the destination asks again for the pages its faulting threads wait on
+/// (naming the block first), and the source sends every page not received in a new RAM section part.</para>
 /// </remarks>
 public sealed class PostcopySource
 {
@@ -61,6 +69,20 @@ public sealed class PostcopySource
     private const ushort ReturnPong = 2;
     private const ushort ReturnRequestPagesId = 3;
     private const ushort ReturnRequestPages = 4;
+    private const ushort ReturnReceivedBitmap = 5;
+    private const ushort ReturnResumeAck = 6;
+
+    /// <summary>The end mark after a received bitmap (QEMU's RAMBLOCK_RECV_BITMAP_ENDING).</summary>
+    private const ulong ReceivedBitmapEnd = 0x0123456789abcdef;
+
+    /// <summary>RESUME_ACK's value (QEMU's MIGRATION_RESUME_ACK_VALUE).</summary>
+    private const uint ResumeAckValue = 1;
+
+    /// <summary>
+    /// The PING inside the package, between the device state and RUN: its PONG says the device state is loaded (which may
+    /// have needed pages: QEMU reads virtio rings in guest RAM while loading devices) and RUN is next in the same buffer.
+    /// </summary>
+    private const uint RunPing = 0x766d736e;
 
     /// <summary>The size of the pages served (the target page size: only 4 KiB pages are served).</summary>
     public const int PageBytes = MigrationFormat.PageSize;
@@ -90,6 +112,8 @@ public sealed class PostcopySource
     private long _streamed;
     private volatile string? _returnPathProblem;
     private volatile bool _shut;
+    private volatile bool _running;
+    private long _alreadyThere;
     private Thread? _returnPath;
 
     /// <param name="index">Where the stream's pages and device state lie (one pass over it).</param>
@@ -108,6 +132,16 @@ public sealed class PostcopySource
         _blockIds = _index.Blocks.Select(b => Encoding.UTF8.GetBytes(b.Id)).ToArray();
         _ramSection = _index.RamSectionId;
     }
+
+    /// <summary>
+    /// Called on the return path's thread once the destination has loaded the device state (the PONG to the PING just
+    /// before RUN, which QEMU reads next from the package it holds whole): from RUN on a lost channel leaves it in
+    /// <c>postcopy-paused</c>, which a new source can resume; before, QEMU fails the load and exits.
+    /// </summary>
+    public Action? GuestStarted { get; init; }
+
+    /// <summary>True once the destination has said that the device state is loaded and the guest started (see <see cref="GuestStarted"/>).</summary>
+    public bool GuestStartConfirmed => _running;
 
     /// <summary>Pages of guest RAM the stream's blocks hold.</summary>
     public long TotalPages => _index.Blocks.Sum(b => b.Length / MigrationFormat.PageSize);
@@ -134,7 +168,7 @@ public sealed class PostcopySource
         if (index.Blocks.FirstOrDefault(b => b.Length % MigrationFormat.PageSize != 0) is { } odd)
             return $"RAM block '{odd.Id}' is {odd.Length} bytes, not a whole number of pages";
         if (index.DeviceStateOffset < 0 || index.EofOffset < index.DeviceStateOffset) return "the stream has no device state after its RAM";
-        if (index.EofOffset - index.DeviceStateOffset + 10 > MaxPackageBytes)
+        if (index.EofOffset - index.DeviceStateOffset + 19 > MaxPackageBytes)
             return $"the device state is {index.EofOffset - index.DeviceStateOffset} bytes; a postcopy package holds at most {MaxPackageBytes}";
         return null;
     }
@@ -146,7 +180,8 @@ public sealed class PostcopySource
 
     /// <summary>
     /// Sends everything up to the device state's package: after it the destination loads the devices and starts the
-    /// guest, asking for each page it touches. Starts reading the return path.
+    /// guest, asking for each page it touches. Starts reading the return path. The package has a PING just before RUN,
+    /// whose PONG tells when the destination reached the state a lost channel can be resumed from (<see cref="GuestStarted"/>).
     /// </summary>
     /// <exception cref="IOException">Reading the snapshot failed.</exception>
     /// <exception cref="SocketException">The channel failed (the destination went away).</exception>
@@ -167,12 +202,15 @@ public sealed class PostcopySource
         _returnPath = new Thread(ReadReturnPath) { IsBackground = true, Name = "postcopy return path" };
         _returnPath.Start();
 
-        // The package: LISTEN, the device sections as recorded (up to the stream's EOF), RUN.
+        // The package: LISTEN, the device sections as recorded (up to the stream's EOF), PING, RUN. The PING goes before RUN:
+        // QEMU stops reading the package at RUN (LOADVM_QUIT), so a command after it is never read.
         long deviceBytes = _index.EofOffset - _index.DeviceStateOffset;
-        byte[] package = new byte[5 + deviceBytes + 5];
-        WriteCommand(package, MigrationFormat.CommandPostcopyListen);
+        byte[] package = new byte[5 + deviceBytes + 9 + 5];
+        WriteCommand(package, MigrationFormat.CommandPostcopyListen, 0);
         ReadExactly(package.AsSpan(5, (int)deviceBytes), _index.DeviceStateOffset, "the device state");
-        WriteCommand(package.AsSpan(5 + (int)deviceBytes), MigrationFormat.CommandPostcopyRun);
+        WriteCommand(package.AsSpan(5 + (int)deviceBytes), MigrationFormat.CommandPing, 4);
+        BinaryPrimitives.WriteUInt32BigEndian(package.AsSpan(10 + (int)deviceBytes), RunPing);
+        WriteCommand(package.AsSpan(14 + (int)deviceBytes), MigrationFormat.CommandPostcopyRun, 0);
         Span<byte> head = stackalloc byte[7];
         head[0] = MigrationFormat.Command;
         BinaryPrimitives.WriteUInt16BigEndian(head[1..], MigrationFormat.CommandPackaged);
@@ -245,7 +283,7 @@ public sealed class PostcopySource
         Flush();
         double seconds = clock.Elapsed.TotalSeconds;
         _progress?.Report(_delivered);
-        return new PostcopySourceResult(_onDemand, _streamed, seconds);
+        return new PostcopySourceResult(_onDemand, _streamed, seconds, _alreadyThere);
     }
 
     /// <summary>Waits until the destination closes the return path (SHUT after its last page, or the channel closing).</summary>
@@ -258,6 +296,109 @@ public sealed class PostcopySource
 
     /// <summary>The reason the return path stopped, if it did (a closed channel, an error the destination reported).</summary>
     public string? ReturnPathProblem => _returnPathProblem;
+
+    /// <summary>
+    /// The source side of QEMU's postcopy recovery, on a new channel to a destination in <c>postcopy-recover</c> (after
+    /// <c>migrate-recover</c>): asks for every RAM block's received bitmap, takes those pages as delivered, sends
+    /// POSTCOPY_RESUME and waits for RESUME_ACK; then starts reading the return path (the destination asks again for the
+    /// pages its guest waits on) and opens the RAM section part the pages go in. <see cref="SendPages"/> follows.
+    /// </summary>
+    /// <exception cref="MigrationStreamException">The destination answered something other than the protocol (a block it does not
+    /// have, a bitmap of another size, a wrong end mark), or did not answer within <paramref name="timeout"/>.</exception>
+    /// <exception cref="SocketException">The channel failed.</exception>
+    public void Resume(TimeSpan timeout)
+    {
+        for (int block = 0; block < _blockIds.Length; block++)
+        {
+            byte[] payload = new byte[1 + _blockIds[block].Length];
+            payload[0] = (byte)_blockIds[block].Length;
+            _blockIds[block].CopyTo(payload, 1);
+            PutCommand(MigrationFormat.CommandRecvBitmap, payload);
+        }
+        Flush();
+
+        int oldTimeout = _channel.ReceiveTimeout;
+        _channel.ReceiveTimeout = (int)Math.Min(int.MaxValue, timeout.TotalMilliseconds);
+        try
+        {
+            byte[] message = new byte[4 + ushort.MaxValue];
+            var answered = new bool[_blockIds.Length];
+            for (int received = 0; received < _blockIds.Length;)
+            {
+                (ushort type, int length) = ReceiveMessage(message, "the received bitmaps");
+                Span<byte> data = message.AsSpan(4, length);
+                if (type != ReturnReceivedBitmap)
+                    throw new MigrationStreamException($"the destination answered return-path message {type} ({data.Length} bytes) to RECV_BITMAP");
+                string name = data.Length > 0 && 1 + data[0] <= data.Length ? Encoding.UTF8.GetString(data.Slice(1, data[0])) : "";
+                if (!_blockByName.TryGetValue(name, out int block) || answered[block])
+                    throw new MigrationStreamException($"the destination sent a received bitmap of RAM block '{name}', which was not asked for");
+                ReceiveBitmap(block);
+                answered[block] = true;
+                received++;
+            }
+            PutCommand(MigrationFormat.CommandPostcopyResume, []);
+            Flush();
+            (ushort ack, int ackLength) = ReceiveMessage(message, "RESUME_ACK");
+            Span<byte> value = message.AsSpan(4, ackLength);
+            if (ack != ReturnResumeAck || value.Length < 4 || BinaryPrimitives.ReadUInt32BigEndian(value) != ResumeAckValue)
+                throw new MigrationStreamException($"the destination answered return-path message {ack} ({value.Length} bytes) to POSTCOPY_RESUME, not RESUME_ACK");
+        }
+        finally
+        {
+            _channel.ReceiveTimeout = oldTimeout;
+        }
+        _running = true;   // the destination runs the guest already; a lost channel pauses it again
+        _returnPath = new Thread(ReadReturnPath) { IsBackground = true, Name = "postcopy return path" };
+        _returnPath.Start();
+        PutSectionHeader(MigrationFormat.SectionPart);
+        Flush();
+    }
+
+    /// <summary>A block's received bitmap (after its RECV_BITMAP message): be64 byte count, little-endian words, be64 end mark.</summary>
+    private void ReceiveBitmap(int block)
+    {
+        string id = _index.Blocks[block].Id;
+        long pages = _index.Blocks[block].Length / MigrationFormat.PageSize;
+        Span<byte> be = stackalloc byte[8];
+        ReceiveOrFail(be, $"the received bitmap of RAM block '{id}'");
+        long bytes = (long)BinaryPrimitives.ReadUInt64BigEndian(be);
+        long expected = (pages + 63) / 64 * 8;
+        if (bytes != expected)
+            throw new MigrationStreamException($"the destination's RAM block '{id}' has a received bitmap of {bytes} bytes; the snapshot's block needs {expected} " +
+                "(the destination's RAM differs from the snapshot's)");
+        byte[] bitmap = new byte[bytes];
+        ReceiveOrFail(bitmap, $"the received bitmap of RAM block '{id}'");
+        ReceiveOrFail(be, $"the received bitmap of RAM block '{id}'");
+        if (BinaryPrimitives.ReadUInt64BigEndian(be) != ReceivedBitmapEnd)
+            throw new MigrationStreamException($"the received bitmap of RAM block '{id}' ends with 0x{BinaryPrimitives.ReadUInt64BigEndian(be):x16}, not QEMU's end mark");
+        ulong[] words = RamBitmap.Parse(bitmap, pages);
+        for (int i = 0; i < words.Length; i++)
+        {
+            _sent[block][i] |= words[i];
+            _alreadyThere += System.Numerics.BitOperations.PopCount(words[i]);
+        }
+    }
+
+    private (ushort Type, int Length) ReceiveMessage(byte[] message, string waitingFor)
+    {
+        ReceiveOrFail(message.AsSpan(0, 4), waitingFor);
+        ushort type = BinaryPrimitives.ReadUInt16BigEndian(message);
+        int length = BinaryPrimitives.ReadUInt16BigEndian(message.AsSpan(2));
+        ReceiveOrFail(message.AsSpan(4, length), waitingFor);
+        return (type, length);
+    }
+
+    private void ReceiveOrFail(Span<byte> into, string waitingFor)
+    {
+        try
+        {
+            if (!Receive(into)) throw new MigrationStreamException($"the destination closed the channel while vmsnap waited for {waitingFor}");
+        }
+        catch (SocketException e) when (e.SocketErrorCode is SocketError.TimedOut or SocketError.WouldBlock)
+        {
+            throw new MigrationStreamException($"the destination did not send {waitingFor} within {_channel.ReceiveTimeout / 1000} s");
+        }
+    }
 
     private void ServeRequests()
     {
@@ -405,11 +546,11 @@ public sealed class PostcopySource
         Put(payload);
     }
 
-    private static void WriteCommand(Span<byte> into, ushort command)
+    private static void WriteCommand(Span<byte> into, ushort command, ushort payloadLength)
     {
         into[0] = MigrationFormat.Command;
         BinaryPrimitives.WriteUInt16BigEndian(into[1..], command);
-        BinaryPrimitives.WriteUInt16BigEndian(into[3..], 0);
+        BinaryPrimitives.WriteUInt16BigEndian(into[3..], payloadLength);
     }
 
     /// <summary>Copies the recorded bytes [offset, offset + length) to the output.</summary>
@@ -474,6 +615,11 @@ public sealed class PostcopySource
                         else _shut = true;
                         return;
                     case ReturnPong:
+                        if (length >= 4 && BinaryPrimitives.ReadUInt32BigEndian(data) == RunPing && !_running)
+                        {
+                            _running = true;
+                            GuestStarted?.Invoke();
+                        }
                         break;
                     case ReturnRequestPagesId or ReturnRequestPages when length >= 12:
                     {
