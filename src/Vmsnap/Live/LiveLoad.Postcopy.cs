@@ -23,7 +23,7 @@ internal sealed partial class LiveLoad
     private const int PostcopySendBufferBytes = 256 << 10;
 
     /// <summary>What a postcopy load found before changing anything: the snapshot's index, and whether the capability was off.</summary>
-    private sealed record PostcopyPlan(PostcopyIndex Index, MigrationStreamInfo Info, double ScanSeconds, bool CapabilityWasOff);
+    private sealed record PostcopyPlan(PostcopyIndex Index, MigrationStreamInfo Info, double ScanSeconds, bool CapabilityWasOff, string? IndexProblem = null, bool Recorded = false);
 
     /// <summary>
     /// Everything checked before a drive is reverted: QEMU's RAM can be served by postcopy, the snapshot's stream can be
@@ -41,7 +41,9 @@ internal sealed partial class LiveLoad
         }
 
         var clock = Stopwatch.StartNew();
-        PostcopyIndex index;
+        PostcopyIndex? index = RecordedPostcopyIndex(vmDisk, snapshot, out string? indexProblem);
+        bool recorded = index is not null;
+        if (index is null)
         using (Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!))
         using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
         using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
@@ -73,7 +75,7 @@ internal sealed partial class LiveLoad
                 throw new OperationRefusedException($"QEMU refuses postcopy: {e.Message}; load without --postcopy; nothing was loaded", e);
             }
         }
-        return new PostcopyPlan(index, index.Info, scanSeconds, wasOff);
+        return new PostcopyPlan(index, index.Info, scanSeconds, wasOff, indexProblem, recorded);
     }
 
     /// <summary>
@@ -266,7 +268,8 @@ internal sealed partial class LiveLoad
         QmpEvent? resume = Qmp.EventsSince(mark).FirstOrDefault(e => e.Name == "RESUME");
         double? toResume = resume is null ? null : (resume.Timestamp - started).TotalSeconds;
         double seconds = clock.Elapsed.TotalSeconds;
-        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, plan.ScanSeconds);
+        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, plan.ScanSeconds,
+            plan.Recorded ? "recorded" : "scanned", plan.IndexProblem);
         return new LiveLoadResult(Tag, reverted, current.VmStateSize, plan.Info.RamBytes, seconds, after, plan.Info) { Recovery = recovery, Postcopy = postcopy };
     }
 

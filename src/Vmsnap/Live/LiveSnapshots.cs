@@ -188,8 +188,12 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 /// <param name="SecondsToLastPage">When the last page was sent.</param>
 /// <param name="PagesOnDemand">Pages QEMU asked for (the guest touched them) before they were sent.</param>
 /// <param name="PagesStreamed">Pages sent in the background.</param>
-/// <param name="ScanSeconds">Seconds spent reading the snapshot once to find its pages and device state, before anything changed.</param>
-public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds);
+/// <param name="ScanSeconds">Seconds spent finding the snapshot's pages and device state before anything changed: reading the index recorded
+/// at save time, or reading the whole snapshot once.</param>
+/// <param name="Index">Where the page index came from: <c>recorded</c> (saved with the snapshot by vmsnap) or <c>scanned</c>.</param>
+/// <param name="IndexProblem">Why a recorded index was not used (stale, damaged), or null.</param>
+public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds,
+    string Index = "scanned", string? IndexProblem = null);
 
 /// <summary>What <see cref="LiveSnapshots.Recover"/> (or the start of a save or load) found of a killed live save, and what it did.</summary>
 /// <param name="Found">True when a save had been killed on this QEMU (its record was there).</param>

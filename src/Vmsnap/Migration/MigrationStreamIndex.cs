@@ -84,37 +84,79 @@ internal sealed class MigrationStreamIndex
     }
 
     /// <summary>Records what <paramref name="record"/> says about pages and landmarks (records in stream order).</summary>
-    public void Add(MigrationRecord record)
+    public void Add(MigrationRecord record) => Add(record, record.Offset, record.Length, pages: true);
+
+    /// <summary>
+    /// Records the landmarks of a record a writer wrote at <paramref name="offset"/> of its output (<paramref name="length"/>
+    /// bytes); the writer places its pages itself (<see cref="SetData"/>, <see cref="SetFilled"/>), their offsets being its own.
+    /// </summary>
+    internal void AddWritten(MigrationRecord record, long offset, long length) => Add(record, offset, length, pages: false);
+
+    private void Add(MigrationRecord record, long offset, long length, bool pages)
     {
         switch (record)
         {
             case ConfigurationRecord configuration:
                 IsMappedRam = configuration.MappedRam;
-                ConfigurationEnd = configuration.Offset + configuration.Length;
+                ConfigurationEnd = offset + length;
                 break;
             case RamStartRecord start:
-                RamStartOffset = start.Offset;
-                RamStart = start;
-                Blocks = start.Blocks;
-                foreach (var _ in start.Blocks) _pages.Add(new Dictionary<long, long[]>());
+                SetRamStart(start, offset, length);
                 break;
-            case RamPagesRecord pages:
-                for (long i = 0; i < pages.PageCount; i++) Set(pages.Block, pages.BlockOffset / MigrationFormat.PageSize + i, pages.DataOffsetOf(i) + 1);
+            case RamPagesRecord run when pages:
+                for (long i = 0; i < run.PageCount; i++) Set(run.Block, run.BlockOffset / MigrationFormat.PageSize + i, run.DataOffsetOf(i) + 1);
                 break;
-            case RamZeroPagesRecord zero:
+            case RamZeroPagesRecord zero when pages:
                 for (long i = 0; i < zero.PageCount; i++) Set(zero.Block, zero.BlockOffset / MigrationFormat.PageSize + i, -zero.Fill - 1);
                 break;
-            case DeviceSectionRecord { Kind: MigrationSectionKind.EarlySetup } early:
-                _early.Add((early.Offset, early.Length));
+            case DeviceSectionRecord { Kind: MigrationSectionKind.EarlySetup }:
+                _early.Add((offset, length));
                 break;
             case DeviceSectionRecord or UnwalkedDeviceStateRecord or EofRecord:
-                if (_deviceStateOffset < 0) _deviceStateOffset = record.Offset;
-                if (record is EofRecord) EofOffset = record.Offset;
+                if (_deviceStateOffset < 0) _deviceStateOffset = offset;
+                if (record is EofRecord) EofOffset = offset;
                 break;
-            case VmDescriptionRecord description:
-                _end = description.Offset + description.Length;
+            case VmDescriptionRecord:
+                _end = offset + length;
                 break;
         }
+    }
+
+    /// <summary>Stream offset one past the RAM section's start record (its block list), or -1.</summary>
+    public long RamStartEnd { get; private set; } = -1;
+
+    /// <summary>Bytes of the stream, to the end of its VM description (0 until it was seen).</summary>
+    public long StreamEnd => _end;
+
+    private void SetRamStart(RamStartRecord start, long offset, long length)
+    {
+        RamStartOffset = offset;
+        RamStartEnd = offset + length;
+        RamStart = start;
+        Blocks = start.Blocks;
+        _pages.Clear();
+        foreach (var _ in start.Blocks) _pages.Add(new Dictionary<long, long[]>());
+    }
+
+    /// <summary>Page <paramref name="page"/> of block <paramref name="block"/> has its data at <paramref name="offset"/> (the last record of a page wins).</summary>
+    internal void SetData(int block, long page, long offset) => Set(block, page, offset + 1);
+
+    /// <summary>Page <paramref name="page"/> of block <paramref name="block"/> is filled with <paramref name="fill"/> (a ZERO record).</summary>
+    internal void SetFilled(int block, long page, byte fill) => Set(block, page, -fill - 1);
+
+    /// <summary>
+    /// An index recorded earlier (<see cref="LowLevel.RecordedPostcopyIndex"/>): its landmarks; the pages follow through
+    /// <see cref="SetData"/> and <see cref="SetFilled"/>.
+    /// </summary>
+    internal static MigrationStreamIndex FromLandmarks(long configurationEnd, RamStartRecord start, IEnumerable<(long, long)> early,
+        long deviceStateOffset, long eofOffset, long end)
+    {
+        var index = new MigrationStreamIndex { ConfigurationEnd = configurationEnd, EofOffset = eofOffset };
+        index.SetRamStart(start, start.Offset, start.Length);
+        index._early.AddRange(early);
+        index._deviceStateOffset = deviceStateOffset;
+        index._end = end;
+        return index;
     }
 
     /// <summary>Where page <paramref name="page"/> (its index: byte offset / 4096) of block <paramref name="block"/> lies.</summary>
