@@ -131,7 +131,7 @@ public class LivePostcopyTests
         Extra = ["-object", $"memory-backend-file,id=ram0,size={TestGuest.RamMiB}M,{file}", "-machine", "memory-backend=ram0"],
     };
 
-    private static GuestOptions SharedRam(string machine, string path) => Backend($"mem-path={path},share=on") with { Machine = machine };
+    internal static GuestOptions SharedRam(string machine, string path) => Backend($"mem-path={path},share=on") with { Machine = machine };
 
     private sealed class DeleteFile(string path) : IDisposable
     {
