@@ -314,7 +314,7 @@ public static class VmSnapshots
         using var reader = new VmStateReader(backend, ReadBufferSize);
         var (info, mode) = consume(reader, snapshot.VmStateSize);
         return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), snapshot.VmStateSize, info.RamBytes,
-            clock.Elapsed.TotalSeconds, mode, info);
+            clock.Elapsed.TotalSeconds, mode, info) { HasPostcopyIndex = RecordedPostcopyIndex.HasPointer(image.GetSnapshotExtraData(snapshot)) };
     }
 
     /// <summary>Opens the image with O_DIRECT when asked and the file system allows it, else through the page cache.</summary>

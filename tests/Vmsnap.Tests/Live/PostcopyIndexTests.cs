@@ -56,8 +56,10 @@ public class PostcopyIndexTests
                 restored.Vm.Quit();
             }
 
+            Assert.Equal("none", VmsnapJson("inspect", disk0, "other2", "--json").GetProperty("source").GetProperty("postcopy-index").GetString());
             foreach (string tag in new[] { "live", "imported", "saved" })
             {
+                Assert.Equal("recorded", VmsnapJson("inspect", disk0, tag, "--json").GetProperty("source").GetProperty("postcopy-index").GetString());
                 JsonElement pc = LoadWithPostcopy(dir, options, ram, tag, window);
                 Assert.Equal("recorded", pc.GetProperty("index").GetString());
                 Assert.Equal(JsonValueKind.Null, pc.GetProperty("index-problem").ValueKind);

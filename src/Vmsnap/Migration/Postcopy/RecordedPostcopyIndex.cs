@@ -153,6 +153,8 @@ public static class RecordedPostcopyIndex
         {
             long blockPages = start.Blocks[block].Length / MigrationFormat.PageSize;
             long runs = b.Varint(), next = 0, lastOffset = 0, dataPages = 0, filledPages = 0;
+            if (runs < 0 || runs > blob.Length) return Fail(out problem, $"the recorded index has {runs} runs for RAM block '{start.Blocks[block].Id}'");
+            var blockRuns = new PageRun[runs];
             for (long r = 0; r < runs; r++)
             {
                 long first = checked(next + b.Varint()), count = b.Varint();
@@ -161,8 +163,7 @@ public static class RecordedPostcopyIndex
                     return Fail(out problem, $"the recorded index's run of {count} pages at page {first} of RAM block '{start.Blocks[block].Id}' is outside it");
                 if (kind == RunFilled)
                 {
-                    byte fill = b.U8();
-                    for (long i = 0; i < count; i++) index.SetFilled(block, first + i, fill);
+                    blockRuns[r] = new PageRun(first, count, -1, 0, b.U8());
                     filledPages += count;
                 }
                 else if (kind == RunData)
@@ -171,7 +172,7 @@ public static class RecordedPostcopyIndex
                     long last = checked(offset + (count - 1) * stride);
                     if (Math.Min(offset, last) < ramStartEnd || Math.Max(offset, last) > deviceStateOffset - MigrationFormat.PageSize)
                         return Fail(out problem, $"the recorded index puts page {first} of RAM block '{start.Blocks[block].Id}' outside the stream's RAM");
-                    for (long i = 0; i < count; i++) index.SetData(block, first + i, offset + i * stride);
+                    blockRuns[r] = new PageRun(first, count, offset, stride, -1);
                     // The first and last page of some runs, spread over the stream: a cheap check that the runs fit the stream.
                     if (samples.Count < 2 * SampledRuns)
                     {
@@ -194,6 +195,7 @@ public static class RecordedPostcopyIndex
                 }
                 next = first + count;
             }
+            index.SetRuns(block, blockRuns);
             summaries[block] = new RamBlockSummary(start.Blocks[block].Id, start.Blocks[block].Length, dataPages, filledPages);
         }
         if (!b.AtHashEnd) return Fail(out problem, "the recorded index has bytes after its runs");
@@ -289,51 +291,92 @@ public static class RecordedPostcopyIndex
             w.I64(length);
         }
         w.U32((uint)index.Blocks.Count);
-        var runs = new BlobWriter();
+        var runs = new RunEncoder();
         for (int block = 0; block < index.Blocks.Count; block++)
         {
             runs.Clear();
-            long count = 0, next = 0, lastOffset = 0;
             long pages = index.Blocks[block].Length / MigrationFormat.PageSize;
-            for (long page = 0; page < pages;)
+            // The raw values table by table (not a lookup per page): this runs while a live save's guest is stopped.
+            for (long t = 0; t * MigrationStreamIndex.TablePages < pages; t++)
             {
-                PageLocation at = index.Find(block, page);
-                if (at.Kind == PageKind.Missing) { page++; continue; }
-                long n = 1;
-                long stride = 0;
-                if (at.Kind == PageKind.Filled)
+                long first = t * MigrationStreamIndex.TablePages;
+                if (!index.TryGetTable(block, t, out long[] values))
                 {
-                    while (page + n < pages && index.Find(block, page + n) is { Kind: PageKind.Filled } f && f.Fill == at.Fill) n++;
+                    runs.Missing();
+                    continue;
                 }
-                else if (page + 1 < pages && index.Find(block, page + 1) is { Kind: PageKind.Data } second)
-                {
-                    stride = second.Offset - at.Offset;
-                    n = 2;
-                    while (page + n < pages && index.Find(block, page + n) is { Kind: PageKind.Data } d && d.Offset == at.Offset + n * stride) n++;
-                }
-                runs.Varint(page - next);
-                runs.Varint(n);
-                if (at.Kind == PageKind.Filled)
-                {
-                    runs.U8(RunFilled);
-                    runs.U8(at.Fill);
-                }
-                else
-                {
-                    runs.U8(RunData);
-                    runs.Zigzag(at.Offset - lastOffset);
-                    runs.Zigzag(stride);
-                    lastOffset = at.Offset + (n - 1) * stride;
-                }
-                count++;
-                page += n;
-                next = page;
+                for (int i = 0; i < values.Length; i++) runs.Add(first + i, values[i]);
             }
-            w.Varint(count);
-            w.Bytes(runs.Span);
+            runs.Flush();
+            w.Varint(runs.Count);
+            w.Bytes(runs.Bytes);
         }
         w.Bytes(SHA256.HashData(w.Span));
         return w.Span.ToArray();
+    }
+
+    /// <summary>Builds a block's runs from its pages' raw values in page order (0 missing, &gt; 0 data offset + 1, &lt; 0 filled with -value - 1).</summary>
+    private sealed class RunEncoder
+    {
+        private readonly BlobWriter _out = new();
+        private long _first = -1, _count, _value, _stride, _next, _lastOffset;
+
+        public long Count { get; private set; }
+
+        public ReadOnlySpan<byte> Bytes => _out.Span;
+
+        public void Clear()
+        {
+            _out.Clear();
+            _first = -1;
+            _next = 0;
+            _lastOffset = 0;
+            Count = 0;
+        }
+
+        public void Missing() => Flush();
+
+        public void Add(long page, long value)
+        {
+            if (value == 0) { Flush(); return; }
+            if (_first >= 0 && page == _first + _count)
+            {
+                if (value < 0 && value == _value) { _count++; return; }
+                if (value > 0 && _value > 0)
+                {
+                    if (_count == 1) { _stride = value - _value; _count++; return; }
+                    if (value - 1 == _value - 1 + _count * _stride) { _count++; return; }
+                }
+            }
+            Flush();
+            _first = page;
+            _count = 1;
+            _value = value;
+            _stride = 0;
+        }
+
+        public void Flush()
+        {
+            if (_first < 0) return;
+            _out.Varint(_first - _next);
+            _out.Varint(_count);
+            if (_value < 0)
+            {
+                _out.U8(RunFilled);
+                _out.U8((byte)(-_value - 1));
+            }
+            else
+            {
+                long offset = _value - 1;
+                _out.U8(RunData);
+                _out.Zigzag(offset - _lastOffset);
+                _out.Zigzag(_stride);
+                _lastOffset = offset + (_count - 1) * _stride;
+            }
+            Count++;
+            _next = _first + _count;
+            _first = -1;
+        }
     }
 
     private sealed class BlobWriter
