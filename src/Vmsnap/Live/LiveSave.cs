@@ -212,14 +212,17 @@ internal sealed class LiveSave : LiveSession
         try
         {
             if (RecordedPostcopyIndex.Record(_index, vmStateBytes, clusterSize, region.Read, region.Write) is { } recorded)
+            {
                 (_indexPointer, _areaBytes) = recorded;
+                LiveTrace.Mark($"postcopy index recorded ({_areaBytes - vmStateBytes} bytes past the stream)");
+            }
         }
         catch (Exception e) when (e is VmsnapException or IOException)
         {
             _indexPointer = [];
+            _areaBytes = vmStateBytes;
             LiveTrace.Mark($"no postcopy index: {e.Message}");
         }
-        LiveTrace.Mark("postcopy index recorded");
     }
 
     private static void Rehearse(Qcow2ImageInfo geometry)
