@@ -214,7 +214,7 @@ internal sealed class LiveSave : LiveSession
             if (RecordedPostcopyIndex.Record(_index, vmStateBytes, clusterSize, region.Read, region.Write) is { } recorded)
             {
                 (_indexPointer, _areaBytes) = recorded;
-                LiveTrace.Mark($"postcopy index recorded ({_areaBytes - vmStateBytes} bytes past the stream)");
+                LiveTrace.Mark("postcopy index recorded");
             }
         }
         catch (Exception e) when (e is VmsnapException or IOException)
