@@ -139,21 +139,24 @@ internal static class LiveCommands
                     Machine: r.Stream.MachineType,
                     Postcopy: pc is null ? null : new PostcopyJson(
                         pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null,
-                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Resumed, pc.PagesAlreadyThere)),
+                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Index, pc.IndexProblem,
+                        pc.Resumed, pc.PagesAlreadyThere)),
                     CliJsonWithNulls.Default.LoadVmJson);
             }
             else if (pc is { Resumed: true })
             {
                 Console.Out.WriteLine($"resumed the postcopy load of snapshot '{r.Tag}' that was cut off (no drive reverted again): {pc.PagesAlreadyThere} pages were in QEMU already; " +
                     $"last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
-                    $"{pc.ScanSeconds:0.000} s to index the snapshot); guest {r.RunState}");
+                    $"{pc.ScanSeconds:0.000} s to {(pc.Index == "recorded" ? "read its recorded index" : "index the snapshot")}); guest {r.RunState}");
+                if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
             }
             else if (pc is not null)
             {
                 string resumed = pc.SecondsToResume is double t ? $"guest ran after {t:0.000} s" : "guest left paused (-S)";
                 Console.Out.WriteLine($"loaded snapshot '{r.Tag}' with postcopy from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
                     $"{resumed}, last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
-                    $"{pc.ScanSeconds:0.000} s to index the snapshot); guest {r.RunState}");
+                    $"{pc.ScanSeconds:0.000} s to {(pc.Index == "recorded" ? "read its recorded index" : "index the snapshot")}); guest {r.RunState}");
+                if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
             }
             else
             {
@@ -206,7 +209,7 @@ internal static class LiveCommands
 
     /// <summary>The <c>postcopy</c> object of <c>loadvm --postcopy --json</c> (null without --postcopy).</summary>
     internal sealed record PostcopyJson(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double IndexSeconds,
-        bool Resumed, long PagesAlreadyThere);
+        string Index, string? IndexProblem, bool Resumed, long PagesAlreadyThere);
 
     /// <summary>JSON of <c>recover --json</c>.</summary>
     internal sealed record RecoverJson(string Operation, bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,

@@ -249,7 +249,8 @@ internal static class VmCommands
             {
                 var r = VmSnapshots.Inspect(path, snapshot, new VmSnapshotOptions { ForceShare = p.GetValue(forceShare) }, ct);
                 info = r.Stream;
-                where = new InspectedSnapshotJson(path, r.Snapshot);
+                where = new InspectedSnapshotJson(path, r.Snapshot, r.HasPostcopyIndex ? "recorded" : "none");
+                if (!p.GetValue(json)) Console.Out.WriteLine($"postcopy index: {(r.HasPostcopyIndex ? "recorded at save time" : "none (loadvm --postcopy scans the snapshot)")}");
             }
             else if (path == "-")
             {
@@ -306,7 +307,7 @@ internal static class VmCommands
     internal sealed record InspectJson(object Source, MigrationStreamInfo Stream);
 
     /// <summary>The source of <c>inspect IMAGE TAG</c>.</summary>
-    internal sealed record InspectedSnapshotJson(string Filename, VmSnapshotId Snapshot);
+    internal sealed record InspectedSnapshotJson(string Filename, VmSnapshotId Snapshot, string PostcopyIndex);
 
     private static void ReportStream(string path, MigrationStreamInfo info, double seconds, bool asJson)
     {

@@ -25,7 +25,7 @@ internal sealed partial class LiveLoad
     private const int PostcopySendBufferBytes = 256 << 10;
 
     /// <summary>What a postcopy load found before changing anything: the snapshot's index, and whether the capability was off.</summary>
-    private sealed record PostcopyPlan(PostcopyIndex Index, MigrationStreamInfo Info, double ScanSeconds, bool CapabilityWasOff);
+    private sealed record PostcopyPlan(PostcopyIndex Index, MigrationStreamInfo Info, double ScanSeconds, bool CapabilityWasOff, string? IndexProblem = null, bool Recorded = false);
 
     /// <summary>
     /// Everything checked before a drive is reverted: QEMU's RAM can be served by postcopy, the snapshot's stream can be
@@ -43,7 +43,7 @@ internal sealed partial class LiveLoad
         }
 
         var clock = Stopwatch.StartNew();
-        PostcopyIndex index = IndexSnapshot(vmDisk.ImagePath!, snapshot);
+        PostcopyIndex index = IndexSnapshot(vmDisk.ImagePath!, snapshot, out bool recorded, out string? indexProblem);
         double scanSeconds = clock.Elapsed.TotalSeconds;
 
         bool wasOff = !capabilities.GetValueOrDefault(PostcopyCapability);
@@ -58,13 +58,19 @@ internal sealed partial class LiveLoad
                 throw new OperationRefusedException($"QEMU refuses postcopy: {e.Message}; load without --postcopy; nothing was loaded", e);
             }
         }
-        return new PostcopyPlan(index, index.Info, scanSeconds, wasOff);
+        return new PostcopyPlan(index, index.Info, scanSeconds, wasOff, indexProblem, recorded);
     }
 
-    /// <summary>Where the snapshot's pages and device state lie (one scan of its VM state); refused when postcopy cannot serve it.</summary>
-    private PostcopyIndex IndexSnapshot(string imagePath, Qcow2Snapshot snapshot)
+    /// <summary>
+    /// Where the snapshot's pages and device state lie: the index recorded at save time when it checks out
+    /// (<paramref name="recorded"/>), else one scan of its VM state (<paramref name="indexProblem"/> says why a recorded one was
+    /// not used); refused when postcopy cannot serve it.
+    /// </summary>
+    private PostcopyIndex IndexSnapshot(string imagePath, Qcow2Snapshot snapshot, out bool recorded, out string? indexProblem)
     {
-        PostcopyIndex index;
+        PostcopyIndex? index = RecordedPostcopyIndex(imagePath, snapshot, out indexProblem);
+        recorded = index is not null;
+        if (index is null)
         using (Qcow2Image image = OpenSharedDirect(imagePath))
         using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
         using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
@@ -221,7 +227,7 @@ internal sealed partial class LiveLoad
     private LiveLoadResult ServePostcopy(LiveDisk vmDisk, Qcow2Snapshot snapshot, PostcopyPlan plan, List<LiveDiskSnapshot> reverted, LiveRecoveryResult? recovery, Stopwatch clock)
     {
         var record = PostcopyRecord.ForThisProcess(Tag, vmDisk.ImagePath!, snapshot, plan.CapabilityWasOff, reverted);
-        return Serve(record, plan.Index, plan.Info, plan.ScanSeconds, resume: false, recovery, clock);
+        return Serve(record, plan.Index, plan.Info, plan.ScanSeconds, plan.Recorded, plan.IndexProblem, resume: false, recovery, clock);
     }
 
     /// <summary>
@@ -266,8 +272,8 @@ internal sealed partial class LiveLoad
                 $"fix that and run the same command again; {nothing}", e);
         }
         var indexClock = Stopwatch.StartNew();
-        PostcopyIndex index = IndexSnapshot(record.Image, snapshot);
-        return Serve(record.TakenOver(), index, index.Info, indexClock.Elapsed.TotalSeconds, resume: true, recovery, clock);
+        PostcopyIndex index = IndexSnapshot(record.Image, snapshot, out bool recorded, out string? indexProblem);
+        return Serve(record.TakenOver(), index, index.Info, indexClock.Elapsed.TotalSeconds, recorded, indexProblem, resume: true, recovery, clock);
     }
 
     /// <summary>
@@ -275,7 +281,7 @@ internal sealed partial class LiveLoad
     /// recovery handshake, then every page QEMU lacks. Returns once QEMU has them all. QEMU holds <paramref name="record"/>
     /// meanwhile: a load cut off after the guest started leaves it paused, and the same command resumes it.
     /// </summary>
-    private LiveLoadResult Serve(PostcopyRecord record, PostcopyIndex index, MigrationStreamInfo info, double scanSeconds, bool resume,
+    private LiveLoadResult Serve(PostcopyRecord record, PostcopyIndex index, MigrationStreamInfo info, double scanSeconds, bool recorded, string? indexProblem, bool resume,
         LiveRecoveryResult? recovery, Stopwatch clock)
     {
         // Two opens: single pages read at their place (what the guest asks for), and the whole stream read in order.
@@ -362,7 +368,8 @@ internal sealed partial class LiveLoad
         QmpEvent? resumeEvent = resume ? null : Qmp.EventsSince(mark).FirstOrDefault(e => e.Name == "RESUME");
         double? toResume = resumeEvent is null ? null : (resumeEvent.Timestamp - started).TotalSeconds;
         double seconds = clock.Elapsed.TotalSeconds;
-        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, scanSeconds)
+        var postcopy = new LivePostcopyResult(toResume, lastPageAt, sent.PagesOnDemand, sent.PagesStreamed, scanSeconds,
+            recorded ? "recorded" : "scanned", indexProblem)
         {
             Resumed = resume, PagesAlreadyThere = sent.PagesAlreadyThere,
         };

@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Vmsnap.Live.Qmp;
 using Vmsnap.Migration;
+using Vmsnap.Migration.LowLevel;
 using Vmsnap.Qcow2;
 using Vmsnap.VmState;
 using Vmsnap.VmState.LowLevel;
@@ -38,6 +39,9 @@ internal sealed class LiveSave : LiveSession
     // What went wrong while the stream was copied, as the watch saw it.
     private volatile string? _watchFailure;
     private volatile bool _regionThreatened;
+    private readonly PostcopyIndexRecorder _index = new();
+    private byte[] _indexPointer = [];
+    private long _areaBytes;
 
     internal LiveSave(IQmpConnection qmp, string tag, LiveSaveOptions options, IProgress<long>? progress, CancellationToken cancellationToken)
         : base(qmp, tag, cancellationToken)
@@ -126,7 +130,8 @@ internal sealed class LiveSave : LiveSession
             (info, vmStateBytes, qemuDowntime, vmClock) = Transfer(region, vmDisk, plan, markRunning: !_options.Live && wasRunning);
             completed = true;
             LiveTrace.Mark("migration completed");
-            region.Finish(vmStateBytes, vmInfo.ClusterSize);
+            RecordPostcopyIndex(region, vmStateBytes, vmInfo.ClusterSize);
+            region.Finish(_areaBytes, vmInfo.ClusterSize);
             LiveTrace.Mark("region finished");
             commit = CommitSnapshots(disks, vmDisk, before, plan, vmClock, vmStateBytes, stopMark);
             committed = true;
@@ -197,6 +202,29 @@ internal sealed class LiveSave : LiveSession
     /// writing and the first region check added some 20 ms to the median stop (bench/live-stop.sh, 2-core machine
     /// under load). Best effort: any failure here is ignored (the real commit reports its own).
     /// </summary>
+    /// <summary>
+    /// Writes the postcopy index past the stream in the region (built while the stream was copied: no second read), before
+    /// any snapshot points there; a failure only leaves the snapshot without an index (loadvm --postcopy then scans it).
+    /// </summary>
+    private void RecordPostcopyIndex(DetachedVmStateArea region, long vmStateBytes, int clusterSize)
+    {
+        _areaBytes = vmStateBytes;
+        try
+        {
+            if (RecordedPostcopyIndex.Record(_index, vmStateBytes, clusterSize, region.Read, region.Write) is { } recorded)
+            {
+                (_indexPointer, _areaBytes) = recorded;
+                LiveTrace.Mark("postcopy index recorded");
+            }
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            _indexPointer = [];
+            _areaBytes = vmStateBytes;
+            LiveTrace.Mark($"no postcopy index: {e.Message}");
+        }
+    }
+
     private static void Rehearse(Qcow2ImageInfo geometry)
     {
         // Named by the process (id and start time), so that the folder of a vmsnap killed while it rehearsed is swept by the next.
@@ -288,7 +316,7 @@ internal sealed class LiveSave : LiveSession
             var writerOptions = new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, RateLimit = _options.MaxBandwidth, SyncOnClose = false };
             using var area = new DetachedAreaBackend(region);
             using var writer = new VmStateWriter(area, writerOptions);
-            info = MigrationStream.CopyAsSaved(reader, writer, markRunning, out vmClock, _progress, Cancellation);
+            info = _index.CopyAsSaved(reader, writer, markRunning, out vmClock, _progress, Cancellation);
             LiveTrace.Mark("stream end");
             writer.Close();
             LiveTrace.Mark("writer closed");
@@ -432,7 +460,7 @@ internal sealed class LiveSave : LiveSession
                     throw new OperationRefusedException($"the snapshots of drive '{disk.Label}' ({disk.ImagePath}) changed during the save");
             }
             Qcow2Image vmImage = images.First(i => i.Disk == vmDisk).Image;
-            if (DetachedVmStateArea.Check(vmImage, plan.Offset, vmStateBytes) is { } problem)
+            if (DetachedVmStateArea.Check(vmImage, plan.Offset, _areaBytes) is { } problem)
                 throw new OperationRefusedException($"the VM state written into '{vmDisk.ImagePath}' at offset {plan.Offset} cannot be kept: {problem}");
 
             LiveTrace.Mark("region checked");
@@ -448,10 +476,11 @@ internal sealed class LiveSave : LiveSession
                 bool withState = disk == vmDisk;
                 try
                 {
-                    if (withState) DetachedVmStateArea.Attach(image, plan.Offset, vmStateBytes);
+                    if (withState) DetachedVmStateArea.Attach(image, plan.Offset, _areaBytes);
                     snapshots[i] = image.CreateSnapshot(Tag, new Qcow2SnapshotCreateOptions
                     {
                         VmStateSize = withState ? vmStateBytes : 0,
+                        ExtraData = withState ? _indexPointer : ReadOnlyMemory<byte>.Empty,
                         VmClock = vmClock,
                         Date = date,
                         Icount = -1,

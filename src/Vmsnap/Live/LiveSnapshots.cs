@@ -190,8 +190,12 @@ public sealed record LiveLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> 
 /// <param name="SecondsToLastPage">When the last page was sent.</param>
 /// <param name="PagesOnDemand">Pages QEMU asked for (the guest touched them) before they were sent.</param>
 /// <param name="PagesStreamed">Pages sent in the background.</param>
-/// <param name="ScanSeconds">Seconds spent reading the snapshot once to find its pages and device state, before anything changed.</param>
-public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds)
+/// <param name="ScanSeconds">Seconds spent finding the snapshot's pages and device state before anything changed: reading the index recorded
+/// at save time, or reading the whole snapshot once.</param>
+/// <param name="Index">Where the page index came from: <c>recorded</c> (saved with the snapshot by vmsnap) or <c>scanned</c>.</param>
+/// <param name="IndexProblem">Why a recorded index was not used (stale, damaged), or null.</param>
+public sealed record LivePostcopyResult(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double ScanSeconds,
+    string Index = "scanned", string? IndexProblem = null)
 {
     /// <summary>True when this load resumed one that was cut off (QEMU's <c>postcopy-paused</c>): no drive was reverted, and
     /// <see cref="SecondsToResume"/> is null (the guest had started in the first load).</summary>

@@ -32,6 +32,8 @@ internal sealed class MigrationRecordWriter
     private readonly long _partBytes;
     private readonly MigrationStreamSummary? _written;
     private readonly RamPageEncoder _encoder;
+    private readonly MigrationStreamIndex? _index;
+    private int _encodingBlock;
 
     private bool _sourceMapped;
     private string _machineType = "";
@@ -51,8 +53,10 @@ internal sealed class MigrationRecordWriter
     /// <param name="layout">The RAM layout to write.</param>
     /// <param name="partBytes">Plain: RAM per part of its own.</param>
     /// <param name="written">Plain: receives the records as written (offsets and lengths in the output), the encoded pages counted.</param>
+    /// <param name="index">Plain: receives where each page and landmark of the output lies (what a postcopy source needs), as written.</param>
     /// <exception cref="MigrationStreamException">A mapped-ram file to a channel.</exception>
-    public MigrationRecordWriter(VmStateWriter output, MigrationStreamFormat layout, long partBytes = DefaultPartBytes, MigrationStreamSummary? written = null)
+    public MigrationRecordWriter(VmStateWriter output, MigrationStreamFormat layout, long partBytes = DefaultPartBytes, MigrationStreamSummary? written = null,
+        MigrationStreamIndex? index = null)
     {
         if (layout == MigrationStreamFormat.MappedRam && !output.CanSeek)
             throw new MigrationStreamException("a mapped-ram file is laid out by offset: write it to a file, not a pipe or socket");
@@ -61,6 +65,15 @@ internal sealed class MigrationRecordWriter
         _partBytes = partBytes;
         _written = written;
         _encoder = new RamPageEncoder(output);
+        if (layout == MigrationStreamFormat.Plain && index is not null)
+        {
+            _index = index;
+            _encoder.Placed = (blockOffset, dataOffset) =>
+            {
+                if (dataOffset < 0) index.SetFilled(_encodingBlock, blockOffset / MigrationFormat.PageSize, 0);
+                else index.SetData(_encodingBlock, blockOffset / MigrationFormat.PageSize, dataOffset);
+            };
+        }
     }
 
     private bool Mapped => _layout == MigrationStreamFormat.MappedRam;
@@ -123,6 +136,7 @@ internal sealed class MigrationRecordWriter
                 throw new ArgumentException($"not a record the writer knows: {record.GetType().Name}", nameof(record));
         }
         _written?.Add(record, at, _out.Tell() - at);
+        _index?.AddWritten(record, at, _out.Tell() - at);
     }
 
     /// <summary>The stream was written: closes a part of its own; a mapped-ram file gets its bitmaps.</summary>
@@ -180,6 +194,7 @@ internal sealed class MigrationRecordWriter
             bool named = i == 0 && pages.NamesBlock;
             _out.PutBe64((ulong)(pages.BlockOffset + i) | MigrationFormat.RamPage | (named ? 0 : MigrationFormat.RamContinue));
             if (named) RecordHeaders.WriteId(_out, _ram!.BlockIds[pages.Block]);
+            _index?.SetData(pages.Block, (pages.BlockOffset + i) / MigrationFormat.PageSize, _out.Tell());
             _out.PutBuffer(data.Slice(i, MigrationFormat.PageSize));
         }
     }
@@ -192,6 +207,7 @@ internal sealed class MigrationRecordWriter
             bool named = i == 0 && zero.NamesBlock;
             _out.PutBe64((ulong)(zero.BlockOffset + i) | MigrationFormat.RamZero | (named ? 0 : MigrationFormat.RamContinue));
             if (named) RecordHeaders.WriteId(_out, _ram!.BlockIds[zero.Block]);
+            _index?.SetFilled(zero.Block, (zero.BlockOffset + i) / MigrationFormat.PageSize, zero.Fill);
             _out.PutByte(zero.Fill);
         }
     }
@@ -201,6 +217,7 @@ internal sealed class MigrationRecordWriter
     {
         Part();
         long encoded = _encoder.Pages, zero = _encoder.ZeroPages, at = _out.Tell();
+        _encodingBlock = pages.Block;
         _encoder.EncodePages(_ram!.BlockIds[pages.Block], pages.BlockOffset, pages.Data, pages.TakeOwner());
         _inPart += pages.RamBytes;
         long zeroPages = _encoder.ZeroPages - zero;
@@ -215,6 +232,7 @@ internal sealed class MigrationRecordWriter
             Part();
             long n = Math.Min(length, Math.Max(MigrationFormat.PageSize, _partBytes - _inPart));
             long at = _out.Tell();
+            _encodingBlock = zero.Block;
             _encoder.EncodeZeroPages(_ram!.BlockIds[zero.Block], offset, n / MigrationFormat.PageSize);
             _written?.AddEncodedPages(zero.Block, 0, n / MigrationFormat.PageSize, _out.Tell() - at);
             _inPart += n;

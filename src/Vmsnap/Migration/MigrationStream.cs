@@ -123,16 +123,31 @@ public static class MigrationStream
     /// <exception cref="MigrationStreamException">The stream is malformed, truncated or uses something vmsnap does not read.</exception>
     /// <exception cref="VmStateException">The destination failed.</exception>
     public static MigrationStreamInfo CopyAsSaved(VmStateReader source, VmStateWriter destination, bool markRunning, out long? guestClockNanoseconds,
-        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default) =>
+        CopyAsSaved(source, destination, markRunning, null, out guestClockNanoseconds, ramBytesDone, cancellationToken);
+
+    /// <summary>As the public <c>CopyAsSaved</c>, filling <paramref name="index"/> with where the copy's pages and landmarks lie (the last record of a page wins).</summary>
+    internal static MigrationStreamInfo CopyAsSaved(VmStateReader source, VmStateWriter destination, bool markRunning, MigrationStreamIndex? index,
+        out long? guestClockNanoseconds, IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(destination);
         var clock = new GuestClock();
         MigrationStreamInfo info = CopyStream(source, null, destination, MigrationStreamFormat.Plain,
-            markRunning ? [GlobalState.MarkRunning, clock] : [clock], ramBytesDone, cancellationToken);
+            markRunning ? [GlobalState.MarkRunning, clock] : [clock], ramBytesDone, cancellationToken, index);
         guestClockNanoseconds = clock.Nanoseconds;
         return info;
     }
+
+    /// <summary>As <see cref="Copy(VmStateReader, VmStateWriter, IProgress{long}?, CancellationToken)"/>, filling <paramref name="index"/> with where the copy's pages and landmarks lie.</summary>
+    internal static MigrationStreamInfo CopyIndexed(VmStateReader source, VmStateWriter destination, MigrationStreamIndex? index,
+        IProgress<long>? ramBytesDone, CancellationToken cancellationToken) =>
+        CopyStream(source, null, destination, MigrationStreamFormat.Plain, [], ramBytesDone, cancellationToken, index);
+
+    /// <summary>As the public <c>Write</c>, filling <paramref name="index"/> with where the stream's pages and landmarks lie.</summary>
+    internal static MigrationStreamInfo WriteIndexed(VmStateWriter destination, MachineProfile profile, MigrationStreamIndex? index,
+        IProgress<long>? ramBytesDone, CancellationToken cancellationToken) =>
+        new MigrationStreamWriter(destination, ramBytesDone, cancellationToken).Write(profile, index);
 
     /// <summary>Reads the stream (to <paramref name="length"/>, or to the backend's end) into <paramref name="sink"/>, then completes it.</summary>
     internal static MigrationStreamInfo ReadStream(VmStateReader source, long? length, IRamSink sink, IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
@@ -156,9 +171,9 @@ public static class MigrationStream
     /// (a live save's run state and guest clock). Flushes the writer but does not close it.
     /// </summary>
     internal static MigrationStreamInfo CopyStream(VmStateReader source, long? length, VmStateWriter destination, MigrationStreamFormat format,
-        IReadOnlyList<IRecordTransform> transforms, IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
+        IReadOnlyList<IRecordTransform> transforms, IProgress<long>? ramBytesDone, CancellationToken cancellationToken, MigrationStreamIndex? index = null)
     {
-        var output = new MigrationRecordWriter(destination, format);
+        var output = new MigrationRecordWriter(destination, format, index: index);
         var summary = new MigrationStreamSummary();
         var reader = new MigrationRecordReader(source, length, runBytes: MigrationRecordReader.CopyRunBytes);
         foreach (MigrationRecord record in Records(reader, summary, ramBytesDone, cancellationToken))

@@ -41,10 +41,10 @@ internal sealed class MigrationStreamWriter
         _pool = new ChunkPool(chunkBytes);
     }
 
-    public MigrationStreamInfo Write(MachineProfile profile)
+    public MigrationStreamInfo Write(MachineProfile profile, MigrationStreamIndex? index = null)
     {
         var written = new MigrationStreamSummary();
-        var output = new MigrationRecordWriter(_out, MigrationStreamFormat.Plain, _partBytes, written);
+        var output = new MigrationRecordWriter(_out, MigrationStreamFormat.Plain, _partBytes, written, index);
         output.Write(new StreamHeaderRecord(_out.Tell()));
         if (profile.MachineType is not null) output.Write(ConfigurationRecord.ForWriting(profile.MachineType, profile.ConfigurationSubsections));
         uint id = profile.RamSectionId;

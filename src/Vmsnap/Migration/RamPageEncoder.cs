@@ -34,6 +34,9 @@ internal sealed class RamPageEncoder
         _writer = writer;
     }
 
+    /// <summary>Told of each page encoded: its offset in its block and where its data lies in the output (-1 for a ZERO record).</summary>
+    internal Action<long, long>? Placed { get; set; }
+
     /// <summary>Pages encoded (zero pages included).</summary>
     internal long Pages { get; private set; }
 
@@ -78,6 +81,7 @@ internal sealed class RamPageEncoder
             ReadOnlyMemory<byte> page = pages.Slice(at, PageSize);
             bool zero = ZeroPage.IsZero(page.Span);
             PutHeader((ulong)blockOffset | (zero ? FlagZero : FlagPage));
+            Placed?.Invoke(blockOffset, zero ? -1 : _writer.Tell());
             if (zero)
             {
                 _writer.PutByte(0);
@@ -104,6 +108,7 @@ internal sealed class RamPageEncoder
         for (long i = 0; i < count; i++, blockOffset += PageSize)
         {
             PutHeader((ulong)blockOffset | FlagZero);
+            Placed?.Invoke(blockOffset, -1);
             _writer.PutByte(0);
             ZeroPages++;
             Pages++;

@@ -112,6 +112,23 @@ public sealed partial class Qcow2Image
     public Qcow2VmStateArea OpenVmStateAreaForReading(string idOrName) =>
         OpenVmStateAreaForReading(FindSnapshot(idOrName) ?? throw new SnapshotNotFoundException(idOrName, Path));
 
+    /// <summary>
+    /// The bytes the snapshot's table entry keeps after QEMU's extra-data fields (64-bit VM-state size, disk size, icount):
+    /// what <see cref="Qcow2SnapshotCreateOptions.ExtraData"/> recorded, or another program's; empty when there are none.
+    /// </summary>
+    /// <exception cref="SnapshotNotFoundException">The image has no such snapshot (same ID and L1 table).</exception>
+    public byte[] GetSnapshotExtraData(Qcow2Snapshot snapshot)
+    {
+        ArgumentNullException.ThrowIfNull(snapshot);
+        lock (Engine.SyncRoot)
+        {
+            Engine.ThrowIfDisposed();
+            SnapshotEntry entry = Engine.State.Snapshots.Entries.Find(s => s.Id == snapshot.Id && s.L1TableOffset == snapshot.L1TableOffset)
+                ?? throw new SnapshotNotFoundException(snapshot.Id, Path);
+            return entry.UnknownExtraData.ToArray();
+        }
+    }
+
     private Qcow2Snapshot ToPublic(SnapshotEntry s) => new()
     {
         Id = s.Id,

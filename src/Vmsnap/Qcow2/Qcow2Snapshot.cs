@@ -58,4 +58,10 @@ public sealed record Qcow2SnapshotCreateOptions
 
     /// <summary>Record/replay instruction count; -1 (the default) means icount was not in use, as QEMU's savevm records it.</summary>
     public long Icount { get; init; } = -1;
+
+    /// <summary>
+    /// Bytes the table entry keeps in its extra data after QEMU's fields (at most 1000): QEMU keeps such bytes as they are when
+    /// it rewrites the table, and so does vmsnap. Read them back with <see cref="Qcow2Image.GetSnapshotExtraData"/>.
+    /// </summary>
+    public ReadOnlyMemory<byte> ExtraData { get; init; }
 }

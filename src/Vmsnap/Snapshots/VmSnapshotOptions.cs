@@ -57,6 +57,12 @@ public sealed record VmSnapshotResult(string Image, VmSnapshotId Snapshot, long 
 {
     /// <summary>VM-state throughput in MiB/s.</summary>
     public double MiBPerSecond => Seconds > 0 ? VmStateBytes / Seconds / (1 << 20) : 0;
+
+    /// <summary>
+    /// Reading a snapshot: true when its table entry points to a postcopy index vmsnap recorded at save time
+    /// (docs/postcopy-index.md; <c>loadvm --postcopy</c> checks it in full before it uses it).
+    /// </summary>
+    public bool HasPostcopyIndex { get; init; }
 }
 
 /// <summary>A snapshot's ID and name (TAG).</summary>

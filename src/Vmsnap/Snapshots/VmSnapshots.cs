@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using Vmsnap.Migration;
+using Vmsnap.Migration.LowLevel;
 using Vmsnap.Qcow2;
+using Vmsnap.Qcow2.LowLevel;
 using Vmsnap.Storage;
 using Vmsnap.VmState;
 using Vmsnap.Storage.LowLevel;
@@ -32,8 +34,8 @@ public static class VmSnapshots
         IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(profile);
-        return WriteSnapshot(imagePath, name, options ?? new(),
-            writer => MigrationStream.Write(writer, profile, ramBytesDone, cancellationToken));
+        var index = new PostcopyIndexRecorder();
+        return WriteSnapshot(imagePath, name, options ?? new(), writer => index.Write(writer, profile, ramBytesDone, cancellationToken), index: index);
     }
 
     /// <summary>
@@ -68,8 +70,8 @@ public static class VmSnapshots
         IProgress<long>? ramBytesDone, CancellationToken cancellationToken)
     {
         using var reader = new VmStateReader(source, ReadBufferSize);
-        return WriteSnapshot(imagePath, name, options ?? new(),
-            writer => MigrationStream.Copy(reader, writer, ramBytesDone, cancellationToken));
+        var index = new PostcopyIndexRecorder();
+        return WriteSnapshot(imagePath, name, options ?? new(), writer => index.Copy(reader, writer, ramBytesDone, cancellationToken), index: index);
     }
 
     /// <summary>
@@ -194,7 +196,7 @@ public static class VmSnapshots
     /// <paramref name="wrapBackend"/> wraps the area's backend (the tests' fault injection).
     /// </summary>
     internal static VmSnapshotResult WriteSnapshot(string imagePath, string name, VmSnapshotOptions options,
-        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null)
+        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend = null, PostcopyIndexRecorder? index = null)
     {
         if (string.IsNullOrEmpty(name)) throw new OperationRefusedException("a snapshot needs a name (TAG)");
         if (options.ForceShare) throw new OperationRefusedException("ForceShare is only for reading; a save writes the image");
@@ -203,7 +205,7 @@ public static class VmSnapshots
         VmSnapshotResult result;
         try
         {
-            result = WriteSnapshot(image, imagePath, name, options, produce, wrapBackend, clock);
+            result = WriteSnapshot(image, imagePath, name, options, produce, wrapBackend, index, clock);
         }
         catch
         {
@@ -223,7 +225,7 @@ public static class VmSnapshots
     }
 
     private static VmSnapshotResult WriteSnapshot(Qcow2Image image, string imagePath, string name, VmSnapshotOptions options,
-        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend, Stopwatch clock)
+        Func<VmStateWriter, MigrationStreamInfo> produce, Func<VmStateBackend, VmStateBackend>? wrapBackend, PostcopyIndexRecorder? index, Stopwatch clock)
     {
         try
         {
@@ -254,8 +256,10 @@ public static class VmSnapshots
                 writer.Close();
                 size = writer.BytesTransferred;
             }
+            // The postcopy index goes past the stream before the snapshot exists: the snapshot never points to a missing one.
+            byte[] pointer = index is null ? [] : RecordIndex(index, size, image.Info.ClusterSize, area);
             area.Flush();
-            var snapshot = image.CreateSnapshot(name, new Qcow2SnapshotCreateOptions { VmStateSize = size });
+            var snapshot = image.CreateSnapshot(name, new Qcow2SnapshotCreateOptions { VmStateSize = size, ExtraData = pointer });
             committed = true;
             return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), size, info.RamBytes,
                 clock.Elapsed.TotalSeconds, mode, info);
@@ -263,6 +267,19 @@ public static class VmSnapshots
         finally
         {
             if (!committed) FreeVmState(area, image);
+        }
+    }
+
+    /// <summary>The postcopy index past the stream; a failure to write it leaves the snapshot without one (loadvm --postcopy scans it then).</summary>
+    private static byte[] RecordIndex(PostcopyIndexRecorder index, long size, int clusterSize, Qcow2VmStateArea area)
+    {
+        try
+        {
+            return RecordedPostcopyIndex.Record(index, size, clusterSize, area.Read, area.Write)?.Pointer ?? [];
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            return [];
         }
     }
 
@@ -297,7 +314,7 @@ public static class VmSnapshots
         using var reader = new VmStateReader(backend, ReadBufferSize);
         var (info, mode) = consume(reader, snapshot.VmStateSize);
         return new VmSnapshotResult(imagePath, new VmSnapshotId(snapshot.Id, snapshot.Name), snapshot.VmStateSize, info.RamBytes,
-            clock.Elapsed.TotalSeconds, mode, info);
+            clock.Elapsed.TotalSeconds, mode, info) { HasPostcopyIndex = RecordedPostcopyIndex.HasPointer(image.GetSnapshotExtraData(snapshot)) };
     }
 
     /// <summary>Opens the image with O_DIRECT when asked and the file system allows it, else through the page cache.</summary>

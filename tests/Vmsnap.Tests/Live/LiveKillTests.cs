@@ -72,6 +72,7 @@ public class LiveKillTests(ITestOutputHelper output)
             new("guest stopped+3", Live: false, Next.SaveVm),
             new("clock", Live: true, Next.Recover, "migrating", "none"),
             new("migration completed", Live: true, Next.Recover, "stopped", "none") { RecoverWhileItRuns = true },
+            new("postcopy index recorded", Live: false, Next.Recover, "stopped", "none"),
             new("images opened", Live: true, Next.LoadVm),
             new("region checked+1", Live: true, Next.Recover),
             new("region checked+3", Live: false, Next.SaveVm),

@@ -418,6 +418,9 @@ internal sealed class SnapshotOperations
         CheckSnapshotName(name);
         ArgumentOutOfRangeException.ThrowIfNegative(options.VmStateSize, "options.VmStateSize");
         ArgumentOutOfRangeException.ThrowIfNegative(options.VmClock, "options.VmClock");
+        if (options.ExtraData.Length > SnapshotEntry.MaxExtraDataSize - SnapshotEntry.KnownExtraDataSize)
+            throw new ArgumentOutOfRangeException(nameof(options), options.ExtraData.Length,
+                $"a snapshot's extra data past QEMU's fields holds at most {SnapshotEntry.MaxExtraDataSize - SnapshotEntry.KnownExtraDataSize} bytes");
         ValidateSnapshotTable();
         int same = Snapshots.FindIndex(s => s.Name == name);
         if (same >= 0) throw new SnapshotExistsException(name, Snapshots[same].Id, Path, $"'{Path}' already has a snapshot named '{name}' (ID {Snapshots[same].Id})");
@@ -443,6 +446,7 @@ internal sealed class SnapshotOperations
             VmStateSize32 = options.VmStateSize <= uint.MaxValue ? (uint)options.VmStateSize : 0,
             DiskSize = (ulong)VirtualSize,
             Icount = options.Icount,
+            UnknownExtraData = options.ExtraData.ToArray(),
         };
 
         // The snapshot's L1 table is a copy of the active one: it shares the disk's L2 tables and,
