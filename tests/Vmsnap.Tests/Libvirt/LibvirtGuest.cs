@@ -112,10 +112,24 @@ internal sealed class LibvirtGuest : IDisposable
     /// Before a restore to a snapshot taken in <paramref name="window"/>: waits until the guest has counted past the window, and returns
     /// how many ticks there are, so that the restored guest's ticks (back inside the window) are told from those printed before.
     /// </summary>
+    /// <remarks>
+    /// The running guest's tick is the log's last one: after an earlier restore, the log also holds the ticks of the run that was
+    /// loaded over, numbered past this window, so a tick found anywhere in the log does not say where the running guest is.
+    /// </remarks>
     public int MarkBeforeRestore(Live.SaveWindow window)
     {
-        WaitForTick(t => t.N > window.After + 2);
+        WaitForTick(t => t.N > window.After + 2, source: () => Ticks().TakeLast(1).ToList());
         return Ticks().Count;
+    }
+
+    /// <summary>
+    /// The first tick the running guest prints after tick <paramref name="n"/>, the log's last one now. Only ticks printed from now on
+    /// count, for the reason <see cref="MarkBeforeRestore"/> gives.
+    /// </summary>
+    public GuestTick WaitForTickAfter(long n)
+    {
+        int printed = Ticks().Count;
+        return WaitForTick(t => t.N > n, source: () => Ticks().Skip(printed).ToList());
     }
 
     /// <summary>The ticks printed since <paramref name="mark"/> from the first one back inside <paramref name="window"/> on: the restored guest's.</summary>

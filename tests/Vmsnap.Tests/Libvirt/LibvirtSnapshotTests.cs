@@ -17,8 +17,7 @@ public class LibvirtSnapshotTests
     {
         GuestTick before = guest.LastTick();
         JsonElement r = VmsnapJson(["savevm", "--domain", guest.Name, "--connect", LibvirtGuest.Uri, tag, .. more, "--json"]);
-        long returned = guest.LastTick().N;
-        GuestTick after = guest.WaitForTick(t => t.N > returned);
+        GuestTick after = guest.WaitForTickAfter(guest.LastTick().N);
         return (r, new SaveWindow(before.N, after.N, before.Boot));
     }
 
@@ -79,8 +78,7 @@ public class LibvirtSnapshotTests
 
         GuestTick before = guest.LastTick();
         LibvirtGuest.Virsh("snapshot-create-as", guest.Name, "v1");
-        long returned = guest.LastTick().N;
-        var window = new SaveWindow(before.N, guest.WaitForTick(t => t.N > returned).N, before.Boot);
+        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
         int mark = guest.MarkBeforeRestore(window);
 
         // A running domain is refused without --force; nothing changes.
