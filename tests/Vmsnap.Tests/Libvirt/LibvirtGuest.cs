@@ -5,6 +5,15 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Libvirt;
 
 /// <summary>
+/// The libvirt tests share one libvirtd, which <see cref="LibvirtKillTests"/> kills and starts again: they run one class at a time.
+/// </summary>
+[CollectionDefinition(Name)]
+public sealed class LibvirtdCollection
+{
+    public const string Name = "libvirtd";
+}
+
+/// <summary>
 /// The test guest (<see cref="TestGuest"/>'s kernel and initramfs) as a persistent libvirt domain of type qemu (TCG) with direct kernel
 /// boot and two qcow2 virtio disks, on the system's libvirtd (qemu:///system; tests/libvirtd.sh starts it when it does not answer).
 /// Its serial port goes to a file libvirt appends to, so ticks printed before and after a restore are both there. Disposing destroys and
@@ -18,7 +27,7 @@ internal sealed class LibvirtGuest : IDisposable
     /// <summary>The QEMU libvirt runs (the distribution's, /usr/bin/qemu-system-x86_64): the tests' qemu-img is that version's.</summary>
     public const string QemuVersion = "7.2";
 
-    private static readonly Lazy<bool> s_daemon = new(StartDaemon, LazyThreadSafetyMode.ExecutionAndPublication);
+    private static readonly Lazy<bool> s_daemon = new(RunDaemonScript, LazyThreadSafetyMode.ExecutionAndPublication);
 
     private LibvirtGuest(TempDir dir, string name, string serial, string[] disks)
     {
@@ -80,7 +89,20 @@ internal sealed class LibvirtGuest : IDisposable
         }
     }
 
-    private static bool StartDaemon()
+    /// <summary>Starts libvirtd (tests/libvirtd.sh) unless it answers; again after <see cref="KillDaemon"/>, when it reconnects to the running domains.</summary>
+    public static void StartDaemon() => RunDaemonScript();
+
+    /// <summary>Kills libvirtd with SIGKILL (its pid file names it) and waits until it is gone; its QEMUs run on.</summary>
+    public static void KillDaemon()
+    {
+        int pid = int.Parse(File.ReadAllText("/run/libvirtd.pid").Trim(), System.Globalization.CultureInfo.InvariantCulture);
+        using Process daemon = Process.GetProcessById(pid);
+        Assert.Equal("libvirtd", daemon.ProcessName);
+        daemon.Kill();
+        daemon.WaitForExit();
+    }
+
+    private static bool RunDaemonScript()
     {
         string script = Path.Combine(Path.GetDirectoryName(TestDeps.Folder)!, "libvirtd.sh");
         Tool.Result r = Tool.RunPath(script, [], TimeSpan.FromMinutes(1));
@@ -188,6 +210,9 @@ internal sealed class LibvirtGuest : IDisposable
 
     public void Dispose()
     {
+        // A test that killed libvirtd and failed before starting it again: the domain can only be destroyed through it.
+        try { RunDaemonScript(); }
+        catch (InvalidOperationException) { }
         TryVirsh("destroy", Name);
         TryVirsh("undefine", Name, "--snapshots-metadata");
     }

@@ -11,6 +11,7 @@ namespace Vmsnap.Tests.Libvirt;
 /// virsh and qemu-img (of the same QEMU): what libvirt lists, reverts and deletes, and a guest that continues where the snapshot was taken.
 /// </summary>
 [Trait("Category", "Guest")]
+[Collection(LibvirtdCollection.Name)]
 public class LibvirtSnapshotTests
 {
     private static (JsonElement Result, SaveWindow Window) SaveVm(LibvirtGuest guest, string tag, params string[] more)
@@ -87,7 +88,9 @@ public class LibvirtSnapshotTests
         Assert.Equal("running", guest.State());
         // A name libvirt has is refused by savevm, the disks unchanged.
         VmsnapFails(["savevm", "--domain", guest.Name, "v1"], "libvirt already has a snapshot 'v1'", "nothing was saved");
-        Assert.Equal(listed, DiskSnapshotNames(guest.Disks[0]));
+        foreach (string disk in guest.Disks) Assert.Equal(listed, DiskSnapshotNames(disk));
+        Assert.Equal(["v1"], guest.SnapshotNames());
+        Assert.Equal("running", guest.State());
 
         JsonElement r = VmsnapJson("loadvm", "--domain", guest.Name, "v1", "--force", "--json");
         Assert.Equal("running", r.GetProperty("run-state").GetString());
