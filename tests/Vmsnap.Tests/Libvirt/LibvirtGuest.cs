@@ -127,6 +127,9 @@ internal sealed class LibvirtGuest : IDisposable
     /// <summary>The names of the domain's snapshots in libvirt.</summary>
     public string[] SnapshotNames() => Virsh("snapshot-list", Name, "--name").Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
+    /// <summary>The names of the snapshots in a disk's table, as qemu-img lists them (shared: the domain's QEMU may hold it).</summary>
+    public static string[] DiskSnapshotNames(string image) => Live.LiveKit.Snapshots(image).Select(s => s.Name).ToArray();
+
     /// <summary>Every tick in the serial output, across restores.</summary>
     public IReadOnlyList<GuestTick> Ticks() => TestGuest.TicksIn(Serial);
 

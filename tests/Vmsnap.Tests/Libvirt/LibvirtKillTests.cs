@@ -15,8 +15,6 @@ namespace Vmsnap.Tests.Libvirt;
 [Collection(LibvirtdCollection.Name)]
 public class LibvirtKillTests
 {
-    private static string[] DiskSnapshotNames(string image) => LiveKit.Snapshots(image).Select(s => s.Name).ToArray();
-
     /// <summary>qemu-img check -U of a disk the domain's QEMU holds, with the guest paused (QEMU flushes its metadata caches when the guest stops; a running guest's writes would show as passing leaks).</summary>
     private static void AssertCleanShared(string image)
     {
@@ -61,7 +59,7 @@ public class LibvirtKillTests
         Assert.Equal(["s1"], guest.SnapshotNames());
         foreach (string disk in guest.Disks)
         {
-            Assert.Equal(["s1"], DiskSnapshotNames(disk));
+            Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
             AssertCleanShared(disk);
         }
 
@@ -79,9 +77,27 @@ public class LibvirtKillTests
         // The next save works, and is listed with s1 as its parent.
         VmsnapJson("savevm", "--domain", guest.Name, "s2", "--json");
         Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
-        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], LibvirtGuest.DiskSnapshotNames(disk));
         LibvirtGuest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
+    }
+
+    /// <summary>
+    /// Saves s1, then holds a save of 'cut' once its snapshot is on every disk, kills libvirtd and that vmsnap (SIGKILL), and starts
+    /// libvirtd again; returns the guest's boot.
+    /// </summary>
+    private static string SaveThenKillLibvirtdAndVmsnapOnceCommitted(LibvirtGuest guest)
+    {
+        VmsnapJson("savevm", "--domain", guest.Name, "s1", "--json");
+        string boot = guest.LastTick().Boot;
+        using (HookedVmsnap save = HookedVmsnap.Start(["savevm", "--domain", guest.Name, "cut"], "snapshots committed"))
+        {
+            save.WaitPaused("a save held once its snapshot is on every disk");
+            LibvirtGuest.KillDaemon();
+            save.Kill();
+        }
+        LibvirtGuest.StartDaemon();
+        return boot;
     }
 
     [Fact]
@@ -90,19 +106,10 @@ public class LibvirtKillTests
         using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
         using var dir = new TempDir();
         using LibvirtGuest guest = LibvirtGuest.Boot(dir);
-        VmsnapJson("savevm", "--domain", guest.Name, "s1", "--json");
-        string boot = guest.LastTick().Boot;
-
-        using (HookedVmsnap save = HookedVmsnap.Start(["savevm", "--domain", guest.Name, "cut"], "snapshots committed"))
-        {
-            save.WaitPaused("a save held once its snapshot is on every disk");
-            LibvirtGuest.KillDaemon();
-            save.Kill();
-        }
-        LibvirtGuest.StartDaemon();
+        string boot = SaveThenKillLibvirtdAndVmsnapOnceCommitted(guest);
         // What the kills left: the snapshot on every disk, libvirt without it (the state docs/libvirt.md names), the guest stopped.
         Assert.Equal(["s1"], guest.SnapshotNames());
-        foreach (string disk in guest.Disks) Assert.Equal(["s1", "cut"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1", "cut"], LibvirtGuest.DiskSnapshotNames(disk));
         Assert.Equal("paused", guest.State());
 
         JsonElement rec = VmsnapJson("recover", "--domain", guest.Name, "--json");
@@ -119,7 +126,29 @@ public class LibvirtKillTests
         LibvirtGuest.Virsh("snapshot-revert", guest.Name, "cut");
         Assert.Equal("running", guest.State());
         LibvirtGuest.Virsh("snapshot-delete", guest.Name, "cut");
-        foreach (string disk in guest.Disks) Assert.Equal(["s1"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
+        LibvirtGuest.Virsh("destroy", guest.Name);
+        foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
+    }
+
+    [Fact]
+    public void The_next_savevm_domain_after_libvirtd_and_vmsnap_were_killed_records_the_cut_off_snapshot_first_and_saves_after_it()
+    {
+        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        using var dir = new TempDir();
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        string boot = SaveThenKillLibvirtdAndVmsnapOnceCommitted(guest);
+
+        Tool.Result next = Snapshots.VmKit.Vmsnap("savevm", "--domain", guest.Name, "s2");
+        Assert.True(next.ExitCode == 0, next.Stderr);
+        Assert.Contains("recovered first", next.Stderr);
+        Assert.Contains("recorded snapshot 'cut'", next.Stderr);
+        AssertGuestRunsOn(guest, boot);
+        Assert.Equal(["cut", "s1", "s2"], guest.SnapshotNames().Order().ToArray());
+        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "cut").Trim());
+        Assert.Equal("cut", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
+        Assert.Equal("s2", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        AssertDisksCleanWhilePaused(guest, ["s1", "cut", "s2"]);
         LibvirtGuest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
@@ -130,7 +159,7 @@ public class LibvirtKillTests
         LibvirtGuest.Virsh("suspend", guest.Name);
         foreach (string disk in guest.Disks)
         {
-            Assert.Equal(snapshots, DiskSnapshotNames(disk));
+            Assert.Equal(snapshots, LibvirtGuest.DiskSnapshotNames(disk));
             AssertCleanShared(disk);
         }
         LibvirtGuest.Virsh("resume", guest.Name);

@@ -22,8 +22,6 @@ public class LibvirtSnapshotTests
         return (r, new SaveWindow(before.N, after.N, before.Boot));
     }
 
-    private static string[] DiskSnapshotNames(string image) => LiveKit.Snapshots(image).Select(s => s.Name).ToArray();
-
     [Fact]
     public void vmsnap_savevm_is_listed_reverted_and_deleted_by_virsh()
     {
@@ -49,7 +47,7 @@ public class LibvirtSnapshotTests
         Assert.Equal("s2", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
         string info = LibvirtGuest.Virsh("snapshot-info", guest.Name, "s2");
         Assert.Contains("Location:       internal", info);
-        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], LibvirtGuest.DiskSnapshotNames(disk));
         JsonElement listing = VmsnapJson("snapshot", "list", "--domain", guest.Name, "--json");
         var rows = listing.GetProperty("snapshots").EnumerateArray().ToList();
         Assert.Equal(["s1", "s2"], rows.Select(x => x.GetProperty("name").GetString()));
@@ -65,7 +63,7 @@ public class LibvirtSnapshotTests
 
         LibvirtGuest.Virsh("snapshot-delete", guest.Name, "s2");
         Assert.Equal(["s1"], guest.SnapshotNames());
-        foreach (string disk in guest.Disks) Assert.Equal(["s1"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
         LibvirtGuest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
@@ -83,12 +81,12 @@ public class LibvirtSnapshotTests
         int mark = guest.MarkBeforeRestore(window);
 
         // A running domain is refused without --force; nothing changes.
-        string[] listed = DiskSnapshotNames(guest.Disks[0]);
+        string[] listed = LibvirtGuest.DiskSnapshotNames(guest.Disks[0]);
         VmsnapFails(["loadvm", "--domain", guest.Name, "v1"], "is not shut off", "--force", "nothing was loaded");
         Assert.Equal("running", guest.State());
         // A name libvirt has is refused by savevm, the disks unchanged.
         VmsnapFails(["savevm", "--domain", guest.Name, "v1"], "libvirt already has a snapshot 'v1'", "nothing was saved");
-        foreach (string disk in guest.Disks) Assert.Equal(listed, DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(listed, LibvirtGuest.DiskSnapshotNames(disk));
         Assert.Equal(["v1"], guest.SnapshotNames());
         Assert.Equal("running", guest.State());
 
@@ -123,7 +121,7 @@ public class LibvirtSnapshotTests
         LibvirtGuest.Virsh("qemu-monitor-command", "--hmp", guest.Name, "savevm ondisk");
         VmsnapFails(["savevm", "--domain", guest.Name, "ondisk"], "already has a snapshot named 'ondisk'", "nothing was saved");
         Assert.Empty(guest.SnapshotNames());
-        foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], LibvirtGuest.DiskSnapshotNames(disk));
         // ... and snapshot list --domain flags the disagreement, with exit code 1.
         Tool.Result listed = Snapshots.VmKit.Vmsnap("snapshot", "list", "--domain", guest.Name, "--json");
         Assert.Equal(1, listed.ExitCode);
@@ -146,7 +144,7 @@ public class LibvirtSnapshotTests
         Assert.Empty(guest.SnapshotNames());
         foreach (string disk in guest.Disks)
         {
-            Assert.Equal(["ondisk"], DiskSnapshotNames(disk));
+            Assert.Equal(["ondisk"], LibvirtGuest.DiskSnapshotNames(disk));
             QemuImgCheck.AssertClean(disk);
         }
 
