@@ -21,8 +21,10 @@ if [ ! -e /etc/libvirt/qemu.conf ]; then
     'user = "root"' 'group = "root"' 'dynamic_ownership = 0' 'security_driver = "none"' 'cgroup_controllers = [ ]' 'namespaces = [ ]' \
     > /etc/libvirt/qemu.conf
 fi
-pgrep -x virtlogd >/dev/null || virtlogd -d
-pgrep -x libvirtd >/dev/null || libvirtd -d
+# A daemon that was killed can stay a zombie for a while (until PID 1 reaps it): only a live one counts as running.
+running() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
+running virtlogd || virtlogd -d
+running libvirtd || libvirtd -d
 for _ in $(seq 100); do virsh -c "$uri" version >/dev/null 2>&1 && exit 0; sleep 0.2; done
 echo "tests/libvirtd.sh: libvirtd did not answer on $uri: $(tail -3 /var/log/libvirt/libvirtd.log 2>/dev/null)" >&2
 exit 1

@@ -60,7 +60,7 @@ internal static class LiveCommands
                 (string? socket, string? name) = Target(p, qmp, domain);
                 r = Run(() => name is not null
                     ? LibvirtSnapshots.SaveVm(name, p.GetValue(tag)!, p.GetValue(connect), options, progress, ct)
-                    : LiveSnapshots.SaveVm(socket!, p.GetValue(tag)!, options, progress, ct), socket);
+                    : LiveSnapshots.SaveVm(socket!, p.GetValue(tag)!, options, progress, ct), socket, name);
             }
             if (asJson)
             {
@@ -114,7 +114,8 @@ internal static class LiveCommands
             if (Target(p, qmp, domain).Domain is { } name)
             {
                 if (p.GetValue(postcopy))
-                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt restores the domain from a plain stream; nothing was loaded");
+                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt 9.0 restores a domain only from a save file or FIFO (virDomainRestore), " +
+                        "and QEMU's postcopy needs a return path from the guest's QEMU, which a file or FIFO cannot carry (docs/libvirt.md); nothing was loaded");
                 return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), asJson, ct);
             }
             LiveLoadResult r;
@@ -187,7 +188,7 @@ internal static class LiveCommands
     {
         LibvirtLoadResult r;
         using (var progress = ProgressLine.Start("loading", 0, asJson))
-            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct), null);
+            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct), null, name);
         if (asJson)
             Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks), CliJsonWithNulls.Default.DomainLoadVmJson);
         else
@@ -217,16 +218,21 @@ internal static class LiveCommands
 
     private static Command RecoverCommand()
     {
-        var qmp = QmpOption();
+        var qmp = QmpOption(orDomain: true);
+        var domain = DomainOption();
+        var connect = ConnectOption();
         var json = Cli.JsonOption();
         var command = new Command("recover", "Undo what a killed live save left in a running QEMU: its migration settings, a stopped guest, a half-made snapshot " +
-            "(savevm and loadvm do this first on their own)")
+            "(savevm and loadvm do this first on their own); with --domain, also record in libvirt a snapshot the save completed on every disk")
         {
-            qmp, json,
+            qmp, domain, connect, json,
         };
         command.SetHandler((p, ct) =>
         {
-            LiveRecoveryResult r = Run(() => LiveSnapshots.Recover(p.GetValue(qmp)!, ct), p.GetValue(qmp)!);
+            (string? socket, string? name) = Target(p, qmp, domain);
+            LiveRecoveryResult r = Run(() => name is not null
+                ? LibvirtSnapshots.Recover(name, p.GetValue(connect), ct)
+                : LiveSnapshots.Recover(socket!, ct), socket, name);
             if (p.GetValue(json))
             {
                 Cli.WriteJson(new RecoverJson("recover", r.Found, r.Tag, r.ProcessId, r.Stage, r.Snapshot, r.Resumed,
@@ -251,28 +257,28 @@ internal static class LiveCommands
     /// A cancelled live operation says what it did about it (the command's own handler would print only "cancelled"),
     /// and a failure that left the save's record in QEMU says how to finish the job once its cause is fixed.
     /// </summary>
-    /// <param name="qmpSocket">The QMP socket <c>vmsnap recover</c> would take; null for a libvirt domain (its next
-    /// <c>savevm --domain</c> finishes what a cut-off save left, as recover would).</param>
-    private static T Run<T>(Func<T> operation, string? qmpSocket)
+    /// <param name="qmpSocket">The QMP socket <c>vmsnap recover</c> would take, or null.</param>
+    /// <param name="domain">The libvirt domain <c>vmsnap recover --domain</c> would take, or null.</param>
+    private static T Run<T>(Func<T> operation, string? qmpSocket, string? domain = null)
     {
+        string recover = qmpSocket is not null ? $"vmsnap recover --qmp {qmpSocket}" : $"vmsnap recover --domain {domain}";
         try
         {
             return operation();
         }
         catch (OperationCanceledException e) when (e.InnerException is LiveSnapshotException undone)
         {
-            throw WithHint(undone, qmpSocket);
+            throw WithHint(undone, recover);
         }
         catch (LiveSnapshotException e) when (e.RecoveryPending)
         {
-            throw WithHint(e, qmpSocket);
+            throw WithHint(e, recover);
         }
     }
 
     /// <summary>The error as the command line words it: what vmsnap recover does for it, when it can.</summary>
-    private static LiveSnapshotException WithHint(LiveSnapshotException e, string? qmpSocket) =>
+    private static LiveSnapshotException WithHint(LiveSnapshotException e, string recover) =>
         !e.RecoveryPending ? new LiveSnapshotException(e.Message, e)
-        : qmpSocket is null ? new LiveSnapshotException($"{e.Message}; the next vmsnap savevm --domain of this domain finishes the cleanup", e)
-        : e.ResumeProblem is not null ? new LiveSnapshotException($"{e.Message} (vmsnap recover --qmp {qmpSocket} resumes it once that is fixed)", e)
-        : new LiveSnapshotException($"{e.Message}; run 'vmsnap recover --qmp {qmpSocket}' once that is fixed", e);
+        : e.ResumeProblem is not null ? new LiveSnapshotException($"{e.Message} ({recover} resumes it once that is fixed)", e)
+        : new LiveSnapshotException($"{e.Message}; run '{recover}' once that is fixed", e);
 }

@@ -157,6 +157,9 @@ internal sealed class LiveSave : LiveSession
         LiveTrace.Mark("settings restored");
         // Kept while the guest could not be resumed or the settings not restored: vmsnap recover (or the next save) does it later.
         if (recorded && !Qmp.IsClosed && resumeProblem is null && restoreProblem is null) restoreProblem = Forget();
+        // The connection lost with QEMU running on (libvirtd killed): the record stays there for a recovery once it is back.
+        if (recorded && Qmp.ClosedWithQemuRunning)
+            restoreProblem = "the guest's run state and QEMU's migration settings could not be put back, nor the save's record removed: " + Qmp.ClosedReason;
 
         bool? guestRunning = Qmp.IsClosed ? null : wasRunning && resumeProblem is null;
         if (failure is not null) throw Explain(failure, guestRunning, resumeProblem, restoreProblem, cleanupNote);

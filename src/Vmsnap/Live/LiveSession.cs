@@ -140,5 +140,5 @@ internal abstract class LiveSession(IQmpConnection qmp, string tag, Cancellation
 
     /// <summary>An error text that names QEMU's exit when the QMP connection is gone.</summary>
     protected string QemuGone(string during) =>
-        $"QEMU exited (its QMP connection on '{Qmp.Path}' closed) {during}";
+        $"{Qmp.ClosedReason} {during}";
 }

@@ -5,6 +5,15 @@ using Vmsnap.Tests.Interop;
 namespace Vmsnap.Tests.Libvirt;
 
 /// <summary>
+/// The libvirt tests share one libvirtd, which <see cref="LibvirtKillTests"/> kills and starts again: they run one class at a time.
+/// </summary>
+[CollectionDefinition(Name)]
+public sealed class LibvirtdCollection
+{
+    public const string Name = "libvirtd";
+}
+
+/// <summary>
 /// The test guest (<see cref="TestGuest"/>'s kernel and initramfs) as a persistent libvirt domain of type qemu (TCG) with direct kernel
 /// boot and two qcow2 virtio disks, on the system's libvirtd (qemu:///system; tests/libvirtd.sh starts it when it does not answer).
 /// Its serial port goes to a file libvirt appends to, so ticks printed before and after a restore are both there. Disposing destroys and
@@ -18,7 +27,7 @@ internal sealed class LibvirtGuest : IDisposable
     /// <summary>The QEMU libvirt runs (the distribution's, /usr/bin/qemu-system-x86_64): the tests' qemu-img is that version's.</summary>
     public const string QemuVersion = "7.2";
 
-    private static readonly Lazy<bool> s_daemon = new(StartDaemon, LazyThreadSafetyMode.ExecutionAndPublication);
+    private static readonly Lazy<bool> s_daemon = new(RunDaemonScript, LazyThreadSafetyMode.ExecutionAndPublication);
 
     private LibvirtGuest(TempDir dir, string name, string serial, string[] disks)
     {
@@ -80,7 +89,20 @@ internal sealed class LibvirtGuest : IDisposable
         }
     }
 
-    private static bool StartDaemon()
+    /// <summary>Starts libvirtd (tests/libvirtd.sh) unless it answers; again after <see cref="KillDaemon"/>, when it reconnects to the running domains.</summary>
+    public static void StartDaemon() => RunDaemonScript();
+
+    /// <summary>Kills libvirtd with SIGKILL (its pid file names it) and waits until it is gone; its QEMUs run on.</summary>
+    public static void KillDaemon()
+    {
+        int pid = int.Parse(File.ReadAllText("/run/libvirtd.pid").Trim(), System.Globalization.CultureInfo.InvariantCulture);
+        using Process daemon = Process.GetProcessById(pid);
+        Assert.Equal("libvirtd", daemon.ProcessName);
+        daemon.Kill();
+        daemon.WaitForExit();
+    }
+
+    private static bool RunDaemonScript()
     {
         string script = Path.Combine(Path.GetDirectoryName(TestDeps.Folder)!, "libvirtd.sh");
         Tool.Result r = Tool.RunPath(script, [], TimeSpan.FromMinutes(1));
@@ -105,6 +127,9 @@ internal sealed class LibvirtGuest : IDisposable
     /// <summary>The names of the domain's snapshots in libvirt.</summary>
     public string[] SnapshotNames() => Virsh("snapshot-list", Name, "--name").Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
+    /// <summary>The names of the snapshots in a disk's table, as qemu-img lists them (shared: the domain's QEMU may hold it).</summary>
+    public static string[] DiskSnapshotNames(string image) => Live.LiveKit.Snapshots(image).Select(s => s.Name).ToArray();
+
     /// <summary>Every tick in the serial output, across restores.</summary>
     public IReadOnlyList<GuestTick> Ticks() => TestGuest.TicksIn(Serial);
 
@@ -112,10 +137,24 @@ internal sealed class LibvirtGuest : IDisposable
     /// Before a restore to a snapshot taken in <paramref name="window"/>: waits until the guest has counted past the window, and returns
     /// how many ticks there are, so that the restored guest's ticks (back inside the window) are told from those printed before.
     /// </summary>
+    /// <remarks>
+    /// The running guest's tick is the log's last one: after an earlier restore, the log also holds the ticks of the run that was
+    /// loaded over, numbered past this window, so a tick found anywhere in the log does not say where the running guest is.
+    /// </remarks>
     public int MarkBeforeRestore(Live.SaveWindow window)
     {
-        WaitForTick(t => t.N > window.After + 2);
+        WaitForTick(t => t.N > window.After + 2, source: () => Ticks().TakeLast(1).ToList());
         return Ticks().Count;
+    }
+
+    /// <summary>
+    /// The first tick the running guest prints after tick <paramref name="n"/>, the log's last one now. Only ticks printed from now on
+    /// count, for the reason <see cref="MarkBeforeRestore"/> gives.
+    /// </summary>
+    public GuestTick WaitForTickAfter(long n)
+    {
+        int printed = Ticks().Count;
+        return WaitForTick(t => t.N > n, source: () => Ticks().Skip(printed).ToList());
     }
 
     /// <summary>The ticks printed since <paramref name="mark"/> from the first one back inside <paramref name="window"/> on: the restored guest's.</summary>
@@ -174,6 +213,9 @@ internal sealed class LibvirtGuest : IDisposable
 
     public void Dispose()
     {
+        // A test that killed libvirtd and failed before starting it again: the domain can only be destroyed through it.
+        try { RunDaemonScript(); }
+        catch (InvalidOperationException) { }
         TryVirsh("destroy", Name);
         TryVirsh("undefine", Name, "--snapshots-metadata");
     }

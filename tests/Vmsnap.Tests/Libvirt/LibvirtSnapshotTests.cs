@@ -11,18 +11,16 @@ namespace Vmsnap.Tests.Libvirt;
 /// virsh and qemu-img (of the same QEMU): what libvirt lists, reverts and deletes, and a guest that continues where the snapshot was taken.
 /// </summary>
 [Trait("Category", "Guest")]
+[Collection(LibvirtdCollection.Name)]
 public class LibvirtSnapshotTests
 {
     private static (JsonElement Result, SaveWindow Window) SaveVm(LibvirtGuest guest, string tag, params string[] more)
     {
         GuestTick before = guest.LastTick();
         JsonElement r = VmsnapJson(["savevm", "--domain", guest.Name, "--connect", LibvirtGuest.Uri, tag, .. more, "--json"]);
-        long returned = guest.LastTick().N;
-        GuestTick after = guest.WaitForTick(t => t.N > returned);
+        GuestTick after = guest.WaitForTickAfter(guest.LastTick().N);
         return (r, new SaveWindow(before.N, after.N, before.Boot));
     }
-
-    private static string[] DiskSnapshotNames(string image) => LiveKit.Snapshots(image).Select(s => s.Name).ToArray();
 
     [Fact]
     public void vmsnap_savevm_is_listed_reverted_and_deleted_by_virsh()
@@ -49,7 +47,7 @@ public class LibvirtSnapshotTests
         Assert.Equal("s2", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
         string info = LibvirtGuest.Virsh("snapshot-info", guest.Name, "s2");
         Assert.Contains("Location:       internal", info);
-        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], LibvirtGuest.DiskSnapshotNames(disk));
         JsonElement listing = VmsnapJson("snapshot", "list", "--domain", guest.Name, "--json");
         var rows = listing.GetProperty("snapshots").EnumerateArray().ToList();
         Assert.Equal(["s1", "s2"], rows.Select(x => x.GetProperty("name").GetString()));
@@ -65,7 +63,7 @@ public class LibvirtSnapshotTests
 
         LibvirtGuest.Virsh("snapshot-delete", guest.Name, "s2");
         Assert.Equal(["s1"], guest.SnapshotNames());
-        foreach (string disk in guest.Disks) Assert.Equal(["s1"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
         LibvirtGuest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
@@ -79,17 +77,18 @@ public class LibvirtSnapshotTests
 
         GuestTick before = guest.LastTick();
         LibvirtGuest.Virsh("snapshot-create-as", guest.Name, "v1");
-        long returned = guest.LastTick().N;
-        var window = new SaveWindow(before.N, guest.WaitForTick(t => t.N > returned).N, before.Boot);
+        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
         int mark = guest.MarkBeforeRestore(window);
 
         // A running domain is refused without --force; nothing changes.
-        string[] listed = DiskSnapshotNames(guest.Disks[0]);
+        string[] listed = LibvirtGuest.DiskSnapshotNames(guest.Disks[0]);
         VmsnapFails(["loadvm", "--domain", guest.Name, "v1"], "is not shut off", "--force", "nothing was loaded");
         Assert.Equal("running", guest.State());
         // A name libvirt has is refused by savevm, the disks unchanged.
         VmsnapFails(["savevm", "--domain", guest.Name, "v1"], "libvirt already has a snapshot 'v1'", "nothing was saved");
-        Assert.Equal(listed, DiskSnapshotNames(guest.Disks[0]));
+        foreach (string disk in guest.Disks) Assert.Equal(listed, LibvirtGuest.DiskSnapshotNames(disk));
+        Assert.Equal(["v1"], guest.SnapshotNames());
+        Assert.Equal("running", guest.State());
 
         JsonElement r = VmsnapJson("loadvm", "--domain", guest.Name, "v1", "--force", "--json");
         Assert.Equal("running", r.GetProperty("run-state").GetString());
@@ -122,7 +121,7 @@ public class LibvirtSnapshotTests
         LibvirtGuest.Virsh("qemu-monitor-command", "--hmp", guest.Name, "savevm ondisk");
         VmsnapFails(["savevm", "--domain", guest.Name, "ondisk"], "already has a snapshot named 'ondisk'", "nothing was saved");
         Assert.Empty(guest.SnapshotNames());
-        foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], DiskSnapshotNames(disk));
+        foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], LibvirtGuest.DiskSnapshotNames(disk));
         // ... and snapshot list --domain flags the disagreement, with exit code 1.
         Tool.Result listed = Snapshots.VmKit.Vmsnap("snapshot", "list", "--domain", guest.Name, "--json");
         Assert.Equal(1, listed.ExitCode);
@@ -145,7 +144,7 @@ public class LibvirtSnapshotTests
         Assert.Empty(guest.SnapshotNames());
         foreach (string disk in guest.Disks)
         {
-            Assert.Equal(["ondisk"], DiskSnapshotNames(disk));
+            Assert.Equal(["ondisk"], LibvirtGuest.DiskSnapshotNames(disk));
             QemuImgCheck.AssertClean(disk);
         }
 

@@ -106,7 +106,10 @@ public class LiveRecoveryTests
         Tool.Result help = VmKit.Vmsnap("--help"), own = VmKit.Vmsnap("recover", "--help");
         Assert.Matches(@"\n\s+recover\s+Undo what a killed live save left", help.Stdout);
         Assert.Contains("vmsnap recover [options]", own.Stdout);
-        Assert.Contains("--qmp <qmp> (REQUIRED)", own.Stdout);
+        // --qmp or --domain (a libvirt domain), exactly one of them: required as savevm's and loadvm's are.
+        Assert.Contains("--qmp <qmp>", own.Stdout);
+        Assert.Contains("--domain <domain>", own.Stdout);
+        VmKit.VmsnapFails(["recover"], "--qmp SOCKET or --domain NAME");
         Assert.Contains("--json", own.Stdout);
         string readme = File.ReadAllText(Path.Combine(LayeringTests.RepositoryRoot(), "README.md"));
         Assert.Contains("vmsnap recover --qmp SOCKET [--json]", readme);

@@ -53,6 +53,12 @@ internal sealed class LibvirtMonitor : IQmpConnection, IDisposable
 
     public bool IsClosed => _closed;
 
+    public bool ClosedWithQemuRunning => _closed && !_domain.IsAlive;
+
+    public string ClosedReason => _domain.IsAlive
+        ? $"the domain stopped (QEMU exited; {Path})"
+        : $"the connection to libvirt was lost ({Path}: libvirtd stopped or restarted; the domain's QEMU runs on, and libvirt reconnects to it when it starts again)";
+
     public int? PeerProcessId => null;   // libvirt gives QEMU absolute image paths
 
     public bool IsAtLeast(int major, int minor) => _qemuVersion >= new Version(major, minor);

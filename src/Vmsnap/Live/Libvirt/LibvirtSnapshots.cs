@@ -37,13 +37,17 @@ public static class LibvirtSnapshots
             throw new OperationRefusedException($"domain '{domain}' is {StateName(state)}: vmsnap savevm saves a running or paused domain (start it with virsh start); nothing was saved");
         if (dom.SnapshotXml(tag) is not null)
             throw new OperationRefusedException($"libvirt already has a snapshot '{tag}' of domain '{domain}'; delete it (virsh snapshot-delete {domain} {tag}) or choose another name; nothing was saved");
-        string? parent = dom.CurrentSnapshot();
         var domainXml = XElement.Parse(dom.Xml(XmlSecure));
+        // What an earlier save cut short (vmsnap or libvirtd killed) left is undone first, through QEMU and in libvirt's view.
+        Action<LiveRecoveryResult>? recovered = options.Recovered;
+        options = options with { Recovered = r => recovered?.Invoke(Reconcile(dom, r)) };
 
         LiveSaveResult result;
         using (LibvirtMonitor monitor = LibvirtMonitor.Open(dom))
         {
             result = new LiveSave(monitor, tag, options, ramBytesDone, cancellationToken).Run();
+            // Read after the save: a recovery at its start may have recorded the cut-off save's snapshot as the current one.
+            string? parent = dom.CurrentSnapshot();
             string snapshotXml = SnapshotXml(tag, state == DomainRunning ? "running" : "paused", parent, result.Date, domainXml, result.Disks);
             try
             {
@@ -66,6 +70,64 @@ public static class LibvirtSnapshots
             }
         }
         return result;
+    }
+
+    /// <summary>
+    /// Undoes what a save of libvirt domain <paramref name="domain"/> cut short (vmsnap killed, or libvirtd killed under it) left,
+    /// through the monitor libvirt owns, as <see cref="LiveSnapshots.Recover"/> does on a QMP socket; then brings libvirt's view in
+    /// line with the disks: a snapshot left complete on every disk is recorded in libvirt as the save would have recorded it.
+    /// <see cref="SaveVm"/> does the same first, on its own.
+    /// </summary>
+    /// <param name="domain">The domain's name; it must be running or paused (libvirt reconnects to its QEMU when libvirtd restarts).</param>
+    /// <param name="connectUri">libvirt's URI; null for libvirt's default.</param>
+    /// <param name="cancellationToken">Stops waiting.</param>
+    /// <returns>What was found and done; <see cref="LiveRecoveryResult.Found"/> is false when no save had been cut short.</returns>
+    /// <exception cref="VmsnapException">As <see cref="LiveSnapshots.Recover"/>; also when libvirt cannot be reached or the domain is not running.</exception>
+    public static LiveRecoveryResult Recover(string domain, string? connectUri = null, CancellationToken cancellationToken = default)
+    {
+        using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
+        int state = dom.State;
+        if (state is not (DomainRunning or DomainPaused))
+            throw new OperationRefusedException($"domain '{domain}' is {StateName(state)}: a cut-off save leaves its traces in a running QEMU; with the domain stopped there is nothing to recover there (vmsnap snapshot list --domain {domain} shows the disks beside libvirt); nothing was done");
+        using LibvirtMonitor monitor = LibvirtMonitor.Open(dom);
+        LiveRecoveryResult r = LiveRecovery.Explicit(monitor, cancellationToken);
+        return r.Found ? Reconcile(dom, r) : r;
+    }
+
+    /// <summary>
+    /// After a recovery: the cut-off save's snapshot, complete on every writable qcow2 disk of the domain but unknown to libvirt, is
+    /// recorded (REDEFINE) as the domain's current snapshot, as the save would have done. A snapshot on some disks only is left as the
+    /// recovery left it (its actions say so), and nothing is recorded for it.
+    /// </summary>
+    private static LiveRecoveryResult Reconcile(LibvirtDomain dom, LiveRecoveryResult r)
+    {
+        if (r.Tag is not { } tag || r.Snapshot is not ("kept" or "finished") || dom.SnapshotXml(tag) is not null) return r;
+        var domainXml = XElement.Parse(dom.Xml(XmlSecure));
+        var saved = new List<LiveDiskSnapshot>();
+        DateTimeOffset date = DateTimeOffset.UtcNow;
+        foreach ((string target, string image) in WritableQcow2Disks(domainXml))
+        {
+            using Qcow2.Qcow2Image img = Qcow2.Qcow2Image.Open(image, new Qcow2.Qcow2OpenOptions { ReadOnly = true, ForceShare = true });
+            if (img.FindSnapshot(tag) is not { } s) return r;
+            if (s.VmStateSize > 0) date = s.Date;
+            saved.Add(new LiveDiskSnapshot(target, image, s.Id, s.VmStateSize > 0));
+        }
+        if (saved.Count == 0) return r;
+        string state = r.Resumed || r.RunState == "running" ? "running" : "paused";
+        dom.Redefine(SnapshotXml(tag, state, dom.CurrentSnapshot(), date, domainXml, saved), current: true);
+        return r with { Actions = [.. r.Actions, $"recorded snapshot '{tag}', complete on every disk, in libvirt as the domain's current snapshot"] };
+    }
+
+    /// <summary>The domain's writable qcow2 file disks (target and image), those a save snapshots.</summary>
+    private static IEnumerable<(string Target, string Image)> WritableQcow2Disks(XElement domainXml)
+    {
+        foreach (XElement disk in domainXml.Element("devices")?.Elements("disk") ?? [])
+        {
+            if (disk.Attribute("device")?.Value is "cdrom" or "floppy" || disk.Element("readonly") is not null) continue;
+            if (disk.Element("driver")?.Attribute("type")?.Value != "qcow2") continue;
+            if (disk.Element("target")?.Attribute("dev")?.Value is { } target && disk.Element("source")?.Attribute("file")?.Value is { } file)
+                yield return (target, file);
+        }
     }
 
     /// <summary>

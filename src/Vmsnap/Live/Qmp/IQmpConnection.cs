@@ -15,6 +15,12 @@ internal interface IQmpConnection
     /// <summary>True once the connection is gone (QEMU exited or closed it).</summary>
     bool IsClosed { get; }
 
+    /// <summary>Why the connection is closed, for messages: QEMU exited, unless the connection knows better (libvirtd gone, QEMU running on).</summary>
+    string ClosedReason => $"QEMU exited (its QMP connection on '{Path}' closed)";
+
+    /// <summary>True when the connection closed while QEMU may run on (libvirtd gone): what a save left there waits for a recovery.</summary>
+    bool ClosedWithQemuRunning => false;
+
     /// <summary>The QEMU process at the other end, when known (its working folder resolves relative image paths).</summary>
     int? PeerProcessId { get; }
 
