@@ -52,9 +52,17 @@ public class PostcopyIndexTests
             Ok(Tool.Run("qemu-img", ["snapshot", "-c", "other", disk0]));
             Ok(Tool.Run("qemu-img", ["snapshot", "-d", "other", disk0]));
             QemuImgCheck.AssertClean(disk0);
+            // The later saves and QEMU's table rewrites leave the first snapshot's VM state as it was.
+            string again = dir.File("live-again.stream");
+            Ok(VmKit.Vmsnap("export", disk0, "live", "-o", again));
+            Assert.Equal(Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(stream))),
+                Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(again))));
 
             // QEMU's own load of the snapshot vmsnap recorded an index for: the guest continues inside the save window; then
             // QEMU's savevm of another snapshot rewrites both tables from the running QEMU.
+            // On a fresh RAM file, as a new QEMU gets: over the file the saved guest left, QEMU 7.2's -loadvm gave a wrong memory
+            // checksum in 3 of 8 runs (cause not found; the stream was unchanged, checked above; open in the closing note).
+            File.Delete(ram);
             using (TestGuest restored = TestGuest.Restart(dir, options, "-loadvm", "live"))
             {
                 AssertResumes(restored, window);

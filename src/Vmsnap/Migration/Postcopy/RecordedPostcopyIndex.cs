@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
-using System.Security.Cryptography;
+using System.IO.Hashing;
 using System.Text;
 using Vmsnap.VmState;
 using Vmsnap.VmState.LowLevel;
@@ -16,7 +16,7 @@ namespace Vmsnap.Migration.LowLevel;
 /// boundary after it; the snapshot's L1 maps those clusters like the stream's, so refcounts and <c>qemu-img check</c> stay
 /// clean, and QEMU and older vmsnap, which read <c>vm_state_size</c> bytes, never see it. A pointer of
 /// <see cref="PointerBytes"/> bytes in the snapshot table entry's extra data, after QEMU's known fields, says where the blob
-/// is, how long, the stream length it describes and the blob's SHA-256. QEMU (5.0 and later) keeps unknown extra data
+/// is, how long, the stream length it describes and the blob's checksum. QEMU (5.0 and later) keeps unknown extra data
 /// (up to 1 KiB per entry) when it rewrites the table; when something drops it, the index is simply missed.</para>
 /// <para>Nothing is trusted unchecked: the pointer's stream length must be the snapshot's VM-state size; the blob's hash,
 /// its own copy of the stream length and its landmarks must agree; the stream's bytes before the RAM pages and its device
@@ -32,8 +32,9 @@ public static class RecordedPostcopyIndex
     /// <summary>Bytes of the pointer in the snapshot table entry's extra data.</summary>
     internal const int PointerBytes = 64;
 
-    private const uint Version = 1;
-    private const int HashBytes = 32;
+    // Version 2: XxHash128 checksums (managed: the native executable needs no OpenSSL); version 1 had SHA-256.
+    private const uint Version = 2;
+    private const int HashBytes = 16;
     private const long MaxBlobBytes = 1L << 30;
     private const int SampledRuns = 64;
     private static ReadOnlySpan<byte> PointerMagic => "vmsnapPX"u8;
@@ -112,7 +113,7 @@ public static class RecordedPostcopyIndex
         if (blobOffset < streamLength || blobLength < 8 + HashBytes || blobLength > MaxBlobBytes || blobOffset > long.MaxValue - blobLength)
             return Fail(out problem, $"the recorded index's place ({blobLength} bytes at {blobOffset}) is not past the stream");
         byte[] blob = ReadRange(read, blobOffset, blobLength, "the recorded index");
-        if (!SHA256.HashData(blob).AsSpan().SequenceEqual(p.Slice(32, HashBytes)))
+        if (!Checksum(blob).AsSpan().SequenceEqual(p.Slice(32, HashBytes)))
             return Fail(out problem, "the recorded index's bytes do not match their checksum");
 
         var b = new BlobReader(blob);
@@ -126,9 +127,9 @@ public static class RecordedPostcopyIndex
 
         // What postcopy sends first must be exactly what was recorded.
         byte[] head = ReadRange(read, 0, ramStartEnd, "the stream's head");
-        if (!SHA256.HashData(head).AsSpan().SequenceEqual(headHash)) return Fail(out problem, "the stream's head differs from the one the index was recorded for");
+        if (!Checksum(head).AsSpan().SequenceEqual(headHash)) return Fail(out problem, "the stream's head differs from the one the index was recorded for");
         byte[] device = ReadRange(read, deviceStateOffset, streamLength - deviceStateOffset, "the device state");
-        if (!SHA256.HashData(device).AsSpan().SequenceEqual(deviceHash)) return Fail(out problem, "the device state differs from the one the index was recorded for");
+        if (!Checksum(device).AsSpan().SequenceEqual(deviceHash)) return Fail(out problem, "the device state differs from the one the index was recorded for");
         (ConfigurationRecord configuration, RamStartRecord start) = ParseHead(head, streamLength);
 
         int early = checked((int)b.U32());
@@ -260,6 +261,9 @@ public static class RecordedPostcopyIndex
         return bytes;
     }
 
+    /// <summary>A 128-bit checksum against damage and staleness (not against tampering).</summary>
+    private static byte[] Checksum(ReadOnlySpan<byte> bytes) => XxHash128.Hash(bytes);
+
     private static byte[] Pointer(long blobOffset, byte[] blob, long streamLength)
     {
         byte[] p = new byte[PointerBytes];
@@ -268,11 +272,11 @@ public static class RecordedPostcopyIndex
         BinaryPrimitives.WriteUInt32BigEndian(p.AsSpan(12), (uint)blob.Length);
         BinaryPrimitives.WriteUInt64BigEndian(p.AsSpan(16), (ulong)blobOffset);
         BinaryPrimitives.WriteUInt64BigEndian(p.AsSpan(24), (ulong)streamLength);
-        SHA256.HashData(blob).CopyTo(p.AsSpan(32));
+        Checksum(blob).CopyTo(p.AsSpan(32));
         return p;
     }
 
-    /// <summary>The blob: header, landmarks and hashes, early-setup sections, each block's runs, and a SHA-256 of all before it.</summary>
+    /// <summary>The blob: header, landmarks and hashes, early-setup sections, each block's runs, and a checksum of all before it.</summary>
     /// <remarks>Compiled optimized at once: it runs once per save, over every page, while a live save's guest is stopped.</remarks>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static byte[] EncodeBlob(MigrationStreamIndex index, long streamLength, ReadOnlySpan<byte> head, ReadOnlySpan<byte> deviceState)
@@ -285,8 +289,8 @@ public static class RecordedPostcopyIndex
         w.I64(index.RamStartEnd);
         w.I64(index.DeviceStateOffset);
         w.I64(index.EofOffset);
-        w.Bytes(SHA256.HashData(head));
-        w.Bytes(SHA256.HashData(deviceState));
+        w.Bytes(Checksum(head));
+        w.Bytes(Checksum(deviceState));
         w.U32((uint)index.EarlySections.Count);
         foreach ((long offset, long length) in index.EarlySections)
         {
@@ -314,7 +318,7 @@ public static class RecordedPostcopyIndex
             w.Varint(runs.Count);
             w.Bytes(runs.Bytes);
         }
-        w.Bytes(SHA256.HashData(w.Span));
+        w.Bytes(Checksum(w.Span));
         return w.Span.ToArray();
     }
 
