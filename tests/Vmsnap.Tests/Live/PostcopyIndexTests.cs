@@ -61,7 +61,7 @@ public class PostcopyIndexTests
             // QEMU's own load of the snapshot vmsnap recorded an index for: the guest continues inside the save window; then
             // QEMU's savevm of another snapshot rewrites both tables from the running QEMU.
             // On a fresh RAM file, as a new QEMU gets: over the file the saved guest left, QEMU 7.2's -loadvm gave a wrong memory
-            // checksum in 3 of 8 runs (cause not found; the stream was unchanged, checked above; open in the closing note).
+            // checksum in 4 of 10 runs (cause not found; the stream was unchanged, checked above; open in the closing note).
             File.Delete(ram);
             using (TestGuest restored = TestGuest.Restart(dir, options, "-loadvm", "live"))
             {
