@@ -35,7 +35,7 @@ internal sealed partial class LiveLoad
     private PostcopyPlan PreparePostcopy(LiveDisk vmDisk, Qcow2Snapshot snapshot)
     {
         CheckPostcopyMemory();
-        Dictionary<string, bool> capabilities = Capabilities();
+        Dictionary<string, bool> capabilities = MigrationSettings.Capabilities(Qmp);
         foreach (string conflicting in new[] { "x-ignore-shared", "mapped-ram" })
         {
             if (capabilities.GetValueOrDefault(conflicting))
@@ -161,19 +161,6 @@ internal sealed partial class LiveLoad
         {
             return null;
         }
-    }
-
-    private Dictionary<string, bool> Capabilities()
-    {
-        var result = new Dictionary<string, bool>();
-        if (Qmp.Execute("query-migrate-capabilities") is JsonArray list)
-        {
-            foreach (JsonNode? c in list)
-            {
-                if (QemuBlockDevices.Str(c?["capability"]) is { } name && c?["state"] is JsonValue v && v.TryGetValue(out bool on)) result[name] = on;
-            }
-        }
-        return result;
     }
 
     private void SetPostcopyCapability(bool on) =>

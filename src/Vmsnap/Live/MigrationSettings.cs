@@ -45,6 +45,15 @@ internal sealed class MigrationSettings
     internal bool IsEmpty => _parameters.Count == 0 && _capabilities.Count == 0;
 
     /// <summary>Works out what the save needs changed, from QEMU's current values; changes nothing.</summary>
+    /// <summary>QEMU's migration capabilities (query-migrate-capabilities), by name.</summary>
+    internal static Dictionary<string, bool> Capabilities(IQmpConnection qmp)
+    {
+        var capabilities = new Dictionary<string, bool>(StringComparer.Ordinal);
+        foreach (JsonNode? c in qmp.Execute("query-migrate-capabilities") as JsonArray ?? [])
+            if (QemuBlockDevices.Str(c?["capability"]) is { } name) capabilities[name] = QemuBlockDevices.Bool(c?["state"]);
+        return capabilities;
+    }
+
     internal static MigrationSettings Plan(IQmpConnection qmp, bool live)
     {
         var s = new MigrationSettings(qmp);
@@ -53,11 +62,8 @@ internal sealed class MigrationSettings
         if (live) s.Change(parameters, "downtime-limit", LiveDowntimeLimitMs);
         if (parameters["mode"] is JsonValue mode && mode.TryGetValue(out string? m) && m != "normal")
             s._parameters["mode"] = (m, "normal");
-        foreach (JsonNode? c in qmp.Execute("query-migrate-capabilities") as JsonArray ?? [])
+        foreach ((string name, bool on) in Capabilities(qmp))
         {
-            string? name = QemuBlockDevices.Str(c?["capability"]);
-            bool on = c?["state"] is JsonValue v && v.TryGetValue(out bool b) && b;
-            if (name is null) continue;
             bool want = on;
             if (s_mustBeOff.Contains(name)) want = false;
             if (name == "auto-converge" && live) want = true;
@@ -124,9 +130,7 @@ internal sealed class MigrationSettings
             if (JsonNode.DeepEquals(now, set)) putBack.Add((name, was));
             else left.Add(name);
         }
-        var capabilities = new Dictionary<string, bool>(StringComparer.Ordinal);
-        foreach (JsonNode? c in _qmp.Execute("query-migrate-capabilities") as JsonArray ?? [])
-            if (QemuBlockDevices.Str(c?["capability"]) is { } name) capabilities[name] = c?["state"] is JsonValue v && v.TryGetValue(out bool b) && b;
+        Dictionary<string, bool> capabilities = Capabilities(_qmp);
         var capsBack = new List<(string, bool)>();
         foreach ((string name, (bool was, bool set)) in _capabilities)
         {

@@ -3,6 +3,8 @@ using System.Text.Json.Nodes;
 using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 
+using static Vmsnap.Live.QemuBlockDevices;
+
 namespace Vmsnap.Live;
 
 /// <summary>
@@ -156,7 +158,4 @@ internal sealed record PostcopyRecord
         };
     }
 
-    private static long Long(JsonNode? n) => n is JsonValue v && v.TryGetValue(out long l) ? l : 0;
-
-    private static bool Bool(JsonNode? n) => n is JsonValue v && v.TryGetValue(out bool b) && b;
 }

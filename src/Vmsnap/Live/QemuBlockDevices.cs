@@ -160,4 +160,10 @@ internal static class QemuBlockDevices
     }
 
     internal static string? Str(JsonNode? n) => n is JsonValue v && v.TryGetValue(out string? s) ? s : null;
+
+    /// <summary>A JSON number as a long, 0 when absent or not one.</summary>
+    internal static long Long(JsonNode? n) => n is JsonValue v && v.TryGetValue(out long l) ? l : 0;
+
+    /// <summary>A JSON boolean, false when absent or not one.</summary>
+    internal static bool Bool(JsonNode? n) => n is JsonValue v && v.TryGetValue(out bool b) && b;
 }

@@ -5,6 +5,8 @@ using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
 using Vmsnap.Qcow2.LowLevel;
 
+using static Vmsnap.Live.QemuBlockDevices;
+
 namespace Vmsnap.Live;
 
 /// <summary>A drive a save snapshots, as its record names it.</summary>
@@ -193,10 +195,6 @@ internal sealed record SaveRecord
             Settings = o["settings"] as JsonObject ?? [],
         };
     }
-
-    private static long Long(JsonNode? n) => n is JsonValue v && v.TryGetValue(out long l) ? l : 0;
-
-    private static bool Bool(JsonNode? n) => n is JsonValue v && v.TryGetValue(out bool b) && b;
 
     private static string Abbreviate(string s) => s.Length <= 80 ? s : s[..80] + "...";
 
