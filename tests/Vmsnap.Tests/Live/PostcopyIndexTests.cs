@@ -31,10 +31,15 @@ public class PostcopyIndexTests
         {
             GuestOptions options = LivePostcopyTests.SharedRam("pc", ram);
             SaveWindow window;
+            // The snapshot restored below is live where QEMU's live migration of a TCG guest restores exactly; on QEMU 7.2 it
+            // is stopped (LiveKit.LiveSaveRestoresExactly, docs/live.md), and a live one, "iterative", has its index compared
+            // with the scan only.
+            bool live = LiveSaveRestoresExactly;
             using (TestGuest guest = TestGuest.Boot(dir, options))
             {
                 guest.WaitForTick(t => t.N >= 3);
-                (_, window) = SaveVm(guest, "live", live: true);
+                (_, window) = SaveVm(guest, "live", live);
+                if (!live) SaveVm(guest, "iterative", live: true);
                 guest.Vm.Quit();
             }
             string disk0 = dir.File("disk0.qcow2"), disk1 = dir.File("disk1.qcow2");
@@ -60,8 +65,6 @@ public class PostcopyIndexTests
 
             // QEMU's own load of the snapshot vmsnap recorded an index for: the guest continues inside the save window; then
             // QEMU's savevm of another snapshot rewrites both tables from the running QEMU.
-            // On a fresh RAM file, as a new QEMU gets: over the file the saved guest left, QEMU 7.2's -loadvm gave a wrong memory
-            // checksum in 4 of 10 runs (cause not found; the stream was unchanged, checked above; open in the closing note).
             File.Delete(ram);
             using (TestGuest restored = TestGuest.Restart(dir, options, "-loadvm", "live"))
             {
@@ -81,7 +84,8 @@ public class PostcopyIndexTests
 
             // Each recorded index finds every page and landmark where a scan of the stream does (the live stream is QEMU's
             // iterative one: a page QEMU sent twice is at its last record in both).
-            foreach (string tag in new[] { "live", "imported", "saved" }) AssertRecordedEqualsScan(disk0, tag);
+            foreach (string tag in live ? ["live", "imported", "saved"] : new[] { "live", "imported", "saved", "iterative" })
+                AssertRecordedEqualsScan(disk0, tag);
 
             // A byte of each recorded index flipped: detected, scanned instead, the same RAM.
             FlipInFile(disk0, "vmsnapPI"u8.ToArray(), 200);
