@@ -50,6 +50,9 @@ METHODS = ["qemu -loadvm", "qemu HMP loadvm", "vmsnap loadvm", "vmsnap --postcop
 # carries no index of vmsnap's: what postcopy costs on it).
 if os.environ.get("QEMU_SNAPSHOT", "0") == "1":
     METHODS.append(POSTCOPY_QEMU)
+# ONLY="vmsnap --postcopy,vmsnap loadvm": just these methods (a quick look; the ratios need the ones they compare).
+if os.environ.get("ONLY"):
+    METHODS = [m for m in METHODS if m in os.environ["ONLY"].split(",")]
 
 
 def loadavg():
@@ -311,7 +314,13 @@ def vmsnap(*args):
     end = time.time()
     if p.returncode != 0:
         raise RuntimeError(f"vmsnap {' '.join(args)}: {err_chunks[0].decode().strip()}")
-    return json.loads(out_chunks[0]), start, end, usage.ru_maxrss / 1024
+    trace = {}
+    for line in err_chunks[0].decode(errors="replace").splitlines():
+        # VMSNAP_LIVE_TRACE=1: "vmsnap trace <ms since the process's clock started> ms <UTC> <phase>"; the first mark of a name wins.
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[:2] == ["vmsnap", "trace"] and parts[3] == "ms":
+            trace.setdefault(parts[5], float(parts[2]))
+    return json.loads(out_chunks[0]), start, end, usage.ru_maxrss / 1024, trace
 
 
 # ---- RAM: the fill and its check ---------------------------------------------------------------------------
@@ -422,8 +431,9 @@ def load_once(method, ctx):
             r["qemu_start"] = time.time() - g.started
             tag = QEMU_TAG if method == POSTCOPY_QEMU else TAG
             args = ["loadvm", "--qmp", g.vsock, tag] + (["--postcopy"] if "--postcopy" in method else [])
-            res, t0, end, rss = vmsnap(*args)
+            res, t0, end, rss, trace = vmsnap(*args)
             r["rss"] = rss
+            r["trace"] = trace
             resume = q.event("RESUME", after=t0)
             r["vmsnap_seconds"] = res.get("seconds")
             pc = res.get("postcopy")
@@ -496,7 +506,7 @@ def prepare(size_gib, work, shm, disk, initrd):
         g.serial.wait_tick(before + 2, timeout=60)  # it ticks after the fill
         # The snapshot holds the guest as it was after some tick at or past this one: every tick after a load is above it.
         saved_tick = g.serial.snapshot()[-1][1]
-        res, start, end, _ = vmsnap("savevm", "--qmp", g.vsock, TAG)
+        res, start, end, _, _ = vmsnap("savevm", "--qmp", g.vsock, TAG)
         wall = end - start
         g.serial.wait_tick(saved_tick + 2, timeout=60)  # and after the save
         if POSTCOPY_QEMU in METHODS:
@@ -551,7 +561,7 @@ def report(results, info):
           "(target <= 1.2) | postcopy resume on vmsnap's clock | of which index | resume - index | vmsnap peak MiB plain / postcopy |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size, by in results.items():
-        p, c = by["vmsnap --postcopy"], by["vmsnap loadvm"]
+        p, c = by.get("vmsnap --postcopy", []), by.get("vmsnap loadvm", [])
         if not p or not c:
             continue
         own = med(p, "own_resume")
@@ -561,7 +571,20 @@ def report(results, info):
         print(f"| {size} | {med(p, 'resume') / med(c, 'resume'):.2f} | {med(p, 'first_tick') / med(c, 'first_tick'):.2f} | "
               f"{med(p, 'last_page') / med(c, 'last_page'):.2f} | {fmt(own)} | {fmt(idx)} | "
               f"{fmt(own - idx if own is not None and idx is not None else None)} | {fmt(cr, digits=0)} / {fmt(pr, digits=0)} |")
-    sizes = [s for s in results if results[s]["vmsnap --postcopy"]]
+    traced = [(size, m) for size, by in results.items() for m in METHODS if any(r.get("trace") for r in by[m])]
+    if traced:
+        print()
+        print("## where vmsnap's time goes (VMSNAP_LIVE_TRACE=1): median ms from the process's start to each phase's mark")
+        for size, m in traced:
+            rs = results[size][m]
+            marks = list(dict.fromkeys(k for r in rs for k in (r.get("trace") or {})))
+            cells = []
+            for k in marks:
+                xs = [r["trace"][k] for r in rs if k in (r.get("trace") or {})]
+                cells.append(f"{k} {statistics.median(xs):.0f}")
+            print(f"- {size} GiB {m}: " + ", ".join(cells))
+    print()
+    sizes = [s for s in results if results[s].get("vmsnap --postcopy")]
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         a, b = med(results[lo]["vmsnap --postcopy"], "resume"), med(results[hi]["vmsnap --postcopy"], "resume")

@@ -277,11 +277,11 @@ internal sealed partial class LiveLoad
         using Qcow2VmStateArea pageArea = pages.OpenVmStateAreaForReading(current);
         using Qcow2Image image = OpenSharedDirect(record.Image);
         using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(record.SnapshotId) ?? current);
-        using VmStateBackend backend = VmStateBackend.ForBlockDevice(new ServedReads(area), 0, current.VmStateSize);
-        using var reader = new VmStateReader(backend, ReadBufferSize);
 
+        LiveTrace.Mark("images opened");
         (Socket socket, string uri, string fdName) = OpenChannel();
         using var _ = socket;
+        LiveTrace.Mark("channel passed");
         socket.SendBufferSize = PostcopySendBufferBytes;
         long mark = Qmp.EventMark;
         DateTimeOffset started = DateTimeOffset.Now - clock.Elapsed;
@@ -295,7 +295,9 @@ internal sealed partial class LiveLoad
             else
             {
                 record.Write(Qmp);
+                LiveTrace.Mark("record written");
                 Qmp.Execute("migrate-incoming", new JsonObject { ["uri"] = uri });
+                LiveTrace.Mark("incoming");
             }
         }
         catch (QmpException e)
@@ -330,7 +332,11 @@ internal sealed partial class LiveLoad
                 source.SendDeviceState();
                 LiveTrace.Mark("device state sent");
             }
-            sent = source.SendPages(reader, current.VmStateSize);
+            // The stream's reader starts its read-ahead (tens of MiB) when made: made once the device state is out, so that QEMU loading it
+            // does not wait for those reads.
+            using (VmStateBackend backend = VmStateBackend.ForBlockDevice(new ServedReads(area), 0, current.VmStateSize))
+            using (var reader = new VmStateReader(backend, ReadBufferSize))
+                sent = source.SendPages(reader, current.VmStateSize);
             lastPageAt = clock.Elapsed.TotalSeconds;
             _options.ServingPages?.Invoke(false);
             LiveTrace.Mark("last page sent");

@@ -36,6 +36,7 @@ internal sealed partial class LiveLoad : LiveSession
     internal LiveLoadResult Run()
     {
         var clock = Stopwatch.StartNew();
+        LiveTrace.Mark("QMP connected");
         // A QEMU a save was killed on (the wrong socket for a load, or a load tried right after): that save's leftovers are undone first.
         LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
         if (recovery is not null) _options.Recovered?.Invoke(recovery);
@@ -78,6 +79,7 @@ internal sealed partial class LiveLoad : LiveSession
             snapshots.Add((disk, s));
         }
 
+        LiveTrace.Mark("snapshots found");
         Qcow2Snapshot vmSnapshot = snapshots.First(x => x.Disk == vmDisk).Snapshot;
         PostcopyPlan? postcopy = _options.Postcopy ? PreparePostcopy(vmDisk, vmSnapshot) : null;
         LiveTrace.Mark("checked");

@@ -11,6 +11,8 @@ internal static class LiveTrace
 {
     private static readonly bool s_on = Environment.GetEnvironmentVariable("VMSNAP_LIVE_TRACE") == "1";
     private static readonly Stopwatch s_clock = Stopwatch.StartNew();
+    // Marks count from the process's start, so that what precedes the first mark (runtime start-up, QMP's greeting) shows too.
+    private static readonly double s_startedMs = s_on ? (DateTime.Now - Process.GetCurrentProcess().StartTime).TotalMilliseconds : 0;
 
     internal static bool On => s_on;
 
@@ -30,6 +32,6 @@ internal static class LiveTrace
     {
         AtMark?.Invoke(what);
         if (!s_on) return;
-        Console.Error.WriteLine($"vmsnap trace {s_clock.Elapsed.TotalMilliseconds,10:0.0} ms {DateTimeOffset.UtcNow:HH:mm:ss.fff} {what}");
+        Console.Error.WriteLine($"vmsnap trace {s_startedMs + s_clock.Elapsed.TotalMilliseconds,10:0.0} ms {DateTimeOffset.UtcNow:HH:mm:ss.fff} {what}");
     }
 }

@@ -84,8 +84,17 @@ internal sealed record PostcopyRecord
     /// <summary>Stores the record in QEMU, replacing one left there.</summary>
     internal void Write(IQmpConnection qmp)
     {
-        Delete(qmp);
-        qmp.Execute("object-add", new JsonObject { ["qom-type"] = "authz-simple", ["id"] = ObjectId, ["identity"] = ToJson().ToJsonString() });
+        JsonObject Add() => new() { ["qom-type"] = "authz-simple", ["id"] = ObjectId, ["identity"] = ToJson().ToJsonString() };
+        try
+        {
+            qmp.Execute("object-add", Add());
+        }
+        catch (QmpException) when (!qmp.IsClosed)
+        {
+            // A record left behind (a load that ended without removing it): replaced. Only then the second round trip, as the guest waits.
+            Delete(qmp);
+            qmp.Execute("object-add", Add());
+        }
     }
 
     /// <summary>Replaces the record's contents (one qom-set).</summary>

@@ -14,13 +14,22 @@ public sealed unsafe class AlignedBuffer : MemoryManager<byte>
     private readonly int _length;
 
     /// <summary>Allocates <paramref name="length"/> bytes aligned to <paramref name="alignment"/> (a power of two), zero-filled.</summary>
-    public AlignedBuffer(int length, int alignment = 4096)
+    public AlignedBuffer(int length, int alignment = 4096) : this(length, alignment, zeroFilled: true) { }
+
+    /// <summary>
+    /// Allocates a buffer that reads fill before anything looks at it: not zero-filled, so its pages are first touched
+    /// by the read that fills them (on the I/O thread) rather than here. Clearing megabytes of fresh memory costs
+    /// page faults that, on a virtual machine, took 12 ms per 4 MiB, and a postcopy guest waits for them.
+    /// </summary>
+    public static AlignedBuffer ForReading(int length, int alignment = 4096) => new(length, alignment, zeroFilled: false);
+
+    private AlignedBuffer(int length, int alignment, bool zeroFilled)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         if (alignment <= 0 || (alignment & (alignment - 1)) != 0)
             throw new ArgumentOutOfRangeException(nameof(alignment), alignment, "alignment must be a power of two");
         _pointer = (byte*)NativeMemory.AlignedAlloc((nuint)Math.Max(length, 1), (nuint)alignment);
-        NativeMemory.Clear(_pointer, (nuint)length);
+        if (zeroFilled) NativeMemory.Clear(_pointer, (nuint)length);
         _length = length;
         Alignment = alignment;
         Interlocked.Increment(ref s_live);

@@ -91,7 +91,7 @@ internal sealed class ReadAheadSource : ChunkSource
         _buffers = new AlignedBuffer[depth];
         _reads = new Task<int>?[depth];
         _positions = new long[depth];
-        for (int i = 0; i < depth; i++) _buffers[i] = new AlignedBuffer(_size, alignment);
+        for (int i = 0; i < depth; i++) _buffers[i] = AlignedBuffer.ForReading(_size, alignment);
         for (int i = 0; i < depth; i++) Issue(i);
     }
 
