@@ -8,6 +8,7 @@
 # FILL=0: ordinary (anonymous) RAM left as SeaBIOS leaves it, mostly zero pages: what the tools cost beside QEMU's own work. With
 # FILL=1 (the default) the RAM is a file in libvirt's memory_backing_dir (on disk on Debian): loading it back is bound by QEMU writing
 # that file (about 35 MiB/s measured through /proc/PID/io on the 2-core test machine under load), for virsh and vmsnap alike.
+# VMSNAP_LIVE_TRACE=1: the last round's phases of vmsnap's live save and revert, in ms from each process's start.
 # Usage: REPEAT=5 SIZE_MIB=1024 FILL=1 bench/libvirt.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ for i in $(seq "$REPEAT"); do
   virsh_save+=("$(echo "$t1 - $t0" | bc -l)")
   out=$("${VMSNAP[@]}" savevm --domain "$name" "paused$i" --json)
   vmsnap_save+=("$(json seconds <<< "$out")"); vmsnap_save_down+=("$(json downtime-seconds <<< "$out")")
-  out=$("${VMSNAP[@]}" savevm --domain "$name" "live$i" --live --json)
+  out=$("${VMSNAP[@]}" savevm --domain "$name" "live$i" --live --json 2> >(tee "$work/live.trace" | grep -v "vmsnap trace" >&2))
   vmsnap_live+=("$(json seconds <<< "$out")"); vmsnap_live_down+=("$(json downtime-seconds <<< "$out")")
   # Reverts, alternating which goes first.
   if [ $((i % 2)) -eq 1 ]; then order="virsh vmsnap"; else order="vmsnap virsh"; fi
@@ -64,7 +65,7 @@ for i in $(seq "$REPEAT"); do
       t0=$(now); "${C[@]}" snapshot-revert "$name" "virsh$i" >/dev/null; t1=$(now)
       virsh_revert+=("$(echo "$t1 - $t0" | bc -l)")
     else
-      t0=$(now); "${VMSNAP[@]}" loadvm --domain "$name" "virsh$i" --force --json >/dev/null; t1=$(now)
+      t0=$(now); "${VMSNAP[@]}" loadvm --domain "$name" "virsh$i" --force --json >/dev/null 2> >(tee "$work/load.trace" | grep -v "vmsnap trace" >&2); t1=$(now)
       vmsnap_load+=("$(echo "$t1 - $t0" | bc -l)")
     fi
   done
@@ -81,3 +82,7 @@ printf '%-40s %10s %12s   %s\n' "vmsnap savevm --domain" "$(median "${vmsnap_sav
 printf '%-40s %10s %12s   %s\n' "vmsnap savevm --domain --live" "$(median "${vmsnap_live[@]}")" "$(median "${vmsnap_live_down[@]}")" "$(all "${vmsnap_live[@]}")"
 printf '%-40s %10s %12s   %s\n' "virsh snapshot-revert" "$(median "${virsh_revert[@]}")" "-" "$(all "${virsh_revert[@]}")"
 printf '%-40s %10s %12s   %s\n' "vmsnap loadvm --domain --force" "$(median "${vmsnap_load[@]}")" "-" "$(all "${vmsnap_load[@]}")"
+if [ "${VMSNAP_LIVE_TRACE:-}" = 1 ]; then
+  # Where vmsnap's time went in the last round (ms from the process's start): the live save, then the revert.
+  for t in live load; do echo "last round's $t:"; grep -o 'trace .*' "$work/$t.trace" | awk '{printf "  %8s ms  %s\n", $2, substr($0, index($0, $5))}'; done
+fi

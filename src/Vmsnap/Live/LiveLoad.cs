@@ -89,7 +89,7 @@ internal sealed partial class LiveLoad : LiveSession
             try
             {
                 using Qcow2Image image = OpenWritable(disk, "");
-                Qcow2Snapshot applied = image.ApplySnapshot(s.Id);
+                Qcow2Snapshot applied = image.ApplySnapshot(s.Id, withVmState: false);   // the VM state is read from the snapshot: the revert does not grow with it
                 reverted.Add(new LiveDiskSnapshot(disk.Label, disk.ImagePath!, applied.Id, disk == vmDisk));
             }
             catch (Exception e) when (e is VmsnapException or IOException)

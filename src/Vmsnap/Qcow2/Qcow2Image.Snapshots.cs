@@ -71,7 +71,19 @@ public sealed partial class Qcow2Image
     /// <returns>The snapshot applied.</returns>
     /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
     /// <exception cref="OperationRefusedException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
-    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.SnapshotOps.ApplySnapshot(idOrName)));
+    public Qcow2Snapshot ApplySnapshot(string idOrName) => ToPublic(Run(() => Engine.SnapshotOps.ApplySnapshot(idOrName, withVmState: true)));
+
+    /// <summary>
+    /// Reverts the active disk to the snapshot with this ID or name, as <see cref="ApplySnapshot(string)"/> does but with
+    /// <paramref name="withVmState"/> false: the active table then maps the disk's range only, and the snapshot's VM state stays
+    /// reachable through the snapshot alone. The work then does not grow with the VM state (QEMU's and qemu-img's apply walk
+    /// and count every VM-state cluster too), which is what a load that reads the VM state from the snapshot wants; QEMU's next
+    /// savevm writes its VM state to fresh clusters instead of copying shared ones.
+    /// </summary>
+    /// <returns>The snapshot applied.</returns>
+    /// <exception cref="SnapshotNotFoundException">No snapshot has that ID or name.</exception>
+    /// <exception cref="OperationRefusedException">The snapshot was taken of a disk of another size, or the VM-state area is open for writing.</exception>
+    public Qcow2Snapshot ApplySnapshot(string idOrName, bool withVmState) => ToPublic(Run(() => Engine.SnapshotOps.ApplySnapshot(idOrName, withVmState)));
 
     /// <summary>
     /// Opens the VM-state area for writing (one at a time per image): offset 0 is the image's

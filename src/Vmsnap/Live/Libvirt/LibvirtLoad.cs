@@ -59,7 +59,9 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         (string vmTarget, string vmImage, Qcow2Snapshot vmSnapshot) = found.FirstOrDefault(f => f.Snapshot.VmStateSize > 0);
         if (vmImage is null)
             throw new OperationRefusedException($"no disk of snapshot '{tag}' holds its VM state; nothing was loaded");
+        LiveTrace.Mark("checked");
         if (!shutOff) domain.Destroy();
+        LiveTrace.Mark("domain shut off");
 
         var reverted = new List<LiveDiskSnapshot>();
         foreach ((string target, string image, Qcow2Snapshot s) in found)
@@ -67,7 +69,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
             try
             {
                 using Qcow2Image img = Qcow2Image.Open(image, new Qcow2OpenOptions());
-                Qcow2Snapshot applied = img.ApplySnapshot(s.Id);
+                Qcow2Snapshot applied = img.ApplySnapshot(s.Id, withVmState: false);   // the VM state is read from the snapshot
                 reverted.Add(new LiveDiskSnapshot(target, image, applied.Id, image == vmImage));
             }
             catch (Exception e) when (e is VmsnapException or IOException)
@@ -77,10 +79,13 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
             }
         }
 
+        LiveTrace.Mark("reverted");
         long bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot);
+        LiveTrace.Mark("restored");
         double seconds = clock.Elapsed.TotalSeconds;
         // The snapshot as libvirt's current one, as virsh snapshot-revert leaves it.
         domain.Redefine(snapshotXml, current: true);
+        LiveTrace.Mark("current snapshot set");
         int after = domain.State;
         return new LibvirtLoadResult(tag, reverted, bytes, seconds, after == DomainRunning ? "running" : after == DomainPaused ? "paused" : $"state {after}");
     }
@@ -164,6 +169,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         using var reader = new VmStateReader(source, CopyBufferBytes);
         using var output = new FileStream(fifo, FileMode.Open, FileAccess.Write, FileShare.ReadWrite, 1, FileOptions.None);
         fcntl(output.SafeFileHandle.DangerousGetHandle(), F_SETPIPE_SZ, 1 << 20);
+        LiveTrace.Mark("save image opened by libvirt");
         byte[] data = Encoding.UTF8.GetBytes(xml + "\0");
         byte[] header = new byte[HeaderBytes];
         Encoding.ASCII.GetBytes(SaveMagic).CopyTo(header, 0);
@@ -177,6 +183,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
         MigrationStream.Copy(reader, writer, progress, cancellationToken);
         writer.Close();
+        LiveTrace.Mark("stream sent");
         return writer.BytesTransferred;
     }
 }

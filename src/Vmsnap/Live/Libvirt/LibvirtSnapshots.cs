@@ -147,6 +147,7 @@ public static class LibvirtSnapshots
     {
         if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("say which snapshot to load (TAG)");
         using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
+        LiveTrace.Mark("libvirt connected");
         return new LibvirtLoad(dom, tag, force, ramBytesDone, cancellationToken).Run();
     }
 

@@ -48,6 +48,9 @@ internal sealed class L1Table : ITopTable
 
     internal ulong this[long index] => index < Entries.Length ? Entries[index] : 0;
 
+    /// <summary>A read-only copy of the first <paramref name="count"/> entries (a snapshot's table cut to the disk's range).</summary>
+    internal L1Table Prefix(int count) => new(Offset, Entries[..Math.Min(count, Entries.Length)], isActive: false);
+
     internal void Set(long index, ulong entry)
     {
         if (L2Tables is not null && L1Entry.L2Offset(entry) != L1Entry.L2Offset(Entries[index]))

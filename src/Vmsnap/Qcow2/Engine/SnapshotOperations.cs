@@ -609,7 +609,7 @@ internal sealed class SnapshotOperations
     });
 
     /// <summary>Makes a snapshot's disk the active disk (like <c>qemu-img snapshot -a</c>); the snapshot stays.</summary>
-    internal SnapshotEntry ApplySnapshot(string idOrName) => _gate.RunExclusive(() =>
+    internal SnapshotEntry ApplySnapshot(string idOrName, bool withVmState) => _gate.RunExclusive(() =>
     {
         SnapshotEntry sn = Lookup(idOrName);
         if (_vmState.Writer is not null)
@@ -618,10 +618,13 @@ internal sealed class SnapshotOperations
         if (diskSize != VirtualSize)
             throw new OperationRefusedException($"'{Path}': {Describe(sn)} was taken of a disk of {diskSize} bytes and the disk now has {VirtualSize} bytes; snapshots of another disk size cannot be applied (QEMU refuses them too)");
         L1Table l1 = ReadSnapshotL1(sn);   // bad input is refused before anything is written
+        if (!withVmState && l1.Size > Geometry.L1EntriesFor(VirtualSize))
+            l1 = l1.Prefix((int)Geometry.L1EntriesFor(VirtualSize));   // the disk's range only: its entries past the disk stay the snapshot's alone
         PrepareGeneration();
 
         // The new active table is the snapshot's whole L1 table, VM-state range included, as QEMU's
-        // apply makes it (padded with zeroes to the current size when the snapshot's is smaller).
+        // apply makes it (padded with zeroes to the current size when the snapshot's is smaller);
+        // without the VM state, the disk's range of it.
         var gen = new MetadataGeneration(_file, _refcounts);
         var active = new ulong[Math.Max(ActiveL1.Size, l1.Size)];
         for (long i = 0; i < l1.Size; i++) active[i] = l1[i] & ~L1Entry.Copied;
