@@ -113,4 +113,30 @@ public sealed class ApplyVmStateTests : IDisposable
         Assert.Equal(QemuVmRange(byQemu), QemuVmRange(byVmsnap));
         Qemu.Io(byVmsnap, "read -b -P 0x5a 0 100k", "read -P 0x11 0 64k");
     }
+
+    [QemuFact]
+    public void Applying_without_the_VM_state_reverts_the_disk_like_qemu_img_and_leaves_the_snapshots_VM_state_whole()
+    {
+        string image = Start("without.qcow2");
+        Tool.QemuImg("snapshot", "-c", "s", image);   // QEMU's snapshot: its VM-state range holds 0x5a
+        Qemu.Io(image, "write -b -P 0x77 0 50k", "write -P 0x22 0 4k");
+        string byQemu = Copy(image, "without-qemu.qcow2"), byVmsnap = Copy(image, "without-vmsnap.qcow2");
+        Tool.QemuImg("snapshot", "-a", "s", byQemu);
+        using (var img = Qcow2Image.Open(byVmsnap)) img.ApplySnapshot("s", withVmState: false);
+        QemuImgCheck.AssertClean(byVmsnap);
+        // The disk is the snapshot's, as qemu-img's apply leaves it; the active VM-state range maps nothing (QEMU reads zeroes).
+        Qemu.AssertSameContent(byVmsnap, Qemu.ToRaw(byQemu, _dir));
+        Qemu.Io(byVmsnap, "read -b -P 0 0 100k");
+        // The snapshot keeps its VM state: qemu-img's own apply of it still brings the 0x5a back.
+        string again = Copy(byVmsnap, "without-again.qcow2");
+        Tool.QemuImg("snapshot", "-a", "s", again);
+        QemuImgCheck.AssertClean(again);
+        Qemu.Io(again, "read -b -P 0x5a 0 100k");
+        // QEMU writes a new VM state into the active range, and deleting the snapshot leaves no leak.
+        Qemu.Io(byVmsnap, "write -b -P 0x66 0 100k");
+        QemuImgCheck.AssertClean(byVmsnap);
+        Tool.QemuImg("snapshot", "-d", "s", byVmsnap);
+        QemuImgCheck.AssertClean(byVmsnap);
+        Qemu.Io(byVmsnap, "read -b -P 0x66 0 100k", "read -P 0x11 0 64k");
+    }
 }
