@@ -71,10 +71,8 @@ internal sealed partial class LiveLoad
         PostcopyIndex? index = RecordedPostcopyIndex(imagePath, snapshot, out indexProblem);
         recorded = index is not null;
         if (index is null)
-        using (Qcow2Image image = OpenSharedDirect(imagePath))
-        using (Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(snapshot.Id) ?? snapshot))
-        using (VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, snapshot.VmStateSize))
-        using (var reader = new VmStateReader(source, ReadBufferSize))
+        using (SnapshotStream stream = OpenSnapshotStream(imagePath, snapshot, $"snapshot '{Tag}' of {imagePath} is gone"))
+        using (VmStateReader reader = stream.NewReader(ReadBufferSize))
         {
             try
             {
@@ -275,8 +273,7 @@ internal sealed partial class LiveLoad
         using Qcow2Image pages = Qcow2Image.Open(record.Image, new Qcow2OpenOptions { ForceShare = true });
         Qcow2Snapshot current = pages.FindSnapshot(record.SnapshotId) ?? throw new SnapshotNotFoundException(Tag, record.Image, $"snapshot '{Tag}' of {record.Image} is gone");
         using Qcow2VmStateArea pageArea = pages.OpenVmStateAreaForReading(current);
-        using Qcow2Image image = OpenSharedDirect(record.Image);
-        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(image.FindSnapshot(record.SnapshotId) ?? current);
+        using SnapshotStream stream = OpenSnapshotStream(record.Image, current, $"snapshot '{Tag}' of {record.Image} is gone", area => new ServedReads(area));
 
         LiveTrace.Mark("images opened");
         (Socket socket, string uri, string fdName) = OpenChannel();
@@ -334,8 +331,7 @@ internal sealed partial class LiveLoad
             }
             // The stream's reader starts its read-ahead (tens of MiB) when made: made once the device state is out, so that QEMU loading it
             // does not wait for those reads.
-            using (VmStateBackend backend = VmStateBackend.ForBlockDevice(new ServedReads(area), 0, current.VmStateSize))
-            using (var reader = new VmStateReader(backend, ReadBufferSize))
+            using (VmStateReader reader = stream.NewReader(ReadBufferSize))
                 sent = source.SendPages(reader, current.VmStateSize);
             lastPageAt = clock.Elapsed.TotalSeconds;
             _options.ServingPages?.Invoke(false);

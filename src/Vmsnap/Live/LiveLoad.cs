@@ -137,11 +137,8 @@ internal sealed partial class LiveLoad : LiveSession
     /// <summary>Streams the snapshot's VM state into QEMU's incoming migration; returns what it held and its length.</summary>
     private (MigrationStreamInfo Info, long Bytes) Feed(LiveDisk vmDisk, Qcow2Snapshot snapshot)
     {
-        using Qcow2Image image = OpenSharedDirect(vmDisk.ImagePath!);
-        Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(Tag, vmDisk.ImagePath!, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
-        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
-        using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
-        using var reader = new VmStateReader(source, ReadBufferSize);
+        using SnapshotStream stream = OpenSnapshotStream(vmDisk.ImagePath!, snapshot, $"snapshot '{Tag}' of drive '{vmDisk.Label}' is gone");
+        using VmStateReader reader = stream.NewReader(ReadBufferSize);
 
         (Socket socket, string uri, string fdName) = OpenChannel();
         using var _ = socket;

@@ -110,7 +110,8 @@ internal sealed class LiveSave : LiveSession
         double? qemuDowntime = null;
         try
         {
-            if (_options.Live) Rehearse(vmInfo);
+            // The rehearsal warms the JIT; the native executable has none to warm, and would only pay for the scratch image.
+            if (_options.Live && System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeCompiled) Rehearse(vmInfo);
             // The record first, so that a kill from here on leaves in QEMU what the next vmsnap command needs to undo it.
             settings = MigrationSettings.Plan(Qmp, _options.Live);
             SaveRecord record = SaveRecord.ForThisProcess(Tag, _options.Live, wasRunning, disks.Select(d => new RecordedDrive(d.Label, d.ImagePath!, d == vmDisk)).ToList(),

@@ -2,7 +2,10 @@ using System.Diagnostics;
 using System.Text.Json.Nodes;
 using Vmsnap.Live.Qmp;
 using Vmsnap.Qcow2;
+using Vmsnap.Qcow2.LowLevel;
 using Vmsnap.Storage;
+using Vmsnap.Storage.LowLevel;
+using Vmsnap.VmState.LowLevel;
 
 namespace Vmsnap.Live;
 
@@ -75,6 +78,45 @@ internal abstract class LiveSession(IQmpConnection qmp, string tag, Cancellation
         catch (Vmsnap.Storage.StorageException e) when (e.IsInvalidArgument)   // tmpfs: no O_DIRECT
         {
             return Qcow2Image.Open(imagePath, new Qcow2OpenOptions { ForceShare = true });
+        }
+    }
+
+    /// <summary>
+    /// Opens a snapshot's VM state to stream it out in order (<see cref="OpenSharedDirect"/>): the snapshot as the image holds
+    /// it now (found by ID), its VM-state area, and a backend exactly its stream long. <paramref name="wrap"/> may put a
+    /// seam around the area's reads.
+    /// </summary>
+    /// <exception cref="SnapshotNotFoundException">The image no longer has the snapshot (<paramref name="gone"/> says so).</exception>
+    internal static SnapshotStream OpenSnapshotStream(string imagePath, Qcow2Snapshot snapshot, string gone, Func<IBlockDevice, IBlockDevice>? wrap = null)
+    {
+        Qcow2Image image = OpenSharedDirect(imagePath);
+        try
+        {
+            Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(snapshot.Name, imagePath, gone);
+            Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
+            return new SnapshotStream(image, current, area, VmStateBackend.ForBlockDevice(wrap is null ? area : wrap(area), 0, current.VmStateSize));
+        }
+        catch
+        {
+            image.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>A snapshot's VM state open for streaming (<see cref="OpenSnapshotStream"/>); disposing it closes the image.</summary>
+    internal sealed class SnapshotStream(Qcow2Image image, Qcow2Snapshot snapshot, Qcow2VmStateArea area, VmStateBackend backend) : IDisposable
+    {
+        /// <summary>The snapshot as the image holds it now.</summary>
+        internal Qcow2Snapshot Snapshot => snapshot;
+
+        /// <summary>A reader with read-ahead over the stream (its buffers are filled as soon as it is made).</summary>
+        internal VmStateReader NewReader(int bufferSize) => new(backend, bufferSize);
+
+        public void Dispose()
+        {
+            backend.Dispose();
+            area.Dispose();
+            image.Dispose();
         }
     }
 

@@ -162,11 +162,8 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
     {
         // Shared (QEMU takes the image back once the stream is in) and O_DIRECT where the file system allows it; the reader reads ahead
         // while the writer fills the FIFO, whose buffer is made as large as the kernel allows a user (1 MiB by default).
-        using Qcow2Image image = LiveSession.OpenSharedDirect(vmImage);
-        Qcow2Snapshot current = image.FindSnapshot(vmSnapshot.Id) ?? throw new SnapshotNotFoundException(tag, vmImage);
-        using Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
-        using VmStateBackend source = VmStateBackend.ForBlockDevice(area, 0, current.VmStateSize);
-        using var reader = new VmStateReader(source, CopyBufferBytes);
+        using LiveSession.SnapshotStream stream = LiveSession.OpenSnapshotStream(vmImage, vmSnapshot, $"snapshot '{tag}' of {vmImage} is gone");
+        using VmStateReader reader = stream.NewReader(CopyBufferBytes);
         using var output = new FileStream(fifo, FileMode.Open, FileAccess.Write, FileShare.ReadWrite, 1, FileOptions.None);
         fcntl(output.SafeFileHandle.DangerousGetHandle(), F_SETPIPE_SZ, 1 << 20);
         LiveTrace.Mark("save image opened by libvirt");
