@@ -94,7 +94,7 @@ internal abstract class LiveSession(IQmpConnection qmp, string tag, Cancellation
         {
             Qcow2Snapshot current = image.FindSnapshot(snapshot.Id) ?? throw new SnapshotNotFoundException(snapshot.Name, imagePath, gone);
             Qcow2VmStateArea area = image.OpenVmStateAreaForReading(current);
-            return new SnapshotStream(image, current, area, VmStateBackend.ForBlockDevice(wrap is null ? area : wrap(area), 0, current.VmStateSize));
+            return new SnapshotStream(image, area, VmStateBackend.ForBlockDevice(wrap is null ? area : wrap(area), 0, current.VmStateSize));
         }
         catch
         {
@@ -104,11 +104,8 @@ internal abstract class LiveSession(IQmpConnection qmp, string tag, Cancellation
     }
 
     /// <summary>A snapshot's VM state open for streaming (<see cref="OpenSnapshotStream"/>); disposing it closes the image.</summary>
-    internal sealed class SnapshotStream(Qcow2Image image, Qcow2Snapshot snapshot, Qcow2VmStateArea area, VmStateBackend backend) : IDisposable
+    internal sealed class SnapshotStream(Qcow2Image image, Qcow2VmStateArea area, VmStateBackend backend) : IDisposable
     {
-        /// <summary>The snapshot as the image holds it now.</summary>
-        internal Qcow2Snapshot Snapshot => snapshot;
-
         /// <summary>A reader with read-ahead over the stream (its buffers are filled as soon as it is made).</summary>
         internal VmStateReader NewReader(int bufferSize) => new(backend, bufferSize);
 

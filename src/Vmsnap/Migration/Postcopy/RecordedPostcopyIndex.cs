@@ -201,7 +201,8 @@ public static class RecordedPostcopyIndex
             summaries[block] = new RamBlockSummary(start.Blocks[block].Id, start.Blocks[block].Length, dataPages, filledPages);
         }
         if (!b.AtHashEnd) return Fail(out problem, "the recorded index has bytes after its runs");
-        foreach ((int block, long page, long offset) in samples)
+        // A one-page run's first and last page are the same sample: each place is read once.
+        foreach ((int block, long page, long offset) in samples.Distinct())
         {
             if (!NamesPage(read, start.BlockIds[block], page, offset))
                 return Fail(out problem, $"the stream has no record of page {page} of RAM block '{start.Blocks[block].Id}' where the recorded index puts it (offset {offset})");
