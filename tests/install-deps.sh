@@ -7,7 +7,8 @@
 #   - the guest for real-guest tests: the kernel of linux-image-cloud-amd64 (downloaded and unpacked,
 #     not installed) with its virtio modules in tests/.deps/guest, and busybox-static (the tests build
 #     their initramfs from /bin/busybox themselves);
-#   - libvirt (libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients) for the libvirt tests;
+#   - libvirt (libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients) and tini for the libvirt tests, and libvirt 11.3
+#     from bookworm-backports unpacked into tests/.deps/libvirt-11.3 (tests/libvirtd11.sh runs it beside the first);
 #   - for the native build and its package tests: a C toolchain, debootstrap, and a clean Debian 12 root
 #     (see native_deps and debian_root below).
 # The Debian mirror is the one this machine's apt already uses (read from apt at run time).
@@ -34,6 +35,8 @@ command -v cpio >/dev/null || need+=(cpio)
 # libvirt's daemon with its QEMU driver and virsh, for the libvirt tests (tests/libvirtd.sh starts it without systemd).
 command -v libvirtd >/dev/null || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null || need+=(libvirt-clients)
+# tini, the subreaper libvirtd runs under (tests/libvirtd.sh says why).
+command -v tini >/dev/null || need+=(tini)
 if [ ${#need[@]} -gt 0 ]; then
   as_root "install ${need[*]}"
   apt_update
@@ -106,7 +109,9 @@ prepare_suite() {
 }
 
 q10="$deps/qemu-10.0"
-if [ ! -x "$q10/bin/qemu-system-x86_64" ]; then
+# The display and audio modules too: QEMU looks for a module it lacks in the system's module folder next, where the first
+# QEMU's are, and aborts on one of another build (libvirt's capability probe loads every module).
+if [ ! -x "$q10/bin/qemu-system-x86_64" ] || [ ! -e "$q10/root/usr/lib/x86_64-linux-gnu/qemu/hw-display-qxl.so" ]; then
   if [ "$codename" != bookworm ]; then
     echo "tests/install-deps.sh: the second QEMU comes from Debian 12 (bookworm) backports; this machine runs '$codename'" >&2
     exit 1
@@ -115,7 +120,8 @@ if [ ! -x "$q10/bin/qemu-system-x86_64" ]; then
   prepare_suite "$suite"
   rm -rf "$q10.tmp" && mkdir -p "$q10.tmp/debs"
   (cd "$q10.tmp/debs" && extra_apt "$suite" apt-get download -q \
-      qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios >&2 2> >(grep -v unsandboxed >&2))
+      qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios \
+      qemu-system-modules-opengl qemu-system-modules-spice >&2 2> >(grep -v unsandboxed >&2))
   for f in "$q10.tmp"/debs/*.deb; do dpkg-deb -x "$f" "$q10.tmp/root"; done
   version="$(dpkg-deb -f "$q10.tmp"/debs/qemu-system-x86_*.deb Version)"
   case "$version" in *:10.0.*) ;; *) echo "tests/install-deps.sh: $suite has qemu $version, not 10.0" >&2; exit 1 ;; esac
@@ -142,6 +148,33 @@ if [ ! -x "$q10/bin/qemu-system-x86_64" ]; then
   rm -rf "$q10.tmp/debs" "$q10"
   mv "$q10.tmp" "$q10"
   "$q10/bin/qemu-system-x86_64" --version | head -1 >&2
+fi
+
+# A second libvirt, 11.3 from the same backports, unpacked and never installed: tests/libvirtd11.sh runs its libvirtd beside
+# the system's, in a mount namespace of its own, for the libvirt tests with QEMU 10.0.
+lv11="$deps/libvirt-11.3"
+if [ ! -x "$lv11/root/usr/sbin/libvirtd" ]; then
+  suite=bookworm-backports
+  prepare_suite "$suite"
+  rm -rf "$lv11.tmp" && mkdir -p "$lv11.tmp/debs"
+  (cd "$lv11.tmp/debs" && extra_apt "$suite" apt-get download -q libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-common \
+      libvirt-daemon-log libvirt-common libvirt0 libvirt-clients >&2 2> >(grep -v unsandboxed >&2))
+  for f in "$lv11.tmp"/debs/*.deb; do dpkg-deb -x "$f" "$lv11.tmp/root"; done
+  version="$(dpkg-deb -f "$lv11.tmp"/debs/libvirt-daemon_*.deb Version)"
+  case "$version" in 11.3.*) ;; *) echo "tests/install-deps.sh: $suite has libvirt $version, not 11.3" >&2; exit 1 ;; esac
+  # The shared libraries it links, from the distribution (the backports build is made against this release).
+  libs="$(for f in "$lv11.tmp"/debs/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
+    | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep '^lib' | grep -v '^libvirt' | sort -u)"
+  missing=()
+  for l in $libs; do dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || missing+=("$l"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    as_root "install ${missing[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  fi
+  rm -rf "$lv11.tmp/debs" "$lv11"
+  mv "$lv11.tmp" "$lv11"
+  echo "libvirt $version unpacked in $lv11" >&2
 fi
 
 guest="$deps/guest"

@@ -12,9 +12,11 @@ qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
 "$VMSNAP_QEMU10/qemu-system-x86_64" --version | head -1
 echo "guest kernel $(cat "$VMSNAP_GUEST/version")"
-# libvirtd for the libvirt tests, started without systemd (the tests start it too when it does not answer).
+# libvirtd (9.0) for the libvirt tests, started without systemd (the tests start it too when it does not answer).
 tests/libvirtd.sh
 virsh -c qemu:///system version | grep -E 'library|hypervisor'
+# And libvirt 11.3 beside it (tests/libvirtd11.sh), for the libvirt tests with QEMU 10.0.
+virsh -c "$(tests/libvirtd11.sh)" version --daemon | grep -E 'daemon'
 
 # ---- The native vmsnap (packaging/build-deb.sh): the executable, the .deb, the tarball ----------------------
 # The package tests (tests/Vmsnap.Tests/Native) install the .deb (VMSNAP_DEB) into the clean Debian 12 root.

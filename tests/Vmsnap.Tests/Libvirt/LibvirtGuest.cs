@@ -14,38 +14,117 @@ public sealed class LibvirtdCollection
 }
 
 /// <summary>
+/// One libvirt the libvirt tests run on, with the QEMU its domains run: Debian 12's libvirt 9.0 (qemu:///system; tests/libvirtd.sh
+/// starts it) with its QEMU 7.2, and libvirt 11.3 from the backports with QEMU 10.0, beside it (tests/libvirtd11.sh starts it in a
+/// mount namespace of its own, on a socket in tests/.deps/libvirt-11.3). Each test runs on both (<see cref="Names"/>).
+/// </summary>
+internal sealed class LibvirtSetup
+{
+    private readonly Lazy<bool> _daemon;
+
+    private LibvirtSetup(string name, string uri, string qemuVersion, string daemonScript, string pidFile)
+    {
+        Name = name;
+        Uri = uri;
+        QemuVersion = qemuVersion;
+        DaemonScript = daemonScript;
+        PidFile = pidFile;
+        _daemon = new(() => { StartDaemon(); return true; }, LazyThreadSafetyMode.ExecutionAndPublication);
+    }
+
+    private static string Scripts => Path.GetDirectoryName(TestDeps.Folder)!;
+
+    private static string State11 => Path.Combine(TestDeps.Folder, "libvirt-11.3", "state");
+
+    public static readonly IReadOnlyList<LibvirtSetup> All =
+    [
+        new("libvirt 9.0, QEMU 7.2", "qemu:///system", "7.2", Path.Combine(Scripts, "libvirtd.sh"), "/run/libvirtd.pid"),
+        new("libvirt 11.3, QEMU 10.0", $"qemu:///system?socket={Path.Combine(State11, "run", "libvirt-sock")}", "10.0",
+            Path.Combine(Scripts, "libvirtd11.sh"), Path.Combine(State11, "run", "libvirtd.pid")),
+    ];
+
+    /// <summary>The setups' names, for [MemberData]: a test's name says which libvirt and QEMU it ran.</summary>
+    public static TheoryData<string> Names => new(All.Select(s => s.Name));
+
+    public static LibvirtSetup Get(string name) => All.Single(s => s.Name == name);
+
+    /// <summary>"libvirt 9.0, QEMU 7.2" or "libvirt 11.3, QEMU 10.0".</summary>
+    public string Name { get; }
+
+    /// <summary>The URI virsh and vmsnap (--connect) reach this libvirtd on.</summary>
+    public string Uri { get; }
+
+    /// <summary>The QEMU its domains run (the tests' qemu-img is that version's).</summary>
+    public string QemuVersion { get; }
+
+    /// <summary>The script that starts this libvirtd when it does not answer.</summary>
+    public string DaemonScript { get; }
+
+    /// <summary>Where this libvirtd writes its process ID.</summary>
+    public string PidFile { get; }
+
+    /// <summary>The emulator its domains name: this QEMU's qemu-system-x86_64.</summary>
+    public string Emulator => QemuInstall.Get(QemuVersion).Path("qemu-system-x86_64");
+
+    /// <summary>Makes sure the daemon answers (once per test run; <see cref="StartDaemon"/> again after a kill).</summary>
+    public void EnsureDaemon() => _ = _daemon.Value;
+
+    /// <summary>Starts this libvirtd unless it answers; again after <see cref="KillDaemon"/>, when it reconnects to the running domains.</summary>
+    public void StartDaemon()
+    {
+        Tool.Result r = Tool.RunPath(DaemonScript, [], TimeSpan.FromMinutes(1));
+        if (r.ExitCode != 0) throw new InvalidOperationException($"{DaemonScript} could not start libvirtd (tests/run.sh installs it): {r.Stderr}");
+    }
+
+    /// <summary>Kills this libvirtd with SIGKILL (its pid file names it) and waits until it is gone; its QEMUs run on.</summary>
+    public void KillDaemon()
+    {
+        int pid = int.Parse(File.ReadAllText(PidFile).Trim(), System.Globalization.CultureInfo.InvariantCulture);
+        using Process daemon = Process.GetProcessById(pid);
+        Assert.Equal("libvirtd", daemon.ProcessName);
+        daemon.Kill();
+        daemon.WaitForExit();
+    }
+
+    public override string ToString() => Name;
+}
+
+/// <summary>
 /// The test guest (<see cref="TestGuest"/>'s kernel and initramfs) as a persistent libvirt domain of type qemu (TCG) with direct kernel
-/// boot and two qcow2 virtio disks, on the system's libvirtd (qemu:///system; tests/libvirtd.sh starts it when it does not answer).
+/// boot and two qcow2 virtio disks, on one <see cref="LibvirtSetup"/>'s libvirtd (started when it does not answer).
 /// Its serial port goes to a file libvirt appends to, so ticks printed before and after a restore are both there. Disposing destroys and
 /// undefines the domain with its snapshot metadata, through libvirt.
 /// </summary>
 internal sealed class LibvirtGuest : IDisposable
 {
-    public const string Uri = "qemu:///system";
     public const int RamMiB = 256;
 
-    /// <summary>The QEMU libvirt runs (the distribution's, /usr/bin/qemu-system-x86_64): the tests' qemu-img is that version's.</summary>
-    public const string QemuVersion = "7.2";
-
-    private static readonly Lazy<bool> s_daemon = new(RunDaemonScript, LazyThreadSafetyMode.ExecutionAndPublication);
-
-    private LibvirtGuest(TempDir dir, string name, string serial, string[] disks)
+    private LibvirtGuest(LibvirtSetup setup, TempDir dir, string name, string serial, string[] disks)
     {
+        Setup = setup;
         Dir = dir;
         Name = name;
         Serial = serial;
         Disks = disks;
     }
 
+    public LibvirtSetup Setup { get; }
+
+    /// <summary>The libvirt URI virsh and vmsnap reach the domain's libvirtd on.</summary>
+    public string Uri => Setup.Uri;
+
+    /// <summary>vmsnap's arguments that name this domain: --domain NAME --connect URI.</summary>
+    public string[] Domain => ["--domain", Name, "--connect", Uri];
+
     public TempDir Dir { get; }
     public string Name { get; }
     public string Serial { get; }
     public string[] Disks { get; }
 
-    /// <summary>Defines and starts the domain in <paramref name="dir"/>; returns once the guest printed its first tick.</summary>
-    public static LibvirtGuest Boot(TempDir dir)
+    /// <summary>Defines and starts the domain in <paramref name="dir"/> on <paramref name="setup"/>; returns once the guest printed its first tick.</summary>
+    public static LibvirtGuest Boot(TempDir dir, LibvirtSetup setup)
     {
-        _ = s_daemon.Value;
+        setup.EnsureDaemon();
         string name = "vmsnap-test-" + Guid.NewGuid().ToString("N")[..10];
         string[] disks = [dir.File("disk0.qcow2"), dir.File("disk1.qcow2")];
         foreach (string d in disks) Tool.QemuImg("create", "-q", "-f", "qcow2", d, TestGuest.DiskBytes.ToString());
@@ -64,7 +143,7 @@ internal sealed class LibvirtGuest : IDisposable
               </os>
               <on_reboot>destroy</on_reboot>
               <devices>
-                <emulator>/usr/bin/qemu-system-x86_64</emulator>
+                <emulator>{x(setup.Emulator)}</emulator>
                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{x(disks[0])}'/><target dev='vda' bus='virtio'/></disk>
                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{x(disks[1])}'/><target dev='vdb' bus='virtio'/></disk>
                 <serial type='file'><source path='{x(serial)}' append='on'/><target port='0'/></serial>
@@ -74,11 +153,11 @@ internal sealed class LibvirtGuest : IDisposable
             """;
         string file = dir.File("domain.xml");
         File.WriteAllText(file, xml);
-        Virsh("define", file);
-        var guest = new LibvirtGuest(dir, name, serial, disks);
+        var guest = new LibvirtGuest(setup, dir, name, serial, disks);
+        guest.Virsh("define", file);
         try
         {
-            Virsh("start", name);
+            guest.Virsh("start", name);
             guest.WaitForTick(_ => true, TimeSpan.FromMinutes(3));
             return guest;
         }
@@ -89,29 +168,14 @@ internal sealed class LibvirtGuest : IDisposable
         }
     }
 
-    /// <summary>Starts libvirtd (tests/libvirtd.sh) unless it answers; again after <see cref="KillDaemon"/>, when it reconnects to the running domains.</summary>
-    public static void StartDaemon() => RunDaemonScript();
+    /// <summary>Starts the domain's libvirtd unless it answers (after <see cref="KillDaemon"/>: it reconnects to the running domains).</summary>
+    public void StartDaemon() => Setup.StartDaemon();
 
-    /// <summary>Kills libvirtd with SIGKILL (its pid file names it) and waits until it is gone; its QEMUs run on.</summary>
-    public static void KillDaemon()
-    {
-        int pid = int.Parse(File.ReadAllText("/run/libvirtd.pid").Trim(), System.Globalization.CultureInfo.InvariantCulture);
-        using Process daemon = Process.GetProcessById(pid);
-        Assert.Equal("libvirtd", daemon.ProcessName);
-        daemon.Kill();
-        daemon.WaitForExit();
-    }
-
-    private static bool RunDaemonScript()
-    {
-        string script = Path.Combine(Path.GetDirectoryName(TestDeps.Folder)!, "libvirtd.sh");
-        Tool.Result r = Tool.RunPath(script, [], TimeSpan.FromMinutes(1));
-        if (r.ExitCode != 0) throw new InvalidOperationException($"{script} could not start libvirtd (tests/run.sh installs it): {r.Stderr}");
-        return true;
-    }
+    /// <summary>Kills the domain's libvirtd with SIGKILL; its QEMUs run on.</summary>
+    public void KillDaemon() => Setup.KillDaemon();
 
     /// <summary>Runs virsh on <see cref="Uri"/>; requires success and returns its output.</summary>
-    public static string Virsh(params string[] args)
+    public string Virsh(params string[] args)
     {
         Tool.Result r = TryVirsh(args);
         Assert.True(r.ExitCode == 0, $"virsh {string.Join(' ', args)} exited {r.ExitCode}: {r.Stderr}");
@@ -119,7 +183,7 @@ internal sealed class LibvirtGuest : IDisposable
     }
 
     /// <summary>Runs virsh on <see cref="Uri"/>.</summary>
-    public static Tool.Result TryVirsh(params string[] args) => Tool.RunPath(Tool.Find("virsh"), ["-c", Uri, .. args], TimeSpan.FromMinutes(3));
+    public Tool.Result TryVirsh(params string[] args) => Tool.RunPath(Tool.Find("virsh"), ["-c", Uri, .. args], TimeSpan.FromMinutes(3));
 
     /// <summary>virsh domstate: running, paused, shut off, ...</summary>
     public string State() => Virsh("domstate", Name).Trim();
@@ -214,7 +278,7 @@ internal sealed class LibvirtGuest : IDisposable
     public void Dispose()
     {
         // A test that killed libvirtd and failed before starting it again: the domain can only be destroyed through it.
-        try { RunDaemonScript(); }
+        try { StartDaemon(); }
         catch (InvalidOperationException) { }
         TryVirsh("destroy", Name);
         TryVirsh("undefine", Name, "--snapshots-metadata");

@@ -31,29 +31,31 @@ public class LibvirtKillTests
         Assert.Equal("ok", next.Disks);
     }
 
-    [Fact]
-    public void libvirtd_killed_while_the_VM_state_is_sent_fails_the_save_and_recover_domain_resumes_the_guest_with_no_snapshot_anywhere()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void libvirtd_killed_while_the_VM_state_is_sent_fails_the_save_and_recover_domain_resumes_the_guest_with_no_snapshot_anywhere(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
-        VmsnapJson("savevm", "--domain", guest.Name, "s1", "--json");
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
+        VmsnapJson(["savevm", .. guest.Domain, "s1", "--json"]);
         string boot = guest.LastTick().Boot;
 
-        using (RunningVmsnap save = LiveKit.Start("savevm", "--domain", guest.Name, "cut", "--max-bandwidth", "8M"))
+        using (RunningVmsnap save = LiveKit.Start(["savevm", .. guest.Domain, "cut", "--max-bandwidth", "8M"]))
         {
             var clock = Stopwatch.StartNew();
-            while (clock.Elapsed < TimeSpan.FromSeconds(60) && !save.HasExited && !LibvirtGuest.Virsh("qemu-monitor-command", guest.Name, "{\"execute\":\"query-migrate\"}").Contains("\"active\"", StringComparison.Ordinal))
+            while (clock.Elapsed < TimeSpan.FromSeconds(60) && !save.HasExited && !guest.Virsh("qemu-monitor-command", guest.Name, "{\"execute\":\"query-migrate\"}").Contains("\"active\"", StringComparison.Ordinal))
                 Thread.Sleep(100);
             Assert.False(save.HasExited, "the save ended before libvirtd was killed");
             Thread.Sleep(1000);
-            LibvirtGuest.KillDaemon();
+            guest.KillDaemon();
             Tool.Result r = save.Wait();
             Assert.True(r.ExitCode != 0, $"the save should have failed: {r.Stdout}");
             Assert.Contains("the connection to libvirt was lost", r.Stderr);
             Assert.Contains($"vmsnap recover --domain {guest.Name}", r.Stderr);
         }
-        LibvirtGuest.StartDaemon();
+        guest.StartDaemon();
         // libvirt is back on the same QEMU: the guest stopped for the save, no snapshot 'cut' anywhere, the images clean.
         Assert.Equal("paused", guest.State());
         Assert.Equal(["s1"], guest.SnapshotNames());
@@ -63,7 +65,7 @@ public class LibvirtKillTests
             AssertCleanShared(disk);
         }
 
-        JsonElement rec = VmsnapJson("recover", "--domain", guest.Name, "--json");
+        JsonElement rec = VmsnapJson(["recover", .. guest.Domain, "--json"]);
         Assert.True(rec.GetProperty("found").GetBoolean(), rec.ToString());
         Assert.Equal("cut", rec.GetProperty("tag").GetString());
         Assert.Equal("none", rec.GetProperty("snapshot").GetString());
@@ -72,13 +74,13 @@ public class LibvirtKillTests
         AssertGuestRunsOn(guest, boot);
         Assert.Equal(["s1"], guest.SnapshotNames());
         AssertDisksCleanWhilePaused(guest, ["s1"]);
-        Assert.False(VmsnapJson("recover", "--domain", guest.Name, "--json").GetProperty("found").GetBoolean());
+        Assert.False(VmsnapJson(["recover", .. guest.Domain, "--json"]).GetProperty("found").GetBoolean());
 
         // The next save works, and is listed with s1 as its parent.
-        VmsnapJson("savevm", "--domain", guest.Name, "s2", "--json");
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
+        VmsnapJson(["savevm", .. guest.Domain, "s2", "--json"]);
+        Assert.Equal("s1", guest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
         foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], LibvirtGuest.DiskSnapshotNames(disk));
-        LibvirtGuest.Virsh("destroy", guest.Name);
+        guest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
 
@@ -88,80 +90,84 @@ public class LibvirtKillTests
     /// </summary>
     private static string SaveThenKillLibvirtdAndVmsnapOnceCommitted(LibvirtGuest guest)
     {
-        VmsnapJson("savevm", "--domain", guest.Name, "s1", "--json");
+        VmsnapJson(["savevm", .. guest.Domain, "s1", "--json"]);
         string boot = guest.LastTick().Boot;
-        using (HookedVmsnap save = HookedVmsnap.Start(["savevm", "--domain", guest.Name, "cut"], "snapshots committed"))
+        using (HookedVmsnap save = HookedVmsnap.Start(["savevm", .. guest.Domain, "cut"], "snapshots committed"))
         {
             save.WaitPaused("a save held once its snapshot is on every disk");
-            LibvirtGuest.KillDaemon();
+            guest.KillDaemon();
             save.Kill();
         }
-        LibvirtGuest.StartDaemon();
+        guest.StartDaemon();
         return boot;
     }
 
-    [Fact]
-    public void libvirtd_and_vmsnap_killed_once_the_snapshot_is_on_every_disk_recover_domain_records_it_in_libvirt_and_resumes_the_guest()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void libvirtd_and_vmsnap_killed_once_the_snapshot_is_on_every_disk_recover_domain_records_it_in_libvirt_and_resumes_the_guest(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
         string boot = SaveThenKillLibvirtdAndVmsnapOnceCommitted(guest);
         // What the kills left: the snapshot on every disk, libvirt without it (the state docs/libvirt.md names), the guest stopped.
         Assert.Equal(["s1"], guest.SnapshotNames());
         foreach (string disk in guest.Disks) Assert.Equal(["s1", "cut"], LibvirtGuest.DiskSnapshotNames(disk));
         Assert.Equal("paused", guest.State());
 
-        JsonElement rec = VmsnapJson("recover", "--domain", guest.Name, "--json");
+        JsonElement rec = VmsnapJson(["recover", .. guest.Domain, "--json"]);
         Assert.True(rec.GetProperty("found").GetBoolean(), rec.ToString());
         Assert.Equal("kept", rec.GetProperty("snapshot").GetString());
         Assert.Contains(rec.GetProperty("actions").EnumerateArray(), a => a.GetString()!.Contains("recorded snapshot 'cut'", StringComparison.Ordinal));
         AssertGuestRunsOn(guest, boot);
         Assert.Equal(["cut", "s1"], guest.SnapshotNames().Order().ToArray());
-        Assert.Equal("cut", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "cut").Trim());
-        Assert.Contains("<memory snapshot='internal'/>", LibvirtGuest.Virsh("snapshot-dumpxml", guest.Name, "cut"));
+        Assert.Equal("cut", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        Assert.Equal("s1", guest.Virsh("snapshot-parent", guest.Name, "cut").Trim());
+        Assert.Contains("<memory snapshot='internal'/>", guest.Virsh("snapshot-dumpxml", guest.Name, "cut"));
         AssertDisksCleanWhilePaused(guest, ["s1", "cut"]);
         // libvirt's own revert and delete work on it.
-        LibvirtGuest.Virsh("snapshot-revert", guest.Name, "cut");
+        guest.Virsh("snapshot-revert", guest.Name, "cut");
         Assert.Equal("running", guest.State());
-        LibvirtGuest.Virsh("snapshot-delete", guest.Name, "cut");
+        guest.Virsh("snapshot-delete", guest.Name, "cut");
         foreach (string disk in guest.Disks) Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
-        LibvirtGuest.Virsh("destroy", guest.Name);
+        guest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
 
-    [Fact]
-    public void The_next_savevm_domain_after_libvirtd_and_vmsnap_were_killed_records_the_cut_off_snapshot_first_and_saves_after_it()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void The_next_savevm_domain_after_libvirtd_and_vmsnap_were_killed_records_the_cut_off_snapshot_first_and_saves_after_it(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
         string boot = SaveThenKillLibvirtdAndVmsnapOnceCommitted(guest);
 
-        Tool.Result next = Snapshots.VmKit.Vmsnap("savevm", "--domain", guest.Name, "s2");
+        Tool.Result next = Snapshots.VmKit.Vmsnap(["savevm", .. guest.Domain, "s2"]);
         Assert.True(next.ExitCode == 0, next.Stderr);
         Assert.Contains("recovered first", next.Stderr);
         Assert.Contains("recorded snapshot 'cut'", next.Stderr);
         AssertGuestRunsOn(guest, boot);
         Assert.Equal(["cut", "s1", "s2"], guest.SnapshotNames().Order().ToArray());
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "cut").Trim());
-        Assert.Equal("cut", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
-        Assert.Equal("s2", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        Assert.Equal("s1", guest.Virsh("snapshot-parent", guest.Name, "cut").Trim());
+        Assert.Equal("cut", guest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
+        Assert.Equal("s2", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
         AssertDisksCleanWhilePaused(guest, ["s1", "cut", "s2"]);
-        LibvirtGuest.Virsh("destroy", guest.Name);
+        guest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
 
     /// <summary>The running guest paused (virsh suspend), its disks' snapshots and qemu-img check -U, then resumed.</summary>
     private static void AssertDisksCleanWhilePaused(LibvirtGuest guest, string[] snapshots)
     {
-        LibvirtGuest.Virsh("suspend", guest.Name);
+        guest.Virsh("suspend", guest.Name);
         foreach (string disk in guest.Disks)
         {
             Assert.Equal(snapshots, LibvirtGuest.DiskSnapshotNames(disk));
             AssertCleanShared(disk);
         }
-        LibvirtGuest.Virsh("resume", guest.Name);
+        guest.Virsh("resume", guest.Name);
     }
 }

@@ -17,24 +17,26 @@ public class LibvirtSnapshotTests
     private static (JsonElement Result, SaveWindow Window) SaveVm(LibvirtGuest guest, string tag, params string[] more)
     {
         GuestTick before = guest.LastTick();
-        JsonElement r = VmsnapJson(["savevm", "--domain", guest.Name, "--connect", LibvirtGuest.Uri, tag, .. more, "--json"]);
+        JsonElement r = VmsnapJson(["savevm", .. guest.Domain, tag, .. more, "--json"]);
         GuestTick after = guest.WaitForTickAfter(guest.LastTick().N);
         return (r, new SaveWindow(before.N, after.N, before.Boot));
     }
 
-    [Fact]
-    public void vmsnap_savevm_is_listed_reverted_and_deleted_by_virsh()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void vmsnap_savevm_is_listed_reverted_and_deleted_by_virsh(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
 
         // Stopped: QEMU 7.2's live migration of a TCG guest does not always restore exactly (LiveKit.LiveSaveRestoresExactly).
         (JsonElement first, SaveWindow window) = SaveVm(guest, "s1");
         Assert.Equal("running", first.GetProperty("run-state").GetString());
         Assert.Equal(["s1"], guest.SnapshotNames());
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
-        string xml = LibvirtGuest.Virsh("snapshot-dumpxml", guest.Name, "s1");
+        Assert.Equal("s1", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        string xml = guest.Virsh("snapshot-dumpxml", guest.Name, "s1");
         Assert.Contains("<memory snapshot='internal'/>", xml);
         Assert.Contains("<disk name='vda' snapshot='internal'/>", xml);
         Assert.Contains("<disk name='vdb' snapshot='internal'/>", xml);
@@ -43,12 +45,12 @@ public class LibvirtSnapshotTests
         (JsonElement second, _) = SaveVm(guest, "s2", "--live");
         Assert.True(second.GetProperty("live").GetBoolean());
         Assert.True(second.GetProperty("downtime-seconds").ValueKind == JsonValueKind.Number, second.ToString());
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
-        Assert.Equal("s2", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
-        string info = LibvirtGuest.Virsh("snapshot-info", guest.Name, "s2");
+        Assert.Equal("s1", guest.Virsh("snapshot-parent", guest.Name, "s2").Trim());
+        Assert.Equal("s2", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        string info = guest.Virsh("snapshot-info", guest.Name, "s2");
         Assert.Contains("Location:       internal", info);
         foreach (string disk in guest.Disks) Assert.Equal(["s1", "s2"], LibvirtGuest.DiskSnapshotNames(disk));
-        JsonElement listing = VmsnapJson("snapshot", "list", "--domain", guest.Name, "--json");
+        JsonElement listing = VmsnapJson(["snapshot", "list", .. guest.Domain, "--json"]);
         var rows = listing.GetProperty("snapshots").EnumerateArray().ToList();
         Assert.Equal(["s1", "s2"], rows.Select(x => x.GetProperty("name").GetString()));
         Assert.All(rows, x => Assert.Equal(JsonValueKind.Null, x.GetProperty("problem").ValueKind));
@@ -56,87 +58,91 @@ public class LibvirtSnapshotTests
         Assert.Equal("1", rows[0].GetProperty("disks").GetProperty("vdb").GetString());
 
         int mark = guest.MarkBeforeRestore(window);
-        LibvirtGuest.Virsh("snapshot-revert", guest.Name, "s1");
+        guest.Virsh("snapshot-revert", guest.Name, "s1");
         Assert.Equal("running", guest.State());
         guest.AssertResumes(window, mark);
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        Assert.Equal("s1", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
 
-        LibvirtGuest.Virsh("snapshot-delete", guest.Name, "s2");
+        guest.Virsh("snapshot-delete", guest.Name, "s2");
         Assert.Equal(["s1"], guest.SnapshotNames());
         foreach (string disk in guest.Disks) Assert.Equal(["s1"], LibvirtGuest.DiskSnapshotNames(disk));
-        LibvirtGuest.Virsh("destroy", guest.Name);
+        guest.Virsh("destroy", guest.Name);
         foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
     }
 
-    [Fact]
-    public void vmsnap_loadvm_reverts_a_virsh_snapshot_and_its_own()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void vmsnap_loadvm_reverts_a_virsh_snapshot_and_its_own(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
 
         GuestTick before = guest.LastTick();
-        LibvirtGuest.Virsh("snapshot-create-as", guest.Name, "v1");
+        guest.Virsh("snapshot-create-as", guest.Name, "v1");
         var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
         int mark = guest.MarkBeforeRestore(window);
 
         // A running domain is refused without --force; nothing changes.
         string[] listed = LibvirtGuest.DiskSnapshotNames(guest.Disks[0]);
-        VmsnapFails(["loadvm", "--domain", guest.Name, "v1"], "is not shut off", "--force", "nothing was loaded");
+        VmsnapFails(["loadvm", .. guest.Domain, "v1"], "is not shut off", "--force", "nothing was loaded");
         Assert.Equal("running", guest.State());
         // A name libvirt has is refused by savevm, the disks unchanged.
-        VmsnapFails(["savevm", "--domain", guest.Name, "v1"], "libvirt already has a snapshot 'v1'", "nothing was saved");
+        VmsnapFails(["savevm", .. guest.Domain, "v1"], "libvirt already has a snapshot 'v1'", "nothing was saved");
         foreach (string disk in guest.Disks) Assert.Equal(listed, LibvirtGuest.DiskSnapshotNames(disk));
         Assert.Equal(["v1"], guest.SnapshotNames());
         Assert.Equal("running", guest.State());
 
-        JsonElement r = VmsnapJson("loadvm", "--domain", guest.Name, "v1", "--force", "--json");
+        JsonElement r = VmsnapJson(["loadvm", .. guest.Domain, "v1", "--force", "--json"]);
         Assert.Equal("running", r.GetProperty("run-state").GetString());
         Assert.True(r.GetProperty("bytes").GetInt64() > 0);
         Assert.Equal("running", guest.State());
-        Assert.Equal("v1", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        Assert.Equal("v1", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
         guest.AssertResumes(window, mark);
 
         // vmsnap's own snapshot, loaded into the shut-off domain.
         (_, SaveWindow own) = SaveVm(guest, "s1");
         mark = guest.MarkBeforeRestore(own);
-        LibvirtGuest.Virsh("destroy", guest.Name);
-        VmsnapJson("loadvm", "--domain", guest.Name, "s1", "--json");
-        Assert.Equal("s1", LibvirtGuest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        guest.Virsh("destroy", guest.Name);
+        VmsnapJson(["loadvm", .. guest.Domain, "s1", "--json"]);
+        Assert.Equal("s1", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
         guest.AssertResumes(own, mark);
         Assert.Equal(["s1", "v1"], guest.SnapshotNames().Order().ToArray());
     }
 
-    [Fact]
-    public void Failures_leave_libvirt_and_the_disks_in_agreement()
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void Failures_leave_libvirt_and_the_disks_in_agreement(string libvirt)
     {
-        using var qemu = QemuInstall.Use(LibvirtGuest.QemuVersion);
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
-        using LibvirtGuest guest = LibvirtGuest.Boot(dir);
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
 
-        VmsnapFails(["savevm", "--domain", "vmsnap-no-such-domain", "x"], "has no domain 'vmsnap-no-such-domain'");
-        VmsnapFails(["savevm", "--qmp", dir.File("x.qmp"), "--domain", guest.Name, "x"], "--qmp SOCKET or --domain NAME");
+        VmsnapFails(["savevm", "--domain", "vmsnap-no-such-domain", "--connect", guest.Uri, "x"], "has no domain 'vmsnap-no-such-domain'");
+        VmsnapFails(["savevm", "--qmp", dir.File("x.qmp"), .. guest.Domain, "x"], "--qmp SOCKET or --domain NAME");
 
         // A name a disk has (QEMU's own savevm, which libvirt does not know of) is refused, libvirt left without it.
-        LibvirtGuest.Virsh("qemu-monitor-command", "--hmp", guest.Name, "savevm ondisk");
-        VmsnapFails(["savevm", "--domain", guest.Name, "ondisk"], "already has a snapshot named 'ondisk'", "nothing was saved");
+        guest.Virsh("qemu-monitor-command", "--hmp", guest.Name, "savevm ondisk");
+        VmsnapFails(["savevm", .. guest.Domain, "ondisk"], "already has a snapshot named 'ondisk'", "nothing was saved");
         Assert.Empty(guest.SnapshotNames());
         foreach (string disk in guest.Disks) Assert.Equal(["ondisk"], LibvirtGuest.DiskSnapshotNames(disk));
         // ... and snapshot list --domain flags the disagreement, with exit code 1.
-        Tool.Result listed = Snapshots.VmKit.Vmsnap("snapshot", "list", "--domain", guest.Name, "--json");
+        Tool.Result listed = Snapshots.VmKit.Vmsnap(["snapshot", "list", .. guest.Domain, "--json"]);
         Assert.Equal(1, listed.ExitCode);
         JsonElement row = JsonDocument.Parse(listed.Stdout).RootElement.GetProperty("snapshots").EnumerateArray().Single();
         Assert.False(row.GetProperty("in-libvirt").GetBoolean());
         Assert.Contains("not in libvirt", row.GetProperty("problem").GetString());
 
         // The domain stopped in the middle of a save: no snapshot anywhere.
-        using (RunningVmsnap save = LiveKit.Start("savevm", "--domain", guest.Name, "cut", "--max-bandwidth", "8M"))
+        using (RunningVmsnap save = LiveKit.Start(["savevm", .. guest.Domain, "cut", "--max-bandwidth", "8M"]))
         {
             var clock = Stopwatch.StartNew();
-            while (clock.Elapsed < TimeSpan.FromSeconds(60) && !save.HasExited && !LibvirtGuest.Virsh("qemu-monitor-command", guest.Name, "{\"execute\":\"query-migrate\"}").Contains("\"active\"", StringComparison.Ordinal))
+            while (clock.Elapsed < TimeSpan.FromSeconds(60) && !save.HasExited && !guest.Virsh("qemu-monitor-command", guest.Name, "{\"execute\":\"query-migrate\"}").Contains("\"active\"", StringComparison.Ordinal))
                 Thread.Sleep(100);
             Thread.Sleep(1000);
-            LibvirtGuest.Virsh("destroy", guest.Name);
+            guest.Virsh("destroy", guest.Name);
             Tool.Result r = save.Wait();
             Assert.True(r.ExitCode != 0, $"the save should have failed: {r.Stdout}");
             Assert.Contains("nothing was saved", r.Stderr);
@@ -149,8 +155,8 @@ public class LibvirtSnapshotTests
         }
 
         // A shut-off domain is refused.
-        VmsnapFails(["savevm", "--domain", guest.Name, "off"], "is shut off", "nothing was saved");
-        VmsnapFails(["loadvm", "--domain", guest.Name, "nothing-like-it"], "libvirt has no snapshot 'nothing-like-it'", "nothing was loaded");
+        VmsnapFails(["savevm", .. guest.Domain, "off"], "is shut off", "nothing was saved");
+        VmsnapFails(["loadvm", .. guest.Domain, "nothing-like-it"], "libvirt has no snapshot 'nothing-like-it'", "nothing was loaded");
         Assert.Empty(guest.SnapshotNames());
     }
 }

@@ -27,6 +27,9 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
     private const int HeaderBytes = 16 + 4 * 5 + 4 * 14;
     private const int CopyBufferBytes = 4 << 20;
 
+    // libvirt's error for a save image whose header is not where it reads one.
+    private const string MisframedHeader = "image magic is incorrect";
+
     internal LibvirtLoadResult Run()
     {
         var clock = Stopwatch.StartNew();
@@ -80,7 +83,20 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         }
 
         LiveTrace.Mark("reverted");
-        long bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot);
+        // libvirt 11.x reads the save image's header and domain XML twice from the one descriptor (it rewinds between, which a FIFO
+        // ignores: measured on 11.3); 9.0 reads them once. Which release changed it is not known here: the first guess goes by the
+        // daemon's version, and a restore that found no header where it looked is tried once more the other way.
+        bool headerTwice = domain.DaemonVersion >= 11_000_000;
+        long bytes;
+        try
+        {
+            bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot, headerTwice);
+        }
+        catch (LiveSnapshotException e) when (e.Message.Contains(MisframedHeader, StringComparison.Ordinal))
+        {
+            LiveTrace.Mark("restore to be tried again, the header framed the other way");
+            bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot, !headerTwice);
+        }
         LiveTrace.Mark("restored");
         double seconds = clock.Elapsed.TotalSeconds;
         // The snapshot as libvirt's current one, as virsh snapshot-revert leaves it.
@@ -112,7 +128,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
     }
 
     /// <summary>Serves the save image through a FIFO while libvirt restores the domain from it; returns the VM-state bytes sent.</summary>
-    private long Restore(XElement domainXml, bool running, string vmImage, Qcow2Snapshot vmSnapshot)
+    private long Restore(XElement domainXml, bool running, string vmImage, Qcow2Snapshot vmSnapshot, bool headerTwice)
     {
         string folder = Path.Combine(Path.GetTempPath(), "vmsnap-libvirt-" + Guid.NewGuid().ToString("N")[..12]);
         Directory.CreateDirectory(folder);
@@ -125,7 +141,7 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
             Exception? serveFailure = null;
             var server = new Thread(() =>
             {
-                try { sent = Serve(fifo, domainXml.ToString(SaveOptions.DisableFormatting), running, vmImage, vmSnapshot); }
+                try { sent = Serve(fifo, domainXml.ToString(SaveOptions.DisableFormatting), running, vmImage, vmSnapshot, headerTwice); }
                 catch (Exception e) when (e is IOException or VmsnapException or UnauthorizedAccessException) { serveFailure = e; }
             }) { IsBackground = true, Name = "vmsnap libvirt save image" };
             server.Start();
@@ -158,7 +174,8 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         catch (UnauthorizedAccessException) { }
     }
 
-    private long Serve(string fifo, string xml, bool running, string vmImage, Qcow2Snapshot vmSnapshot)
+    /// <summary>Writes the save image into the FIFO: header and domain XML (twice when <paramref name="headerTwice"/>), then the stream.</summary>
+    private long Serve(string fifo, string xml, bool running, string vmImage, Qcow2Snapshot vmSnapshot, bool headerTwice)
     {
         // Shared (QEMU takes the image back once the stream is in) and O_DIRECT where the file system allows it; the reader reads ahead
         // while the writer fills the FIFO, whose buffer is made as large as the kernel allows a user (1 MiB by default).
@@ -176,6 +193,11 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         // compressed (raw) and cookieOffset (no cookie) stay 0
         output.Write(header);
         output.Write(data);
+        if (headerTwice)
+        {
+            output.Write(header);
+            output.Write(data);
+        }
         using var backend = VmStateBackend.ForStream(output, leaveOpen: true);
         using var writer = new VmStateWriter(backend, new VmStateWriterOptions { Mode = VmStateWriteMode.Buffered, BufferCount = 2, SyncOnClose = false });
         MigrationStream.Copy(reader, writer, progress, cancellationToken);
