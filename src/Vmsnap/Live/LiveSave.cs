@@ -59,6 +59,7 @@ internal sealed class LiveSave : LiveSession
         // What an earlier, killed save left is undone first (its record is in QEMU): its settings, a stopped guest, its images.
         LiveRecoveryResult? recovery = LiveRecovery.IfNeeded(Qmp, Cancellation);
         if (recovery is not null) _options.Recovered?.Invoke(recovery);
+        LiveTrace.Mark("recovery checked");
         string state = RunState();
         if (state is "inmigrate" or "postmigrate" or "finish-migrate" or "colo" or "save-vm" or "restore-vm")
             throw new OperationRefusedException(state switch
@@ -75,6 +76,7 @@ internal sealed class LiveSave : LiveSession
             throw new OperationRefusedException($"QEMU is already migrating (status '{migration}'); nothing was saved");
 
         (List<LiveDisk> disks, LiveDisk vmDisk) = SelectDisks(_options.VmStateDisk, "saved");
+        LiveTrace.Mark("drives found");
         var before = new List<ImageBefore>();
         DetachedVmStateSurvey survey = null!;
         foreach (LiveDisk disk in disks)
@@ -96,6 +98,7 @@ internal sealed class LiveSave : LiveSession
         long highest = QemuBlockDevices.HighestWrite(Qmp, vmDisk);
         DetachedVmStatePlan plan = DetachedVmStatePlan.For(survey, highest, vmDisk.DirtyBitmaps.Select(b => (b.Granularity, b.Persistent)));
         long fileLengthBefore = new FileInfo(vmDisk.ImagePath!).Length;
+        LiveTrace.Mark("images checked");
 
         long stopMark = Qmp.EventMark;
         MigrationSettings? settings = null;
@@ -118,6 +121,7 @@ internal sealed class LiveSave : LiveSession
                 plan, fileLengthBefore, settings);
             record.Write(Qmp);
             recorded = true;
+            LiveTrace.Mark("record written");
             settings.Apply();
             LiveTrace.Mark("settings applied");
             region = DetachedVmStateArea.Open(vmDisk.ImagePath!, plan, _options.Direct);

@@ -32,6 +32,7 @@ public static class LibvirtSnapshots
         if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("a snapshot needs a name (TAG)");
         options ??= new LiveSaveOptions();
         using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
+        LiveTrace.Mark("libvirt connected");
         int state = dom.State;
         if (state is not (DomainRunning or DomainPaused))
             throw new OperationRefusedException($"domain '{domain}' is {StateName(state)}: vmsnap savevm saves a running or paused domain (start it with virsh start); nothing was saved");
@@ -45,6 +46,7 @@ public static class LibvirtSnapshots
         LiveSaveResult result;
         using (LibvirtMonitor monitor = LibvirtMonitor.Open(dom))
         {
+            LiveTrace.Mark("monitor open");
             result = new LiveSave(monitor, tag, options, ramBytesDone, cancellationToken).Run();
             // Read after the save: a recovery at its start may have recorded the cut-off save's snapshot as the current one.
             string? parent = dom.CurrentSnapshot();
