@@ -114,7 +114,7 @@ internal static class LiveCommands
             if (Target(p, qmp, domain).Domain is { } name)
             {
                 if (p.GetValue(postcopy))
-                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt 9.0 restores a domain only from a save file or FIFO (virDomainRestore), " +
+                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt (9.0 to 11.3) restores a domain only from a save file or FIFO (virDomainRestore), " +
                         "and QEMU's postcopy needs a return path from the guest's QEMU, which a file or FIFO cannot carry (docs/libvirt.md); nothing was loaded");
                 return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), asJson, ct);
             }
