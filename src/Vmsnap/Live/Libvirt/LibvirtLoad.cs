@@ -27,8 +27,9 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
     private const int HeaderBytes = 16 + 4 * 5 + 4 * 14;
     private const int CopyBufferBytes = 4 << 20;
 
-    // libvirt's error for a save image whose header is not where it reads one.
-    private const string MisframedHeader = "image magic is incorrect";
+    // What a save image framed for the other libvirt gets: libvirt 11 reading stream bytes as the second header, or QEMU
+    // (under libvirt 9.0) reading the second header as its stream.
+    private static readonly string[] MisframedHeader = ["image magic is incorrect", "Not a migration stream"];
 
     internal LibvirtLoadResult Run()
     {
@@ -85,14 +86,20 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         LiveTrace.Mark("reverted");
         // libvirt 11.x reads the save image's header and domain XML twice from the one descriptor (it rewinds between, which a FIFO
         // ignores: measured on 11.3); 9.0 reads them once. Which release changed it is not known here: the first guess goes by the
-        // daemon's version, and a restore that found no header where it looked is tried once more the other way.
-        bool headerTwice = domain.DaemonVersion >= 11_000_000;
+        // daemon's version, and a restore that found the header or the stream out of place is tried once more the other way.
+        // VMSNAP_LIBVIRT_SAVE_HEADER=once|twice sets the first guess (for the tests of the second try, and for a libvirt that guesses wrong).
+        bool headerTwice = Environment.GetEnvironmentVariable("VMSNAP_LIBVIRT_SAVE_HEADER") switch
+        {
+            "once" => false,
+            "twice" => true,
+            _ => domain.DaemonVersion >= 11_000_000,
+        };
         long bytes;
         try
         {
             bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot, headerTwice);
         }
-        catch (LiveSnapshotException e) when (e.Message.Contains(MisframedHeader, StringComparison.Ordinal))
+        catch (LiveSnapshotException e) when (MisframedHeader.Any(m => e.Message.Contains(m, StringComparison.Ordinal)))
         {
             LiveTrace.Mark("restore to be tried again, the header framed the other way");
             bytes = Restore(domainXml, state == "running", vmImage, vmSnapshot, !headerTwice);

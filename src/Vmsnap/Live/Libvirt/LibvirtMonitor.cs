@@ -80,6 +80,7 @@ internal sealed class LibvirtMonitor : IQmpConnection, IDisposable
             throw new QmpException($"QMP command '{command}' through {Path} failed: {why}");
         }
         string text = TakeString(result) ?? "";
+        if (LiveTrace.On) LiveTrace.Mark("qmp " + command);
         JsonObject? answer;
         try { answer = JsonNode.Parse(text) as JsonObject; }
         catch (JsonException) { answer = null; }
