@@ -108,6 +108,20 @@ prepare_suite() {
   extra_apt "$suite" apt-get update -q >&2
 }
 
+# Installs from the distribution what the .debs in folder $1 depend on, of the names that match the extended regular
+# expression $2 and not $3, when missing (version constraints dropped: the backports builds are made against this release).
+install_depends() {
+  local names l missing=()
+  names="$(for f in "$1"/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
+    | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep -E "$2" | grep -v -E "$3" | sort -u)"
+  for l in $names; do dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || missing+=("$l"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    as_root "install ${missing[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  fi
+}
+
 q10="$deps/qemu-10.0"
 # The display and audio modules too: QEMU looks for a module it lacks in the system's module folder next, where the first
 # QEMU's are, and aborts on one of another build (libvirt's capability probe loads every module).
@@ -125,17 +139,8 @@ if [ ! -x "$q10/bin/qemu-system-x86_64" ] || [ ! -e "$q10/root/usr/lib/x86_64-li
   for f in "$q10.tmp"/debs/*.deb; do dpkg-deb -x "$f" "$q10.tmp/root"; done
   version="$(dpkg-deb -f "$q10.tmp"/debs/qemu-system-x86_*.deb Version)"
   case "$version" in *:10.0.*) ;; *) echo "tests/install-deps.sh: $suite has qemu $version, not 10.0" >&2; exit 1 ;; esac
-  # The libraries the binaries link, from the distribution itself (version constraints dropped: the
-  # backports build is made against this release).
-  libs="$(for f in "$q10.tmp"/debs/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
-    | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep -v -E '^(qemu|seabios|ipxe)' | grep . | sort -u)"
-  missing=()
-  for l in $libs; do dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || missing+=("$l"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    as_root "install ${missing[*]}"
-    apt_update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-  fi
+  # The libraries the binaries link, from the distribution itself.
+  install_depends "$q10.tmp/debs" . '^(qemu|seabios|ipxe)'
   # Wrappers: the unpacked binaries look for firmware and modules in the system's /usr paths, which
   # belong to the first QEMU; point them at their own.
   mkdir -p "$q10.tmp/bin"
@@ -162,16 +167,8 @@ if [ ! -x "$lv11/root/usr/sbin/libvirtd" ]; then
   for f in "$lv11.tmp"/debs/*.deb; do dpkg-deb -x "$f" "$lv11.tmp/root"; done
   version="$(dpkg-deb -f "$lv11.tmp"/debs/libvirt-daemon_*.deb Version)"
   case "$version" in 11.3.*) ;; *) echo "tests/install-deps.sh: $suite has libvirt $version, not 11.3" >&2; exit 1 ;; esac
-  # The shared libraries it links, from the distribution (the backports build is made against this release).
-  libs="$(for f in "$lv11.tmp"/debs/*.deb; do dpkg-deb -f "$f" Depends; done | tr ',' '\n' \
-    | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep '^lib' | grep -v '^libvirt' | sort -u)"
-  missing=()
-  for l in $libs; do dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || missing+=("$l"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    as_root "install ${missing[*]}"
-    apt_update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-  fi
+  # The shared libraries it links, from the distribution.
+  install_depends "$lv11.tmp/debs" '^lib' '^libvirt'
   rm -rf "$lv11.tmp/debs" "$lv11"
   mv "$lv11.tmp" "$lv11"
   echo "libvirt $version unpacked in $lv11" >&2
