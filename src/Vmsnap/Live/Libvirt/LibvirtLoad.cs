@@ -152,10 +152,10 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
                 catch (Exception e) when (e is IOException or VmsnapException or UnauthorizedAccessException) { serveFailure = e; }
             }) { IsBackground = true, Name = "vmsnap libvirt save image" };
             server.Start();
-            using var registration = cancellationToken.Register(() => Unblock(fifo));
+            using var registration = cancellationToken.Register(() => Unblock(fifo, server));
             int rc = virDomainRestoreFlags(domain.Connection, fifo, null, running ? SaveRunning : SavePaused);
             string? why = rc == 0 ? null : LastError();
-            if (rc != 0) Unblock(fifo);   // a libvirt that never opened the FIFO leaves the server waiting for a reader
+            if (rc != 0) Unblock(fifo, server);   // a libvirt that failed leaves the server waiting for a reader, or in a write
             server.Join();
             if (rc != 0)
                 throw new LiveSnapshotException($"libvirt could not restore domain '{domain.Name}' from snapshot '{tag}': {why}" +
@@ -169,16 +169,25 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         }
     }
 
-    /// <summary>Opens the FIFO for reading and drains it, so that a server blocked in open or write gets its end.</summary>
-    private static void Unblock(string fifo)
+    /// <summary>
+    /// Reads the FIFO to its end for as long as the server runs, so that a server blocked in open (no reader came) or in write
+    /// (the reader went) gets an end to write to and finishes. The FIFO is opened without blocking: when the server is gone, or
+    /// not open yet, a blocking open would wait for a writer that may never come.
+    /// </summary>
+    private static void Unblock(string fifo, Thread server)
     {
-        try
+        while (server.IsAlive)
         {
-            using var reader = new FileStream(fifo, FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1, FileOptions.None);
-            reader.CopyTo(Stream.Null);
+            int fd = open(fifo, O_RDONLY | O_NONBLOCK);
+            if (fd < 0) return;
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL, 0) & ~O_NONBLOCK);   // reads wait for data once it is open
+            using (var reader = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: true), FileAccess.Read, 1))
+            {
+                try { reader.CopyTo(Stream.Null); }   // ends when no writer has it open
+                catch (IOException) { }
+            }
+            if (server.IsAlive) Thread.Sleep(10);
         }
-        catch (IOException) { }
-        catch (UnauthorizedAccessException) { }
     }
 
     /// <summary>Writes the save image into the FIFO: header and domain XML (twice when <paramref name="headerTwice"/>), then the stream.</summary>

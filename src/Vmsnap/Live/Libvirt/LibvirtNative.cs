@@ -125,6 +125,14 @@ internal static unsafe partial class LibvirtNative
     [LibraryImport("libc", SetLastError = true)]
     internal static partial int fcntl(nint fd, int command, int argument);
 
+    internal const int F_GETFL = 3;
+    internal const int F_SETFL = 4;
+    internal const int O_RDONLY = 0;
+    internal const int O_NONBLOCK = 0x800;
+
+    [LibraryImport("libc", EntryPoint = "open", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    internal static partial int open(string path, int flags);
+
     /// <summary>A string libvirt allocated for the caller: copied, then freed.</summary>
     internal static string? TakeString(nint p)
     {
