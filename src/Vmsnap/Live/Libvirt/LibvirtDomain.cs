@@ -31,6 +31,7 @@ internal sealed class LibvirtDomain : IDisposable
 
     /// <summary>The libvirt version of the daemon at the other end of the connection (major * 1,000,000 + minor * 1,000 + release), 0 when unknown.</summary>
     internal ulong DaemonVersion => virConnectGetLibVersion(_conn, out ulong version) == 0 ? version : 0;
+
     internal nint Handle => _domain;
 
     /// <summary>Connects (<paramref name="uri"/> null: libvirt's default) and looks the domain up by name.</summary>
