@@ -113,10 +113,7 @@ internal static class LiveCommands
             bool asJson = p.GetValue(json);
             if (Target(p, qmp, domain).Domain is { } name)
             {
-                if (p.GetValue(postcopy))
-                    throw new OperationRefusedException("--postcopy with --domain is not supported yet: libvirt (9.0 to 11.3) restores a domain only from a save file or FIFO (virDomainRestore), " +
-                        "and QEMU's postcopy needs a return path from the guest's QEMU, which a file or FIFO cannot carry (docs/libvirt.md); nothing was loaded");
-                return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), asJson, ct);
+                return LoadDomain(name, p.GetValue(tag)!, p.GetValue(connect), p.GetValue(force), p.GetValue(postcopy), asJson, ct);
             }
             LiveLoadResult r;
             bool isPostcopy = p.GetValue(postcopy);
@@ -183,22 +180,39 @@ internal static class LiveCommands
             "the load instead (SIGKILL stops it anyway, with that cost)");
     }
 
-    /// <summary>loadvm --domain: the domain reverted to the snapshot and restored by libvirt.</summary>
-    private static int LoadDomain(string name, string tag, string? connect, bool force, bool asJson, CancellationToken ct)
+    /// <summary>loadvm --domain: the domain reverted to the snapshot and restored by libvirt (or, --postcopy, migrated in from vmsnap).</summary>
+    private static int LoadDomain(string name, string tag, string? connect, bool force, bool postcopy, bool asJson, CancellationToken ct)
     {
         LibvirtLoadResult r;
-        using (var progress = ProgressLine.Start("loading", 0, asJson))
-            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct), null, name);
+        using (var progress = ProgressLine.Start(postcopy ? "delivered" : "loading", 0, asJson))
+            r = Run(() => LibvirtSnapshots.LoadVm(name, tag, connect, force, progress, ct, postcopy), null, name);
+        LivePostcopyResult? pc = r.Postcopy;
+        if (r.PostcopyNote is { } note) Console.Error.WriteLine($"vmsnap: {note}");
         if (asJson)
-            Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks), CliJsonWithNulls.Default.DomainLoadVmJson);
+        {
+            Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks,
+                pc is null ? null : new PostcopyJson(pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null, Math.Round(pc.SecondsToLastPage, 6),
+                    pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Index, pc.IndexProblem, Resumed: false, PagesAlreadyThere: 0),
+                r.PostcopyNote), CliJsonWithNulls.Default.DomainLoadVmJson);
+        }
+        else if (pc is not null)
+        {
+            Console.Out.WriteLine($"loaded snapshot '{r.Tag}' into domain '{name}' with postcopy from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
+                $"domain running after {pc.SecondsToResume:0.000} s, last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed); " +
+                $"domain {r.RunState}");
+            if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
+        }
         else
+        {
             Console.Out.WriteLine($"loaded snapshot '{r.Tag}' into domain '{name}' from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
                 $"{Cli.FormatSize(r.VmStateBytes)} of VM state in {r.Seconds:0.000} s; domain {r.RunState}");
+        }
         return Cli.ExitOk;
     }
 
-    /// <summary>JSON of <c>loadvm --domain --json</c>.</summary>
-    internal sealed record DomainLoadVmJson(string Operation, string Domain, string Tag, double Seconds, long Bytes, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks);
+    /// <summary>JSON of <c>loadvm --domain --json</c>: <c>postcopy</c> is null when the domain was restored whole, and <c>postcopy-note</c> says why when --postcopy was asked.</summary>
+    internal sealed record DomainLoadVmJson(string Operation, string Domain, string Tag, double Seconds, long Bytes, string RunState, IReadOnlyList<LiveDiskSnapshot> Disks,
+        PostcopyJson? Postcopy, string? PostcopyNote);
 
     /// <summary>JSON of <c>savevm --json</c>: every key is there, null when it does not apply.</summary>
     internal sealed record SaveVmJson(string Operation, string Tag, bool Live, double Seconds, double? DowntimeSeconds, double? QemuDowntimeSeconds,

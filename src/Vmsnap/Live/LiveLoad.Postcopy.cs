@@ -66,26 +66,33 @@ internal sealed partial class LiveLoad
     /// (<paramref name="recorded"/>), else one scan of its VM state (<paramref name="indexProblem"/> says why a recorded one was
     /// not used); refused when postcopy cannot serve it.
     /// </summary>
-    private PostcopyIndex IndexSnapshot(string imagePath, Qcow2Snapshot snapshot, out bool recorded, out string? indexProblem)
+    private PostcopyIndex IndexSnapshot(string imagePath, Qcow2Snapshot snapshot, out bool recorded, out string? indexProblem) =>
+        IndexForPostcopy(imagePath, snapshot, Tag, Cancellation, out recorded, out indexProblem);
+
+    /// <summary>
+    /// <see cref="IndexSnapshot"/> for any caller (loadvm --domain --postcopy too): snapshot <paramref name="tag"/> of
+    /// <paramref name="imagePath"/>, recorded index or one scan; refused when postcopy cannot serve it.
+    /// </summary>
+    internal static PostcopyIndex IndexForPostcopy(string imagePath, Qcow2Snapshot snapshot, string tag, CancellationToken cancellation, out bool recorded, out string? indexProblem)
     {
         PostcopyIndex? index = RecordedPostcopyIndex(imagePath, snapshot, out indexProblem);
         recorded = index is not null;
         if (index is null)
-        using (SnapshotStream stream = OpenSnapshotStream(imagePath, snapshot, $"snapshot '{Tag}' of {imagePath} is gone"))
+        using (SnapshotStream stream = OpenSnapshotStream(imagePath, snapshot, $"snapshot '{tag}' of {imagePath} is gone"))
         using (VmStateReader reader = stream.NewReader(ReadBufferSize))
         {
             try
             {
-                index = PostcopySource.Scan(reader, snapshot.VmStateSize, Cancellation);
+                index = PostcopySource.Scan(reader, snapshot.VmStateSize, cancellation);
             }
             catch (MigrationStreamException e)
             {
-                throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded: its VM state does not read ({e.Message}); nothing was loaded", e);
+                throw new OperationRefusedException($"snapshot '{tag}' cannot be loaded: its VM state does not read ({e.Message}); nothing was loaded", e);
             }
         }
         LiveTrace.Mark("indexed");
         if (index.Problem is { } problem)
-            throw new OperationRefusedException($"snapshot '{Tag}' cannot be loaded with --postcopy: {problem}; load it without --postcopy; nothing was loaded");
+            throw new OperationRefusedException($"snapshot '{tag}' cannot be loaded with --postcopy: {problem}; load it without --postcopy; nothing was loaded");
         return index;
     }
 

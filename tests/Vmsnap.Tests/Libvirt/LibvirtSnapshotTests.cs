@@ -119,6 +119,50 @@ public class LibvirtSnapshotTests
 
     [Theory]
     [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
+    public void vmsnap_loadvm_postcopy_migrates_the_domain_in_from_vmsnap(string libvirt)
+    {
+        LibvirtSetup setup = LibvirtSetup.Get(libvirt);
+        using var qemu = QemuInstall.Use(setup.QemuVersion);
+        using var dir = new TempDir();
+        using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
+
+        GuestTick before = guest.LastTick();
+        guest.Virsh("snapshot-create-as", guest.Name, "v1");
+        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
+        int mark = guest.MarkBeforeRestore(window);
+        string idBefore = guest.Virsh("domid", guest.Name).Trim();   // a new QEMU gets a new domain ID
+
+        Tool.Result load = Tool.RunPath("/usr/bin/env", ["VMSNAP_LIVE_TRACE=1", .. VmsnapCli.Command,
+            "loadvm", .. guest.Domain, "v1", "--force", "--postcopy", "--json"], TimeSpan.FromMinutes(3));
+        Assert.True(load.ExitCode == 0, $"loadvm --postcopy exited {load.ExitCode}: {load.Stderr}");
+        // libvirt took the domain in as an incoming migration, not a restore, and vmsnap was its source.
+        Assert.Contains("libvirt prepared the incoming migration", load.Stderr);
+        Assert.DoesNotContain("restored whole instead", load.Stderr);
+        JsonElement r = JsonDocument.Parse(load.Stdout).RootElement;
+        JsonElement pc = r.GetProperty("postcopy");
+        Assert.True(pc.ValueKind == JsonValueKind.Object, load.Stdout);
+        Assert.Equal(JsonValueKind.Null, r.GetProperty("postcopy-note").ValueKind);
+        long pages = pc.GetProperty("pages-on-demand").GetInt64() + pc.GetProperty("pages-streamed").GetInt64();
+        // Every page of the guest's RAM once, and those of the smaller RAM blocks (ROMs, video memory).
+        Assert.InRange(pages, (long)LibvirtGuest.RamMiB << 20 >> 12, ((long)LibvirtGuest.RamMiB + 64) << 20 >> 12);
+        Assert.Equal("running", r.GetProperty("run-state").GetString());
+        Assert.Equal("running", guest.State());
+        Assert.Contains("migrated", guest.Virsh("domstate", "--reason", guest.Name));
+        Assert.NotEqual(idBefore, guest.Virsh("domid", guest.Name).Trim());
+        Assert.Equal("v1", guest.Virsh("snapshot-current", guest.Name, "--name").Trim());
+        guest.AssertResumes(window, mark);
+
+        // libvirt's view of the domain is whole: its migration job is over, so its own snapshot and revert work on it.
+        guest.Virsh("snapshot-create-as", guest.Name, "v2");
+        Assert.Equal("v1", guest.Virsh("snapshot-parent", guest.Name, "v2").Trim());
+        guest.Virsh("snapshot-revert", guest.Name, "v1");
+        Assert.Equal("running", guest.State());
+        guest.Virsh("destroy", guest.Name);
+        foreach (string disk in guest.Disks) QemuImgCheck.AssertClean(disk);
+    }
+
+    [Theory]
+    [MemberData(nameof(LibvirtSetup.Names), MemberType = typeof(LibvirtSetup))]
     public void Failures_leave_libvirt_and_the_disks_in_agreement(string libvirt)
     {
         LibvirtSetup setup = LibvirtSetup.Get(libvirt);

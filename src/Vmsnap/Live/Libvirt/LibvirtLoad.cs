@@ -4,6 +4,7 @@ using System.Runtime.InteropServices;
 using System.Text;
 using System.Xml.Linq;
 using Vmsnap.Migration;
+using Vmsnap.Migration.LowLevel;
 using Vmsnap.Qcow2;
 using Vmsnap.Qcow2.LowLevel;
 using Vmsnap.VmState;
@@ -18,8 +19,11 @@ namespace Vmsnap.Live.Libvirt;
 /// through a FIFO: libvirt's header (<c>LibvirtQemudSave</c>, version 2), the snapshot's domain XML, then QEMU's migration
 /// stream read straight out of the snapshot's VM state. Nothing is copied to disk first. Then TAG is made libvirt's current snapshot.
 /// </summary>
-internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, IProgress<long>? progress, CancellationToken cancellationToken)
+internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, bool postcopy, IProgress<long>? progress, CancellationToken cancellationToken)
 {
+    /// <summary>How long a postcopy load waits for QEMU to confirm its last page.</summary>
+    private static readonly TimeSpan PostcopyConfirmTimeout = TimeSpan.FromMinutes(2);
+
     // libvirt's save image header (src/qemu/qemu_saveimage.h): magic, then uint32 version, data_len, was_running, compressed (format),
     // cookieOffset and 14 unused, in the host's byte order.
     private const string SaveMagic = "LibvirtQemudSave";
@@ -63,6 +67,21 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         (string vmTarget, string vmImage, Qcow2Snapshot vmSnapshot) = found.FirstOrDefault(f => f.Snapshot.VmStateSize > 0);
         if (vmImage is null)
             throw new OperationRefusedException($"no disk of snapshot '{tag}' holds its VM state; nothing was loaded");
+        // Postcopy starts the guest before its pages are in: a paused snapshot gains nothing (libvirt refuses postcopy into a paused domain).
+        PostcopyIndex? index = null;
+        bool recorded = false;
+        string? indexProblem = null, postcopyNote = null;
+        double indexSeconds = 0;
+        if (postcopy && state != "running")
+        {
+            postcopyNote = $"snapshot '{tag}' is of a paused guest: postcopy gains nothing there (and libvirt refuses it into a paused domain); restored whole instead";
+        }
+        else if (postcopy)
+        {
+            var indexClock = Stopwatch.StartNew();
+            index = LiveLoad.IndexForPostcopy(vmImage, vmSnapshot, tag, cancellationToken, out recorded, out indexProblem);
+            indexSeconds = indexClock.Elapsed.TotalSeconds;
+        }
         LiveTrace.Mark("checked");
         if (!shutOff) domain.Destroy();
         LiveTrace.Mark("domain shut off");
@@ -84,6 +103,29 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         }
 
         LiveTrace.Mark("reverted");
+        if (index is not null)
+        {
+            try
+            {
+                LibvirtPostcopy.Outcome outcome = new LibvirtPostcopy(domain, tag, progress, PostcopyConfirmTimeout).Run(domainXml, vmImage, vmSnapshot, index, clock);
+                LiveTrace.Mark("loaded");
+                double total = clock.Elapsed.TotalSeconds;
+                domain.Redefine(snapshotXml, current: true);
+                LiveTrace.Mark("current snapshot set");
+                int now = domain.State;
+                return new LibvirtLoadResult(tag, reverted, vmSnapshot.VmStateSize, total, now == DomainRunning ? "running" : now == DomainPaused ? "paused" : $"state {now}")
+                {
+                    Postcopy = new LivePostcopyResult(outcome.SecondsToRunning, outcome.SecondsToLastPage, outcome.Sent.PagesOnDemand, outcome.Sent.PagesStreamed,
+                        indexSeconds, recorded ? "recorded" : "scanned", indexProblem),
+                };
+            }
+            catch (LibvirtPostcopy.NotStartedException e)
+            {
+                // Nothing of the domain ran: libvirt stopped the QEMU it started. The disks stay reverted; restore the whole stream instead.
+                postcopyNote = $"postcopy was not possible ({e.Message}); restored whole instead";
+                LiveTrace.Mark("postcopy not started: " + e.Message);
+            }
+        }
         // libvirt 11.x reads the save image's header and domain XML twice from the one descriptor (it rewinds between, which a FIFO
         // ignores: measured on 11.3); 9.0 reads them once. Which release changed it is not known here: the first guess goes by the
         // daemon's version, and a restore that found the header or the stream out of place is tried once more the other way.
@@ -110,7 +152,10 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         domain.Redefine(snapshotXml, current: true);
         LiveTrace.Mark("current snapshot set");
         int after = domain.State;
-        return new LibvirtLoadResult(tag, reverted, bytes, seconds, after == DomainRunning ? "running" : after == DomainPaused ? "paused" : $"state {after}");
+        return new LibvirtLoadResult(tag, reverted, bytes, seconds, after == DomainRunning ? "running" : after == DomainPaused ? "paused" : $"state {after}")
+        {
+            PostcopyNote = postcopyNote,
+        };
     }
 
     /// <summary>The snapshot's internal disks (target and image), from its disk list and the domain definition it holds.</summary>
@@ -227,6 +272,14 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
 /// <param name="Tag">The snapshot's name.</param>
 /// <param name="Disks">The disks reverted to the snapshot.</param>
 /// <param name="VmStateBytes">Bytes of VM state sent to QEMU.</param>
-/// <param name="Seconds">Wall time, until libvirt had restored the domain (its guest running, or paused).</param>
+/// <param name="Seconds">Wall time, until libvirt had restored the domain (its guest running, or paused); with postcopy, until QEMU had
+/// every page (<see cref="LivePostcopyResult.SecondsToResume"/>: until the guest ran).</param>
 /// <param name="RunState">The domain's state afterwards.</param>
-public sealed record LibvirtLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, double Seconds, string RunState);
+public sealed record LibvirtLoadResult(string Tag, IReadOnlyList<LiveDiskSnapshot> Disks, long VmStateBytes, double Seconds, string RunState)
+{
+    /// <summary>How the postcopy load went (<c>--postcopy</c>); null when the domain was restored whole.</summary>
+    public LivePostcopyResult? Postcopy { get; init; }
+
+    /// <summary>Why a postcopy load asked for was done whole instead (a paused snapshot, or postcopy failing before the guest started); else null.</summary>
+    public string? PostcopyNote { get; init; }
+}

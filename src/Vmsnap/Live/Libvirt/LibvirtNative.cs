@@ -89,6 +89,35 @@ internal static unsafe partial class LibvirtNative
     [LibraryImport(Lib)]
     internal static partial int virDomainSnapshotFree(nint snapshot);
 
+    // virDomainMigrateFlags
+    internal const uint MigrateLive = 1, MigratePostcopy = 1 << 15;
+
+    // virTypedParameterType
+    internal const int TypedParamString = 7;
+
+    /// <summary>virTypedParameter: an 80-byte name, the value's type, and the value (here always a string).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct TypedParameter
+    {
+        public fixed byte Field[80];
+        public int Type;
+        public nint Value;
+    }
+
+    /// <summary>
+    /// The destination's first step of libvirt's migration protocol (version 3 with parameters): libvirt starts the domain's QEMU
+    /// waiting for an incoming migration. Exported from libvirt.so.0 under a version of its own each release (LIBVIRT_PRIVATE_x);
+    /// the remote protocol behind it is stable, as migration between libvirt releases needs.
+    /// </summary>
+    [LibraryImport(Lib)]
+    internal static partial int virDomainMigratePrepare3Params(nint dconn, TypedParameter* parameters, int count, byte* cookieIn, int cookieInLength,
+        out nint cookieOut, out int cookieOutLength, out nint uriOut, uint flags);
+
+    /// <summary>The destination's last step: the domain runs (or, cancelled, its QEMU is stopped). Returns the domain, or 0.</summary>
+    [LibraryImport(Lib)]
+    internal static partial nint virDomainMigrateFinish3Params(nint dconn, TypedParameter* parameters, int count, byte* cookieIn, int cookieInLength,
+        out nint cookieOut, out int cookieOutLength, uint flags, int cancelled);
+
     [LibraryImport(Lib)]
     internal static partial nint virGetLastErrorMessage();
 

@@ -136,6 +136,8 @@ public static class LibvirtSnapshots
     /// Reverts libvirt domain <paramref name="domain"/> to snapshot <paramref name="tag"/> (made by vmsnap or by virsh snapshot-create-as):
     /// with the domain shut off, its disks are reverted, then libvirt restores the domain from a save image vmsnap serves through a
     /// FIFO (the snapshot's domain XML and VM state; nothing copied to disk first). TAG becomes libvirt's current snapshot.
+    /// With <paramref name="postcopy"/>, libvirt instead takes the domain in as an incoming postcopy migration whose source is
+    /// vmsnap: the guest runs once its device state is in, and its pages follow (see docs/libvirt.md).
     /// </summary>
     /// <param name="domain">The domain's name.</param>
     /// <param name="tag">The snapshot's name, as libvirt lists it.</param>
@@ -143,14 +145,16 @@ public static class LibvirtSnapshots
     /// <param name="force">Stop a running domain at once (virsh destroy) instead of refusing.</param>
     /// <param name="ramBytesDone">Receives the bytes of VM state sent so far.</param>
     /// <param name="cancellationToken">Stops the load.</param>
+    /// <param name="postcopy">Postcopy (a running snapshot only): the guest runs before its pages are in. Should postcopy fail before the guest
+    /// started, the domain is restored whole instead (<see cref="LibvirtLoadResult.PostcopyNote"/> says why).</param>
     /// <exception cref="VmsnapException">The load was refused (nothing changed) or failed (the message says what was done).</exception>
     public static LibvirtLoadResult LoadVm(string domain, string tag, string? connectUri = null, bool force = false,
-        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default)
+        IProgress<long>? ramBytesDone = null, CancellationToken cancellationToken = default, bool postcopy = false)
     {
         if (string.IsNullOrEmpty(tag)) throw new OperationRefusedException("say which snapshot to load (TAG)");
         using LibvirtDomain dom = LibvirtDomain.Open(connectUri, domain);
         LiveTrace.Mark("libvirt connected");
-        return new LibvirtLoad(dom, tag, force, ramBytesDone, cancellationToken).Run();
+        return new LibvirtLoad(dom, tag, force, postcopy, ramBytesDone, cancellationToken).Run();
     }
 
     /// <summary>
