@@ -22,9 +22,10 @@ internal sealed class LibvirtSetup
 {
     private readonly Lazy<bool> _daemon;
 
-    private LibvirtSetup(string name, string uri, string qemuVersion, string daemonScript, string pidFile, bool readsSaveHeaderTwice)
+    private LibvirtSetup(string name, string uri, string qemuVersion, string daemonScript, string pidFile, string libDir, bool readsSaveHeaderTwice)
     {
         Name = name;
+        LibDir = libDir;
         ReadsSaveHeaderTwice = readsSaveHeaderTwice;
         Uri = uri;
         QemuVersion = qemuVersion;
@@ -39,9 +40,10 @@ internal sealed class LibvirtSetup
 
     public static readonly IReadOnlyList<LibvirtSetup> All =
     [
-        new("libvirt 9.0, QEMU 7.2", "qemu:///system", "7.2", Path.Combine(Scripts, "libvirtd.sh"), "/run/libvirtd.pid", readsSaveHeaderTwice: false),
+        new("libvirt 9.0, QEMU 7.2", "qemu:///system", "7.2", Path.Combine(Scripts, "libvirtd.sh"), "/run/libvirtd.pid", "/var/lib/libvirt", readsSaveHeaderTwice: false),
         new("libvirt 11.3, QEMU 10.0", $"qemu:///system?socket={Path.Combine(State11, "run", "libvirt-sock")}", "10.0",
-            Path.Combine(Scripts, "libvirtd11.sh"), Path.Combine(State11, "run", "libvirtd.pid"), readsSaveHeaderTwice: true),
+            Path.Combine(Scripts, "libvirtd11.sh"), Path.Combine(State11, "run", "libvirtd.pid"), Path.Combine(State11, "lib"),
+            readsSaveHeaderTwice: true),
     ];
 
     /// <summary>The setups' names, for [MemberData]: a test's name says which libvirt and QEMU it ran.</summary>
@@ -66,6 +68,12 @@ internal sealed class LibvirtSetup
 
     /// <summary>Whether its restore reads a save image's header and XML twice (measured: 11.3 does, 9.0 does not; docs/libvirt.md).</summary>
     public bool ReadsSaveHeaderTwice { get; }
+
+    /// <summary>The daemon's /var/lib/libvirt (11.3's is a folder of its unpacked tree, in its own mount namespace).</summary>
+    public string LibDir { get; }
+
+    /// <summary>Where the daemon puts a domain's RAM when it is a file (libvirt's default memory_backing_dir).</summary>
+    public string MemoryBackingDir => Path.Combine(LibDir, "qemu", "ram");
 
     /// <summary>The emulator its domains name: this QEMU's qemu-system-x86_64.</summary>
     public string Emulator => QemuInstall.Get(QemuVersion).Path("qemu-system-x86_64");
@@ -126,7 +134,8 @@ internal sealed class LibvirtGuest : IDisposable
     public string[] Disks { get; }
 
     /// <summary>Defines and starts the domain in <paramref name="dir"/> on <paramref name="setup"/>; returns once the guest printed its first tick.</summary>
-    public static LibvirtGuest Boot(TempDir dir, LibvirtSetup setup)
+    /// <param name="memoryBacking">A &lt;memoryBacking&gt; element for the domain, or null for ordinary RAM.</param>
+    public static LibvirtGuest Boot(TempDir dir, LibvirtSetup setup, string? memoryBacking = null)
     {
         setup.EnsureDaemon();
         string name = "vmsnap-test-" + Guid.NewGuid().ToString("N")[..10];
@@ -138,6 +147,7 @@ internal sealed class LibvirtGuest : IDisposable
             <domain type='qemu'>
               <name>{name}</name>
               <memory unit='MiB'>{RamMiB}</memory>
+              {memoryBacking}
               <vcpu>1</vcpu>
               <os>
                 <type arch='x86_64' machine='pc'>hvm</type>

@@ -33,8 +33,19 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
     private const int SendBufferBytes = 256 << 10;
     private const int ReadBufferBytes = 4 << 20;
 
-    /// <summary>How a postcopy revert went; seconds from the start of the load.</summary>
-    internal sealed record Outcome(double SecondsToRunning, double SecondsToLastPage, PostcopySourceResult Sent);
+    /// <summary>How a postcopy revert went; seconds from the start of the load. <paramref name="SecondsToRunning"/>: until libvirt saw the guest run.</summary>
+    internal sealed record Outcome(double? SecondsToRunning, double SecondsToLastPage, PostcopySourceResult Sent);
+
+    /// <summary>The snapshot's page index, and how it was had.</summary>
+    internal sealed record Index(PostcopyIndex Pages, bool Recorded, string? Problem, double Seconds)
+    {
+        internal static Index Of(string vmImage, Qcow2Snapshot vmSnapshot, string tag, CancellationToken cancellation)
+        {
+            var clock = Stopwatch.StartNew();
+            PostcopyIndex pages = LiveLoad.IndexForPostcopy(vmImage, vmSnapshot, tag, cancellation, out bool recorded, out string? problem);
+            return new Index(pages, recorded, problem, clock.Elapsed.TotalSeconds);
+        }
+    }
 
     /// <summary>
     /// Postcopy failed before the guest started: libvirt stopped the QEMU it had started, the domain is shut off as before,
@@ -42,7 +53,12 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
     /// </summary>
     internal sealed class NotStartedException(string message, Exception? inner = null) : Exception(message, inner);
 
-    internal Outcome Run(XElement domainXml, string vmImage, Qcow2Snapshot vmSnapshot, PostcopyIndex index, Stopwatch clock)
+    /// <param name="domainXml">The snapshot's domain definition, the one libvirt starts.</param>
+    /// <param name="vmImage">The image whose snapshot holds the VM state.</param>
+    /// <param name="vmSnapshot">That snapshot.</param>
+    /// <param name="indexing">The snapshot's page index, being made meanwhile; awaited once libvirt's QEMU waits.</param>
+    /// <param name="clock">The load's clock.</param>
+    internal Outcome Run(XElement domainXml, string vmImage, Qcow2Snapshot vmSnapshot, Task<Index> indexing, Stopwatch clock)
     {
         string uuid = domainXml.Element("uuid")?.Value
             ?? throw new NotStartedException($"the domain definition of snapshot '{tag}' has no UUID");
@@ -59,6 +75,16 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
 
         int port = Prepare(domainXml.ToString(SaveOptions.DisableFormatting), cookie, flags);
         LiveTrace.Mark("libvirt prepared the incoming migration");
+        PostcopyIndex index;
+        try
+        {
+            index = indexing.GetAwaiter().GetResult().Pages;
+        }
+        catch (Exception e) when (e is VmsnapException or IOException)
+        {
+            Finish(cookie, flags, cancelled: true);
+            throw new NotStartedException(e.Message, e);
+        }
         Socket socket;
         try
         {
@@ -86,15 +112,45 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         }
         LiveTrace.Mark("device state sent");
 
-        // libvirt's Finish waits until QEMU is in postcopy, starts the guest's CPUs and returns, while the pages go on.
+        // When the guest runs, as libvirt sees it (its Finish returns only once every page is in, on libvirt 9.0 and 11.3 alike).
         double? running = null;
+        using var stopWatching = new ManualResetEventSlim();
+        var watcher = new Thread(() =>
+        {
+            while (running is null && !stopWatching.IsSet)
+            {
+                if (domain.State == DomainRunning)
+                {
+                    running = clock.Elapsed.TotalSeconds;
+                    LiveTrace.Mark("domain running");
+                }
+                else stopWatching.Wait(5);
+            }
+        }) { IsBackground = true, Name = "vmsnap libvirt domain state" };
+        watcher.Start();
+        try
+        {
+            return Serve(source, stream, current, cookie, flags, socket, clock, () => running);
+        }
+        finally
+        {
+            stopWatching.Set();
+            watcher.Join();
+        }
+    }
+
+    private Outcome Serve(PostcopySource source, LiveSession.SnapshotStream stream, Qcow2Snapshot current, string cookie, uint flags, Socket socket, Stopwatch clock,
+        Func<double?> running)
+    {
+        // libvirt's Finish waits until QEMU is in postcopy and has every page, the guest running meanwhile.
         string? finishFailure = null;
         var finisher = new Thread(() =>
         {
             finishFailure = Finish(cookie, flags, cancelled: false);
-            running = clock.Elapsed.TotalSeconds;
-            LiveTrace.Mark(finishFailure is null ? "libvirt finished: domain running" : "libvirt's finish failed");
-            if (finishFailure is not null)
+            LiveTrace.Mark(finishFailure is null ? "libvirt finished the migration" : "libvirt's finish failed");
+            // Before the guest started, a failed finish ends the load (libvirt stops that QEMU); after, the guest needs every page whatever
+            // libvirt says (libvirtd gone, say: QEMU runs on), so the pages go on.
+            if (finishFailure is not null && !source.GuestStartConfirmed)
             {
                 try { socket.Shutdown(SocketShutdown.Both); }
                 catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
@@ -130,7 +186,7 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         }
         if (shut is not null)
             throw new LiveSnapshotException($"QEMU did not confirm the postcopy load of domain '{domain.Name}': {shut}");
-        return new Outcome(running ?? lastPage, lastPage, sent);
+        return new Outcome(running() ?? (domain.State == DomainRunning ? clock.Elapsed.TotalSeconds : null), lastPage, sent);
     }
 
     /// <summary>Has libvirt start the domain's QEMU for an incoming migration on 127.0.0.1; returns the port QEMU listens on.</summary>
