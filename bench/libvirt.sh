@@ -22,7 +22,7 @@ read -r -a VMSNAP <<< "${VMSNAP:-dotnet src/Vmsnap.Cli/bin/Release/net10.0/vmsna
 if [ "${LIBVIRT:-}" = 11.3 ]; then
   uri="$(tests/libvirtd11.sh)"
   emulator="$PWD/tests/.deps/qemu-10.0/bin/qemu-system-x86_64"
-  piddir="$PWD/tests/.deps/libvirt-11.3/state/run/libvirt/qemu"
+  piddir="$PWD/tests/.deps/libvirt-11.3/state/run/qemu"
 else
   tests/libvirtd.sh
   uri=qemu:///system
