@@ -386,7 +386,7 @@ internal sealed partial class LiveLoad
     }
 
     /// <summary>The snapshot's reads while pages are served, through the test seam <see cref="LiveTrace.BeforeServedRead"/> (which may throw).</summary>
-    private sealed class ServedReads(IBlockDevice inner) : IBlockDevice
+    internal sealed class ServedReads(IBlockDevice inner) : IBlockDevice
     {
         public long Length => inner.Length;
 

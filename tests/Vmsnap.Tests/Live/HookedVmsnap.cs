@@ -27,23 +27,30 @@ internal sealed class HookedVmsnap : IDisposable
 
     /// <summary>
     /// Starts vmsnap; with <paramref name="pauseAt"/> the hook stops it there, with <paramref name="failReadsAt"/> the snapshot's
-    /// served reads fail from there on (see <see cref="LiveKillHook"/>).
+    /// served reads fail from there on, with <paramref name="slowReadsAt"/> they are slowed from there on (see <see cref="LiveKillHook"/>).
     /// </summary>
-    public static HookedVmsnap Start(string[] args, string? pauseAt, string? failReadsAt = null)
+    /// <param name="args">vmsnap's arguments.</param>
+    /// <param name="pauseAt">The phase the hook stops vmsnap at, or null.</param>
+    /// <param name="failReadsAt">The phase the served reads fail from, or null.</param>
+    /// <param name="slowReadsAt">The phase the served reads are slowed from, or null.</param>
+    /// <param name="trace">Run with VMSNAP_LIVE_TRACE=1: every phase mark is in <see cref="Output"/> (<see cref="WaitForOutput"/>).</param>
+    public static HookedVmsnap Start(string[] args, string? pauseAt, string? failReadsAt = null, string? slowReadsAt = null, bool trace = false)
     {
         ProcessStartInfo psi = VmsnapCli.StartInfo(args, VmsnapCli.Managed);
+        if (trace) psi.Environment["VMSNAP_LIVE_TRACE"] = "1";
         psi.RedirectStandardError = true;
         psi.RedirectStandardOutput = true;
-        if (pauseAt is not null || failReadsAt is not null)
+        if (pauseAt is not null || failReadsAt is not null || slowReadsAt is not null)
             psi.Environment["DOTNET_STARTUP_HOOKS"] = typeof(StartupHook).Assembly.Location;
         if (pauseAt is not null) psi.Environment[LiveKillHook.PauseVariable] = pauseAt;
         if (failReadsAt is not null) psi.Environment[LiveKillHook.FailReadsVariable] = failReadsAt;
+        if (slowReadsAt is not null) psi.Environment[LiveKillHook.SlowReadsVariable] = slowReadsAt;
         var running = new HookedVmsnap(new Process { StartInfo = psi });
         void Line(string? line)
         {
             if (line is null) return;
             lock (running._output) running._output.AppendLine(line);
-            if (line.StartsWith(LiveKillHook.PausedLine, StringComparison.Ordinal)) running._paused.Set();
+            if (line.StartsWith(LiveKillHook.PausedLine, StringComparison.Ordinal) || line.StartsWith(LiveKillHook.SlowedLine, StringComparison.Ordinal)) running._paused.Set();
         }
         running._process.ErrorDataReceived += (_, e) => Line(e.Data);
         running._process.OutputDataReceived += (_, e) => Line(e.Data);
@@ -53,7 +60,7 @@ internal sealed class HookedVmsnap : IDisposable
         return running;
     }
 
-    /// <summary>Waits until the hook says the process stopped where asked.</summary>
+    /// <summary>Waits until the hook says the process stopped (or its reads slowed) where asked.</summary>
     public void WaitPaused(string what)
     {
         var clock = Stopwatch.StartNew();
@@ -61,6 +68,18 @@ internal sealed class HookedVmsnap : IDisposable
         {
             Assert.False(_process.HasExited, $"{what}: vmsnap ended before the hook stopped it (exit {(_process.HasExited ? _process.ExitCode : 0)}): {Output}");
             Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"{what}: the hook did not stop vmsnap: {Output}");
+        }
+    }
+
+    /// <summary>Waits until <paramref name="text"/> is in the output (a trace mark, say).</summary>
+    public void WaitForOutput(string text)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!Output.Contains(text, StringComparison.Ordinal))
+        {
+            Assert.False(_process.HasExited, $"vmsnap ended before printing '{text}': {Output}");
+            Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"vmsnap did not print '{text}': {Output}");
+            Thread.Sleep(10);
         }
     }
 

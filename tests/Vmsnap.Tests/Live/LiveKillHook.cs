@@ -12,7 +12,9 @@ namespace Vmsnap.Tests.Live;
 /// <c>PHASE+N</c> the thread that makes the Nth write, flush or resize of a file after it. The process prints
 /// <c>vmsnap test hook: paused at PHASE[+N]</c> on stderr and that thread blocks for good, so the test can kill the
 /// process (SIGKILL) exactly there. With <see cref="FailReadsVariable"/> set to a phase instead, every read of the snapshot a
-/// postcopy load serves fails from that phase on (an <see cref="IOException"/>, as an unreadable image file gives).
+/// postcopy load serves fails from that phase on (an <see cref="IOException"/>, as an unreadable image file gives); with
+/// <see cref="SlowReadsVariable"/>, each of those reads takes <see cref="SlowReadMs"/> longer from that phase on (a slow disk,
+/// so that a test has the time to do something while pages are still served), and the process prints <see cref="SlowedLine"/>.
 /// The library keeps only the seams (<see cref="LiveTrace.AtMark"/>, <see cref="LiveTrace.BeforeServedRead"/>,
 /// <see cref="FileBlockDevice.BeforeMutatingIo"/>).
 /// </summary>
@@ -22,11 +24,14 @@ public static class LiveKillHook
     internal const string PausedLine = "vmsnap test hook: paused at ";
     internal const string FailReadsVariable = "VMSNAP_TEST_HOOK_FAIL_READS_AT_PHASE";
     internal const string InjectedReadFailure = "test hook: injected read failure";
+    internal const string SlowReadsVariable = "VMSNAP_TEST_HOOK_SLOW_READS_AT_PHASE";
+    internal const string SlowedLine = "vmsnap test hook: reads slowed at ";
+    internal const int SlowReadMs = 50;
 
     private static string s_phase = "";
     private static long s_afterIo;
     private static long s_count;
-    private static volatile bool s_failing;
+    private static volatile bool s_reached;
 
     /// <summary>Installs the hook when a variable is set; does nothing otherwise.</summary>
     public static void Install()
@@ -34,10 +39,26 @@ public static class LiveKillHook
         string? failAt = Environment.GetEnvironmentVariable(FailReadsVariable);
         if (!string.IsNullOrEmpty(failAt))
         {
-            LiveTrace.AtMark = phase => s_failing |= phase == failAt;
+            LiveTrace.AtMark = phase => s_reached |= phase == failAt;
             LiveTrace.BeforeServedRead = () =>
             {
-                if (s_failing) throw new IOException(InjectedReadFailure);
+                if (s_reached) throw new IOException(InjectedReadFailure);
+            };
+            return;
+        }
+        string? slowAt = Environment.GetEnvironmentVariable(SlowReadsVariable);
+        if (!string.IsNullOrEmpty(slowAt))
+        {
+            LiveTrace.AtMark = phase =>
+            {
+                if (phase != slowAt || s_reached) return;
+                s_reached = true;
+                Console.Error.WriteLine(SlowedLine + phase);
+                Console.Error.Flush();
+            };
+            LiveTrace.BeforeServedRead = () =>
+            {
+                if (s_reached) Thread.Sleep(SlowReadMs);
             };
             return;
         }

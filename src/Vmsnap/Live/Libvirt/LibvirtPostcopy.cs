@@ -71,7 +71,7 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         using Qcow2Image pages = Qcow2Image.Open(vmImage, new Qcow2OpenOptions { ForceShare = true });
         Qcow2Snapshot current = pages.FindSnapshot(vmSnapshot.Id) ?? throw new NotStartedException($"snapshot '{tag}' of {vmImage} is gone");
         using Qcow2VmStateArea pageArea = pages.OpenVmStateAreaForReading(current);
-        using LiveSession.SnapshotStream stream = LiveSession.OpenSnapshotStream(vmImage, current, $"snapshot '{tag}' of {vmImage} is gone");
+        using LiveSession.SnapshotStream stream = LiveSession.OpenSnapshotStream(vmImage, current, $"snapshot '{tag}' of {vmImage} is gone", area => new LiveLoad.ServedReads(area));
 
         int port = Prepare(domainXml.ToString(SaveOptions.DisableFormatting), cookie, flags);
         LiveTrace.Mark("libvirt prepared the incoming migration");
@@ -99,7 +99,7 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         using var _ = socket;
         LiveTrace.Mark("connected");
 
-        var source = new PostcopySource(index, pageArea, socket, new PagesAsBytes(progress)) { GuestStarted = () => LiveTrace.Mark("guest started") };
+        var source = new PostcopySource(index, new LiveLoad.ServedReads(pageArea), socket, new PagesAsBytes(progress)) { GuestStarted = () => LiveTrace.Mark("guest started") };
         try
         {
             source.SendDeviceState();
@@ -117,14 +117,21 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         using var stopWatching = new ManualResetEventSlim();
         var watcher = new Thread(() =>
         {
-            while (running is null && !stopWatching.IsSet)
+            try
             {
-                if (domain.State == DomainRunning)
+                while (running is null && !stopWatching.IsSet)
                 {
-                    running = clock.Elapsed.TotalSeconds;
-                    LiveTrace.Mark("domain running");
+                    if (domain.State == DomainRunning)
+                    {
+                        running = clock.Elapsed.TotalSeconds;
+                        LiveTrace.Mark("domain running");
+                    }
+                    else stopWatching.Wait(5);
                 }
-                else stopWatching.Wait(5);
+            }
+            catch (LiveSnapshotException)
+            {
+                // libvirt gone: the load goes on without knowing when the guest ran.
             }
         }) { IsBackground = true, Name = "vmsnap libvirt domain state" };
         watcher.Start();
@@ -182,7 +189,9 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         if (finishFailure is not null)
         {
             if (!source.GuestStartConfirmed) throw new NotStartedException($"libvirt did not finish the incoming migration: {finishFailure}");
-            throw new LiveSnapshotException($"libvirt did not finish the incoming migration of domain '{domain.Name}': {finishFailure}; every page was sent");
+            throw new LiveSnapshotException($"libvirt did not finish the incoming migration of domain '{domain.Name}': {finishFailure}; every page was sent " +
+                (shut is null ? "and QEMU has them all: the guest runs from snapshot '" + tag + "'" : $"(QEMU did not confirm them: {shut})") +
+                $"; libvirt's current snapshot is not set to it (virsh snapshot-current {domain.Name} {tag} sets it once libvirt is back)");
         }
         if (shut is not null)
             throw new LiveSnapshotException($"QEMU did not confirm the postcopy load of domain '{domain.Name}': {shut}");
