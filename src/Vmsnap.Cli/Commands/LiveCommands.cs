@@ -101,7 +101,8 @@ internal static class LiveCommands
         var vmStateDisk = new Option<string?>("--vmstate-disk") { Description = "The drive whose snapshot holds the VM state; default: the first writable qcow2 drive" };
         var postcopy = new Option<bool>("--postcopy")
         {
-            Description = "Postcopy: the device state first, so the guest runs at once, then every page, those it touches first (QEMU's postcopy-ram, needs userfaultfd)",
+            Description = "Postcopy: the device state first, so the guest runs at once, then every page, those it touches first (QEMU's postcopy-ram, needs userfaultfd); " +
+                "with --domain, libvirt takes the domain in as an incoming migration from vmsnap",
         };
         var json = Cli.JsonOption();
         var command = new Command("loadvm", "Load a snapshot into a QEMU started with -incoming defer: revert its qcow2 drives, feed it the VM state")

@@ -94,32 +94,8 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         LiveTrace.Mark("reverted");
         if (postcopy && postcopyNote is null)
         {
-            // The snapshot's page index (recorded at save, or one scan of its VM state) is made while libvirt starts the new QEMU:
-            // started earlier, a scan slows the domain's stop and the disks' revert as much as it gains (measured, 2 cores).
-            Task<LibvirtPostcopy.Index> index = Task.Run(() => LibvirtPostcopy.Index.Of(vmImage, vmSnapshot, tag, cancellationToken));
-            try
-            {
-                LibvirtPostcopy.Outcome outcome = new LibvirtPostcopy(domain, tag, progress, PostcopyConfirmTimeout).Run(domainXml, vmImage, vmSnapshot, index, clock);
-                LibvirtPostcopy.Index indexed = index.Result;
-                LiveTrace.Mark("loaded");
-                double total = clock.Elapsed.TotalSeconds;
-                domain.Redefine(snapshotXml, current: true);
-                LiveTrace.Mark("current snapshot set");
-                int now = domain.State;
-                return new LibvirtLoadResult(tag, reverted, vmSnapshot.VmStateSize, total, now == DomainRunning ? "running" : now == DomainPaused ? "paused" : $"state {now}")
-                {
-                    Postcopy = new LivePostcopyResult(outcome.SecondsToRunning, outcome.SecondsToLastPage, outcome.Sent.PagesOnDemand, outcome.Sent.PagesStreamed,
-                        indexed.Seconds, indexed.Recorded ? "recorded" : "scanned", indexed.Problem),
-                };
-            }
-            catch (LibvirtPostcopy.NotStartedException e)
-            {
-                try { index.Wait(); }
-                catch (AggregateException) { }   // its failure is in e
-                // Nothing of the domain ran: libvirt stopped the QEMU it started. The disks stay reverted; restore the whole stream instead.
-                postcopyNote = $"postcopy was not possible ({e.Message}); restored whole instead";
-                LiveTrace.Mark("postcopy not started: " + e.Message);
-            }
+            if (LoadWithPostcopy(snapshotXml, domainXml, vmImage, vmSnapshot, reverted, clock, out postcopyNote) is { } loaded)
+                return loaded;
         }
         // libvirt 11.x reads the save image's header and domain XML twice from the one descriptor (it rewinds between, which a FIFO
         // ignores: measured on 11.3); 9.0 reads them once. Which release changed it is not known here: the first guess goes by the
@@ -146,10 +122,47 @@ internal sealed class LibvirtLoad(LibvirtDomain domain, string tag, bool force, 
         // The snapshot as libvirt's current one, as virsh snapshot-revert leaves it.
         domain.Redefine(snapshotXml, current: true);
         LiveTrace.Mark("current snapshot set");
-        int after = domain.State;
-        return new LibvirtLoadResult(tag, reverted, bytes, seconds, after == DomainRunning ? "running" : after == DomainPaused ? "paused" : $"state {after}")
+        return new LibvirtLoadResult(tag, reverted, bytes, seconds, RunStateOf(domain.State)) { PostcopyNote = postcopyNote };
+    }
+
+    private static string RunStateOf(int state) => state == DomainRunning ? "running" : state == DomainPaused ? "paused" : $"state {state}";
+
+    /// <summary>
+    /// The domain taken in by libvirt as an incoming postcopy migration from vmsnap (<see cref="LibvirtPostcopy"/>); null, with
+    /// <paramref name="note"/> saying why, when postcopy failed before the guest started: libvirt stopped the QEMU it started, the
+    /// disks stay reverted, and the caller restores the domain whole instead.
+    /// </summary>
+    private LibvirtLoadResult? LoadWithPostcopy(string snapshotXml, XElement domainXml, string vmImage, Qcow2Snapshot vmSnapshot,
+        List<LiveDiskSnapshot> reverted, Stopwatch clock, out string? note)
+    {
+        note = null;
+        // The snapshot's page index (recorded at save, or one scan of its VM state) is made while libvirt starts the new QEMU:
+        // started earlier, a scan slows the domain's stop and the disks' revert as much as it gains (measured, 2 cores).
+        using var indexing = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        Task<LibvirtPostcopy.Index> index = Task.Run(() => LibvirtPostcopy.Index.Of(vmImage, vmSnapshot, tag, indexing.Token));
+        LibvirtPostcopy.Outcome outcome;
+        try
         {
-            PostcopyNote = postcopyNote,
+            outcome = new LibvirtPostcopy(domain, tag, progress, PostcopyConfirmTimeout).Run(domainXml, vmImage, vmSnapshot, index, clock);
+        }
+        catch (LibvirtPostcopy.NotStartedException e)
+        {
+            indexing.Cancel();
+            try { index.Wait(); }
+            catch (AggregateException) { }   // cancelled, or its failure is e
+            note = $"postcopy was not possible ({e.Message}); restored whole instead";
+            LiveTrace.Mark("postcopy not started: " + e.Message);
+            return null;
+        }
+        LibvirtPostcopy.Index indexed = index.Result;
+        LiveTrace.Mark("loaded");
+        double seconds = clock.Elapsed.TotalSeconds;
+        domain.Redefine(snapshotXml, current: true);
+        LiveTrace.Mark("current snapshot set");
+        return new LibvirtLoadResult(tag, reverted, vmSnapshot.VmStateSize, seconds, RunStateOf(domain.State))
+        {
+            Postcopy = new LivePostcopyResult(outcome.SecondsToRunning, outcome.SecondsToLastPage, outcome.Sent.PagesOnDemand, outcome.Sent.PagesStreamed,
+                indexed.Seconds, indexed.Recorded ? "recorded" : "scanned", indexed.Problem),
         };
     }
 
