@@ -212,6 +212,18 @@ internal sealed class LibvirtGuest : IDisposable
     public IReadOnlyList<GuestTick> Ticks() => TestGuest.TicksIn(Serial);
 
     /// <summary>
+    /// libvirt's own snapshot <paramref name="tag"/> (virsh snapshot-create-as) of the running guest; returns the ticks around it
+    /// and the serial log's mark, for <see cref="AssertResumes"/> after a revert to it.
+    /// </summary>
+    public (Live.SaveWindow Window, int Mark) VirshSnapshot(string tag)
+    {
+        GuestTick before = LastTick();
+        Virsh("snapshot-create-as", Name, tag);
+        var window = new Live.SaveWindow(before.N, WaitForTickAfter(LastTick().N).N, before.Boot);
+        return (window, MarkBeforeRestore(window));
+    }
+
+    /// <summary>
     /// Before a restore to a snapshot taken in <paramref name="window"/>: waits until the guest has counted past the window, and returns
     /// how many ticks there are, so that the restored guest's ticks (back inside the window) are told from those printed before.
     /// </summary>

@@ -110,10 +110,7 @@ public class LibvirtKillTests
         using var qemu = QemuInstall.Use(setup.QemuVersion);
         using var dir = new TempDir();
         using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
-        GuestTick before = guest.LastTick();
-        guest.Virsh("snapshot-create-as", guest.Name, "v1");
-        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
-        int mark = guest.MarkBeforeRestore(window);
+        (SaveWindow window, int mark) = guest.VirshSnapshot("v1");
 
         // The snapshot's reads slowed once the device state is out: the guest runs, its pages still coming, when libvirtd dies.
         using (HookedVmsnap load = HookedVmsnap.Start(["loadvm", .. guest.Domain, "v1", "--force", "--postcopy"], pauseAt: null, slowReadsAt: "device state sent", trace: true))

@@ -79,10 +79,7 @@ public class LibvirtSnapshotTests
         using var dir = new TempDir();
         using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
 
-        GuestTick before = guest.LastTick();
-        guest.Virsh("snapshot-create-as", guest.Name, "v1");
-        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
-        int mark = guest.MarkBeforeRestore(window);
+        (SaveWindow window, int mark) = guest.VirshSnapshot("v1");
 
         // A running domain is refused without --force; nothing changes.
         string[] listed = LibvirtGuest.DiskSnapshotNames(guest.Disks[0]);
@@ -126,10 +123,7 @@ public class LibvirtSnapshotTests
         using var dir = new TempDir();
         using LibvirtGuest guest = LibvirtGuest.Boot(dir, setup);
 
-        GuestTick before = guest.LastTick();
-        guest.Virsh("snapshot-create-as", guest.Name, "v1");
-        var window = new SaveWindow(before.N, guest.WaitForTickAfter(guest.LastTick().N).N, before.Boot);
-        int mark = guest.MarkBeforeRestore(window);
+        (SaveWindow window, int mark) = guest.VirshSnapshot("v1");
         string idBefore = guest.Virsh("domid", guest.Name).Trim();   // a new QEMU gets a new domain ID
 
         Tool.Result load = Tool.RunPath("/usr/bin/env", ["VMSNAP_LIVE_TRACE=1", .. VmsnapCli.Command,
