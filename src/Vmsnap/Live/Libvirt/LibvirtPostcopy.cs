@@ -18,9 +18,9 @@ namespace Vmsnap.Live.Libvirt;
 /// <c>loadvm --domain --postcopy</c>: vmsnap is the source half of libvirt's own migration protocol (version 3, with
 /// parameters), and libvirt the destination, as in a migration between two hosts. Prepare starts the domain's QEMU waiting
 /// for an incoming migration with <c>postcopy-ram</c> set, at a TCP address on 127.0.0.1; vmsnap connects and sends the
-/// snapshot as a postcopy source (the device state first, then every page, those the guest touches first); Finish has
-/// libvirt start the guest's CPUs as soon as the device state is in, while the pages still come. libvirt finishes the
-/// migration job by itself once QEMU has every page.
+/// snapshot as a postcopy source (the device state first, then every page, those the guest touches first), calling Finish
+/// meanwhile. libvirt runs the guest as soon as the device state is in (it reports the domain running within tens of ms,
+/// measured on 9.0 and 11.3), and its Finish returns once QEMU has every page.
 /// </summary>
 /// <remarks>
 /// Prepare3Params and Finish3Params are exported by libvirt.so.0 for the source libvirt's use; their remote protocol is
