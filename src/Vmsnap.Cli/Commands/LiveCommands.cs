@@ -136,10 +136,7 @@ internal static class LiveCommands
                     r.RunState,
                     r.Disks,
                     Machine: r.Stream.MachineType,
-                    Postcopy: pc is null ? null : new PostcopyJson(
-                        pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null,
-                        Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Index, pc.IndexProblem,
-                        pc.Resumed, pc.PagesAlreadyThere)),
+                    Postcopy: pc is null ? null : PostcopyJson.Of(pc)),
                     CliJsonWithNulls.Default.LoadVmJson);
             }
             else if (pc is { Resumed: true })
@@ -147,7 +144,7 @@ internal static class LiveCommands
                 Console.Out.WriteLine($"resumed the postcopy load of snapshot '{r.Tag}' that was cut off (no drive reverted again): {pc.PagesAlreadyThere} pages were in QEMU already; " +
                     $"last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
                     $"{pc.ScanSeconds:0.000} s to {(pc.Index == "recorded" ? "read its recorded index" : "index the snapshot")}); guest {r.RunState}");
-                if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
+                NoteIndexProblem(pc);
             }
             else if (pc is not null)
             {
@@ -155,7 +152,7 @@ internal static class LiveCommands
                 Console.Out.WriteLine($"loaded snapshot '{r.Tag}' with postcopy from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
                     $"{resumed}, last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed; " +
                     $"{pc.ScanSeconds:0.000} s to {(pc.Index == "recorded" ? "read its recorded index" : "index the snapshot")}); guest {r.RunState}");
-                if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
+                NoteIndexProblem(pc);
             }
             else
             {
@@ -192,8 +189,7 @@ internal static class LiveCommands
         if (asJson)
         {
             Cli.WriteJson(new DomainLoadVmJson("loadvm", name, r.Tag, Math.Round(r.Seconds, 6), r.VmStateBytes, r.RunState, r.Disks,
-                pc is null ? null : new PostcopyJson(pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null, Math.Round(pc.SecondsToLastPage, 6),
-                    pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Index, pc.IndexProblem, Resumed: false, PagesAlreadyThere: 0),
+                pc is null ? null : PostcopyJson.Of(pc),
                 r.PostcopyNote), CliJsonWithNulls.Default.DomainLoadVmJson);
         }
         else if (pc is not null)
@@ -201,7 +197,7 @@ internal static class LiveCommands
             Console.Out.WriteLine($"loaded snapshot '{r.Tag}' into domain '{name}' with postcopy from {string.Join(", ", r.Disks.Select(x => $"{x.Drive} (ID {x.SnapshotId})"))}: " +
                 $"domain running after {pc.SecondsToResume:0.000} s, last page after {pc.SecondsToLastPage:0.000} s ({pc.PagesOnDemand} pages on demand, {pc.PagesStreamed} streamed); " +
                 $"domain {r.RunState}");
-            if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
+            NoteIndexProblem(pc);
         }
         else
         {
@@ -225,7 +221,18 @@ internal static class LiveCommands
 
     /// <summary>The <c>postcopy</c> object of <c>loadvm --postcopy --json</c> (null without --postcopy).</summary>
     internal sealed record PostcopyJson(double? SecondsToResume, double SecondsToLastPage, long PagesOnDemand, long PagesStreamed, double IndexSeconds,
-        string Index, string? IndexProblem, bool Resumed, long PagesAlreadyThere);
+        string Index, string? IndexProblem, bool Resumed, long PagesAlreadyThere)
+    {
+        internal static PostcopyJson Of(LivePostcopyResult pc) => new(pc.SecondsToResume is double resumed ? Math.Round(resumed, 6) : null,
+            Math.Round(pc.SecondsToLastPage, 6), pc.PagesOnDemand, pc.PagesStreamed, Math.Round(pc.ScanSeconds, 6), pc.Index, pc.IndexProblem,
+            pc.Resumed, pc.PagesAlreadyThere);
+    }
+
+    /// <summary>Says on stderr when a postcopy load scanned the snapshot because its recorded index was not usable.</summary>
+    private static void NoteIndexProblem(LivePostcopyResult pc)
+    {
+        if (pc.IndexProblem is { } why) Console.Error.WriteLine($"vmsnap: the snapshot's recorded postcopy index was not used ({why}); it was scanned instead");
+    }
 
     /// <summary>JSON of <c>recover --json</c>.</summary>
     internal sealed record RecoverJson(string Operation, bool Found, string? Tag, int? ProcessId, string Stage, string Snapshot, bool Resumed,

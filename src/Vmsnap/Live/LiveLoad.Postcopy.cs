@@ -376,7 +376,7 @@ internal sealed partial class LiveLoad
     /// Reports pages as bytes of RAM, for a progress that counts bytes; marks each report once the guest has started (a test's
     /// kill hook stops there, with pages left and QEMU able to pause).
     /// </summary>
-    private sealed class PagesAsBytes(IProgress<long>? bytes, Func<bool> guestStarted) : IProgress<long>
+    internal sealed class PagesAsBytes(IProgress<long>? bytes, Func<bool> guestStarted) : IProgress<long>
     {
         public void Report(long value)
         {

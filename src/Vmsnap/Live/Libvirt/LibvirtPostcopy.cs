@@ -99,7 +99,12 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         using var _ = socket;
         LiveTrace.Mark("connected");
 
-        var source = new PostcopySource(index, new LiveLoad.ServedReads(pageArea), socket, new PagesAsBytes(progress)) { GuestStarted = () => LiveTrace.Mark("guest started") };
+        PostcopySource? served = null;
+        var source = new PostcopySource(index, new LiveLoad.ServedReads(pageArea), socket, new LiveLoad.PagesAsBytes(progress, () => served?.GuestStartConfirmed == true))
+        {
+            GuestStarted = () => LiveTrace.Mark("guest started"),
+        };
+        served = source;
         try
         {
             source.SendDeviceState();
@@ -181,8 +186,8 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
             string why = finishFailure ?? source.ReturnPathProblem ?? e.Message;
             if (!source.GuestStartConfirmed)
                 throw new NotStartedException($"the postcopy load failed before the guest started: {why}", e);
-            throw new LiveSnapshotException($"serving snapshot '{tag}' to domain '{domain.Name}' failed after its guest started: {why}; the guest waits paused for its " +
-                $"missing pages (libvirt: paused, post-copy failed): stop it (virsh destroy {domain.Name}) and load the snapshot again", e);
+            throw new LiveSnapshotException($"serving snapshot '{tag}' to domain '{domain.Name}' failed after its guest started: {why}; the guest stalls on its " +
+                $"missing pages (libvirt: running, post-copy failed): stop it (virsh destroy {domain.Name}) and load the snapshot again", e);
         }
         string? shut = source.WaitForShut(loadTimeout);
         finisher.Join();
@@ -195,7 +200,7 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
         }
         if (shut is not null)
             throw new LiveSnapshotException($"QEMU did not confirm the postcopy load of domain '{domain.Name}': {shut}");
-        return new Outcome(running() ?? (domain.State == DomainRunning ? clock.Elapsed.TotalSeconds : null), lastPage, sent);
+        return new Outcome(running(), lastPage, sent);
     }
 
     /// <summary>Has libvirt start the domain's QEMU for an incoming migration on 127.0.0.1; returns the port QEMU listens on.</summary>
@@ -265,11 +270,5 @@ internal sealed class LibvirtPostcopy(LibvirtDomain domain, string tag, IProgres
             foreach (nint s in _strings) Marshal.FreeCoTaskMem(s);
             NativeMemory.Free(_parameters);
         }
-    }
-
-    /// <summary>Reports pages as bytes of RAM, for a progress that counts bytes.</summary>
-    private sealed class PagesAsBytes(IProgress<long>? bytes) : IProgress<long>
-    {
-        public void Report(long value) => bytes?.Report(value * PostcopySource.PageBytes);
     }
 }
